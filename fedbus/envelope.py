@@ -1,0 +1,70 @@
+"""msgpack envelopes with explicit decode limits.
+
+Every message on the wire is one msgpack map with ``v`` (protocol version) and ``kind``.
+Decoding never trusts the input: the payload size is checked first, then msgpack is
+told exactly how large each string, binary, array and map may be, so a hostile payload
+cannot make the decoder allocate more than the payload itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from fedbus.errors import ProtocolError
+
+__all__ = ["PROTOCOL_VERSION", "DecodeLimits", "pack", "unpack"]
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Upper bounds applied while decoding one message."""
+
+    max_bytes: int = 8 * 1024 * 1024  # whole payload
+    max_bin_len: int = 8 * 1024 * 1024  # one tensor's raw bytes
+    max_str_len: int = 4096
+    max_array_len: int = 4096  # e.g. a shape, a list of metrics
+    max_map_len: int = 1024  # e.g. tensors in one model
+
+
+def pack(message: dict[str, Any]) -> bytes:
+    """Serialise one envelope. ``bytes``/``memoryview`` values become msgpack bin."""
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(payload: bytes, kind: str | None = None, limits: DecodeLimits | None = None) -> dict:
+    """Decode one envelope and check ``v`` and (optionally) ``kind``.
+
+    Raises ``ProtocolError`` with reason ``too_large``, ``malformed`` or ``schema``.
+    """
+    limits = limits or DecodeLimits()
+    if len(payload) > limits.max_bytes:
+        raise ProtocolError(
+            "too_large", f"payload of {len(payload)} bytes exceeds limit {limits.max_bytes}"
+        )
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=limits.max_bin_len,
+            max_str_len=limits.max_str_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError, msgpack.OutOfData, UnicodeDecodeError) as exc:
+        raise ProtocolError("malformed", f"not a valid msgpack message: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError("schema", f"message is a {type(obj).__name__}, expected a map")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError("schema", f"unsupported protocol version {version!r}")
+    if kind is not None and obj.get("kind") != kind:
+        raise ProtocolError("schema", f"expected kind {kind!r}, got {obj.get('kind')!r}")
+    return obj

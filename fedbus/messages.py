@@ -1,0 +1,351 @@
+"""Message schemas of protocol v1 (see docs/protocol.md).
+
+Each message is a frozen dataclass with ``to_wire()`` (a dict for ``envelope.pack``) and
+``from_wire(obj)`` (checks every field's type and range, raising ``ProtocolError`` with
+reason ``schema``). Tensor payloads are left encoded by ``from_wire``; the receiver decodes
+them with ``update_codec.decode_delta`` as a separate, counted validation step.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedbus.envelope import PROTOCOL_VERSION
+from fedbus.errors import ProtocolError
+from fedbus.topics import DEVICE_ID_PATTERN
+from fedbus.update_codec import CODECS
+
+__all__ = [
+    "STATUS_STATES",
+    "GlobalModel",
+    "ModelSpec",
+    "Receipt",
+    "Status",
+    "Task",
+    "TrainSpec",
+    "Update",
+    "new_update_id",
+]
+
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+STATUS_STATES = ("online", "training", "idle", "offline")
+
+
+def new_update_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _get(obj: dict, key: str, types: type | tuple[type, ...], what: str) -> Any:
+    if key not in obj:
+        raise ProtocolError("schema", f"{what}: missing field {key!r}")
+    value = obj[key]
+    # bool is an int in Python; never accept it where a number is meant.
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ProtocolError("schema", f"{what}: field {key!r} has type bool")
+    if not isinstance(value, types):
+        raise ProtocolError("schema", f"{what}: field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _get_id(obj: dict, key: str, what: str, pattern: re.Pattern[str] = _ID) -> str:
+    value = _get(obj, key, str, what)
+    if not pattern.match(value):
+        raise ProtocolError("schema", f"{what}: field {key!r} is not a valid id")
+    return value
+
+
+def _nonneg_int(obj: dict, key: str, what: str, maximum: int = 2**53) -> int:
+    value = _get(obj, key, int, what)
+    if not 0 <= value <= maximum:
+        raise ProtocolError("schema", f"{what}: field {key!r} out of range")
+    return value
+
+
+def _finite_float(obj: dict, key: str, what: str) -> float:
+    value = float(_get(obj, key, (int, float), what))
+    if not math.isfinite(value):
+        raise ProtocolError("schema", f"{what}: field {key!r} is not finite")
+    return value
+
+
+def _check_kind(obj: dict, kind: str) -> None:
+    if obj.get("v") != PROTOCOL_VERSION or obj.get("kind") != kind:
+        raise ProtocolError("schema", f"not a v{PROTOCOL_VERSION} {kind} message")
+
+
+_ARG_SCALARS = (int, float, str, bool)
+
+
+def _check_args(args: Any, what: str) -> dict[str, Any]:
+    if not isinstance(args, dict) or len(args) > 32:
+        raise ProtocolError("schema", f"{what}: args must be a small map")
+    for k, v in args.items():
+        ok = isinstance(v, _ARG_SCALARS) or (
+            isinstance(v, list) and len(v) <= 32 and all(isinstance(i, _ARG_SCALARS) for i in v)
+        )
+        if not isinstance(k, str) or not ok:
+            raise ProtocolError("schema", f"{what}: bad argument {k!r}")
+    return dict(args)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An architecture from the model zoo, by name, with its constructor arguments."""
+
+    arch: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"arch": self.arch, "args": dict(self.args)}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> ModelSpec:
+        if not isinstance(obj, dict):
+            raise ProtocolError("schema", "task.model must be a map")
+        return cls(arch=_get_id(obj, "arch", "task.model"), args=_check_args(obj.get("args", {}), "task.model"))
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Local training settings every device uses for this task."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    qat: bool = True
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "qat": self.qat,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> TrainSpec:
+        what = "task.train"
+        if not isinstance(obj, dict):
+            raise ProtocolError("schema", f"{what} must be a map")
+        spec = cls(
+            epochs=_nonneg_int(obj, "epochs", what, 1000),
+            batch_size=_nonneg_int(obj, "batch_size", what, 1 << 16),
+            lr=_finite_float(obj, "lr", what),
+            momentum=_finite_float(obj, "momentum", what),
+            weight_decay=_finite_float(obj, "weight_decay", what),
+            qat=_get(obj, "qat", bool, what),
+        )
+        if spec.epochs < 1 or spec.batch_size < 1 or spec.lr <= 0:
+            raise ProtocolError("schema", f"{what}: epochs, batch_size and lr must be positive")
+        return spec
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the fleet is learning: published retained on ``<prefix>/task``."""
+
+    task_id: str
+    model: ModelSpec
+    train: TrainSpec
+    codec: str = "int8"
+    max_update_bytes: int = 4 * 1024 * 1024
+    created_at: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "kind": "task",
+            "task_id": self.task_id,
+            "model": self.model.to_wire(),
+            "train": self.train.to_wire(),
+            "codec": self.codec,
+            "max_update_bytes": self.max_update_bytes,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: dict) -> Task:
+        _check_kind(obj, "task")
+        codec = _get(obj, "codec", str, "task")
+        if codec not in CODECS:
+            raise ProtocolError("schema", f"task: unknown codec {codec!r}")
+        return cls(
+            task_id=_get_id(obj, "task_id", "task"),
+            model=ModelSpec.from_wire(obj.get("model")),
+            train=TrainSpec.from_wire(obj.get("train")),
+            codec=codec,
+            max_update_bytes=_nonneg_int(obj, "max_update_bytes", "task"),
+            created_at=_finite_float(obj, "created_at", "task"),
+        )
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """One version of the global model, retained on ``<prefix>/model``.
+
+    ``tensors`` is an encoded map in the update-codec format (``fp32`` entries today).
+    """
+
+    task_id: str
+    version: int
+    tensors: dict[str, Any]
+    created_at: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "kind": "model",
+            "task_id": self.task_id,
+            "version": self.version,
+            "tensors": self.tensors,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: dict) -> GlobalModel:
+        _check_kind(obj, "model")
+        return cls(
+            task_id=_get_id(obj, "task_id", "model"),
+            version=_nonneg_int(obj, "version", "model"),
+            tensors=_get(obj, "tensors", dict, "model"),
+            created_at=_finite_float(obj, "created_at", "model"),
+        )
+
+
+@dataclass(frozen=True)
+class Update:
+    """One device's contribution: an encoded delta against global version ``base_version``."""
+
+    update_id: str
+    device_id: str
+    task_id: str
+    base_version: int
+    num_samples: int
+    delta: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    sent_at: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "kind": "update",
+            "update_id": self.update_id,
+            "device_id": self.device_id,
+            "task_id": self.task_id,
+            "base_version": self.base_version,
+            "num_samples": self.num_samples,
+            "metrics": dict(self.metrics),
+            "delta": self.delta,
+            "sent_at": self.sent_at,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: dict) -> Update:
+        _check_kind(obj, "update")
+        metrics = _get(obj, "metrics", dict, "update")
+        if len(metrics) > 32 or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)
+            for k, v in metrics.items()
+        ):
+            raise ProtocolError("schema", "update: metrics must map names to finite numbers")
+        num_samples = _nonneg_int(obj, "num_samples", "update", 1 << 40)
+        if num_samples < 1:
+            raise ProtocolError("schema", "update: num_samples must be at least 1")
+        return cls(
+            update_id=_get_id(obj, "update_id", "update"),
+            device_id=_get_id(obj, "device_id", "update", DEVICE_ID_PATTERN),
+            task_id=_get_id(obj, "task_id", "update"),
+            base_version=_nonneg_int(obj, "base_version", "update"),
+            num_samples=num_samples,
+            delta=_get(obj, "delta", dict, "update"),
+            metrics={k: float(v) for k, v in metrics.items()},
+            sent_at=_finite_float(obj, "sent_at", "update"),
+        )
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The coordinator's answer to one update, sent to ``<prefix>/receipt/<device>``."""
+
+    update_id: str
+    accepted: bool
+    reason: str | None
+    detail: str
+    model_version: int
+    staleness: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "kind": "receipt",
+            "update_id": self.update_id,
+            "accepted": self.accepted,
+            "reason": self.reason,
+            "detail": self.detail,
+            "model_version": self.model_version,
+            "staleness": self.staleness,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: dict) -> Receipt:
+        _check_kind(obj, "receipt")
+        reason = obj.get("reason")
+        staleness = obj.get("staleness")
+        if reason is not None and not isinstance(reason, str):
+            raise ProtocolError("schema", "receipt: reason must be a string or nil")
+        if staleness is not None and (not isinstance(staleness, int) or isinstance(staleness, bool)):
+            raise ProtocolError("schema", "receipt: staleness must be an integer or nil")
+        return cls(
+            update_id=_get_id(obj, "update_id", "receipt"),
+            accepted=_get(obj, "accepted", bool, "receipt"),
+            reason=reason,
+            detail=_get(obj, "detail", str, "receipt"),
+            model_version=_nonneg_int(obj, "model_version", "receipt"),
+            staleness=staleness,
+        )
+
+
+@dataclass(frozen=True)
+class Status:
+    """A device's presence, retained on ``<prefix>/status/<device>``; its Will says offline."""
+
+    device_id: str
+    state: str
+    model_version: int | None = None
+    ts: float = field(default_factory=time.time)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "kind": "status",
+            "device_id": self.device_id,
+            "state": self.state,
+            "model_version": self.model_version,
+            "ts": self.ts,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: dict) -> Status:
+        _check_kind(obj, "status")
+        state = _get(obj, "state", str, "status")
+        if state not in STATUS_STATES:
+            raise ProtocolError("schema", f"status: unknown state {state!r}")
+        version = obj.get("model_version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise ProtocolError("schema", "status: model_version must be an integer or nil")
+        return cls(
+            device_id=_get_id(obj, "device_id", "status", DEVICE_ID_PATTERN),
+            state=state,
+            model_version=version,
+            ts=_finite_float(obj, "ts", "status"),
+        )

@@ -1,0 +1,82 @@
+"""Topic layout of protocol v1.
+
+Every topic sits under one prefix (``fedbus`` by default) so several trials can share a
+broker. Device ids are also the MQTT usernames and client ids, so they must be safe inside
+a topic level and an ACL pattern.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["DEVICE_ID_PATTERN", "DEFAULT_PREFIX", "Topics", "validate_device_id"]
+
+DEFAULT_PREFIX = "fedbus"
+DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,3}$")
+
+
+def validate_device_id(device_id: str) -> str:
+    """Return ``device_id`` if it is a valid id, else raise ``ValueError``."""
+    if not isinstance(device_id, str) or not DEVICE_ID_PATTERN.match(device_id):
+        raise ValueError(
+            f"invalid device id {device_id!r}: use 1-64 letters, digits, '_' or '-'"
+        )
+    if device_id == "coordinator":
+        raise ValueError("'coordinator' is reserved for the coordinator's own account")
+    return device_id
+
+
+@dataclass(frozen=True)
+class Topics:
+    """All topic names of one fedbus deployment."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not _PREFIX_PATTERN.match(self.prefix):
+            raise ValueError(
+                f"invalid topic prefix {self.prefix!r}: 1-4 levels of letters, digits, '_' or '-'"
+            )
+
+    @property
+    def task(self) -> str:
+        """Retained task description; written only by the coordinator."""
+        return f"{self.prefix}/task"
+
+    @property
+    def model(self) -> str:
+        """Retained current global model; written only by the coordinator."""
+        return f"{self.prefix}/model"
+
+    def update(self, device_id: str) -> str:
+        """Where ``device_id`` publishes its updates (QoS 1); only that device may write it."""
+        return f"{self.prefix}/update/{device_id}"
+
+    def status(self, device_id: str) -> str:
+        """Retained presence of ``device_id`` (its Last Will says ``offline``)."""
+        return f"{self.prefix}/status/{device_id}"
+
+    def receipt(self, device_id: str) -> str:
+        """Where the coordinator tells ``device_id`` what became of its updates."""
+        return f"{self.prefix}/receipt/{device_id}"
+
+    @property
+    def all_updates(self) -> str:
+        return f"{self.prefix}/update/+"
+
+    @property
+    def all_status(self) -> str:
+        return f"{self.prefix}/status/+"
+
+    def device_of(self, topic: str) -> str | None:
+        """The device id in an update/status/receipt topic, or None if it is not one."""
+        parts = topic.split("/")
+        base = self.prefix.split("/")
+        if len(parts) != len(base) + 2 or parts[: len(base)] != base:
+            return None
+        if parts[len(base)] not in ("update", "status", "receipt"):
+            return None
+        device = parts[-1]
+        return device if DEVICE_ID_PATTERN.match(device) else None
