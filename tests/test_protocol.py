@@ -1,0 +1,229 @@
+"""Protocol v1 pure parts: topics, envelopes and limits, tensors, update codecs, schemas."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from fedbus.envelope import DecodeLimits, pack, unpack
+from fedbus.errors import ProtocolError
+from fedbus.messages import (
+    GlobalModel,
+    ModelSpec,
+    Receipt,
+    Status,
+    Task,
+    TrainSpec,
+    Update,
+    new_update_id,
+)
+from fedbus.tensors import decode_tensor, encode_tensor
+from fedbus.topics import Topics, validate_device_id
+from fedbus.update_codec import CODECS, decode_delta, encode_delta
+
+
+def _reason(fn, *args, **kwargs) -> str:
+    with pytest.raises(ProtocolError) as info:
+        fn(*args, **kwargs)
+    return info.value.reason
+
+
+# -- topics ---------------------------------------------------------------------------------
+
+
+def test_topic_layout_and_device_of():
+    t = Topics("trial/a")
+    assert t.task == "trial/a/task"
+    assert t.model == "trial/a/model"
+    assert t.update("dev-1") == "trial/a/update/dev-1"
+    assert t.device_of("trial/a/update/dev-1") == "dev-1"
+    assert t.device_of("trial/a/status/dev-1") == "dev-1"
+    assert t.device_of("trial/a/model") is None
+    assert t.device_of("trial/b/update/dev-1") is None
+    assert t.device_of("trial/a/update/dev+1") is None
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a+b", "#", "x" * 65, "coordinator", "sp ace"])
+def test_bad_device_ids_rejected(bad):
+    with pytest.raises(ValueError):
+        validate_device_id(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "a//b", "a/#", "+", "a/b/c/d/e"])
+def test_bad_prefix_rejected(bad):
+    with pytest.raises(ValueError):
+        Topics(bad)
+
+
+# -- envelope -------------------------------------------------------------------------------
+
+
+def test_envelope_round_trip_and_kind_check():
+    payload = pack({"v": 1, "kind": "status", "x": b"\x00\x01"})
+    assert unpack(payload, "status")["x"] == b"\x00\x01"
+    assert _reason(unpack, payload, "update") == "schema"
+
+
+def test_envelope_limits_are_explicit():
+    payload = pack({"v": 1, "kind": "k", "blob": b"x" * 2000})
+    assert _reason(unpack, payload, None, DecodeLimits(max_bytes=100)) == "too_large"
+    assert _reason(unpack, payload, None, DecodeLimits(max_bin_len=1000)) == "malformed"
+    many = pack({"v": 1, "kind": "k", "list": list(range(50))})
+    assert _reason(unpack, many, None, DecodeLimits(max_array_len=10)) == "malformed"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"v": 2, "kind": "x"}),
+     pack({"v": 1, "kind": "k"}) + b"\x00", msgpack.packb({1: 2})],
+)
+def test_envelope_rejects_garbage(payload):
+    assert _reason(unpack, payload) in ("malformed", "schema")
+
+
+# -- tensors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8", "uint8", "int16", "int32"])
+def test_tensor_round_trip(dtype):
+    arr = (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype)
+    wire = msgpack.unpackb(msgpack.packb(encode_tensor(arr)))
+    out = decode_tensor(wire)
+    assert out.dtype == arr.dtype and out.shape == arr.shape
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_tensor_rejects_bad_dtype_shape_and_length():
+    good = {"dtype": "float32", "shape": [2, 2], "data": b"\x00" * 16}
+    assert decode_tensor(good).shape == (2, 2)
+    assert _reason(decode_tensor, {**good, "dtype": "object"}) == "dtype"
+    assert _reason(decode_tensor, {**good, "dtype": "float64"}) == "dtype"
+    assert _reason(decode_tensor, {**good, "data": b"\x00" * 15}) == "shape"
+    assert _reason(decode_tensor, {**good, "shape": [2, -2]}) == "shape"
+    assert _reason(decode_tensor, {**good, "shape": [1] * 7}) == "shape"
+    assert _reason(decode_tensor, {**good, "shape": [2**20, 2**20]}) == "shape"
+    assert _reason(decode_tensor, {**good, "shape": [True, 2]}) == "shape"
+    assert _reason(decode_tensor, {**good, "data": "text"}) == "schema"
+    with pytest.raises(ValueError):
+        encode_tensor(np.zeros(3, dtype=np.float64).astype(object))
+
+
+# -- update codecs --------------------------------------------------------------------------
+
+
+def _delta(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "w": rng.normal(size=(16, 8)).astype(np.float32),
+        "b": rng.normal(size=16).astype(np.float32),
+        "conv": rng.normal(size=(4, 2, 3, 3)).astype(np.float32),
+        "zero": np.zeros((3, 3), np.float32),
+        "scalar": np.array(0.25, np.float32),
+    }
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_codec_round_trip_error_bound(codec):
+    delta = _delta()
+    wire = msgpack.unpackb(msgpack.packb(encode_delta(delta, codec, rng=np.random.default_rng(1))))
+    out = decode_delta(wire)
+    assert set(out) == set(delta)
+    for name, value in delta.items():
+        assert out[name].dtype == np.float32 and out[name].shape == value.shape
+        if codec == "fp32":
+            np.testing.assert_array_equal(out[name], value)
+        elif codec == "fp16":
+            np.testing.assert_allclose(out[name], value, rtol=1e-3, atol=1e-3)
+        else:
+            # stochastic rounding: error below one quantisation step of the row's scale
+            rows = value.reshape(value.shape[0], -1) if value.ndim >= 2 else value.reshape(1, -1)
+            step = np.abs(rows).max(axis=1, keepdims=True) / 127.0
+            err = np.abs(out[name].reshape(rows.shape) - rows)
+            assert np.all(err <= step + 1e-6)
+    np.testing.assert_array_equal(out["zero"], 0.0)
+
+
+def _through_wire(encoded: dict) -> dict[str, np.ndarray]:
+    return decode_delta(msgpack.unpackb(msgpack.packb(encoded)))
+
+
+def test_int8_stochastic_rounding_is_unbiased():
+    value = {"w": np.full((1, 20000), 0.304, np.float32), "m": np.full((1, 1), 1.0, np.float32)}
+    value["w"][0, 0] = 1.0  # scale = 1/127: 0.304 is 38.6 steps, between two levels
+    out = _through_wire(encode_delta(value, "int8", rng=np.random.default_rng(3)))
+    assert abs(float(out["w"][0, 1:].mean()) - 0.304) < 1e-3
+    nearest = _through_wire(encode_delta(value, "int8", stochastic=False))
+    assert abs(float(nearest["w"][0, 1:].mean()) - 0.304) > 2e-3
+
+
+def test_int8_is_four_times_smaller_than_fp32():
+    delta = {"w": np.ones((256, 256), np.float32)}
+    fp32 = len(msgpack.packb(encode_delta(delta, "fp32")))
+    int8 = len(msgpack.packb(encode_delta(delta, "int8")))
+    assert int8 < fp32 / 3.9
+
+
+def test_codec_decode_rejects_inconsistent_entries():
+    good = encode_delta({"w": np.ones((4, 2), np.float32)}, "int8")
+    wire = msgpack.unpackb(msgpack.packb(good))
+    assert decode_delta(wire)["w"].shape == (4, 2)
+    bad_scale = {"w": {**wire["w"], "s": encode_tensor(np.ones(3, np.float32))}}
+    assert _reason(decode_delta, msgpack.unpackb(msgpack.packb(bad_scale))) == "shape"
+    wrong_type = {"w": {"c": "int8", "t": encode_tensor(np.ones((4, 2), np.float32)),
+                        "s": encode_tensor(np.ones(4, np.float32))}}
+    assert _reason(decode_delta, msgpack.unpackb(msgpack.packb(wrong_type))) == "dtype"
+    assert _reason(decode_delta, {"w": {"c": "zip"}}) == "schema"
+    assert _reason(decode_delta, [1, 2]) == "schema"
+    with pytest.raises(ValueError):
+        encode_delta({"w": np.ones(2, np.float32)}, "lz4")
+
+
+# -- schemas --------------------------------------------------------------------------------
+
+
+def _wire(message) -> dict:
+    return unpack(pack(message.to_wire()))
+
+
+def test_messages_round_trip():
+    task = Task("t1", ModelSpec("mlp", {"hidden": [64], "in_features": 64}), TrainSpec(), "int8",
+                1000, 1.5)
+    assert Task.from_wire(_wire(task)) == task
+    model = GlobalModel("t1", 3, encode_delta({"w": np.ones(2, np.float32)}, "fp32"), 2.0)
+    back = GlobalModel.from_wire(_wire(model))
+    assert back.version == 3 and decode_delta(back.tensors)["w"].tolist() == [1.0, 1.0]
+    update = Update(new_update_id(), "dev-1", "t1", 2, 50, {}, {"loss": 0.5}, 3.0)
+    assert Update.from_wire(_wire(update)) == update
+    receipt = Receipt("abc", False, "stale", "too old", 7, 4)
+    assert Receipt.from_wire(_wire(receipt)) == receipt
+    status = Status("dev-1", "online", 3, 4.0)
+    assert Status.from_wire(_wire(status)) == status
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("update_id", "has space"), ("device_id", "a/b"), ("base_version", -1),
+     ("base_version", True), ("num_samples", 0), ("metrics", {"loss": float("nan")}),
+     ("metrics", {"loss": "low"}), ("sent_at", float("inf")), ("delta", [1]),
+     ("task_id", 7)],
+)
+def test_update_schema_rejections(field, value):
+    obj = Update(new_update_id(), "dev-1", "t1", 2, 50, {}, {}, 3.0).to_wire()
+    obj[field] = value
+    assert _reason(Update.from_wire, obj) == "schema"
+
+
+def test_update_missing_field_and_wrong_kind():
+    obj = Update(new_update_id(), "dev-1", "t1", 2, 50, {}, {}, 3.0).to_wire()
+    del obj["num_samples"]
+    assert _reason(Update.from_wire, obj) == "schema"
+    assert _reason(Update.from_wire, {**obj, "kind": "model"}) == "schema"
+
+
+def test_task_rejects_unknown_codec_and_bad_training():
+    obj = Task("t1", ModelSpec("mlp"), TrainSpec()).to_wire()
+    assert _reason(Task.from_wire, {**obj, "codec": "zip"}) == "schema"
+    assert _reason(Task.from_wire, {**obj, "train": {**obj["train"], "lr": 0.0}}) == "schema"
+    bad_args = {**obj, "model": {"arch": "mlp", "args": {"x": {"nested": 1}}}}
+    assert _reason(Task.from_wire, bad_args) == "schema"
