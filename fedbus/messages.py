@@ -107,7 +107,10 @@ class ModelSpec:
     def from_wire(cls, obj: Any) -> ModelSpec:
         if not isinstance(obj, dict):
             raise ProtocolError("schema", "task.model must be a map")
-        return cls(arch=_get_id(obj, "arch", "task.model"), args=_check_args(obj.get("args", {}), "task.model"))
+        return cls(
+            arch=_get_id(obj, "arch", "task.model"),
+            args=_check_args(obj.get("args", {}), "task.model"),
+        )
 
 
 @dataclass(frozen=True)
@@ -303,8 +306,10 @@ class Receipt:
         staleness = obj.get("staleness")
         if reason is not None and not isinstance(reason, str):
             raise ProtocolError("schema", "receipt: reason must be a string or nil")
-        if staleness is not None and (not isinstance(staleness, int) or isinstance(staleness, bool)):
-            raise ProtocolError("schema", "receipt: staleness must be an integer or nil")
+        if staleness is not None and (
+            not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 0
+        ):
+            raise ProtocolError("schema", "receipt: staleness must be an integer >= 0 or nil")
         return cls(
             update_id=_get_id(obj, "update_id", "receipt"),
             accepted=_get(obj, "accepted", bool, "receipt"),
@@ -341,8 +346,10 @@ class Status:
         if state not in STATUS_STATES:
             raise ProtocolError("schema", f"status: unknown state {state!r}")
         version = obj.get("model_version")
-        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
-            raise ProtocolError("schema", "status: model_version must be an integer or nil")
+        if version is not None and (
+            not isinstance(version, int) or isinstance(version, bool) or version < 0
+        ):
+            raise ProtocolError("schema", "status: model_version must be an integer >= 0 or nil")
         return cls(
             device_id=_get_id(obj, "device_id", "status", DEVICE_ID_PATTERN),
             state=state,

@@ -38,7 +38,9 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     wire = DTYPES[name]
     if array.dtype != wire or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=wire)
-    return {"dtype": name, "shape": list(array.shape), "data": memoryview(array).cast("B")}
+    # a flat view casts cleanly for every shape, zero-size and 0-d included
+    flat = array.reshape(-1)
+    return {"dtype": name, "shape": list(array.shape), "data": memoryview(flat).cast("B")}
 
 
 def decode_tensor(obj: Any, *, where: str = "tensor") -> np.ndarray:
@@ -53,7 +55,10 @@ def decode_tensor(obj: Any, *, where: str = "tensor") -> np.ndarray:
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_NDIM
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_ELEMENTS
+            for d in shape
+        )
     ):
         raise ProtocolError("shape", f"{where}: bad shape {shape!r}")
     if not isinstance(data, bytes):

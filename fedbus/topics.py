@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["DEVICE_ID_PATTERN", "DEFAULT_PREFIX", "Topics", "validate_device_id"]
+__all__ = ["DEFAULT_PREFIX", "DEVICE_ID_PATTERN", "Topics", "validate_device_id"]
 
 DEFAULT_PREFIX = "fedbus"
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

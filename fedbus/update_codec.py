@@ -30,6 +30,9 @@ CODECS = ("fp32", "fp16", "int8")
 
 def _quantize_int8(x: np.ndarray, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float32)
+    if x.size == 0:
+        scale_shape = (x.shape[0],) if x.ndim >= 2 else ()
+        return np.zeros(x.shape, np.int8), np.zeros(scale_shape, np.float32)
     if x.ndim >= 2:
         rows = x.reshape(x.shape[0], -1)
         amax = np.abs(rows).max(axis=1) if rows.size else np.zeros(x.shape[0], np.float32)
@@ -100,6 +103,8 @@ def _decode_entry(name: str, entry: Any) -> np.ndarray:
         want = (q.shape[0],) if q.ndim >= 2 else ()
         if s.shape != want:
             raise ProtocolError("shape", f"{where}: scale shape {s.shape}, expected {want}")
+        if q.size == 0:
+            return np.zeros(q.shape, np.float32)
         if q.ndim >= 2:
             return (q.reshape(q.shape[0], -1).astype(np.float32) * s[:, None]).reshape(q.shape)
         return q.astype(np.float32) * s

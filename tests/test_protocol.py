@@ -227,3 +227,20 @@ def test_task_rejects_unknown_codec_and_bad_training():
     assert _reason(Task.from_wire, {**obj, "train": {**obj["train"], "lr": 0.0}}) == "schema"
     bad_args = {**obj, "model": {"arch": "mlp", "args": {"x": {"nested": 1}}}}
     assert _reason(Task.from_wire, bad_args) == "schema"
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0), (2, 0, 4), ()])
+def test_codecs_handle_empty_and_scalar_tensors(codec, shape):
+    value = np.ones(shape, np.float32)
+    out = _through_wire(encode_delta({"x": value}, codec))
+    assert out["x"].shape == shape
+    np.testing.assert_allclose(out["x"], value, atol=1e-2)
+
+
+def test_huge_zero_element_shape_is_a_protocol_error():
+    hostile = {"dtype": "float32", "shape": [2**63 - 1, 0], "data": b""}
+    assert _reason(decode_tensor, hostile) == "shape"
+    entry = {"c": "int8", "t": {"dtype": "int8", "shape": [2**40, 2**40, 0], "data": b""},
+             "s": encode_tensor(np.zeros(0, np.float32))}
+    assert _reason(decode_delta, msgpack.unpackb(msgpack.packb({"w": entry}))) == "shape"

@@ -1,0 +1,214 @@
+"""Aggregation as pure functions over ``{name: float32 array}`` model states and deltas.
+
+Nothing here mutates its inputs; every returned array is a new float32 array. A step whose
+result would contain NaN or infinity raises ``AggregationError`` so that the caller keeps
+the old model instead of publishing a broken one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from coordinator.staleness import staleness_weight
+from fedbus.errors import FedbusError
+
+__all__ = [
+    "AggregationError",
+    "BufferedUpdate",
+    "fedavg_step",
+    "fedbuff_step",
+    "is_finite",
+    "l2_norm",
+    "weighted_average",
+]
+
+State = dict[str, np.ndarray]
+
+
+class AggregationError(FedbusError):
+    """An aggregation step would have produced a non-finite model; nothing was changed."""
+
+
+@dataclass(frozen=True, eq=False)
+class BufferedUpdate:
+    """One accepted update waiting in the FedBuff buffer."""
+
+    delta: Mapping[str, np.ndarray]
+    num_samples: int
+    staleness: int
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.staleness < 0:
+            raise ValueError(f"staleness must be >= 0, got {self.staleness}")
+
+
+def l2_norm(delta: Mapping[str, np.ndarray]) -> float:
+    """Global L2 norm over all tensors, accumulated in float64 (no float32 overflow)."""
+    total = 0.0
+    for value in delta.values():
+        flat = np.asarray(value).astype(np.float64, copy=False).ravel()
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
+
+
+def is_finite(state: Mapping[str, np.ndarray]) -> bool:
+    """True if no tensor holds NaN or infinity."""
+    return all(bool(np.isfinite(value).all()) for value in state.values())
+
+
+def _check_like(
+    reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], what: str
+) -> None:
+    if set(other) != set(reference):
+        missing = sorted(set(reference) - set(other))
+        extra = sorted(set(other) - set(reference))
+        raise ValueError(f"{what}: tensor names differ (missing {missing}, extra {extra})")
+    for name, ref in reference.items():
+        if np.shape(other[name]) != np.shape(ref):
+            raise ValueError(
+                f"{what}: tensor {name!r} has shape {np.shape(other[name])}, "
+                f"expected {np.shape(ref)}"
+            )
+
+
+def _linear_combination(
+    deltas: Sequence[Mapping[str, np.ndarray]], coefs: Sequence[float]
+) -> State:
+    """``Σ coefs[i] * deltas[i]`` in float32 (coefficients computed by the caller)."""
+    first = deltas[0]
+    for i, delta in enumerate(deltas[1:], start=1):
+        _check_like(first, delta, f"delta {i}")
+    out: State = {}
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, ref in first.items():
+            acc = np.zeros(np.shape(ref), dtype=np.float32)
+            scratch = np.empty_like(acc)
+            for delta, coef in zip(deltas, coefs, strict=True):
+                np.multiply(
+                    np.asarray(delta[name], dtype=np.float32), np.float32(coef), out=scratch
+                )
+                acc += scratch
+            out[name] = acc
+    return out
+
+
+def _check_weights(weights: Sequence[float], count: int, what: str) -> list[float]:
+    if count == 0:
+        raise ValueError("nothing to aggregate")
+    if len(weights) != count:
+        raise ValueError(f"{len(weights)} {what} for {count} deltas")
+    values = [float(w) for w in weights]
+    if not all(math.isfinite(w) and w >= 0 for w in values):
+        raise ValueError(f"{what} must be finite and >= 0, got {values}")
+    if sum(values) <= 0:
+        raise ValueError(f"{what} sum to zero")
+    return values
+
+
+def weighted_average(deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> State:
+    """``Σ w_i Δ_i / Σ w_i`` (weights finite, >= 0, not all zero; same names and shapes)."""
+    values = _check_weights(weights, len(deltas), "weights")
+    total = math.fsum(values)
+    return _linear_combination(deltas, [w / total for w in values])
+
+
+def _apply(
+    global_state: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray], server_lr: float
+) -> State:
+    _check_like(global_state, step, "step")
+    out: State = {}
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, value in global_state.items():
+            out[name] = (
+                np.asarray(value, dtype=np.float32) + np.float32(server_lr) * step[name]
+            ).astype(np.float32, copy=False)
+    if not is_finite(out):
+        raise AggregationError("aggregation step produced a non-finite model; model kept")
+    return out
+
+
+def _check_lr(server_lr: float) -> None:
+    if not (math.isfinite(server_lr) and server_lr > 0):
+        raise ValueError(f"server_lr must be finite and > 0, got {server_lr!r}")
+
+
+def fedbuff_step(
+    global_state: Mapping[str, np.ndarray],
+    updates: Sequence[BufferedUpdate],
+    *,
+    server_lr: float,
+    staleness_kind: str,
+    momentum: float = 0.0,
+    velocity: Mapping[str, np.ndarray] | None = None,
+    staleness_a: float = 0.5,
+    staleness_b: int = 4,
+) -> tuple[State, State]:
+    """One FedBuff step over the buffered ``updates``; returns ``(new_state, new_velocity)``.
+
+    With ``n_i`` samples, staleness ``s_i`` and weight ``w(s) = staleness_weight(s,
+    staleness_kind, a=staleness_a, b=staleness_b)``::
+
+        aggregate = Σ_i n_i · w(s_i) · Δ_i / Σ_i n_i
+        v ← momentum · v + aggregate          (v starts at zero when velocity is None)
+        new = global + server_lr · v
+
+    The mean is sample-weighted, and staleness down-weights *absolutely*: a buffer of stale
+    updates makes a smaller step instead of being renormalised back to full size. With
+    ``momentum == 0`` this is a plain step and ``new_velocity == aggregate``. FedAsync is
+    the same step with a buffer of one update.
+
+    Raises ``ValueError`` for bad arguments (empty buffer, mismatched tensors, momentum
+    outside ``[0, 1)``) and ``AggregationError`` if the result would not be finite.
+    """
+    _check_lr(server_lr)
+    if not (math.isfinite(momentum) and 0.0 <= momentum < 1.0):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if not updates:
+        raise ValueError("nothing to aggregate")
+    _check_like(global_state, updates[0].delta, "update")
+    total = math.fsum(float(u.num_samples) for u in updates)
+    coefs = [
+        u.num_samples
+        * staleness_weight(u.staleness, staleness_kind, a=staleness_a, b=staleness_b)
+        / total
+        for u in updates
+    ]
+    aggregate = _linear_combination([u.delta for u in updates], coefs)
+    if velocity is None or momentum == 0.0:
+        new_velocity = aggregate
+    else:
+        _check_like(global_state, velocity, "velocity")
+        new_velocity = {}
+        with np.errstate(over="ignore", invalid="ignore"):
+            for name, agg in aggregate.items():
+                new_velocity[name] = (
+                    np.float32(momentum) * np.asarray(velocity[name], dtype=np.float32) + agg
+                ).astype(np.float32, copy=False)
+    if not is_finite(new_velocity):
+        raise AggregationError("server velocity became non-finite; model kept")
+    return _apply(global_state, new_velocity, server_lr), new_velocity
+
+
+def fedavg_step(
+    global_state: Mapping[str, np.ndarray],
+    deltas: Sequence[Mapping[str, np.ndarray]],
+    num_samples: Sequence[int],
+    *,
+    server_lr: float = 1.0,
+) -> State:
+    """``global + server_lr · Σ n_i Δ_i / Σ n_i`` (synchronous FedAvg).
+
+    Raises ``ValueError`` for bad arguments and ``AggregationError`` if the result would
+    not be finite.
+    """
+    _check_lr(server_lr)
+    values = _check_weights(num_samples, len(deltas), "num_samples")
+    _check_like(global_state, deltas[0], "update")
+    mean = weighted_average(deltas, values)
+    return _apply(global_state, mean, server_lr)

@@ -1,0 +1,569 @@
+"""CoordinatorCore: FedBuff, FedAsync and FedAvg decisions, without broker or clock."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.aggregation import is_finite
+from coordinator.core import (
+    MODES,
+    AggregationConfig,
+    CoordinatorCore,
+    NewModel,
+    SendReceipt,
+)
+from coordinator.validation import REJECT_REASONS
+from fedbus.envelope import pack, unpack
+from fedbus.messages import GlobalModel, ModelSpec, Status, Task, TrainSpec, Update
+from fedbus.update_codec import decode_delta, encode_delta
+
+F32 = np.float32
+TASK = Task("task1", ModelSpec("mlp"), TrainSpec())
+_ids = itertools.count()
+
+
+def initial(value: float = 0.0) -> dict[str, np.ndarray]:
+    return {"w": np.full((2, 2), value, F32), "b": np.full(2, value, F32)}
+
+
+def delta_of(value: float) -> dict[str, np.ndarray]:
+    return {"w": np.full((2, 2), value, F32), "b": np.full(2, value, F32)}
+
+
+def upd(
+    device: str,
+    value: float = 1.0,
+    *,
+    base: int = 0,
+    n: int = 1,
+    uid: str | None = None,
+    delta: dict[str, np.ndarray] | None = None,
+    task_id: str = "task1",
+) -> bytes:
+    uid = uid if uid is not None else f"u{next(_ids)}"
+    encoded = encode_delta(delta if delta is not None else delta_of(value), "fp32")
+    return pack(Update(uid, device, task_id, base, n, encoded).to_wire())
+
+
+def status(device: str, state: str) -> bytes:
+    return pack(Status(device, state, ts=0.0).to_wire())
+
+
+def core(**config: Any) -> CoordinatorCore:
+    start = config.pop("initial", initial())
+    return CoordinatorCore(TASK, start, AggregationConfig(**config))
+
+
+def receipts(actions: list) -> list[SendReceipt]:
+    return [a for a in actions if isinstance(a, SendReceipt)]
+
+
+def models(actions: list) -> list[NewModel]:
+    return [a for a in actions if isinstance(a, NewModel)]
+
+
+def only_receipt(actions: list) -> SendReceipt:
+    assert len(actions) == 1 and isinstance(actions[0], SendReceipt), actions
+    return actions[0]
+
+
+def assert_state(c: CoordinatorCore, value: float) -> None:
+    for arr in c.state.values():
+        np.testing.assert_allclose(arr, np.full(arr.shape, value), rtol=1e-6)
+
+
+# -- configuration ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mode": "sync"},
+        {"buffer_size": 0},
+        {"buffer_size": 2.0},
+        {"server_lr": 0.0},
+        {"server_lr": math.nan},
+        {"server_momentum": 1.0},
+        {"server_momentum": -0.5},
+        {"mode": "fedavg", "server_momentum": 0.9},
+        {"staleness": "linear"},
+        {"staleness_a": -1.0},
+        {"staleness_b": -1},
+        {"max_staleness": -1},
+        {"max_norm": 0.0},
+        {"max_norm": math.inf},
+        {"round_deadline": 0.0},
+        {"min_round_updates": 0},
+    ],
+)
+def test_config_rejects_bad_values(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        AggregationConfig(**kwargs)
+
+
+def test_config_effective_values() -> None:
+    assert MODES == ("fedbuff", "fedasync", "fedavg")
+    assert AggregationConfig().effective_buffer_size == 4
+    assert AggregationConfig(mode="fedasync", buffer_size=8).effective_buffer_size == 1
+    assert AggregationConfig(max_staleness=7).effective_max_staleness == 7
+    assert AggregationConfig(mode="fedavg", max_staleness=7).effective_max_staleness == 0
+
+
+def test_core_rejects_bad_initial_state() -> None:
+    cfg = AggregationConfig()
+    with pytest.raises(ValueError):
+        CoordinatorCore(TASK, {"w": np.array([np.nan], F32)}, cfg)
+    with pytest.raises(ValueError):
+        CoordinatorCore(TASK, {}, cfg)
+    with pytest.raises(ValueError):
+        CoordinatorCore(TASK, initial(), cfg, start_version=-1)
+
+
+# -- FedBuff ----------------------------------------------------------------------------
+
+
+def test_fedbuff_applies_after_k_and_not_before() -> None:
+    c = core(buffer_size=3)
+    a1 = c.on_update("d1", upd("d1", 1.0, n=1), now=1.0)
+    a2 = c.on_update("d2", upd("d2", 2.0, n=1), now=2.0)
+    assert not models(a1) and not models(a2)
+    assert c.version == 0
+    assert_state(c, 0.0)
+    assert c.snapshot()["buffered"] == 2
+    a3 = c.on_update("d3", upd("d3", 3.0, n=2), now=3.0)
+    # (1*1 + 1*2 + 2*3) / 4 = 2.25, all fresh (weight 1), server_lr 1
+    assert models(a3) == [NewModel(1, models(a3)[0].reason)]
+    assert c.version == 1
+    assert_state(c, 2.25)
+    assert c.snapshot()["buffered"] == 0
+    assert c.counters["models_published"] == 1
+
+
+def test_receipts_for_accepted_updates() -> None:
+    c = core(buffer_size=2)
+    r1 = only_receipt(c.on_update("d1", upd("d1", uid="abc"), now=0.0))
+    assert r1.device_id == "d1"
+    assert r1.receipt.update_id == "abc"
+    assert r1.receipt.accepted is True
+    assert r1.receipt.reason is None
+    assert r1.receipt.model_version == 0
+    assert r1.receipt.staleness == 0
+    actions = c.on_update("d2", upd("d2", uid="def"), now=0.0)
+    # the receipt (judged at version 0) comes before the new model
+    assert isinstance(actions[0], SendReceipt) and isinstance(actions[1], NewModel)
+    assert actions[0].receipt.model_version == 0
+    assert actions[1].version == 1
+
+
+def test_counters() -> None:
+    c = core(buffer_size=2)
+    good1, good2 = upd("d1"), upd("d2")
+    bad = upd("d1", task_id="other")
+    garbage = b"\x00garbage"
+    for device, payload in (("d1", good1), ("d1", bad), ("d3", garbage), ("d2", good2)):
+        c.on_update(device, payload, now=0.0)
+    k = c.counters
+    assert k["updates_received"] == 4
+    assert k["updates_accepted"] == 2
+    assert k["updates_rejected"] == 2
+    assert k["rejected_wrong_task"] == 1
+    assert k["rejected_malformed"] == 1
+    assert k["bytes_received"] == len(good1) + len(good2) + len(bad) + len(garbage)
+    assert k["bytes_accepted"] == len(good1) + len(good2)
+    assert k["models_published"] == 1
+    assert all(f"rejected_{reason}" in k for reason in REJECT_REASONS)
+
+
+def test_staleness_weighting_affects_the_step() -> None:
+    results = {}
+    for kind in ("sqrt", "constant"):
+        c = core(mode="fedasync", staleness=kind)
+        c.on_update("d1", upd("d1", 1.0, base=0), now=0.0)  # -> 1, version 1
+        c.on_update("d1", upd("d1", 1.0, base=1), now=0.0)  # -> 2, version 2
+        actions = c.on_update("d2", upd("d2", 3.0, base=0), now=0.0)  # staleness 2
+        assert receipts(actions)[0].receipt.staleness == 2
+        results[kind] = float(c.state["w"][0, 0])
+    # sqrt: 2 + 3 / sqrt(1 + 2) = 2 + sqrt(3); constant: 2 + 3 = 5
+    assert results["sqrt"] == pytest.approx(2 + math.sqrt(3), rel=1e-6)
+    assert results["constant"] == pytest.approx(5.0)
+
+
+def test_server_lr_and_momentum() -> None:
+    c = core(mode="fedasync", server_lr=0.5, server_momentum=0.5)
+    c.on_update("d1", upd("d1", 2.0, base=0), now=0.0)
+    # v = 2, state = 0 + 0.5*2 = 1
+    assert_state(c, 1.0)
+    c.on_update("d1", upd("d1", 2.0, base=1), now=0.0)
+    # v = 0.5*2 + 2 = 3, state = 1 + 0.5*3 = 2.5
+    assert_state(c, 2.5)
+
+
+def test_duplicate_is_rejected_with_receipt() -> None:
+    c = core(buffer_size=4)
+    payload = upd("d1", uid="dup")
+    c.on_update("d1", payload, now=0.0)
+    r = only_receipt(c.on_update("d1", payload, now=1.0))
+    assert r.receipt.accepted is False
+    assert r.receipt.reason == "duplicate"
+    assert r.receipt.update_id == "dup"
+    assert c.counters["rejected_duplicate"] == 1
+    assert c.snapshot()["buffered"] == 1
+
+
+def test_a_rejected_id_may_be_retried() -> None:
+    c = core()
+    first = only_receipt(c.on_update("d1", upd("d1", uid="retry", base=5), now=0.0))
+    assert first.receipt.reason == "future_version"
+    again = only_receipt(c.on_update("d1", upd("d1", uid="retry", base=0), now=0.0))
+    assert again.receipt.accepted is True
+
+
+def test_stale_is_rejected() -> None:
+    c = core(mode="fedasync", max_staleness=1)
+    c.on_update("d1", upd("d1", base=0), now=0.0)
+    c.on_update("d1", upd("d1", base=1), now=0.0)
+    assert c.version == 2
+    r = only_receipt(c.on_update("d2", upd("d2", base=0), now=0.0))
+    assert (r.receipt.accepted, r.receipt.reason) == (False, "stale")
+    assert r.receipt.model_version == 2
+    assert c.counters["rejected_stale"] == 1
+
+
+@pytest.mark.parametrize(
+    ("delta", "reason"),
+    [
+        ({"w": np.full((2, 2), np.nan, F32), "b": np.zeros(2, F32)}, "non_finite"),
+        ({"w": np.full((2, 2), np.inf, F32), "b": np.zeros(2, F32)}, "non_finite"),
+        ({"w": np.full((2, 2), 1e30, F32), "b": np.zeros(2, F32)}, "norm"),
+        ({"w": np.full((2, 2), 60.0, F32), "b": np.zeros(2, F32)}, "norm"),  # norm 120 > 100
+    ],
+)
+def test_poisoned_update_is_rejected_and_state_stays_finite(delta: dict, reason: str) -> None:
+    c = core(mode="fedasync")
+    r = only_receipt(c.on_update("d1", upd("d1", delta=delta), now=0.0))
+    assert r.receipt.reason == reason
+    assert c.version == 0
+    assert is_finite(c.state)
+    assert_state(c, 0.0)
+
+
+def test_unparseable_update_gets_no_receipt() -> None:
+    c = core()
+    assert c.on_update("d1", b"\xc1\xc1", now=0.0) == []
+    assert c.on_update("d1", pack({"v": 1, "kind": "update"}), now=0.0) == []
+    assert c.counters["rejected_malformed"] == 1
+    assert c.counters["rejected_schema"] == 1
+    assert c.counters["updates_rejected"] == 2
+
+
+def test_rejection_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    c = core()
+    c.on_update("d1", upd("d1", task_id="other"), now=0.0)
+    assert any(
+        rec.levelname == "WARNING" and "wrong_task" in rec.getMessage() and "d1" in rec.getMessage()
+        for rec in caplog.records
+    )
+
+
+def test_device_mismatch_receipt_goes_to_the_topic_device() -> None:
+    c = core()
+    r = only_receipt(c.on_update("d2", upd("d1", uid="x1"), now=0.0))
+    assert r.device_id == "d2"
+    assert r.receipt.reason == "device_mismatch"
+
+
+def test_fedasync_applies_every_update_even_with_buffer_size_set() -> None:
+    c = core(mode="fedasync", buffer_size=4)
+    for i in range(3):
+        actions = c.on_update("d1", upd("d1", 1.0, base=i), now=float(i))
+        assert models(actions) == [NewModel(i + 1, models(actions)[0].reason)]
+    assert_state(c, 3.0)
+
+
+def test_aggregation_failure_keeps_the_model() -> None:
+    start = initial(3e38)
+    c = core(mode="fedbuff", buffer_size=2, max_norm=1e39, initial=start)
+    c.on_update("d1", upd("d1", 3e38), now=0.0)
+    actions = c.on_update("d2", upd("d2", 3e38), now=0.0)
+    assert not models(actions)
+    assert receipts(actions)[0].receipt.accepted is True
+    assert c.counters["aggregation_failed"] == 1
+    assert c.version == 0
+    assert c.snapshot()["buffered"] == 0
+    assert is_finite(c.state)
+    np.testing.assert_array_equal(c.state["w"], start["w"])
+
+
+def test_state_is_read_only_and_old_views_do_not_change() -> None:
+    c = core(mode="fedasync")
+    before = c.state
+    with pytest.raises(ValueError):
+        before["w"][0, 0] = 5.0
+    c.on_update("d1", upd("d1", 1.0), now=0.0)
+    assert_state(c, 1.0)
+    np.testing.assert_array_equal(before["w"], np.zeros((2, 2), F32))
+
+
+def test_initial_state_is_copied() -> None:
+    start = initial(1.0)
+    c = core(initial=start)
+    start["w"][:] = 9.0
+    assert_state(c, 1.0)
+
+
+def test_model_message_round_trips() -> None:
+    c = core(mode="fedasync", server_lr=0.5)
+    c.on_update(
+        "d1",
+        upd(
+            "d1",
+            delta={"w": np.arange(4, dtype=F32).reshape(2, 2), "b": np.array([0.25, -3.0], F32)},
+        ),
+        now=0.0,
+    )
+    msg = c.model_message(now=42.0)
+    assert (msg.task_id, msg.version, msg.created_at) == ("task1", 1, 42.0)
+    wire = GlobalModel.from_wire(unpack(pack(msg.to_wire()), "model"))
+    decoded = decode_delta(wire.tensors)
+    state = c.state
+    assert decoded.keys() == state.keys()
+    for name in state:
+        np.testing.assert_array_equal(decoded[name], state[name])
+    np.testing.assert_array_equal(decoded["b"], [0.125, -1.5])
+
+
+# -- presence ---------------------------------------------------------------------------
+
+
+def test_presence_from_status() -> None:
+    c = core()
+    c.on_status("d1", status("d1", "online"), now=0.0)
+    c.on_status("d2", status("d2", "training"), now=0.0)
+    c.on_status("d3", status("d3", "offline"), now=0.0)
+    assert c.devices == {"d1": "online", "d2": "training", "d3": "offline"}
+    assert c.snapshot()["devices_online"] == 2
+    c.on_status("d1", b"", now=1.0)  # retained status cleared
+    assert "d1" not in c.devices
+    assert c.snapshot()["devices_online"] == 1
+
+
+@pytest.mark.parametrize(
+    ("device", "payload"),
+    [
+        ("d1", b"\xc1"),
+        ("d1", pack({"v": 1, "kind": "status", "device_id": "d1", "state": "asleep", "ts": 0.0})),
+        ("d1", pack({"v": 1, "kind": "update"})),
+        ("d1", status("d2", "online")),  # names another device
+        ("d1", b"\x00" * 5000),  # over the small status limit
+        ("bad/id", status("d1", "online")),
+    ],
+)
+def test_malformed_status_is_ignored_and_counted(device: str, payload: bytes) -> None:
+    c = core()
+    c.on_status("d1", status("d1", "idle"), now=0.0)
+    assert c.on_status(device, payload, now=1.0) == []
+    assert c.counters["status_malformed"] == 1
+    assert c.devices == {"d1": "idle"}
+
+
+# -- FedAvg -----------------------------------------------------------------------------
+
+
+def fedavg(**config: Any) -> CoordinatorCore:
+    return core(mode="fedavg", **config)
+
+
+def online(c: CoordinatorCore, *devices: str, now: float = 0.0) -> None:
+    for d in devices:
+        assert c.on_status(d, status(d, "online"), now=now) == []
+
+
+def test_fedavg_waits_for_all_online_devices_and_closes_early() -> None:
+    c = fedavg()
+    online(c, "a", "b")
+    r = only_receipt(c.on_update("a", upd("a", 1.0, n=1), now=1.0))
+    assert r.receipt.accepted and r.receipt.model_version == 0
+    assert c.version == 0
+    assert c.tick(now=2.0) == []
+    actions = c.on_update("b", upd("b", 5.0, n=3), now=3.0)
+    assert receipts(actions)[0].receipt.accepted
+    assert [m.version for m in models(actions)] == [1]
+    # (1*1 + 3*5) / 4 = 4
+    assert_state(c, 4.0)
+    snap = c.snapshot()["round"]
+    assert snap["number"] == 1 and snap["version"] == 1
+    assert snap["participants"] == 2 and snap["started_at"] == 3.0
+
+
+def test_fedavg_closes_at_deadline_via_tick() -> None:
+    c = fedavg(round_deadline=30.0, server_lr=0.5)
+    online(c, "a", "b", now=0.0)
+    c.on_update("a", upd("a", 2.0), now=1.0)
+    assert c.tick(now=29.9) == []
+    actions = c.tick(now=30.0)
+    assert [m.version for m in models(actions)] == [1]
+    assert_state(c, 1.0)  # 0 + 0.5 * 2
+    # the next round starts with the devices online now, clock at 30
+    assert c.snapshot()["round"]["participants"] == 2
+    assert c.snapshot()["round"]["deadline"] == 60.0
+
+
+def test_fedavg_deadline_with_too_few_updates_restarts_the_clock() -> None:
+    c = fedavg(round_deadline=10.0, min_round_updates=2)
+    online(c, "a", "b", "c", now=0.0)
+    c.on_update("a", upd("a", 1.0), now=1.0)
+    assert c.tick(now=10.0) == []
+    assert c.version == 0
+    assert c.counters["round_restarts"] == 1
+    assert c.snapshot()["round"]["deadline"] == 20.0
+    c.on_update("b", upd("b", 3.0), now=12.0)
+    assert c.tick(now=19.0) == []
+    actions = c.tick(now=20.0)
+    assert [m.version for m in models(actions)] == [1]
+    assert_state(c, 2.0)
+
+
+def test_fedavg_rejects_not_selected() -> None:
+    c = fedavg()
+    online(c, "a", "b")
+    c.on_update("a", upd("a"), now=1.0)  # the round's devices are now fixed
+    online(c, "c", now=2.0)
+    r = only_receipt(c.on_update("c", upd("c"), now=3.0))
+    assert (r.receipt.accepted, r.receipt.reason) == (False, "not_selected")
+    assert c.counters["rejected_not_selected"] == 1
+    # never online at all
+    r = only_receipt(c.on_update("z", upd("z"), now=3.0))
+    assert r.receipt.reason == "not_selected"
+    # after b reports the next round includes c
+    c.on_update("b", upd("b"), now=4.0)
+    assert c.version == 1
+    r = only_receipt(c.on_update("c", upd("c", base=1), now=5.0))
+    assert r.receipt.accepted
+
+
+def test_fedavg_rejects_stale_even_with_max_staleness_set() -> None:
+    c = fedavg(max_staleness=10)
+    online(c, "a")
+    c.on_update("a", upd("a", base=0), now=1.0)
+    assert c.version == 1
+    r = only_receipt(c.on_update("a", upd("a", base=0), now=2.0))
+    assert r.receipt.reason == "stale"
+
+
+def test_fedavg_rejects_duplicate_in_round() -> None:
+    c = fedavg()
+    online(c, "a", "b")
+    c.on_update("a", upd("a", 1.0), now=1.0)
+    r = only_receipt(c.on_update("a", upd("a", 9.0), now=2.0))
+    assert (r.receipt.accepted, r.receipt.reason) == (False, "duplicate_in_round")
+    c.on_update("b", upd("b", 1.0), now=3.0)
+    assert_state(c, 1.0)  # the second update of a was not used
+
+
+def test_fedavg_device_going_offline_is_not_waited_for() -> None:
+    c = fedavg()
+    online(c, "a", "b", "c")
+    c.on_update("a", upd("a", 2.0), now=1.0)
+    assert c.on_status("c", status("c", "offline"), now=2.0) == []
+    assert c.snapshot()["round"]["waiting"] == 1
+    # b's Will fires: everyone still in the round has reported -> the round closes
+    actions = c.on_status("b", status("b", "offline"), now=3.0)
+    assert [m.version for m in models(actions)] == [1]
+    assert_state(c, 2.0)
+    # only a is online for the next round
+    assert c.snapshot()["round"]["participants"] == 1
+
+
+def test_fedavg_cleared_status_counts_as_offline() -> None:
+    c = fedavg()
+    online(c, "a", "b")
+    c.on_update("a", upd("a", 2.0), now=1.0)
+    actions = c.on_status("b", b"", now=2.0)
+    assert [m.version for m in models(actions)] == [1]
+
+
+def test_fedavg_empty_round_waits_for_the_first_device() -> None:
+    c = fedavg(round_deadline=5.0)
+    assert c.tick(now=1000.0) == []
+    assert c.counters["round_restarts"] == 0
+    online(c, "a", now=1001.0)
+    assert c.snapshot()["round"]["started_at"] == 1001.0
+    online(c, "b", now=1002.0)  # joins too: no update has arrived yet
+    assert c.snapshot()["round"]["participants"] == 2
+    c.on_status("b", status("b", "offline"), now=1003.0)  # leaves before anything happened
+    assert c.snapshot()["round"]["participants"] == 1
+    actions = c.on_update("a", upd("a", 1.0), now=1004.0)
+    assert [m.version for m in models(actions)] == [1]
+
+
+def test_fedavg_device_back_online_is_waited_for_again() -> None:
+    c = fedavg()
+    online(c, "a", "b", "c")
+    c.on_update("a", upd("a", 1.0), now=1.0)
+    c.on_status("b", status("b", "offline"), now=2.0)
+    online(c, "b", now=3.0)
+    assert not models(c.on_update("c", upd("c", 1.0), now=4.0))  # still waiting for b
+    actions = c.on_update("b", upd("b", 4.0), now=5.0)
+    assert [m.version for m in models(actions)] == [1]
+    assert_state(c, 2.0)  # (1 + 1 + 4) / 3
+
+
+def test_fedavg_snapshot_is_plain() -> None:
+    c = fedavg()
+    online(c, "a")
+    snap = c.snapshot()
+    assert snap["mode"] == "fedavg"
+    assert snap["version"] == 0
+    assert snap["devices_online"] == 1
+    assert snap["round"] == {
+        "number": 0,
+        "version": 0,
+        "participants": 1,
+        "reported": 0,
+        "waiting": 1,
+        "started_at": 0.0,
+        "deadline": 30.0,
+    }
+    assert core().snapshot()["round"] is None
+
+
+# -- the finite guarantee under arbitrary input -----------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_stays_finite_under_random_input(mode: str) -> None:
+    rng = np.random.default_rng(7)
+    c = core(mode=mode, buffer_size=2, max_norm=50.0)
+    devices = ["a", "b", "c"]
+    now = 0.0
+    for step in range(400):
+        now += float(rng.uniform(0, 5))
+        dev = devices[int(rng.integers(0, 3))]
+        choice = int(rng.integers(0, 8))
+        if choice == 0:
+            c.on_status(dev, status(dev, str(rng.choice(["online", "offline", "idle"]))), now)
+        elif choice == 1:
+            c.on_status(dev, rng.integers(0, 256, 20, dtype=np.uint8).tobytes(), now)
+        elif choice == 2:
+            c.tick(now)
+        elif choice == 3:
+            bad = delta_of(float(rng.choice([np.nan, np.inf, 1e30])))
+            c.on_update(dev, upd(dev, delta=bad, base=c.version), now)
+        elif choice == 4:
+            payload = bytearray(upd(dev, base=c.version))
+            payload[int(rng.integers(0, len(payload)))] ^= 0xFF
+            c.on_update(dev, bytes(payload), now)
+        else:
+            base = max(0, c.version - int(rng.integers(0, 3)))
+            value = float(rng.normal(0, 5))
+            c.on_update(dev, upd(dev, value, base=base, n=int(rng.integers(1, 50))), now)
+        assert is_finite(c.state), step
+    k = c.counters
+    assert k["updates_accepted"] > 0
+    assert k["updates_received"] == k["updates_accepted"] + k["updates_rejected"]
+    assert c.version > 0

@@ -1,0 +1,403 @@
+"""validate_update: one test per reject reason, the order of checks, and hostile bytes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.validation import (
+    REJECT_REASONS,
+    Accepted,
+    Rejected,
+    SeenIds,
+    ValidationLimits,
+    validate_update,
+)
+from fedbus.envelope import DecodeLimits, pack
+from fedbus.messages import Update
+from fedbus.tensors import encode_tensor
+from fedbus.update_codec import encode_delta
+
+F32 = np.float32
+SHAPES = {"w": (2, 3), "b": (3,)}
+LIMITS = ValidationLimits(max_update_bytes=64 * 1024, max_norm=10.0, max_staleness=3)
+CURRENT = 5
+
+
+def good_delta(scale: float = 0.1) -> dict[str, np.ndarray]:
+    return {
+        "w": np.arange(6, dtype=F32).reshape(2, 3) * F32(scale),
+        "b": np.array([1, -1, 0.5], dtype=F32) * F32(scale),
+    }
+
+
+def make_payload(
+    *,
+    encoded: dict[str, Any] | None = None,
+    codec: str = "fp32",
+    delta: dict[str, np.ndarray] | None = None,
+    **fields: Any,
+) -> bytes:
+    values: dict[str, Any] = {
+        "update_id": "u-1",
+        "device_id": "dev1",
+        "task_id": "task1",
+        "base_version": CURRENT,
+        "num_samples": 10,
+        "sent_at": 1.0,
+    }
+    values.update(fields)
+    if encoded is None:
+        encoded = encode_delta(good_delta() if delta is None else delta, codec, stochastic=False)
+    return pack(Update(delta=encoded, **values).to_wire())
+
+
+def run(
+    payload: Any,
+    *,
+    seen: SeenIds | None = None,
+    limits: ValidationLimits = LIMITS,
+    topic_device: str = "dev1",
+) -> Accepted | Rejected:
+    return validate_update(
+        payload,
+        topic_device=topic_device,
+        task_id="task1",
+        expected_shapes=SHAPES,
+        current_version=CURRENT,
+        limits=limits,
+        seen=SeenIds() if seen is None else seen,
+    )
+
+
+def rejected(result: Accepted | Rejected, reason: str) -> Rejected:
+    assert isinstance(result, Rejected), result
+    assert result.reason == reason, (result.reason, result.detail)
+    assert result.reason in REJECT_REASONS
+    assert result.detail
+    return result
+
+
+# -- accepted ---------------------------------------------------------------------------
+
+
+def test_valid_update_is_accepted() -> None:
+    payload = make_payload()
+    seen = SeenIds()
+    result = run(payload, seen=seen)
+    assert isinstance(result, Accepted)
+    assert result.update.update_id == "u-1"
+    assert result.update.num_samples == 10
+    assert result.staleness == 0
+    assert result.size == len(payload)
+    expected = good_delta()
+    for name in SHAPES:
+        np.testing.assert_array_equal(result.delta[name], expected[name])
+        assert result.delta[name].dtype == F32
+    # norm = 0.1 * sqrt(0+1+4+9+16+25 + 1+1+0.25) = 0.1 * sqrt(57.25)
+    assert result.norm == pytest.approx(0.1 * math.sqrt(57.25), rel=1e-6)
+    assert len(seen) == 0  # validate_update only reads `seen`
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_compressed_codecs_are_accepted(codec: str) -> None:
+    result = run(make_payload(codec=codec))
+    assert isinstance(result, Accepted)
+    np.testing.assert_allclose(result.delta["w"], good_delta()["w"], atol=0.01)
+
+
+def test_staleness_up_to_the_bound_is_accepted() -> None:
+    result = run(make_payload(base_version=CURRENT - LIMITS.max_staleness))
+    assert isinstance(result, Accepted)
+    assert result.staleness == 3
+
+
+# -- one test per reason ----------------------------------------------------------------
+
+
+def test_too_large() -> None:
+    payload = make_payload()
+    small = ValidationLimits(max_update_bytes=len(payload) - 1, max_norm=10.0, max_staleness=3)
+    r = rejected(run(payload, limits=small), "too_large")
+    assert r.size == len(payload)
+    assert r.update_id is None
+
+
+def test_too_large_is_checked_before_decoding() -> None:
+    garbage = b"\xc1" * (LIMITS.max_update_bytes + 1)  # 0xc1 is never valid msgpack
+    rejected(run(garbage), "too_large")
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xc1", b"\x92\x01", b"\x81\xa1v"])
+def test_malformed(payload: bytes) -> None:
+    r = rejected(run(payload), "malformed")
+    assert r.update_id is None
+
+
+def test_malformed_truncated_update() -> None:
+    payload = make_payload()
+    rejected(run(payload[: len(payload) // 2]), "malformed")
+
+
+def test_decode_limits_are_applied() -> None:
+    # a tensor of 24 bytes exceeds a max_bin_len of 8: msgpack refuses it
+    tight = ValidationLimits(
+        max_update_bytes=64 * 1024,
+        max_norm=10.0,
+        max_staleness=3,
+        decode=DecodeLimits(max_bytes=64 * 1024, max_bin_len=8),
+    )
+    rejected(run(make_payload(), limits=tight), "malformed")
+
+
+def test_decode_limits_derive_from_max_update_bytes() -> None:
+    limits = ValidationLimits(max_update_bytes=1234, max_norm=1.0, max_staleness=0)
+    assert limits.decode is not None
+    assert limits.decode.max_bytes == 1234
+    assert limits.decode.max_bin_len == 1234
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        [1, 2, 3],
+        {"v": 2, "kind": "update"},
+        {"v": 1, "kind": "status"},
+        {"v": 1, "kind": "update", "update_id": "x"},
+    ],
+)
+def test_schema_envelope(message: Any) -> None:
+    rejected(run(pack(message)), "schema")
+
+
+def test_schema_bad_field_keeps_a_readable_update_id() -> None:
+    wire = Update("u-9", "dev1", "task1", CURRENT, 10, encode_delta(good_delta(), "fp32")).to_wire()
+    wire["num_samples"] = 0
+    r = rejected(run(pack(wire)), "schema")
+    assert r.update_id == "u-9"  # so the device can get a receipt
+    wire["update_id"] = "not a valid id!"
+    assert rejected(run(pack(wire)), "schema").update_id is None
+
+
+def test_schema_in_delta_entry() -> None:
+    encoded = encode_delta(good_delta(), "fp32")
+    encoded["b"] = {"c": "zstd", "t": encoded["b"]["t"]}
+    rejected(run(make_payload(encoded=encoded)), "schema")
+
+
+def test_device_mismatch() -> None:
+    r = rejected(run(make_payload(device_id="dev1"), topic_device="dev2"), "device_mismatch")
+    assert r.update_id == "u-1"
+    assert r.device_id == "dev1"
+
+
+def test_dtype_not_in_whitelist() -> None:
+    encoded = encode_delta(good_delta(), "fp32")
+    encoded["w"]["t"] = {"dtype": "float64", "shape": [2, 3], "data": bytes(48)}
+    rejected(run(make_payload(encoded=encoded)), "dtype")
+
+
+def test_dtype_not_matching_codec() -> None:
+    encoded = encode_delta(good_delta(), "fp32")
+    encoded["w"] = {"c": "fp32", "t": encode_tensor(np.zeros((2, 3), np.int32))}
+    rejected(run(make_payload(encoded=encoded)), "dtype")
+
+
+def test_shape_wrong_shape() -> None:
+    delta = good_delta()
+    delta["w"] = np.zeros((3, 2), F32)
+    r = rejected(run(make_payload(delta=delta)), "shape")
+    assert "'w'" in r.detail
+
+
+def test_shape_missing_and_extra_tensor() -> None:
+    delta = good_delta()
+    del delta["b"]
+    rejected(run(make_payload(delta=delta)), "shape")
+    delta = good_delta()
+    delta["extra"] = np.zeros(1, F32)
+    rejected(run(make_payload(delta=delta)), "shape")
+
+
+def test_shape_length_mismatch_on_the_wire() -> None:
+    encoded = encode_delta(good_delta(), "fp32")
+    encoded["w"]["t"] = {"dtype": "float32", "shape": [2, 3], "data": bytes(20)}
+    rejected(run(make_payload(encoded=encoded)), "shape")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite(bad: float) -> None:
+    delta = good_delta()
+    delta["b"][1] = bad
+    r = rejected(run(make_payload(delta=delta)), "non_finite")
+    assert "b" in r.detail
+
+
+def test_non_finite_from_fp16_overflow() -> None:
+    delta = good_delta()
+    delta["w"][0, 0] = 1e6  # beyond float16's range -> inf
+    with np.errstate(over="ignore"):
+        payload = make_payload(delta=delta, codec="fp16")
+    rejected(run(payload), "non_finite")
+
+
+def test_norm() -> None:
+    delta = {"w": np.full((2, 3), 5.0, F32), "b": np.zeros(3, F32)}  # sqrt(6*25) ≈ 12.2 > 10
+    r = rejected(run(make_payload(delta=delta)), "norm")
+    assert r.update_id == "u-1"
+
+
+def test_wrong_task() -> None:
+    rejected(run(make_payload(task_id="task2")), "wrong_task")
+
+
+def test_future_version() -> None:
+    rejected(run(make_payload(base_version=CURRENT + 1)), "future_version")
+
+
+def test_stale() -> None:
+    rejected(run(make_payload(base_version=CURRENT - LIMITS.max_staleness - 1)), "stale")
+
+
+def test_duplicate() -> None:
+    seen = SeenIds()
+    seen.add("u-1")
+    rejected(run(make_payload(), seen=seen), "duplicate")
+    assert isinstance(run(make_payload(update_id="u-2"), seen=seen), Accepted)
+
+
+# -- order of checks --------------------------------------------------------------------
+
+
+def test_order_of_checks() -> None:
+    seen = SeenIds()
+    seen.add("u-1")
+    nan = good_delta()
+    nan["w"][0, 0] = np.nan
+    wrong_shape = {"w": np.full((3, 3), np.nan, F32), "b": np.zeros(3, F32)}
+    huge = {"w": np.full((2, 3), 100.0, F32), "b": np.zeros(3, F32)}
+    # every later failure is also present; the earliest one wins
+    cases = [
+        (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev2", "device_mismatch"),
+        (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev1", "shape"),
+        (make_payload(delta=nan, task_id="t9", base_version=99), "dev1", "non_finite"),
+        (make_payload(delta=huge, task_id="t9", base_version=99), "dev1", "norm"),
+        (make_payload(task_id="t9", base_version=99), "dev1", "wrong_task"),
+        (make_payload(base_version=99), "dev1", "future_version"),
+        (make_payload(base_version=0), "dev1", "stale"),
+        (make_payload(), "dev1", "duplicate"),
+    ]
+    for payload, topic_device, reason in cases:
+        rejected(run(payload, seen=seen, topic_device=topic_device), reason)
+
+
+# -- hostile bytes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        # zero rows in an int8 tensor: update_codec's reshape raises ValueError
+        {
+            "c": "int8",
+            "t": {"dtype": "int8", "shape": [0, 3], "data": b""},
+            "s": {"dtype": "float32", "shape": [0], "data": b""},
+        },
+        # dimensions beyond numpy's index range with zero elements
+        {"c": "fp32", "t": {"dtype": "float32", "shape": [2**63, 0], "data": b""}},
+        {"c": "fp32", "t": {"dtype": "float32", "shape": [2**40, 2**40, 0], "data": b""}},
+        {"c": "fp32", "t": {"dtype": "float32", "shape": [-1], "data": b""}},
+        {"c": "fp32", "t": {"dtype": "float32", "shape": [1] * 7, "data": bytes(4)}},
+        {"c": "fp32", "t": {"dtype": "float32", "shape": [2**30, 2**30], "data": b""}},
+        {"c": "int8", "t": {"dtype": "int8", "shape": [2, 3], "data": bytes(6)}},
+        "not a map",
+    ],
+)
+def test_hostile_tensor_entries_are_rejected_not_raised(entry: Any) -> None:
+    encoded = encode_delta(good_delta(), "fp32")
+    encoded["w"] = entry
+    result = run(make_payload(encoded=encoded))
+    assert isinstance(result, Rejected)
+    assert result.reason in REJECT_REASONS
+
+
+@pytest.mark.parametrize("payload", [None, 12, "text", object()])
+def test_non_bytes_payload_is_malformed(payload: Any) -> None:
+    rejected(run(payload), "malformed")
+
+
+def test_fuzz_random_truncated_and_bit_flipped_bytes_never_raise() -> None:
+    rng = np.random.default_rng(1234)
+    base = make_payload()
+    reasons: set[str] = set()
+    for i in range(3000):
+        kind = i % 4
+        if kind == 0:
+            data = rng.integers(0, 256, size=int(rng.integers(0, 300)), dtype=np.uint8).tobytes()
+        elif kind == 1:
+            data = base[: int(rng.integers(0, len(base)))]
+        elif kind == 2:
+            buf = bytearray(base)
+            for _ in range(int(rng.integers(1, 8))):
+                pos = int(rng.integers(0, len(buf)))
+                buf[pos] ^= 1 << int(rng.integers(0, 8))
+            data = bytes(buf)
+        else:
+            buf = bytearray(base)
+            pos = int(rng.integers(0, len(buf)))
+            buf[pos:pos] = rng.integers(
+                0, 256, size=int(rng.integers(1, 6)), dtype=np.uint8
+            ).tobytes()
+            data = bytes(buf)
+        result = run(data)
+        assert isinstance(result, Accepted | Rejected)
+        if isinstance(result, Rejected):
+            assert result.reason in REJECT_REASONS
+            assert result.size == len(data)
+            assert len(result.detail) <= 300
+            reasons.add(result.reason)
+        else:
+            assert all(np.isfinite(a).all() for a in result.delta.values())
+            assert result.norm <= LIMITS.max_norm
+    # the fuzzer reached past the msgpack layer
+    assert {"malformed", "schema"} <= reasons
+    assert len(reasons) >= 4
+
+
+# -- SeenIds ----------------------------------------------------------------------------
+
+
+def test_seen_ids_evicts_oldest_past_capacity() -> None:
+    seen = SeenIds(capacity=3)
+    for uid in ("a", "b", "c"):
+        seen.add(uid)
+    seen.add("a")  # already known: no change in order or size
+    assert len(seen) == 3
+    seen.add("d")
+    assert len(seen) == 3
+    assert "a" not in seen
+    assert all(uid in seen for uid in ("b", "c", "d"))
+    assert list(seen) == ["b", "c", "d"]
+
+
+def test_seen_ids_default_capacity_and_validation() -> None:
+    assert SeenIds().capacity == 100_000
+    with pytest.raises(ValueError):
+        SeenIds(capacity=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_update_bytes": 0, "max_norm": 1.0, "max_staleness": 0},
+        {"max_update_bytes": 10, "max_norm": 0.0, "max_staleness": 0},
+        {"max_update_bytes": 10, "max_norm": math.inf, "max_staleness": 0},
+        {"max_update_bytes": 10, "max_norm": 1.0, "max_staleness": -1},
+    ],
+)
+def test_validation_limits_are_checked(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        ValidationLimits(**kwargs)
