@@ -1,0 +1,82 @@
+"""The coordinator's one typed configuration (flag > environment > file > default)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedbus.topics import DEFAULT_PREFIX, Topics
+from fedbus.update_codec import CODECS
+
+__all__ = ["ENV_PREFIX", "CoordinatorConfig"]
+
+ENV_PREFIX = "FEDBUS_COORDINATOR"
+MODES = ("fedbuff", "fedasync", "fedavg")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Settings of the coordinator process: broker, task, aggregation and stopping."""
+
+    # broker
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = "coordinator"
+    password: str | None = None
+    credentials: Path | None = None  # credentials.json written by `fedbus broker`
+    prefix: str = DEFAULT_PREFIX
+    tls_ca: Path | None = None
+    # task
+    task_id: str = "task-1"
+    arch: str = "mlp"
+    model_args: str = ""  # JSON object; for mlp, inferred from --eval-data when empty
+    epochs: int = 2
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    qat: bool = True
+    codec: str = "int8"
+    max_update_bytes: int = 4 * 1024 * 1024
+    seed: int = 0
+    # aggregation
+    mode: str = "fedbuff"
+    buffer_size: int = 4
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    staleness: str = "sqrt"
+    max_staleness: int = 10
+    max_norm: float = 100.0
+    round_deadline: float = 30.0
+    min_round_updates: int = 1
+    # evaluation, output, stopping
+    eval_data: Path | None = None
+    out: Path | None = None
+    max_versions: int = 0  # stop after this many new model versions (0 = never)
+    duration: float = 0.0  # stop after this many seconds (0 = never)
+    target_accuracy: float = 0.0  # stop once held-out accuracy reaches this (0 = never)
+
+    def __post_init__(self) -> None:
+        Topics(self.prefix)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be 1-65535, got {self.port}")
+        if self.max_versions < 0 or self.duration < 0:
+            raise ValueError("max_versions and duration must not be negative")
+        self.parsed_model_args()
+
+    def parsed_model_args(self) -> dict[str, Any]:
+        if not self.model_args.strip():
+            return {}
+        try:
+            args = json.loads(self.model_args)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model_args is not valid JSON: {exc}") from None
+        if not isinstance(args, dict):
+            raise ValueError("model_args must be a JSON object, e.g. '{\"hidden\": [64]}'")
+        return args

@@ -1,0 +1,286 @@
+"""The coordinator process: the thin shell around ``CoordinatorCore``.
+
+It publishes the task and the retained global model, feeds every received update and
+status message to the pure core, carries out the core's actions (receipts, new model
+versions), evaluates each version on the held-out set and decides when to stop.
+The network thread only queues messages; everything else runs on the calling thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.config import CoordinatorConfig
+from coordinator.core import AggregationConfig, CoordinatorCore, NewModel, SendReceipt
+from coordinator.evaluation import Evaluator
+from fedbus.envelope import pack
+from fedbus.errors import FedbusError
+from fedbus.messages import ModelSpec, Task, TrainSpec
+from fedbus.topics import Topics
+from fedbus.transport import ConnectionSettings, Message, MqttClient
+
+__all__ = ["CoordinatorService", "RunSummary", "VersionRecord", "build_task"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One global model version as the coordinator saw it."""
+
+    version: int
+    seconds: float  # since the coordinator started
+    accuracy: float | None
+    loss: float | None
+    updates_accepted: int
+
+
+@dataclass
+class RunSummary:
+    task_id: str
+    mode: str
+    final_version: int
+    final_accuracy: float | None
+    wall_seconds: float
+    counters: dict[str, int]
+    history: list[VersionRecord] = field(default_factory=list)
+    stop_reason: str = ""
+
+
+def build_task(
+    config: CoordinatorConfig, eval_x: np.ndarray | None, eval_y: np.ndarray | None
+) -> Task:
+    """The task description from the configuration (mlp sizes inferred from eval data)."""
+    args = config.parsed_model_args()
+    if config.arch == "mlp" and eval_x is not None and eval_y is not None:
+        args.setdefault("in_features", int(np.prod(eval_x.shape[1:])))
+        args.setdefault("num_classes", int(eval_y.max()) + 1)
+    return Task(
+        task_id=config.task_id,
+        model=ModelSpec(config.arch, args),
+        train=TrainSpec(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            qat=config.qat,
+        ),
+        codec=config.codec,
+        max_update_bytes=config.max_update_bytes,
+        created_at=time.time(),
+    )
+
+
+class CoordinatorService:
+    """Runs one task to its stopping condition. ``stop()`` may be called from any thread."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        password: str,
+        eval_data: tuple[np.ndarray, np.ndarray] | None = None,
+        on_version: Callable[[VersionRecord], None] | None = None,
+    ) -> None:
+        import torch
+
+        from fedbus.zoo import build_model, get_state
+
+        self.config = config
+        self.topics = Topics(config.prefix)
+        self.on_version = on_version
+        eval_x, eval_y = eval_data if eval_data is not None else (None, None)
+        self.task = build_task(config, eval_x, eval_y)
+        torch.manual_seed(config.seed)
+        try:
+            model = build_model(self.task.model.arch, self.task.model.args)
+        except (ValueError, TypeError) as exc:
+            raise FedbusError(f"cannot build model {self.task.model.arch!r}: {exc}") from None
+        self.core = CoordinatorCore(
+            self.task,
+            get_state(model),
+            AggregationConfig(
+                mode=config.mode,
+                buffer_size=config.buffer_size,
+                server_lr=config.server_lr,
+                server_momentum=config.server_momentum,
+                staleness=config.staleness,
+                max_staleness=config.max_staleness,
+                max_norm=config.max_norm,
+                round_deadline=config.round_deadline,
+                min_round_updates=config.min_round_updates,
+            ),
+        )
+        self.evaluator = None
+        if eval_x is not None and eval_y is not None:
+            self.evaluator = Evaluator(self.task, eval_x, eval_y)
+        self.history: list[VersionRecord] = []
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._republish = threading.Event()
+        self._started = time.monotonic()
+        self.client = MqttClient(
+            ConnectionSettings(
+                host=config.host,
+                port=config.port,
+                client_id=config.username,
+                username=config.username,
+                password=password,
+                tls_ca=str(config.tls_ca) if config.tls_ca else None,
+            ),
+            on_message=self._inbox.put,
+            on_connect=lambda _present: self._republish.set(),
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- main loop -----------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        self.client.subscribe(self.topics.all_updates, qos=1)
+        self.client.subscribe(self.topics.all_status, qos=1)
+        self._started = time.monotonic()
+        self._record_version()
+        self.client.start()
+        log.info(
+            "coordinator: task %s (%s %s), mode %s, codec %s; broker %s:%d",
+            self.task.task_id, self.task.model.arch, self.task.model.args,
+            self.config.mode, self.task.codec, self.config.host, self.config.port,
+        )
+        stop_reason = "stopped"
+        try:
+            while True:
+                if self.client.fatal_error:
+                    raise FedbusError(self.client.fatal_error)
+                if self._republish.is_set():
+                    self._republish.clear()
+                    self._publish_task_and_model()
+                self._drain(timeout=0.2)
+                self._carry_out(self.core.tick(time.time()))
+                stop_reason = self._should_stop()
+                if stop_reason:
+                    break
+        finally:
+            self.client.stop()
+        log.info("coordinator stopping: %s", stop_reason)
+        last = self.history[-1]
+        return RunSummary(
+            task_id=self.task.task_id,
+            mode=self.config.mode,
+            final_version=self.core.version,
+            final_accuracy=last.accuracy,
+            wall_seconds=time.monotonic() - self._started,
+            counters=dict(self.core.counters),
+            history=list(self.history),
+            stop_reason=stop_reason,
+        )
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            msg = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return
+        for _ in range(1000):  # bounded batch, then look at stop conditions again
+            self._dispatch(msg)
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, msg: Message) -> None:
+        device = self.topics.device_of(msg.topic)
+        if device is None:
+            return
+        now = time.time()
+        if msg.topic == self.topics.update(device):
+            self._carry_out(self.core.on_update(device, msg.payload, now))
+        elif msg.topic == self.topics.status(device):
+            self._carry_out(self.core.on_status(device, msg.payload, now))
+
+    def _carry_out(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, SendReceipt):
+                self.client.publish(
+                    self.topics.receipt(action.device_id), pack(action.receipt.to_wire()), qos=1
+                )
+            elif isinstance(action, NewModel):
+                self._publish_model()
+                self._record_version()
+
+    def _should_stop(self) -> str:
+        cfg = self.config
+        if self._stop.is_set():
+            return "stop requested"
+        if cfg.max_versions and self.core.version >= cfg.max_versions:
+            return f"reached {cfg.max_versions} model versions"
+        if cfg.duration and time.monotonic() - self._started >= cfg.duration:
+            return f"ran for {cfg.duration:g} s"
+        last = self.history[-1] if self.history else None
+        reached = last is not None and last.accuracy is not None and (
+            last.accuracy >= cfg.target_accuracy
+        )
+        if cfg.target_accuracy and reached:
+            return f"reached accuracy {last.accuracy:.3f}"  # type: ignore[union-attr]
+        return ""
+
+    # -- publishing, evaluation, checkpoints ---------------------------------------------
+
+    def _publish_task_and_model(self) -> None:
+        self.client.publish(self.topics.task, pack(self.task.to_wire()), qos=1, retain=True)
+        self._publish_model()
+
+    def _publish_model(self) -> None:
+        payload = pack(self.core.model_message(time.time()).to_wire())
+        self.client.publish(self.topics.model, payload, qos=1, retain=True)
+
+    def _record_version(self) -> None:
+        accuracy = loss = None
+        if self.evaluator is not None:
+            loss, accuracy = self.evaluator.evaluate(self.core.state)
+        record = VersionRecord(
+            version=self.core.version,
+            seconds=round(time.monotonic() - self._started, 3),
+            accuracy=accuracy,
+            loss=loss,
+            updates_accepted=self.core.counters.get("updates_accepted", 0),
+        )
+        self.history.append(record)
+        if accuracy is not None:
+            log.info(
+                "model v%d: held-out accuracy %.4f, loss %.4f (%d updates accepted)",
+                record.version, accuracy, loss, record.updates_accepted,
+            )
+        else:
+            log.info("model v%d (%d updates accepted)", record.version, record.updates_accepted)
+        if self.config.out is not None:
+            self._checkpoint()
+        if self.on_version is not None:
+            self.on_version(record)
+
+    def _checkpoint(self) -> None:
+        out = Path(self.config.out)  # type: ignore[arg-type]
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "model.npz.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, __version__=np.array(self.core.version), **self.core.state)
+        os.replace(tmp, out / "model.npz")
+        history = {
+            "task": self.task.to_wire(),
+            "counters": dict(self.core.counters),
+            "history": [asdict(r) for r in self.history],
+        }
+        tmp = out / "history.json.tmp"
+        tmp.write_text(json.dumps(history, indent=1))
+        os.replace(tmp, out / "history.json")

@@ -1,0 +1,45 @@
+"""The edge agent's one typed configuration (flag > environment > file > default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedbus.topics import DEFAULT_PREFIX, Topics, validate_device_id
+
+__all__ = ["ENV_PREFIX", "AgentConfig"]
+
+ENV_PREFIX = "FEDBUS_AGENT"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Settings of one edge agent process."""
+
+    device_id: str
+    data: Path
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None  # defaults to device_id (the broker maps usernames to ids)
+    password: str | None = None
+    credentials: Path | None = None  # credentials.json written by `fedbus broker`
+    prefix: str = DEFAULT_PREFIX
+    tls_ca: Path | None = None
+    keepalive: int = 30
+    threads: int = 1
+    seed: int = 0
+    slowdown: float = 1.0  # simulation only: behave as a device this many times slower
+    max_updates: int = 0  # stop after this many published updates (0 = run until stopped)
+    max_model_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        validate_device_id(self.device_id)
+        Topics(self.prefix)
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be 1-65535, got {self.port}")
+        if self.threads < 1:
+            raise ValueError("threads must be at least 1")
+        if self.slowdown < 1.0:
+            raise ValueError("slowdown must be at least 1.0 (1.0 = real speed)")
+        if self.max_updates < 0:
+            raise ValueError("max_updates must be 0 (unlimited) or more")

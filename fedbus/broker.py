@@ -1,0 +1,511 @@
+"""A local Mosquitto broker with the fedbus policy, for the demo, the tests and small trials.
+
+``LocalBroker`` writes everything one broker instance needs into a working directory: a
+password file (hashed by ``mosquitto_passwd``) with random passwords for the coordinator
+and each device, the ACL for the topic prefix, a ``mosquitto.conf`` made of the shipped
+policy (``broker_config/mosquitto.conf``, and ``listener.conf`` after the listener line)
+plus the instance lines, and
+``credentials.json`` (mode 0600) that ``fedbus coordinator`` and ``fedbus agent`` read.
+It then runs ``mosquitto`` as a child process and stops it by its PID.
+
+Restarting on the same working directory keeps the passwords and the persistence
+database, so clients can reconnect with what they already have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from broker_config import ACL_FILE, LISTENER_POLICY_FILE, POLICY_FILE
+from fedbus.errors import ConfigError, FedbusError
+from fedbus.topics import DEFAULT_PREFIX, Topics, validate_device_id
+
+__all__ = [
+    "COORDINATOR_USERNAME",
+    "BrokerError",
+    "Credentials",
+    "LocalBroker",
+    "default_device_ids",
+    "find_free_port",
+    "render_acl",
+    "render_config",
+]
+
+COORDINATOR_USERNAME = "coordinator"
+
+_INSTALL_HINT = "install the Debian package 'mosquitto' (make setup does this)"
+# Debian installs the broker in /usr/sbin, which is not on a normal user's PATH.
+_SBIN_DIRS = os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/sbin"])
+_PORT_ATTEMPTS = 3
+_LOG_TAIL_LINES = 15
+_POLL_INTERVAL = 0.02
+# Logged once every listener is open.
+_READY_MARKER = re.compile(r"mosquitto version \S+ running")
+_PORT_IN_USE = "Address already in use"
+_ACL_TOPIC_START = re.compile(
+    r"^((?:topic|pattern)[ \t]+(?:(?:read|write|readwrite|deny)[ \t]+)?)fedbus(?=/|[ \t]*$)",
+    re.MULTILINE,
+)
+
+
+class BrokerError(FedbusError):
+    """The local broker could not be started or stopped; the message ends with its log."""
+
+
+class _PortTakenError(BrokerError):
+    """mosquitto could not bind its port because another process holds it."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One MQTT account on the broker."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+def default_device_ids(n: int) -> list[str]:
+    """``device-01`` .. ``device-NN`` (at least two digits, more when ``n`` needs them)."""
+    if n < 0:
+        raise ValueError(f"number of devices must be >= 0, got {n}")
+    width = max(2, len(str(n)))
+    return [f"device-{i:0{width}d}" for i in range(1, n + 1)]
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (another process may still take it)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.bind(address)
+        return int(sock.getsockname()[1])
+
+
+def render_acl(prefix: str = DEFAULT_PREFIX, template: str | None = None) -> str:
+    """The shipped ACL with the first topic level ``fedbus`` of every rule set to ``prefix``.
+
+    Only ``topic`` and ``pattern`` lines change; comments and ``user`` lines stay as they are.
+    """
+    prefix = _checked_prefix(prefix)
+    text = ACL_FILE.read_text() if template is None else template
+    return _ACL_TOPIC_START.sub(lambda m: m.group(1) + prefix, text)
+
+
+def render_config(
+    policy: str,
+    listener_policy: str,
+    *,
+    host: str,
+    port: int,
+    password_file: Path,
+    acl_file: Path,
+    data_dir: Path,
+    log_file: Path,
+    run_as: str | None = None,
+) -> str:
+    """``policy`` (the shipped mosquitto.conf) followed by the lines of one instance.
+
+    ``listener_policy`` (the shipped listener.conf) goes right after the ``listener`` line,
+    because Mosquitto applies those settings to the listener defined before them.
+    """
+    lines = [
+        "# --- This instance (written by fedbus.broker.LocalBroker) ---",
+        f"listener {port} {host}",
+        listener_policy.strip("\n"),
+        "",
+        f"password_file {password_file}",
+        f"acl_file {acl_file}",
+        # Mosquitto appends the file name to this without a separator.
+        f"persistence_location {data_dir}/",
+        f"log_dest file {log_file}",
+    ]
+    if run_as is not None:
+        lines.append(f"user {run_as}")
+    return policy.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+
+
+class LocalBroker:
+    """A Mosquitto child process with the fedbus policy, accounts and ACL.
+
+    Use it as a context manager, or call ``start()`` and ``stop()``. ``port=0`` picks a
+    free port on the first start; later starts (``restart()``) keep it.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        device_ids: Sequence[str],
+        port: int = 0,
+        host: str = "127.0.0.1",
+        prefix: str = DEFAULT_PREFIX,
+        mosquitto: str = "mosquitto",
+    ) -> None:
+        self._workdir = _checked_workdir(Path(workdir))
+        self._host = _checked_host(host)
+        self._prefix = _checked_prefix(prefix)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"invalid port {port}: use 1-65535, or 0 for a free port")
+        self._port = port
+        self._mosquitto = mosquitto
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
+        ids = _checked_device_ids(device_ids)
+        known = _previous_passwords(self.credentials_file)
+        self.coordinator = _account(COORDINATOR_USERNAME, known)
+        self.devices: dict[str, Credentials] = {d: _account(d, known) for d in ids}
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The listening port (0 until the first ``start()`` picked one)."""
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        """The PID of the running mosquitto, or None when it is not running."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self._prefix)
+
+    @property
+    def workdir(self) -> Path:
+        return self._workdir
+
+    @property
+    def credentials_file(self) -> Path:
+        return self._workdir / "credentials.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self._workdir / "mosquitto.log"
+
+    @property
+    def config_file(self) -> Path:
+        return self._workdir / "mosquitto.conf"
+
+    def credentials(self, username: str) -> Credentials:
+        """The account ``username`` (the coordinator or a device)."""
+        if username == COORDINATOR_USERNAME:
+            return self.coordinator
+        try:
+            return self.devices[username]
+        except KeyError:
+            raise ConfigError(f"no account {username!r} on this broker") from None
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Write the instance files, run mosquitto and wait until it accepts connections."""
+        if self.running:
+            raise BrokerError(f"broker already running (pid {self.pid})")
+        self.stop()  # forget a process that exited on its own
+        mosquitto = _find_executable(self._mosquitto)
+        passwd_tool = _find_passwd_tool(mosquitto)
+        self._write_files(passwd_tool)
+        if self._port == 0:
+            self._launch_on_free_port(mosquitto, timeout)
+        else:
+            self._launch(mosquitto, timeout)
+        self._write_credentials_file()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (mosquitto then saves its database), SIGKILL after ``timeout``. Idempotent."""
+        proc, self._proc = self._proc, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if proc is not None:
+            _terminate(proc, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, as in a crash: nothing is saved since the last autosave. Idempotent."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self.stop()
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop and start again on the same port, accounts and persistence database."""
+        self.stop(timeout)
+        self.start(timeout)
+
+    def __enter__(self) -> LocalBroker:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"pid {self.pid}" if self.running else "stopped"
+        return f"LocalBroker({self._host}:{self._port}, prefix={self._prefix!r}, {state})"
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _write_files(self, passwd_tool: str) -> None:
+        self._workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self._workdir / "data").mkdir(mode=0o700, exist_ok=True)
+        accounts = [self.coordinator, *self.devices.values()]
+        _write_password_file(self._workdir / "passwd", accounts, passwd_tool)
+        (self._workdir / "fedbus.acl").write_text(render_acl(self._prefix))
+
+    def _config_text(self) -> str:
+        return render_config(
+            POLICY_FILE.read_text(),
+            LISTENER_POLICY_FILE.read_text(),
+            host=self._host,
+            port=self._port,
+            password_file=self._workdir / "passwd",
+            acl_file=self._workdir / "fedbus.acl",
+            data_dir=self._workdir / "data",
+            log_file=self.log_file,
+            # As root, mosquitto would switch to the `mosquitto` user and lose access to
+            # these files; it stays the current user when told to be that user.
+            run_as=pwd.getpwuid(os.geteuid()).pw_name if os.geteuid() == 0 else None,
+        )
+
+    def _launch_on_free_port(self, mosquitto: str, timeout: float) -> None:
+        """Pick a free port and launch; if another process took it meanwhile, pick again."""
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            try:
+                self._port = find_free_port(self._host)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {self._host}: {exc}") from None
+            try:
+                self._launch(mosquitto, timeout)
+                return
+            except BrokerError as exc:
+                self._port = 0
+                if not isinstance(exc, _PortTakenError) or attempt == _PORT_ATTEMPTS:
+                    raise
+
+    def _launch(self, mosquitto: str, timeout: float) -> None:
+        """Write the config for the current port, run mosquitto and wait until it is ready."""
+        self.config_file.write_text(self._config_text())
+        output = _LaunchOutput(self.log_file, self._workdir / "mosquitto.out")
+        with output.stdout_file.open("wb") as out:
+            proc = subprocess.Popen(
+                [mosquitto, "-c", str(self.config_file)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, not the broker
+            )
+        self._proc = proc
+        self._finalizer = weakref.finalize(self, _terminate, proc, 5.0)
+        try:
+            self._wait_ready(proc, output, timeout)
+        except BrokerError as exc:
+            self.stop()
+            if _PORT_IN_USE in output.text():
+                raise _PortTakenError(
+                    f"{self._host}:{self._port} is already in use by another program"
+                    f"{output.tail()}"
+                ) from exc
+            raise
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], output: _LaunchOutput,
+                    timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = proc.poll()
+            if code is not None:
+                raise BrokerError(
+                    f"mosquitto exited with code {code} while starting on "
+                    f"{self._host}:{self._port}{output.tail()}"
+                )
+            if _READY_MARKER.search(output.log_text()) and _accepts(self._host, self._port):
+                return
+            time.sleep(_POLL_INTERVAL)
+        raise BrokerError(
+            f"mosquitto did not accept connections on {self._host}:{self._port} "
+            f"within {timeout:g} s{output.tail()}"
+        )
+
+    def _write_credentials_file(self) -> None:
+        data: dict[str, Any] = {
+            "host": self._host,
+            "port": self._port,
+            "prefix": self._prefix,
+            "coordinator": _account_json(self.coordinator),
+            "devices": {d: _account_json(c) for d, c in self.devices.items()},
+        }
+        _write_private(self.credentials_file, json.dumps(data, indent=2) + "\n")
+
+
+class _LaunchOutput:
+    """What one mosquitto start wrote: its log (appended to) and its stdout/stderr."""
+
+    def __init__(self, log_file: Path, stdout_file: Path) -> None:
+        self.log_file = log_file
+        self.stdout_file = stdout_file
+        self._log_offset = log_file.stat().st_size if log_file.exists() else 0
+
+    def log_text(self) -> str:
+        try:
+            with self.log_file.open("rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def text(self) -> str:
+        try:
+            stdout = self.stdout_file.read_text(errors="replace")
+        except FileNotFoundError:
+            stdout = ""
+        return stdout + self.log_text()
+
+    def tail(self) -> str:
+        lines = [line for line in self.text().splitlines() if line.strip()]
+        if not lines:
+            return f" (no output; see {self.log_file})"
+        shown = "\n".join(lines[-_LOG_TAIL_LINES:])
+        return f"\n--- last lines of mosquitto's output ({self.log_file}) ---\n{shown}"
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM this one process by its PID, SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _find_executable(name: str) -> str:
+    if os.sep in name:
+        found = name if os.access(name, os.X_OK) and Path(name).is_file() else None
+    else:
+        found = shutil.which(name) or shutil.which(name, path=_SBIN_DIRS)
+    if found is None:
+        raise ConfigError(f"{Path(name).name} not found: {_INSTALL_HINT}")
+    return found
+
+
+def _find_passwd_tool(mosquitto: str) -> str:
+    sibling = shutil.which("mosquitto_passwd", path=str(Path(mosquitto).parent))
+    return sibling or _find_executable("mosquitto_passwd")
+
+
+def _write_password_file(path: Path, accounts: Sequence[Credentials], tool: str) -> None:
+    """Plain ``user:password`` lines (mode 0600), then hashed in place by mosquitto_passwd."""
+    _write_private(path, "".join(f"{a.username}:{a.password}\n" for a in accounts))
+    result = subprocess.run([tool, "-U", str(path)], capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip()
+        raise BrokerError(f"mosquitto_passwd could not hash {path}: {detail}")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600, replacing the file atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _account(username: str, known: dict[str, str]) -> Credentials:
+    return Credentials(username, known.get(username) or secrets.token_urlsafe(24))
+
+
+def _account_json(account: Credentials) -> dict[str, str]:
+    return {"username": account.username, "password": account.password}
+
+
+def _previous_passwords(path: Path) -> dict[str, str]:
+    """Passwords from an earlier run's credentials file, so restarts keep them."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        accounts = [data["coordinator"], *data.get("devices", {}).values()]
+        return {str(a["username"]): str(a["password"]) for a in accounts}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(
+            f"{path} is not a fedbus credentials file ({exc}); move it away to start afresh"
+        ) from None
+
+
+def _checked_device_ids(device_ids: Sequence[str]) -> list[str]:
+    if isinstance(device_ids, str):
+        raise ConfigError("device_ids must be a list of ids, not one string")
+    ids = list(device_ids)
+    for device_id in ids:
+        try:
+            validate_device_id(device_id)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    duplicates = sorted({d for d in ids if ids.count(d) > 1})
+    if duplicates:
+        raise ConfigError(f"duplicate device ids: {', '.join(duplicates)}")
+    return ids
+
+
+def _checked_prefix(prefix: str) -> str:
+    try:
+        return Topics(prefix).prefix
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _checked_host(host: str) -> str:
+    if not host or any(c.isspace() for c in host):
+        raise ConfigError(f"invalid host {host!r}")
+    return host
+
+
+def _checked_workdir(workdir: Path) -> Path:
+    # The paths go into mosquitto.conf, one option per line.
+    if any(c in str(workdir) for c in "\r\n"):
+        raise ConfigError(f"broker directory {str(workdir)!r} contains a line break")
+    return workdir.resolve()

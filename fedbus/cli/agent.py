@@ -1,0 +1,75 @@
+"""``fedbus agent``: run the edge agent on a device."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edge_agent.config import ENV_PREFIX, AgentConfig
+from fedbus.cli._options import config_options, load_process_config
+
+__all__ = ["agent"]
+
+log = logging.getLogger("fedbus.agent")
+
+HELPS = {
+    "device_id": "This device's id; also its MQTT username and client id.",
+    "data": "Local training data: .csv, .npz (arrays x and y) or a directory of them.",
+    "host": "Broker host.",
+    "port": "Broker port.",
+    "username": "MQTT username (default: the device id).",
+    "password": "MQTT password; prefer the environment variable over the flag.",
+    "credentials": "credentials.json from `fedbus broker`: supplies host, port, prefix, password.",
+    "prefix": "Topic prefix shared with the coordinator.",
+    "tls_ca": "CA bundle to verify the broker's TLS certificate (enables TLS).",
+    "keepalive": "MQTT keepalive in seconds.",
+    "threads": "Torch threads for training (one is fastest for small networks).",
+    "seed": "Seed for local shuffling and stochastic rounding.",
+    "slowdown": "Simulation: behave as a device this many times slower (sleeps after training).",
+    "max_updates": "Stop after publishing this many updates (0: run until stopped).",
+}
+
+
+@click.command(
+    epilog="Settings come from flags, then FEDBUS_AGENT_* environment variables, then the "
+    "[agent] table of --config, then defaults."
+)
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path), default=None,
+    help="TOML file with an [agent] table of the settings below.",
+)
+@config_options(AgentConfig, HELPS, ENV_PREFIX)
+def agent(config_file: Path | None, **flags: Any) -> None:
+    """Run an edge agent: train on local data, publish compressed updates.
+
+    The agent connects to the broker (retrying with backoff while it is unreachable),
+    waits for the coordinator's task and retained global model, trains on its local data
+    with quantization-aware training, and publishes the encoded change. It trains again
+    each time a newer global model arrives. Stop it with Ctrl-C or SIGTERM.
+
+    \b
+    Example, against a broker started with `fedbus broker --dir ./trial`:
+      fedbus agent --device-id device-01 --data ./my-data.npz \\
+                   --credentials ./trial/credentials.json
+    """
+    from edge_agent.agent import Agent, LocalData
+    from fedbus.datasets import load_local_data
+
+    cfg, password = load_process_config(
+        AgentConfig, flags, env_prefix=ENV_PREFIX, config_file=config_file, section="agent",
+        username=lambda c: c.username or c.device_id,
+    )
+    x, y = load_local_data(cfg.data)
+    runner = Agent(cfg, LocalData(x, y), password=password)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: runner.stop())
+    stats = runner.run()
+    log.info(
+        "agent %s done: %d updates published, %d accepted, %d rejected, %d bytes uploaded",
+        cfg.device_id, stats.updates_published, stats.receipts_accepted,
+        stats.receipts_rejected, stats.bytes_uploaded,
+    )

@@ -1,0 +1,133 @@
+"""``fedbus broker``: run a local Mosquitto with the fedbus policy until Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from fedbus.broker import LocalBroker, default_device_ids
+from fedbus.errors import FedbusError
+from fedbus.topics import DEFAULT_PREFIX
+
+__all__ = ["broker", "command"]
+
+_HEALTH_CHECK_SECONDS = 0.5
+
+
+@click.command(
+    "broker",
+    epilog="For a permanent broker on a server (port 1883/8883, TLS, systemd) install the same "
+    "policy into the system's Mosquitto instead: see deploy/mosquitto/README.md.",
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+    help="TCP port to listen on; 0 picks a free one.",
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True,
+    help="Address to listen on. Use 0.0.0.0 to accept devices from your network.",
+)
+@click.option(
+    "--devices", "num_devices", type=click.IntRange(1, 9999), default=8, show_default=True,
+    help="Create accounts device-01 .. device-NN.",
+)
+@click.option(
+    "--device-id", "device_ids", multiple=True, metavar="ID",
+    help="Create an account for this device id (repeatable; replaces --devices).",
+)
+@click.option(
+    "--dir", "workdir", type=click.Path(file_okay=False, path_type=Path),
+    default=Path("fedbus-broker"), show_default=True,
+    help="Directory for the broker's files: credentials, password file, ACL, config, "
+    "log and persistence database. Reusing it keeps passwords and retained messages.",
+)
+@click.option(
+    "--prefix", default=DEFAULT_PREFIX, show_default=True,
+    help="Topic prefix; the coordinator and the agents must use the same one.",
+)
+def broker(port: int, host: str, num_devices: int, device_ids: Sequence[str], workdir: Path,
+           prefix: str) -> None:
+    """Run a local Mosquitto broker with the fedbus access policy.
+
+    It creates an account for the coordinator and one per device, each with a random
+    password, and writes them to credentials.json in --dir (readable only by you). Each
+    device may write only its own update and status topics and read the task, the model
+    and its own receipts; anonymous clients are refused.
+
+    The broker runs until Ctrl-C (or SIGTERM). Needs the `mosquitto` program
+    (Debian package 'mosquitto'; `make setup` installs it).
+
+    \b
+    Examples:
+      fedbus broker                          # 8 devices, free port, ./fedbus-broker
+      fedbus broker --port 1883 --host 0.0.0.0 --devices 20 --dir ./trial
+      fedbus broker --device-id kitchen-pi --device-id garage-pi
+    """
+    ids = list(device_ids) or default_device_ids(num_devices)
+    try:
+        local = LocalBroker(workdir, device_ids=ids, port=port, host=host, prefix=prefix)
+        local.start()
+    except FedbusError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        click.echo(_summary(local))
+        _run_until_stopped(local)
+    finally:
+        local.stop()
+    click.echo("broker stopped")
+
+
+command = broker
+
+
+def _run_until_stopped(local: LocalBroker) -> None:
+    """Block until SIGINT/SIGTERM; fail if mosquitto exits on its own meanwhile."""
+    with _stop_on_signals() as stop:
+        while not stop.wait(_HEALTH_CHECK_SECONDS):
+            if not local.running:
+                raise click.ClickException(
+                    f"mosquitto exited unexpectedly; see its log: {local.log_file}"
+                )
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    stop = threading.Event()
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _summary(local: LocalBroker) -> str:
+    devices = list(local.devices)
+    shown = devices[0] if len(devices) == 1 else f"{devices[0]} .. {devices[-1]}"
+    where = f"{local.host}:{local.port}"
+    if local.host in ("0.0.0.0", "::"):
+        where = f"port {local.port} on all interfaces"
+    creds = local.credentials_file
+    return "\n".join([
+        f"fedbus broker running (mosquitto pid {local.pid}), listening on {where}",
+        f"  topic prefix:  {local.prefix}",
+        f"  accounts:      coordinator and {len(devices)} device(s): {shown}",
+        f"  credentials:   {creds}  (passwords: keep this file private)",
+        f"  broker log:    {local.log_file}",
+        "",
+        "Point the coordinator and the agents at the credentials file, for example:",
+        f"  fedbus coordinator --credentials {creds}",
+        f"  fedbus agent --device-id {devices[0]} --data <your data> --credentials {creds}",
+        "",
+        "Press Ctrl-C to stop the broker.",
+    ])

@@ -1,0 +1,102 @@
+"""``fedbus coordinator``: publish a task and aggregate updates as they arrive."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from coordinator.config import ENV_PREFIX, CoordinatorConfig
+from fedbus.cli._options import config_options, load_process_config
+
+__all__ = ["coordinator"]
+
+log = logging.getLogger("fedbus.coordinator")
+
+HELPS = {
+    "host": "Broker host.",
+    "port": "Broker port.",
+    "username": "MQTT username of the coordinator account.",
+    "password": "MQTT password; prefer the environment variable over the flag.",
+    "credentials": "credentials.json from `fedbus broker`: supplies host, port, prefix, password.",
+    "prefix": "Topic prefix shared with the agents.",
+    "tls_ca": "CA bundle to verify the broker's TLS certificate (enables TLS).",
+    "task_id": "Name of this learning task; agents train only for the current task.",
+    "arch": "Model architecture from the zoo (mlp, cnn, cnn1d).",
+    "model_args": "Architecture arguments as a JSON object, e.g. '{\"hidden\": [64]}'.",
+    "epochs": "Local epochs per update on each device.",
+    "batch_size": "Local minibatch size.",
+    "lr": "Local learning rate (SGD).",
+    "momentum": "Local SGD momentum.",
+    "weight_decay": "Local weight decay.",
+    "qat": "Quantization-aware training on the devices (int8 weights and activations).",
+    "codec": "Update codec the devices must use: fp32, fp16 or int8.",
+    "max_update_bytes": "Largest update accepted, in bytes.",
+    "seed": "Seed of the initial model.",
+    "mode": "Aggregation: fedbuff (async, buffered), fedasync (K=1) or fedavg (synchronous).",
+    "buffer_size": "FedBuff: apply after this many buffered updates (K).",
+    "server_lr": "Server learning rate applied to the aggregated change.",
+    "server_momentum": "Server momentum (0 disables it).",
+    "staleness": "Staleness weighting: sqrt (1/sqrt(1+s)), poly, hinge or constant.",
+    "max_staleness": "Reject updates more than this many versions behind.",
+    "max_norm": "Reject updates whose L2 norm exceeds this bound.",
+    "round_deadline": "FedAvg: seconds to wait for a round's devices.",
+    "min_round_updates": "FedAvg: fewest updates that close a round at its deadline.",
+    "eval_data": "Held-out data (.csv/.npz/dir) to evaluate every model version.",
+    "out": "Directory for model.npz and history.json, rewritten after each version.",
+    "max_versions": "Stop after this many model versions (0: never).",
+    "duration": "Stop after this many seconds (0: never).",
+    "target_accuracy": "Stop once held-out accuracy reaches this (0: never).",
+}
+
+
+@click.command(
+    epilog="Settings come from flags, then FEDBUS_COORDINATOR_* environment variables, then "
+    "the [coordinator] table of --config, then defaults."
+)
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path), default=None,
+    help="TOML file with a [coordinator] table of the settings below.",
+)
+@config_options(CoordinatorConfig, HELPS, ENV_PREFIX)
+def coordinator(config_file: Path | None, **flags: Any) -> None:
+    """Run the coordinator: publish the task, aggregate updates, publish new models.
+
+    It publishes the task and the initial model as retained messages, validates every
+    update (rejecting bad ones with a reason, sent back as a receipt), folds accepted
+    ones into the global model and publishes each new version. With --eval-data it logs
+    held-out accuracy per version. Stop it with Ctrl-C or SIGTERM, or with
+    --max-versions / --duration / --target-accuracy.
+
+    \b
+    Example, against a broker started with `fedbus broker --dir ./trial`:
+      fedbus coordinator --credentials ./trial/credentials.json \\
+                         --eval-data ./test.npz --out ./run
+    """
+    from coordinator.service import CoordinatorService
+    from fedbus.datasets import load_local_data
+
+    cfg, password = load_process_config(
+        CoordinatorConfig, flags, env_prefix=ENV_PREFIX, config_file=config_file,
+        section="coordinator",
+        username=lambda c: c.username,
+    )
+    eval_data = load_local_data(cfg.eval_data) if cfg.eval_data is not None else None
+    service = CoordinatorService(cfg, password=password, eval_data=eval_data)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: service.stop())
+    summary = service.run()
+    counters = summary.counters
+    log.info(
+        "done (%s): %d versions, final accuracy %s, %d updates accepted, %d rejected",
+        summary.stop_reason, summary.final_version,
+        "n/a" if summary.final_accuracy is None else f"{summary.final_accuracy:.4f}",
+        counters.get("updates_accepted", 0), counters.get("updates_rejected", 0),
+    )
+    rejected = {k[len("rejected_"):]: v for k, v in counters.items() if k.startswith("rejected_")}
+    if rejected:
+        log.info("rejections by reason: %s", json.dumps(rejected))
