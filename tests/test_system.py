@@ -1,0 +1,330 @@
+"""Agent and coordinator exchanging real messages through a real Mosquitto.
+
+The coordinator runs in a thread of the test process (so its counters can be read);
+agents are real ``fedbus agent`` processes; hostile devices are MQTT clients that
+publish crafted payloads with real device credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.aggregation import is_finite
+from coordinator.config import CoordinatorConfig
+from coordinator.service import CoordinatorService, RunSummary
+from fedbus.broker import LocalBroker
+from fedbus.datasets import dirichlet_split, load_digits, train_test_split, write_npz
+from fedbus.envelope import pack, unpack
+from fedbus.messages import GlobalModel, Receipt, Update, new_update_id
+from fedbus.transport import ConnectionSettings, Message, MqttClient
+from fedbus.update_codec import decode_delta, encode_delta
+
+pytestmark = pytest.mark.broker
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def digits_split(tmp_path_factory) -> tuple[list[Path], tuple[np.ndarray, np.ndarray]]:
+    root = tmp_path_factory.mktemp("data")
+    x, y = load_digits()
+    x_train, y_train, x_test, y_test = train_test_split(x, y, 0.2, seed=0)
+    paths = []
+    for i, idx in enumerate(dirichlet_split(y_train, 3, alpha=1.0, seed=0)):
+        path = root / f"part{i}.npz"
+        write_npz(path, x_train[idx], y_train[idx])
+        paths.append(path)
+    return paths, (x_test, y_test)
+
+
+class CoordinatorThread:
+    def __init__(self, service: CoordinatorService) -> None:
+        self.service = service
+        self.summary: RunSummary | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.summary = self.service.run()
+        except BaseException as exc:  # surfaced by join()
+            self.error = exc
+
+    def start(self) -> CoordinatorThread:
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float) -> RunSummary:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.service.stop()
+            self._thread.join(10)
+            raise AssertionError(f"coordinator did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        assert self.summary is not None
+        return self.summary
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return dict(self.service.core.counters)
+
+
+@pytest.fixture
+def start_coordinator(
+    broker: LocalBroker, digits_split
+) -> Iterator[Callable[..., CoordinatorThread]]:
+    started: list[CoordinatorThread] = []
+
+    def start(**overrides) -> CoordinatorThread:
+        settings = dict(
+            host=broker.host, port=broker.port, prefix=broker.prefix, task_id="t1",
+            epochs=2, batch_size=16, lr=0.05, duration=60.0,
+        )
+        settings.update(overrides)
+        service = CoordinatorService(
+            CoordinatorConfig(**settings),
+            password=broker.coordinator.password,
+            eval_data=digits_split[1],
+        )
+        thread = CoordinatorThread(service).start()
+        started.append(thread)
+        return thread
+
+    yield start
+    for thread in started:
+        thread.service.stop()
+        thread._thread.join(10)
+
+
+@pytest.fixture
+def start_agent(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
+    procs: list[subprocess.Popen] = []
+
+    def start(device: str, data: Path, *extra: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{device}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedbus", "agent", "--device-id", device, "--data", str(data),
+             "--credentials", str(broker.credentials_file), *extra],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        proc.log_path = tmp_path / f"{device}.log"  # type: ignore[attr-defined]
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Device:
+    """A device account driven by the test: publishes whatever it is told to."""
+
+    def __init__(self, broker: LocalBroker, device_id: str) -> None:
+        self.device_id = device_id
+        self.topics = broker.topics
+        self.received: list[Message] = []
+        self.client = MqttClient(
+            ConnectionSettings(host=broker.host, port=broker.port, client_id=device_id,
+                               username=device_id,
+                               password=broker.credentials(device_id).password),
+            on_message=self.received.append,
+        )
+        for topic in (self.topics.model, self.topics.receipt(device_id)):
+            self.client.subscribe(topic)
+        self.client.start()
+        assert self.client.wait_connected(5), self.client.last_error
+
+    def receipts(self) -> list[Receipt]:
+        topic = self.topics.receipt(self.device_id)
+        return [Receipt.from_wire(unpack(m.payload)) for m in self.received if m.topic == topic]
+
+    def latest_model(self) -> GlobalModel | None:
+        models = [m for m in self.received if m.topic == self.topics.model]
+        return GlobalModel.from_wire(unpack(models[-1].payload, "model")) if models else None
+
+    def update(self, delta: dict[str, np.ndarray], *, base_version: int = 0, task_id: str = "t1",
+               device_id: str | None = None, codec: str = "fp32") -> bytes:
+        return pack(Update(
+            update_id=new_update_id(), device_id=device_id or self.device_id, task_id=task_id,
+            base_version=base_version, num_samples=10, delta=encode_delta(delta, codec),
+            metrics={}, sent_at=time.time(),
+        ).to_wire())
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        return self.client.publish(topic, payload, retain=retain).wait(5)
+
+    def close(self) -> None:
+        self.client.stop()
+
+
+@pytest.fixture
+def device(broker: LocalBroker) -> Iterator[Callable[[str], Device]]:
+    made: list[Device] = []
+
+    def make(device_id: str) -> Device:
+        made.append(Device(broker, device_id))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def _zero_like_model(dev: Device) -> dict[str, np.ndarray]:
+    wait_for(lambda: dev.latest_model() is not None, 10, "the retained model")
+    model = dev.latest_model()
+    assert model is not None
+    return {k: np.zeros_like(v) for k, v in decode_delta(model.tensors).items()}
+
+
+# -- the tests ------------------------------------------------------------------------------
+
+
+def test_agents_and_coordinator_improve_the_model(start_coordinator, start_agent, digits_split):
+    paths, _ = digits_split
+    coord = start_coordinator(mode="fedbuff", buffer_size=2, max_versions=8)
+    agents = [start_agent(d, p) for d, p in zip(("dev-a", "dev-b"), paths, strict=False)]
+    summary = coord.join(timeout=90)
+    assert summary.final_version == 8
+    first, last = summary.history[0].accuracy, summary.history[-1].accuracy
+    assert first is not None and last is not None
+    assert first < 0.3 and last > 0.75, (first, last)
+    assert summary.counters["updates_accepted"] >= 16
+    assert summary.counters["updates_rejected"] == 0
+    assert summary.counters["bytes_received"] > 0
+    for proc in agents:
+        proc.terminate()
+        assert proc.wait(15) == 0
+        log = proc.log_path.read_text()  # type: ignore[attr-defined]
+        assert "accepted" in log and "Traceback" not in log
+
+
+def test_fedavg_rounds_wait_for_every_online_device(start_coordinator, start_agent, digits_split):
+    paths, _ = digits_split
+    coord = start_coordinator(mode="fedavg", max_versions=3, round_deadline=30.0)
+    start_agent("dev-a", paths[0])
+    start_agent("dev-b", paths[1], "--slowdown", "3")
+    summary = coord.join(timeout=90)
+    assert summary.final_version == 3
+    # every round holds exactly one update from each of the two devices
+    assert summary.counters["updates_accepted"] == 6
+    assert summary.history[-1].accuracy > summary.history[0].accuracy
+
+
+def test_bad_updates_are_rejected_and_the_coordinator_keeps_serving(start_coordinator, device):
+    coord = start_coordinator(mode="fedasync", max_norm=50.0)
+    dev = device("dev-a")
+    zero = _zero_like_model(dev)
+    name = next(iter(zero))
+    own = dev.topics.update("dev-a")
+
+    nan = {**zero, name: np.full_like(zero[name], np.nan)}
+    huge = {**zero, name: np.full_like(zero[name], 1e3)}
+    wrong_shape = {**zero, name: np.zeros((3, 3), np.float32)}
+    for payload in (
+        b"\x00garbage",
+        dev.update(nan),
+        dev.update(huge),
+        dev.update(wrong_shape),
+        dev.update(zero, task_id="other-task"),
+        dev.update(zero, base_version=5),
+        dev.update(zero, device_id="dev-b"),
+    ):
+        assert dev.publish(own, payload)
+    wait_for(lambda: coord.counters["updates_rejected"] == 7, 10, "seven rejections")
+    c = coord.counters
+    for reason in ("malformed", "non_finite", "norm", "shape", "wrong_task", "future_version",
+                   "device_mismatch"):
+        assert c[f"rejected_{reason}"] == 1, (reason, c)
+    wait_for(lambda: len(dev.receipts()) >= 6, 10, "receipts for the parseable updates")
+    assert {r.reason for r in dev.receipts()} >= {"non_finite", "norm", "shape", "wrong_task"}
+    assert not any(r.accepted for r in dev.receipts())
+
+    # still serving: a valid update is accepted and makes a new, finite version
+    good = {k: np.full_like(v, 0.01) for k, v in zero.items()}
+    payload = dev.update(good)
+    assert dev.publish(own, payload)
+    wait_for(lambda: coord.service.core.version == 1, 10, "version 1")
+    assert is_finite(coord.service.core.state)
+    # the same update again is a duplicate
+    assert dev.publish(own, payload)
+    wait_for(lambda: coord.counters["rejected_duplicate"] == 1, 10, "duplicate rejection")
+    wait_for(lambda: (m := dev.latest_model()) is not None and m.version == 1, 10, "model v1")
+
+
+def test_a_device_cannot_write_for_another_or_replace_the_model(start_coordinator, device):
+    coord = start_coordinator(mode="fedasync")
+    mallory, observer = device("dev-a"), device("dev-c")
+    zero = _zero_like_model(mallory)
+    poisoned = {k: np.full_like(v, 0.5) for k, v in zero.items()}
+
+    forged = mallory.update(poisoned, device_id="dev-b")
+    assert not mallory.publish(mallory.topics.update("dev-b"), forged)
+    fake_model = pack(GlobalModel("t1", 99, encode_delta(poisoned, "fp32"), 0.0).to_wire())
+    assert not mallory.publish(mallory.topics.model, fake_model, retain=True)
+    assert not mallory.publish(mallory.topics.task, b"x", retain=True)
+
+    # barrier: a legitimate update after the forged ones arrives, so they would have too
+    assert mallory.publish(mallory.topics.update("dev-a"), mallory.update(zero))
+    wait_for(lambda: coord.counters["updates_received"] >= 1, 10, "the legitimate update")
+    time.sleep(0.3)
+    assert coord.counters["updates_received"] == 1
+    assert coord.counters["updates_accepted"] == 1
+
+    late = device("dev-b")  # a fresh subscriber sees the coordinator's retained model
+    _zero_like_model(late)
+    model = late.latest_model()
+    assert model is not None and model.task_id == "t1" and model.version <= 1
+    assert observer.latest_model() is not None and observer.latest_model().version <= 1
+
+
+def test_wrong_password_is_one_clear_line(broker: LocalBroker, digits_split, tmp_path):
+    paths, _ = digits_split
+    result = subprocess.run(
+        [sys.executable, "-m", "fedbus", "agent", "--device-id", "dev-a", "--data", str(paths[0]),
+         "--host", broker.host, "--port", str(broker.port), "--password", "wrong"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "refused" in error_lines[0], result.stderr
+
+
+def test_agents_and_coordinator_survive_a_broker_restart(
+    broker: LocalBroker, start_coordinator, start_agent, digits_split
+):
+    paths, _ = digits_split
+    coord = start_coordinator(mode="fedbuff", buffer_size=1, max_versions=1000, duration=90)
+    agent = start_agent("dev-a", paths[0])
+    wait_for(lambda: coord.service.core.version >= 2, 40, "two versions before the restart")
+    broker.restart()
+    before = coord.service.core.version
+    wait_for(lambda: coord.service.core.version >= before + 3, 40, "progress after the restart")
+    assert agent.poll() is None, "the agent died when the broker went away"
+    coord.service.stop()
+    coord.join(15)
