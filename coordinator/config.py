@@ -27,7 +27,6 @@ class CoordinatorConfig:
     password: str | None = None
     credentials: Path | None = None  # credentials.json written by `fedbus broker`
     prefix: str = DEFAULT_PREFIX
-    tls_ca: Path | None = None
     # task
     task_id: str = "task-1"
     arch: str = "mlp"

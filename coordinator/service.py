@@ -137,7 +137,6 @@ class CoordinatorService:
                 client_id=config.username,
                 username=config.username,
                 password=password,
-                tls_ca=str(config.tls_ca) if config.tls_ca else None,
             ),
             on_message=self._inbox.put,
             on_connect=lambda _present: self._republish.set(),

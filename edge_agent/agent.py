@@ -76,7 +76,6 @@ class Agent:
                 username=config.username or device,
                 password=password,
                 keepalive=config.keepalive,
-                tls_ca=str(config.tls_ca) if config.tls_ca else None,
             ),
             on_message=self._on_message,
             on_connect=self._on_connect,

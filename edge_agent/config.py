@@ -24,7 +24,6 @@ class AgentConfig:
     password: str | None = None
     credentials: Path | None = None  # credentials.json written by `fedbus broker`
     prefix: str = DEFAULT_PREFIX
-    tls_ca: Path | None = None
     keepalive: int = 30
     threads: int = 1
     seed: int = 0

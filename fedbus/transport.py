@@ -19,7 +19,6 @@ receives plain :class:`Message` values. The paho traps this module takes care of
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,7 +57,6 @@ class ConnectionSettings:
     reconnect_min: float = 1.0
     reconnect_max: float = 60.0
     max_queued: int = 1000  # QoS>0 messages paho keeps while disconnected; bounds memory
-    tls_ca: str | None = None  # path of a CA bundle: enables TLS when set
 
 
 @dataclass(frozen=True)
@@ -142,8 +140,6 @@ class MqttClient:
         client.username_pw_set(settings.username, settings.password)
         client.reconnect_delay_set(int(settings.reconnect_min), int(settings.reconnect_max))
         client.max_queued_messages_set(settings.max_queued)
-        if settings.tls_ca:
-            client.tls_set(ca_certs=settings.tls_ca, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         client.on_connect = self._handle_connect

@@ -2,6 +2,8 @@
 # Install the Mosquitto broker (Debian package) if it is not on this machine.
 # Used by `make demo` and `make test`; needs root (or sudo) only when something is missing.
 set -euo pipefail
+# Debian installs mosquitto in /usr/sbin, which is not on every user's PATH.
+export PATH="$PATH:/usr/sbin:/sbin"
 if command -v mosquitto >/dev/null 2>&1 && command -v mosquitto_passwd >/dev/null 2>&1; then
     exit 0
 fi

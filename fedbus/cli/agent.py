@@ -25,7 +25,6 @@ HELPS = {
     "password": "MQTT password; prefer the environment variable over the flag.",
     "credentials": "credentials.json from `fedbus broker`: supplies host, port, prefix, password.",
     "prefix": "Topic prefix shared with the coordinator.",
-    "tls_ca": "CA bundle to verify the broker's TLS certificate (enables TLS).",
     "keepalive": "MQTT keepalive in seconds.",
     "threads": "Torch threads for training (one is fastest for small networks).",
     "seed": "Seed for local shuffling and stochastic rounding.",

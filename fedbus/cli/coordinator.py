@@ -24,7 +24,6 @@ HELPS = {
     "password": "MQTT password; prefer the environment variable over the flag.",
     "credentials": "credentials.json from `fedbus broker`: supplies host, port, prefix, password.",
     "prefix": "Topic prefix shared with the agents.",
-    "tls_ca": "CA bundle to verify the broker's TLS certificate (enables TLS).",
     "task_id": "Name of this learning task; agents train only for the current task.",
     "arch": "Model architecture from the zoo (mlp, cnn, cnn1d).",
     "model_args": "Architecture arguments as a JSON object, e.g. '{\"hidden\": [64]}'.",
