@@ -33,6 +33,7 @@ def report_dict(summary: RunSummary, extra: dict[str, Any] | None = None) -> dic
         "bytes_uploaded": counters.get("bytes_received", 0),
         "bytes_per_update": round(bytes_accepted / accepted, 1) if accepted else None,
         "wall_seconds": round(summary.wall_seconds, 3),
+        "first_update_seconds": summary.first_update_seconds,
         "stop_reason": summary.stop_reason,
         "history": [asdict(r) for r in summary.history],
     }
@@ -51,7 +52,14 @@ def plot_accuracy(summary: RunSummary, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if points:
         xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5)
+        # a version's accuracy holds until the next version replaces it
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5, drawstyle="steps-post")
+    if summary.first_update_seconds is not None:
+        ax.axvline(summary.first_update_seconds, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(
+            " first update arrives\n (agents were starting)",
+            (summary.first_update_seconds, 0.05), color="grey", fontsize=8, ha="right",
+        )
     ax.set_xlabel("wall time since coordinator start (s)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0.0, 1.0)

@@ -55,6 +55,7 @@ class RunSummary:
     counters: dict[str, int]
     history: list[VersionRecord] = field(default_factory=list)
     stop_reason: str = ""
+    first_update_seconds: float | None = None  # when the first update arrived
 
 
 def build_task(
@@ -130,6 +131,7 @@ class CoordinatorService:
         self._stop = threading.Event()
         self._republish = threading.Event()
         self._started = time.monotonic()
+        self._first_update: float | None = None
         self.client = MqttClient(
             ConnectionSettings(
                 host=config.host,
@@ -184,6 +186,7 @@ class CoordinatorService:
             counters=dict(self.core.counters),
             history=list(self.history),
             stop_reason=stop_reason,
+            first_update_seconds=self._first_update,
         )
 
     def _drain(self, timeout: float) -> None:
@@ -204,6 +207,8 @@ class CoordinatorService:
             return
         now = time.time()
         if msg.topic == self.topics.update(device):
+            if self._first_update is None:
+                self._first_update = round(time.monotonic() - self._started, 3)
             self._carry_out(self.core.on_update(device, msg.payload, now))
         elif msg.topic == self.topics.status(device):
             self._carry_out(self.core.on_status(device, msg.payload, now))

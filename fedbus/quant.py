@@ -141,49 +141,42 @@ class ActFakeQuant(nn.Module):
         return f"momentum={self.momentum}, qat={self.qat_enabled}"
 
 
-class QATLinear(nn.Linear):
+class _QATWeight:
+    """Mixin for a layer whose weight is fake-quantized (per-channel int8) when QAT is on."""
+
+    weight: Tensor
+    qat_enabled: bool
+
+    def __init__(self, *args: Any, qat: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.qat_enabled = qat
+
+    def quantized_weight(self) -> Tensor:
+        return fake_quant_weight(self.weight) if self.qat_enabled else self.weight
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, qat={self.qat_enabled}"  # type: ignore[misc]
+
+
+class QATLinear(_QATWeight, nn.Linear):
     """``nn.Linear`` whose weight is fake-quantized (per-channel int8) when QAT is enabled."""
 
-    def __init__(self, *args: Any, qat: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.qat_enabled = qat
-
     def forward(self, input: Tensor) -> Tensor:
-        weight = fake_quant_weight(self.weight) if self.qat_enabled else self.weight
-        return nn.functional.linear(input, weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, qat={self.qat_enabled}"
+        return nn.functional.linear(input, self.quantized_weight(), self.bias)
 
 
-class QATConv2d(nn.Conv2d):
+class QATConv2d(_QATWeight, nn.Conv2d):
     """``nn.Conv2d`` whose weight is fake-quantized (per-channel int8) when QAT is enabled."""
 
-    def __init__(self, *args: Any, qat: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.qat_enabled = qat
-
     def forward(self, input: Tensor) -> Tensor:
-        weight = fake_quant_weight(self.weight) if self.qat_enabled else self.weight
-        return self._conv_forward(input, weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, qat={self.qat_enabled}"
+        return self._conv_forward(input, self.quantized_weight(), self.bias)
 
 
-class QATConv1d(nn.Conv1d):
+class QATConv1d(_QATWeight, nn.Conv1d):
     """``nn.Conv1d`` whose weight is fake-quantized (per-channel int8) when QAT is enabled."""
 
-    def __init__(self, *args: Any, qat: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.qat_enabled = qat
-
     def forward(self, input: Tensor) -> Tensor:
-        weight = fake_quant_weight(self.weight) if self.qat_enabled else self.weight
-        return self._conv_forward(input, weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, qat={self.qat_enabled}"
+        return self._conv_forward(input, self.quantized_weight(), self.bias)
 
 
 _QAT_MODULES = (ActFakeQuant, QATLinear, QATConv2d, QATConv1d)

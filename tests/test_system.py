@@ -328,3 +328,20 @@ def test_agents_and_coordinator_survive_a_broker_restart(
     assert agent.poll() is None, "the agent died when the broker went away"
     coord.service.stop()
     coord.join(15)
+
+
+def test_long_training_does_not_starve_the_keepalive(
+    broker: LocalBroker, start_coordinator, start_agent, digits_split
+):
+    paths, _ = digits_split
+    coord = start_coordinator(mode="fedasync", max_versions=2)
+    # keepalive 1 s: Mosquitto 2.0.11 drops a silent client within about 6 s (measured).
+    # The first local training (optimizer import included) takes over 1.5 s and the
+    # slowdown stretches it past 12 s, so a starved network thread would be caught.
+    agent = start_agent("dev-a", paths[0], "--keepalive", "1", "--slowdown", "8")
+    summary = coord.join(timeout=60)
+    assert summary.final_version == 2
+    agent.terminate()
+    assert agent.wait(15) == 0
+    assert "lost connection" not in agent.log_path.read_text()  # type: ignore[attr-defined]
+    assert "exceeded timeout" not in broker.log_file.read_text()
