@@ -15,9 +15,12 @@ class Evaluator:
     """Evaluates a global state (name -> float32 array) for one task on fixed data."""
 
     def __init__(self, task: Task, x: np.ndarray, y: np.ndarray) -> None:
+        from fedbus.quant import set_qat
         from fedbus.zoo import build_model, input_shape
 
         self._model = build_model(task.model.arch, task.model.args)
+        # evaluate the model the devices train: train.qat decides, as it does on the device
+        set_qat(self._model, task.train.qat)
         shape = tuple(input_shape(task.model.arch, task.model.args))
         if tuple(x.shape[1:]) != shape:
             x = x.reshape((len(x), *shape))

@@ -63,7 +63,8 @@ def unpack(payload: bytes, kind: str | None = None, limits: DecodeLimits | None 
     if not isinstance(obj, dict):
         raise ProtocolError("schema", f"message is a {type(obj).__name__}, expected a map")
     version = obj.get("v")
-    if version != PROTOCOL_VERSION:
+    # `true == 1` and `1.0 == 1` in Python: insist on an integer
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError("schema", f"unsupported protocol version {version!r}")
     if kind is not None and obj.get("kind") != kind:
         raise ProtocolError("schema", f"expected kind {kind!r}, got {obj.get('kind')!r}")

@@ -244,3 +244,9 @@ def test_huge_zero_element_shape_is_a_protocol_error():
     entry = {"c": "int8", "t": {"dtype": "int8", "shape": [2**40, 2**40, 0], "data": b""},
              "s": encode_tensor(np.zeros(0, np.float32))}
     assert _reason(decode_delta, msgpack.unpackb(msgpack.packb({"w": entry}))) == "shape"
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_envelope_version_must_be_the_integer_one(version):
+    payload = msgpack.packb({"v": version, "kind": "status"})
+    assert _reason(unpack, payload) == "schema"

@@ -1,0 +1,23 @@
+"""The coordinator evaluates the model the devices train (QAT on or off per the task)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coordinator.evaluation import Evaluator
+from fedbus.messages import ModelSpec, Task, TrainSpec
+from fedbus.quant import QATLinear
+
+
+def _task(qat: bool) -> Task:
+    return Task("t", ModelSpec("mlp", {"in_features": 4, "num_classes": 2, "hidden": [3]}),
+                TrainSpec(qat=qat))
+
+
+def test_evaluator_follows_the_tasks_qat_switch():
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    y = np.array([0, 1] * 4)
+    for qat in (True, False):
+        model = Evaluator(_task(qat), x, y)._model
+        layers = [m for m in model.modules() if isinstance(m, QATLinear)]
+        assert layers and all(m.qat_enabled is qat for m in layers)
