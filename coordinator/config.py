@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedbus.codec_spec import parse_codec
 from fedbus.topics import DEFAULT_PREFIX, Topics
-from fedbus.update_codec import CODECS
 
-__all__ = ["ENV_PREFIX", "CoordinatorConfig"]
+__all__ = ["ENV_PREFIX", "MODEL_CODEC_BASES", "CoordinatorConfig"]
 
 ENV_PREFIX = "FEDBUS_COORDINATOR"
 MODES = ("fedbuff", "fedasync", "fedavg")
+MODEL_CODEC_BASES = ("fp32", "fp16")  # the global model is never sent lossily quantised
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class CoordinatorConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     qat: bool = True
-    codec: str = "int8"
+    codec: str = "int8"  # codec spec of the updates (fedbus.codec_spec)
+    model_codec: str = "fp32"  # codec spec of the model broadcast: fp32|fp16, optionally +zstd
     max_update_bytes: int = 4 * 1024 * 1024
     seed: int = 0
     # aggregation
@@ -61,8 +63,19 @@ class CoordinatorConfig:
         Topics(self.prefix)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.codec not in CODECS:
-            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        try:
+            parse_codec(self.codec)
+        except ValueError as exc:
+            raise ValueError(f"codec: {exc}") from None
+        try:
+            model = parse_codec(self.model_codec)
+        except ValueError as exc:
+            raise ValueError(f"model_codec: {exc}") from None
+        if model.base not in MODEL_CODEC_BASES:
+            raise ValueError(
+                f"model_codec must be fp32 or fp16, optionally +zstd (the model is not sent "
+                f"lossily), got {self.model_codec!r}"
+            )
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be 1-65535, got {self.port}")
         if self.max_versions < 0 or self.duration < 0:

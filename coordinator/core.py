@@ -53,11 +53,12 @@ from coordinator.validation import (
     ValidationLimits,
     validate_update,
 )
+from fedbus.codec_spec import CodecSpec, parse_codec
 from fedbus.envelope import DecodeLimits, unpack
 from fedbus.errors import ProtocolError
 from fedbus.messages import GlobalModel, Receipt, Status, Task
 from fedbus.topics import DEVICE_ID_PATTERN
-from fedbus.update_codec import encode_delta
+from fedbus.update_codec import encode_update_delta
 
 __all__ = [
     "MODES",
@@ -207,6 +208,7 @@ class CoordinatorCore:
         *,
         max_update_bytes: int | None = None,
         start_version: int = 0,
+        model_codec: str | CodecSpec = "fp32",
     ) -> None:
         if not (_is_int(start_version) and start_version >= 0):
             raise ValueError(f"start_version must be an integer >= 0, got {start_version!r}")
@@ -220,6 +222,9 @@ class CoordinatorCore:
             raise ValueError("initial_state holds NaN or infinity")
         self.task = task
         self.config = config
+        self.model_codec = (
+            model_codec if isinstance(model_codec, CodecSpec) else parse_codec(model_codec)
+        )
         self._state = state
         self._version = start_version
         self._shapes = {name: a.shape for name, a in state.items()}
@@ -360,12 +365,16 @@ class CoordinatorCore:
     # -- outputs ---------------------------------------------------------------------------
 
     def model_message(self, now: float) -> GlobalModel:
-        """The current global model as a ``GlobalModel`` message (fp32 entries)."""
+        """The current global model as a ``GlobalModel`` message, in ``model_codec``."""
+        tensors, compression = encode_update_delta(
+            self._state, self.model_codec, rng=np.random.default_rng(self._version)
+        )
         return GlobalModel(
             task_id=self.task.task_id,
             version=self._version,
-            tensors=encode_delta(self._state, "fp32"),
+            tensors=tensors,
             created_at=now,
+            compression=compression,
         )
 
     def snapshot(self) -> dict[str, Any]:

@@ -122,7 +122,9 @@ class CoordinatorService:
                 round_deadline=config.round_deadline,
                 min_round_updates=config.min_round_updates,
             ),
+            model_codec=config.model_codec,
         )
+        self.bytes_model_published = 0  # every model payload sent, re-publishes included
         self.evaluator = None
         if eval_x is not None and eval_y is not None:
             self.evaluator = Evaluator(self.task, eval_x, eval_y)
@@ -147,6 +149,10 @@ class CoordinatorService:
     def stop(self) -> None:
         self._stop.set()
 
+    def counters(self) -> dict[str, int]:
+        """The core's counters plus ``bytes_model_published`` (this shell's publishes)."""
+        return {**self.core.counters, "bytes_model_published": self.bytes_model_published}
+
     # -- main loop -----------------------------------------------------------------------
 
     def run(self) -> RunSummary:
@@ -156,9 +162,10 @@ class CoordinatorService:
         self._record_version()
         self.client.start()
         log.info(
-            "coordinator: task %s (%s %s), mode %s, codec %s; broker %s:%d",
+            "coordinator: task %s (%s %s), mode %s, codec %s, model codec %s; broker %s:%d",
             self.task.task_id, self.task.model.arch, self.task.model.args,
-            self.config.mode, self.task.codec, self.config.host, self.config.port,
+            self.config.mode, self.task.codec, self.config.model_codec,
+            self.config.host, self.config.port,
         )
         stop_reason = "stopped"
         try:
@@ -183,7 +190,7 @@ class CoordinatorService:
             final_version=self.core.version,
             final_accuracy=last.accuracy,
             wall_seconds=time.monotonic() - self._started,
-            counters=dict(self.core.counters),
+            counters=self.counters(),
             history=list(self.history),
             stop_reason=stop_reason,
             first_update_seconds=self._first_update,
@@ -248,6 +255,7 @@ class CoordinatorService:
     def _publish_model(self) -> None:
         payload = pack(self.core.model_message(time.time()).to_wire())
         self.client.publish(self.topics.model, payload, qos=1, retain=True)
+        self.bytes_model_published += len(payload)
 
     def _record_version(self) -> None:
         accuracy = loss = None
@@ -282,7 +290,7 @@ class CoordinatorService:
         os.replace(tmp, out / "model.npz")
         history = {
             "task": self.task.to_wire(),
-            "counters": dict(self.core.counters),
+            "counters": self.counters(),
             "history": [asdict(r) for r in self.history],
         }
         tmp = out / "history.json.tmp"

@@ -8,14 +8,28 @@ at the first failure, in this order:
 3. ``schema``         not a v1 ``update`` envelope with well-typed fields
 4. ``device_mismatch`` ``device_id`` is not the device of the topic (the broker ACL
    guarantees who may write a topic, so the topic is the identity)
-5. ``dtype`` / ``shape`` / ``schema`` while decoding the tensors (``update_codec``)
-6. ``shape``          tensor names or shapes differ from the global model's
-7. ``non_finite``     NaN or infinity anywhere in the delta
-8. ``norm``           global L2 norm above ``max_norm``
-9. ``wrong_task``     ``task_id`` is not the running task
-10. ``future_version`` / ``stale``  base version newer than the current one, or more than
+5. ``too_large`` / ``malformed``  a ``"compression": "zstd"`` delta that does not
+   decompress within ``decompressed_bound(expected_shapes)`` bytes (the largest legitimate
+   encoding of the model's tensors; the output buffer never grows past it), is not one
+   zstd frame, or does not hold msgpack within the same limits
+6. ``dtype`` / ``shape`` / ``schema`` while decoding the tensors (``update_codec``); a
+   ``topk`` entry's shape is compared with the model's before it is expanded, and its
+   indices must be in range, ascending and distinct
+7. ``shape``          tensor names or shapes differ from the global model's
+8. ``non_finite``     NaN or infinity anywhere in the delta
+9. ``norm``           global L2 norm above ``max_norm``
+10. ``wrong_task``     ``task_id`` is not the running task
+11. ``future_version`` / ``stale``  base version newer than the current one, or more than
     ``max_staleness`` versions behind it
-11. ``duplicate``     ``update_id`` already used
+12. ``duplicate``     ``update_id`` already used
+
+Codecs: any valid entry codec and compression is accepted, whatever the task's ``codec``
+asks for (an ``int4`` update under an ``int8`` task, a plain update under a ``+zstd`` one).
+The spec is a request that saves the device's bandwidth; accepting any valid encoding
+costs the coordinator nothing it does not already bound (``max_update_bytes`` caps the
+bytes, the decoders cap the work), keeps updates already in flight usable when the
+operator changes the codec of a running task, and keeps ``validate_update`` free of the
+task description.
 
 ``validate_update`` only *reads* ``seen``: the caller adds an update's id once it has
 really used the update (accepted it into a buffer or round). A rejected id is therefore
@@ -36,7 +50,7 @@ from coordinator.aggregation import is_finite, l2_norm
 from fedbus.envelope import DecodeLimits, unpack
 from fedbus.errors import ProtocolError
 from fedbus.messages import Update
-from fedbus.update_codec import decode_delta
+from fedbus.update_codec import decode_update_delta
 
 __all__ = [
     "REJECT_REASONS",
@@ -198,16 +212,10 @@ def validate_update(
                 f"update names device {update.device_id!r} but came on the topic of "
                 f"{topic_device!r}",
             )
-        delta = decode_delta(update.delta)
-        if set(delta) != set(expected_shapes):
-            missing = sorted(set(expected_shapes) - set(delta))
-            extra = sorted(set(delta) - set(expected_shapes))
-            return reject("shape", f"tensor names differ: missing {missing}, extra {extra}")
-        for name, want in expected_shapes.items():
-            if delta[name].shape != tuple(want):
-                return reject(
-                    "shape", f"tensor {name!r} has shape {delta[name].shape}, expected {want}"
-                )
+        # decompression (bounded by the expected shapes), decoding, then names and shapes
+        delta = decode_update_delta(
+            update.delta, update.compression, expected_shapes=expected_shapes
+        )
         if not is_finite(delta):
             bad = sorted(name for name, a in delta.items() if not np.isfinite(a).all())
             return reject("non_finite", f"NaN or infinity in {bad}")

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_agent.config import AgentConfig
+from edge_agent.residual import ResidualStore, encode_with_feedback
+from fedbus.codec_spec import parse_codec
 from fedbus.envelope import DecodeLimits, pack, unpack
 from fedbus.errors import FedbusError, ProtocolError
 from fedbus.messages import GlobalModel, Receipt, Status, Task, Update, new_update_id
 from fedbus.topics import Topics
 from fedbus.transport import ConnectionSettings, Message, MqttClient, PublishResult, Will
-from fedbus.update_codec import decode_delta, encode_delta
+from fedbus.update_codec import decode_update_delta, encode_update_delta
 
 __all__ = ["Agent", "AgentStats", "LocalData"]
 
@@ -67,6 +69,7 @@ class Agent:
         self._model = None  # torch module for the current task
         self._training = False
         self._unacked: list[tuple[PublishResult, str]] = []
+        self._residuals: ResidualStore | None = None  # created for the first top-k task
         device = config.device_id
         self.client = MqttClient(
             ConnectionSettings(
@@ -205,11 +208,15 @@ class Agent:
 
     def _train_and_publish(self, task: Task, model_msg: GlobalModel) -> None:
         from edge_agent.train import train_local
-        from fedbus.zoo import get_state, input_shape, set_state
+        from fedbus.zoo import get_state, input_shape, set_state, state_shapes
 
         model = self._ensure_model(task)
+        shapes = state_shapes(model)
         try:
-            base = decode_delta(model_msg.tensors)
+            # a zstd model decompresses to at most the largest encoding of these shapes
+            base = decode_update_delta(
+                model_msg.tensors, model_msg.compression, expected_shapes=shapes
+            )
             set_state(model, base)
         except (ProtocolError, ValueError) as exc:
             log.error(
@@ -252,15 +259,25 @@ class Agent:
         new_state = get_state(model)
         delta = {name: new_state[name] - base[name] for name in base}
         rng = np.random.default_rng(seed)
+        spec = parse_codec(task.codec)  # the task parsed it already: cannot fail here
+        residual: dict[str, np.ndarray] | None = None
+        if spec.is_topk:  # error feedback: what top-k left out last time goes in now
+            if self._residuals is None:
+                self._residuals = ResidualStore(self.config.state_path())
+            previous = self._residuals.load(task.task_id, task.created_at, shapes)
+            wire, compression, residual = encode_with_feedback(delta, previous, spec, rng=rng)
+        else:
+            wire, compression = encode_update_delta(delta, spec, rng=rng)
         update = Update(
             update_id=new_update_id(),
             device_id=device,
             task_id=task.task_id,
             base_version=model_msg.version,
             num_samples=result.num_samples,
-            delta=encode_delta(delta, task.codec, rng=rng),
+            delta=wire,
             metrics={"loss": result.loss, "accuracy": result.accuracy, "seconds": elapsed},
             sent_at=time.time(),
+            compression=compression,
         )
         payload = pack(update.to_wire())
         if len(payload) > task.max_update_bytes:
@@ -271,6 +288,12 @@ class Agent:
             self.stats.last_version = model_msg.version
             return
         outcome = self.client.publish(self.topics.update(device), payload, qos=1)
+        if residual is not None and self._residuals is not None:
+            if outcome.done and not outcome.ok:  # refused before it left: nothing was sent
+                log.warning("update not queued (%s); keeping the previous residual",
+                            outcome.reason)
+            else:
+                self._residuals.save(task.task_id, task.created_at, residual)
         self.stats.updates_published += 1
         self.stats.bytes_uploaded += len(payload)
         self.stats.last_version = model_msg.version

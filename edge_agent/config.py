@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ class AgentConfig:
     slowdown: float = 1.0  # simulation only: behave as a device this many times slower
     max_updates: int = 0  # stop after this many published updates (0 = run until stopped)
     max_model_bytes: int = 64 * 1024 * 1024
+    # State kept across restarts (the top-k error-feedback residual); None: see state_path()
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
@@ -42,3 +45,13 @@ class AgentConfig:
             raise ValueError("slowdown must be at least 1.0 (1.0 = real speed)")
         if self.max_updates < 0:
             raise ValueError("max_updates must be 0 (unlimited) or more")
+
+    def state_path(self) -> Path:
+        """``state_dir``, or by default ``$XDG_STATE_HOME/fedbus/<device_id>`` (XDG's
+        default for ``$XDG_STATE_HOME`` being ``~/.local/state``)."""
+        if self.state_dir is not None:
+            return Path(self.state_dir)
+        base = os.environ.get("XDG_STATE_HOME", "")
+        if not os.path.isabs(base):  # unset, empty or relative: XDG says ignore it
+            base = str(Path.home() / ".local" / "state")
+        return Path(base) / "fedbus" / self.device_id

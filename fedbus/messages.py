@@ -3,7 +3,12 @@
 Each message is a frozen dataclass with ``to_wire()`` (a dict for ``envelope.pack``) and
 ``from_wire(obj)`` (checks every field's type and range, raising ``ProtocolError`` with
 reason ``schema``). Tensor payloads are left encoded by ``from_wire``; the receiver decodes
-them with ``update_codec.decode_delta`` as a separate, counted validation step.
+them with ``update_codec.decode_update_delta`` as a separate, counted validation step.
+
+``Update.delta`` and ``GlobalModel.tensors`` are an entry map, or — when the optional
+``compression`` field is ``"zstd"`` — a bin holding the zstd-compressed packed entry map
+(``fedbus.update_codec``). Without compression the field is left out, so such messages are
+byte-identical to what v1 always sent.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedbus.codec_spec import COMPRESSIONS, parse_codec
 from fedbus.envelope import PROTOCOL_VERSION
 from fedbus.errors import ProtocolError
 from fedbus.topics import DEVICE_ID_PATTERN
-from fedbus.update_codec import CODECS
 
 __all__ = [
     "STATUS_STATES",
@@ -71,6 +76,16 @@ def _finite_float(obj: dict, key: str, what: str) -> float:
     if not math.isfinite(value):
         raise ProtocolError("schema", f"{what}: field {key!r} is not finite")
     return value
+
+
+def _encoded(obj: dict, key: str, what: str) -> tuple[dict[str, Any] | bytes, str | None]:
+    """An encoded tensor map and its ``compression``: a map if none, else a bin."""
+    compression = obj.get("compression")
+    if compression is None:
+        return _get(obj, key, dict, what), None
+    if compression not in COMPRESSIONS:
+        raise ProtocolError("schema", f"{what}: unknown compression {compression!r}")
+    return _get(obj, key, bytes, what), compression
 
 
 def _check_kind(obj: dict, kind: str) -> None:
@@ -159,7 +174,7 @@ class Task:
     task_id: str
     model: ModelSpec
     train: TrainSpec
-    codec: str = "int8"
+    codec: str = "int8"  # a codec spec (fedbus.codec_spec), e.g. "topk:0.01:int8+zstd"
     max_update_bytes: int = 4 * 1024 * 1024
     created_at: float = 0.0
 
@@ -179,8 +194,10 @@ class Task:
     def from_wire(cls, obj: dict) -> Task:
         _check_kind(obj, "task")
         codec = _get(obj, "codec", str, "task")
-        if codec not in CODECS:
-            raise ProtocolError("schema", f"task: unknown codec {codec!r}")
+        try:
+            parse_codec(codec)
+        except ValueError as exc:
+            raise ProtocolError("schema", f"task: {exc}") from None
         return cls(
             task_id=_get_id(obj, "task_id", "task"),
             model=ModelSpec.from_wire(obj.get("model")),
@@ -195,16 +212,18 @@ class Task:
 class GlobalModel:
     """One version of the global model, retained on ``<prefix>/model``.
 
-    ``tensors`` is an encoded map in the update-codec format (``fp32`` entries today).
+    ``tensors`` is encoded as by ``update_codec.encode_update_delta`` with the coordinator's
+    model codec (``fp32`` by default): an entry map, or a zstd bin when ``compression``.
     """
 
     task_id: str
     version: int
-    tensors: dict[str, Any]
+    tensors: dict[str, Any] | bytes
     created_at: float = 0.0
+    compression: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "v": PROTOCOL_VERSION,
             "kind": "model",
             "task_id": self.task_id,
@@ -212,33 +231,43 @@ class GlobalModel:
             "tensors": self.tensors,
             "created_at": self.created_at,
         }
+        if self.compression is not None:
+            wire["compression"] = self.compression
+        return wire
 
     @classmethod
     def from_wire(cls, obj: dict) -> GlobalModel:
         _check_kind(obj, "model")
+        tensors, compression = _encoded(obj, "tensors", "model")
         return cls(
             task_id=_get_id(obj, "task_id", "model"),
             version=_nonneg_int(obj, "version", "model"),
-            tensors=_get(obj, "tensors", dict, "model"),
+            tensors=tensors,
             created_at=_finite_float(obj, "created_at", "model"),
+            compression=compression,
         )
 
 
 @dataclass(frozen=True)
 class Update:
-    """One device's contribution: an encoded delta against global version ``base_version``."""
+    """One device's contribution: an encoded delta against global version ``base_version``.
+
+    ``delta`` is an entry map, or a zstd bin when ``compression`` is ``"zstd"``
+    (``update_codec.encode_update_delta`` returns both).
+    """
 
     update_id: str
     device_id: str
     task_id: str
     base_version: int
     num_samples: int
-    delta: dict[str, Any]
+    delta: dict[str, Any] | bytes
     metrics: dict[str, float] = field(default_factory=dict)
     sent_at: float = 0.0
+    compression: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "v": PROTOCOL_VERSION,
             "kind": "update",
             "update_id": self.update_id,
@@ -250,6 +279,9 @@ class Update:
             "delta": self.delta,
             "sent_at": self.sent_at,
         }
+        if self.compression is not None:
+            wire["compression"] = self.compression
+        return wire
 
     @classmethod
     def from_wire(cls, obj: dict) -> Update:
@@ -264,15 +296,17 @@ class Update:
         num_samples = _nonneg_int(obj, "num_samples", "update", 1 << 40)
         if num_samples < 1:
             raise ProtocolError("schema", "update: num_samples must be at least 1")
+        delta, compression = _encoded(obj, "delta", "update")
         return cls(
             update_id=_get_id(obj, "update_id", "update"),
             device_id=_get_id(obj, "device_id", "update", DEVICE_ID_PATTERN),
             task_id=_get_id(obj, "task_id", "update"),
             base_version=_nonneg_int(obj, "base_version", "update"),
             num_samples=num_samples,
-            delta=_get(obj, "delta", dict, "update"),
+            delta=delta,
             metrics={k: float(v) for k, v in metrics.items()},
             sent_at=_finite_float(obj, "sent_at", "update"),
+            compression=compression,
         )
 
 

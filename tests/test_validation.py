@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zstandard
 
 from coordinator.validation import (
     REJECT_REASONS,
@@ -19,7 +20,7 @@ from coordinator.validation import (
 from fedbus.envelope import DecodeLimits, pack
 from fedbus.messages import Update
 from fedbus.tensors import encode_tensor
-from fedbus.update_codec import encode_delta
+from fedbus.update_codec import encode_delta, encode_update_delta
 
 F32 = np.float32
 SHAPES = {"w": (2, 3), "b": (3,)}
@@ -401,3 +402,143 @@ def test_seen_ids_default_capacity_and_validation() -> None:
 def test_validation_limits_are_checked(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         ValidationLimits(**kwargs)
+
+
+# -- new codecs: int4, topk, +zstd ------------------------------------------------------
+
+
+def spec_payload(spec: str, delta: dict[str, np.ndarray] | None = None, **fields: Any) -> bytes:
+    """An update encoded with a codec spec, compression field included."""
+    wire, compression = encode_update_delta(
+        good_delta() if delta is None else delta, spec, rng=np.random.default_rng(0)
+    )
+    values: dict[str, Any] = {
+        "update_id": "u-1", "device_id": "dev1", "task_id": "task1",
+        "base_version": CURRENT, "num_samples": 10, "sent_at": 1.0,
+    }
+    values.update(fields)
+    return pack(Update(delta=wire, compression=compression, **values).to_wire())
+
+
+def zstd_payload(blob: bytes, **fields: Any) -> bytes:
+    wire = Update("u-1", "dev1", "task1", CURRENT, 10, {}, {}, 1.0).to_wire()
+    wire.update(delta=blob, compression="zstd", **fields)
+    return pack(wire)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["int4", "int4+zstd", "fp32+zstd", "fp16+zstd", "int8+zstd", "topk:0.5:int8",
+     "topk:0.5:int4+zstd", "topk:1.0:fp32+zstd", "topk:0.01:fp16"],
+)
+def test_new_codecs_are_accepted(spec: str) -> None:
+    result = run(spec_payload(spec))
+    assert isinstance(result, Accepted), result
+    if spec == "topk:1.0:fp32+zstd":
+        np.testing.assert_array_equal(result.delta["w"], good_delta()["w"])
+    assert set(result.delta) == set(SHAPES)
+
+
+def test_int4_bad_packed_length_is_shape() -> None:
+    encoded = encode_delta(good_delta(), "int4")
+    encoded["w"]["t"] = {"dtype": "uint8", "shape": [4], "data": bytes(4)}  # 6 values: 3 bytes
+    rejected(run(make_payload(encoded=encoded)), "shape")
+
+
+def _topk(indices: bytes, count: int, shape: list[int]) -> dict[str, Any]:
+    return {
+        "c": "topk",
+        "shape": shape,
+        "i": {"dtype": "uint8", "shape": [len(indices)], "data": indices},
+        "v": {"c": "fp32", "t": encode_tensor(np.ones(count, F32))},
+    }
+
+
+@pytest.mark.parametrize(
+    "indices,count",
+    [(b"\x06", 1), (b"\x02\x04", 2), (b"\x01\x00", 2), (b"\x01\x01", 1), (b"\x81", 1)],
+    ids=["out_of_range", "out_of_range_by_gaps", "duplicate", "count_mismatch", "truncated"],
+)
+def test_topk_bad_indices_are_shape(indices: bytes, count: int) -> None:
+    encoded = encode_delta(good_delta(), "fp32")
+    encoded["w"] = _topk(indices, count, [2, 3])
+    r = rejected(run(make_payload(encoded=encoded)), "shape")
+    assert r.update_id == "u-1"
+
+
+def test_topk_claiming_a_huge_shape_is_shape_without_expanding() -> None:
+    encoded = encode_delta(good_delta(), "fp32")
+    encoded["w"] = _topk(b"\x01", 1, [2**26])
+    r = rejected(run(make_payload(encoded=encoded)), "shape")
+    assert "(67108864,)" in r.detail
+
+
+def test_zip_bomb_is_too_large_with_a_receipt() -> None:
+    bomb = zstandard.ZstdCompressor().compress(bytes(50 * 1024 * 1024))
+    payload = zstd_payload(bomb)
+    assert len(payload) < LIMITS.max_update_bytes
+    r = rejected(run(payload), "too_large")
+    assert r.update_id == "u-1" and "zstd" in r.detail
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [b"garbage", zstandard.ZstdCompressor().compress(b"\xc1\xc1"),
+     zstandard.ZstdCompressor().compress(pack({"w": 1})) + b"trailing"],
+)
+def test_bad_zstd_delta_is_malformed(blob: bytes) -> None:
+    rejected(run(zstd_payload(blob)), "malformed")
+
+
+def test_compression_field_must_match_the_delta() -> None:
+    wire = Update("u-1", "dev1", "task1", CURRENT, 10, encode_delta(good_delta(), "fp32")).to_wire()
+    rejected(run(pack({**wire, "compression": "zstd"})), "schema")  # a map, said to be zstd
+    rejected(run(pack({**wire, "compression": "brotli"})), "schema")
+
+
+def test_order_of_checks_with_compression() -> None:
+    bomb = zstandard.ZstdCompressor().compress(bytes(50 * 1024 * 1024))
+    # the topic's device is checked before anything is decompressed
+    rejected(run(zstd_payload(bomb), topic_device="dev2"), "device_mismatch")
+    # decompression comes before the later checks (task, version, duplicates)
+    seen = SeenIds()
+    seen.add("u-1")
+    rejected(run(zstd_payload(bomb, task_id="t9", base_version=99), seen=seen), "too_large")
+    nan = good_delta()
+    nan["w"][0, 0] = np.nan
+    rejected(run(spec_payload("topk:1.0:fp32+zstd", nan, task_id="t9")), "non_finite")
+
+
+def test_any_valid_codec_is_accepted_whatever_the_task_asks() -> None:
+    from coordinator.core import AggregationConfig, CoordinatorCore, SendReceipt
+    from fedbus.messages import ModelSpec, Task, TrainSpec
+
+    task = Task("task1", ModelSpec("mlp"), TrainSpec(), codec="int8")
+    state = {name: np.zeros(shape, F32) for name, shape in SHAPES.items()}
+    core = CoordinatorCore(task, state, AggregationConfig(buffer_size=10))
+    for i, spec in enumerate(["int4+zstd", "topk:0.5:int8", "fp32", "int8"]):
+        payload = spec_payload(spec, update_id=f"u-{i}", base_version=0)
+        actions = core.on_update("dev1", payload, 0.0)
+        receipt = next(a.receipt for a in actions if isinstance(a, SendReceipt))
+        assert receipt.accepted, (spec, receipt.reason, receipt.detail)
+    assert core.counters["updates_accepted"] == 4
+
+
+def test_fuzz_compressed_updates_never_raise() -> None:
+    rng = np.random.default_rng(99)
+    bases = [spec_payload("int4+zstd"), spec_payload("topk:0.5:int4+zstd"),
+             spec_payload("topk:0.5:int8")]
+    reasons: set[str] = set()
+    for i in range(1500):
+        buf = bytearray(bases[i % len(bases)])
+        for _ in range(int(rng.integers(1, 4))):
+            pos = int(rng.integers(0, len(buf)))
+            buf[pos] ^= 1 << int(rng.integers(0, 8))
+        result = run(bytes(buf))
+        if isinstance(result, Rejected):
+            assert result.reason in REJECT_REASONS
+            reasons.add(result.reason)
+        else:
+            assert all(np.isfinite(a).all() for a in result.delta.values())
+            assert {n: a.shape for n, a in result.delta.items()} == SHAPES
+    assert {"malformed", "shape"} <= reasons

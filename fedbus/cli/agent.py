@@ -30,6 +30,9 @@ HELPS = {
     "seed": "Seed for local shuffling and stochastic rounding.",
     "slowdown": "Simulation: behave as a device this many times slower (sleeps after training).",
     "max_updates": "Stop after publishing this many updates (0: run until stopped).",
+    "state_dir": "Directory for state kept across restarts (the top-k error-feedback "
+    "residual). Default: $XDG_STATE_HOME/fedbus/<device-id>, i.e. "
+    "~/.local/state/fedbus/<device-id>.",
 }
 
 

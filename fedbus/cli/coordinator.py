@@ -33,7 +33,10 @@ HELPS = {
     "momentum": "Local SGD momentum.",
     "weight_decay": "Local weight decay.",
     "qat": "Quantization-aware training on the devices (int8 weights and activations).",
-    "codec": "Update codec the devices must use: fp32, fp16 or int8.",
+    "codec": "Update codec spec the devices use: fp32, fp16, int8, int4 or "
+    "topk:FRACTION[:fp32|fp16|int8|int4] (share of values kept, and their codec; "
+    "default int8), each optionally +zstd; e.g. int4+zstd, topk:0.05:int8+zstd.",
+    "model_codec": "Codec of the global model broadcast: fp32 or fp16, optionally +zstd.",
     "max_update_bytes": "Largest update accepted, in bytes.",
     "seed": "Seed of the initial model.",
     "mode": "Aggregation: fedbuff (async, buffered), fedasync (K=1) or fedavg (synchronous).",
