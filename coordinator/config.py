@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.core import AggregationConfig
 from fedbus.codec_spec import parse_codec
 from fedbus.topics import DEFAULT_PREFIX, Topics
 
@@ -41,10 +42,14 @@ class CoordinatorConfig:
     codec: str = "int8"  # codec spec of the updates (fedbus.codec_spec)
     model_codec: str = "fp32"  # codec spec of the model broadcast: fp32|fp16, optionally +zstd
     max_update_bytes: int = 4 * 1024 * 1024
+    # the broker's max_packet_size (broker_config/mosquitto.conf): fedbus does not split
+    # messages yet, so the model message must fit in one packet
+    max_message_bytes: int = 8 * 1024 * 1024
     seed: int = 0
     # aggregation
     mode: str = "fedbuff"
     buffer_size: int = 4
+    buffer_timeout: float = 60.0
     server_lr: float = 1.0
     server_momentum: float = 0.0
     staleness: str = "sqrt"
@@ -81,6 +86,22 @@ class CoordinatorConfig:
         if self.max_versions < 0 or self.duration < 0:
             raise ValueError("max_versions and duration must not be negative")
         self.parsed_model_args()
+        self.aggregation()  # one place checks the aggregation settings
+
+    def aggregation(self) -> AggregationConfig:
+        """The pure core's aggregation settings (``ValueError`` if inconsistent)."""
+        return AggregationConfig(
+            mode=self.mode,
+            buffer_size=self.buffer_size,
+            buffer_timeout=self.buffer_timeout,
+            server_lr=self.server_lr,
+            server_momentum=self.server_momentum,
+            staleness=self.staleness,
+            max_staleness=self.max_staleness,
+            max_norm=self.max_norm,
+            round_deadline=self.round_deadline,
+            min_round_updates=self.min_round_updates,
+        )
 
     def parsed_model_args(self) -> dict[str, Any]:
         if not self.model_args.strip():

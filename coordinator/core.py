@@ -98,6 +98,9 @@ class AggregationConfig:
 
     mode: str = "fedbuff"
     buffer_size: int = 4  # K; fedasync always uses 1
+    # fedbuff: apply a partial buffer once its oldest update has waited this long, so fewer
+    # active devices than K cannot stall the model (0 disables the timeout)
+    buffer_timeout: float = 60.0
     server_lr: float = 1.0
     server_momentum: float = 0.0  # fedbuff/fedasync only
     staleness: str = "sqrt"  # a kind of coordinator.staleness
@@ -113,6 +116,10 @@ class AggregationConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not (_is_int(self.buffer_size) and self.buffer_size >= 1):
             raise ValueError(f"buffer_size must be an integer >= 1, got {self.buffer_size!r}")
+        t = self.buffer_timeout
+        if not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
+                and t >= 0):
+            raise ValueError(f"buffer_timeout must be finite and >= 0, got {t!r}")
         if not _is_pos(self.server_lr):
             raise ValueError(f"server_lr must be finite and > 0, got {self.server_lr!r}")
         m = self.server_momentum
@@ -237,6 +244,7 @@ class CoordinatorCore:
         )
         self._seen = SeenIds()
         self._buffer: list[BufferedUpdate] = []
+        self._buffer_since: float | None = None  # when the oldest buffered update arrived
         self._velocity: dict[str, np.ndarray] | None = None
         self._devices: dict[str, str] = {}
         self._counters: dict[str, int] = dict.fromkeys(
@@ -248,6 +256,7 @@ class CoordinatorCore:
                 "bytes_accepted",
                 "models_published",
                 "aggregation_failed",
+                "buffer_timeouts",
                 "status_received",
                 "status_malformed",
                 "round_restarts",
@@ -304,7 +313,7 @@ class CoordinatorCore:
             return self._reject(topic_device, result.reason, result.detail, result.update_id)
         if self._round is not None:
             return self._accept_in_round(topic_device, result, now)
-        return self._accept_buffered(topic_device, result)
+        return self._accept_buffered(topic_device, result, now)
 
     def on_status(self, device_id: str, payload: bytes, now: float) -> list[Action]:
         """A (retained) status payload arrived for ``device_id``; empty means cleared."""
@@ -336,7 +345,17 @@ class CoordinatorCore:
         return self._round_device_offline(device_id, now)
 
     def tick(self, now: float) -> list[Action]:
-        """Time passes: closes or restarts a FedAvg round whose deadline has passed."""
+        """Time passes: applies a FedBuff buffer past its timeout; closes or restarts a
+        FedAvg round whose deadline has passed."""
+        timeout = self.config.buffer_timeout
+        since = self._buffer_since
+        if self._buffer and since is not None and timeout > 0 and now >= since + timeout:
+            self._counters["buffer_timeouts"] += 1
+            _log.info(
+                "applying %d buffered update(s) after %.0f s without reaching K=%d",
+                len(self._buffer), now - since, self.config.effective_buffer_size,
+            )
+            return self._apply_buffer()
         rnd = self._round
         if rnd is None or rnd.started_at is None:
             return []
@@ -446,8 +465,10 @@ class CoordinatorCore:
         )
         return SendReceipt(device_id, receipt)
 
-    def _accept_buffered(self, device_id: str, acc: Accepted) -> list[Action]:
+    def _accept_buffered(self, device_id: str, acc: Accepted, now: float) -> list[Action]:
         k = self.config.effective_buffer_size
+        if not self._buffer:
+            self._buffer_since = now
         self._buffer.append(BufferedUpdate(acc.delta, acc.update.num_samples, acc.staleness))
         actions: list[Action] = [self._accept(device_id, acc, f"buffered {len(self._buffer)}/{k}")]
         if len(self._buffer) >= k:
@@ -456,6 +477,7 @@ class CoordinatorCore:
 
     def _apply_buffer(self) -> list[Action]:
         updates, self._buffer = self._buffer, []
+        self._buffer_since = None
         cfg = self.config
         try:
             new_state, velocity = fedbuff_step(

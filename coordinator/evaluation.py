@@ -15,15 +15,17 @@ class Evaluator:
     """Evaluates a global state (name -> float32 array) for one task on fixed data."""
 
     def __init__(self, task: Task, x: np.ndarray, y: np.ndarray) -> None:
+        from fedbus.errors import ConfigError
         from fedbus.quant import set_qat
-        from fedbus.zoo import build_model, input_shape
+        from fedbus.zoo import build_model, fit_inputs, input_shape
 
         self._model = build_model(task.model.arch, task.model.args)
         # evaluate the model the devices train: train.qat decides, as it does on the device
         set_qat(self._model, task.train.qat)
-        shape = tuple(input_shape(task.model.arch, task.model.args))
-        if tuple(x.shape[1:]) != shape:
-            x = x.reshape((len(x), *shape))
+        try:
+            x = fit_inputs(x, input_shape(task.model.arch, task.model.args))
+        except ValueError as exc:
+            raise ConfigError(f"evaluation data does not fit task {task.task_id}: {exc}") from None
         self._x = np.ascontiguousarray(x, dtype=np.float32)
         self._y = np.asarray(y, dtype=np.int64)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.config import CoordinatorConfig
-from coordinator.core import AggregationConfig, CoordinatorCore, NewModel, SendReceipt
+from coordinator.core import CoordinatorCore, NewModel, SendReceipt
 from coordinator.evaluation import Evaluator
 from fedbus.envelope import pack
 from fedbus.errors import FedbusError
@@ -111,19 +111,10 @@ class CoordinatorService:
         self.core = CoordinatorCore(
             self.task,
             get_state(model),
-            AggregationConfig(
-                mode=config.mode,
-                buffer_size=config.buffer_size,
-                server_lr=config.server_lr,
-                server_momentum=config.server_momentum,
-                staleness=config.staleness,
-                max_staleness=config.max_staleness,
-                max_norm=config.max_norm,
-                round_deadline=config.round_deadline,
-                min_round_updates=config.min_round_updates,
-            ),
+            config.aggregation(),
             model_codec=config.model_codec,
         )
+        self._check_model_fits(config.max_message_bytes)
         self.bytes_model_published = 0  # every model payload sent, re-publishes included
         self.evaluator = None
         if eval_x is not None and eval_y is not None:
@@ -148,6 +139,18 @@ class CoordinatorService:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _check_model_fits(self, limit: int) -> None:
+        """Refuse to start with a model the broker would not carry (it would disconnect us
+        on every attempt to publish it)."""
+        size = len(pack(self.core.model_message(time.time()).to_wire()))
+        headroom = 1024  # topic name, properties and fixed header of the PUBLISH packet
+        if size + headroom > limit:
+            raise FedbusError(
+                f"the {self.task.model.arch} model message takes {size:,} bytes, more than the "
+                f"broker's packet limit of {limit:,} allows; fedbus cannot split messages "
+                "yet: use a smaller model, or --model-codec fp16+zstd"
+            )
 
     def counters(self) -> dict[str, int]:
         """The core's counters plus ``bytes_model_published`` (this shell's publishes)."""

@@ -8,6 +8,9 @@ at the first failure, in this order:
 3. ``schema``         not a v1 ``update`` envelope with well-typed fields
 4. ``device_mismatch`` ``device_id`` is not the device of the topic (the broker ACL
    guarantees who may write a topic, so the topic is the identity)
+4b. ``wrong_task``    ``task_id`` is not the running task: a field compare, so it comes
+   before any tensor is decoded (an update for another task's model would otherwise be
+   reported as a ``shape`` error)
 5. ``too_large`` / ``malformed``  a ``"compression": "zstd"`` delta that does not
    decompress within ``decompressed_bound(expected_shapes)`` bytes (the largest legitimate
    encoding of the model's tensors; the output buffer never grows past it), is not one
@@ -18,7 +21,6 @@ at the first failure, in this order:
 7. ``shape``          tensor names or shapes differ from the global model's
 8. ``non_finite``     NaN or infinity anywhere in the delta
 9. ``norm``           global L2 norm above ``max_norm``
-10. ``wrong_task``     ``task_id`` is not the running task
 11. ``future_version`` / ``stale``  base version newer than the current one, or more than
     ``max_staleness`` versions behind it
 12. ``duplicate``     ``update_id`` already used
@@ -212,6 +214,10 @@ def validate_update(
                 f"update names device {update.device_id!r} but came on the topic of "
                 f"{topic_device!r}",
             )
+        if update.task_id != task_id:
+            return reject(
+                "wrong_task", f"update is for task {update.task_id!r}, running {task_id!r}"
+            )
         # decompression (bounded by the expected shapes), decoding, then names and shapes
         delta = decode_update_delta(
             update.delta, update.compression, expected_shapes=expected_shapes
@@ -222,10 +228,6 @@ def validate_update(
         norm = l2_norm(delta)
         if norm > limits.max_norm:
             return reject("norm", f"L2 norm {norm:.6g} exceeds bound {limits.max_norm:g}")
-        if update.task_id != task_id:
-            return reject(
-                "wrong_task", f"update is for task {update.task_id!r}, running {task_id!r}"
-            )
         if update.base_version > current_version:
             return reject(
                 "future_version",

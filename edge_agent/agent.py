@@ -52,6 +52,10 @@ class AgentStats:
     rejections: dict[str, int] = field(default_factory=dict)
 
 
+def _task_key(task: Task) -> tuple[str, float]:
+    return (task.task_id, task.created_at)
+
+
 class Agent:
     """One device's agent. ``run()`` blocks until stopped or ``max_updates`` is reached."""
 
@@ -67,6 +71,8 @@ class Agent:
         self._model_bytes: bytes | None = None
         self._task: Task | None = None
         self._model = None  # torch module for the current task
+        self._x: np.ndarray = data.x  # local inputs shaped for the current task's model
+        self._unusable: tuple[str, float] | None = None  # a task this device cannot train
         self._training = False
         self._unacked: list[tuple[PublishResult, str]] = []
         self._residuals: ResidualStore | None = None  # created for the first top-k task
@@ -76,7 +82,7 @@ class Agent:
                 host=config.host,
                 port=config.port,
                 client_id=device,
-                username=config.username or device,
+                username=device,
                 password=password,
                 keepalive=config.keepalive,
             ),
@@ -148,6 +154,9 @@ class Agent:
             "agent %s: %d local samples, connecting to %s:%d",
             device, len(self.data.y), self.config.host, self.config.port,
         )
+        from edge_agent.train import warm_up
+
+        log.debug("torch warm-up took %.2f s", warm_up())
         try:
             while not self._stop.is_set():
                 self._wake.wait(timeout=1.0)
@@ -190,27 +199,46 @@ class Agent:
             return None
         if model_msg.task_id != task.task_id:
             return None  # the model for a new task has not arrived yet
+        if self._unusable == _task_key(task):
+            return None  # this device cannot take part; wait for another task
         last = self.stats.last_version
-        same_task = self._task is not None and task.task_id == self._task.task_id
+        same_task = self._task is not None and _task_key(task) == _task_key(self._task)
         if same_task and last is not None and model_msg.version <= last:
             return None
         return task, model_msg
 
-    def _ensure_model(self, task: Task):
-        from fedbus.zoo import build_model
+    def _prepare(self, task: Task) -> bool:
+        """Build ``task``'s model and fit the local data to its input; False (logged once)
+        when this device cannot take part, e.g. an unknown architecture or data of another
+        shape. A restarted coordinator publishes its task anew (new ``created_at``), which
+        counts as a new task: versions start again from its model."""
+        from fedbus.zoo import build_model, fit_inputs, input_shape
 
-        if self._task is None or self._task.task_id != task.task_id or self._model is None:
-            log.info("new task %s: %s %s", task.task_id, task.model.arch, task.model.args)
-            self._model = build_model(task.model.arch, task.model.args)
-            self._task = task
-            self.stats.last_version = None
-        return self._model
+        if self._task is not None and _task_key(self._task) == _task_key(task):
+            return True
+        try:
+            model = build_model(task.model.arch, task.model.args)
+            x = fit_inputs(self.data.x, input_shape(task.model.arch, task.model.args))
+        except (ValueError, TypeError) as exc:
+            self._give_up_on(task, str(exc))
+            return False
+        log.info("new task %s: %s %s", task.task_id, task.model.arch, task.model.args)
+        self._model, self._x, self._task = model, x, task
+        self.stats.last_version = None
+        return True
+
+    def _give_up_on(self, task: Task, why: str) -> None:
+        self._unusable = _task_key(task)
+        self._task = self._model = None
+        log.error("cannot take part in task %s: %s; waiting for a new task", task.task_id, why)
 
     def _train_and_publish(self, task: Task, model_msg: GlobalModel) -> None:
         from edge_agent.train import train_local
-        from fedbus.zoo import get_state, input_shape, set_state, state_shapes
+        from fedbus.zoo import get_state, set_state, state_shapes
 
-        model = self._ensure_model(task)
+        if not self._prepare(task):
+            return
+        model, x = self._model, self._x
         shapes = state_shapes(model)
         try:
             # a zstd model decompresses to at most the largest encoding of these shapes
@@ -225,15 +253,6 @@ class Agent:
             )
             self.stats.last_version = model_msg.version
             return
-        shape = input_shape(task.model.arch, task.model.args)
-        x = self.data.x
-        if tuple(x.shape[1:]) != tuple(shape):
-            if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
-                raise FedbusError(
-                    f"local data has {x.shape[1:]} features per sample but task "
-                    f"{task.task_id} expects input shape {shape}"
-                )
-            x = x.reshape((len(x), *shape))
         device = self.config.device_id
         self._training = True
         self.client.publish(self.topics.status(device), self._status("training"), retain=True)
@@ -248,6 +267,10 @@ class Agent:
             log.error("local training on v%d diverged (%s); skipping it", model_msg.version, exc)
             self._training = False
             self.stats.last_version = model_msg.version
+            return
+        except ValueError as exc:  # e.g. local labels the task's model cannot output
+            self._training = False
+            self._give_up_on(task, str(exc))
             return
         elapsed = time.monotonic() - started
         if self.config.slowdown > 1.0:

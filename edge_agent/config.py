@@ -21,7 +21,6 @@ class AgentConfig:
     data: Path
     host: str = "127.0.0.1"
     port: int = 1883
-    username: str | None = None  # defaults to device_id (the broker maps usernames to ids)
     password: str | None = None
     credentials: Path | None = None  # credentials.json written by `fedbus broker`
     prefix: str = DEFAULT_PREFIX
@@ -30,7 +29,7 @@ class AgentConfig:
     seed: int = 0
     slowdown: float = 1.0  # simulation only: behave as a device this many times slower
     max_updates: int = 0  # stop after this many published updates (0 = run until stopped)
-    max_model_bytes: int = 64 * 1024 * 1024
+    max_model_bytes: int = 8 * 1024 * 1024  # the broker's max_packet_size
     # State kept across restarts (the top-k error-feedback residual); None: see state_path()
     state_dir: Path | None = None
 

@@ -71,6 +71,13 @@ def _nonneg_int(obj: dict, key: str, what: str, maximum: int = 2**53) -> int:
     return value
 
 
+def _positive_int(obj: dict, key: str, what: str) -> int:
+    value = _nonneg_int(obj, key, what)
+    if value < 1:
+        raise ProtocolError("schema", f"{what}: field {key!r} must be at least 1")
+    return value
+
+
 def _finite_float(obj: dict, key: str, what: str) -> float:
     value = float(_get(obj, key, (int, float), what))
     if not math.isfinite(value):
@@ -162,6 +169,8 @@ class TrainSpec:
             weight_decay=_finite_float(obj, "weight_decay", what),
             qat=_get(obj, "qat", bool, what),
         )
+        if spec.momentum < 0 or spec.weight_decay < 0:
+            raise ProtocolError("schema", f"{what}: momentum and weight_decay must be >= 0")
         if spec.epochs < 1 or spec.batch_size < 1 or spec.lr <= 0:
             raise ProtocolError("schema", f"{what}: epochs, batch_size and lr must be positive")
         return spec
@@ -203,7 +212,7 @@ class Task:
             model=ModelSpec.from_wire(obj.get("model")),
             train=TrainSpec.from_wire(obj.get("train")),
             codec=codec,
-            max_update_bytes=_nonneg_int(obj, "max_update_bytes", "task"),
+            max_update_bytes=_positive_int(obj, "max_update_bytes", "task"),
             created_at=_finite_float(obj, "created_at", "task"),
         )
 

@@ -27,6 +27,7 @@ __all__ = [
     "ARCHITECTURES",
     "MAX_PARAMETERS",
     "build_model",
+    "fit_inputs",
     "get_state",
     "input_shape",
     "set_state",
@@ -285,3 +286,16 @@ def set_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
     with torch.no_grad():
         for name, target in targets.items():
             target.copy_(torch.from_numpy(arrays[name]))
+
+
+def fit_inputs(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` as ``[N, *shape]`` (flat CSV rows are reshaped), or ``ValueError`` when its
+    samples hold a different number of values than the model's input."""
+    shape = tuple(shape)
+    if tuple(x.shape[1:]) == shape:
+        return x
+    if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+        raise ValueError(
+            f"data has samples of shape {tuple(x.shape[1:])}, the model expects {shape}"
+        )
+    return x.reshape((len(x), *shape))

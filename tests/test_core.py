@@ -567,3 +567,28 @@ def test_state_stays_finite_under_random_input(mode: str) -> None:
     assert k["updates_accepted"] > 0
     assert k["updates_received"] == k["updates_accepted"] + k["updates_rejected"]
     assert c.version > 0
+
+
+def test_fedbuff_applies_a_partial_buffer_after_its_timeout() -> None:
+    # two active devices but K=4: without the timeout the model would never move
+    c = core(buffer_size=4, buffer_timeout=30.0)
+    c.on_update("d1", upd("d1", 1.0), now=100.0)
+    c.on_update("d2", upd("d2", 3.0), now=110.0)
+    assert c.tick(129.9) == [] and c.version == 0
+    actions = c.tick(130.0)  # 30 s after the OLDEST buffered update
+    assert models(actions) == [NewModel(1, models(actions)[0].reason)]
+    assert_state(c, 2.0)  # (1 + 3) / 2
+    assert c.counters["buffer_timeouts"] == 1
+    assert c.tick(1000.0) == []  # nothing buffered, nothing to apply
+    # the clock restarts with the next buffered update
+    c.on_update("d1", upd("d1", 1.0, base=1), now=2000.0)
+    assert c.tick(2029.0) == [] and c.tick(2030.0) != []
+
+
+def test_buffer_timeout_zero_disables_it_and_bad_values_are_refused() -> None:
+    c = core(buffer_size=4, buffer_timeout=0.0)
+    c.on_update("d1", upd("d1", 1.0), now=0.0)
+    assert c.tick(1e9) == [] and c.version == 0
+    for bad in (-1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="buffer_timeout"):
+            AggregationConfig(buffer_timeout=bad)

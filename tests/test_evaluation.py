@@ -21,3 +21,13 @@ def test_evaluator_follows_the_tasks_qat_switch():
         model = Evaluator(_task(qat), x, y)._model
         layers = [m for m in model.modules() if isinstance(m, QATLinear)]
         assert layers and all(m.qat_enabled is qat for m in layers)
+
+
+def test_evaluation_data_of_the_wrong_size_is_a_config_error():
+    import pytest
+
+    from fedbus.errors import ConfigError
+
+    x = np.zeros((4, 5), np.float32)
+    with pytest.raises(ConfigError, match="does not fit task t"):
+        Evaluator(_task(True), x, np.zeros(4, np.int64))

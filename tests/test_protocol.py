@@ -251,3 +251,11 @@ def test_huge_zero_element_shape_is_a_protocol_error():
 def test_envelope_version_must_be_the_integer_one(version):
     payload = msgpack.packb({"v": version, "kind": "status"})
     assert _reason(unpack, payload) == "schema"
+
+
+def test_task_bounds_that_would_break_agents_are_schema_errors():
+    obj = Task("t1", ModelSpec("mlp"), TrainSpec()).to_wire()
+    for field, value in (("momentum", -0.5), ("weight_decay", -1e-4)):
+        bad = {**obj, "train": {**obj["train"], field: value}}
+        assert _reason(Task.from_wire, bad) == "schema"
+    assert _reason(Task.from_wire, {**obj, "max_update_bytes": 0}) == "schema"

@@ -338,7 +338,7 @@ def test_agent_decodes_a_compressed_model_within_bounds(
     bomb = zstandard.ZstdCompressor().compress(bytes(200 * 1024 * 1024))
     recorder = _Recorder()
     agent = _agent(tmp_path, recorder)
-    agent._ensure_model(task)  # torch and the network first, outside the measurement
+    assert agent._prepare(task)  # torch and the network first, outside the measurement
     tracemalloc.start()
     try:
         agent._train_and_publish(task, GlobalModel("t1", 4, bomb, 1.0, "zstd"))

@@ -92,7 +92,7 @@ def start_coordinator(
 ) -> Iterator[Callable[..., CoordinatorThread]]:
     started: list[CoordinatorThread] = []
 
-    def start(**overrides) -> CoordinatorThread:
+    def start(evaluate: bool = True, **overrides) -> CoordinatorThread:
         settings = dict(
             host=broker.host, port=broker.port, prefix=broker.prefix, task_id="t1",
             epochs=2, batch_size=16, lr=0.05, duration=60.0,
@@ -101,7 +101,7 @@ def start_coordinator(
         service = CoordinatorService(
             CoordinatorConfig(**settings),
             password=broker.coordinator.password,
-            eval_data=digits_split[1],
+            eval_data=digits_split[1] if evaluate else None,
         )
         thread = CoordinatorThread(service).start()
         started.append(thread)
@@ -334,14 +334,35 @@ def test_long_training_does_not_starve_the_keepalive(
     broker: LocalBroker, start_coordinator, start_agent, digits_split
 ):
     paths, _ = digits_split
-    coord = start_coordinator(mode="fedasync", max_versions=2)
-    # keepalive 1 s: Mosquitto 2.0.11 drops a silent client within about 6 s (measured).
-    # The first local training (optimizer import included) takes over 1.5 s and the
-    # slowdown stretches it past 12 s, so a starved network thread would be caught.
-    agent = start_agent("dev-a", paths[0], "--keepalive", "1", "--slowdown", "8")
-    summary = coord.join(timeout=60)
-    assert summary.final_version == 2
+    # keepalive 1 s: Mosquitto 2.0.11 drops a client silent for about 6 s (measured). 300
+    # local epochs are seconds of CPU-bound training, stretched past 12 s by the slowdown;
+    # a network thread starved by training would be dropped.
+    coord = start_coordinator(mode="fedasync", max_versions=1, epochs=300)
+    agent = start_agent("dev-a", paths[0], "--keepalive", "1", "--slowdown", "3")
+    summary = coord.join(timeout=90)
+    assert summary.final_version == 1
     agent.terminate()
     assert agent.wait(15) == 0
-    assert "lost connection" not in agent.log_path.read_text()  # type: ignore[attr-defined]
+    log = agent.log_path.read_text()  # type: ignore[attr-defined]
+    trained = [line for line in log.splitlines() if "trained on v0" in line]
+    assert trained and float(trained[0].split(" in ")[1].split("s;")[0]) > 2.0, trained
+    assert "lost connection" not in log
     assert "exceeded timeout" not in broker.log_file.read_text()
+
+
+def test_an_agent_that_cannot_take_part_waits_instead_of_crashing(
+    start_coordinator, start_agent, digits_split
+):
+    paths, _ = digits_split
+    # the devices hold 64 features; this task's model wants 32
+    coord = start_coordinator(
+        mode="fedasync", model_args='{"in_features": 32, "num_classes": 10}', duration=30,
+        evaluate=False,
+    )
+    agent = start_agent("dev-a", paths[0])
+    log_path = agent.log_path  # type: ignore[attr-defined]
+    wait_for(lambda: "cannot take part" in log_path.read_text(), 30, "the agent to give up")
+    time.sleep(1.0)
+    assert agent.poll() is None, log_path.read_text()[-2000:]
+    assert coord.counters["updates_received"] == 0
+    assert "Traceback" not in log_path.read_text()

@@ -283,10 +283,11 @@ def test_order_of_checks() -> None:
     # every later failure is also present; the earliest one wins
     cases = [
         (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev2", "device_mismatch"),
-        (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev1", "shape"),
-        (make_payload(delta=nan, task_id="t9", base_version=99), "dev1", "non_finite"),
-        (make_payload(delta=huge, task_id="t9", base_version=99), "dev1", "norm"),
-        (make_payload(task_id="t9", base_version=99), "dev1", "wrong_task"),
+        # the task is a field compare: checked before any tensor is decoded
+        (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev1", "wrong_task"),
+        (make_payload(delta=wrong_shape, base_version=99), "dev1", "shape"),
+        (make_payload(delta=nan, base_version=99), "dev1", "non_finite"),
+        (make_payload(delta=huge, base_version=99), "dev1", "norm"),
         (make_payload(base_version=99), "dev1", "future_version"),
         (make_payload(base_version=0), "dev1", "stale"),
         (make_payload(), "dev1", "duplicate"),
@@ -500,13 +501,15 @@ def test_order_of_checks_with_compression() -> None:
     bomb = zstandard.ZstdCompressor().compress(bytes(50 * 1024 * 1024))
     # the topic's device is checked before anything is decompressed
     rejected(run(zstd_payload(bomb), topic_device="dev2"), "device_mismatch")
-    # decompression comes before the later checks (task, version, duplicates)
+    # the task is checked before anything is decompressed, too
+    rejected(run(zstd_payload(bomb, task_id="t9")), "wrong_task")
+    # decompression comes before the later checks (version, duplicates)
     seen = SeenIds()
     seen.add("u-1")
-    rejected(run(zstd_payload(bomb, task_id="t9", base_version=99), seen=seen), "too_large")
+    rejected(run(zstd_payload(bomb, base_version=99), seen=seen), "too_large")
     nan = good_delta()
     nan["w"][0, 0] = np.nan
-    rejected(run(spec_payload("topk:1.0:fp32+zstd", nan, task_id="t9")), "non_finite")
+    rejected(run(spec_payload("topk:1.0:fp32+zstd", nan, base_version=99)), "non_finite")
 
 
 def test_any_valid_codec_is_accepted_whatever_the_task_asks() -> None:

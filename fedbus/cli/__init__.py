@@ -58,7 +58,7 @@ _register()
 def main() -> None:
     """Console entry point: user mistakes become one line on stderr, never a traceback."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="fedbus", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

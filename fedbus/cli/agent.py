@@ -21,7 +21,6 @@ HELPS = {
     "data": "Local training data: .csv, .npz (arrays x and y) or a directory of them.",
     "host": "Broker host.",
     "port": "Broker port.",
-    "username": "MQTT username (default: the device id).",
     "password": "MQTT password; prefer the environment variable over the flag.",
     "credentials": "credentials.json from `fedbus broker`: supplies host, port, prefix, password.",
     "prefix": "Topic prefix shared with the coordinator.",
@@ -63,7 +62,7 @@ def agent(config_file: Path | None, **flags: Any) -> None:
 
     cfg, password = load_process_config(
         AgentConfig, flags, env_prefix=ENV_PREFIX, config_file=config_file, section="agent",
-        username=lambda c: c.username or c.device_id,
+        username=lambda c: c.device_id,
     )
     x, y = load_local_data(cfg.data)
     runner = Agent(cfg, LocalData(x, y), password=password)

@@ -76,8 +76,10 @@ def broker(port: int, host: str, num_devices: int, device_ids: Sequence[str], wo
     except FedbusError as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        click.echo(_summary(local))
-        _run_until_stopped(local)
+        # install the handlers before saying "press Ctrl-C", or an early Ctrl-C aborts
+        with _stop_on_signals() as stop:
+            click.echo(_summary(local))
+            _run_until_stopped(local, stop)
     finally:
         local.stop()
     click.echo("broker stopped")
@@ -86,14 +88,13 @@ def broker(port: int, host: str, num_devices: int, device_ids: Sequence[str], wo
 command = broker
 
 
-def _run_until_stopped(local: LocalBroker) -> None:
-    """Block until SIGINT/SIGTERM; fail if mosquitto exits on its own meanwhile."""
-    with _stop_on_signals() as stop:
-        while not stop.wait(_HEALTH_CHECK_SECONDS):
-            if not local.running:
-                raise click.ClickException(
-                    f"mosquitto exited unexpectedly; see its log: {local.log_file}"
-                )
+def _run_until_stopped(local: LocalBroker, stop: threading.Event) -> None:
+    """Block until ``stop`` (SIGINT/SIGTERM); fail if mosquitto exits on its own meanwhile."""
+    while not stop.wait(_HEALTH_CHECK_SECONDS):
+        if not local.running:
+            raise click.ClickException(
+                f"mosquitto exited unexpectedly; see its log: {local.log_file}"
+            )
 
 
 @contextmanager

@@ -38,9 +38,12 @@ HELPS = {
     "default int8), each optionally +zstd; e.g. int4+zstd, topk:0.05:int8+zstd.",
     "model_codec": "Codec of the global model broadcast: fp32 or fp16, optionally +zstd.",
     "max_update_bytes": "Largest update accepted, in bytes.",
+    "max_message_bytes": "The broker's max_packet_size: the model message must fit in it.",
     "seed": "Seed of the initial model.",
     "mode": "Aggregation: fedbuff (async, buffered), fedasync (K=1) or fedavg (synchronous).",
     "buffer_size": "FedBuff: apply after this many buffered updates (K).",
+    "buffer_timeout": "FedBuff: apply fewer than K updates once the oldest has waited this "
+    "many seconds (0: never), so a small or sleepy fleet cannot stall the model.",
     "server_lr": "Server learning rate applied to the aggregated change.",
     "server_momentum": "Server momentum (0 disables it).",
     "staleness": "Staleness weighting: sqrt (1/sqrt(1+s)), poly, hinge or constant.",

@@ -1,0 +1,70 @@
+"""The CLI as a user meets it: help that works, and mistakes reported as one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedbus.zoo import fit_inputs
+
+
+def fedbus(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedbus", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("command", ["broker", "coordinator", "agent", "demo"])
+def test_every_command_has_help(command):
+    result = fedbus(command, "--help")
+    assert result.returncode == 0
+    assert "Usage: fedbus " + command in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_model_too_large_for_the_broker_is_refused_before_connecting():
+    line = _one_error_line(fedbus(
+        "coordinator", "--password", "x", "--port", "1",
+        "--model-args", '{"in_features": 1024, "hidden": [2048, 1024], "num_classes": 10}',
+    ))
+    assert "packet limit" in line and "cannot split" in line
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (("coordinator", "--password", "x", "--buffer-size", "0"), "buffer_size"),
+        (("coordinator", "--password", "x", "--mode", "fedavg", "--server-momentum", "0.5"),
+         "server_momentum"),
+        (("coordinator", "--password", "x", "--codec", "topk:2"), "codec"),
+        (("coordinator", "--password", "x", "--model-args", "[1]"), "model_args"),
+        (("coordinator",), "no broker password"),
+        (("agent", "--device-id", "bad/id", "--data", "x.npz", "--password", "p"), "device id"),
+        (("agent", "--device-id", "d1", "--data", "/nonexistent.npz", "--password", "p"),
+         "/nonexistent.npz"),
+    ],
+)
+def test_configuration_mistakes_are_one_line(args, expected, monkeypatch):
+    monkeypatch.delenv("FEDBUS_COORDINATOR_PASSWORD", raising=False)
+    monkeypatch.delenv("FEDBUS_AGENT_PASSWORD", raising=False)
+    line = _one_error_line(fedbus(*args))
+    assert line.startswith("error:") and expected in line, line
+
+
+def test_fit_inputs_reshapes_flat_rows_and_refuses_other_sizes():
+    x = np.zeros((5, 64), np.float32)
+    assert fit_inputs(x, (64,)) is x
+    assert fit_inputs(x, (1, 8, 8)).shape == (5, 1, 8, 8)
+    with pytest.raises(ValueError, match="expects"):
+        fit_inputs(x, (1, 28, 28))
