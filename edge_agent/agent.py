@@ -52,6 +52,10 @@ class AgentStats:
     rejections: dict[str, int] = field(default_factory=dict)
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _task_key(task: Task) -> tuple[str, float]:
     return (task.task_id, task.created_at)
 
@@ -298,7 +302,7 @@ class Agent:
             base_version=model_msg.version,
             num_samples=result.num_samples,
             delta=wire,
-            metrics={"loss": result.loss, "accuracy": result.accuracy, "seconds": elapsed},
+            metrics=self._metrics(result, elapsed, task, model, x),
             sent_at=time.time(),
             compression=compression,
         )
@@ -321,12 +325,29 @@ class Agent:
         self.stats.bytes_uploaded += len(payload)
         self.stats.last_version = model_msg.version
         log.info(
-            "trained on v%d: %d samples, loss %.3f, acc %.3f in %.2fs; sent %d bytes",
+            "trained on v%d: %d samples, loss %.3f, acc %.3f (int8 %s) in %.2fs; sent %d bytes",
             model_msg.version, result.num_samples, result.loss, result.accuracy,
-            elapsed, len(payload),
+            _fmt(update.metrics.get("int8_accuracy")), elapsed, len(payload),
         )
         self.client.publish(self.topics.status(device), self._status("idle"), retain=True)
         self._unacked.append((outcome, update.update_id))
+
+    def _metrics(self, result, elapsed: float, task: Task, model, x: np.ndarray) -> dict:
+        """Training metrics for the update, with the int8 model's local accuracy when the
+        task trains quantization-aware (the int8 model is also saved with --export)."""
+        metrics = {"loss": result.loss, "accuracy": result.accuracy, "seconds": elapsed}
+        if not task.train.qat:
+            return metrics
+        from fedbus.export import export_int8, int8_accuracy
+
+        try:
+            int8 = export_int8(model, arch=task.model.arch, model_args=task.model.args)
+            metrics["int8_accuracy"] = int8_accuracy(int8, x, self.data.y)
+            if self.config.export is not None:
+                int8.save(self.config.export)
+        except (ValueError, OSError) as exc:
+            log.warning("int8 export failed: %s", exc)
+        return metrics
 
     def _reap_acks(self) -> None:
         """Count PUBACKs that have arrived; a refused publish is logged with its reason."""

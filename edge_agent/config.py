@@ -28,6 +28,7 @@ class AgentConfig:
     threads: int = 1
     seed: int = 0
     slowdown: float = 1.0  # simulation only: behave as a device this many times slower
+    export: Path | None = None  # write the int8 model here (.npz) after every training
     max_updates: int = 0  # stop after this many published updates (0 = run until stopped)
     max_model_bytes: int = 8 * 1024 * 1024  # the broker's max_packet_size
     # State kept across restarts (the top-k error-feedback residual); None: see state_path()

@@ -204,10 +204,14 @@ def _zero_like_model(dev: Device) -> dict[str, np.ndarray]:
 # -- the tests ------------------------------------------------------------------------------
 
 
-def test_agents_and_coordinator_improve_the_model(start_coordinator, start_agent, digits_split):
-    paths, _ = digits_split
+def test_agents_and_coordinator_improve_the_model(
+    start_coordinator, start_agent, digits_split, tmp_path
+):
+    paths, (x_test, y_test) = digits_split
     coord = start_coordinator(mode="fedbuff", buffer_size=2, max_versions=8)
-    agents = [start_agent(d, p) for d, p in zip(("dev-a", "dev-b"), paths, strict=False)]
+    exported = tmp_path / "dev-a.int8.npz"
+    agents = [start_agent("dev-a", paths[0], "--export", str(exported)),
+              start_agent("dev-b", paths[1])]
     summary = coord.join(timeout=90)
     assert summary.final_version == 8
     first, last = summary.history[0].accuracy, summary.history[-1].accuracy
@@ -221,6 +225,12 @@ def test_agents_and_coordinator_improve_the_model(start_coordinator, start_agent
         assert proc.wait(15) == 0
         log = proc.log_path.read_text()  # type: ignore[attr-defined]
         assert "accepted" in log and "Traceback" not in log
+        assert "(int8 0." in log  # the int8 model's local accuracy goes with each update
+    # the exported int8 model runs with numpy alone and has learned something
+    from fedbus.export import Int8Model
+
+    int8 = Int8Model.load(exported)
+    assert float((int8.predict(x_test) == y_test).mean()) > 0.5
 
 
 def test_fedavg_rounds_wait_for_every_online_device(start_coordinator, start_agent, digits_split):

@@ -28,6 +28,8 @@ HELPS = {
     "threads": "Torch threads for training (one is fastest for small networks).",
     "seed": "Seed for local shuffling and stochastic rounding.",
     "slowdown": "Simulation: behave as a device this many times slower (sleeps after training).",
+    "export": "After every local training, save the int8 model here (.npz, runs without "
+    "torch via fedbus.export.Int8Model).",
     "max_updates": "Stop after publishing this many updates (0: run until stopped).",
     "state_dir": "Directory for state kept across restarts (the top-k error-feedback "
     "residual). Default: $XDG_STATE_HOME/fedbus/<device-id>, i.e. "

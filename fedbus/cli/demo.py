@@ -9,26 +9,42 @@ from typing import Any
 
 import click
 
-from coordinator.demo import DemoConfig, run_demo
+from coordinator.demo import DEMO_PRESETS, DemoConfig, run_demo
 from fedbus.cli._options import config_options
+from fedbus.datasets import DATASETS
 
 __all__ = ["demo"]
 
 log = logging.getLogger("fedbus.demo")
 ENV_PREFIX = "FEDBUS_DEMO"
 
+
+def _defaults(name: str) -> str:
+    """``[default X]``, or ``[default per dataset: digits X, ...]`` when they differ."""
+    values = {d: getattr(DemoConfig(dataset=d).resolved(), name) for d in DEMO_PRESETS}
+    if len(set(values.values())) == 1:
+        return f"[default {next(iter(values.values()))}]"
+    return f"[default per dataset: {', '.join(f'{d} {v}' for d, v in values.items())}]"
+
+
 HELPS = {
-    "devices": "Number of simulated devices (each a real `fedbus agent` process).",
+    "dataset": "Bundled data set: "
+    + ", ".join(f"{d.name} ({d.description}; {d.arch})" for d in DATASETS.values()) + ".",
+    "devices": "Number of simulated devices (each a real `fedbus agent` process). "
+    + _defaults("devices"),
     "mode": "Aggregation: fedbuff, fedasync or fedavg (synchronous rounds).",
     "codec": "Update codec: fp32, fp16 or int8.",
     "speeds": "Comma-separated slowdown factors cycled over the devices (1 = fastest).",
-    "alpha": "Label skew of the non-IID split (Dirichlet alpha; smaller = more skewed).",
-    "max_versions": "Stop after this many global model versions.",
+    "alpha": "Label skew of the non-IID split (Dirichlet alpha; smaller = more skewed). "
+    + _defaults("alpha"),
+    "max_versions": "Stop after this many global model versions. " + _defaults("max_versions"),
     "duration": "Stop after this many seconds at the latest.",
     "buffer_size": "FedBuff: updates buffered per model version (K).",
-    "epochs": "Local epochs per update.",
-    "lr": "Local learning rate.",
-    "batch_size": "Local minibatch size.",
+    "epochs": "Local epochs per update. " + _defaults("epochs"),
+    "lr": "Local learning rate. " + _defaults("lr"),
+    "batch_size": "Local minibatch size. " + _defaults("batch_size"),
+    "test_fraction": "Share of the data held out to evaluate every model version. "
+    + _defaults("test_fraction"),
     "seed": "Seed of the data split, the initial model and local training.",
     "report": "Directory for report.json and accuracy.png.",
     "workdir": "Keep broker files, device data and agent logs here (default: a temporary "
@@ -41,14 +57,15 @@ HELPS = {
 def demo(**flags: Any) -> None:
     """Run fedbus end to end on this machine and write a report.
 
-    Starts a Mosquitto broker on a free port with fresh credentials, splits scikit-learn's
-    bundled handwritten digits across the devices (non-IID), starts one `fedbus agent`
-    process per device with different simulated speeds, and runs the coordinator here
-    until --max-versions. Writes report.json and accuracy.png to --report.
+    Starts a Mosquitto broker on a free port with fresh credentials, splits a bundled data
+    set (--dataset; scikit-learn's handwritten digits by default) across the devices
+    (non-IID), starts one `fedbus agent` process per device with different simulated
+    speeds, and runs the coordinator here until --max-versions. Writes report.json and
+    accuracy.png to --report. Settings left unset take the data set's defaults.
     """
     from fedbus.config import load_config
 
-    cfg = load_config(DemoConfig, flags=flags, env_prefix=ENV_PREFIX)
+    cfg = load_config(DemoConfig, flags=flags, env_prefix=ENV_PREFIX).resolved()
     interactive = sys.stderr.isatty()
     bar = None
     if interactive:
@@ -65,8 +82,9 @@ def demo(**flags: Any) -> None:
                 bar.set_postfix(accuracy=f"{record.accuracy:.3f}")
 
     click.echo(
-        f"fedbus demo: {cfg.devices} devices, {cfg.mode}, codec {cfg.codec}, "
-        f"speeds {cfg.speeds}; up to {cfg.max_versions} model versions", err=True,
+        f"fedbus demo: {cfg.dataset}, {cfg.devices} devices, {cfg.mode}, codec {cfg.codec}, "
+        f"speeds {cfg.speeds}; local {cfg.epochs} epochs, lr {cfg.lr}, batch "
+        f"{cfg.batch_size}; up to {cfg.max_versions} model versions", err=True,
     )
     try:
         result = run_demo(cfg, on_version=progress)

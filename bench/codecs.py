@@ -1,0 +1,236 @@
+"""Bytes per update for every codec fedbus has, against a float32 ``torch.save`` of the same
+delta, each with its final accuracy against uncompressed (fp32) training.
+
+Codecs are discovered at run time: ``fedbus.update_codec.CODECS`` and, when
+``fedbus.codec_spec`` exists, the specs quoted in its docstring, in ``update_codec``'s
+docstring and in the codec tests, kept if ``parse_codec`` accepts them (canonical form,
+duplicates dropped).
+
+Accuracy: real agents (the demo's digits split over ``DEVICES`` devices, equal speeds) and
+the real coordinator, synchronous FedAvg for a fixed number of versions, so every codec
+sees the same number of updates, from the same devices, on the same model versions; the
+only thing that differs between two runs of one seed is the codec. Bytes per update are the
+coordinator's ``bytes_accepted / updates_accepted`` over those runs (real payloads).
+
+Baseline: ``torch.save`` of the float32 delta, one real local training of the demo's model
+on device-01's share (torch.save's size does not depend on the values). Beside each codec,
+the size of its message for that same delta (``bytes_same_delta``).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from typing import Any
+
+from bench.harness import REPO, BenchContext, median, ratio, summarize
+
+__all__ = ["discover_codecs", "run"]
+
+VERSIONS = 30  # FedAvg rounds per accuracy run (each round: one update per device)
+SEEDS = (0, 1, 2)
+DEVICES = 10
+MAX_CODECS = 14
+BAR_POINTS = 1.0  # accuracy lost against fp32, in percentage points
+AIM_RATIO = 50.0
+_QUOTED = re.compile(r"``([^`\s]+)``")
+_STRING = re.compile(r"""["']([A-Za-z0-9:.+\-]+)["']""")
+
+
+def discover_codecs() -> tuple[list[str], list[str], list[str]]:
+    """(specs named by the code: CODECS and the docstrings; specs found only in the tests;
+    where they came from), each list in order of discovery, canonical, without duplicates."""
+    from fedbus import update_codec
+
+    primary: list[str] = []
+    secondary: list[str] = []
+    sources = ["fedbus.update_codec.CODECS"]
+    for name in getattr(update_codec, "CODECS", ()):
+        if str(name) not in primary:
+            primary.append(str(name))
+    try:
+        from fedbus import codec_spec
+    except ImportError:
+        return primary, secondary, sources
+    texts = [("fedbus.codec_spec docstring", codec_spec.__doc__ or ""),
+             ("fedbus.update_codec docstring", update_codec.__doc__ or "")]
+    for test in sorted((REPO / "tests").glob("test_codec*.py")):
+        texts.append((f"tests/{test.name}", test.read_text()))
+    for source, text in texts:
+        docstring = source.endswith("docstring")
+        into = primary if docstring else secondary
+        before = len(primary) + len(secondary)
+        for candidate in (_QUOTED if docstring else _STRING).findall(text):
+            try:
+                spec = str(codec_spec.parse_codec(candidate))
+            except ValueError:
+                continue
+            if spec not in primary and spec not in secondary:
+                into.append(spec)
+        if len(primary) + len(secondary) > before:
+            sources.append(source)
+    return primary, secondary, sources
+
+
+def _real_delta() -> tuple[dict[str, Any], dict[str, Any]]:
+    """One local training of the demo's model on device-01's share: (state, float32 delta)."""
+    import numpy as np
+    import torch
+
+    from edge_agent.train import train_local
+    from fedbus.datasets import dirichlet_split, load_digits, train_test_split
+    from fedbus.messages import TrainSpec
+    from fedbus.zoo import build_model, get_state
+
+    x, y = load_digits()
+    x_train, y_train, _, _ = train_test_split(x, y, 0.2, 0)
+    part = dirichlet_split(y_train, DEVICES, 0.5, 0)[0]
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = build_model("mlp", {"in_features": 64, "num_classes": 10})
+    base = get_state(model)
+    train_local(model, x_train[part], y_train[part], TrainSpec(epochs=2, batch_size=16),
+                seed=0)
+    new = get_state(model)
+    return base, {k: np.asarray(new[k] - base[k], dtype=np.float32) for k in base}
+
+
+def _torch_save_bytes(delta: dict[str, Any]) -> int:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in delta.items()}, buf)
+    return len(buf.getvalue())
+
+
+def _message_bytes(delta: dict[str, Any], spec: str) -> int | None:
+    """Size of one whole update message carrying ``delta`` encoded with ``spec``."""
+    import numpy as np
+
+    from fedbus import update_codec
+    from fedbus.envelope import pack
+    from fedbus.messages import Update
+
+    rng = np.random.default_rng(0)
+    fields = dict(update_id="0" * 32, device_id="device-01", task_id="demo-0-1",
+                  base_version=12, num_samples=144, metrics={"loss": 0.5, "accuracy": 0.9,
+                                                             "seconds": 0.05},
+                  sent_at=time.time())
+    try:
+        if hasattr(update_codec, "encode_update_delta"):
+            wire, compression = update_codec.encode_update_delta(delta, spec, rng=rng)
+            update = Update(delta=wire, compression=compression, **fields)  # type: ignore[call-arg]
+        else:
+            update = Update(delta=update_codec.encode_delta(delta, spec, rng=rng), **fields)
+        return len(pack(update.to_wire()))
+    except Exception:
+        return None
+
+
+def _envelope_bytes() -> tuple[int, dict[str, int]]:
+    """Size of an update message with an empty delta, and per field (key + value)."""
+    import msgpack
+
+    from fedbus.envelope import pack
+    from fedbus.messages import Update, new_update_id
+
+    wire = Update(update_id=new_update_id(), device_id="device-01", task_id="demo-0-1",
+                  base_version=12, num_samples=144,
+                  metrics={"loss": 0.5, "accuracy": 0.9, "seconds": 0.05},
+                  delta={}, sent_at=time.time()).to_wire()
+    fields = {k: len(msgpack.packb(k)) + len(msgpack.packb(v, use_bin_type=True))
+              for k, v in wire.items()}
+    return len(pack(wire)), fields
+
+
+def run(ctx: BenchContext) -> dict[str, Any]:
+    from bench.tta import PROFILES
+
+    primary, secondary, sources = discover_codecs()
+    _base, delta = _real_delta()
+    torch_bytes = _torch_save_bytes(delta)
+    offline = {spec: _message_bytes(delta, spec) for spec in primary + secondary}
+    if ctx.quick:
+        specs = [s for s in primary if s in ("fp32", "int8")] or primary[:2]
+        versions, seeds = 3, SEEDS[:1]
+        fleet = ctx.fleet_pool().get("quick", PROFILES["quick"])
+    else:
+        # Every codec the code names, then the test-only ones, smallest first, up to a cap.
+        by_size = sorted((s for s in secondary if offline[s] is not None), key=offline.get)
+        specs = (primary + by_size)[:MAX_CODECS]
+        versions, seeds = VERSIONS, SEEDS[: max(1, ctx.runs or len(SEEDS))]
+        fleet = ctx.fleet_pool().get("equal", PROFILES["equal"])
+    if "fp32" not in specs:
+        specs.insert(0, "fp32")
+    runs: dict[str, list[dict]] = {s: [] for s in specs}
+    errors: dict[str, str] = {}
+    for seed in seeds:
+        for spec in specs:
+            if spec in errors:
+                continue
+            try:
+                r = fleet.run(task_id=f"codec-s{seed}", mode="fedavg", codec=spec, seed=seed,
+                              max_versions=versions, duration=300.0)
+            except Exception as exc:
+                errors[spec] = f"{type(exc).__name__}: {exc}"[:500]
+                continue
+            runs[spec].append({"seed": seed, "final_accuracy": r["final_accuracy"],
+                               "bytes_per_update": r["bytes_per_update"],
+                               "updates": r["updates_accepted"],
+                               "rejected": r["updates_rejected"],
+                               "versions": r["final_version"],
+                               "stop_reason": r["stop_reason"]})
+    reference = {r["seed"]: r["final_accuracy"] for r in runs.get("fp32", [])}
+    codecs: dict[str, Any] = {}
+    for spec in specs:
+        rs = runs[spec]
+        complete = [r for r in rs if r["versions"] >= versions]
+        lost = [None if r["seed"] not in reference or r["final_accuracy"] is None
+                else (reference[r["seed"]] - r["final_accuracy"]) * 100 for r in complete]
+        bpu = median(r["bytes_per_update"] for r in rs)
+        lost_med = median(lost)
+        codecs[spec] = {
+            "bytes_per_update": summarize([r["bytes_per_update"] for r in rs], spec),
+            "bytes_same_delta": offline.get(spec),
+            "accuracy": summarize([r["final_accuracy"] for r in rs], spec),
+            "points_lost_vs_fp32": summarize(lost, "fp32 - codec, percentage points"),
+            "meets_bar": None if lost_med is None else lost_med <= BAR_POINTS,
+            "ratio_vs_torch_save": ratio(torch_bytes, bpu),
+            "runs": rs,
+            **({"error": errors[spec]} if spec in errors else {}),
+        }
+    envelope = _envelope_bytes()
+    meeting = [s for s, c in codecs.items() if c["meets_bar"] and
+               c["bytes_per_update"]["median"] is not None]
+    best = min(meeting, key=lambda s: codecs[s]["bytes_per_update"]["median"], default=None)
+    best_runs = codecs[best]["bytes_per_update"]["runs"] if best else []
+    value = ratio(torch_bytes, codecs[best]["bytes_per_update"]["median"]) if best else None
+    smallest = min((s for s in codecs if codecs[s]["bytes_per_update"]["median"]),
+                   key=lambda s: codecs[s]["bytes_per_update"]["median"], default=None)
+    return {
+        "unit": "bytes/update",
+        "ours": summarize(best_runs, f"best codec within {BAR_POINTS:g} point: {best}",
+                          codec=best),
+        "baseline": summarize([torch_bytes] * max(1, len(best_runs)),
+                              "torch.save of the float32 delta"),
+        "ratio": value,
+        "ratio_definition": "torch.save bytes / bytes per update of the smallest codec that "
+                            f"loses at most {BAR_POINTS:g} accuracy point against fp32",
+        "aim": f">= {AIM_RATIO:g}x smaller than float32 torch.save, <= {BAR_POINTS:g} "
+               "point lost",
+        "aim_met": None if value is None else value >= AIM_RATIO,
+        "codecs": codecs,
+        "params": {"mode": "fedavg (synchronous)", "versions": versions,
+                   "updates_per_run": versions * len(fleet.devices), "seeds": list(seeds),
+                   "devices": len(fleet.devices), "speeds": list(fleet.spec.speeds),
+                   "model": "mlp 64-[64]-10 (demo)", "dataset": "digits (demo split)",
+                   "codec_sources": sources, "bar_points": BAR_POINTS},
+        "details": {"torch_save_bytes": torch_bytes,
+                    "not_run_bytes_same_delta": {s: b for s, b in offline.items()
+                                                 if s not in codecs},
+                    "parameters": int(sum(v.size for v in delta.values())),
+                    "envelope_bytes_without_delta": envelope[0],
+                    "envelope_bytes_by_field": envelope[1],
+                    "smallest_codec": smallest},
+    }

@@ -1,0 +1,639 @@
+"""What every benchmark shares: child processes, the broker, the environment, statistics and
+the fleet of real agents.
+
+Nothing here changes fedbus: the harness drives the public pieces (``LocalBroker``,
+``CoordinatorService``, the ``fedbus agent`` command) and, for timing, wraps the
+coordinator core's ``on_update`` on one instance to note when each update was accepted.
+
+Every child process the harness starts is registered in a ``Children`` and stopped by its
+PID in a ``finally``; brokers are stopped the same way, so nothing is left running when a
+benchmark fails or the harness is interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "REPO",
+    "BenchBroker",
+    "BenchContext",
+    "Children",
+    "Fleet",
+    "FleetPool",
+    "accepted_recorder",
+    "environment",
+    "median",
+    "percentile",
+    "proc_status",
+    "ratio",
+    "summarize",
+    "wait_for_file",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger("bench")
+
+COORDINATOR = "coordinator"
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not be measured (a child failed, a run timed out, ...)."""
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """Median of the finite values, None when there are none."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return statistics.median(finite) if finite else None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) with linear interpolation, None for no values."""
+    if not values:
+        return None
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    value = numerator / denominator
+    return value if math.isfinite(value) else None
+
+
+def summarize(runs: Sequence[float | None], label: str, **extra: Any) -> dict[str, Any]:
+    """``{"label", "runs", "median", ...}``: one side of a benchmark."""
+    return {"label": label, "runs": list(runs), "median": median(runs), **extra}
+
+
+# -- child processes ----------------------------------------------------------------------
+
+
+class Children:
+    """Every child process of the harness, stopped by PID (SIGTERM, then SIGKILL)."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen] = []
+        self._lock = threading.Lock()
+
+    def spawn(self, cmd: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None,
+              cwd: Path = REPO) -> subprocess.Popen:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
+        proc.log_path = log_path  # type: ignore[attr-defined]
+        with self._lock:
+            self._procs.append(proc)
+        return proc
+
+    def spawn_role(self, role: str, args: dict[str, Any], *, log_path: Path,
+                   env: dict[str, str] | None = None) -> subprocess.Popen:
+        """``python -m bench.procs ROLE JSON`` (see ``bench.procs``)."""
+        return self.spawn([sys.executable, "-m", "bench.procs", role, json.dumps(args)],
+                          log_path=log_path, env=env)
+
+    @staticmethod
+    def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop_all(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            procs, self._procs = self._procs, []
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def wait(self, proc: subprocess.Popen, timeout: float, what: str) -> int:
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(proc)
+            raise BenchError(
+                f"{what} did not finish within {timeout:g} s{log_tail(proc)}") from None
+
+
+def log_tail(proc: subprocess.Popen, lines: int = 12) -> str:
+    path = getattr(proc, "log_path", None)
+    if path is None or not Path(path).exists():
+        return ""
+    text = Path(path).read_text(errors="replace").splitlines()[-lines:]
+    return f"\n--- last lines of {path} ---\n" + "\n".join(text)
+
+
+def wait_for_file(path: Path, timeout: float, procs: Sequence[subprocess.Popen] = (),
+                  what: str = "child") -> None:
+    """Wait until ``path`` exists; fail early if one of ``procs`` exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        for proc in procs:
+            if proc.poll() is not None:
+                raise BenchError(f"{what} exited with code {proc.returncode}{log_tail(proc)}")
+        time.sleep(0.02)
+    raise BenchError(f"{what} not ready within {timeout:g} s"
+                     + "".join(log_tail(p) for p in procs))
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, ... of a live process, in KiB (empty once it has exited)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("Vm"):
+                    key, _, value = line.partition(":")
+                    out[key] = int(value.split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+# -- context ------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchContext:
+    """What a benchmark gets: sizes (quick or full), children, a scratch directory."""
+
+    quick: bool
+    runs: int | None  # --runs: timing pairs per benchmark (None: each benchmark's default)
+    workdir: Path
+    children: Children = field(default_factory=Children)
+    broker_configs: dict[str, str] = field(default_factory=dict)
+    fleets: FleetPool | None = None
+
+    def pairs(self, full: int, quick: int = 1) -> int:
+        if self.runs is not None:
+            return max(1, self.runs)
+        return quick if self.quick else full
+
+    def path(self, *parts: str) -> Path:
+        p = self.workdir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def fleet_pool(self) -> FleetPool:
+        if self.fleets is None:
+            self.fleets = FleetPool(self)
+        return self.fleets
+
+    def close(self) -> None:
+        try:
+            if self.fleets is not None:
+                self.fleets.close()
+        finally:
+            self.children.stop_all()
+
+
+# -- broker -------------------------------------------------------------------------------
+
+
+class BenchBroker:
+    """A ``LocalBroker`` (the project's policy, a free port) with device accounts."""
+
+    def __init__(self, ctx: BenchContext, name: str, devices: Sequence[str]) -> None:
+        from fedbus.broker import LocalBroker
+
+        self.ctx = ctx
+        self.name = name
+        self.devices = list(devices)
+        self.local = LocalBroker(Path(tempfile.mkdtemp(prefix=f"bb-{name}-", dir=ctx.workdir)),
+                                 device_ids=self.devices)
+
+    def __enter__(self) -> BenchBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.local.start()
+        self.ctx.broker_configs[self.name] = self.local.config_file.read_text()
+        log.info("broker %s on %s:%d (pid %s)", self.name, self.host, self.port, self.local.pid)
+
+    def stop(self) -> None:
+        self.local.stop()
+
+    @property
+    def host(self) -> str:
+        return self.local.host
+
+    @property
+    def port(self) -> int:
+        return self.local.port
+
+    @property
+    def prefix(self) -> str:
+        return self.local.prefix
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.local.credentials_file
+
+    @property
+    def coordinator_password(self) -> str:
+        return self.local.coordinator.password
+
+    def reset_coordinator_session(self, *, settle_devices: Sequence[str] = (),
+                                  timeout: float = 20.0) -> dict[str, str]:
+        """Connect as the coordinator with a clean start, then leave: this discards the
+        durable session of the previous run and the messages queued for it.
+
+        With ``settle_devices``, first wait (up to ``timeout``) until none of them reports
+        ``training`` in its retained status for half a second, so that a new run starts
+        with idle agents. Returns the last state of each device.
+        """
+        import msgpack
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        states: dict[str, str] = {}
+        connected = threading.Event()
+        topics = self.local.topics
+
+        def on_connect(client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            if not reason.is_failure:
+                if settle_devices:
+                    client.subscribe(topics.all_status, qos=1)
+                connected.set()
+
+        def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            try:
+                obj = msgpack.unpackb(msg.payload, raw=False)
+                states[str(obj.get("device_id"))] = str(obj.get("state"))
+            except Exception:
+                pass
+
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                             client_id=COORDINATOR, protocol=mqtt.MQTTv5)
+        client.username_pw_set(COORDINATOR, self.coordinator_password)
+        client.on_connect = on_connect
+        client.on_message = on_message
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 0
+        client.connect(self.host, self.port, keepalive=30, clean_start=True, properties=props)
+        client.loop_start()
+        try:
+            if not connected.wait(10):
+                raise BenchError("could not connect as the coordinator to reset its session")
+            if settle_devices:
+                time.sleep(0.3)
+                deadline = time.monotonic() + timeout
+                quiet_since: float | None = None
+                while time.monotonic() < deadline:
+                    busy = [d for d in settle_devices if states.get(d) == "training"]
+                    if busy:
+                        quiet_since = None
+                    elif quiet_since is None:
+                        quiet_since = time.monotonic()
+                    elif time.monotonic() - quiet_since >= 0.5:
+                        break
+                    time.sleep(0.05)
+        finally:
+            from bench.procs import close_client
+
+            close_client(client)
+        return dict(states)
+
+
+# -- coordinator instrumentation ------------------------------------------------------------
+
+
+def accepted_recorder(service: Any, clock: Callable[[], float] = time.time) -> list[tuple]:
+    """Wrap ``service.core.on_update`` (this instance only) to note, for every accepted update,
+    ``(update_id, device_id, clock() when the core returned, process CPU seconds)``.
+
+    The core returns after validating and (when the buffer is full) aggregating the update;
+    the time is taken right after that, before the shell publishes receipts or the model.
+    """
+    from coordinator.core import SendReceipt
+
+    records: list[tuple] = []
+    core = service.core
+    original = core.on_update
+
+    def on_update(device: str, payload: bytes, now: float) -> list:
+        actions = original(device, payload, now)
+        done = clock()
+        cpu = time.process_time()
+        for action in actions:
+            if isinstance(action, SendReceipt) and action.receipt.accepted:
+                records.append((action.receipt.update_id, device, done, cpu))
+        return actions
+
+    core.on_update = on_update
+    return records
+
+
+# -- environment -----------------------------------------------------------------------------
+
+
+def _mosquitto_version() -> str:
+    exe = shutil.which("mosquitto") or shutil.which(
+        "mosquitto", path=os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/sbin"]))
+    if exe is None:
+        return "not found"
+    try:
+        out = subprocess.run([exe, "-h"], capture_output=True, text=True, timeout=10,
+                             check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    first = (out.stdout or out.stderr).strip().splitlines()
+    return first[0] if first else "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                             timeout=10, check=False)
+        return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def environment(broker_configs: dict[str, str]) -> dict[str, Any]:
+    """Machine, versions and the broker configuration the harness used."""
+    import msgpack
+    import numpy
+    import paho.mqtt
+    import torch
+
+    mem_total = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_total = round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    config = next(iter(broker_configs.values()), "")
+    status = _git("status", "--short", "--untracked-files=no")
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "memory_mib": mem_total,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "paho_mqtt": paho.mqtt.__version__,
+        "numpy": numpy.__version__,
+        "msgpack": ".".join(map(str, msgpack.version)),
+        "mosquitto": _mosquitto_version(),
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(status),
+        "broker_config": _redact(config),
+    }
+
+
+def _redact(config: str) -> str:
+    """The broker config's directives (comments dropped), this run's temporary paths
+    shortened (no secrets are in it)."""
+    lines = []
+    for line in config.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        if key in ("password_file", "acl_file", "persistence_location", "log_dest") and value:
+            value = value.replace(str(Path(tempfile.gettempdir())), "$TMP")
+        lines.append(f"{key} {value}".rstrip() if value else line)
+    return "\n".join(lines)
+
+
+# -- the fleet: real agents with simulated speeds ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    name: str
+    speeds: tuple[float, ...]  # one slowdown factor per device
+    alpha: float = 0.5  # Dirichlet label skew, as in the demo
+    data_seed: int = 0
+
+
+class Fleet:
+    """A broker, one ``fedbus agent`` process per device with a fixed ``--slowdown``, and the
+    digits split of the demo. Runs are coordinator tasks with fresh task ids; the agents
+    follow each new task (model, codec and training settings come with it), so the cost of
+    starting them (importing torch) is paid once per fleet, not once per run.
+    """
+
+    def __init__(self, ctx: BenchContext, spec: FleetSpec) -> None:
+        from fedbus.broker import default_device_ids
+
+        self.ctx = ctx
+        self.spec = spec
+        self.devices = default_device_ids(len(spec.speeds))
+        self.broker = BenchBroker(ctx, f"fleet-{spec.name}", self.devices)
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.samples: dict[str, int] = {}
+        self.eval_data: tuple[Any, Any] | None = None
+        self._runs = 0
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        from fedbus.datasets import dirichlet_split, load_digits, train_test_split, write_npz
+
+        x, y = load_digits()
+        x_train, y_train, x_test, y_test = train_test_split(x, y, 0.2, self.spec.data_seed)
+        parts = dirichlet_split(y_train, len(self.devices), self.spec.alpha, self.spec.data_seed)
+        self.eval_data = (x_test, y_test)
+        data_dir = self.ctx.path("fleets", self.spec.name, "data", "x").parent
+        paths = {}
+        for device, idx in zip(self.devices, parts, strict=True):
+            path = data_dir / f"{device}.npz"
+            write_npz(path, x_train[idx], y_train[idx])
+            paths[device] = path
+            self.samples[device] = len(idx)
+        self.broker.start()
+        self.started_at = time.monotonic()
+        for device, speed in zip(self.devices, self.spec.speeds, strict=True):
+            self.agents[device] = self.ctx.children.spawn(
+                [sys.executable, "-m", "fedbus", "agent", "--device-id", device,
+                 "--data", str(paths[device]), "--credentials", str(self.broker.credentials_file),
+                 "--slowdown", repr(float(speed)), "--seed", "0"],
+                log_path=self.ctx.path("fleets", self.spec.name, "logs", f"{device}.log"),
+            )
+        log.info("fleet %s: %d agents, speeds %s, samples %s", self.spec.name,
+                 len(self.devices), list(self.spec.speeds), list(self.samples.values()))
+        # Warm-up: one synchronous round makes every agent import and run its training
+        # path once (the first optimizer costs seconds), so measured runs start warm.
+        self.run(task_id="warmup", mode="fedavg", codec="int8", seed=0, max_versions=1,
+                 duration=120.0)
+
+    def check_alive(self) -> None:
+        for device, proc in self.agents.items():
+            if proc.poll() is not None:
+                raise BenchError(f"agent {device} exited with code {proc.returncode}"
+                                 f"{log_tail(proc)}")
+
+    def run(self, *, task_id: str, mode: str, codec: str, seed: int, max_versions: int = 0,
+            target_accuracy: float = 0.0, duration: float = 120.0, buffer_size: int = 4,
+            epochs: int = 2, lr: float = 0.05, batch_size: int = 16) -> dict[str, Any]:
+        """One coordinator task against the running agents; the coordinator runs in this
+        process (as in ``fedbus demo``) with the held-out digits as evaluation data."""
+        from coordinator.config import CoordinatorConfig
+        from coordinator.service import CoordinatorService
+
+        self.check_alive()
+        self.broker.reset_coordinator_session(settle_devices=self.devices)
+        self._runs += 1
+        service = CoordinatorService(
+            CoordinatorConfig(
+                host=self.broker.host, port=self.broker.port, username=COORDINATOR,
+                prefix=self.broker.prefix, task_id=f"{task_id}-{self._runs}", codec=codec,
+                mode=mode, buffer_size=buffer_size, epochs=epochs, lr=lr,
+                batch_size=batch_size, seed=seed, max_versions=max_versions,
+                duration=duration, target_accuracy=target_accuracy, round_deadline=30.0,
+            ),
+            password=self.broker.coordinator_password,
+            eval_data=self.eval_data,
+        )
+        records = accepted_recorder(service, clock=time.monotonic)
+        watchdog = _Watchdog(self, service)
+        t0 = time.monotonic()
+        with watchdog:
+            summary = service.run()
+        if watchdog.failure:
+            raise BenchError(watchdog.failure)
+        return _run_record(summary, records, t0, self.devices)
+
+    def close(self) -> None:
+        for proc in self.agents.values():
+            Children.stop(proc)
+        self.broker.stop()
+
+
+class _Watchdog:
+    """Stops the coordinator at once if an agent dies during a run."""
+
+    def __init__(self, fleet: Fleet, service: Any) -> None:
+        self.fleet = fleet
+        self.service = service
+        self.failure: str | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> _Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.5):
+            try:
+                self.fleet.check_alive()
+            except BenchError as exc:
+                self.failure = str(exc)
+                self.service.stop()
+                return
+
+
+def _run_record(summary: Any, records: list[tuple], t0: float,
+                devices: Sequence[str]) -> dict[str, Any]:
+    history = [
+        {"version": r.version, "seconds": r.seconds, "accuracy": r.accuracy}
+        for r in summary.history
+    ]
+    counters = summary.counters
+    accepted = counters.get("updates_accepted", 0)
+    per_device: dict[str, list[float]] = {d: [] for d in devices}
+    for _uid, device, when, _cpu in records:
+        per_device.setdefault(device, []).append(round(when - t0, 4))
+    return {
+        "task_id": summary.task_id,
+        "mode": summary.mode,
+        "stop_reason": summary.stop_reason,
+        "first_update_seconds": summary.first_update_seconds,
+        "wall_seconds": round(summary.wall_seconds, 3),
+        "final_version": summary.final_version,
+        "final_accuracy": summary.final_accuracy,
+        "updates_accepted": accepted,
+        "updates_rejected": counters.get("updates_rejected", 0),
+        "rejected": {k[len("rejected_"):]: v for k, v in counters.items()
+                     if k.startswith("rejected_") and v},
+        "bytes_per_update": (counters.get("bytes_accepted", 0) / accepted) if accepted else None,
+        "history": history,
+        "accepted_at": per_device,
+    }
+
+
+class FleetPool:
+    """Fleets by speed profile, started on first use and kept for later benchmarks."""
+
+    def __init__(self, ctx: BenchContext) -> None:
+        self.ctx = ctx
+        self._fleets: dict[tuple, Fleet] = {}
+        self._current: Fleet | None = None
+
+    def get(self, name: str, speeds: Sequence[float]) -> Fleet:
+        key = tuple(float(s) for s in speeds)
+        fleet = self._fleets.get(key)
+        if fleet is None:
+            # One fleet at a time: a second set of agents would steal the CPU of the first.
+            for other in self._fleets.values():
+                other.close()
+            self._fleets.clear()
+            fleet = Fleet(self.ctx, FleetSpec(name, key))
+            self._fleets[key] = fleet
+            fleet.start()
+        return fleet
+
+    def close(self) -> None:
+        fleets, self._fleets = list(self._fleets.values()), {}
+        for fleet in fleets:
+            fleet.close()

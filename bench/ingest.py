@@ -1,0 +1,306 @@
+"""Ingest: updates per second the coordinator fully decodes, validates and aggregates, against
+the ceiling of a bare paho subscriber receiving the same payloads through the same broker.
+
+Per run, three processes besides the broker: the consumer (ours: a real ``CoordinatorService``
+in ``bench.procs coordinator``; baseline: ``bench.procs subscriber``) and a publisher with one
+connection per device account publishing pre-encoded int8 updates flat out at QoS 1. Runs
+alternate ours, baseline, ours, ... on one broker; the coordinator's durable session is reset
+before each run so no run sees the leftovers of another.
+
+A third run per round, a diagnostic, repeats ours with OpenBLAS limited to one thread in the
+coordinator's environment (``ONE_BLAS_THREAD``), so the cost of BLAS threading is measured
+side by side with everything else.
+
+Rate = completed updates / (completion of the last - arrival of the first), at the consumer.
+For ours an update is complete when it has been aggregated into a new model version
+(``VersionRecord.seconds`` of the last version; FedBuff with K updates per version); for
+the baseline when paho's ``on_message`` ran.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from bench.harness import (
+    BenchBroker,
+    BenchContext,
+    BenchError,
+    median,
+    ratio,
+    summarize,
+)
+
+__all__ = ["SIZES", "make_template", "run"]
+
+log = logging.getLogger("bench")
+
+# mlp arguments giving about 25 thousand and 1 million parameters (64 inputs, 10 classes).
+SIZES: dict[str, dict[str, Any]] = {
+    "ingest_25k": {
+        "model_args": {"in_features": 64, "hidden": [330], "num_classes": 10},
+        "n": 4000, "pairs": 5,
+        "quick": {"model_args": {"in_features": 64, "hidden": [330], "num_classes": 10},
+                  "n": 400},
+    },
+    "ingest_1m": {
+        "model_args": {"in_features": 64, "hidden": [1000, 900], "num_classes": 10},
+        "n": 250, "pairs": 5,
+        "quick": {"model_args": {"in_features": 64, "hidden": [256, 256], "num_classes": 10},
+                  "n": 60},
+    },
+}
+K = 10  # FedBuff buffer size: a new version every 10 updates
+LAG = 20  # base_version lags the publish index by this many versions
+# Four publisher connections interleave at the broker, so an update can reach the coordinator
+# 100+ positions after its publish index; a staleness bound of 1000 versions keeps every one.
+MAX_STALENESS = 1000
+DEVICES = ("device-01", "device-02", "device-03", "device-04")
+AIM = 0.8
+
+
+def make_template(ctx: BenchContext, name: str, model_args: dict[str, Any],
+                  codec: str = "int8") -> tuple[str, int, int]:
+    """An encoded delta (msgpack file) of small random values shaped like the model's state.
+
+    Returns (path, parameter count, size in bytes of one whole update message).
+    """
+    import numpy as np
+    import torch
+
+    from fedbus.envelope import pack
+    from fedbus.messages import Update
+    from fedbus.update_codec import encode_delta
+    from fedbus.zoo import build_model, get_state
+
+    torch.manual_seed(0)
+    state = get_state(build_model("mlp", model_args))
+    rng = np.random.default_rng(0)
+    delta = {k: (rng.standard_normal(v.shape) * 1e-3).astype(np.float32)
+             for k, v in state.items()}
+    encoded = encode_delta(delta, codec, rng=rng)
+    path = ctx.path(name, "template.msgpack")
+    path.write_bytes(pack(encoded))
+    size = len(pack(Update("x" * 16, DEVICES[0], "t", 0, 10, encoded, {"loss": 0.5},
+                           time.time()).to_wire()))
+    return str(path), int(sum(v.size for v in state.values())), size
+
+
+def _consumer_args(broker: BenchBroker, out: str, ready: str, **extra: Any) -> dict[str, Any]:
+    return {"host": broker.host, "port": broker.port, "prefix": broker.prefix,
+            "credentials": str(broker.credentials_file), "out": out, "ready": ready, **extra}
+
+
+def _publish(ctx: BenchContext, broker: BenchBroker, run_dir: str, template: str, n: int,
+             k: int, task_id: str, tag: str, rate: float = 0.0, log_sent: bool = False,
+             window: int = 20) -> Any:
+    return ctx.children.spawn_role("publisher", {
+        "host": broker.host, "port": broker.port, "prefix": broker.prefix,
+        "credentials": str(broker.credentials_file), "devices": list(DEVICES),
+        "template": template, "n": n, "k": k, "lag": LAG, "rate": rate, "tag": tag,
+        "task_id": task_id, "window": window, "log_sent": log_sent,
+        "out": f"{run_dir}/publisher.json",
+    }, log_path=ctx.path(run_dir, "publisher.log"))
+
+
+# Diagnostic: the same coordinator with OpenBLAS limited to one thread (in its environment
+# only). coordinator.aggregation.l2_norm calls np.dot on float64, i.e. OpenBLAS ddot, whose
+# thread pool is what a busy host makes slow; this run isolates that cost.
+ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1"}
+
+
+def run_ours(ctx: BenchContext, broker: BenchBroker, name: str, i: int, model_args: dict,
+             template: str, n: int, env: dict[str, str] | None = None,
+             kind: str = "ours") -> dict[str, Any]:
+    from bench.harness import wait_for_file
+
+    run_dir = str(ctx.path(name, f"{kind}-{i}", "x").parent)
+    broker.reset_coordinator_session()
+    task_id = f"ingest-{i}"
+    consumer = ctx.children.spawn_role("coordinator", _consumer_args(
+        broker, f"{run_dir}/result.json", f"{run_dir}/ready", task_id=task_id,
+        model_args=model_args, mode="fedbuff", k=K, max_versions=n // K,
+        duration=300.0, max_staleness=MAX_STALENESS,
+    ), log_path=ctx.path(run_dir, "coordinator.log"), env=env)
+    wait_for_file(ctx.path(run_dir, "ready"), 60, [consumer], "coordinator")
+    pub = _publish(ctx, broker, run_dir, template, n, K, task_id, f"{kind[0]}{i}")
+    ctx.children.wait(consumer, 300, "coordinator")
+    ctx.children.wait(pub, 60, "publisher")
+    res = json.loads(ctx.path(run_dir, "result.json").read_text())
+    pub_res = json.loads(ctx.path(run_dir, "publisher.json").read_text())
+    counters = res["counters"]
+    accepted = counters.get("updates_accepted", 0)
+    completed = (len(res["history"]) - 1) * K
+    t_first = res["first_update_seconds"]
+    t_last = res["history"][-1][1]
+    rate = completed / (t_last - t_first) if t_first is not None and t_last > t_first else None
+    cpu = None
+    if res["accepted"]:
+        cpu_first, cpu_last = res["accepted"][0][3], res["accepted"][-1][3]
+        cpu = (cpu_last - cpu_first) / max(1, len(res["accepted"]) - 1)
+    return {
+        "rate": rate, "completed": completed, "accepted": accepted,
+        "rejected": counters.get("updates_rejected", 0),
+        "lost": n - counters.get("updates_received", 0),
+        "rejected_by": {k: v for k, v in counters.items() if k.startswith("rejected_") and v},
+        "span_seconds": None if t_first is None else round(t_last - t_first, 3),
+        "cpu_ms_per_update": None if cpu is None else round(cpu * 1000, 3),
+        "publisher_rate": pub_res["sent"] / pub_res["seconds"],
+        "publish_failures": len(pub_res["failures"]),
+        "stop_reason": res["stop_reason"],
+    }
+
+
+def run_bare(ctx: BenchContext, broker: BenchBroker, name: str, i: int, template: str,
+             n: int) -> dict[str, Any]:
+    from bench.harness import wait_for_file
+
+    run_dir = str(ctx.path(name, f"bare-{i}", "x").parent)
+    broker.reset_coordinator_session()
+    consumer = ctx.children.spawn_role("subscriber", _consumer_args(
+        broker, f"{run_dir}/result.json", f"{run_dir}/ready", n=n, duration=300.0,
+    ), log_path=ctx.path(run_dir, "subscriber.log"))
+    wait_for_file(ctx.path(run_dir, "ready"), 60, [consumer], "subscriber")
+    pub = _publish(ctx, broker, run_dir, template, n, K, f"bare-{i}", f"b{i}")
+    ctx.children.wait(consumer, 300, "subscriber")
+    ctx.children.wait(pub, 60, "publisher")
+    res = json.loads(ctx.path(run_dir, "result.json").read_text())
+    pub_res = json.loads(ctx.path(run_dir, "publisher.json").read_text())
+    received = res["received"]
+    t_first, t_last = res["times"] if res["times"] else (None, None)
+    rate = (received / (t_last - t_first)) if received > 1 and t_last > t_first else None
+    cpu = None
+    if res["cpu"] and received > 1:
+        cpu = (res["cpu"][1] - res["cpu"][0]) / (received - 1)
+    return {
+        "rate": rate, "received": received, "lost": n - received,
+        "span_seconds": None if t_first is None else round(t_last - t_first, 3),
+        "cpu_ms_per_update": None if cpu is None else round(cpu * 1000, 3),
+        "publisher_rate": pub_res["sent"] / pub_res["seconds"],
+        "publish_failures": len(pub_res["failures"]),
+    }
+
+
+def guarded(fn: Any) -> dict[str, Any]:
+    """One run; a run that fails is recorded (rate None, the error) instead of ending the
+    benchmark, so one hiccup of a shared machine does not throw away the other runs."""
+    try:
+        return fn()
+    except (BenchError, OSError, ValueError, KeyError) as exc:
+        log.warning("run failed: %s", exc)
+        return {"rate": None, "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def stage_costs(model_args: dict[str, Any]) -> dict[str, float]:
+    """Microseconds per update of each step of the coordinator's path, in this process.
+
+    Measured on one encoded int8 update of the same model: where the time of one update goes
+    (the same functions the coordinator calls, timed one by one).
+    """
+    import numpy as np
+    import torch
+
+    from coordinator.aggregation import BufferedUpdate, fedbuff_step, is_finite, l2_norm
+    from coordinator.validation import SeenIds, ValidationLimits, validate_update
+    from fedbus.envelope import pack, unpack
+    from fedbus.messages import Update
+    from fedbus.update_codec import decode_delta, encode_delta
+    from fedbus.zoo import build_model, get_state
+
+    torch.manual_seed(0)
+    state = get_state(build_model("mlp", model_args))
+    rng = np.random.default_rng(0)
+    delta = {k: (rng.standard_normal(v.shape) * 1e-3).astype(np.float32)
+             for k, v in state.items()}
+    payload = pack(Update("x" * 16, "device-01", "t", 0, 10, encode_delta(delta, "int8", rng=rng),
+                          {}, time.time()).to_wire())
+    shapes = {k: v.shape for k, v in state.items()}
+    limits = ValidationLimits(4 * 1024 * 1024, 100.0, 10)
+    obj = unpack(payload, "update", limits.decode)
+    decoded = decode_delta(obj["delta"])
+    buffer = [BufferedUpdate(decoded, 10, 1)] * K
+
+    def per_call(fn: Any, repeat: int) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            times.append((time.perf_counter() - start) / repeat)
+        return round(min(times) * 1e6, 1)
+
+    big = sum(v.size for v in state.values()) > 200_000
+    r = 20 if big else 300
+    return {
+        "payload_copy (bytes(msg.payload))": per_call(lambda: bytes(bytearray(payload)), r),
+        "unpack (msgpack, limits)": per_call(lambda: unpack(payload, "update", limits.decode),
+                                             r),
+        "decode_delta (int8 -> float32)": per_call(lambda: decode_delta(obj["delta"]), r),
+        "is_finite": per_call(lambda: is_finite(decoded), r),
+        "l2_norm": per_call(lambda: l2_norm(decoded), r),
+        "validate_update (all of the above)": per_call(lambda: validate_update(
+            payload, topic_device="device-01", task_id="t", expected_shapes=shapes,
+            current_version=1, limits=limits, seen=SeenIds()), r),
+        "fedbuff_step / K": round(per_call(lambda: fedbuff_step(
+            state, buffer, server_lr=1.0, staleness_kind="sqrt"), max(2, r // K)) / K, 1),
+        "model message pack (fp32) / K": round(per_call(lambda: pack({"t": encode_delta(
+            state, "fp32")}), max(2, r // K)) / K, 1),
+    }
+
+
+def run(ctx: BenchContext, name: str) -> dict[str, Any]:
+    size = SIZES[name]
+    cfg = {**size, **size["quick"]} if ctx.quick else size
+    model_args, n = cfg["model_args"], cfg["n"]
+    pairs = ctx.pairs(size["pairs"])
+    template, params, payload_bytes = make_template(ctx, name, model_args)
+    ours: list[dict] = []
+    base: list[dict] = []
+    diag: list[dict] = []
+    with BenchBroker(ctx, name, DEVICES) as broker:
+        for i in range(pairs):
+            ours.append(guarded(lambda i=i: run_ours(ctx, broker, name, i, model_args,
+                                                     template, n)))
+            base.append(guarded(lambda i=i: run_bare(ctx, broker, name, i, template, n)))
+            diag.append(guarded(lambda i=i: run_ours(ctx, broker, name, i, model_args,
+                                                     template, n, env=ONE_BLAS_THREAD,
+                                                     kind="diag")))
+    for side, rs in (("ours", ours), ("baseline", base)):
+        if all(r.get("error") for r in rs):
+            raise BenchError(f"{name}: every {side} run failed: {rs[0]['error']}")
+    bad = [r for r in ours if r.get("error") or r["rejected"] or r["completed"] < n - K]
+    if len(bad) == len(ours):
+        raise BenchError(f"{name}: every coordinator run rejected updates: {bad[0]}")
+    o = summarize([r["rate"] for r in ours], "coordinator (CoordinatorService)",
+                  cpu_ms_per_update=median(r.get("cpu_ms_per_update") for r in ours))
+    b = summarize([r["rate"] for r in base], "bare paho subscriber",
+                  cpu_ms_per_update=median(r.get("cpu_ms_per_update") for r in base))
+    value = ratio(o["median"], b["median"])
+    d = summarize([r["rate"] for r in diag], "diagnostic: coordinator, OPENBLAS_NUM_THREADS=1",
+                  cpu_ms_per_update=median(r.get("cpu_ms_per_update") for r in diag))
+    d["ratio"] = ratio(d["median"], b["median"])
+    return {
+        "unit": "updates/s",
+        "ours": o,
+        "baseline": b,
+        "ratio": value,
+        "ratio_definition": "ours / ceiling (median updates/s of ours / of the bare subscriber)",
+        "aim": f"ours >= {AIM:.0%} of the bare ceiling",
+        "aim_met": None if value is None else value >= AIM,
+        "params": {
+            "parameters": params, "model_args": model_args, "payload_bytes": payload_bytes,
+            "codec": "int8", "updates_per_run": n, "pairs": pairs, "mode": "fedbuff",
+            "buffer_size_K": K, "publisher_connections": len(DEVICES),
+            "publisher_window": 20, "evaluation": "none",
+            "max_staleness": MAX_STALENESS, "base_version_lag": LAG,
+        },
+        "diagnostic_one_blas_thread": d,
+        "details": {
+            "ours_runs": ours, "baseline_runs": base, "diagnostic_runs": diag,
+            "publisher_rate_median": median(r.get("publisher_rate") for r in ours + base),
+            "stage_costs_us": stage_costs(model_args),
+        },
+    }

@@ -1,0 +1,307 @@
+"""results.json -> the generated tables of BENCHMARKS.md.
+
+Each table sits between ``<!-- bench:NAME:begin -->`` and ``<!-- bench:NAME:end -->``; the
+harness rewrites only what is between the markers, so the prose around them stays. A
+section whose markers are missing is appended at the end of the file.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["render_sections", "update_markdown"]
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "–"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _ratio(value: Any) -> str:
+    return "–" if value is None else f"{_num(value)}×"
+
+
+def _met(value: Any) -> str:
+    return {True: "**yes**", False: "**no**"}.get(value, "–")
+
+
+def _runs(values: list[Any]) -> str:
+    return ", ".join(_num(v) for v in values)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _stamp(b: dict[str, Any]) -> str:
+    quick = " (quick smoke run: not a measurement)" if b.get("quick") else ""
+    return f"_Measured {b.get('measured_at', '?')}, {b.get('seconds', '?')} s{quick}._"
+
+
+def _error(b: dict[str, Any]) -> str | None:
+    if "error" in b:
+        return f"{_stamp(b)}\n\n**Failed:** `{b['error']}`"
+    return None
+
+
+def _environment(results: dict[str, Any]) -> str:
+    env = results.get("environment", {})
+    rows = [[k.replace("_", " "), f"`{env[k]}`" if k != "cpu_count" else str(env[k])]
+            for k in ("cpu_model", "cpu_count", "memory_mib", "platform", "python", "torch",
+                      "torch_threads", "paho_mqtt", "numpy", "msgpack", "mosquitto",
+                      "git_commit", "git_dirty") if k in env]
+    text = [f"_Generated {results.get('generated_at')} by `{results.get('command')}` "
+            f"in {results.get('total_seconds')} s._", "", _table(["", "value"], rows)]
+    if env.get("broker_config"):
+        text += ["", "<details><summary>Broker configuration used (mosquitto.conf as "
+                 "LocalBroker wrote it)</summary>", "", "```", env["broker_config"], "```",
+                 "", "</details>"]
+    return "\n".join(text)
+
+
+def _head(b: dict[str, Any], metric: str, fmt: Callable[[Any], str] = _num) -> list[str]:
+    return [metric, fmt(b["ours"]["median"]), fmt(b["baseline"]["median"]), _ratio(b["ratio"]),
+            b.get("aim", "–"), _met(b.get("aim_met"))]
+
+
+HEAD = ["metric", "ours", "baseline", "ratio", "aim", "met?"]
+
+
+def _ingest(b: dict[str, Any]) -> str:
+    p = b["params"]
+    text = [_stamp(b), "", _table(HEAD, [_head(b, "updates/s (median)")]), "",
+            f"Ours: {b['ours']['label']}; baseline: {b['baseline']['label']}. "
+            f"{p['parameters']:,} parameters, int8 payload {p['payload_bytes']:,} bytes, "
+            f"{p['updates_per_run']} updates per run, FedBuff K={p['buffer_size_K']}, "
+            f"{p['pairs']} alternating pairs.", "",
+            f"- runs, ours: {_runs(b['ours']['runs'])} updates/s",
+            f"- runs, baseline: {_runs(b['baseline']['runs'])} updates/s",
+            f"- CPU per update: ours {_num(b['ours'].get('cpu_ms_per_update'))} ms, "
+            f"baseline {_num(b['baseline'].get('cpu_ms_per_update'))} ms",
+            f"- publisher: {_num(b['details'].get('publisher_rate_median'))} updates/s "
+            "(median over all runs)"]
+    diag = b.get("diagnostic_one_blas_thread")
+    if diag:
+        text.append(f"- diagnostic, ours with `OPENBLAS_NUM_THREADS=1` in the coordinator's "
+                    f"environment (alternated with the runs above): {_runs(diag['runs'])} "
+                    f"updates/s, median {_num(diag['median'])} = {_ratio(diag.get('ratio'))} "
+                    f"the ceiling, CPU per update {_num(diag.get('cpu_ms_per_update'))} ms")
+    lost = [r.get("lost", 0) for r in b["details"]["ours_runs"]]
+    if any(lost):
+        text.append(f"- updates that never reached the coordinator's core, per run: "
+                    f"{_runs(lost)} (bare subscriber: "
+                    f"{_runs([r.get('lost', 0) for r in b['details']['baseline_runs']])})")
+    text += _failed_runs(b)
+    stages = b["details"].get("stage_costs_us") or {}
+    if stages:
+        text += ["", "Where one update's time goes (µs, each step timed alone in the harness "
+                 "process):", "", _table(["step", "µs"],
+                                         [[k, _num(v)] for k, v in stages.items()])]
+    return "\n".join(text)
+
+
+def _failed_runs(b: dict[str, Any]) -> list[str]:
+    d = b.get("details", {})
+    failed = [r for r in d.get("ours_runs", []) + d.get("baseline_runs", []) if r.get("error")]
+    if not failed:
+        return []
+    return [f"- runs that failed and count as missing: {len(failed)} "
+            f"(first: `{failed[0]['error'][:160]}`)"]
+
+
+def _latency(b: dict[str, Any]) -> str:
+    p99 = b["p99"]
+    rows = [_head(b, "p50 (ms)"),
+            ["p99 (ms)", _num(p99["ours"]["median"]), _num(p99["baseline"]["median"]),
+             _ratio(p99["ratio"]), b.get("aim", "–"), "–"]]
+    p = b["params"]
+    return "\n".join([
+        _stamp(b), "", _table(HEAD, rows), "",
+        f"{p['rate_per_s']:g} updates/s for {p['seconds']:g} s per run, {p['mode']}, "
+        f"{p['parameters']:,} parameters (int8 payload {p['payload_bytes']:,} bytes), "
+        f"{p['pairs']} alternating pairs, first {p['warmup_skipped']} updates of a run skipped.",
+        "",
+        f"- p50 per run, ours: {_runs(b['ours']['runs'])}; baseline: "
+        f"{_runs(b['baseline']['runs'])}",
+        f"- p99 per run, ours: {_runs(p99['ours']['runs'])}; baseline: "
+        f"{_runs(p99['baseline']['runs'])}",
+        *_latency_diag(b.get("diagnostic_one_blas_thread")),
+        *_failed_runs(b),
+    ])
+
+
+def _latency_diag(d: dict[str, Any] | None) -> list[str]:
+    if not d:
+        return []
+    return [f"- diagnostic, ours with `OPENBLAS_NUM_THREADS=1` in the coordinator's "
+            f"environment (alternated with the runs above): p50 {_runs(d['p50']['runs'])} ms "
+            f"(median {_num(d['p50']['median'])}, {_ratio(d.get('ratio_p50'))} the bare "
+            f"subscriber), p99 {_runs(d['p99']['runs'])} ms (median "
+            f"{_num(d['p99']['median'])}, {_ratio(d.get('ratio_p99'))})"]
+
+
+def _bytes(b: dict[str, Any]) -> str:
+    d = b["details"]
+    rows = [_head(b, "bytes per update")]
+    codec_rows = []
+    for spec, c in b["codecs"].items():
+        codec_rows.append([
+            f"`{spec}`", _num(c["bytes_per_update"]["median"]), _num(c.get("bytes_same_delta")),
+            _ratio(c.get("ratio_vs_torch_save")), _num(c["accuracy"]["median"]),
+            _runs(c["accuracy"]["runs"]), _num(c["points_lost_vs_fp32"]["median"]),
+            _met(c.get("meets_bar")) if "error" not in c else f"error: {c['error'][:80]}",
+        ])
+    p = b["params"]
+    return "\n".join([
+        _stamp(b), "", _table(HEAD, rows), "",
+        f"Baseline: `torch.save` of the float32 delta, {d['torch_save_bytes']:,} bytes "
+        f"({d['parameters']:,} parameters). Accuracy: {p['mode']}, {p['versions']} versions "
+        f"({p['updates_per_run']} updates) per run, {p['devices']} devices, seeds "
+        f"{p['seeds']}. An update message without its delta takes "
+        f"{d['envelope_bytes_without_delta']} bytes ("
+        + ", ".join(f"{k} {v}" for k, v in (d.get("envelope_bytes_by_field") or {}).items())
+        + "). Codecs from: "
+        f"{', '.join(p['codec_sources'])}.", "",
+        _table(["codec", "bytes/update (runs)", "bytes, same delta", "vs torch.save",
+                "accuracy", "accuracy per seed", "points lost vs fp32", "within bar?"],
+               codec_rows),
+    ])
+
+
+def _tta(b: dict[str, Any]) -> str:
+    rows = [_head(b, "seconds to target, 1:2:4 (median)")]
+    prow = []
+    late_rows = []
+    for name, p in b["profiles"].items():
+        m = p["measured_updates_per_s"]
+        lt = p.get("late_target") or {}
+        vt = p.get("versions_to_target") or {}
+        late_rows.append([
+            name, f"{_num(lt.get('async_median'))} ({lt.get('async_reached')}/"
+            f"{len(p['ours']['runs'])})", f"{_num(lt.get('sync_median'))} "
+            f"({lt.get('sync_reached')}/{len(p['baseline']['runs'])})", _ratio(lt.get("ratio")),
+            f"{_num(vt.get('async'))} / {_num(vt.get('sync'))}"])
+        prow.append([
+            name, f"{_num(p['ours']['median'])} ({p['ours']['reached']}/"
+            f"{len(p['ours']['runs'])})", f"{_num(p['baseline']['median'])} "
+            f"({p['baseline']['reached']}/{len(p['baseline']['runs'])})", _ratio(p["ratio"]),
+            _ratio(p["ideal"]), _ratio(p.get("ideal_with_data_sizes")),
+            _ratio(p.get("effective_ideal")), _ratio(m.get("ratio")),
+            f"{_num(m.get('async'))} / {_num(m.get('sync'))}",
+        ])
+    par = b["params"]
+    lines = [_stamp(b), "", _table(HEAD, rows), "",
+             f"Target held-out accuracy {par['target_accuracy']:g}; {par['async']} against "
+             f"{par['sync']}; seeds {par['seeds']}; a run that does not reach the target "
+             f"within {par['cap_seconds']:g} s counts as {par['cap_seconds']:g} s. "
+             "(reached/runs) beside each median.", "",
+             _table(["profile", "async s", "sync s", "sync/async", "ideal",
+                     "ideal × data sizes", "effective ideal", "measured updates/s ratio",
+                     "updates/s async / sync"], prow), ""]
+    if par.get("late_target_accuracy"):
+        lines += [f"The same runs, on to {par['late_target_accuracy']:g} held-out accuracy "
+                  f"(and the versions each mode needed to reach {par['target_accuracy']:g}):",
+                  "", _table(["profile", "async s", "sync s", "sync/async",
+                              f"versions to {par['target_accuracy']:g}, async / sync"],
+                             late_rows), ""]
+    for name, p in b["profiles"].items():
+        lines.append(f"- {name}: async runs {_runs(p['ours']['runs'])} s; sync runs "
+                     f"{_runs(p['baseline']['runs'])} s; speeds {p['speeds']}; samples per "
+                     f"device {list(p['samples_per_device'].values())}; measured relative "
+                     f"slowness per device (async) "
+                     f"{list(p['effective_relative_speed'].values())}")
+    return "\n".join(lines)
+
+
+def _footprint(b: dict[str, Any]) -> str:
+    rows = [_head(b, "peak RSS while training (MiB)"),
+            ["RSS idle after training (MiB)", _num(b["idle"]["ours"]["median"]),
+             _num(b["baseline"]["median"]), _ratio(b["idle"].get("ratio")), "–", "–"]]
+    stages = b["details"].get("stages") or []
+    manual = b["details"].get("stages_without_torch_optim") or []
+    extra = []
+    if manual:
+        extra = ["", "The same steps with a hand-written SGD-with-momentum step instead of "
+                 "`torch.optim.SGD` (a probe of what the agent would need without torch.optim):",
+                 "", _table(["step", "VmRSS MiB", "VmHWM MiB"],
+                            [[s["stage"], _num(s["rss_mib"]), _num(s["hwm_mib"])]
+                             for s in manual])]
+    return "\n".join([
+        _stamp(b), "", _table(HEAD, rows), "",
+        f"- runs, agent peak: {_runs(b['ours']['runs'])} MiB; idle: "
+        f"{_runs(b['idle']['ours']['runs'])} MiB; bare peak: {_runs(b['baseline']['runs'])} MiB",
+        "", "Resident memory after each step an agent takes (one process):", "",
+        _table(["step", "VmRSS MiB", "VmHWM MiB"],
+               [[s["stage"], _num(s["rss_mib"]), _num(s["hwm_mib"])] for s in stages]),
+        *extra,
+    ])
+
+
+RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
+    "ingest_25k": _ingest,
+    "ingest_1m": _ingest,
+    "latency": _latency,
+    "bytes": _bytes,
+    "time_to_accuracy": _tta,
+    "footprint": _footprint,
+}
+
+
+def render_sections(results: dict[str, Any]) -> dict[str, str]:
+    sections = {"environment": _environment(results)}
+    for name, b in results.get("benchmarks", {}).items():
+        err = _error(b)
+        try:
+            sections[name] = err or RENDER[name](b)
+        except (KeyError, TypeError, ValueError) as exc:
+            sections[name] = f"{_stamp(b)}\n\n(could not render: {type(exc).__name__}: {exc})"
+    return sections
+
+
+def _summary(results: dict[str, Any]) -> str:
+    rows = []
+    for name, b in results.get("benchmarks", {}).items():
+        if "error" in b:
+            rows.append([name, "–", "–", "–", "failed", "–"])
+            continue
+        rows.append([name, f"{_num(b['ours']['median'])} {b.get('unit', '')}",
+                     f"{_num(b['baseline']['median'])} {b.get('unit', '')}", _ratio(b["ratio"]),
+                     b.get("aim", "–"), _met(b.get("aim_met"))])
+    return _table(["benchmark", "ours (median)", "baseline (median)", "ratio", "aim", "met?"],
+                  rows)
+
+
+def update_markdown(path: Path, results: dict[str, Any]) -> None:
+    """Rewrite the generated sections of ``path`` (created if missing) from ``results``."""
+    sections = {"summary": _summary(results), **render_sections(results)}
+    text = path.read_text() if path.exists() else "# fedbus benchmarks\n"
+    for name, body in sections.items():
+        begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+        block = f"{begin}\n{body}\n{end}"
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+        if pattern.search(text):
+            text = pattern.sub(lambda _m, block=block: block, text)
+        else:
+            text = text.rstrip("\n") + f"\n\n## {name}\n\n{block}\n"
+    path.write_text(text)

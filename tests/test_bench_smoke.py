@@ -1,0 +1,64 @@
+"""Smoke test of the benchmark harness: a quick run of a few benchmarks, checked for shape.
+
+Never a timing assertion: the numbers of a quick run on a shared machine mean nothing. It
+checks that the harness runs end to end against a real broker, writes results.json and the
+BENCHMARKS.md tables into the directory it is given, and leaves the repository's own
+results alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+SUBSET = ("ingest_25k", "latency", "footprint")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_quick_run_writes_results_and_tables(tmp_path: Path) -> None:
+    repo_results = REPO / "bench" / "results.json"
+    before = repo_results.read_bytes() if repo_results.exists() else None
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", *SUBSET, "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["quick"] is True
+    env = results["environment"]
+    for key in ("cpu_model", "cpu_count", "python", "torch", "paho_mqtt", "numpy", "msgpack",
+                "mosquitto", "broker_config"):
+        assert env.get(key), key
+    assert "listener" in env["broker_config"]
+
+    assert set(results["benchmarks"]) == set(SUBSET)
+    for name, bench in results["benchmarks"].items():
+        assert "error" not in bench, (name, bench.get("error"))
+        for side in ("ours", "baseline"):
+            runs = bench[side]["runs"]
+            assert runs and all(_finite(v) for v in runs), (name, side, runs)
+            assert _finite(bench[side]["median"]), (name, side)
+        assert _finite(bench["ratio"]), name
+        assert bench["ratio_definition"] and bench["unit"] and "aim" in bench
+    assert _finite(results["benchmarks"]["latency"]["p99"]["ratio"])
+    assert _finite(results["benchmarks"]["footprint"]["idle"]["ours"]["median"])
+
+    markdown = (tmp_path / "BENCHMARKS.md").read_text()
+    for name in ("summary", "environment", *SUBSET):
+        assert f"<!-- bench:{name}:begin -->" in markdown, name
+        assert f"<!-- bench:{name}:end -->" in markdown, name
+    # --out keeps the repository's results untouched
+    after = repo_results.read_bytes() if repo_results.exists() else None
+    assert after == before
