@@ -279,17 +279,27 @@ def render_sections(results: dict[str, Any]) -> dict[str, str]:
     return sections
 
 
+RATIO_MEANS = {
+    "ingest_25k": "ours / bare (higher is better)",
+    "ingest_1m": "ours / bare (higher is better)",
+    "latency": "ours p50 / bare p50 (lower is better)",
+    "bytes": "torch.save / ours (higher is better)",
+    "time_to_accuracy": "sync / async under 1:2:4 (higher is better)",
+    "footprint": "agent / bare (lower is better)",
+}
+
+
 def _summary(results: dict[str, Any]) -> str:
     rows = []
     for name, b in results.get("benchmarks", {}).items():
         if "error" in b:
-            rows.append([name, "–", "–", "–", "failed", "–"])
+            rows.append([name, "–", "–", "–", RATIO_MEANS.get(name, ""), "failed", "–"])
             continue
         rows.append([name, f"{_num(b['ours']['median'])} {b.get('unit', '')}",
                      f"{_num(b['baseline']['median'])} {b.get('unit', '')}", _ratio(b["ratio"]),
-                     b.get("aim", "–"), _met(b.get("aim_met"))])
-    return _table(["benchmark", "ours (median)", "baseline (median)", "ratio", "aim", "met?"],
-                  rows)
+                     RATIO_MEANS.get(name, ""), b.get("aim", "–"), _met(b.get("aim_met"))])
+    return _table(["benchmark", "ours (median)", "baseline (median)", "ratio", "ratio is",
+                   "aim", "met?"], rows)
 
 
 def update_markdown(path: Path, results: dict[str, Any]) -> None:

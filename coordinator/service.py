@@ -200,13 +200,18 @@ class CoordinatorService:
         )
 
     def _drain(self, timeout: float) -> None:
+        """Handle queued messages: a bounded batch, then back to the stop conditions. Every
+        message taken off the queue is dispatched (paho has already acknowledged it)."""
         try:
             msg = self._inbox.get(timeout=timeout)
         except queue.Empty:
             return
-        for _ in range(1000):  # bounded batch, then look at stop conditions again
+        handled = 0
+        while True:
             self._dispatch(msg)
-            if self._should_stop():  # e.g. max_versions reached mid-batch: do not overshoot
+            handled += 1
+            # e.g. max_versions reached mid-batch: stop before taking another message
+            if handled >= 1000 or self._should_stop():
                 return
             try:
                 msg = self._inbox.get_nowait()
