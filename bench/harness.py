@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedbus.processes import terminate
+
 __all__ = [
     "REPO",
     "BenchBroker",
@@ -120,13 +122,7 @@ class Children:
 
     @staticmethod
     def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, timeout)
 
     def stop_all(self, timeout: float = 5.0) -> None:
         with self._lock:

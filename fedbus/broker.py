@@ -20,7 +20,6 @@ import pwd
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -33,6 +32,7 @@ from typing import Any
 
 from broker_config import ACL_FILE, LISTENER_POLICY_FILE, POLICY_FILE
 from fedbus.errors import ConfigError, FedbusError
+from fedbus.processes import terminate
 from fedbus.topics import DEFAULT_PREFIX, Topics, validate_device_id
 
 __all__ = [
@@ -245,7 +245,7 @@ class LocalBroker:
             self._finalizer.detach()
             self._finalizer = None
         if proc is not None:
-            _terminate(proc, timeout)
+            terminate(proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL, as in a crash: nothing is saved since the last autosave. Idempotent."""
@@ -328,7 +328,7 @@ class LocalBroker:
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not the broker
             )
         self._proc = proc
-        self._finalizer = weakref.finalize(self, _terminate, proc, 5.0)
+        self._finalizer = weakref.finalize(self, terminate, proc, 5.0)
         try:
             self._wait_ready(proc, output, timeout)
         except BrokerError as exc:
@@ -398,17 +398,6 @@ class _LaunchOutput:
             return f" (no output; see {self.log_file})"
         shown = "\n".join(lines[-_LOG_TAIL_LINES:])
         return f"\n--- last lines of mosquitto's output ({self.log_file}) ---\n{shown}"
-
-
-def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM this one process by its PID, SIGKILL if it does not exit in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _accepts(host: str, port: int) -> bool:
