@@ -465,8 +465,16 @@ class CoordinatorCore:
         )
         return SendReceipt(device_id, receipt)
 
-    def _accept_buffered(self, device_id: str, acc: Accepted, now: float) -> list[Action]:
+    def _buffer_target(self) -> int:
+        """K, but never more than the devices known to be online: each agent trains once per
+        version, so a smaller fleet could otherwise fill the buffer only through the timeout.
+        With no presence known (no status messages), K as configured."""
+        online = len(self.online_devices())
         k = self.config.effective_buffer_size
+        return min(k, online) if online else k
+
+    def _accept_buffered(self, device_id: str, acc: Accepted, now: float) -> list[Action]:
+        k = self._buffer_target()
         if not self._buffer:
             self._buffer_since = now
         self._buffer.append(BufferedUpdate(acc.delta, acc.update.num_samples, acc.staleness))

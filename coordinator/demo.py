@@ -211,6 +211,8 @@ def _start_agents(
             "--credentials", str(broker.credentials_file),
             "--slowdown", str(slowdown),
             "--seed", str(cfg.seed),
+            # top-k residuals stay with the demo's files, not in the user's ~/.local/state
+            "--state-dir", str(workdir / "state" / device),
         ]
         with open(logs / f"{device}.log", "wb") as out:
             proc = subprocess.Popen(

@@ -592,3 +592,16 @@ def test_buffer_timeout_zero_disables_it_and_bad_values_are_refused() -> None:
     for bad in (-1.0, float("inf"), True):
         with pytest.raises(ValueError, match="buffer_timeout"):
             AggregationConfig(buffer_timeout=bad)
+
+
+def test_fedbuff_needs_no_more_updates_than_devices_online() -> None:
+    c = core(buffer_size=4, buffer_timeout=0.0)
+    for device in ("d1", "d2", "d3"):
+        c.on_status(device, status(device, "online"), now=0.0)
+    c.on_update("d1", upd("d1", 1.0), now=1.0)
+    c.on_update("d2", upd("d2", 1.0), now=1.0)
+    assert c.version == 0
+    assert models(c.on_update("d3", upd("d3", 1.0), now=1.0))  # 3 online: K is 3, not 4
+    c.on_status("d3", status("d3", "offline"), now=2.0)
+    c.on_update("d1", upd("d1", 1.0, base=1), now=3.0)
+    assert models(c.on_update("d2", upd("d2", 1.0, base=1), now=3.0))  # 2 online now
