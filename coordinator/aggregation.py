@@ -1,8 +1,13 @@
-"""Aggregation as pure functions over ``{name: float32 array}`` model states and deltas.
+"""Aggregation over ``{name: float32 array}`` model states and deltas.
 
-Nothing here mutates its inputs; every returned array is a new float32 array. A step whose
-result would contain NaN or infinity raises ``AggregationError`` so that the caller keeps
-the old model instead of publishing a broken one.
+The steps are pure functions: nothing mutates its inputs and every returned array is a new
+float32 array. A step whose result would contain NaN or infinity raises
+``AggregationError`` so that the caller keeps the old model instead of publishing a broken
+one.
+
+``WeightedSum`` is the one stateful piece: the running FedBuff numerator the coordinator
+adds each accepted update to as it arrives, so a buffer costs one model-sized array however
+large K is, and the step at the K-th update is a single pass instead of K.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from fedbus.errors import FedbusError
 __all__ = [
     "AggregationError",
     "BufferedUpdate",
+    "WeightedSum",
     "fedavg_step",
+    "fedbuff_apply",
     "fedbuff_step",
     "is_finite",
     "l2_norm",
@@ -49,11 +56,23 @@ class BufferedUpdate:
 
 
 def l2_norm(delta: Mapping[str, np.ndarray]) -> float:
-    """Global L2 norm over all tensors, accumulated in float64 (no float32 overflow)."""
+    """Global L2 norm over all tensors; the tensors' sums of squares add up in float64.
+
+    Each tensor's sum of squares is one float32 dot product over the array as it is (no
+    copy, one pass). Only when that overflows float32 (a sum of squares above ~3.4e38) is
+    the tensor summed again in float64, so values up to float32's maximum give a finite
+    norm. A NaN anywhere makes the norm NaN and an infinity makes it infinite: a finite
+    norm therefore means every value is finite.
+    """
     total = 0.0
-    for value in delta.values():
-        flat = np.asarray(value).astype(np.float64, copy=False).ravel()
-        total += float(np.dot(flat, flat))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for value in delta.values():
+            flat = np.ascontiguousarray(value, dtype=np.float32).reshape(-1)
+            squares = float(np.dot(flat, flat))
+            if not math.isfinite(squares):
+                wide = flat.astype(np.float64)
+                squares = float(np.dot(wide, wide))
+            total += squares
     return math.sqrt(total)
 
 
@@ -138,6 +157,89 @@ def _check_lr(server_lr: float) -> None:
         raise ValueError(f"server_lr must be finite and > 0, got {server_lr!r}")
 
 
+class WeightedSum:
+    """The running FedBuff numerator: ``Σ c_i · Δ_i`` in float32, and ``Σ n_i``.
+
+    The coordinator adds each accepted update once, as it arrives (one pass over the update
+    into a preallocated array), and forgets the update; ``mean()`` divides by the samples
+    added. Every delta added must have exactly the names and shapes given at construction
+    (``ValueError``). Inputs are never mutated.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        if not shapes:
+            raise ValueError("a WeightedSum needs at least one tensor")
+        self._sum: State = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+        self._scratch: State = {name: np.empty_like(a) for name, a in self._sum.items()}
+        self.count = 0
+        self.samples = 0
+
+    def add(self, delta: Mapping[str, np.ndarray], *, num_samples: int, coef: float) -> None:
+        """Add ``coef · delta`` to the sum and ``num_samples`` to the sample count."""
+        if not (_is_count(num_samples) and num_samples >= 1):
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        if not (math.isfinite(coef) and coef >= 0):
+            raise ValueError(f"coef must be finite and >= 0, got {coef!r}")
+        _check_like(self._sum, delta, "delta")
+        c = np.float32(coef)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for name, total in self._sum.items():
+                scratch = self._scratch[name]
+                np.multiply(delta[name], c, out=scratch, casting="same_kind")
+                total += scratch
+        self.count += 1
+        self.samples += num_samples
+
+    def mean(self) -> State:
+        """``Σ c_i · Δ_i / Σ n_i`` as new float32 arrays (``ValueError`` when empty)."""
+        if self.count == 0:
+            raise ValueError("nothing to aggregate")
+        scale = np.float32(1.0 / self.samples)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return {name: total * scale for name, total in self._sum.items()}
+
+    def clear(self) -> None:
+        for total in self._sum.values():
+            total.fill(0.0)
+        self.count = 0
+        self.samples = 0
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def fedbuff_apply(
+    global_state: Mapping[str, np.ndarray],
+    buffered: WeightedSum,
+    *,
+    server_lr: float,
+    momentum: float = 0.0,
+    velocity: Mapping[str, np.ndarray] | None = None,
+) -> tuple[State, State]:
+    """The FedBuff step from a filled ``WeightedSum`` (``c_i = n_i · w(s_i)``); returns
+    ``(new_state, new_velocity)``. See ``fedbuff_step`` for the formula; ``buffered`` is
+    only read."""
+    _check_lr(server_lr)
+    if not (math.isfinite(momentum) and 0.0 <= momentum < 1.0):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    aggregate = buffered.mean()
+    _check_like(global_state, aggregate, "update")
+    if velocity is None or momentum == 0.0:
+        new_velocity = aggregate
+    else:
+        _check_like(global_state, velocity, "velocity")
+        new_velocity = {}
+        with np.errstate(over="ignore", invalid="ignore"):
+            for name, agg in aggregate.items():
+                new_velocity[name] = (
+                    np.float32(momentum) * np.asarray(velocity[name], dtype=np.float32) + agg
+                ).astype(np.float32, copy=False)
+    if not is_finite(new_velocity):
+        raise AggregationError("server velocity became non-finite; model kept")
+    return _apply(global_state, new_velocity, server_lr), new_velocity
+
+
 def fedbuff_step(
     global_state: Mapping[str, np.ndarray],
     updates: Sequence[BufferedUpdate],
@@ -161,38 +263,23 @@ def fedbuff_step(
     The mean is sample-weighted, and staleness down-weights *absolutely*: a buffer of stale
     updates makes a smaller step instead of being renormalised back to full size. With
     ``momentum == 0`` this is a plain step and ``new_velocity == aggregate``. FedAsync is
-    the same step with a buffer of one update.
+    the same step with a buffer of one update. The coordinator computes the same thing
+    incrementally (``WeightedSum`` + ``fedbuff_apply``).
 
     Raises ``ValueError`` for bad arguments (empty buffer, mismatched tensors, momentum
     outside ``[0, 1)``) and ``AggregationError`` if the result would not be finite.
     """
     _check_lr(server_lr)
-    if not (math.isfinite(momentum) and 0.0 <= momentum < 1.0):
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if not updates:
         raise ValueError("nothing to aggregate")
     _check_like(global_state, updates[0].delta, "update")
-    total = math.fsum(float(u.num_samples) for u in updates)
-    coefs = [
-        u.num_samples
-        * staleness_weight(u.staleness, staleness_kind, a=staleness_a, b=staleness_b)
-        / total
-        for u in updates
-    ]
-    aggregate = _linear_combination([u.delta for u in updates], coefs)
-    if velocity is None or momentum == 0.0:
-        new_velocity = aggregate
-    else:
-        _check_like(global_state, velocity, "velocity")
-        new_velocity = {}
-        with np.errstate(over="ignore", invalid="ignore"):
-            for name, agg in aggregate.items():
-                new_velocity[name] = (
-                    np.float32(momentum) * np.asarray(velocity[name], dtype=np.float32) + agg
-                ).astype(np.float32, copy=False)
-    if not is_finite(new_velocity):
-        raise AggregationError("server velocity became non-finite; model kept")
-    return _apply(global_state, new_velocity, server_lr), new_velocity
+    buffered = WeightedSum({name: np.shape(a) for name, a in global_state.items()})
+    for u in updates:
+        weight = staleness_weight(u.staleness, staleness_kind, a=staleness_a, b=staleness_b)
+        buffered.add(u.delta, num_samples=u.num_samples, coef=u.num_samples * weight)
+    return fedbuff_apply(
+        global_state, buffered, server_lr=server_lr, momentum=momentum, velocity=velocity
+    )
 
 
 def fedavg_step(

@@ -10,8 +10,9 @@ it returns, in order:
 
 Modes:
 
-- ``fedbuff``: every accepted update goes into a buffer; when it holds ``buffer_size`` (K)
-  updates, ``aggregation.fedbuff_step`` makes the next version.
+- ``fedbuff``: every accepted update is added, weighted, to a running sum (the buffer,
+  ``aggregation.WeightedSum``: one model-sized array, whatever K); when it holds
+  ``buffer_size`` (K) updates, ``aggregation.fedbuff_apply`` makes the next version.
 - ``fedasync``: the same with K = 1.
 - ``fedavg``: synchronous rounds. A round for version v starts with the devices online at
   that moment. While it has no update yet it stays open: devices coming online join it and
@@ -39,12 +40,12 @@ import numpy as np
 
 from coordinator.aggregation import (
     AggregationError,
-    BufferedUpdate,
+    WeightedSum,
     fedavg_step,
-    fedbuff_step,
+    fedbuff_apply,
     is_finite,
 )
-from coordinator.staleness import STALENESS_KINDS
+from coordinator.staleness import STALENESS_KINDS, staleness_weight
 from coordinator.validation import (
     REJECT_REASONS,
     Accepted,
@@ -243,7 +244,7 @@ class CoordinatorCore:
             max_staleness=config.effective_max_staleness,
         )
         self._seen = SeenIds()
-        self._buffer: list[BufferedUpdate] = []
+        self._buffer = WeightedSum(self._shapes)
         self._buffer_since: float | None = None  # when the oldest buffered update arrived
         self._velocity: dict[str, np.ndarray] | None = None
         self._devices: dict[str, str] = {}
@@ -349,11 +350,11 @@ class CoordinatorCore:
         FedAvg round whose deadline has passed."""
         timeout = self.config.buffer_timeout
         since = self._buffer_since
-        if self._buffer and since is not None and timeout > 0 and now >= since + timeout:
+        if self._buffer.count and since is not None and timeout > 0 and now >= since + timeout:
             self._counters["buffer_timeouts"] += 1
             _log.info(
                 "applying %d buffered update(s) after %.0f s without reaching K=%d",
-                len(self._buffer), now - since, self.config.effective_buffer_size,
+                self._buffer.count, now - since, self.config.effective_buffer_size,
             )
             return self._apply_buffer()
         rnd = self._round
@@ -415,7 +416,7 @@ class CoordinatorCore:
         return {
             "mode": self.config.mode,
             "version": self._version,
-            "buffered": len(self._buffer),
+            "buffered": self._buffer.count,
             "buffer_size": self.config.effective_buffer_size,
             "devices_known": len(self._devices),
             "devices_online": len(self.online_devices()),
@@ -475,38 +476,44 @@ class CoordinatorCore:
 
     def _accept_buffered(self, device_id: str, acc: Accepted, now: float) -> list[Action]:
         k = self._buffer_target()
-        if not self._buffer:
+        cfg = self.config
+        if not self._buffer.count:
             self._buffer_since = now
-        self._buffer.append(BufferedUpdate(acc.delta, acc.update.num_samples, acc.staleness))
-        actions: list[Action] = [self._accept(device_id, acc, f"buffered {len(self._buffer)}/{k}")]
-        if len(self._buffer) >= k:
+        weight = staleness_weight(
+            acc.staleness, cfg.staleness, a=cfg.staleness_a, b=cfg.staleness_b
+        )
+        n = acc.update.num_samples
+        self._buffer.add(acc.delta, num_samples=n, coef=n * weight)
+        actions: list[Action] = [
+            self._accept(device_id, acc, f"buffered {self._buffer.count}/{k}")
+        ]
+        if self._buffer.count >= k:
             actions.extend(self._apply_buffer())
         return actions
 
     def _apply_buffer(self) -> list[Action]:
-        updates, self._buffer = self._buffer, []
+        count = self._buffer.count
         self._buffer_since = None
         cfg = self.config
         try:
-            new_state, velocity = fedbuff_step(
+            new_state, velocity = fedbuff_apply(
                 self._state,
-                updates,
+                self._buffer,
                 server_lr=cfg.server_lr,
-                staleness_kind=cfg.staleness,
                 momentum=cfg.server_momentum,
                 velocity=self._velocity,
-                staleness_a=cfg.staleness_a,
-                staleness_b=cfg.staleness_b,
             )
         except AggregationError as exc:
             self._counters["aggregation_failed"] += 1
             _log.error(
-                "dropped a buffer of %d updates at version %d: %s", len(updates), self._version, exc
+                "dropped a buffer of %d updates at version %d: %s", count, self._version, exc
             )
             return []
+        finally:
+            self._buffer.clear()
         if cfg.server_momentum > 0:
             self._velocity = _frozen(velocity, copy=False)
-        return [self._publish(new_state, f"{cfg.mode}: {len(updates)} update(s)")]
+        return [self._publish(new_state, f"{cfg.mode}: {count} update(s)")]
 
     def _publish(self, new_state: Mapping[str, np.ndarray], reason: str) -> NewModel:
         self._state = _frozen(new_state, copy=False)  # fresh arrays from aggregation

@@ -11,19 +11,22 @@ at the first failure, in this order:
 4b. ``wrong_task``    ``task_id`` is not the running task: a field compare, so it comes
    before any tensor is decoded (an update for another task's model would otherwise be
    reported as a ``shape`` error)
-5. ``too_large`` / ``malformed``  a ``"compression": "zstd"`` delta that does not
+5. ``future_version`` / ``stale``  base version newer than the current one, or more than
+   ``max_staleness`` versions behind it
+6. ``duplicate``      ``update_id`` already used
+   (5 and 6 read only the envelope: a replayed or outdated update is refused before any
+   tensor is decompressed or decoded)
+7. ``too_large`` / ``malformed``  a ``"compression": "zstd"`` delta that does not
    decompress within ``decompressed_bound(expected_shapes)`` bytes (the largest legitimate
    encoding of the model's tensors; the output buffer never grows past it), is not one
    zstd frame, or does not hold msgpack within the same limits
-6. ``dtype`` / ``shape`` / ``schema`` while decoding the tensors (``update_codec``); a
+8. ``dtype`` / ``shape`` / ``schema`` while decoding the tensors (``update_codec``); a
    ``topk`` entry's shape is compared with the model's before it is expanded, and its
    indices must be in range, ascending and distinct
-7. ``shape``          tensor names or shapes differ from the global model's
-8. ``non_finite``     NaN or infinity anywhere in the delta
-9. ``norm``           global L2 norm above ``max_norm``
-11. ``future_version`` / ``stale``  base version newer than the current one, or more than
-    ``max_staleness`` versions behind it
-12. ``duplicate``     ``update_id`` already used
+9. ``shape``          tensor names or shapes differ from the global model's
+10. ``non_finite``    NaN or infinity anywhere in the delta
+11. ``norm``          global L2 norm above ``max_norm``
+    (10 and 11 take one pass: the norm, which is finite only when every value is)
 
 Codecs: any valid entry codec and compression is accepted, whatever the task's ``codec``
 asks for (an ``int4`` update under an ``int8`` task, a plain update under a ``+zstd`` one).
@@ -41,6 +44,7 @@ redelivery of a used update is rejected as ``duplicate``.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -218,16 +222,8 @@ def validate_update(
             return reject(
                 "wrong_task", f"update is for task {update.task_id!r}, running {task_id!r}"
             )
-        # decompression (bounded by the expected shapes), decoding, then names and shapes
-        delta = decode_update_delta(
-            update.delta, update.compression, expected_shapes=expected_shapes
-        )
-        if not is_finite(delta):
-            bad = sorted(name for name, a in delta.items() if not np.isfinite(a).all())
-            return reject("non_finite", f"NaN or infinity in {bad}")
-        norm = l2_norm(delta)
-        if norm > limits.max_norm:
-            return reject("norm", f"L2 norm {norm:.6g} exceeds bound {limits.max_norm:g}")
+        # Envelope-only checks before any tensor is touched: a stale, future or repeated
+        # update costs one msgpack decode, not a decompression and a dequantisation.
         if update.base_version > current_version:
             return reject(
                 "future_version",
@@ -242,6 +238,18 @@ def validate_update(
             )
         if update.update_id in seen:
             return reject("duplicate", f"update id {update.update_id} was already used")
+        # decompression (bounded by the expected shapes), decoding, then names and shapes
+        delta = decode_update_delta(
+            update.delta, update.compression, expected_shapes=expected_shapes
+        )
+        # One pass: a finite norm means every value is finite (l2_norm); only a non-finite
+        # norm needs the second look that tells NaN/infinity from a mere overflow.
+        norm = l2_norm(delta)
+        if not math.isfinite(norm) and not is_finite(delta):
+            bad = sorted(name for name, a in delta.items() if not np.isfinite(a).all())
+            return reject("non_finite", f"NaN or infinity in {bad}")
+        if not norm <= limits.max_norm:
+            return reject("norm", f"L2 norm {norm:.6g} exceeds bound {limits.max_norm:g}")
         return Accepted(update=update, delta=delta, staleness=staleness, norm=norm, size=size)
     except ProtocolError as exc:
         return reject(exc.reason, exc.detail)

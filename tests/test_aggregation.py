@@ -10,7 +10,9 @@ import pytest
 from coordinator.aggregation import (
     AggregationError,
     BufferedUpdate,
+    WeightedSum,
     fedavg_step,
+    fedbuff_apply,
     fedbuff_step,
     is_finite,
     l2_norm,
@@ -254,3 +256,67 @@ def test_fedavg_step_errors() -> None:
         fedavg_step({"w": arr(1)}, [{"v": arr(1)}], [1])
     with pytest.raises(AggregationError):
         fedavg_step({"w": arr(-3e38)}, [{"w": arr(-3e38)}], [1])
+
+
+# -- WeightedSum / fedbuff_apply -----------------------------------------------------------
+
+
+def test_weighted_sum_matches_the_explicit_formula() -> None:
+    rng = np.random.default_rng(3)
+    shapes = {"w": (5, 4), "b": (4,)}
+    deltas = [{k: rng.standard_normal(s).astype(F32) for k, s in shapes.items()} for _ in range(7)]
+    samples = [3, 1, 8, 2, 5, 5, 1]
+    coefs = [n * w for n, w in zip(samples, [1.0, 0.5, 0.25, 1.0, 0.7, 0.1, 1.0], strict=True)]
+    total = WeightedSum(shapes)
+    before = [copies(d) for d in deltas]
+    for d, n, c in zip(deltas, samples, coefs, strict=True):
+        total.add(d, num_samples=n, coef=c)
+    mean = total.mean()
+    for name in shapes:
+        expected = sum(c * d[name].astype(np.float64) for d, c in zip(deltas, coefs, strict=True))
+        np.testing.assert_allclose(mean[name], expected / sum(samples), rtol=1e-5, atol=1e-6)
+        assert mean[name].dtype == F32
+    for d, b in zip(deltas, before, strict=True):
+        assert_same(d, b)  # inputs untouched
+    assert (total.count, total.samples) == (7, 25)
+    mean["w"][0, 0] = 99.0  # the mean is a new array, not a view of the running sum
+    total.clear()
+    assert (total.count, total.samples) == (0, 0)
+    with pytest.raises(ValueError, match="nothing to aggregate"):
+        total.mean()
+    total.add(deltas[0], num_samples=2, coef=2.0)
+    np.testing.assert_allclose(total.mean()["w"], deltas[0]["w"], rtol=1e-6)
+
+
+def test_weighted_sum_rejects_mismatched_deltas_and_bad_weights() -> None:
+    total = WeightedSum({"w": (2,)})
+    with pytest.raises(ValueError, match="tensor names differ"):
+        total.add({"v": arr(1, 2)}, num_samples=1, coef=1.0)
+    with pytest.raises(ValueError, match="shape"):
+        total.add({"w": arr(1, 2, 3)}, num_samples=1, coef=1.0)
+    with pytest.raises(ValueError, match="num_samples"):
+        total.add({"w": arr(1, 2)}, num_samples=0, coef=1.0)
+    with pytest.raises(ValueError, match="coef"):
+        total.add({"w": arr(1, 2)}, num_samples=1, coef=math.nan)
+    assert total.count == 0
+
+
+def test_fedbuff_apply_equals_fedbuff_step() -> None:
+    total = WeightedSum({"w": (2,)})
+    total.add(U1.delta, num_samples=1, coef=1 * 1.0)  # staleness 0 under sqrt: weight 1
+    total.add(U2.delta, num_samples=3, coef=3 * 0.5)  # staleness 3 under sqrt: weight 1/2
+    v0 = {"w": arr(1, 1)}
+    new, v1 = fedbuff_apply(GLOBAL, total, server_lr=0.5, momentum=0.9, velocity=v0)
+    ref_new, ref_v1 = fedbuff_step(
+        GLOBAL, [U1, U2], server_lr=0.5, staleness_kind="sqrt", momentum=0.9, velocity=v0
+    )
+    np.testing.assert_allclose(new["w"], ref_new["w"], rtol=1e-6)
+    np.testing.assert_allclose(v1["w"], ref_v1["w"], rtol=1e-6)
+    assert total.count == 2  # apply only reads the sum
+
+
+def test_l2_norm_is_finite_exactly_when_the_values_are() -> None:
+    assert not math.isfinite(l2_norm({"a": arr(1, np.nan)}))
+    assert l2_norm({"a": arr(1, np.inf)}) == math.inf
+    # float32's largest value squared overflows float32, not the float64 fallback
+    assert math.isfinite(l2_norm({"a": arr(3.4e38, -3.4e38)}))

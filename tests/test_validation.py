@@ -285,12 +285,13 @@ def test_order_of_checks() -> None:
         (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev2", "device_mismatch"),
         # the task is a field compare: checked before any tensor is decoded
         (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev1", "wrong_task"),
-        (make_payload(delta=wrong_shape, base_version=99), "dev1", "shape"),
-        (make_payload(delta=nan, base_version=99), "dev1", "non_finite"),
-        (make_payload(delta=huge, base_version=99), "dev1", "norm"),
-        (make_payload(base_version=99), "dev1", "future_version"),
-        (make_payload(base_version=0), "dev1", "stale"),
-        (make_payload(), "dev1", "duplicate"),
+        # versions and ids are read off the envelope, before any tensor is decoded
+        (make_payload(delta=wrong_shape, base_version=99), "dev1", "future_version"),
+        (make_payload(delta=wrong_shape, base_version=0), "dev1", "stale"),
+        (make_payload(delta=wrong_shape), "dev1", "duplicate"),
+        (make_payload(delta=wrong_shape, update_id="u-2"), "dev1", "shape"),
+        (make_payload(delta=nan, update_id="u-2"), "dev1", "non_finite"),
+        (make_payload(delta=huge, update_id="u-2"), "dev1", "norm"),
     ]
     for payload, topic_device, reason in cases:
         rejected(run(payload, seen=seen, topic_device=topic_device), reason)
@@ -503,13 +504,16 @@ def test_order_of_checks_with_compression() -> None:
     rejected(run(zstd_payload(bomb), topic_device="dev2"), "device_mismatch")
     # the task is checked before anything is decompressed, too
     rejected(run(zstd_payload(bomb, task_id="t9")), "wrong_task")
-    # decompression comes before the later checks (version, duplicates)
+    # so are versions and ids: a replayed bomb is refused without being decompressed
     seen = SeenIds()
     seen.add("u-1")
-    rejected(run(zstd_payload(bomb, base_version=99), seen=seen), "too_large")
+    rejected(run(zstd_payload(bomb, base_version=99)), "future_version")
+    rejected(run(zstd_payload(bomb), seen=seen), "duplicate")
+    # decompression comes before the checks on values
+    rejected(run(zstd_payload(bomb, update_id="u-2"), seen=seen), "too_large")
     nan = good_delta()
     nan["w"][0, 0] = np.nan
-    rejected(run(spec_payload("topk:1.0:fp32+zstd", nan, base_version=99)), "non_finite")
+    rejected(run(spec_payload("topk:1.0:fp32+zstd", nan)), "non_finite")
 
 
 def test_any_valid_codec_is_accepted_whatever_the_task_asks() -> None:
