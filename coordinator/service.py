@@ -3,7 +3,14 @@
 It publishes the task and the retained global model, feeds every received update and
 status message to the pure core, carries out the core's actions (receipts, new model
 versions), evaluates each version on the held-out set and decides when to stop.
-The network thread only queues messages; everything else runs on the calling thread.
+
+Two threads share the work. The MQTT network thread handles each message as it arrives:
+the core judges it and the receipt (and, when a version is made, the new model) is
+published before paho acknowledges the message to the broker, so an update is
+acknowledged only once it is in the buffer. Handing every message to another thread cost
+more than judging it (measured in BENCHMARKS.md, ingest). The calling thread records
+versions (evaluation, checkpoint, ``on_version``), applies the core's clock (``tick``)
+and decides when to stop; it never holds the lock around the core while it evaluates.
 """
 
 from __future__ import annotations
@@ -83,6 +90,16 @@ def build_task(
     )
 
 
+@dataclass(frozen=True)
+class _Made:
+    """A version as the network thread made it (the arrays are read-only, never mutated)."""
+
+    version: int
+    state: dict[str, np.ndarray]
+    updates_accepted: int
+    seconds: float  # since the coordinator started
+
+
 class CoordinatorService:
     """Runs one task to its stopping condition. ``stop()`` may be called from any thread."""
 
@@ -120,7 +137,12 @@ class CoordinatorService:
         if eval_x is not None and eval_y is not None:
             self.evaluator = Evaluator(self.task, eval_x, eval_y)
         self.history: list[VersionRecord] = []
-        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        # the core is used by both threads; the lock is held only while it judges a message,
+        # ticks or is read, and while the resulting publishes are queued
+        self._lock = threading.Lock()
+        self._closed = False  # set under the lock: later messages are not judged
+        # versions made on the network thread, for the calling thread to record
+        self._made: queue.SimpleQueue[_Made] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._republish = threading.Event()
         self._started = time.monotonic()
@@ -133,7 +155,7 @@ class CoordinatorService:
                 username=config.username,
                 password=password,
             ),
-            on_message=self._inbox.put,
+            on_message=self._on_message,
             on_connect=lambda _present: self._republish.set(),
         )
 
@@ -154,7 +176,8 @@ class CoordinatorService:
 
     def counters(self) -> dict[str, int]:
         """The core's counters plus ``bytes_model_published`` (this shell's publishes)."""
-        return {**self.core.counters, "bytes_model_published": self.bytes_model_published}
+        with self._lock:
+            return {**self.core.counters, "bytes_model_published": self.bytes_model_published}
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -162,7 +185,7 @@ class CoordinatorService:
         self.client.subscribe(self.topics.all_updates, qos=1)
         self.client.subscribe(self.topics.all_status, qos=1)
         self._started = time.monotonic()
-        self._record_version()
+        self._record(_Made(self.core.version, self.core.state, 0, 0.0))
         self.client.start()
         log.info(
             "coordinator: task %s (%s %s), mode %s, codec %s, model codec %s; broker %s:%d",
@@ -177,14 +200,19 @@ class CoordinatorService:
                     raise FedbusError(self.client.fatal_error)
                 if self._republish.is_set():
                     self._republish.clear()
-                    self._publish_task_and_model()
-                self._drain(timeout=0.2)
-                self._carry_out(self.core.tick(time.time()))
+                    with self._lock:
+                        self._publish_task_and_model()
+                self._record_made(timeout=0.2)
+                with self._lock:
+                    self._carry_out(self.core.tick(time.time()))
                 stop_reason = self._should_stop()
                 if stop_reason:
                     break
         finally:
+            with self._lock:
+                self._closed = True
             self.client.stop()
+        self._record_made(timeout=0)  # versions made before the network thread stopped
         log.info("coordinator stopping: %s", stop_reason)
         last = self.history[-1]
         return RunSummary(
@@ -199,26 +227,15 @@ class CoordinatorService:
             first_update_seconds=self._first_update,
         )
 
-    def _drain(self, timeout: float) -> None:
-        """Handle queued messages: a bounded batch, then back to the stop conditions. Every
-        message taken off the queue is dispatched (paho has already acknowledged it)."""
-        try:
-            msg = self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            return
-        handled = 0
-        while True:
-            self._dispatch(msg)
-            handled += 1
-            # e.g. max_versions reached mid-batch: stop before taking another message
-            if handled >= 1000 or self._should_stop():
-                return
-            try:
-                msg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+    # -- network thread ------------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> None:
+        with self._lock:
+            if not self._closed:
+                self._dispatch(msg)
 
     def _dispatch(self, msg: Message) -> None:
+        """Judge one message and carry out the core's actions (the caller holds the lock)."""
         device = self.topics.device_of(msg.topic)
         if device is None:
             return
@@ -229,8 +246,11 @@ class CoordinatorService:
             self._carry_out(self.core.on_update(device, msg.payload, now))
         elif msg.topic == self.topics.status(device):
             self._carry_out(self.core.on_status(device, msg.payload, now))
+        if self._reached_max_versions():
+            self._closed = True  # e.g. max_versions reached: judge nothing more
 
     def _carry_out(self, actions: list) -> None:
+        """Publish receipts and new versions (the caller holds the lock)."""
         for action in actions:
             if isinstance(action, SendReceipt):
                 self.client.publish(
@@ -238,13 +258,41 @@ class CoordinatorService:
                 )
             elif isinstance(action, NewModel):
                 self._publish_model()
-                self._record_version()
+                self._made.put(
+                    _Made(
+                        self.core.version,
+                        self.core.state,
+                        self.core.counters["updates_accepted"],
+                        time.monotonic() - self._started,
+                    )
+                )
+
+    def _reached_max_versions(self) -> bool:
+        return bool(self.config.max_versions) and self.core.version >= self.config.max_versions
+
+    # -- calling thread ------------------------------------------------------------------
+
+    def _record_made(self, timeout: float) -> None:
+        """Record the versions made since the last call, waiting up to ``timeout`` seconds
+        for the first. When several are waiting, only the newest is evaluated: evaluation
+        must not fall ever further behind a fast stream of versions."""
+        try:
+            made = [self._made.get(timeout=timeout) if timeout > 0 else self._made.get_nowait()]
+        except queue.Empty:
+            return
+        while True:
+            try:
+                made.append(self._made.get_nowait())
+            except queue.Empty:
+                break
+        for i, item in enumerate(made):
+            self._record(item, evaluate=i == len(made) - 1)
 
     def _should_stop(self) -> str:
         cfg = self.config
         if self._stop.is_set():
             return "stop requested"
-        if cfg.max_versions and self.core.version >= cfg.max_versions:
+        if self._reached_max_versions():
             return f"reached {cfg.max_versions} model versions"
         if cfg.duration and time.monotonic() - self._started >= cfg.duration:
             return f"ran for {cfg.duration:g} s"
@@ -267,16 +315,16 @@ class CoordinatorService:
         self.client.publish(self.topics.model, payload, qos=1, retain=True)
         self.bytes_model_published += len(payload)
 
-    def _record_version(self) -> None:
+    def _record(self, made: _Made, *, evaluate: bool = True) -> None:
         accuracy = loss = None
-        if self.evaluator is not None:
-            loss, accuracy = self.evaluator.evaluate(self.core.state)
+        if self.evaluator is not None and evaluate:
+            loss, accuracy = self.evaluator.evaluate(made.state)
         record = VersionRecord(
-            version=self.core.version,
-            seconds=round(time.monotonic() - self._started, 3),
+            version=made.version,
+            seconds=round(made.seconds, 3),
             accuracy=accuracy,
             loss=loss,
-            updates_accepted=self.core.counters.get("updates_accepted", 0),
+            updates_accepted=made.updates_accepted,
         )
         self.history.append(record)
         if accuracy is not None:
@@ -287,16 +335,16 @@ class CoordinatorService:
         else:
             log.info("model v%d (%d updates accepted)", record.version, record.updates_accepted)
         if self.config.out is not None:
-            self._checkpoint()
+            self._checkpoint(made)
         if self.on_version is not None:
             self.on_version(record)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, made: _Made) -> None:
         out = Path(self.config.out)  # type: ignore[arg-type]
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "model.npz.tmp"
         with open(tmp, "wb") as fh:
-            np.savez(fh, __version__=np.array(self.core.version), **self.core.state)
+            np.savez(fh, __version__=np.array(made.version), **made.state)
         os.replace(tmp, out / "model.npz")
         history = {
             "task": self.task.to_wire(),
