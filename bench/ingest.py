@@ -7,10 +7,6 @@ connection per device account publishing pre-encoded int8 updates flat out at Qo
 alternate ours, baseline, ours, ... on one broker; the coordinator's durable session is reset
 before each run so no run sees the leftovers of another.
 
-A third run per round, a diagnostic, repeats ours with OpenBLAS limited to one thread in the
-coordinator's environment (``ONE_BLAS_THREAD``), so the cost of BLAS threading is measured
-side by side with everything else.
-
 Rate = completed updates / (completion of the last - arrival of the first), at the consumer.
 For ours an update is complete when it has been aggregated into a new model version
 (``VersionRecord.seconds`` of the last version; FedBuff with K updates per version); for
@@ -105,27 +101,20 @@ def _publish(ctx: BenchContext, broker: BenchBroker, run_dir: str, template: str
     }, log_path=ctx.path(run_dir, "publisher.log"))
 
 
-# Diagnostic: the same coordinator with OpenBLAS limited to one thread (in its environment
-# only). coordinator.aggregation.l2_norm calls np.dot on float64, i.e. OpenBLAS ddot, whose
-# thread pool is what a busy host makes slow; this run isolates that cost.
-ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1"}
-
-
 def run_ours(ctx: BenchContext, broker: BenchBroker, name: str, i: int, model_args: dict,
-             template: str, n: int, env: dict[str, str] | None = None,
-             kind: str = "ours") -> dict[str, Any]:
+             template: str, n: int) -> dict[str, Any]:
     from bench.harness import wait_for_file
 
-    run_dir = str(ctx.path(name, f"{kind}-{i}", "x").parent)
+    run_dir = str(ctx.path(name, f"ours-{i}", "x").parent)
     broker.reset_coordinator_session()
     task_id = f"ingest-{i}"
     consumer = ctx.children.spawn_role("coordinator", _consumer_args(
         broker, f"{run_dir}/result.json", f"{run_dir}/ready", task_id=task_id,
         model_args=model_args, mode="fedbuff", k=K, max_versions=n // K,
         duration=300.0, max_staleness=MAX_STALENESS,
-    ), log_path=ctx.path(run_dir, "coordinator.log"), env=env)
+    ), log_path=ctx.path(run_dir, "coordinator.log"))
     wait_for_file(ctx.path(run_dir, "ready"), 60, [consumer], "coordinator")
-    pub = _publish(ctx, broker, run_dir, template, n, K, task_id, f"{kind[0]}{i}")
+    pub = _publish(ctx, broker, run_dir, template, n, K, task_id, f"o{i}")
     ctx.children.wait(consumer, 300, "coordinator")
     ctx.children.wait(pub, 60, "publisher")
     res = json.loads(ctx.path(run_dir, "result.json").read_text())
@@ -202,7 +191,7 @@ def stage_costs(model_args: dict[str, Any]) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from coordinator.aggregation import BufferedUpdate, fedbuff_step, is_finite, l2_norm
+    from coordinator.aggregation import WeightedSum, fedbuff_apply, l2_norm
     from coordinator.validation import SeenIds, ValidationLimits, validate_update
     from fedbus.envelope import pack, unpack
     from fedbus.messages import Update
@@ -220,7 +209,9 @@ def stage_costs(model_args: dict[str, Any]) -> dict[str, float]:
     limits = ValidationLimits(4 * 1024 * 1024, 100.0, 10)
     obj = unpack(payload, "update", limits.decode)
     decoded = decode_delta(obj["delta"])
-    buffer = [BufferedUpdate(decoded, 10, 1)] * K
+    buffered = WeightedSum(shapes)
+    for _ in range(K):
+        buffered.add(decoded, num_samples=10, coef=10.0)
 
     def per_call(fn: Any, repeat: int) -> float:
         fn()
@@ -235,17 +226,17 @@ def stage_costs(model_args: dict[str, Any]) -> dict[str, float]:
     big = sum(v.size for v in state.values()) > 200_000
     r = 20 if big else 300
     return {
-        "payload_copy (bytes(msg.payload))": per_call(lambda: bytes(bytearray(payload)), r),
         "unpack (msgpack, limits)": per_call(lambda: unpack(payload, "update", limits.decode),
                                              r),
         "decode_delta (int8 -> float32)": per_call(lambda: decode_delta(obj["delta"]), r),
-        "is_finite": per_call(lambda: is_finite(decoded), r),
-        "l2_norm": per_call(lambda: l2_norm(decoded), r),
+        "l2_norm (also proves the values finite)": per_call(lambda: l2_norm(decoded), r),
         "validate_update (all of the above)": per_call(lambda: validate_update(
             payload, topic_device="device-01", task_id="t", expected_shapes=shapes,
             current_version=1, limits=limits, seen=SeenIds()), r),
-        "fedbuff_step / K": round(per_call(lambda: fedbuff_step(
-            state, buffer, server_lr=1.0, staleness_kind="sqrt"), max(2, r // K)) / K, 1),
+        "WeightedSum.add (into the buffer)": per_call(
+            lambda: buffered.add(decoded, num_samples=10, coef=10.0), r),
+        "fedbuff_apply / K": round(per_call(lambda: fedbuff_apply(
+            state, buffered, server_lr=1.0), max(2, r // K)) / K, 1),
         "model message pack (fp32) / K": round(per_call(lambda: pack({"t": encode_delta(
             state, "fp32")}), max(2, r // K)) / K, 1),
     }
@@ -259,15 +250,11 @@ def run(ctx: BenchContext, name: str) -> dict[str, Any]:
     template, params, payload_bytes = make_template(ctx, name, model_args)
     ours: list[dict] = []
     base: list[dict] = []
-    diag: list[dict] = []
     with BenchBroker(ctx, name, DEVICES) as broker:
         for i in range(pairs):
             ours.append(guarded(lambda i=i: run_ours(ctx, broker, name, i, model_args,
                                                      template, n)))
             base.append(guarded(lambda i=i: run_bare(ctx, broker, name, i, template, n)))
-            diag.append(guarded(lambda i=i: run_ours(ctx, broker, name, i, model_args,
-                                                     template, n, env=ONE_BLAS_THREAD,
-                                                     kind="diag")))
     for side, rs in (("ours", ours), ("baseline", base)):
         if all(r.get("error") for r in rs):
             raise BenchError(f"{name}: every {side} run failed: {rs[0]['error']}")
@@ -279,9 +266,6 @@ def run(ctx: BenchContext, name: str) -> dict[str, Any]:
     b = summarize([r["rate"] for r in base], "bare paho subscriber",
                   cpu_ms_per_update=median(r.get("cpu_ms_per_update") for r in base))
     value = ratio(o["median"], b["median"])
-    d = summarize([r["rate"] for r in diag], "diagnostic: coordinator, OPENBLAS_NUM_THREADS=1",
-                  cpu_ms_per_update=median(r.get("cpu_ms_per_update") for r in diag))
-    d["ratio"] = ratio(d["median"], b["median"])
     return {
         "unit": "updates/s",
         "ours": o,
@@ -297,9 +281,8 @@ def run(ctx: BenchContext, name: str) -> dict[str, Any]:
             "publisher_window": 20, "evaluation": "none",
             "max_staleness": MAX_STALENESS, "base_version_lag": LAG,
         },
-        "diagnostic_one_blas_thread": d,
         "details": {
-            "ours_runs": ours, "baseline_runs": base, "diagnostic_runs": diag,
+            "ours_runs": ours, "baseline_runs": base,
             "publisher_rate_median": median(r.get("publisher_rate") for r in ours + base),
             "stage_costs_us": stage_costs(model_args),
         },

@@ -5,9 +5,7 @@ The publisher puts ``time.time()`` into each update's ``sent_at`` just before pu
 logs it by update id; the consumer notes ``time.time()`` when the update is done (ours: when
 ``CoordinatorCore.on_update`` returned it aggregated — FedAsync, K = 1, so every accepted
 update makes a new model version at once; baseline: when paho's ``on_message`` ran). Both
-processes read the same clock. The first ``WARMUP`` updates of each run are left out. A
-third run per round repeats ours with OpenBLAS limited to one thread (a diagnostic, as in
-``bench.ingest``).
+processes read the same clock. The first ``WARMUP`` updates of each run are left out.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from bench.ingest import (
     DEVICES,
     LAG,
     MAX_STALENESS,
-    ONE_BLAS_THREAD,
     SIZES,
     _consumer_args,
     _publish,
@@ -95,15 +92,12 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     template, params, payload_bytes = make_template(ctx, "latency", model_args)
     ours: list[dict] = []
     base: list[dict] = []
-    diag: list[dict] = []
     with BenchBroker(ctx, "latency", DEVICES) as broker:
         for i in range(pairs):
             ours.append(guarded(lambda i=i: _one(ctx, broker, "ours", i, template, model_args,
                                                  n)))
             base.append(guarded(lambda i=i: _one(ctx, broker, "bare", i, template, model_args,
                                                  n)))
-            diag.append(guarded(lambda i=i: _one(ctx, broker, "diag", i, template, model_args,
-                                                 n, env=ONE_BLAS_THREAD)))
     for side, rs in (("ours", ours), ("baseline", base)):
         if all(r.get("error") for r in rs):
             raise BenchError(f"latency: every {side} run failed: {rs[0]['error']}")
@@ -111,15 +105,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     b50 = summarize([r.get("p50_ms") for r in base], "bare paho subscriber: publish to delivered")
     o99 = summarize([r.get("p99_ms") for r in ours], "coordinator: publish to aggregated")
     b99 = summarize([r.get("p99_ms") for r in base], "bare paho subscriber: publish to delivered")
-    d50 = median(r.get("p50_ms") for r in diag)
-    d99 = median(r.get("p99_ms") for r in diag)
     return {
         "unit": "ms",
-        "diagnostic_one_blas_thread": {
-            "label": "diagnostic: coordinator, OPENBLAS_NUM_THREADS=1",
-            "p50": summarize([r.get("p50_ms") for r in diag], "p50"),
-            "p99": summarize([r.get("p99_ms") for r in diag], "p99"),
-            "ratio_p50": ratio(d50, b50["median"]), "ratio_p99": ratio(d99, b99["median"])},
         "ours": o50,
         "baseline": b50,
         "ratio": ratio(o50["median"], b50["median"]),
@@ -132,7 +119,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                    "model_args": model_args, "payload_bytes": payload_bytes, "codec": "int8",
                    "mode": "fedasync (K=1)", "publisher_connections": len(DEVICES),
                    "base_version_lag": LAG},
-        "details": {"ours_runs": ours, "baseline_runs": base, "diagnostic_runs": diag,
+        "details": {"ours_runs": ours, "baseline_runs": base,
                     "p90_ms": {"ours": median(r.get("p90_ms") for r in ours),
                                "baseline": median(r.get("p90_ms") for r in base)}},
     }

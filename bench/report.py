@@ -101,12 +101,6 @@ def _ingest(b: dict[str, Any]) -> str:
             f"baseline {_num(b['baseline'].get('cpu_ms_per_update'))} ms",
             f"- publisher: {_num(b['details'].get('publisher_rate_median'))} updates/s "
             "(median over all runs)"]
-    diag = b.get("diagnostic_one_blas_thread")
-    if diag:
-        text.append(f"- diagnostic, ours with `OPENBLAS_NUM_THREADS=1` in the coordinator's "
-                    f"environment (alternated with the runs above): {_runs(diag['runs'])} "
-                    f"updates/s, median {_num(diag['median'])} = {_ratio(diag.get('ratio'))} "
-                    f"the ceiling, CPU per update {_num(diag.get('cpu_ms_per_update'))} ms")
     lost = [r.get("lost", 0) for r in b["details"]["ours_runs"]]
     if any(lost):
         text.append(f"- updates that never reached the coordinator's core, per run: "
@@ -146,19 +140,8 @@ def _latency(b: dict[str, Any]) -> str:
         f"{_runs(b['baseline']['runs'])}",
         f"- p99 per run, ours: {_runs(p99['ours']['runs'])}; baseline: "
         f"{_runs(p99['baseline']['runs'])}",
-        *_latency_diag(b.get("diagnostic_one_blas_thread")),
         *_failed_runs(b),
     ])
-
-
-def _latency_diag(d: dict[str, Any] | None) -> list[str]:
-    if not d:
-        return []
-    return [f"- diagnostic, ours with `OPENBLAS_NUM_THREADS=1` in the coordinator's "
-            f"environment (alternated with the runs above): p50 {_runs(d['p50']['runs'])} ms "
-            f"(median {_num(d['p50']['median'])}, {_ratio(d.get('ratio_p50'))} the bare "
-            f"subscriber), p99 {_runs(d['p99']['runs'])} ms (median "
-            f"{_num(d['p99']['median'])}, {_ratio(d.get('ratio_p99'))})"]
 
 
 def _bytes(b: dict[str, Any]) -> str:
