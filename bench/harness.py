@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedbus.processes import terminate
+from fedbus.processes import Watchdog, terminate
 
 __all__ = [
     "REPO",
@@ -508,11 +508,17 @@ class Fleet:
         self.run(task_id="warmup", mode="fedavg", codec="int8", seed=0, max_versions=1,
                  duration=120.0)
 
-    def check_alive(self) -> None:
+    def dead_agent(self) -> str | None:
+        """Why the first agent process that has exited did so, or None."""
         for device, proc in self.agents.items():
             if proc.poll() is not None:
-                raise BenchError(f"agent {device} exited with code {proc.returncode}"
-                                 f"{log_tail(proc)}")
+                return f"agent {device} exited with code {proc.returncode}{log_tail(proc)}"
+        return None
+
+    def check_alive(self) -> None:
+        failure = self.dead_agent()
+        if failure is not None:
+            raise BenchError(failure)
 
     def run(self, *, task_id: str, mode: str, codec: str, seed: int, max_versions: int = 0,
             target_accuracy: float = 0.0, duration: float = 120.0, buffer_size: int = 4,
@@ -537,7 +543,7 @@ class Fleet:
             eval_data=self.eval_data,
         )
         records = accepted_recorder(service, clock=time.monotonic)
-        watchdog = _Watchdog(self, service)
+        watchdog = Watchdog(self.dead_agent, service.stop)
         t0 = time.monotonic()
         with watchdog:
             summary = service.run()
@@ -549,34 +555,6 @@ class Fleet:
         for proc in self.agents.values():
             Children.stop(proc)
         self.broker.stop()
-
-
-class _Watchdog:
-    """Stops the coordinator at once if an agent dies during a run."""
-
-    def __init__(self, fleet: Fleet, service: Any) -> None:
-        self.fleet = fleet
-        self.service = service
-        self.failure: str | None = None
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def __enter__(self) -> _Watchdog:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def _watch(self) -> None:
-        while not self._done.wait(0.5):
-            try:
-                self.fleet.check_alive()
-            except BenchError as exc:
-                self.failure = str(exc)
-                self.service.stop()
-                return
 
 
 def _run_record(summary: Any, records: list[tuple], t0: float,

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -33,6 +32,7 @@ from coordinator.report import write_report
 from coordinator.service import CoordinatorService, RunSummary, VersionRecord
 from fedbus.broker import LocalBroker, default_device_ids
 from fedbus.errors import ConfigError, FedbusError
+from fedbus.processes import Watchdog
 
 __all__ = ["DEMO_PRESETS", "DemoConfig", "DemoResult", "run_demo"]
 
@@ -250,35 +250,14 @@ def _stop_agents(agents: dict[str, tuple[subprocess.Popen, float]], timeout: flo
             proc.wait()
 
 
-class _AgentWatchdog:
-    """Stops the coordinator as soon as an agent process dies, and says why."""
-
-    def __init__(self, agents: dict[str, tuple[subprocess.Popen, float]], logs: Path,
-                 service: CoordinatorService) -> None:
-        self._agents = agents
-        self._logs = logs
-        self._service = service
-        self._done = threading.Event()
-        self.failure: str | None = None
-        self._thread = threading.Thread(target=self._watch, name="agent-watchdog", daemon=True)
-
-    def __enter__(self) -> _AgentWatchdog:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def _watch(self) -> None:
-        while not self._done.wait(0.5):
-            for device, (proc, _) in self._agents.items():
-                if proc.poll() is not None:
-                    lines = (self._logs / f"{device}.log").read_text(errors="replace").splitlines()
-                    last = lines[-1].strip() if lines else "(no output)"
-                    self.failure = f"agent {device} exited with code {proc.returncode}: {last}"
-                    self._service.stop()
-                    return
+def _dead_agent(agents: dict[str, tuple[subprocess.Popen, float]], logs: Path) -> str | None:
+    """Why the first agent process that has exited did so (its last log line), or None."""
+    for device, (proc, _) in agents.items():
+        if proc.poll() is not None:
+            lines = (logs / f"{device}.log").read_text(errors="replace").splitlines()
+            last = lines[-1].strip() if lines else "(no output)"
+            return f"agent {device} exited with code {proc.returncode}: {last}"
+    return None
 
 
 def run_demo(
@@ -333,7 +312,8 @@ def run_demo(
             eval_data=eval_data,
             on_version=on_version,
         )
-        with _AgentWatchdog(agents, workdir / "logs", service) as watchdog:
+        watchdog = Watchdog(lambda: _dead_agent(agents, workdir / "logs"), service.stop)
+        with watchdog:
             summary = service.run()
         if watchdog.failure:
             raise FedbusError(f"demo failed: {watchdog.failure}")
