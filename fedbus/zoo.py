@@ -11,7 +11,7 @@ entry of ``state_dict()`` — parameters and the activation-range buffers — ne
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from types import MappingProxyType
@@ -178,20 +178,35 @@ def _build_mlp(args: Mapping[str, Any]) -> nn.Module:
     return nn.Sequential(layers)
 
 
+def _conv_stack(
+    in_channels: int,
+    channels: Sequence[int],
+    conv: Callable[[int, int], nn.Module],
+    pool: Callable[[], nn.Module],
+    qat: bool,
+) -> OrderedDict[str, nn.Module]:
+    """Input quantizer, then per block: conv, ReLU, activation quantizer, pool."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict(input_q=ActFakeQuant(qat=qat))
+    chans = in_channels
+    for i, out in enumerate(channels):
+        layers[f"conv{i}"] = conv(chans, out)
+        layers[f"relu{i}"] = nn.ReLU()
+        layers[f"q{i}"] = ActFakeQuant(qat=qat)
+        layers[f"pool{i}"] = pool()
+        chans = out
+    return layers
+
+
 def _build_cnn(args: Mapping[str, Any]) -> nn.Module:
     a = _parse("cnn", args)
     qat = a["qat"]
-    layers: OrderedDict[str, nn.Module] = OrderedDict(input_q=ActFakeQuant(qat=qat))
-    chans = a["in_channels"]
-    for i, out in enumerate(a["channels"]):
-        layers[f"conv{i}"] = QATConv2d(chans, out, 3, padding=1, qat=qat)
-        layers[f"relu{i}"] = nn.ReLU()
-        layers[f"q{i}"] = ActFakeQuant(qat=qat)
-        layers[f"pool{i}"] = nn.MaxPool2d(2)
-        chans = out
+    layers = _conv_stack(
+        a["in_channels"], a["channels"],
+        lambda i, o: QATConv2d(i, o, 3, padding=1, qat=qat), lambda: nn.MaxPool2d(2), qat,
+    )
     k = len(a["channels"])
     layers["flatten"] = nn.Flatten()
-    flat = chans * (a["height"] >> k) * (a["width"] >> k)
+    flat = [a["in_channels"], *a["channels"]][-1] * (a["height"] >> k) * (a["width"] >> k)
     layers["head"] = QATLinear(flat, a["num_classes"], qat=qat)
     return nn.Sequential(layers)
 
@@ -199,18 +214,14 @@ def _build_cnn(args: Mapping[str, Any]) -> nn.Module:
 def _build_cnn1d(args: Mapping[str, Any]) -> nn.Module:
     a = _parse("cnn1d", args)
     qat = a["qat"]
-    layers: OrderedDict[str, nn.Module] = OrderedDict(input_q=ActFakeQuant(qat=qat))
-    chans = a["in_channels"]
-    for i, out in enumerate(a["channels"]):
-        layers[f"conv{i}"] = QATConv1d(chans, out, 5, padding=2, qat=qat)
-        layers[f"relu{i}"] = nn.ReLU()
-        layers[f"q{i}"] = ActFakeQuant(qat=qat)
-        layers[f"pool{i}"] = nn.MaxPool1d(2)
-        chans = out
+    layers = _conv_stack(
+        a["in_channels"], a["channels"],
+        lambda i, o: QATConv1d(i, o, 5, padding=2, qat=qat), lambda: nn.MaxPool1d(2), qat,
+    )
     layers["gap"] = nn.AdaptiveAvgPool1d(1)
     layers["flatten"] = nn.Flatten()
     layers["gap_q"] = ActFakeQuant(qat=qat)  # an average is off the int8 grid: requantize
-    layers["head"] = QATLinear(chans, a["num_classes"], qat=qat)
+    layers["head"] = QATLinear([a["in_channels"], *a["channels"]][-1], a["num_classes"], qat=qat)
     return nn.Sequential(layers)
 
 
