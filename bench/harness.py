@@ -522,9 +522,11 @@ class Fleet:
 
     def run(self, *, task_id: str, mode: str, codec: str, seed: int, max_versions: int = 0,
             target_accuracy: float = 0.0, duration: float = 120.0, buffer_size: int = 4,
-            epochs: int = 2, lr: float = 0.05, batch_size: int = 16) -> dict[str, Any]:
+            epochs: int = 2, lr: float = 0.05, batch_size: int = 16,
+            **config: Any) -> dict[str, Any]:
         """One coordinator task against the running agents; the coordinator runs in this
-        process (as in ``fedbus demo``) with the held-out digits as evaluation data."""
+        process (as in ``fedbus demo``) with the held-out digits as evaluation data.
+        ``config``: further ``CoordinatorConfig`` fields (e.g. ``staleness``)."""
         from coordinator.config import CoordinatorConfig
         from coordinator.service import CoordinatorService
 
@@ -538,6 +540,7 @@ class Fleet:
                 mode=mode, buffer_size=buffer_size, epochs=epochs, lr=lr,
                 batch_size=batch_size, seed=seed, max_versions=max_versions,
                 duration=duration, target_accuracy=target_accuracy, round_deadline=30.0,
+                min_devices=len(self.devices), **config,
             ),
             password=self.broker.coordinator_password,
             eval_data=self.eval_data,

@@ -46,6 +46,9 @@ class CoordinatorConfig:
     # messages yet, so the model message must fit in one packet
     max_message_bytes: int = 8 * 1024 * 1024
     seed: int = 0
+    # publish the task only once this many devices are online (0: at once), so the first
+    # versions are not made from whichever device happened to connect first
+    min_devices: int = 0
     # aggregation
     mode: str = "fedbuff"
     buffer_size: int = 4
@@ -85,6 +88,8 @@ class CoordinatorConfig:
             raise ValueError(f"port must be 1-65535, got {self.port}")
         if self.max_versions < 0 or self.duration < 0:
             raise ValueError("max_versions and duration must not be negative")
+        if self.min_devices < 0:
+            raise ValueError(f"min_devices must not be negative, got {self.min_devices}")
         self.parsed_model_args()
         self.aggregation()  # one place checks the aggregation settings
 

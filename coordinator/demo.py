@@ -295,6 +295,7 @@ def run_demo(
                 username=broker.coordinator.username,
                 prefix=broker.prefix,
                 task_id=f"demo-{cfg.dataset}-{cfg.seed}",
+                min_devices=cfg.devices,
                 arch=dataset.arch,
                 model_args=dataset.model_args_json(),
                 codec=cfg.codec,

@@ -145,6 +145,8 @@ class CoordinatorService:
         self._made: queue.SimpleQueue[_Made] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._republish = threading.Event()
+        self._task_published = False  # min_devices: nothing is published before that
+        self._waiting_logged = 0.0
         self._started = time.monotonic()
         self._first_update: float | None = None
         self.client = MqttClient(
@@ -198,10 +200,11 @@ class CoordinatorService:
             while True:
                 if self.client.fatal_error:
                     raise FedbusError(self.client.fatal_error)
-                if self._republish.is_set():
+                if self._republish.is_set() and self._enough_devices():
                     self._republish.clear()
                     with self._lock:
                         self._publish_task_and_model()
+                    self._task_published = True
                 self._record_made(timeout=0.2)
                 with self._lock:
                     self._carry_out(self.core.tick(time.time()))
@@ -271,6 +274,23 @@ class CoordinatorService:
         return bool(self.config.max_versions) and self.core.version >= self.config.max_versions
 
     # -- calling thread ------------------------------------------------------------------
+
+    def _enough_devices(self) -> bool:
+        """True once ``min_devices`` devices are online (always, after the first publish:
+        a reconnect republishes whoever is online)."""
+        need = self.config.min_devices
+        if self._task_published or need == 0:
+            return True
+        with self._lock:
+            online = len(self.core.online_devices())
+        if online >= need:
+            log.info("%d of %d devices online: publishing the task", online, need)
+            return True
+        now = time.monotonic()
+        if now - self._waiting_logged >= 10.0:
+            self._waiting_logged = now
+            log.info("waiting for devices: %d of %d online", online, need)
+        return False
 
     def _record_made(self, timeout: float) -> None:
         """Record the versions made since the last call, waiting up to ``timeout`` seconds

@@ -49,6 +49,7 @@ def test_model_too_large_for_the_broker_is_refused_before_connecting():
          "server_momentum"),
         (("coordinator", "--password", "x", "--codec", "topk:2"), "codec"),
         (("coordinator", "--password", "x", "--model-args", "[1]"), "model_args"),
+        (("coordinator", "--password", "x", "--min-devices", "-1"), "min_devices"),
         (("coordinator",), "no broker password"),
         (("agent", "--device-id", "bad/id", "--data", "x.npz", "--password", "p"), "device id"),
         (("agent", "--device-id", "d1", "--data", "/nonexistent.npz", "--password", "p"),

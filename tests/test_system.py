@@ -208,7 +208,7 @@ def test_agents_and_coordinator_improve_the_model(
     start_coordinator, start_agent, digits_split, tmp_path
 ):
     paths, (x_test, y_test) = digits_split
-    coord = start_coordinator(mode="fedbuff", buffer_size=2, max_versions=8)
+    coord = start_coordinator(mode="fedbuff", buffer_size=2, max_versions=8, min_devices=2)
     exported = tmp_path / "dev-a.int8.npz"
     agents = [start_agent("dev-a", paths[0], "--export", str(exported)),
               start_agent("dev-b", paths[1])]
@@ -235,7 +235,7 @@ def test_agents_and_coordinator_improve_the_model(
 
 def test_fedavg_rounds_wait_for_every_online_device(start_coordinator, start_agent, digits_split):
     paths, _ = digits_split
-    coord = start_coordinator(mode="fedavg", max_versions=3, round_deadline=30.0)
+    coord = start_coordinator(mode="fedavg", max_versions=3, round_deadline=30.0, min_devices=2)
     start_agent("dev-a", paths[0])
     start_agent("dev-b", paths[1], "--slowdown", "3")
     summary = coord.join(timeout=90)
@@ -243,6 +243,25 @@ def test_fedavg_rounds_wait_for_every_online_device(start_coordinator, start_age
     # every round holds exactly one update from each of the two devices
     assert summary.counters["updates_accepted"] == 6
     assert summary.history[-1].accuracy > summary.history[0].accuracy
+
+
+def test_the_task_waits_for_min_devices(start_coordinator, start_agent, digits_split):
+    paths, _ = digits_split
+    coord = start_coordinator(mode="fedbuff", buffer_size=2, max_versions=2, min_devices=2)
+    start_agent("dev-a", paths[0])
+    core = coord.service.core
+    deadline = time.monotonic() + 60
+    while "dev-a" not in core.online_devices():
+        assert time.monotonic() < deadline, "dev-a never came online"
+        time.sleep(0.1)
+    time.sleep(2.0)  # dev-a is online and idle: it has no task to train for
+    assert core.counters["updates_received"] == 0
+    assert coord.service.bytes_model_published == 0
+    start_agent("dev-b", paths[1])
+    summary = coord.join(timeout=90)
+    assert summary.final_version == 2
+    # both devices were online before the first model: every version holds one of each
+    assert summary.counters["updates_accepted"] == 4
 
 
 def test_bad_updates_are_rejected_and_the_coordinator_keeps_serving(start_coordinator, device):

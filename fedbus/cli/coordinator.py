@@ -40,6 +40,8 @@ HELPS = {
     "max_update_bytes": "Largest update accepted, in bytes.",
     "max_message_bytes": "The broker's max_packet_size: the model message must fit in it.",
     "seed": "Seed of the initial model.",
+    "min_devices": "Publish the task only once this many devices are online (0: at once), "
+    "so training starts with the whole fleet, not with the first device to connect.",
     "mode": "Aggregation: fedbuff (async, buffered), fedasync (K=1) or fedavg (synchronous).",
     "buffer_size": "FedBuff: apply after this many buffered updates (K).",
     "buffer_timeout": "FedBuff: apply fewer than K updates once the oldest has waited this "
