@@ -127,15 +127,16 @@ def _bare_run(ctx: BenchContext, i: int) -> dict[str, Any]:
     return {"peak_mib": status["VmHWM"] / 1024, "rss_mib": status["VmRSS"] / 1024}
 
 
-def _stages(ctx: BenchContext, manual: bool = False) -> list:
-    tag = "manual" if manual else "optim"
-    out = ctx.path("footprint", f"stages-{tag}.json")
-    proc = ctx.children.spawn_role("rss-stages", {"out": str(out), "manual": manual},
-                                   log_path=ctx.path("footprint", f"stages-{tag}.log"))
+def _stages(ctx: BenchContext) -> tuple[list, bool]:
+    """The agent's path step by step (``rss-stages``), and whether it imported torch._dynamo."""
+    out = ctx.path("footprint", "stages.json")
+    proc = ctx.children.spawn_role("rss-stages", {"out": str(out)},
+                                   log_path=ctx.path("footprint", "stages.log"))
     ctx.children.wait(proc, 120, "rss-stages")
-    stages = json.loads(out.read_text())["stages"]
-    return [{"stage": name, "rss_mib": round(v["VmRSS"] / 1024, 1),
-             "hwm_mib": round(v["VmHWM"] / 1024, 1)} for name, v in stages]
+    result = json.loads(out.read_text())
+    stages = [{"stage": name, "rss_mib": round(v["VmRSS"] / 1024, 1),
+               "hwm_mib": round(v["VmHWM"] / 1024, 1)} for name, v in result["stages"]]
+    return stages, bool(result["torch_dynamo_imported"])
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
@@ -150,6 +151,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     o = summarize([r["peak_training_mib"] for r in agents], "fedbus agent: VmHWM while training")
     b = summarize([r["peak_mib"] for r in bare], "python -c 'import torch': VmHWM")
     idle = summarize([r["idle_rss_mib"] for r in agents], "fedbus agent: VmRSS idle")
+    stages, dynamo = _stages(ctx)
     return {
         "unit": "MiB",
         "ours": o,
@@ -163,6 +165,6 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         "params": {"pairs": pairs, "versions_trained": versions, "model": "mlp 64-[64]-10 (demo)",
                    "data": "digits, device-01 share of the demo split", "idle_seconds":
                    IDLE_SECONDS, "sample_interval_s": 0.02},
-        "details": {"agent_runs": agents, "bare_runs": bare, "stages": _stages(ctx),
-                    "stages_without_torch_optim": _stages(ctx, manual=True)},
+        "details": {"agent_runs": agents, "bare_runs": bare, "stages": stages,
+                    "stages_import_torch_dynamo": dynamo},
     }

@@ -277,14 +277,14 @@ def torch_idle(a: dict[str, Any]) -> None:
 
 
 def rss_stages(a: dict[str, Any]) -> None:
-    """VmRSS/VmHWM after each step an agent takes, in one process.
+    """VmRSS/VmHWM after each step an agent takes, in one process, in the agent's order.
 
-    With ``manual``: the same training, but with a hand-written SGD-with-momentum step in
-    place of ``torch.optim.SGD`` (what an agent without torch.optim would cost).
+    Also records whether that path imported ``torch._dynamo`` (any ``torch.optim`` optimizer
+    would: about 70 MiB that the agent avoids with its own SGD step, edge_agent.optim).
     """
     stages = [("python", _rss())]
     import msgpack  # noqa: F401
-    import numpy  # noqa: F401
+    import numpy as np
     import paho.mqtt.client  # noqa: F401
 
     stages.append(("numpy, msgpack, paho", _rss()))
@@ -293,51 +293,40 @@ def rss_stages(a: dict[str, Any]) -> None:
     stages.append(("import torch", _rss()))
     torch.set_num_threads(1)
     import edge_agent.agent  # noqa: F401
+    import fedbus.cli  # what `python -m fedbus agent` loads: every command's modules
     import fedbus.zoo
+    from edge_agent.train import train_local, warm_up
     from fedbus.datasets import load_digits
     from fedbus.messages import TrainSpec
 
-    stages.append(("import fedbus agent modules", _rss()))
-    model = fedbus.zoo.build_model("mlp", {"in_features": 64, "num_classes": 10})
+    stages.append(("import fedbus CLI and agent modules", _rss()))
+    warm_up()
+    stages.append(("warm_up (one tiny step, edge_agent.optim SGD)", _rss()))
+    args = {"in_features": 64, "num_classes": 10}
+    model = fedbus.zoo.build_model("mlp", args)
+    base = fedbus.zoo.get_state(model)
     stages.append(("build model (QAT mlp)", _rss()))
     x, y = load_digits()
-    if a.get("manual"):
-        _manual_sgd(model, x[:180], y[:180])
-        stages.append(("2 epochs, 180 samples, hand-written SGD step", _rss()))
-    else:
-        from edge_agent.train import train_local
-
-        torch.optim.SGD(model.parameters(), lr=0.05)
-        stages.append(("first torch.optim.SGD", _rss()))
-        train_local(model, x[:180], y[:180], TrainSpec(epochs=2, batch_size=16), seed=0)
-        stages.append(("train_local (2 epochs, 180 samples)", _rss()))
-    _write(a["out"], {"stages": stages})
+    train_local(model, x[:180], y[:180], TrainSpec(epochs=2, batch_size=16), seed=0)
+    stages.append(("train_local (2 epochs, 180 samples)", _rss()))
+    _encode_and_export(model, base, args, x[:180], y[:180], np.random.default_rng(0))
+    stages.append(("encode int8 delta, int8 export and accuracy", _rss()))
+    _write(a["out"], {"stages": stages, "torch_dynamo_imported": "torch._dynamo" in sys.modules})
 
 
-def _manual_sgd(model: Any, x: Any, y: Any, epochs: int = 2, batch: int = 16, lr: float = 0.05,
-                momentum: float = 0.9) -> None:
-    """``train_local``'s loop with SGD + momentum written out (no torch.optim)."""
-    import torch
+def _encode_and_export(model: Any, base: dict, args: dict, x: Any, y: Any, rng: Any) -> None:
+    """What the agent does after training: encode the delta, then its int8 metrics."""
+    from fedbus.codec_spec import parse_codec
+    from fedbus.envelope import pack
+    from fedbus.export import export_int8, int8_accuracy
+    from fedbus.update_codec import encode_update_delta
+    from fedbus.zoo import get_state
 
-    from fedbus.quant import set_qat
-
-    set_qat(model, True)
-    model.train()
-    xt = torch.from_numpy(x.astype("float32"))
-    yt = torch.from_numpy(y.astype("int64"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    bufs = [torch.zeros_like(p) for p in params]
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(yt), generator=gen).split(batch):
-            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            for p in params:
-                p.grad = None
-            loss.backward()
-            with torch.no_grad():
-                for p, buf in zip(params, bufs, strict=True):
-                    buf.mul_(momentum).add_(p.grad)
-                    p.add_(buf, alpha=-lr)
+    new = get_state(model)
+    wire, _ = encode_update_delta({k: new[k] - base[k] for k in base}, parse_codec("int8"),
+                                  rng=rng)
+    pack({"delta": wire})
+    int8_accuracy(export_int8(model, arch="mlp", model_args=args), x, y)
 
 
 ROLES = {
