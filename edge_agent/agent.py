@@ -306,7 +306,7 @@ class Agent:
             sent_at=time.time(),
             compression=compression,
         )
-        payload = pack(update.to_wire())
+        payload = update.pack()  # compact: metric values as float32
         if len(payload) > task.max_update_bytes:
             log.error(
                 "update of %d bytes exceeds the task's limit of %d; not sent",
@@ -327,22 +327,24 @@ class Agent:
         log.info(
             "trained on v%d: %d samples, loss %.3f, acc %.3f (int8 %s) in %.2fs; sent %d bytes",
             model_msg.version, result.num_samples, result.loss, result.accuracy,
-            _fmt(update.metrics.get("int8_accuracy")), elapsed, len(payload),
+            _fmt(update.metrics.get("acc_int8")), elapsed, len(payload),
         )
         self.client.publish(self.topics.status(device), self._status("idle"), retain=True)
         self._unacked.append((outcome, update.update_id))
 
     def _metrics(self, result, elapsed: float, task: Task, model, x: np.ndarray) -> dict:
-        """Training metrics for the update, with the int8 model's local accuracy when the
-        task trains quantization-aware (the int8 model is also saved with --export)."""
-        metrics = {"loss": result.loss, "accuracy": result.accuracy, "seconds": elapsed}
+        """Training metrics for the update: ``loss`` and ``acc`` of the last epoch, ``sec`` of
+        training, and ``acc_int8``, the int8 model's local accuracy, when the task trains
+        quantization-aware (the int8 model is also saved with --export). Short names: they
+        travel in every update."""
+        metrics = {"loss": result.loss, "acc": result.accuracy, "sec": elapsed}
         if not task.train.qat:
             return metrics
         from fedbus.export import export_int8, int8_accuracy
 
         try:
             int8 = export_int8(model, arch=task.model.arch, model_args=task.model.args)
-            metrics["int8_accuracy"] = int8_accuracy(int8, x, self.data.y)
+            metrics["acc_int8"] = int8_accuracy(int8, x, self.data.y)
             if self.config.export is not None:
                 int8.save(self.config.export)
         except (ValueError, OSError) as exc:

@@ -5,20 +5,29 @@ Each message is a frozen dataclass with ``to_wire()`` (a dict for ``envelope.pac
 reason ``schema``). Tensor payloads are left encoded by ``from_wire``; the receiver decodes
 them with ``update_codec.decode_update_delta`` as a separate, counted validation step.
 
-``Update.delta`` and ``GlobalModel.tensors`` are an entry map, or — when the optional
-``compression`` field is ``"zstd"`` — a bin holding the zstd-compressed packed entry map
-(``fedbus.update_codec``). Without compression the field is left out, so such messages are
-byte-identical to what v1 always sent.
+``Update.delta`` and ``GlobalModel.tensors`` are an entry map, or a bin holding the
+zstd-compressed packed entry map (``fedbus.update_codec``). A model says so in its optional
+``compression`` field (left out when uncompressed). An update has no such field: the msgpack
+type of its delta decides (a map is plain, a bin is one zstd frame), and
+``Update.compression`` is derived from it.
+
+The update is the one message every device sends after every training run, so it has a
+compact form: short keys (``dev``, ``task``, ``base``, ``n``, ``m``, ``ts``) and, from
+``Update.pack``, metric values as float32. ``update_id`` and ``delta`` keep their names:
+they are the two fields receivers and tools read straight off an unchecked envelope (to
+address a receipt to a message that failed its schema check, to time decoding).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgpack
 
 from fedbus.codec_spec import COMPRESSIONS, parse_codec
 from fedbus.envelope import PROTOCOL_VERSION
@@ -39,10 +48,16 @@ __all__ = [
 
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 STATUS_STATES = ("online", "training", "idle", "offline")
+_FLOAT32_MAX = 3.4028234663852886e38  # largest finite float32
 
 
 def new_update_id() -> str:
-    return uuid.uuid4().hex
+    """A fresh update id: 96 random bits as 16 base64url characters (``[A-Za-z0-9_-]``).
+
+    Ids must be unique across the fleet; with 96 random bits, even 10^9 updates collide
+    with a probability below 10^-10.
+    """
+    return secrets.token_urlsafe(12)
 
 
 def _get(obj: dict, key: str, types: type | tuple[type, ...], what: str) -> Any:
@@ -262,7 +277,11 @@ class Update:
     """One device's contribution: an encoded delta against global version ``base_version``.
 
     ``delta`` is an entry map, or a zstd bin when ``compression`` is ``"zstd"``
-    (``update_codec.encode_update_delta`` returns both).
+    (``update_codec.encode_update_delta`` returns both). The wire form has short keys
+    (``update_id``, ``dev``, ``task``, ``base``, ``n``, ``m``, ``delta``, ``ts``) and no
+    compression field: the delta's msgpack type says whether it is compressed.
+    ``pack()`` gives the bytes an agent sends (metric values as float32);
+    ``envelope.pack(to_wire())`` is also valid, only longer.
     """
 
     update_id: str
@@ -276,46 +295,73 @@ class Update:
     compression: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        wire = {
+        """The envelope as a dict; ``ValueError`` if ``delta`` and ``compression`` disagree."""
+        compressed = isinstance(self.delta, (bytes, bytearray, memoryview))
+        if compressed != (self.compression is not None) or (
+            self.compression is not None and self.compression not in COMPRESSIONS
+        ):
+            raise ValueError(
+                f"update {self.update_id}: compression {self.compression!r} does not match "
+                f"a delta of type {type(self.delta).__name__}"
+            )
+        return {
             "v": PROTOCOL_VERSION,
             "kind": "update",
             "update_id": self.update_id,
-            "device_id": self.device_id,
-            "task_id": self.task_id,
-            "base_version": self.base_version,
-            "num_samples": self.num_samples,
-            "metrics": dict(self.metrics),
+            "dev": self.device_id,
+            "task": self.task_id,
+            "base": self.base_version,
+            "n": self.num_samples,
+            "m": dict(self.metrics),
             "delta": self.delta,
-            "sent_at": self.sent_at,
+            "ts": self.sent_at,
         }
-        if self.compression is not None:
-            wire["compression"] = self.compression
-        return wire
+
+    def pack(self) -> bytes:
+        """The message as an agent sends it: metric values as float32 (4 bytes, not 8).
+
+        A metric too large for float32 keeps float64. Receivers accept either width.
+        """
+        wire = self.to_wire()
+        wide = msgpack.Packer(use_bin_type=True)  # what envelope.pack uses
+        narrow = msgpack.Packer(use_bin_type=True, use_single_float=True)
+        parts = [wide.pack_map_header(len(wire))]
+        for key, value in wire.items():
+            parts.append(wide.pack(key))
+            if key != "m":
+                parts.append(wide.pack(value))
+                continue
+            parts.append(wide.pack_map_header(len(value)))
+            for name, number in value.items():
+                fits = isinstance(number, float) and abs(number) <= _FLOAT32_MAX
+                parts.append(wide.pack(name))
+                parts.append((narrow if fits else wide).pack(number))
+        return b"".join(parts)
 
     @classmethod
     def from_wire(cls, obj: dict) -> Update:
         _check_kind(obj, "update")
-        metrics = _get(obj, "metrics", dict, "update")
+        metrics = _get(obj, "m", dict, "update")
         if len(metrics) > 32 or not all(
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
             and math.isfinite(v)
             for k, v in metrics.items()
         ):
             raise ProtocolError("schema", "update: metrics must map names to finite numbers")
-        num_samples = _nonneg_int(obj, "num_samples", "update", 1 << 40)
+        num_samples = _nonneg_int(obj, "n", "update", 1 << 40)
         if num_samples < 1:
-            raise ProtocolError("schema", "update: num_samples must be at least 1")
-        delta, compression = _encoded(obj, "delta", "update")
+            raise ProtocolError("schema", "update: field 'n' (num_samples) must be at least 1")
+        delta = _get(obj, "delta", (dict, bytes), "update")
         return cls(
             update_id=_get_id(obj, "update_id", "update"),
-            device_id=_get_id(obj, "device_id", "update", DEVICE_ID_PATTERN),
-            task_id=_get_id(obj, "task_id", "update"),
-            base_version=_nonneg_int(obj, "base_version", "update"),
+            device_id=_get_id(obj, "dev", "update", DEVICE_ID_PATTERN),
+            task_id=_get_id(obj, "task", "update"),
+            base_version=_nonneg_int(obj, "base", "update"),
             num_samples=num_samples,
             delta=delta,
             metrics={k: float(v) for k, v in metrics.items()},
-            sent_at=_finite_float(obj, "sent_at", "update"),
-            compression=compression,
+            sent_at=_finite_float(obj, "ts", "update"),
+            compression=None if isinstance(delta, dict) else "zstd",
         )
 
 

@@ -14,11 +14,16 @@ What to use is named by a codec spec (``fedbus.codec_spec``: ``int8``, ``int4+zs
   per byte: element ``2j`` in the low nibble of byte ``j``, element ``2j+1`` in the high
   nibble, each a 4-bit two's complement number; ``t`` holds exactly ``ceil(n / 2)`` bytes
   for the ``n`` elements of ``shape`` and an odd count leaves the last high nibble 0.
-- ``topk``: ``{"c": "topk", "shape": [int, ...], "i": uint8 tensor, "v": entry}`` — only
-  the largest-magnitude elements; every other element decodes to 0. ``i`` holds their
-  flat (C-order) indices, ascending, as LEB128 varints of the gaps (the first index itself,
-  then each index minus the previous one, so every gap after the first is >= 1); ``v`` is a
-  1-d ``fp32``/``fp16``/``int8``/``int4`` entry holding the values in index order.
+- ``topk``: ``{"c": "topk", "shape": [int, ...], "i": bin, "v": values}`` — only the
+  largest-magnitude elements; every other element decodes to 0. ``i`` holds their flat
+  (C-order) indices, ascending, as LEB128 varints of the gaps (the first index itself, then
+  each index minus the previous one, so every gap after the first is >= 1); ``v`` holds the
+  ``k`` values in index order as a *values entry*: ``{"c": "fp32"|"fp16", "t": bin}`` or
+  ``{"c": "int8"|"int4", "t": bin, "s": bin}``, where ``t`` is the ``k`` values' bytes
+  (float32/float16 little-endian, int8, or int4 packed as above) and ``s`` the one scale as
+  4 bytes of little-endian float32. Their dtype follows from the codec and their length
+  from ``k``, so values carry no tensor header. A tensor that keeps no element is just
+  ``{"c": "topk", "shape": [...]}``: ``i`` and ``v`` are left out together.
 
 Rounding to int8/int4 is stochastic by default, which keeps the quantisation error
 unbiased. Top-k is biased on its own; the agent keeps what it dropped and adds it to its
@@ -52,7 +57,8 @@ within 7% of the best everywhere.
 
 ``+zstd`` (``encode_update_delta``) packs the whole encoded map with msgpack and
 compresses it with zstd into one frame; the message then carries that frame as a bin
-instead of the map, and ``"compression": "zstd"``. ``decode_update_delta`` decompresses
+instead of the map (a model also says ``"compression": "zstd"``; for an update the bin
+itself says so, ``fedbus.messages``). ``decode_update_delta`` decompresses
 it with a hard bound on the output (``decompressed_bound``): never more than the largest
 legitimate encoding of the expected tensors, so a zip bomb costs a bounded allocation and
 is rejected as ``too_large`` (or ``malformed``), never expanded.
@@ -178,6 +184,24 @@ def _topk_count(n: int, fraction: float) -> int:
     return min(n, max(1, math.ceil(fraction * n))) if n else 0
 
 
+def _raw(array: np.ndarray, dtype: str) -> memoryview:
+    """The bytes of ``array`` as ``dtype`` (little-endian, C order), without a copy if it fits."""
+    flat = np.ascontiguousarray(array, dtype=np.dtype(dtype)).reshape(-1)
+    return memoryview(flat).cast("B")
+
+
+def _encode_values(values: np.ndarray, codec: str, rng: np.random.Generator | None) -> dict:
+    """A top-k entry's values: a codec entry of bare bins (their count is the indices')."""
+    if codec == "fp32":
+        return {"c": "fp32", "t": _raw(values, "<f4")}
+    if codec == "fp16":
+        return {"c": "fp16", "t": _raw(values, "<f2")}
+    levels = 127 if codec == "int8" else 7
+    q, s = _quantize(values, levels, rng)
+    data = q if codec == "int8" else _pack_int4(q)
+    return {"c": codec, "t": _raw(data, data.dtype.str), "s": _raw(s, "<f4")}
+
+
 def _encode_topk(
     arrays: Mapping[str, np.ndarray],
     fraction: float,
@@ -199,12 +223,11 @@ def _encode_topk(
     for name, flat in flats.items():
         idx = np.flatnonzero(keep[offset : offset + flat.size])
         offset += flat.size
-        out[name] = {
-            "c": "topk",
-            "shape": list(arrays[name].shape),
-            "i": encode_tensor(_varint_gaps(idx)),
-            "v": _encode_dense(np.ascontiguousarray(flat[idx]), values, rng),
-        }
+        entry: dict[str, Any] = {"c": "topk", "shape": list(arrays[name].shape)}
+        if idx.size:  # a tensor that keeps nothing sends neither indices nor values
+            entry["i"] = _raw(_varint_gaps(idx), "u1")
+            entry["v"] = _encode_values(np.ascontiguousarray(flat[idx]), values, rng)
+        out[name] = entry
     return out
 
 
@@ -400,18 +423,57 @@ def _decode_dense(entry: Any, where: str) -> np.ndarray:
     return _dequantize(q, s, where)
 
 
+_VALUE_ITEMSIZE = {"fp32": 4, "fp16": 2, "int8": 1}
+
+
+def _bin(entry: dict, key: str, where: str) -> bytes:
+    value = entry.get(key)
+    if not isinstance(value, bytes):
+        raise ProtocolError(
+            "schema", f"{where}: {key!r} must be a bin, not {type(value).__name__}"
+        )
+    return value
+
+
+def _decode_values(entry: Any, count: int, where: str) -> np.ndarray:
+    """A top-k entry's ``v``: ``count`` values as bare bins; float32, shape ``[count]``."""
+    if not isinstance(entry, dict):
+        raise ProtocolError("schema", f"{where}: expected a map")
+    codec = entry.get("c")
+    if codec not in VALUE_CODECS:
+        raise ProtocolError("schema", f"{where}: unknown values codec {codec!r}")
+    data = _bin(entry, "t", where)
+    want = (count + 1) // 2 if codec == "int4" else count * _VALUE_ITEMSIZE[codec]
+    if len(data) != want:
+        raise ProtocolError(
+            "shape", f"{where}: {len(data)} bytes of {codec} for {count} values, expected {want}"
+        )
+    if codec == "fp32":
+        return np.frombuffer(data, "<f4")
+    if codec == "fp16":
+        return np.frombuffer(data, "<f2").astype(np.float32)
+    scale = _bin(entry, "s", f"{where} scale")
+    if len(scale) != 4:
+        raise ProtocolError(
+            "shape", f"{where}: scale is {len(scale)} bytes, expected 4 (one float32)"
+        )
+    if codec == "int8":
+        q = np.frombuffer(data, np.int8)
+    else:
+        q = _unpack_int4(np.frombuffer(data, np.uint8), count, where)
+    return q.astype(np.float32) * np.frombuffer(scale, "<f4")[0]
+
+
 def _decode_topk(entry: dict, shape: tuple[int, ...], where: str) -> np.ndarray:
     n = math.prod(shape)
-    buf = decode_tensor(entry.get("i"), where=f"{where} indices")
-    if buf.dtype != np.uint8:
-        raise ProtocolError("dtype", f"{where}: topk indices must be uint8 varints")
+    if "i" not in entry and "v" not in entry:  # nothing kept
+        return np.zeros(shape, np.float32)
+    if "i" not in entry or "v" not in entry:
+        raise ProtocolError("schema", f"{where}: a topk entry has both 'i' and 'v' or neither")
+    buf = np.frombuffer(_bin(entry, "i", f"{where} indices"), np.uint8)
     idx = _decode_indices(buf, n, where)
-    values = _decode_dense(entry.get("v"), f"{where} values")
-    if values.shape != idx.shape:
-        raise ProtocolError(
-            "shape", f"{where}: {values.size} values for {idx.size} indices (need a 1-d match)"
-        )
-    out = np.zeros(n, np.float32)
+    values = _decode_values(entry["v"], idx.size, f"{where} values")
+    out = np.zeros(n, np.float32)  # only once indices and values are known to fit
     out[idx] = values
     return out.reshape(shape)
 

@@ -244,7 +244,7 @@ def test_fp32_fp16_int8_entries_are_byte_compatible() -> None:
     wire, compression = encode_update_delta({"x": x}, "fp32")
     assert compression is None and set(wire["x"]) == {"c", "t"}
     plain = Update("u1", "dev-1", "t1", 0, 5, wire).to_wire()
-    assert "compression" not in plain  # v1 messages are unchanged
+    assert plain["delta"] is wire and "compression" not in plain
 
 
 def test_topk_index_varints_layout() -> None:
@@ -329,8 +329,8 @@ def _topk_entry(indices: bytes, values: np.ndarray, shape: list[int]) -> dict:
     return _wire({"e": {
         "c": "topk",
         "shape": shape,
-        "i": encode_tensor(np.frombuffer(indices, np.uint8)),
-        "v": {"c": "fp32", "t": encode_tensor(values.astype(np.float32))},
+        "i": indices,
+        "v": {"c": "fp32", "t": values.astype("<f4").tobytes()},
     }})["e"]
 
 
@@ -338,6 +338,39 @@ def test_topk_hand_built_entry_decodes() -> None:
     entry = _topk_entry(b"\x01\x02\x03", np.array([1.0, 2.0, 3.0]), [2, 4])
     out = decode_delta({"x": entry})["x"]
     np.testing.assert_array_equal(out, [[0, 1, 0, 2], [0, 0, 3, 0]])  # indices 1, 3, 6
+
+
+def test_topk_entry_layout_and_test_vector() -> None:
+    # docs/protocol.md section 6.5: indices 1 and 6 of a [2, 4] tensor, int8 values
+    x = np.array([[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0]], np.float32)
+    entry = encode_delta({"x": x}, CodecSpec("topk", 0.25, "int8"), stochastic=False)["x"]
+    assert msgpack.packb(entry) == bytes.fromhex(
+        "84 a1 63 a4 74 6f 70 6b"  # {"c": "topk",
+        "a5 73 68 61 70 65 92 02 04"  # "shape": [2, 4],
+        "a1 69 c4 02 01 05"  # "i": bin 01 05 (gaps 1, 5),
+        "a1 76 83 a1 63 a4 69 6e 74 38"  # "v": {"c": "int8",
+        "a1 74 c4 02 40 81"  # "t": bin 40 81 (64, -127),
+        "a1 73 c4 04 04 02 01 3c"  # "s": bin float32 1/127}}
+    )
+    np.testing.assert_allclose(decode_delta({"x": _wire(entry)})["x"], x, atol=0.004)
+    # a tensor that keeps nothing is only its codec and shape
+    nothing = encode_delta({"x": x, "big": np.full(8, 9.0, np.float32)},
+                           CodecSpec("topk", 0.5, "int8"))
+    assert _wire(nothing)["x"] == {"c": "topk", "shape": [2, 4]}
+    assert msgpack.packb(nothing["x"]) == bytes.fromhex("82 a1 63 a4 74 6f 70 6b"
+                                                        "a5 73 68 61 70 65 92 02 04")
+
+
+@pytest.mark.parametrize("values", ["fp32", "fp16", "int8", "int4"])
+def test_topk_values_are_bare_bins(values: str) -> None:
+    x = np.linspace(-1, 1, 15, dtype=np.float32).reshape(3, 5)
+    entry = _wire(encode_delta({"x": x}, parse_codec(f"topk:1.0:{values}")))["x"]
+    itemsize = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}[values]
+    assert isinstance(entry["i"], bytes) and isinstance(entry["v"]["t"], bytes)
+    assert len(entry["v"]["t"]) == math.ceil(15 * itemsize)
+    assert set(entry["v"]) == ({"c", "t", "s"} if values.startswith("int") else {"c", "t"})
+    if "s" in entry["v"]:
+        assert len(entry["v"]["s"]) == 4
 
 
 @pytest.mark.parametrize(
@@ -361,6 +394,72 @@ def test_topk_rejects_malformed_entries(indices: bytes, values: list, shape: lis
     assert _reason(decode_delta, {"x": entry}) == reason
 
 
+def _int_values(codec: str, data: bytes, scale: object = b"\x00\x00\x80\x3f") -> dict:
+    values = {"c": codec, "t": data}
+    if scale is not None:
+        values["s"] = scale
+    return {"c": "topk", "shape": [8], "i": b"\x01\x02\x03", "v": values}  # 3 values
+
+
+@pytest.mark.parametrize(
+    "entry,reason",
+    [
+        (_int_values("int8", b"\x01\x02\x03"), None),
+        (_int_values("int4", b"\x21\x03"), None),
+        (_int_values("int8", b"\x01\x02"), "shape"),  # 2 values for 3 indices
+        (_int_values("int8", b"\x01\x02\x03\x04"), "shape"),
+        (_int_values("int4", b"\x21"), "shape"),  # 3 int4 values need 2 bytes
+        (_int_values("int4", b"\x21\x03\x00"), "shape"),
+        (_int_values("int4", b"\x21\x13"), "shape"),  # padding nibble set
+        (_int_values("int8", b"\x01\x02\x03", b"\x00\x00\x80"), "shape"),  # 3-byte scale
+        (_int_values("int8", b"\x01\x02\x03", b"\x00" * 8), "shape"),  # a float64 scale
+        (_int_values("int8", b"\x01\x02\x03", 1.0), "schema"),  # scale as a number
+        (_int_values("int8", b"\x01\x02\x03", None), "schema"),  # no scale
+        (_int_values("int8", [1, 2, 3]), "schema"),
+        (_int_values("topk", b"\x01\x02\x03"), "schema"),  # top-k inside top-k
+        (_int_values("int16", b"\x01\x02\x03"), "schema"),
+        ({"c": "topk", "shape": [8], "i": b"\x01\x02\x03",
+          "v": {"c": "fp16", "t": bytes(4)}}, "shape"),
+        ({"c": "topk", "shape": [8], "i": b"\x01\x02\x03",
+          "v": {"c": "fp32", "t": bytes(16)}}, "shape"),
+    ],
+)
+def test_topk_values_entries_are_checked(entry: dict, reason: str | None) -> None:
+    if reason is None:
+        np.testing.assert_array_equal(decode_delta({"x": entry})["x"], [0, 1, 0, 2, 0, 0, 3, 0])
+    else:
+        assert _reason(decode_delta, {"x": entry}) == reason
+
+
+def test_topk_i_and_v_go_together() -> None:
+    good = _topk_entry(b"\x01", np.array([1.0]), [4])
+    np.testing.assert_array_equal(decode_delta({"x": good})["x"], [0, 1, 0, 0])
+    nothing = {"c": "topk", "shape": [4]}
+    np.testing.assert_array_equal(decode_delta({"x": nothing})["x"], np.zeros(4))
+    assert decode_delta({"x": {"c": "topk", "shape": []}})["x"].shape == ()
+    # an empty index stream with no values is the same as nothing kept
+    empty = {**good, "i": b"", "v": {"c": "fp32", "t": b""}}
+    np.testing.assert_array_equal(decode_delta({"x": empty})["x"], np.zeros(4))
+    without_v = {k: v for k, v in good.items() if k != "v"}
+    without_i = {k: v for k, v in good.items() if k != "i"}
+    for bad in (without_v, without_i, {**good, "v": None}, {**good, "i": None}):
+        assert _reason(decode_delta, {"x": bad}) == "schema"
+
+
+def test_topk_rejects_bad_nested_values_and_index_types() -> None:
+    good = _topk_entry(b"\x01", np.array([1.0]), [4])
+    nested = {**good, "v": {**good, "shape": [1]}}  # topk inside topk
+    assert _reason(decode_delta, {"x": nested}) == "schema"
+    # values or indices as tensor maps (the entry layout before bare bins) are schema
+    tensor_values = {**good, "v": {"c": "fp32", "t": encode_tensor(np.ones(1, np.float32))}}
+    assert _reason(decode_delta, {"x": _wire({"e": tensor_values})["e"]}) == "schema"
+    tensor_idx = {**good, "i": _tensor("uint8", b"\x01")}
+    assert _reason(decode_delta, {"x": tensor_idx}) == "schema"
+    assert _reason(decode_delta, {"x": {**good, "i": "\x01"}}) == "schema"  # str, not bin
+    assert _reason(decode_delta, {"x": {**good, "v": "none"}}) == "schema"
+    assert _reason(decode_delta, {"x": {**good, "v": {"t": bytes(4)}}}) == "schema"
+
+
 def test_topk_index_bytes_are_bounded_by_the_tensor_size() -> None:
     # n strictly ascending indices below n never need more than about n bytes; a longer
     # index stream is refused before anything is computed from it
@@ -369,17 +468,6 @@ def test_topk_index_bytes_are_bounded_by_the_tensor_size() -> None:
         decode_delta({"x": entry})
     dense = update_codec._varint_gaps(np.arange(1000))
     assert update_codec._decode_indices(dense, 1000, "t").size == 1000
-
-
-def test_topk_rejects_bad_nested_values_and_index_types() -> None:
-    good = _topk_entry(b"\x01", np.array([1.0]), [4])
-    nested = {**good, "v": {**good, "shape": [1]}}  # topk inside topk
-    assert _reason(decode_delta, {"x": nested}) == "schema"
-    two_d = {**good, "v": {"c": "fp32", "t": encode_tensor(np.ones((1, 1), np.float32))}}
-    assert _reason(decode_delta, {"x": _wire({"e": two_d})["e"]}) == "shape"
-    int8_idx = {**good, "i": _tensor("int8", b"\x01")}
-    assert _reason(decode_delta, {"x": int8_idx}) == "dtype"
-    assert _reason(decode_delta, {"x": {**good, "v": "none"}}) == "schema"
 
 
 def test_topk_shape_is_checked_before_expansion() -> None:
@@ -393,6 +481,16 @@ def test_topk_shape_is_checked_before_expansion() -> None:
         tracemalloc.stop()
     assert reason == "shape" and peak < 1 << 20
     assert _reason(decode_delta, {"y": hostile}, expected_shapes={"x": (4,)}) == "shape"
+
+
+def test_bad_topk_entries_are_refused_before_expansion() -> None:
+    # no expected shapes: a huge claimed shape is only allocated once i and v are known good
+    values = {"c": "int8", "t": b"\x01", "s": b"\x00\x00\x80\x3f"}
+    for bad in ({"i": b"\x81", "v": values}, {"i": b"\x01", "v": {**values, "t": b""}},
+                {"i": b"\x01", "v": {**values, "s": b""}}, {"i": b"\x01"}):
+        hostile = {"c": "topk", "shape": [2**26], **bad}
+        reason, peak = _peak(decode_delta, {"x": hostile})
+        assert reason in ("shape", "schema") and peak < 1 << 20, (bad, reason, peak)
 
 
 def test_dense_elements_have_a_total_budget(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -503,22 +601,38 @@ def test_compression_and_delta_type_must_agree() -> None:
         encode_delta({"w": np.ones(2, np.float32)}, "int8+zstd")  # a whole-update option
 
 
-@pytest.mark.parametrize("kind", ["update", "model"])
-def test_messages_carry_compression(kind: str) -> None:
+def test_model_message_carries_compression() -> None:
     wire, compression = encode_update_delta({"w": np.ones((4, 4), np.float32)}, "fp16+zstd")
-    if kind == "update":
-        obj = Update("u1", "dev-1", "t1", 0, 5, wire, {}, 1.0, compression).to_wire()
-        cls, field = Update, "delta"
-    else:
-        obj = GlobalModel("t1", 3, wire, 1.0, compression).to_wire()
-        cls, field = GlobalModel, "tensors"
-    back = cls.from_wire(unpack(pack(obj)))
-    assert back.compression == "zstd" and isinstance(getattr(back, field), bytes)
-    assert _reason(cls.from_wire, {**obj, "compression": "lz4"}) == "schema"
-    assert _reason(cls.from_wire, {**obj, "compression": 1}) == "schema"
-    assert _reason(cls.from_wire, {**obj, field: {}}) == "schema"  # zstd needs a bin
+    obj = GlobalModel("t1", 3, wire, 1.0, compression).to_wire()
+    back = GlobalModel.from_wire(unpack(pack(obj)))
+    assert back.compression == "zstd" and isinstance(back.tensors, bytes)
+    assert _reason(GlobalModel.from_wire, {**obj, "compression": "lz4"}) == "schema"
+    assert _reason(GlobalModel.from_wire, {**obj, "compression": 1}) == "schema"
+    assert _reason(GlobalModel.from_wire, {**obj, "tensors": {}}) == "schema"  # zstd: a bin
     plain = {k: v for k, v in obj.items() if k != "compression"}
-    assert _reason(cls.from_wire, plain) == "schema"  # a bin without compression
+    assert _reason(GlobalModel.from_wire, plain) == "schema"  # a bin without compression
+
+
+def test_update_delta_type_says_whether_it_is_compressed() -> None:
+    # an update has no compression field: a bin delta is a zstd frame, a map is plain
+    wire, compression = encode_update_delta({"w": np.ones((4, 4), np.float32)}, "fp16+zstd")
+    obj = Update("u1", "dev-1", "t1", 0, 5, wire, {}, 1.0, compression).to_wire()
+    assert "compression" not in obj and obj["delta"] == wire
+    back = Update.from_wire(unpack(pack(obj)))
+    assert back.compression == "zstd" and back.delta == wire
+    plain = Update.from_wire({**obj, "delta": {}})
+    assert plain.compression is None and plain.delta == {}
+    for bad in ("zstd", [wire], None, 1):
+        assert _reason(Update.from_wire, {**obj, "delta": bad}) == "schema"
+    # a compression field is an unknown key, ignored: it cannot contradict the delta
+    assert Update.from_wire({**obj, "compression": "lz4"}).compression == "zstd"
+    # and a sender cannot build an update whose delta and compression disagree
+    with pytest.raises(ValueError):
+        Update("u1", "dev-1", "t1", 0, 5, wire, {}, 1.0, None).to_wire()
+    with pytest.raises(ValueError):
+        Update("u1", "dev-1", "t1", 0, 5, {}, {}, 1.0, "zstd").to_wire()
+    with pytest.raises(ValueError):
+        Update("u1", "dev-1", "t1", 0, 5, wire, {}, 1.0, "lz4").to_wire()
 
 
 # -- the model broadcast ----------------------------------------------------------------------

@@ -204,10 +204,11 @@ def test_messages_round_trip():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("update_id", "has space"), ("device_id", "a/b"), ("base_version", -1),
-     ("base_version", True), ("num_samples", 0), ("metrics", {"loss": float("nan")}),
-     ("metrics", {"loss": "low"}), ("sent_at", float("inf")), ("delta", [1]),
-     ("task_id", 7)],
+    [("update_id", "has space"), ("dev", "a/b"), ("base", -1), ("base", True), ("n", 0),
+     ("n", 2**40 + 1), ("m", {"loss": float("nan")}), ("m", {"loss": "low"}),
+     ("m", {"loss": True}), ("m", {1: 0.5}), ("m", {f"k{i}": 0.0 for i in range(33)}),
+     ("m", [0.5]), ("ts", float("inf")), ("ts", "now"), ("delta", [1]), ("delta", "zstd"),
+     ("task", 7), ("task", "a b")],
 )
 def test_update_schema_rejections(field, value):
     obj = Update(new_update_id(), "dev-1", "t1", 2, 50, {}, {}, 3.0).to_wire()
@@ -215,11 +216,69 @@ def test_update_schema_rejections(field, value):
     assert _reason(Update.from_wire, obj) == "schema"
 
 
-def test_update_missing_field_and_wrong_kind():
+@pytest.mark.parametrize("field", ["update_id", "dev", "task", "base", "n", "m", "delta", "ts"])
+def test_update_missing_field_and_wrong_kind(field):
     obj = Update(new_update_id(), "dev-1", "t1", 2, 50, {}, {}, 3.0).to_wire()
-    del obj["num_samples"]
-    assert _reason(Update.from_wire, obj) == "schema"
+    missing = {k: v for k, v in obj.items() if k != field}
+    with pytest.raises(ProtocolError, match=f"missing field {field!r}") as info:
+        Update.from_wire(missing)
+    assert info.value.reason == "schema"
     assert _reason(Update.from_wire, {**obj, "kind": "model"}) == "schema"
+
+
+# docs/protocol.md section 7.3: the compact update, byte for byte
+UPDATE_VECTOR = bytes.fromhex(
+    "8a a1 76 01 a4 6b 69 6e 64 a6 75 70 64 61 74 65"  # {"v": 1, "kind": "update",
+    "a9 75 70 64 61 74 65 5f 69 64 b0 71 33 4a 78 53 30 64 4b 39 76 54 62 32 4c 6d 41"
+    "a3 64 65 76 a9 64 65 76 69 63 65 2d 30 31"  # "dev": "device-01",
+    "a4 74 61 73 6b a8 64 69 67 69 74 73 2d 31"  # "task": "digits-1",
+    "a4 62 61 73 65 0c a1 6e cc b4"  # "base": 12, "n": 180,
+    "a1 6d 82 a4 6c 6f 73 73 ca 3f 00 00 00 a3 61 63 63 ca 3f 60 00 00"  # "m": float32s
+    "a5 64 65 6c 74 61 80"  # "delta": {},
+    "a2 74 73 cb 41 da 55 6e 40 00 00 00"  # "ts": 1767225600.0 (float64)}
+)
+
+
+def test_update_compact_wire_form():
+    update = Update("q3JxS0dK9vTb2LmA", "device-01", "digits-1", 12, 180, {},
+                    {"loss": 0.5, "acc": 0.875}, 1767225600.0)
+    assert update.pack() == UPDATE_VECTOR
+    obj = unpack(UPDATE_VECTOR, "update")
+    assert list(obj) == ["v", "kind", "update_id", "dev", "task", "base", "n", "m", "delta", "ts"]
+    assert Update.from_wire(obj) == update
+    # envelope.pack(to_wire()) is the same message with float64 metrics: valid, 8 bytes longer
+    wide = pack(update.to_wire())
+    assert len(wide) == len(UPDATE_VECTOR) + 8
+    assert Update.from_wire(unpack(wide, "update")) == update
+
+
+def test_update_pack_narrows_metrics_only():
+    metrics = {"loss": 0.1, "huge": 1e300, "count": 3, "tiny": 1e-50}
+    update = Update(new_update_id(), "dev-1", "t1", 0, 1, {}, metrics, 1767225600.123)
+    payload = update.pack()
+    back = Update.from_wire(unpack(payload, "update"))
+    assert back.metrics["loss"] == float(np.float32(0.1)) != 0.1  # float32, 4 bytes
+    assert b"\xa4loss\xca" in payload
+    assert back.metrics["huge"] == 1e300  # beyond float32: float64 kept, never infinity
+    assert back.metrics["count"] == 3 and back.metrics["tiny"] == 0.0
+    assert back.sent_at == 1767225600.123  # the time keeps float64
+
+
+def test_update_long_field_names_are_not_read():
+    # the field names of the update before its compact form: a schema error, not a guess
+    old = {"v": 1, "kind": "update", "update_id": "u1", "device_id": "dev-1", "task_id": "t1",
+           "base_version": 0, "num_samples": 5, "metrics": {}, "delta": {}, "sent_at": 1.0}
+    with pytest.raises(ProtocolError, match="missing field") as info:
+        Update.from_wire(old)
+    assert info.value.reason == "schema"
+
+
+def test_new_update_ids_are_short_random_and_valid():
+    ids = {new_update_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for update_id in ids:
+        assert len(update_id) == 16
+        Update.from_wire(Update(update_id, "d", "t", 0, 1, {}).to_wire())
 
 
 def test_task_rejects_unknown_codec_and_bad_training():
