@@ -7,7 +7,6 @@ length against ``prod(shape) * itemsize`` before any array is made.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -44,29 +43,30 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
 
 
 def decode_tensor(obj: Any, *, where: str = "tensor") -> np.ndarray:
-    """Decode one tensor map into a read-only numpy array, or raise ``ProtocolError``."""
-    if not isinstance(obj, dict):
+    """Decode one tensor map into a read-only numpy array, or raise ``ProtocolError``.
+
+    Runs once per tensor of every update, so the checks are plain type tests and one loop
+    (msgpack gives exactly ``dict``, ``list``, ``int``, ``str`` and ``bytes``).
+    """
+    if type(obj) is not dict:
         raise ProtocolError("schema", f"{where}: expected a map")
     dtype_name = obj.get("dtype")
-    shape = obj.get("shape")
-    data = obj.get("data")
-    if dtype_name not in DTYPES:
+    dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
+    if dtype is None:
         raise ProtocolError("dtype", f"{where}: dtype {dtype_name!r} is not allowed")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_NDIM
-        or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_ELEMENTS
-            for d in shape
-        )
-    ):
+    shape = obj.get("shape")
+    if type(shape) is not list or len(shape) > MAX_NDIM:
         raise ProtocolError("shape", f"{where}: bad shape {shape!r}")
-    if not isinstance(data, bytes):
+    count = 1
+    for d in shape:
+        if type(d) is not int or not 0 <= d <= MAX_ELEMENTS:
+            raise ProtocolError("shape", f"{where}: bad shape {shape!r}")
+        count *= d
+    data = obj.get("data")
+    if type(data) is not bytes:
         raise ProtocolError("schema", f"{where}: data must be binary")
-    count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise ProtocolError("shape", f"{where}: {count} elements exceeds limit {MAX_ELEMENTS}")
-    dtype = DTYPES[dtype_name]
     if len(data) != count * dtype.itemsize:
         raise ProtocolError(
             "shape",
