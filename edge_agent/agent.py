@@ -26,7 +26,7 @@ from fedbus.topics import Topics
 from fedbus.transport import ConnectionSettings, Message, MqttClient, PublishResult, Will
 from fedbus.update_codec import decode_update_delta, encode_update_delta
 
-__all__ = ["Agent", "AgentStats", "LocalData"]
+__all__ = ["Agent", "AgentStats", "LocalData", "pacing_delay"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,20 @@ class AgentStats:
     rejections: dict[str, int] = field(default_factory=dict)
 
 
+def pacing_delay(elapsed: float, slowdown: float, compute_seconds: float) -> float:
+    """Seconds to wait after a training that took ``elapsed`` seconds, so that a simulated
+    device behaves ``slowdown`` times slower.
+
+    With ``compute_seconds`` 0 the training time itself is stretched (``slowdown x
+    elapsed`` in all), so a device with more data is also slower. Otherwise every update
+    takes ``slowdown x compute_seconds`` in all, whatever the data size; a training that
+    took longer than that is not waited for (0).
+    """
+    if compute_seconds > 0:
+        return max(0.0, slowdown * compute_seconds - elapsed)
+    return (slowdown - 1.0) * elapsed
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -69,6 +83,7 @@ class Agent:
         self.topics = Topics(config.prefix)
         self.stats = AgentStats()
         self._stop = threading.Event()
+        self._pacing_warned = False
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._task_bytes: bytes | None = None
@@ -277,8 +292,16 @@ class Agent:
             self._give_up_on(task, str(exc))
             return
         elapsed = time.monotonic() - started
-        if self.config.slowdown > 1.0:
-            self._stop.wait((self.config.slowdown - 1.0) * elapsed)
+        delay = pacing_delay(elapsed, self.config.slowdown, self.config.compute_seconds)
+        if self.config.compute_seconds and delay == 0 and not self._pacing_warned:
+            self._pacing_warned = True
+            log.warning(
+                "training took %.2f s, more than the simulated %.2f s per update "
+                "(--compute-seconds x --slowdown); updates go out as soon as they are ready",
+                elapsed, self.config.compute_seconds * self.config.slowdown,
+            )
+        if delay > 0:
+            self._stop.wait(delay)
         self.stats.train_seconds += time.monotonic() - started
         self._training = False
         if result.stopped or self._stop.is_set():

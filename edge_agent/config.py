@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ class AgentConfig:
     threads: int = 1
     seed: int = 0
     slowdown: float = 1.0  # simulation only: behave as a device this many times slower
+    # simulation only: an update takes slowdown x this many seconds (training included),
+    # whatever the data size; 0: slowdown multiplies the real training time
+    compute_seconds: float = 0.0
     export: Path | None = None  # write the int8 model here (.npz) after every training
     max_updates: int = 0  # stop after this many published updates (0 = run until stopped)
     max_model_bytes: int = 8 * 1024 * 1024  # the broker's max_packet_size
@@ -43,6 +47,10 @@ class AgentConfig:
             raise ValueError("threads must be at least 1")
         if self.slowdown < 1.0:
             raise ValueError("slowdown must be at least 1.0 (1.0 = real speed)")
+        if not (math.isfinite(self.compute_seconds) and self.compute_seconds >= 0):
+            raise ValueError(
+                f"compute_seconds must be a finite number >= 0, got {self.compute_seconds}"
+            )
         if self.max_updates < 0:
             raise ValueError("max_updates must be 0 (unlimited) or more")
 

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,19 @@ def test_agents_and_coordinator_improve_the_model(
 
     int8 = Int8Model.load(exported)
     assert float((int8.predict(x_test) == y_test).mean()) > 0.5
+
+
+def test_compute_seconds_fixes_a_simulated_device_period(start_coordinator, start_agent,
+                                                         digits_split):
+    paths, _ = digits_split
+    coord = start_coordinator(mode="fedasync", max_versions=4)
+    start_agent("dev-a", paths[0], "--compute-seconds", "0.4", "--slowdown", "2")
+    summary = coord.join(timeout=90)
+    assert summary.final_version == 4
+    # one update per version; each took slowdown x compute_seconds = 0.8 s on the device
+    times = [r.seconds for r in summary.history[1:]]
+    gaps = [b - a for a, b in pairwise(times)]
+    assert gaps and min(gaps) >= 0.75, gaps
 
 
 def test_fedavg_rounds_wait_for_every_online_device(start_coordinator, start_agent, digits_split):

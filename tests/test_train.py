@@ -145,3 +145,23 @@ def test_divergence_raises() -> None:
         model.head.bias.fill_(float("inf"))
     with pytest.raises(FloatingPointError, match="training diverged"):
         train_local(model, x, y, TrainSpec(), seed=0)
+
+
+def test_pacing_delay_stretches_training_or_fixes_the_period() -> None:
+    from edge_agent.agent import pacing_delay
+
+    # no compute time: the training time is stretched slowdown-fold
+    assert pacing_delay(0.5, 1.0, 0.0) == 0.0
+    assert pacing_delay(0.5, 3.0, 0.0) == pytest.approx(1.0)
+    # a compute time: every update takes slowdown x compute_seconds, whatever training took
+    assert pacing_delay(0.1, 2.0, 0.5) == pytest.approx(0.9)
+    assert pacing_delay(0.3, 2.0, 0.5) == pytest.approx(0.7)
+    assert pacing_delay(1.5, 2.0, 0.5) == 0.0  # training alone took longer: no wait
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
+def test_compute_seconds_must_be_finite_and_not_negative(value: float, tmp_path) -> None:
+    from edge_agent.config import AgentConfig
+
+    with pytest.raises(ValueError, match="compute_seconds"):
+        AgentConfig(device_id="dev-a", data=tmp_path / "x.npz", compute_seconds=value)

@@ -28,6 +28,8 @@ HELPS = {
     "threads": "Torch threads for training (one is fastest for small networks).",
     "seed": "Seed for local shuffling and stochastic rounding.",
     "slowdown": "Simulation: behave as a device this many times slower (sleeps after training).",
+    "compute_seconds": "Simulation: each update takes slowdown x this many seconds, training "
+    "included, whatever the data size (0: slowdown multiplies the real training time).",
     "export": "After every local training, save the int8 model here (.npz, runs without "
     "torch via fedbus.export.Int8Model).",
     "max_updates": "Stop after publishing this many updates (0: run until stopped).",
