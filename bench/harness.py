@@ -454,6 +454,9 @@ def _redact(config: str) -> str:
 class FleetSpec:
     name: str
     speeds: tuple[float, ...]  # one slowdown factor per device
+    # each agent's --compute-seconds: with it an update takes exactly speed x this long,
+    # whatever the device's data size (0: the slowdown stretches the real training time)
+    compute_seconds: float = 0.0
     alpha: float = 0.5  # Dirichlet label skew, as in the demo
     data_seed: int = 0
 
@@ -498,11 +501,13 @@ class Fleet:
             self.agents[device] = self.ctx.children.spawn(
                 [sys.executable, "-m", "fedbus", "agent", "--device-id", device,
                  "--data", str(paths[device]), "--credentials", str(self.broker.credentials_file),
-                 "--slowdown", repr(float(speed)), "--seed", "0"],
+                 "--slowdown", repr(float(speed)), "--seed", "0",
+                 "--compute-seconds", repr(float(self.spec.compute_seconds))],
                 log_path=self.ctx.path("fleets", self.spec.name, "logs", f"{device}.log"),
             )
-        log.info("fleet %s: %d agents, speeds %s, samples %s", self.spec.name,
-                 len(self.devices), list(self.spec.speeds), list(self.samples.values()))
+        log.info("fleet %s: %d agents, speeds %s x %g s, samples %s", self.spec.name,
+                 len(self.devices), list(self.spec.speeds), self.spec.compute_seconds,
+                 list(self.samples.values()))
         # Warm-up: one synchronous round makes every agent import and run its training
         # path once (the first optimizer costs seconds), so measured runs start warm.
         self.run(task_id="warmup", mode="fedavg", codec="int8", seed=0, max_versions=1,
@@ -597,15 +602,15 @@ class FleetPool:
         self._fleets: dict[tuple, Fleet] = {}
         self._current: Fleet | None = None
 
-    def get(self, name: str, speeds: Sequence[float]) -> Fleet:
-        key = tuple(float(s) for s in speeds)
+    def get(self, name: str, speeds: Sequence[float], compute_seconds: float = 0.0) -> Fleet:
+        key = (tuple(float(s) for s in speeds), float(compute_seconds))
         fleet = self._fleets.get(key)
         if fleet is None:
             # One fleet at a time: a second set of agents would steal the CPU of the first.
             for other in self._fleets.values():
                 other.close()
             self._fleets.clear()
-            fleet = Fleet(self.ctx, FleetSpec(name, key))
+            fleet = Fleet(self.ctx, FleetSpec(name, key[0], compute_seconds=key[1]))
             self._fleets[key] = fleet
             fleet.start()
         return fleet

@@ -198,7 +198,11 @@ def _tta(b: dict[str, Any]) -> str:
              f"Target held-out accuracy {par['target_accuracy']:g}; {par['async']} against "
              f"{par['sync']}; seeds {par['seeds']}; a run that does not reach the target "
              f"within {par['cap_seconds']:g} s counts as {par['cap_seconds']:g} s. "
-             "(reached/runs) beside each median.", "",
+             "(reached/runs) beside each median. "
+             + (f"Each update of a device takes its slowdown × {par['compute_seconds']:g} s "
+                "(`--compute-seconds`), whatever its data size."
+                if par.get("compute_seconds") else
+                "The slowdown stretches each agent's own training time."), "",
              _table(["profile", "async s", "sync s", "sync/async", "ideal",
                      "ideal × data sizes", "effective ideal", "measured updates/s ratio",
                      "updates/s async / sync"], prow), ""]
@@ -213,7 +217,10 @@ def _tta(b: dict[str, Any]) -> str:
                      f"{_runs(p['baseline']['runs'])} s; speeds {p['speeds']}; samples per "
                      f"device {list(p['samples_per_device'].values())}; measured relative "
                      f"slowness per device (async) "
-                     f"{list(p['effective_relative_speed'].values())}")
+                     f"{list(p['effective_relative_speed'].values())}"
+                     + (f"; agents whose training overran the simulated period: "
+                        f"{p['agents_overrunning_period']}"
+                        if "agents_overrunning_period" in p else ""))
     return "\n".join(lines)
 
 
