@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh Debian-like machine:
 #   make demo   - virtual environment, mosquitto, then the demo
 #   make test   - the same set-up, then lint and the whole test suite
-#   make bench  - the same set-up, then the benchmark harness (about 8 minutes)
+#   make bench  - the same set-up, then the benchmark harness (about 13 minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
