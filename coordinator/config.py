@@ -11,11 +11,10 @@ from coordinator.core import AggregationConfig
 from fedbus.codec_spec import parse_codec
 from fedbus.topics import DEFAULT_PREFIX, Topics
 
-__all__ = ["ENV_PREFIX", "MODEL_CODEC_BASES", "CoordinatorConfig"]
+__all__ = ["ENV_PREFIX", "CoordinatorConfig"]
 
 ENV_PREFIX = "FEDBUS_COORDINATOR"
 MODES = ("fedbuff", "fedasync", "fedavg")
-MODEL_CODEC_BASES = ("fp32", "fp16")  # the global model is never sent lossily quantised
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class CoordinatorConfig:
             model = parse_codec(self.model_codec)
         except ValueError as exc:
             raise ValueError(f"model_codec: {exc}") from None
-        if model.base not in MODEL_CODEC_BASES:
+        if model.lossy:  # the global model is never sent lossily quantised
             raise ValueError(
                 f"model_codec must be fp32 or fp16, optionally +zstd (the model is not sent "
                 f"lossily), got {self.model_codec!r}"
