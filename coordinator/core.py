@@ -12,7 +12,9 @@ Modes:
 
 - ``fedbuff``: every accepted update is added, weighted, to a running sum (the buffer,
   ``aggregation.WeightedSum``: one model-sized array, whatever K); when it holds
-  ``buffer_size`` (K) updates, ``aggregation.fedbuff_apply`` makes the next version.
+  ``buffer_size`` (K) updates, or as many as devices are online if fewer, or at ``tick``
+  once its oldest update has waited ``buffer_timeout`` seconds,
+  ``aggregation.fedbuff_apply`` makes the next version.
 - ``fedasync``: the same with K = 1.
 - ``fedavg``: synchronous rounds. A round for version v starts with the devices online at
   that moment. While it has no update yet it stays open: devices coming online join it and
