@@ -23,13 +23,11 @@ from bench.harness import (
     BenchBroker,
     BenchContext,
     BenchError,
-    Children,
     median,
-    proc_status,
     ratio,
     summarize,
-    wait_for_file,
 )
+from fedbus.processes import Child, Memory
 
 __all__ = ["run"]
 
@@ -40,8 +38,10 @@ DEVICE = "device-01"
 
 
 class _Sampler:
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    """The highest ``VmRSS`` of ``child``, read every 20 ms while the block runs."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
         self.max_rss = 0
         self.samples = 0
         self._stop = threading.Event()
@@ -57,9 +57,17 @@ class _Sampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            rss = proc_status(self.pid).get("VmRSS", 0)
-            self.max_rss = max(self.max_rss, rss)
+            memory = self.child.rss()
+            self.max_rss = max(self.max_rss, memory.rss_kib if memory else 0)
             self.samples += 1
+
+
+def _memory(child: Child) -> Memory:
+    """``child.rss()``, or a ``BenchError`` if it has exited."""
+    memory = child.rss()
+    if memory is None:
+        raise BenchError(f"{child.name} exited with code {child.returncode}")
+    return memory
 
 
 def _shard(ctx: BenchContext) -> str:
@@ -78,10 +86,10 @@ def _agent_run(ctx: BenchContext, i: int, data: str, versions: int) -> dict[str,
     from coordinator.service import CoordinatorService
 
     with BenchBroker(ctx, f"footprint-{i}", [DEVICE]) as broker:
-        agent = ctx.children.spawn(
+        agent = ctx.start(
             [sys.executable, "-m", "fedbus", "agent", "--device-id", DEVICE, "--data", data,
              "--credentials", str(broker.credentials_file)],
-            log_path=ctx.path("footprint", f"agent-{i}.log"))
+            log_path=ctx.path("footprint", f"agent-{i}.log"), name="agent")
         try:
             service = CoordinatorService(
                 CoordinatorConfig(
@@ -92,22 +100,20 @@ def _agent_run(ctx: BenchContext, i: int, data: str, versions: int) -> dict[str,
                 ),
                 password=broker.coordinator_password,
             )
-            with _Sampler(agent.pid) as sampler:
+            with _Sampler(agent) as sampler:
                 summary = service.run()
-                if agent.poll() is not None:
-                    raise BenchError(f"agent exited with code {agent.returncode}")
-                training = proc_status(agent.pid)
+                training = _memory(agent)
                 time.sleep(IDLE_SECONDS)
-                idle = proc_status(agent.pid)
+                idle = _memory(agent)
             if summary.counters.get("updates_accepted", 0) < versions:
                 raise BenchError(f"agent run {i}: only {summary.counters} updates accepted")
         finally:
-            Children.stop(agent)
+            agent.terminate()
     return {
-        "peak_training_mib": training["VmHWM"] / 1024,
-        "rss_end_of_training_mib": training["VmRSS"] / 1024,
-        "idle_rss_mib": idle["VmRSS"] / 1024,
-        "idle_hwm_mib": idle["VmHWM"] / 1024,
+        "peak_training_mib": training.hwm_mib,
+        "rss_end_of_training_mib": training.rss_mib,
+        "idle_rss_mib": idle.rss_mib,
+        "idle_hwm_mib": idle.hwm_mib,
         "sampled_max_rss_mib": sampler.max_rss / 1024,
         "samples": sampler.samples,
         "updates": summary.counters.get("updates_accepted", 0),
@@ -116,23 +122,23 @@ def _agent_run(ctx: BenchContext, i: int, data: str, versions: int) -> dict[str,
 
 def _bare_run(ctx: BenchContext, i: int) -> dict[str, Any]:
     ready = ctx.path("footprint", f"bare-{i}.ready")
-    proc = ctx.children.spawn_role("torch-idle", {"ready": str(ready), "seconds": 120},
-                                   log_path=ctx.path("footprint", f"bare-{i}.log"))
+    proc = ctx.spawn_role("torch-idle", {"ready": str(ready), "seconds": 120},
+                          log_path=ctx.path("footprint", f"bare-{i}.log"))
     try:
-        wait_for_file(ready, 60, [proc], "python -c 'import torch'")
+        proc.wait_for_file(ready, 60, "python -c 'import torch'")
         time.sleep(0.5)
-        status = proc_status(proc.pid)
+        status = _memory(proc)
     finally:
-        Children.stop(proc)
-    return {"peak_mib": status["VmHWM"] / 1024, "rss_mib": status["VmRSS"] / 1024}
+        proc.terminate()
+    return {"peak_mib": status.hwm_mib, "rss_mib": status.rss_mib}
 
 
 def _stages(ctx: BenchContext) -> tuple[list, bool]:
     """The agent's path step by step (``rss-stages``), and whether it imported torch._dynamo."""
     out = ctx.path("footprint", "stages.json")
-    proc = ctx.children.spawn_role("rss-stages", {"out": str(out)},
-                                   log_path=ctx.path("footprint", "stages.log"))
-    ctx.children.wait(proc, 120, "rss-stages")
+    proc = ctx.spawn_role("rss-stages", {"out": str(out)},
+                          log_path=ctx.path("footprint", "stages.log"))
+    proc.wait(120)
     result = json.loads(out.read_text())
     stages = [{"stage": name, "rss_mib": round(v["VmRSS"] / 1024, 1),
                "hwm_mib": round(v["VmHWM"] / 1024, 1)} for name, v in result["stages"]]

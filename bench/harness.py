@@ -5,9 +5,10 @@ Nothing here changes fedbus: the harness drives the public pieces (``LocalBroker
 ``CoordinatorService``, the ``fedbus agent`` command) and, for timing, wraps the
 coordinator core's ``on_update`` on one instance to note when each update was accepted.
 
-Every child process the harness starts is registered in a ``Children`` and stopped by its
-PID in a ``finally``; brokers are stopped the same way, so nothing is left running when a
-benchmark fails or the harness is interrupted.
+Every child process the harness starts is a ``fedbus.processes.Child`` kept in a
+``ChildGroup`` (the context's, or a fleet's) and stopped by its PID in a ``finally``; brokers
+are stopped the same way, so nothing is left running when a benchmark fails or the harness
+is interrupted.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,23 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedbus.processes import Watchdog, terminate
+from fedbus.processes import Child, ChildGroup, Watchdog
 
 __all__ = [
     "REPO",
     "BenchBroker",
     "BenchContext",
-    "Children",
     "Fleet",
     "FleetPool",
     "accepted_recorder",
     "environment",
     "median",
     "percentile",
-    "proc_status",
     "ratio",
     "summarize",
-    "wait_for_file",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,99 +88,6 @@ def summarize(runs: Sequence[float | None], label: str, **extra: Any) -> dict[st
     return {"label": label, "runs": list(runs), "median": median(runs), **extra}
 
 
-# -- child processes ----------------------------------------------------------------------
-
-
-class Children:
-    """Every child process of the harness, stopped by PID (SIGTERM, then SIGKILL)."""
-
-    def __init__(self) -> None:
-        self._procs: list[subprocess.Popen] = []
-        self._lock = threading.Lock()
-
-    def spawn(self, cmd: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None,
-              cwd: Path = REPO) -> subprocess.Popen:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            )
-        proc.log_path = log_path  # type: ignore[attr-defined]
-        with self._lock:
-            self._procs.append(proc)
-        return proc
-
-    def spawn_role(self, role: str, args: dict[str, Any], *, log_path: Path,
-                   env: dict[str, str] | None = None) -> subprocess.Popen:
-        """``python -m bench.procs ROLE JSON`` (see ``bench.procs``)."""
-        return self.spawn([sys.executable, "-m", "bench.procs", role, json.dumps(args)],
-                          log_path=log_path, env=env)
-
-    @staticmethod
-    def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-        terminate(proc, timeout)
-
-    def stop_all(self, timeout: float = 5.0) -> None:
-        with self._lock:
-            procs, self._procs = self._procs, []
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def wait(self, proc: subprocess.Popen, timeout: float, what: str) -> int:
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.stop(proc)
-            raise BenchError(
-                f"{what} did not finish within {timeout:g} s{log_tail(proc)}") from None
-
-
-def log_tail(proc: subprocess.Popen, lines: int = 12) -> str:
-    path = getattr(proc, "log_path", None)
-    if path is None or not Path(path).exists():
-        return ""
-    text = Path(path).read_text(errors="replace").splitlines()[-lines:]
-    return f"\n--- last lines of {path} ---\n" + "\n".join(text)
-
-
-def wait_for_file(path: Path, timeout: float, procs: Sequence[subprocess.Popen] = (),
-                  what: str = "child") -> None:
-    """Wait until ``path`` exists; fail early if one of ``procs`` exits meanwhile."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return
-        for proc in procs:
-            if proc.poll() is not None:
-                raise BenchError(f"{what} exited with code {proc.returncode}{log_tail(proc)}")
-        time.sleep(0.02)
-    raise BenchError(f"{what} not ready within {timeout:g} s"
-                     + "".join(log_tail(p) for p in procs))
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM, ... of a live process, in KiB (empty once it has exited)."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("Vm"):
-                    key, _, value = line.partition(":")
-                    out[key] = int(value.split()[0])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return out
-
-
 # -- context ------------------------------------------------------------------------------
 
 
@@ -194,7 +98,7 @@ class BenchContext:
     quick: bool
     runs: int | None  # --runs: timing pairs per benchmark (None: each benchmark's default)
     workdir: Path
-    children: Children = field(default_factory=Children)
+    children: ChildGroup = field(default_factory=ChildGroup)
     broker_configs: dict[str, str] = field(default_factory=dict)
     fleets: FleetPool | None = None
 
@@ -202,6 +106,19 @@ class BenchContext:
         if self.runs is not None:
             return max(1, self.runs)
         return quick if self.quick else full
+
+    def start(self, argv: Sequence[str], *, log_path: Path, name: str | None = None,
+              env: dict[str, str] | None = None, group: ChildGroup | None = None) -> Child:
+        """A child process in the repository's directory, its output appended to
+        ``log_path``, kept in ``group`` (default: this context's ``children``)."""
+        child = Child(argv, log_path=log_path, name=name, env=env, cwd=REPO, append=True)
+        return (self.children if group is None else group).add(child)
+
+    def spawn_role(self, role: str, args: dict[str, Any], *, log_path: Path,
+                   env: dict[str, str] | None = None) -> Child:
+        """``python -m bench.procs ROLE JSON`` (see ``bench.procs``), named ``role``."""
+        return self.start([sys.executable, "-m", "bench.procs", role, json.dumps(args)],
+                          log_path=log_path, name=role, env=env)
 
     def path(self, *parts: str) -> Path:
         p = self.workdir.joinpath(*parts)
@@ -475,7 +392,7 @@ class Fleet:
         self.spec = spec
         self.devices = default_device_ids(len(spec.speeds))
         self.broker = BenchBroker(ctx, f"fleet-{spec.name}", self.devices)
-        self.agents: dict[str, subprocess.Popen] = {}
+        self.agents = ChildGroup()  # one per device, in device order
         self.samples: dict[str, int] = {}
         self.eval_data: tuple[Any, Any] | None = None
         self._runs = 0
@@ -498,12 +415,13 @@ class Fleet:
         self.broker.start()
         self.started_at = time.monotonic()
         for device, speed in zip(self.devices, self.spec.speeds, strict=True):
-            self.agents[device] = self.ctx.children.spawn(
+            self.ctx.start(
                 [sys.executable, "-m", "fedbus", "agent", "--device-id", device,
                  "--data", str(paths[device]), "--credentials", str(self.broker.credentials_file),
                  "--slowdown", repr(float(speed)), "--seed", "0",
                  "--compute-seconds", repr(float(self.spec.compute_seconds))],
                 log_path=self.ctx.path("fleets", self.spec.name, "logs", f"{device}.log"),
+                name=f"agent {device}", group=self.agents,
             )
         log.info("fleet %s: %d agents, speeds %s x %g s, samples %s", self.spec.name,
                  len(self.devices), list(self.spec.speeds), self.spec.compute_seconds,
@@ -513,15 +431,8 @@ class Fleet:
         self.run(task_id="warmup", mode="fedavg", codec="int8", seed=0, max_versions=1,
                  duration=120.0)
 
-    def dead_agent(self) -> str | None:
-        """Why the first agent process that has exited did so, or None."""
-        for device, proc in self.agents.items():
-            if proc.poll() is not None:
-                return f"agent {device} exited with code {proc.returncode}{log_tail(proc)}"
-        return None
-
     def check_alive(self) -> None:
-        failure = self.dead_agent()
+        failure = self.agents.first_dead()
         if failure is not None:
             raise BenchError(failure)
 
@@ -551,7 +462,7 @@ class Fleet:
             eval_data=self.eval_data,
         )
         records = accepted_recorder(service, clock=time.monotonic)
-        watchdog = Watchdog(self.dead_agent, service.stop)
+        watchdog = Watchdog(self.agents.first_dead, service.stop)
         t0 = time.monotonic()
         with watchdog:
             summary = service.run()
@@ -560,9 +471,10 @@ class Fleet:
         return _run_record(summary, records, t0, self.devices)
 
     def close(self) -> None:
-        for proc in self.agents.values():
-            Children.stop(proc)
-        self.broker.stop()
+        try:
+            self.agents.stop_all()
+        finally:
+            self.broker.stop()
 
 
 def _run_record(summary: Any, records: list[tuple], t0: float,

@@ -28,6 +28,7 @@ from bench.harness import (
     ratio,
     summarize,
 )
+from fedbus.processes import Child, ChildError
 
 __all__ = ["SIZES", "make_template", "run"]
 
@@ -91,8 +92,8 @@ def _consumer_args(broker: BenchBroker, out: str, ready: str, **extra: Any) -> d
 
 def _publish(ctx: BenchContext, broker: BenchBroker, run_dir: str, template: str, n: int,
              k: int, task_id: str, tag: str, rate: float = 0.0, log_sent: bool = False,
-             window: int = 20) -> Any:
-    return ctx.children.spawn_role("publisher", {
+             window: int = 20) -> Child:
+    return ctx.spawn_role("publisher", {
         "host": broker.host, "port": broker.port, "prefix": broker.prefix,
         "credentials": str(broker.credentials_file), "devices": list(DEVICES),
         "template": template, "n": n, "k": k, "lag": LAG, "rate": rate, "tag": tag,
@@ -103,20 +104,18 @@ def _publish(ctx: BenchContext, broker: BenchBroker, run_dir: str, template: str
 
 def run_ours(ctx: BenchContext, broker: BenchBroker, name: str, i: int, model_args: dict,
              template: str, n: int) -> dict[str, Any]:
-    from bench.harness import wait_for_file
-
     run_dir = str(ctx.path(name, f"ours-{i}", "x").parent)
     broker.reset_coordinator_session()
     task_id = f"ingest-{i}"
-    consumer = ctx.children.spawn_role("coordinator", _consumer_args(
+    consumer = ctx.spawn_role("coordinator", _consumer_args(
         broker, f"{run_dir}/result.json", f"{run_dir}/ready", task_id=task_id,
         model_args=model_args, mode="fedbuff", k=K, max_versions=n // K,
         duration=300.0, max_staleness=MAX_STALENESS,
     ), log_path=ctx.path(run_dir, "coordinator.log"))
-    wait_for_file(ctx.path(run_dir, "ready"), 60, [consumer], "coordinator")
+    consumer.wait_for_file(ctx.path(run_dir, "ready"), 60)
     pub = _publish(ctx, broker, run_dir, template, n, K, task_id, f"o{i}")
-    ctx.children.wait(consumer, 300, "coordinator")
-    ctx.children.wait(pub, 60, "publisher")
+    consumer.wait(300)
+    pub.wait(60)
     res = json.loads(ctx.path(run_dir, "result.json").read_text())
     pub_res = json.loads(ctx.path(run_dir, "publisher.json").read_text())
     counters = res["counters"]
@@ -144,17 +143,15 @@ def run_ours(ctx: BenchContext, broker: BenchBroker, name: str, i: int, model_ar
 
 def run_bare(ctx: BenchContext, broker: BenchBroker, name: str, i: int, template: str,
              n: int) -> dict[str, Any]:
-    from bench.harness import wait_for_file
-
     run_dir = str(ctx.path(name, f"bare-{i}", "x").parent)
     broker.reset_coordinator_session()
-    consumer = ctx.children.spawn_role("subscriber", _consumer_args(
+    consumer = ctx.spawn_role("subscriber", _consumer_args(
         broker, f"{run_dir}/result.json", f"{run_dir}/ready", n=n, duration=300.0,
     ), log_path=ctx.path(run_dir, "subscriber.log"))
-    wait_for_file(ctx.path(run_dir, "ready"), 60, [consumer], "subscriber")
+    consumer.wait_for_file(ctx.path(run_dir, "ready"), 60)
     pub = _publish(ctx, broker, run_dir, template, n, K, f"bare-{i}", f"b{i}")
-    ctx.children.wait(consumer, 300, "subscriber")
-    ctx.children.wait(pub, 60, "publisher")
+    consumer.wait(300)
+    pub.wait(60)
     res = json.loads(ctx.path(run_dir, "result.json").read_text())
     pub_res = json.loads(ctx.path(run_dir, "publisher.json").read_text())
     received = res["received"]
@@ -177,7 +174,7 @@ def guarded(fn: Any) -> dict[str, Any]:
     benchmark, so one hiccup of a shared machine does not throw away the other runs."""
     try:
         return fn()
-    except (BenchError, OSError, ValueError, KeyError) as exc:
+    except (BenchError, ChildError, OSError, ValueError, KeyError) as exc:
         log.warning("run failed: %s", exc)
         return {"rate": None, "error": f"{type(exc).__name__}: {exc}"[:500]}
 

@@ -21,7 +21,6 @@ from bench.harness import (
     percentile,
     ratio,
     summarize,
-    wait_for_file,
 )
 from bench.ingest import (
     DEVICES,
@@ -55,21 +54,21 @@ def _one(ctx: BenchContext, broker: BenchBroker, kind: str, i: int, template: st
     broker.reset_coordinator_session()
     out, ready = f"{run_dir}/result.json", f"{run_dir}/ready"
     if kind != "bare":
-        consumer = ctx.children.spawn_role("coordinator", _consumer_args(
+        consumer = ctx.spawn_role("coordinator", _consumer_args(
             broker, out, ready, task_id=f"latency-{i}", model_args=model_args,
             mode="fedasync", k=1, max_versions=n, duration=SECONDS * 5 + 30,
             max_staleness=MAX_STALENESS, wall_clock=True,
         ), log_path=ctx.path(run_dir, "coordinator.log"), env=env)
     else:
-        consumer = ctx.children.spawn_role("subscriber", _consumer_args(
+        consumer = ctx.spawn_role("subscriber", _consumer_args(
             broker, out, ready, n=n, duration=SECONDS * 5 + 30, wall_clock=True, ids=True,
             all_times=True,
         ), log_path=ctx.path(run_dir, "subscriber.log"))
-    wait_for_file(ctx.path(run_dir, "ready"), 60, [consumer], kind)
+    consumer.wait_for_file(ctx.path(run_dir, "ready"), 60, kind)
     pub = _publish(ctx, broker, run_dir, template, n, 1, f"latency-{i}", f"{kind[0]}{i}",
                    rate=RATE, log_sent=True)
-    ctx.children.wait(pub, SECONDS * 5 + 30, "publisher")
-    ctx.children.wait(consumer, SECONDS * 5 + 60, kind)
+    pub.wait(SECONDS * 5 + 30)
+    consumer.wait(SECONDS * 5 + 60, kind)
     res = json.loads(ctx.path(run_dir, "result.json").read_text())
     sent = json.loads(ctx.path(run_dir, "publisher.json").read_text())
     if kind != "bare":

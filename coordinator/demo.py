@@ -12,10 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +29,7 @@ from coordinator.report import write_report
 from coordinator.service import CoordinatorService, RunSummary, VersionRecord
 from fedbus.broker import LocalBroker, default_device_ids
 from fedbus.errors import ConfigError, FedbusError
-from fedbus.processes import Watchdog
+from fedbus.processes import Child, ChildGroup, Watchdog
 
 __all__ = ["DEMO_PRESETS", "DemoConfig", "DemoResult", "run_demo"]
 
@@ -194,70 +191,49 @@ def _prepare_data(
     return paths, (x_test, y_test), info
 
 
-def _start_agents(
-    cfg: DemoConfig, broker: LocalBroker, device_ids: list[str], data: dict[str, Path],
+def _slowdowns(cfg: DemoConfig, devices: int) -> list[float]:
+    """The simulated slowdown of each device: ``cfg.speeds`` cycled over the devices."""
+    factors = cfg.speed_factors()
+    return [factors[i % len(factors)] for i in range(devices)]
+
+
+def _agent_command(
+    cfg: DemoConfig, broker: LocalBroker, device: str, data: Path, slowdown: float,
     workdir: Path,
-) -> dict[str, tuple[subprocess.Popen, float]]:
-    logs = workdir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    agents = {}
-    for i, device in enumerate(device_ids):
-        factors = cfg.speed_factors()
-        slowdown = factors[i % len(factors)]
-        cmd = [
-            sys.executable, "-m", "fedbus", "agent",
-            "--device-id", device,
-            "--data", str(data[device]),
-            "--credentials", str(broker.credentials_file),
-            "--slowdown", str(slowdown),
-            "--seed", str(cfg.seed),
-            # top-k residuals stay with the demo's files, not in the user's ~/.local/state
-            "--state-dir", str(workdir / "state" / device),
-        ]
-        with open(logs / f"{device}.log", "wb") as out:
-            proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        _lower_priority(proc.pid)
-        agents[device] = (proc, slowdown)
-    return agents
+) -> list[str]:
+    """The command line of one simulated device's ``fedbus agent``."""
+    return [
+        sys.executable, "-m", "fedbus", "agent",
+        "--device-id", device,
+        "--data", str(data),
+        "--credentials", str(broker.credentials_file),
+        "--slowdown", str(slowdown),
+        "--seed", str(cfg.seed),
+        # top-k residuals stay with the demo's files, not in the user's ~/.local/state
+        "--state-dir", str(workdir / "state" / device),
+    ]
 
 
-def _lower_priority(pid: int) -> None:
-    """Run a simulated device below the coordinator's CPU priority.
-
-    Real devices bring their own CPUs; here N agents share this machine's cores with the
-    coordinator, and without this they starve it: it falls behind, every update arrives
-    many versions stale and learning degrades (seen with the mnist CNN on 2 cores).
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
-    except (AttributeError, OSError) as exc:  # not POSIX, or the process is already gone
-        log.debug("cannot lower the priority of agent pid %d: %s", pid, exc)
+# Simulated devices run this many nice levels below the coordinator. Real devices bring
+# their own CPUs; here N agents share this machine's cores with the coordinator, and at
+# equal priority they starve it: it falls behind, every update arrives many versions stale
+# and learning degrades (seen with the mnist CNN on 2 cores).
+_AGENT_NICE = 10
+_AGENT_STOP_SECONDS = 10.0  # SIGTERM, then SIGKILL
 
 
-def _stop_agents(agents: dict[str, tuple[subprocess.Popen, float]], timeout: float = 10.0) -> None:
-    for proc, _ in agents.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for proc, _ in agents.values():
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _dead_agent(agents: dict[str, tuple[subprocess.Popen, float]], logs: Path) -> str | None:
-    """Why the first agent process that has exited did so (its last log line), or None."""
-    for device, (proc, _) in agents.items():
-        if proc.poll() is not None:
-            lines = (logs / f"{device}.log").read_text(errors="replace").splitlines()
-            last = lines[-1].strip() if lines else "(no output)"
-            return f"agent {device} exited with code {proc.returncode}: {last}"
-    return None
+def _start_agents(
+    cfg: DemoConfig, broker: LocalBroker, data: dict[str, Path], speeds: list[float],
+    workdir: Path, agents: ChildGroup,
+) -> None:
+    """One ``fedbus agent`` process per device (in ``data``'s order), its log in
+    ``workdir/logs/<device>.log``, into ``agents``."""
+    for (device, path), slowdown in zip(data.items(), speeds, strict=True):
+        agents.add(Child(
+            _agent_command(cfg, broker, device, path, slowdown, workdir),
+            log_path=workdir / "logs" / f"{device}.log", name=f"agent {device}",
+            nice=_AGENT_NICE,
+        ))
 
 
 def run_demo(
@@ -279,15 +255,15 @@ def run_demo(
     workdir = Path(tempfile.mkdtemp(prefix="fedbus-demo-")) if own_workdir else Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     device_ids = default_device_ids(cfg.devices)
-    agents: dict[str, tuple[subprocess.Popen, float]] = {}
+    speeds = _slowdowns(cfg, len(device_ids))
+    agents = ChildGroup()
     broker = LocalBroker(workdir / "broker", device_ids=device_ids)
     try:
         data, eval_data, split = _prepare_data(cfg, workdir, device_ids)
         broker.start()
         log.info("broker listening on %s:%d (pid %d)", broker.host, broker.port, broker.pid)
-        agents = _start_agents(cfg, broker, device_ids, data, workdir)
-        log.info("started %d agents (slowdowns %s)", len(agents),
-                 [s for _, s in agents.values()])
+        _start_agents(cfg, broker, data, speeds, workdir, agents)
+        log.info("started %d agents (slowdowns %s)", len(agents), speeds)
         service = CoordinatorService(
             CoordinatorConfig(
                 host=broker.host,
@@ -313,12 +289,12 @@ def run_demo(
             eval_data=eval_data,
             on_version=on_version,
         )
-        watchdog = Watchdog(lambda: _dead_agent(agents, workdir / "logs"), service.stop)
+        watchdog = Watchdog(agents.first_dead, service.stop)
         with watchdog:
             summary = service.run()
         if watchdog.failure:
             raise FedbusError(f"demo failed: {watchdog.failure}")
-        _stop_agents(agents)
+        agents.stop_all(_AGENT_STOP_SECONDS)
         report = write_report(
             cfg.report,
             summary,
@@ -333,15 +309,17 @@ def run_demo(
                 "buffer_size": cfg.buffer_size,
                 **split,
                 "codec": cfg.codec,
-                "speeds": [s for _, s in agents.values()],
+                "speeds": speeds,
                 "alpha": cfg.alpha,
                 "total_seconds": round(time.monotonic() - started, 3),
-                "agent_exit_codes": {d: p.returncode for d, (p, _) in agents.items()},
+                "agent_exit_codes": {
+                    d: a.returncode for d, a in zip(device_ids, agents, strict=True)
+                },
             },
         )
         return DemoResult(summary, report, Path(cfg.report))
     finally:
-        _stop_agents(agents)
+        agents.stop_all(_AGENT_STOP_SECONDS)
         broker.stop()
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
