@@ -160,6 +160,8 @@ def _fields(cls: type) -> list[_Field]:
     """The init fields of a frozen dataclass with resolved, supported types."""
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"{cls!r} is not a dataclass")
+    # @dataclass sets __dataclass_params__ on every dataclass, but typeshed's
+    # DataclassInstance (what is_dataclass narrows to) declares only __dataclass_fields__.
     if not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
         raise TypeError(f"{cls.__name__} must be a frozen dataclass (@dataclass(frozen=True))")
     hints = get_type_hints(cls)

@@ -222,7 +222,9 @@ class Int8Model:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, manifest=manifest, **self.arrays())
+                # numpy's stubs let any ``**`` key land on the ``allow_pickle: bool`` keyword;
+                # ours are all "<layer>.<array>" (with a dot), so none can.
+                np.savez_compressed(f, manifest=manifest, **self.arrays())  # type: ignore[arg-type]
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -499,6 +501,9 @@ def _layer_from_entry(entry: dict[str, Any], index: int, arrays: dict[str, np.nd
     if op not in ("quantize", "flatten", "maxpool1d", "maxpool2d", "avgpool1d", *_DENSE_OPS):
         raise ValueError(f"layer {index}: unknown op {op!r}")
     layer = _Layer(op)
+    # The manifest's values go into the layer as they are, of whatever JSON type, and
+    # Int8Model's checks (_check_grid, _check_dense, the pool kernel's) reject a wrong one
+    # with a message that names it: hence the ignores on the assignments below.
     if "scale" in entry or "zero_point" in entry:
         scale = entry.get("scale")
         layer.out = _Grid(float(scale) if isinstance(scale, int) and not isinstance(
@@ -617,8 +622,8 @@ def export_int8(
 
 
 def _dense_layer(
-    name: str, module: nn.Module, grid: _Grid, relu: bool, out: _Grid | None,
-    torch: Any, channel_scale: Any,
+    name: str, module: nn.Linear | nn.Conv1d | nn.Conv2d, grid: _Grid, relu: bool,
+    out: _Grid | None, torch: Any, channel_scale: Any,
 ) -> _Layer:
     """int8 weights, scales and int32 bias of one QAT linear or convolution layer."""
     from torch import nn

@@ -13,7 +13,7 @@ are used: every entry point of ``torch.ao.quantization`` warns that it is deprec
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -141,21 +141,29 @@ class ActFakeQuant(nn.Module):
         return f"momentum={self.momentum}, qat={self.qat_enabled}"
 
 
-class _QATWeight:
+if TYPE_CHECKING:
+    # The mixin always comes before an nn.Module layer in the MRO (QATLinear, ...), so its
+    # super() calls reach that layer: tell the checker so. At run time the base is object.
+    _LayerBase = nn.Module
+else:
+    _LayerBase = object
+
+
+class _QATWeight(_LayerBase):
     """Mixin for a layer whose weight is fake-quantized (per-channel int8) when QAT is on."""
 
     weight: Tensor
     qat_enabled: bool
 
     def __init__(self, *args: Any, qat: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
         self.qat_enabled = qat
 
     def quantized_weight(self) -> Tensor:
         return fake_quant_weight(self.weight) if self.qat_enabled else self.weight
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, qat={self.qat_enabled}"  # type: ignore[misc]
+        return f"{super().extra_repr()}, qat={self.qat_enabled}"
 
 
 class QATLinear(_QATWeight, nn.Linear):

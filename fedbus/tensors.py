@@ -37,9 +37,10 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     wire = DTYPES[name]
     if array.dtype != wire or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=wire)
-    # a flat view casts cleanly for every shape, zero-size and 0-d included
+    # a flat view casts cleanly for every shape, zero-size and 0-d included; ``flat.data`` is
+    # memoryview(flat), which numpy's stubs reject before Python 3.12 (no __buffer__)
     flat = array.reshape(-1)
-    return {"dtype": name, "shape": list(array.shape), "data": memoryview(flat).cast("B")}
+    return {"dtype": name, "shape": list(array.shape), "data": flat.data.cast("B")}
 
 
 def decode_tensor(obj: Any, *, where: str = "tensor") -> np.ndarray:

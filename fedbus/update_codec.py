@@ -187,7 +187,7 @@ def _topk_count(n: int, fraction: float) -> int:
 def _raw(array: np.ndarray, dtype: str) -> memoryview:
     """The bytes of ``array`` as ``dtype`` (little-endian, C order), without a copy if it fits."""
     flat = np.ascontiguousarray(array, dtype=np.dtype(dtype)).reshape(-1)
-    return memoryview(flat).cast("B")
+    return flat.data.cast("B")  # = memoryview(flat), which numpy's stubs reject before 3.12
 
 
 def _encode_values(values: np.ndarray, codec: str, rng: np.random.Generator | None) -> dict:
