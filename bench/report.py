@@ -301,7 +301,7 @@ def update_markdown(path: Path, results: dict[str, Any]) -> None:
         block = f"{begin}\n{body}\n{end}"
         pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
         if pattern.search(text):
-            text = pattern.sub(lambda _m, block=block: block, text)
+            text = pattern.sub(lambda _m: block, text)  # noqa: B023 - called right here
         else:
             text = text.rstrip("\n") + f"\n\n## {name}\n\n{block}\n"
     path.write_text(text)

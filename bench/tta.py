@@ -129,7 +129,7 @@ def _profile(ctx: BenchContext, name: str, speeds: list[float], seeds: tuple[int
             effective.append(sum(rates) / (len(rates) * min(rates)))
     async_rate = median(r["updates_per_s"] for r in runs["fedbuff"])
     sync_rate = median(r["updates_per_s"] for r in runs["fedavg"])
-    rel = {}
+    rel: dict[str, list[float]] = {}
     for r in runs["fedbuff"]:
         for d, v in r["updates_per_s_by_device"].items():
             rel.setdefault(d, []).append(v)
@@ -167,6 +167,8 @@ def _profile(ctx: BenchContext, name: str, speeds: list[float], seeds: tuple[int
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
+    order: tuple[str, ...]
+    seeds: tuple[int, ...]
     if ctx.quick:
         order, seeds, target, late, cap = ("quick",), (0,), 0.5, 0.6, 30.0
         compute = QUICK_COMPUTE_SECONDS
