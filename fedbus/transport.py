@@ -1,8 +1,14 @@
 """The one module that talks MQTT (paho-mqtt 2.x, MQTT v5 only).
 
-Everything else in fedbus sees a small client object: ``start()``, ``subscribe()``,
-``publish()`` returning a :class:`PublishResult`, and an ``on_message`` callback that
-receives plain :class:`Message` values. The paho traps this module takes care of:
+The coordinator service and the agent do not build a client: they are given a
+:data:`TransportFactory` (``MqttClient`` by default; tests pass
+``fedbus.memory_transport.MemoryBroker.factory`` to exercise failure paths without a
+broker). What they see is the :class:`Transport` protocol: ``start()``, ``subscribe()``,
+``publish()`` returning a :class:`PublishResult`, an ``on_message`` callback receiving plain
+:class:`Message` values, and failures as typed exceptions from ``fedbus.errors`` that carry
+the broker address, reason code or sizes (``fatal``, ``last_error``).
+
+The paho traps this module takes care of:
 
 - durable sessions: a stable client id, ``clean_start=False`` passed explicitly on every
   connect and a non-zero session expiry (paho's default wipes the session on restart);
@@ -11,25 +17,54 @@ receives plain :class:`Message` values. The paho traps this module takes care of
 - an exception inside a paho callback would kill the network thread, so every callback
   here catches and logs;
 - ``connect_async`` + ``loop_start`` so a broker that is down at start-up is retried with
-  backoff instead of raising;
+  backoff instead of raising; every failed attempt is logged with its cause (refused, no
+  route, unknown host, a port that does not speak MQTT, no CONNACK in time), not just
+  retried in silence;
+- paho never checks an outgoing packet against the broker's maximum packet size, and
+  Mosquitto answers an oversize packet by dropping the connection (paho then reports only
+  "Unspecified error" and reconnects forever): ``publish`` refuses such a message with
+  ``MessageTooLarge`` instead, using the limit the broker announced in its CONNACK;
 - a broker that refuses our credentials is a configuration mistake: retrying cannot fix it,
-  so the client stops and reports it (``fatal_error``).
+  so the client stops and reports it (``fatal``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
-__all__ = ["ConnectionSettings", "Message", "MqttClient", "PublishResult", "Will"]
+from fedbus.errors import (
+    BrokerUnreachable,
+    ConnectRefused,
+    ConnectTimeout,
+    MessageTooLarge,
+    NotMqtt,
+    TransportError,
+)
+
+__all__ = [
+    "ConnectionSettings",
+    "Message",
+    "MqttClient",
+    "PublishResult",
+    "Transport",
+    "TransportFactory",
+    "Will",
+    "connect_timeout_error",
+    "publish_packet_size",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +73,18 @@ _FATAL_CONNACK = {
     0x84: "unsupported protocol version",
     0x85: "client identifier not valid",
     0x86: "bad user name or password",
-    0x87: "not authorized",
+    # Mosquitto 2.0.11 answers 0x87 to every failed login: a wrong password, an unknown
+    # user and an anonymous client alike.
+    0x87: "not authorized (Mosquitto 2.0 says this for any failed login: check the "
+    "username and password)",
     0x8C: "bad authentication method",
 }
+_SUPERVISE_INTERVAL = 0.25
 
 
 @dataclass(frozen=True)
 class ConnectionSettings:
-    """Where and as whom to connect."""
+    """Where and as whom to connect, and how patiently."""
 
     host: str
     port: int
@@ -55,8 +94,13 @@ class ConnectionSettings:
     keepalive: int = 30
     session_expiry: int = 7 * 24 * 3600
     reconnect_min: float = 1.0
-    reconnect_max: float = 60.0
+    reconnect_max: float = 30.0
     max_queued: int = 1000  # QoS>0 messages paho keeps while disconnected; bounds memory
+    # TCP is up but no CONNACK after this many seconds: not an MQTT broker (or a stuck one);
+    # the attempt is abandoned and retried
+    connack_timeout: float = 10.0
+    # assumed until the broker's CONNACK announces its own (the shipped broker: 8 MiB)
+    max_packet_size: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -84,11 +128,13 @@ class PublishResult:
         self.size = size
         self._done = threading.Event()
         self.reason: str | None = None
+        self.reason_code: int | None = None
         self.ok = False
 
-    def _resolve(self, ok: bool, reason: str) -> None:
+    def _resolve(self, ok: bool, reason: str, code: int | None = None) -> None:
         self.ok = ok
         self.reason = reason
+        self.reason_code = code
         self._done.set()
 
     @property
@@ -101,13 +147,106 @@ class PublishResult:
         return self.ok
 
 
-class MqttClient:
-    """A durable MQTT v5 session with automatic reconnect.
+class Transport(Protocol):
+    """What the coordinator service and the agent need of an MQTT connection.
 
-    ``on_message`` runs on the network thread: keep it quick (put the message on a queue).
-    ``on_connect`` also runs there, after every successful (re)connect, with
-    ``session_present``; subscriptions are renewed before it is called.
+    ``on_message`` and ``on_connect`` run on the transport's own thread: keep them quick.
+    ``on_connect(session_present)`` runs after every successful (re)connect, once the
+    subscriptions are renewed.
     """
+
+    settings: ConnectionSettings
+    fatal: TransportError | None  # set when the transport gave up: retrying cannot help
+    last_error: TransportError | None  # the most recent failure, fatal or not
+    connects: int
+    bytes_sent: int
+    bytes_received: int
+
+    def start(self) -> None: ...
+    def stop(self, *, disconnect: bool = True) -> None: ...
+    def abort(self) -> None:
+        """Drop the connection at once, from any thread (the transport's own callbacks
+        included), so that the message being handled is never acknowledged: the broker
+        delivers it again to the next session. Nothing is retried afterwards."""
+    def wait_connected(self, timeout: float | None = None) -> bool: ...
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def disconnected_since(self) -> float | None:
+        """``time.monotonic()`` when the connection was last lost (or the transport
+        started), None while connected."""
+    @property
+    def max_packet_size(self) -> int: ...
+    def subscribe(
+        self, topic_filter: str, qos: int = 1, *, no_local: bool = False,
+        retain_as_published: bool = False,
+    ) -> None: ...
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> PublishResult: ...
+
+
+TransportFactory = Callable[..., Transport]
+"""``factory(settings, *, on_message, on_connect=None, will=None) -> Transport``."""
+
+
+def publish_packet_size(topic: str, payload_len: int, qos: int = 1) -> int:
+    """Bytes of an MQTT v5 PUBLISH packet without properties: what the broker compares
+    with its maximum packet size."""
+    remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + 1 + payload_len
+    varint = 1 if remaining < 128 else 2 if remaining < 16_384 else 3 if remaining < 2**21 else 4
+    return 1 + varint + remaining
+
+
+def connect_timeout_error(transport: Transport, timeout: float) -> ConnectTimeout | None:
+    """A ``ConnectTimeout`` if ``transport`` has been disconnected for ``timeout`` seconds
+    or more (``timeout`` 0: never)."""
+    since = transport.disconnected_since
+    if timeout <= 0 or since is None or time.monotonic() - since < timeout:
+        return None
+    s = transport.settings
+    return ConnectTimeout(s.host, s.port, timeout, transport.last_error)
+
+
+def _os_cause(exc: BaseException) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port)"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return text[0].lower() + text[1:] if text else type(exc).__name__
+
+
+def _shutdown(sock: object) -> None:
+    """Shut a socket down from any thread (its reader wakes up and sees the end)."""
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Paho(mqtt.Client):
+    """paho's client, telling its owner why a connection attempt failed (paho's own
+    ``on_connect_fail`` callback is given no cause)."""
+
+    def __init__(self, owner: MqttClient, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._owner = owner
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        self._owner._attempt_started()
+        try:
+            rc = super().reconnect()
+        except OSError as exc:
+            self._owner._attempt_failed(exc)
+            raise
+        self._owner._tcp_connected()
+        return rc
+
+
+class MqttClient:
+    """A durable MQTT v5 session with automatic reconnect: the real :class:`Transport`."""
 
     def __init__(
         self,
@@ -122,23 +261,31 @@ class MqttClient:
         self._on_connect_cb = on_connect
         self._lock = threading.Lock()
         self._pending: dict[int, PublishResult] = {}
-        self._early: dict[int, tuple[bool, str]] = {}
-        self._subscriptions: dict[str, int] = {}
+        self._early: dict[int, tuple[bool, str, int]] = {}
+        self._subscriptions: dict[str, SubscribeOptions] = {}
         self._connected = threading.Event()
-        self._stopped = False
-        self.fatal_error: str | None = None
-        self.last_error: str | None = None
+        self._stopped = threading.Event()
+        self.fatal: TransportError | None = None
+        self.last_error: TransportError | None = None
         self.connects = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._max_packet = settings.max_packet_size
+        self._disconnected_since: float | None = time.monotonic()
+        self._attempts = 0  # failed attempts since the last successful connect
+        self._tcp_up_at: float | None = None  # TCP connected, CONNACK not yet received
+        self._supervisor: threading.Thread | None = None
 
-        client = mqtt.Client(
+        client = _Paho(
+            self,
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=mqtt.MQTTv5,
         )
         client.username_pw_set(settings.username, settings.password)
-        client.reconnect_delay_set(int(settings.reconnect_min), int(settings.reconnect_max))
+        client.reconnect_delay_set(
+            max(1, int(settings.reconnect_min)), max(1, int(settings.reconnect_max))
+        )
         client.max_queued_messages_set(settings.max_queued)
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
@@ -148,12 +295,17 @@ class MqttClient:
         client.on_publish = self._handle_publish
         self._client = client
 
+    @property
+    def _where(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
         """Begin connecting in the background; never raises because the broker is down."""
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry
+        self._disconnected_since = time.monotonic()
         self._client.connect_async(
             self.settings.host,
             self.settings.port,
@@ -162,6 +314,10 @@ class MqttClient:
             properties=props,
         )
         self._client.loop_start()
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="mqtt-supervisor", daemon=True
+        )
+        self._supervisor.start()
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         return self._connected.wait(timeout)
@@ -170,37 +326,74 @@ class MqttClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def disconnected_since(self) -> float | None:
+        return None if self._connected.is_set() else self._disconnected_since
+
+    @property
+    def max_packet_size(self) -> int:
+        """The broker's maximum packet size: from its last CONNACK, else the settings'."""
+        return self._max_packet
+
     def stop(self, *, disconnect: bool = True) -> None:
         """Stop the network thread. ``disconnect=False`` drops the connection without a
         DISCONNECT packet, as a crash would (the broker then sends the Will)."""
-        self._stopped = True
+        self._stopped.set()
         if disconnect:
             self._client.disconnect()
         else:
             sock = self._client.socket()
             if sock is not None:
                 sock.close()
-        self._client.loop_stop()
+        # paho 2.2's loop_stop can race with its own thread clearing _thread
+        with contextlib.suppress(AttributeError):
+            self._client.loop_stop()
         self._connected.clear()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=2 * _SUPERVISE_INTERVAL + 1)
         with self._lock:
-            for result in self._pending.values():
-                result._resolve(False, "client stopped")
+            pending = list(self._pending.values())
             self._pending.clear()
+        for result in pending:
+            result._resolve(False, "client stopped")
+
+    def abort(self) -> None:
+        self._stopped.set()
+        self._client.reconnect_delay_set(3600, 3600)  # no reconnect before stop() joins
+        _shutdown(self._client.socket())
+        self._connected.clear()
 
     # -- subscribe / publish -------------------------------------------------------------
 
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe now if connected, and again after every reconnect."""
+    def subscribe(
+        self, topic_filter: str, qos: int = 1, *, no_local: bool = False,
+        retain_as_published: bool = False,
+    ) -> None:
+        """Subscribe now if connected, and again after every reconnect. ``no_local``: not
+        sent our own messages; ``retain_as_published``: the retain flag as the publisher set
+        it (MQTT v5 subscription options)."""
+        options = SubscribeOptions(
+            qos=qos, noLocal=no_local, retainAsPublished=retain_as_published
+        )
         with self._lock:
-            self._subscriptions[topic_filter] = qos
+            self._subscriptions[topic_filter] = options
         if self.connected:
-            self._client.subscribe(topic_filter, qos=qos)
+            self._client.subscribe(topic_filter, options=options)
 
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> PublishResult:
         """Queue a publish. While disconnected, QoS 1 messages wait in paho's queue and are
-        sent on reconnect; the result resolves when the broker acknowledges."""
+        sent on reconnect; the result resolves when the broker acknowledges.
+
+        Raises ``MessageTooLarge`` (nothing is sent) when the packet would exceed the
+        broker's maximum packet size.
+        """
+        size = publish_packet_size(topic, len(payload), qos)
+        if size > self._max_packet:
+            raise MessageTooLarge(
+                self.settings.host, self.settings.port, topic, size, self._max_packet
+            )
         result = PublishResult(topic, len(payload))
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
@@ -209,11 +402,61 @@ class MqttClient:
         self.bytes_sent += len(payload)
         with self._lock:
             early = self._early.pop(info.mid, None)
-            if early is not None:
-                result._resolve(*early)
-            else:
+            if early is None:
                 self._pending[info.mid] = result
+        if early is not None:
+            result._resolve(*early)
         return result
+
+    # -- failures ------------------------------------------------------------------------
+
+    def _failed(self, error: TransportError) -> None:
+        """Record and log one failed attempt (one line each, with the attempt count)."""
+        self.last_error = error
+        if error.fatal:
+            self.fatal = error
+            log.error("%s; not retrying", error)
+            self._stopped.set()
+            self._client.disconnect()
+            return
+        self._attempts += 1
+        since = self._disconnected_since or time.monotonic()
+        log.warning(
+            "%s; attempt %d, disconnected for %.0f s, retrying with backoff (up to %g s)",
+            error, self._attempts, time.monotonic() - since, self.settings.reconnect_max,
+        )
+
+    def _attempt_started(self) -> None:
+        self._tcp_up_at = None
+
+    def _attempt_failed(self, exc: OSError) -> None:
+        try:
+            s = self.settings
+            self._failed(BrokerUnreachable(s.host, s.port, _os_cause(exc)))
+        except Exception:
+            log.exception("error recording a failed connection attempt")
+
+    def _tcp_connected(self) -> None:
+        self._tcp_up_at = time.monotonic()
+
+    def _supervise(self) -> None:
+        """Abandon an attempt whose TCP connection is up but gets no CONNACK (a port that
+        is not MQTT, or a stuck broker): paho alone would wait a whole keepalive."""
+        while not self._stopped.wait(_SUPERVISE_INTERVAL):
+            up = self._tcp_up_at
+            if up is None or self._connected.is_set():
+                continue
+            waited = time.monotonic() - up
+            if waited < self.settings.connack_timeout:
+                continue
+            self._tcp_up_at = None
+            s = self.settings
+            self._failed(NotMqtt(
+                s.host, s.port,
+                f"the TCP connection is up but no CONNACK came within {waited:.0f} s (not an "
+                "MQTT broker, or the broker or the link is not answering)",
+            ))
+            _shutdown(self._client.socket())  # wakes paho's thread: the connection is lost
 
     # -- paho callbacks (network thread: never raise, never block) ------------------------
 
@@ -221,33 +464,30 @@ class MqttClient:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
     ) -> None:
         try:
+            self._tcp_up_at = None
+            s = self.settings
             if reason.is_failure:
                 text = _FATAL_CONNACK.get(reason.value, str(reason))
-                self.last_error = f"broker refused the connection: {text}"
-                if reason.value in _FATAL_CONNACK:
-                    self.fatal_error = (
-                        f"broker at {self.settings.host}:{self.settings.port} refused "
-                        f"user {self.settings.username!r}: {text}"
-                    )
-                    log.error("%s; not retrying", self.fatal_error)
-                    self._stopped = True
-                    client.disconnect()
-                else:
-                    log.warning("%s; retrying", self.last_error)
+                self._failed(ConnectRefused(
+                    s.host, s.port, s.username, reason.value, text,
+                    fatal=reason.value in _FATAL_CONNACK,
+                ))
                 return
             self.connects += 1
+            self._attempts = 0
+            limit = getattr(props, "MaximumPacketSize", None)
+            if isinstance(limit, int) and limit > 0:
+                self._max_packet = limit
             session_present = bool(getattr(flags, "session_present", False))
             with self._lock:
                 subs = list(self._subscriptions.items())
-            for topic_filter, qos in subs:
-                client.subscribe(topic_filter, qos=qos)
+            for topic_filter, options in subs:
+                client.subscribe(topic_filter, options=options)
             self._connected.set()
+            self._disconnected_since = None
             log.info(
-                "connected to %s:%d as %s (session %s)",
-                self.settings.host,
-                self.settings.port,
-                self.settings.client_id,
-                "resumed" if session_present else "new",
+                "connected to %s as %s (session %s)",
+                self._where, s.client_id, "resumed" if session_present else "new",
             )
             if self._on_connect_cb is not None:
                 self._on_connect_cb(session_present)
@@ -260,11 +500,23 @@ class MqttClient:
         try:
             was_connected = self._connected.is_set()
             self._connected.clear()
-            if self._stopped:
-                return
-            self.last_error = f"disconnected: {reason}"
             if was_connected:
-                log.warning("lost connection to broker (%s); reconnecting with backoff", reason)
+                self._disconnected_since = time.monotonic()
+            if self._stopped.is_set():
+                return
+            s = self.settings
+            if self._tcp_up_at is not None:  # the connection ended before any CONNACK
+                self._tcp_up_at = None
+                self._failed(NotMqtt(
+                    s.host, s.port, f"the connection closed before a CONNACK ({reason}): not an "
+                    "MQTT v5 broker, a TLS-only port, or a broker refusing us"
+                ))
+                return
+            if was_connected:
+                self.last_error = TransportError(
+                    s.host, s.port, f"lost the connection to {self._where}: {reason}"
+                )
+                log.warning("%s; reconnecting with backoff", self.last_error)
         except Exception:
             log.exception("error in disconnect handler")
 
@@ -285,10 +537,12 @@ class MqttClient:
             with self._lock:
                 result = self._pending.pop(mid, None)
                 if result is None:
-                    self._early[mid] = (ok, text)
+                    self._early[mid] = (ok, text, reason.value)
                     return
             if not ok:
-                log.warning("broker refused publish to %s: %s", result.topic, text)
-            result._resolve(ok, text)
+                log.warning(
+                    "broker refused publish to %s: %s (0x%02X)", result.topic, text, reason.value
+                )
+            result._resolve(ok, text, reason.value)
         except Exception:
             log.exception("error in publish handler")
