@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from coordinator.core import AggregationConfig
 from fedbus.codec_spec import parse_codec
@@ -59,9 +60,14 @@ class CoordinatorConfig:
     max_norm: float = 100.0
     round_deadline: float = 30.0
     min_round_updates: int = 1
-    # evaluation, output, stopping
+    # the run's durable state (coordinator.store); None: in memory only, nothing survives
+    state_dir: Path | None = Path("fedbus-state")
+    # SQLite synchronous mode: normal survives a process crash, full also a power cut
+    sync: Literal["normal", "full"] = "normal"
+    # exit with an error after this many seconds without a broker connection (0: retry forever)
+    connect_timeout: float = 0.0
+    # evaluation, stopping
     eval_data: Path | None = None
-    out: Path | None = None
     max_versions: int = 0  # stop after this many new model versions (0 = never)
     duration: float = 0.0  # stop after this many seconds (0 = never)
     target_accuracy: float = 0.0  # stop once held-out accuracy reaches this (0 = never)
@@ -89,6 +95,12 @@ class CoordinatorConfig:
             raise ValueError("max_versions and duration must not be negative")
         if self.min_devices < 0:
             raise ValueError(f"min_devices must not be negative, got {self.min_devices}")
+        if self.sync not in ("normal", "full"):
+            raise ValueError(f"sync must be normal or full, got {self.sync!r}")
+        if not (math.isfinite(self.connect_timeout) and self.connect_timeout >= 0):
+            raise ValueError(
+                f"connect_timeout must be a finite number >= 0, got {self.connect_timeout}"
+            )
         self.parsed_model_args()
         self.aggregation()  # one place checks the aggregation settings
 

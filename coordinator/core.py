@@ -8,13 +8,24 @@ it returns, in order:
 - ``NewModel``: a new global version exists; publish ``core.model_message(now)`` retained,
   evaluate it, log it.
 
+Every input also appends records to the core's journal (``coordinator.journal``): the
+verdict of each update id, accepted updates with their payloads, new versions. The shell
+writes them (``drain_journal()``) to the durable store in one transaction before it carries
+out the actions, so a receipt or a model never announces what a crash could lose. The
+core reads its memory of earlier verdicts and work through a ``Ledger`` (the store), and
+``CoordinatorCore.resume`` rebuilds it from a stored snapshot: same version, same model
+bytes, the same buffer (its updates re-added in the same order with the same weights).
+
+Times (``now``) are seconds on a monotonic clock; only differences are used.
+
 Modes:
 
 - ``fedbuff``: every accepted update is added, weighted, to a running sum (the buffer,
   ``aggregation.WeightedSum``: one model-sized array, whatever K); when it holds
   ``buffer_size`` (K) updates, or as many as devices are online if fewer, or at ``tick``
   once its oldest update has waited ``buffer_timeout`` seconds,
-  ``aggregation.fedbuff_apply`` makes the next version.
+  ``aggregation.fedbuff_apply`` makes the next version. The target is re-checked when a
+  device goes offline too, so a device that vanishes cannot hold the buffer back.
 - ``fedasync``: the same with K = 1.
 - ``fedavg``: synchronous rounds. A round for version v starts with the devices online at
   that moment. While it has no update yet it stays open: devices coming online join it and
@@ -34,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,21 +58,31 @@ from coordinator.aggregation import (
     fedbuff_apply,
     is_finite,
 )
+from coordinator.journal import (
+    BufferDropped,
+    Ledger,
+    Pending,
+    Record,
+    RoundFixed,
+    RunEnded,
+    Verdict,
+    VersionMade,
+)
 from coordinator.staleness import STALENESS_KINDS, staleness_weight
 from coordinator.validation import (
     REJECT_REASONS,
     Accepted,
     Rejected,
-    SeenIds,
+    Repeated,
     ValidationLimits,
     validate_update,
 )
 from fedbus.codec_spec import CodecSpec, parse_codec
 from fedbus.envelope import DecodeLimits, unpack
 from fedbus.errors import ProtocolError
-from fedbus.messages import GlobalModel, Receipt, Status, Task
+from fedbus.messages import GlobalModel, Receipt, Status, Task, Update
 from fedbus.topics import DEVICE_ID_PATTERN
-from fedbus.update_codec import encode_update_delta
+from fedbus.update_codec import decode_update_delta, encode_update_delta
 
 __all__ = [
     "MODES",
@@ -77,6 +98,10 @@ _log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("fedbuff", "fedasync", "fedavg")
 ONLINE_STATES: tuple[str, ...] = ("online", "training", "idle")
+# reject reasons validate_update decides before it reads the ledger, and "duplicate"
+_JUDGED_BEFORE_LOOKUP = frozenset(
+    {"device_mismatch", "retained", "wrong_run", "wrong_task", "duplicate"}
+)
 STATUS_LIMITS = DecodeLimits(
     max_bytes=4096, max_bin_len=0, max_str_len=256, max_array_len=16, max_map_len=32
 )
@@ -189,7 +214,7 @@ class _Round:
     started_at: float | None
     participants: set[str]
     waiting: set[str]
-    reported: dict[str, tuple[dict[str, np.ndarray], int]] = field(default_factory=dict)
+    reported: dict[str, tuple[dict[str, np.ndarray], int, str]] = field(default_factory=dict)
 
     @property
     def is_open(self) -> bool:
@@ -216,9 +241,12 @@ class CoordinatorCore:
         initial_state: Mapping[str, np.ndarray],
         config: AggregationConfig,
         *,
+        ledger: Ledger,
         max_update_bytes: int | None = None,
         start_version: int = 0,
         model_codec: str | CodecSpec = "fp32",
+        velocity: Mapping[str, np.ndarray] | None = None,
+        counters: Mapping[str, int] | None = None,
     ) -> None:
         if not (_is_int(start_version) and start_version >= 0):
             raise ValueError(f"start_version must be an integer >= 0, got {start_version!r}")
@@ -235,6 +263,8 @@ class CoordinatorCore:
         self.model_codec = (
             model_codec if isinstance(model_codec, CodecSpec) else parse_codec(model_codec)
         )
+        self._ledger = ledger
+        self._journal: list[Record] = []
         self._state = state
         self._version = start_version
         self._shapes = {name: a.shape for name, a in state.items()}
@@ -245,16 +275,20 @@ class CoordinatorCore:
             max_norm=config.max_norm,
             max_staleness=config.effective_max_staleness,
         )
-        self._seen = SeenIds()
         self._buffer = WeightedSum(self._shapes)
+        self._buffer_ids: list[str] = []  # update ids in the buffer, in order
         self._buffer_since: float | None = None  # when the oldest buffered update arrived
-        self._velocity: dict[str, np.ndarray] | None = None
+        self._velocity: dict[str, np.ndarray] | None = (
+            None if velocity is None else _frozen(velocity)
+        )
         self._devices: dict[str, str] = {}
+        self._ended: str | None = None
         self._counters: dict[str, int] = dict.fromkeys(
             [
                 "updates_received",
                 "updates_accepted",
                 "updates_rejected",
+                "updates_repeated",
                 "bytes_received",
                 "bytes_accepted",
                 "models_published",
@@ -267,9 +301,61 @@ class CoordinatorCore:
             ],
             0,
         )
+        if counters:
+            self._counters.update(counters)
         self._round: _Round | None = None
         if config.mode == "fedavg":
             self._round = _Round(0, start_version, None, set(), set())
+
+    @classmethod
+    def resume(
+        cls,
+        task: Task,
+        config: AggregationConfig,
+        *,
+        ledger: Ledger,
+        version: int,
+        state: Mapping[str, np.ndarray],
+        velocity: Mapping[str, np.ndarray] | None,
+        counters: Mapping[str, int],
+        pending: Sequence[Pending],
+        round_fixed: RoundFixed | None,
+        ended: str | None,
+        now: float,
+        model_codec: str | CodecSpec = "fp32",
+    ) -> CoordinatorCore:
+        """A core at a stored state: ``pending`` (accepted, not yet applied updates, in
+        arrival order) are decoded again and put back exactly where they were, the FedBuff
+        running sum re-added in the same order with the same weights (the same bytes)."""
+        core = cls(
+            task, state, config, ledger=ledger, start_version=version,
+            model_codec=model_codec, velocity=velocity, counters=counters,
+        )
+        core._ended = ended
+        rnd = core._round
+        if rnd is not None and round_fixed is not None:
+            rnd.number = round_fixed.number
+            rnd.version = round_fixed.version
+            rnd.participants = set(round_fixed.participants)
+            rnd.started_at = now
+        for entry in pending:
+            delta = core._decode_stored(entry)
+            if rnd is not None:
+                rnd.reported[entry.device_id] = (delta, entry.num_samples, entry.update_id)
+                continue
+            core._buffer.add(delta, num_samples=entry.num_samples, coef=entry.coef)
+            core._buffer_ids.append(entry.update_id)
+            core._buffer_since = now
+        if rnd is not None:
+            rnd.waiting = rnd.participants - set(rnd.reported)
+        return core
+
+    def _decode_stored(self, entry: Pending) -> dict[str, np.ndarray]:
+        """An accepted update's delta, decoded again from its stored payload."""
+        update = Update.from_wire(unpack(entry.payload, "update", self._limits.decode))
+        return decode_update_delta(
+            update.delta, update.compression, expected_shapes=self._shapes
+        )
 
     # -- read-only views -------------------------------------------------------------------
 
@@ -297,23 +383,54 @@ class CoordinatorCore:
         """Devices whose last state is online, training or idle."""
         return {d for d, s in self._devices.items() if s in ONLINE_STATES}
 
+    @property
+    def ended(self) -> str | None:
+        """Why the run ended, or None while it goes on."""
+        return self._ended
+
+    @property
+    def buffered(self) -> int:
+        """Accepted updates waiting to be applied (FedBuff buffer or open FedAvg round)."""
+        return len(self._round.reported) if self._round is not None else self._buffer.count
+
+    def drain_journal(self) -> list[Record]:
+        """The records of every input since the last call, for the store, in order."""
+        records, self._journal = self._journal, []
+        return records
+
     # -- inputs ----------------------------------------------------------------------------
 
-    def on_update(self, topic_device: str, payload: bytes, now: float) -> list[Action]:
-        """An update payload arrived on ``topic_device``'s update topic."""
+    def on_update(
+        self, topic_device: str, payload: bytes, now: float, *, retained: bool = False
+    ) -> list[Action]:
+        """An update payload arrived on ``topic_device``'s update topic (``retained``: the
+        message carried the retain flag)."""
         result = validate_update(
             payload,
             topic_device=topic_device,
+            run_id=self.task.run_id,
             task_id=self.task.task_id,
             expected_shapes=self._shapes,
             current_version=self._version,
             limits=self._limits,
-            seen=self._seen,
+            ledger=self._ledger,
+            retained=retained,
         )
+        if isinstance(result, Repeated):
+            return self._repeat(topic_device, result.verdict)
         self._counters["updates_received"] += 1
         self._counters["bytes_received"] += result.size
         if isinstance(result, Rejected):
-            return self._reject(topic_device, result.reason, result.detail, result.update_id)
+            return self._reject(
+                topic_device, result.reason, result.detail, result.update_id,
+                base_version=result.base_version, digest=result.digest,
+            )
+        if self._ended is not None:
+            return self._reject(
+                topic_device, "run_ended", f"the run has ended: {self._ended}",
+                result.update.update_id, base_version=result.update.base_version,
+                digest=result.digest,
+            )
         if self._round is not None:
             return self._accept_in_round(topic_device, result, now)
         return self._accept_buffered(topic_device, result, now)
@@ -341,6 +458,14 @@ class CoordinatorCore:
         else:
             self._devices[device_id] = state
         if self._round is None:
+            if state in ONLINE_STATES or not self._buffer.count:
+                return []
+            if self._buffer.count >= self._buffer_target():
+                _log.info(
+                    "device %s went offline: applying the buffer of %d update(s) now",
+                    device_id, self._buffer.count,
+                )
+                return self._apply_buffer()
             return []
         if state in ONLINE_STATES:
             self._round_device_online(device_id, now)
@@ -384,15 +509,31 @@ class CoordinatorCore:
         )
         return []
 
+    def flush(self, now: float) -> list[Action]:
+        """Apply what waits: the FedBuff buffer however full, or a FedAvg round that has at
+        least one update. Used when the run ends, so no update that got an "accepted"
+        receipt is left out."""
+        if self._round is not None:
+            return self._close_round(now) if self._round.reported else []
+        return self._apply_buffer() if self._buffer.count else []
+
+    def end(self, reason: str) -> None:
+        """The run is over: later updates are rejected as ``run_ended``."""
+        if self._ended is None:
+            self._ended = reason
+            self._journal.append(RunEnded(reason))
+
     # -- outputs ---------------------------------------------------------------------------
 
     def model_message(self, now: float) -> GlobalModel:
-        """The current global model as a ``GlobalModel`` message, in ``model_codec``."""
+        """The current global model as a ``GlobalModel`` message, in ``model_codec``
+        (``now``: its ``created_at``, wall-clock seconds)."""
         tensors, compression = encode_update_delta(
             self._state, self.model_codec, rng=np.random.default_rng(self._version)
         )
         return GlobalModel(
             task_id=self.task.task_id,
+            run_id=self.task.run_id,
             version=self._version,
             tensors=tensors,
             created_at=now,
@@ -422,7 +563,7 @@ class CoordinatorCore:
             "buffer_size": self.config.effective_buffer_size,
             "devices_known": len(self._devices),
             "devices_online": len(self.online_devices()),
-            "seen_ids": len(self._seen),
+            "ended": self._ended,
             "counters": dict(self._counters),
             "round": round_info,
         }
@@ -435,7 +576,8 @@ class CoordinatorCore:
         return []
 
     def _reject(
-        self, device_id: str, reason: str, detail: str, update_id: str | None
+        self, device_id: str, reason: str, detail: str, update_id: str | None, *,
+        base_version: int | None = None, digest: bytes = b"",
     ) -> list[Action]:
         self._counters["updates_rejected"] += 1
         key = f"rejected_{reason}"
@@ -447,19 +589,58 @@ class CoordinatorCore:
             return []
         receipt = Receipt(
             update_id=update_id,
+            run_id=self.task.run_id,
             accepted=False,
             reason=reason,
             detail=detail,
             model_version=self._version,
         )
+        if base_version is not None and reason not in _JUDGED_BEFORE_LOOKUP:
+            # remembered, so a copy of this message gets this verdict again. Not remembered:
+            # what is checked before the ledger is read (a copy is refused the same way
+            # again anyway), and "duplicate", which must not overwrite the verdict of the
+            # update whose id it reused
+            self._journal.append(Verdict(
+                update_id, device_id, digest, base_version, False, reason, detail,
+                self._version, None,
+            ))
         return [SendReceipt(device_id, receipt)]
 
-    def _accept(self, device_id: str, acc: Accepted, detail: str) -> SendReceipt:
-        self._seen.add(acc.update.update_id)
+    def _repeat(self, device_id: str, verdict: Verdict) -> list[Action]:
+        """A copy of an update already judged: the same verdict again, nothing else."""
+        self._counters["updates_repeated"] += 1
+        _log.info(
+            "update %s from %s arrived again: repeating its verdict (%s)", verdict.update_id,
+            device_id, "accepted" if verdict.accepted else verdict.reason,
+        )
+        receipt = Receipt(
+            update_id=verdict.update_id,
+            run_id=self.task.run_id,
+            accepted=verdict.accepted,
+            reason=verdict.reason,
+            detail=verdict.detail,
+            model_version=verdict.model_version,
+            staleness=verdict.staleness,
+            repeat=True,
+        )
+        return [SendReceipt(device_id, receipt)]
+
+    def _accept(self, device_id: str, acc: Accepted, detail: str, coef: float) -> SendReceipt:
+        update = acc.update
         self._counters["updates_accepted"] += 1
         self._counters["bytes_accepted"] += acc.size
+        self._journal.append(Verdict(
+            update.update_id, device_id, acc.digest, update.base_version, True, None, detail,
+            self._version, acc.staleness,
+        ))
+        self._journal.append(Pending(
+            update.update_id, device_id, update.base_version, update.num_samples,
+            acc.staleness, coef, acc.payload,
+            self._round.number if self._round is not None else None,
+        ))
         receipt = Receipt(
-            update_id=acc.update.update_id,
+            update_id=update.update_id,
+            run_id=self.task.run_id,
             accepted=True,
             reason=None,
             detail=detail,
@@ -474,7 +655,11 @@ class CoordinatorCore:
         With no presence known (no status messages), K as configured."""
         online = len(self.online_devices())
         k = self.config.effective_buffer_size
-        return min(k, online) if online else k
+        if online:
+            return min(k, online)
+        # every known device is offline: nothing more will come, apply what is there;
+        # with no presence known at all (no status messages), K as configured
+        return 1 if self._devices else k
 
     def _accept_buffered(self, device_id: str, acc: Accepted, now: float) -> list[Action]:
         k = self._buffer_target()
@@ -485,9 +670,11 @@ class CoordinatorCore:
             acc.staleness, cfg.staleness, a=cfg.staleness_a, b=cfg.staleness_b
         )
         n = acc.update.num_samples
-        self._buffer.add(acc.delta, num_samples=n, coef=n * weight)
+        coef = n * weight
+        self._buffer.add(acc.delta, num_samples=n, coef=coef)
+        self._buffer_ids.append(acc.update.update_id)
         actions: list[Action] = [
-            self._accept(device_id, acc, f"buffered {self._buffer.count}/{k}")
+            self._accept(device_id, acc, f"buffered {self._buffer.count}/{k}", coef)
         ]
         if self._buffer.count >= k:
             actions.extend(self._apply_buffer())
@@ -495,6 +682,7 @@ class CoordinatorCore:
 
     def _apply_buffer(self) -> list[Action]:
         count = self._buffer.count
+        ids, self._buffer_ids = tuple(self._buffer_ids), []
         self._buffer_since = None
         cfg = self.config
         try:
@@ -507,6 +695,7 @@ class CoordinatorCore:
             )
         except AggregationError as exc:
             self._counters["aggregation_failed"] += 1
+            self._journal.append(BufferDropped(ids, str(exc)))
             _log.error(
                 "dropped a buffer of %d updates at version %d: %s", count, self._version, exc
             )
@@ -515,12 +704,18 @@ class CoordinatorCore:
             self._buffer.clear()
         if cfg.server_momentum > 0:
             self._velocity = _frozen(velocity, copy=False)
-        return [self._publish(new_state, f"{cfg.mode}: {count} update(s)")]
+        return [self._publish(new_state, f"{cfg.mode}: {count} update(s)", ids)]
 
-    def _publish(self, new_state: Mapping[str, np.ndarray], reason: str) -> NewModel:
+    def _publish(
+        self, new_state: Mapping[str, np.ndarray], reason: str, applied: tuple[str, ...]
+    ) -> NewModel:
         self._state = _frozen(new_state, copy=False)  # fresh arrays from aggregation
         self._version += 1
         self._counters["models_published"] += 1
+        self._journal.append(VersionMade(
+            self._version, dict(self._state),
+            None if self._velocity is None else dict(self._velocity), applied, reason,
+        ))
         return NewModel(self._version, reason)
 
     # FedAvg rounds
@@ -528,19 +723,22 @@ class CoordinatorCore:
     def _accept_in_round(self, device_id: str, acc: Accepted, now: float) -> list[Action]:
         rnd = self._round
         assert rnd is not None
-        update_id = acc.update.update_id
+        update = acc.update
         if device_id not in rnd.participants:
             return self._reject(
-                device_id, "not_selected", f"device is not part of round {rnd.number}", update_id
+                device_id, "not_selected", f"device is not part of round {rnd.number}",
+                update.update_id, base_version=update.base_version, digest=acc.digest,
             )
         if device_id in rnd.reported:
             return self._reject(
-                device_id,
-                "duplicate_in_round",
-                f"device already reported in round {rnd.number}",
-                update_id,
+                device_id, "duplicate_in_round", f"device already reported in round {rnd.number}",
+                update.update_id, base_version=update.base_version, digest=acc.digest,
             )
-        rnd.reported[device_id] = (acc.delta, acc.update.num_samples)
+        if rnd.is_open:  # its first update fixes the round's participants
+            self._journal.append(
+                RoundFixed(rnd.number, rnd.version, tuple(sorted(rnd.participants)))
+            )
+        rnd.reported[device_id] = (acc.delta, update.num_samples, update.update_id)
         rnd.waiting.discard(device_id)
         if rnd.started_at is None:
             rnd.started_at = now
@@ -549,6 +747,7 @@ class CoordinatorCore:
                 device_id,
                 acc,
                 f"round {rnd.number}: {len(rnd.reported)}/{len(rnd.participants)} reported",
+                float(update.num_samples),
             )
         ]
         if not rnd.waiting:
@@ -582,13 +781,15 @@ class CoordinatorCore:
     def _close_round(self, now: float) -> list[Action]:
         rnd = self._round
         assert rnd is not None
-        deltas = [delta for delta, _ in rnd.reported.values()]
-        samples = [n for _, n in rnd.reported.values()]
+        deltas = [delta for delta, _, _ in rnd.reported.values()]
+        samples = [n for _, n, _ in rnd.reported.values()]
+        ids = tuple(uid for _, _, uid in rnd.reported.values())
         actions: list[Action] = []
         try:
             new_state = fedavg_step(self._state, deltas, samples, server_lr=self.config.server_lr)
         except AggregationError as exc:
             self._counters["aggregation_failed"] += 1
+            self._journal.append(BufferDropped(ids, str(exc)))
             _log.error(
                 "dropped round %d (%d updates) at version %d: %s",
                 rnd.number,
@@ -597,9 +798,9 @@ class CoordinatorCore:
                 exc,
             )
         else:
-            actions.append(
-                self._publish(new_state, f"fedavg: round {rnd.number}, {len(deltas)} update(s)")
-            )
+            actions.append(self._publish(
+                new_state, f"fedavg: round {rnd.number}, {len(deltas)} update(s)", ids
+            ))
         online = self.online_devices()
         self._round = _Round(
             number=rnd.number + 1,

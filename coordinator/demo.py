@@ -209,8 +209,10 @@ def _agent_command(
         "--credentials", str(broker.credentials_file),
         "--slowdown", str(slowdown),
         "--seed", str(cfg.seed),
-        # top-k residuals stay with the demo's files, not in the user's ~/.local/state
+        # outbox and top-k residuals stay with the demo's files, not in ~/.local/state
         "--state-dir", str(workdir / "state" / device),
+        # the agents exit by themselves when the coordinator ends the run
+        "--on-run-end", "exit",
     ]
 
 
@@ -236,6 +238,15 @@ def _start_agents(
         ))
 
 
+def _wait_for_agents(agents: ChildGroup, timeout: float) -> None:
+    """Give the agents ``timeout`` seconds to see the ended run and exit, then stop the
+    ones left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(child.alive for child in agents):
+        time.sleep(0.1)
+    agents.stop_all(_AGENT_STOP_SECONDS)
+
+
 def run_demo(
     cfg: DemoConfig, *, on_version: Callable[[VersionRecord], None] | None = None
 ) -> DemoResult:
@@ -252,7 +263,8 @@ def run_demo(
     assert cfg.epochs is not None and cfg.lr is not None and cfg.batch_size is not None
     dataset = get_dataset(cfg.dataset)
     own_workdir = cfg.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="fedbus-demo-")) if own_workdir else Path(cfg.workdir)
+    workdir = (Path(tempfile.mkdtemp(prefix="fedbus-demo-")) if cfg.workdir is None
+               else Path(cfg.workdir))
     workdir.mkdir(parents=True, exist_ok=True)
     device_ids = default_device_ids(cfg.devices)
     speeds = _slowdowns(cfg, len(device_ids))
@@ -284,17 +296,22 @@ def run_demo(
                 max_versions=cfg.max_versions,
                 duration=cfg.duration,
                 round_deadline=30.0,
+                state_dir=workdir / "run",
             ),
             password=broker.coordinator.password,
             eval_data=eval_data,
             on_version=on_version,
         )
-        watchdog = Watchdog(agents.first_dead, service.stop)
+        # an agent that exits before the run has ended failed; after, it is meant to
+        watchdog = Watchdog(
+            lambda: None if service.core.ended is not None else agents.first_dead(),
+            service.stop,
+        )
         with watchdog:
             summary = service.run()
         if watchdog.failure:
             raise FedbusError(f"demo failed: {watchdog.failure}")
-        agents.stop_all(_AGENT_STOP_SECONDS)
+        _wait_for_agents(agents, _AGENT_STOP_SECONDS)
         report = write_report(
             cfg.report,
             summary,

@@ -1,16 +1,27 @@
 """The coordinator process: the thin shell around ``CoordinatorCore``.
 
-It publishes the task and the retained global model, feeds every received update and
-status message to the pure core, carries out the core's actions (receipts, new model
-versions), evaluates each version on the held-out set and decides when to stop.
+It keeps its run in a state directory (``coordinator.store``), publishes the task and the
+retained global model, feeds every received update and status message to the pure core,
+writes what the core decided to the store, then carries out the core's actions (receipts,
+new model versions), evaluates each version on the held-out set and decides when to stop.
 
-Two threads share the work. The MQTT network thread handles each message as it arrives:
-the core judges it and the receipt (and, when a version is made, the new model) is
-published before paho acknowledges the message to the broker, so an update is
-acknowledged only once it is in the buffer. Handing every message to another thread cost
-more than judging it (measured in BENCHMARKS.md, ingest). The calling thread records
-versions (evaluation, checkpoint, ``on_version``), applies the core's clock (``tick``)
-and decides when to stop; it never holds the lock around the core while it evaluates.
+Durability: the core's journal is committed in one transaction inside the MQTT callback,
+before any receipt or model is published and before paho acknowledges the message to the
+broker (paho sends the PUBACK when the callback returns). So an "accepted" receipt is only
+ever sent for an update that survives a crash, and an update whose PUBACK was not sent is
+delivered again by the broker and answered from the store (the same verdict, never applied
+twice). If the store cannot be written, the connection is aborted without acknowledging
+the message and the service stops with an error.
+
+A restart on the same state directory resumes the run: the same run id, version, model
+bytes and buffer. A state directory holding another task, or a run that has ended, is
+refused; ``new_run=True`` moves the old run aside and starts a new one.
+
+Two threads share the work. The transport's network thread handles each message as it
+arrives (judging a message on another thread cost more than judging it: BENCHMARKS.md,
+ingest). The calling thread records versions (evaluation, history, model export,
+``on_version``), applies the core's clock (``tick``) and decides when to stop; it never
+holds the lock around the core while it evaluates.
 """
 
 from __future__ import annotations
@@ -22,23 +33,37 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from coordinator.config import CoordinatorConfig
-from coordinator.core import CoordinatorCore, NewModel, SendReceipt
+from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
 from coordinator.evaluation import Evaluator
+from coordinator.store import DB_FILE, HistoryRow, StateLock, Store, archive_run
 from fedbus.envelope import pack
-from fedbus.errors import FedbusError
-from fedbus.messages import ModelSpec, Task, TrainSpec
+from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
+from fedbus.messages import ModelSpec, Task, TrainSpec, new_run_id
 from fedbus.topics import Topics
-from fedbus.transport import ConnectionSettings, Message, MqttClient
+from fedbus.transport import (
+    ConnectionSettings,
+    Message,
+    MqttClient,
+    PublishResult,
+    Transport,
+    TransportFactory,
+    connect_timeout_error,
+)
 
 __all__ = ["CoordinatorService", "RunSummary", "VersionRecord", "build_task"]
 
 log = logging.getLogger(__name__)
+
+# stop reasons that end the run (a stop requested by a signal only stops this process)
+_STOP_REQUESTED = "stop requested"
+_FINAL_PUBLISH_WAIT = 5.0  # seconds to wait for the broker to take the last messages
 
 
 @dataclass(frozen=True)
@@ -46,7 +71,7 @@ class VersionRecord:
     """One global model version as the coordinator saw it."""
 
     version: int
-    seconds: float  # since the coordinator started
+    seconds: float  # since the run started
     accuracy: float | None
     loss: float | None
     updates_accepted: int
@@ -63,10 +88,14 @@ class RunSummary:
     history: list[VersionRecord] = field(default_factory=list)
     stop_reason: str = ""
     first_update_seconds: float | None = None  # when the first update arrived
+    run_id: str = ""
+    run_ended: bool = False
+    buffered: int = 0  # accepted updates waiting in the state directory at the stop
 
 
 def build_task(
-    config: CoordinatorConfig, eval_x: np.ndarray | None, eval_y: np.ndarray | None
+    config: CoordinatorConfig, eval_x: np.ndarray | None, eval_y: np.ndarray | None, *,
+    run_id: str, created_at: float,
 ) -> Task:
     """The task description from the configuration (mlp sizes inferred from eval data)."""
     args = config.parsed_model_args()
@@ -75,6 +104,7 @@ def build_task(
         args.setdefault("num_classes", int(eval_y.max()) + 1)
     return Task(
         task_id=config.task_id,
+        run_id=run_id,
         model=ModelSpec(config.arch, args),
         train=TrainSpec(
             epochs=config.epochs,
@@ -86,8 +116,28 @@ def build_task(
         ),
         codec=config.codec,
         max_update_bytes=config.max_update_bytes,
-        created_at=time.time(),
+        max_staleness=config.aggregation().effective_max_staleness,
+        created_at=created_at,
     )
+
+
+def _task_conflicts(stored: Task, wanted: Task) -> list[str]:
+    """What the configuration asks for that the stored run cannot become: another task id
+    or another network. (Training settings, codec and limits may change on resume.)"""
+    conflicts = []
+    if stored.task_id != wanted.task_id:
+        conflicts.append(f"task id {stored.task_id!r} (asked: {wanted.task_id!r})")
+    if stored.model.arch != wanted.model.arch:
+        conflicts.append(f"arch {stored.model.arch!r} (asked: {wanted.model.arch!r})")
+    elif wanted.model.args and wanted.model.args != stored.model.args:
+        conflicts.append(f"model args {stored.model.args} (asked: {wanted.model.args})")
+    return conflicts
+
+
+def _changed_settings(stored: Task, wanted: Task) -> dict[str, tuple[Any, Any]]:
+    old, new = stored.to_wire(), wanted.to_wire()
+    keys = ("train", "codec", "max_update_bytes", "max_staleness")
+    return {k: (old[k], new[k]) for k in keys if old[k] != new[k]}
 
 
 @dataclass(frozen=True)
@@ -97,7 +147,7 @@ class _Made:
     version: int
     state: dict[str, np.ndarray]
     updates_accepted: int
-    seconds: float  # since the coordinator started
+    seconds: float  # since the run started
 
 
 class CoordinatorService:
@@ -110,56 +160,154 @@ class CoordinatorService:
         password: str,
         eval_data: tuple[np.ndarray, np.ndarray] | None = None,
         on_version: Callable[[VersionRecord], None] | None = None,
+        transport_factory: TransportFactory = MqttClient,
+        new_run: bool = False,
     ) -> None:
-        import torch
-
-        from fedbus.zoo import build_model, get_state
-
         self.config = config
         self.topics = Topics(config.prefix)
         self.on_version = on_version
         eval_x, eval_y = eval_data if eval_data is not None else (None, None)
-        self.task = build_task(config, eval_x, eval_y)
-        torch.manual_seed(config.seed)
+        self._lock_file: StateLock | None = None
+        self.store = self._open_store(config.state_dir, new_run)
         try:
-            model = build_model(self.task.model.arch, self.task.model.args)
-        except (ValueError, TypeError) as exc:
-            raise FedbusError(f"cannot build model {self.task.model.arch!r}: {exc}") from None
-        self.core = CoordinatorCore(
-            self.task,
-            get_state(model),
-            config.aggregation(),
-            model_codec=config.model_codec,
-        )
-        self._check_model_fits(config.max_message_bytes)
+            self._set_up(config, eval_x, eval_y)
+        except BaseException:
+            self.close()
+            raise
         self.bytes_model_published = 0  # every model payload sent, re-publishes included
         self.evaluator = None
         if eval_x is not None and eval_y is not None:
             self.evaluator = Evaluator(self.task, eval_x, eval_y)
-        self.history: list[VersionRecord] = []
+        self.last_record: VersionRecord | None = None
         # the core is used by both threads; the lock is held only while it judges a message,
-        # ticks or is read, and while the resulting publishes are queued
+        # ticks or is read, while its journal is committed and its publishes are queued
         self._lock = threading.Lock()
-        self._closed = False  # set under the lock: later messages are not judged
+        self._fatal: FedbusError | None = None  # set on the network thread, raised by run()
         # versions made on the network thread, for the calling thread to record
         self._made: queue.SimpleQueue[_Made] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._republish = threading.Event()
-        self._task_published = False  # min_devices: nothing is published before that
+        self._task_published = self.resumed  # min_devices: a resumed run publishes at once
         self._waiting_logged = 0.0
         self._started = time.monotonic()
         self._first_update: float | None = None
-        self.client = MqttClient(
+        self.client: Transport = transport_factory(
             ConnectionSettings(
                 host=config.host,
                 port=config.port,
                 client_id=config.username,
                 username=config.username,
                 password=password,
+                max_packet_size=config.max_message_bytes,
             ),
             on_message=self._on_message,
             on_connect=lambda _present: self._republish.set(),
         )
+
+    # -- state directory -----------------------------------------------------------------
+
+    def _open_store(self, state_dir: Path | None, new_run: bool) -> Store:
+        if state_dir is None:
+            return Store(None, sync=self.config.sync)
+        directory = Path(state_dir)
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StateError(f"cannot create the state directory {directory}: {exc}") from None
+        self._lock_file = StateLock(directory)
+        self._lock_file.acquire()
+        try:
+            store = Store(directory / DB_FILE, sync=self.config.sync)
+            if new_run and store.has_run:
+                old = store.load()
+                store.close()
+                archived = archive_run(directory, old.run_id)
+                log.info("new run: run %s (version %d) moved to %s", old.run_id, old.version,
+                         archived)
+                store = Store(directory / DB_FILE, sync=self.config.sync)
+            return store
+        except BaseException:
+            self._lock_file.release()
+            raise
+
+    def _set_up(
+        self, config: CoordinatorConfig, eval_x: np.ndarray | None, eval_y: np.ndarray | None
+    ) -> None:
+        import torch
+
+        from fedbus.zoo import build_model, get_state
+
+        wanted = build_task(config, eval_x, eval_y, run_id="pending", created_at=0.0)
+        if self.store.has_run:
+            self._resume(wanted)
+            return
+        self.resumed = False
+        self.task = replace(wanted, run_id=new_run_id(), created_at=time.time())
+        torch.manual_seed(config.seed)
+        try:
+            model = build_model(self.task.model.arch, self.task.model.args)
+        except (ValueError, TypeError) as exc:
+            raise FedbusError(f"cannot build model {self.task.model.arch!r}: {exc}") from None
+        self.core = CoordinatorCore(
+            self.task, get_state(model), config.aggregation(), ledger=self.store,
+            model_codec=config.model_codec,
+        )
+        self._check_model_fits(config.max_message_bytes)
+        self.store.create_run(
+            self.task.run_id, self.task.to_wire(), self.task.created_at, self.core.state,
+            self.core.counters,
+        )
+        where = config.state_dir if config.state_dir is not None else "memory only"
+        log.info("new run %s of task %s (state: %s)", self.task.run_id, self.task.task_id, where)
+
+    def _resume(self, wanted: Task) -> None:
+        snap = self.store.load()
+        stored = Task.from_wire(snap.task)
+        where = self.config.state_dir
+        if snap.ended is not None:
+            raise StateError(
+                f"run {snap.run_id} in {where} has ended at version {snap.version} "
+                f"({snap.ended}); start a new run there with --new-run, or use another "
+                "--state-dir"
+            )
+        conflicts = _task_conflicts(stored, wanted)
+        if conflicts:
+            raise StateError(
+                f"{where} holds run {snap.run_id} of another task: it has "
+                f"{'; '.join(conflicts)}. Resume it with the same task settings, start a new "
+                "run there with --new-run, or use another --state-dir"
+            )
+        changed = _changed_settings(stored, wanted)
+        task = replace(
+            wanted, run_id=snap.run_id, created_at=snap.created_at, model=stored.model
+        )
+        if changed:
+            for key, (old, new) in changed.items():
+                log.warning("resumed run %s: %s changes from %s to %s", snap.run_id, key, old,
+                            new)
+            self.store.set_task(task.to_wire())
+        self.resumed = True
+        self.task = task
+        self.core = CoordinatorCore.resume(
+            task, self.config.aggregation(), ledger=self.store, version=snap.version,
+            state=snap.state, velocity=snap.velocity, counters=snap.counters,
+            pending=snap.pending, round_fixed=snap.round, ended=None,
+            now=time.monotonic(), model_codec=self.config.model_codec,
+        )
+        self._check_model_fits(self.config.max_message_bytes)
+        log.info(
+            "resuming run %s of task %s at version %d with %d accepted update(s) waiting "
+            "(state: %s)", snap.run_id, task.task_id, snap.version, self.core.buffered, where,
+        )
+
+    def close(self) -> None:
+        """Close the store and release the state directory (idempotent)."""
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.close()
+        if self._lock_file is not None:
+            self._lock_file.release()
+            self._lock_file = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -170,7 +318,7 @@ class CoordinatorService:
         size = len(pack(self.core.model_message(time.time()).to_wire()))
         headroom = 1024  # topic name, properties and fixed header of the PUBLISH packet
         if size + headroom > limit:
-            raise FedbusError(
+            raise ConfigError(
                 f"the {self.task.model.arch} model message takes {size:,} bytes, more than the "
                 f"broker's packet limit of {limit:,} allows; fedbus cannot split messages "
                 "yet: use a smaller model, or --model-codec fp16+zstd"
@@ -184,80 +332,168 @@ class CoordinatorService:
     # -- main loop -----------------------------------------------------------------------
 
     def run(self) -> RunSummary:
-        self.client.subscribe(self.topics.all_updates, qos=1)
+        """Serve the run until it ends or ``stop()``; raises ``FedbusError`` subclasses for
+        what retrying cannot fix (refused credentials, ``connect_timeout``, a model above
+        the broker's packet limit, an unwritable state)."""
+        self.client.subscribe(
+            self.topics.all_updates, qos=1, no_local=True, retain_as_published=True
+        )
         self.client.subscribe(self.topics.all_status, qos=1)
         self._started = time.monotonic()
-        self._record(_Made(self.core.version, self.core.state, 0, 0.0))
+        if self.resumed:
+            self._record_missing()
+        else:
+            self._record(_Made(self.core.version, self.core.state, 0, 0.0))
         self.client.start()
         log.info(
-            "coordinator: task %s (%s %s), mode %s, codec %s, model codec %s; broker %s:%d",
-            self.task.task_id, self.task.model.arch, self.task.model.args,
+            "coordinator: task %s run %s (%s %s), mode %s, codec %s, model codec %s; broker %s:%d",
+            self.task.task_id, self.task.run_id, self.task.model.arch, self.task.model.args,
             self.config.mode, self.task.codec, self.config.model_codec,
             self.config.host, self.config.port,
         )
-        stop_reason = "stopped"
+        stop_reason = _STOP_REQUESTED
         try:
             while True:
-                if self.client.fatal_error:
-                    raise FedbusError(self.client.fatal_error)
+                self._raise_if_failed()
                 if self._republish.is_set() and self._enough_devices():
                     self._republish.clear()
                     with self._lock:
                         self._publish_task_and_model()
                     self._task_published = True
                 self._record_made(timeout=0.2)
-                with self._lock:
-                    self._carry_out(self.core.tick(time.time()))
+                with self._lock:  # a buffer timeout or a round deadline may make a version
+                    actions = self.core.tick(time.monotonic())
+                    self._end_at_max_versions()
+                    self._commit()
+                    self._carry_out(actions)
                 stop_reason = self._should_stop()
                 if stop_reason:
+                    self._raise_if_failed()  # a failure that asked to stop is an error
                     break
+            if stop_reason != _STOP_REQUESTED:
+                self._end_run(stop_reason)
         finally:
-            with self._lock:
-                self._closed = True
             self.client.stop()
-        self._record_made(timeout=0)  # versions made before the network thread stopped
+            self._record_made(timeout=0)  # versions made before the network thread stopped
+            buffered = self.core.buffered
+            if buffered and self.core.ended is None:
+                log.info(
+                    "%d accepted update(s) wait in the state directory; they are applied when "
+                    "the run resumes", buffered,
+                )
+            history = self.history()
+            self.close()
         log.info("coordinator stopping: %s", stop_reason)
-        last = self.history[-1]
+        last = self.last_record
         return RunSummary(
             task_id=self.task.task_id,
             mode=self.config.mode,
             final_version=self.core.version,
-            final_accuracy=last.accuracy,
+            final_accuracy=last.accuracy if last is not None else None,
             wall_seconds=time.monotonic() - self._started,
             counters=self.counters(),
-            history=list(self.history),
+            history=history,
             stop_reason=stop_reason,
             first_update_seconds=self._first_update,
+            run_id=self.task.run_id,
+            run_ended=self.core.ended is not None,
+            buffered=buffered,
         )
+
+    def _raise_if_failed(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        if self.client.fatal is not None:
+            raise self.client.fatal
+        timeout = connect_timeout_error(self.client, self.config.connect_timeout)
+        if timeout is not None:
+            raise timeout
+
+    def _end_run(self, reason: str) -> None:
+        """Apply what waits, mark the run ended, tell the devices (the retained task)."""
+        with self._lock:
+            waiting = self.core.buffered
+            actions = self.core.flush(time.monotonic())
+            if waiting:
+                log.info("the run ends: %d accepted update(s) applied as a last version",
+                         waiting)
+            self.core.end(reason)
+            self._commit()
+            self._carry_out(actions)
+            self.task = replace(self.task, state="ended", end_reason=reason)
+            last = [self._publish(self.topics.task, pack(self.task.to_wire()), retain=True)]
+        log.info("run %s ended (%s): told the devices", self.task.run_id, reason)
+        deadline = time.monotonic() + _FINAL_PUBLISH_WAIT
+        for result in last:
+            if result is not None:
+                result.wait(max(0.0, deadline - time.monotonic()))
+        self._record_made(timeout=0)
 
     # -- network thread ------------------------------------------------------------------
 
     def _on_message(self, msg: Message) -> None:
         with self._lock:
-            if not self._closed:
+            if self._fatal is not None:
+                return
+            try:
                 self._dispatch(msg)
+            except Exception as exc:  # the store failed: never acknowledge what is not kept
+                self._fatal = (exc if isinstance(exc, StateError)
+                               else StateError(f"cannot handle a message: {exc}"))
+                log.critical("%s; stopping without acknowledging the message", self._fatal)
+                self.client.abort()
+                self._stop.set()
 
     def _dispatch(self, msg: Message) -> None:
-        """Judge one message and carry out the core's actions (the caller holds the lock)."""
+        """Judge one message, commit the core's journal, then carry out its actions (the
+        caller holds the lock)."""
         device = self.topics.device_of(msg.topic)
         if device is None:
             return
-        now = time.time()
+        now = time.monotonic()
         if msg.topic == self.topics.update(device):
+            if msg.retain and not msg.payload:
+                return  # a cleared retained update (empty payload): nothing to judge
             if self._first_update is None:
-                self._first_update = round(time.monotonic() - self._started, 3)
-            self._carry_out(self.core.on_update(device, msg.payload, now))
+                self._first_update = round(now - self._started, 3)
+            actions = self.core.on_update(device, msg.payload, now, retained=msg.retain)
+            self._end_at_max_versions()
+            self._commit()
+            if msg.retain:  # the broker would replay it to every new subscriber: clear it
+                self._publish(msg.topic, b"", retain=True)
+            self._carry_out(actions)
         elif msg.topic == self.topics.status(device):
-            self._carry_out(self.core.on_status(device, msg.payload, now))
-        if self._reached_max_versions():
-            self._closed = True  # e.g. max_versions reached: judge nothing more
+            actions = self.core.on_status(device, msg.payload, now)
+            self._end_at_max_versions()
+            self._commit()
+            self._carry_out(actions)
 
-    def _carry_out(self, actions: list) -> None:
-        """Publish receipts and new versions (the caller holds the lock)."""
+    def _end_at_max_versions(self) -> None:
+        """The run ends with the version that reaches ``max_versions``: later updates are
+        refused (``run_ended``) rather than buffered into one version too many."""
+        if self._reached_max_versions() and self.core.ended is None:
+            self.core.end(f"reached {self.config.max_versions} model versions")
+
+    def _commit(self) -> None:
+        """Write the core's journal and counters in one transaction (the caller holds the
+        lock); raises if the store cannot be written."""
+        try:
+            self.store.commit(
+                self.core.drain_journal(), self.core.counters,
+                max_staleness=self.core.config.effective_max_staleness,
+            )
+        except StateError:
+            raise
+        except Exception as exc:  # sqlite3 errors: disk full, I/O error, ...
+            raise StateError(f"cannot record the run's state: {exc}") from exc
+
+    def _carry_out(self, actions: list[Action]) -> None:
+        """Publish receipts and new versions (the caller holds the lock, and the journal
+        that led to them is committed)."""
         for action in actions:
             if isinstance(action, SendReceipt):
-                self.client.publish(
-                    self.topics.receipt(action.device_id), pack(action.receipt.to_wire()), qos=1
+                self._publish(
+                    self.topics.receipt(action.device_id), pack(action.receipt.to_wire())
                 )
             elif isinstance(action, NewModel):
                 self._publish_model()
@@ -266,12 +502,12 @@ class CoordinatorService:
                         self.core.version,
                         self.core.state,
                         self.core.counters["updates_accepted"],
-                        time.monotonic() - self._started,
+                        time.time() - self.task.created_at,
                     )
                 )
 
-    def _reached_max_versions(self) -> bool:
-        return bool(self.config.max_versions) and self.core.version >= self.config.max_versions
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> PublishResult:
+        return self.client.publish(topic, payload, qos=1, retain=retain)
 
     # -- calling thread ------------------------------------------------------------------
 
@@ -311,29 +547,54 @@ class CoordinatorService:
     def _should_stop(self) -> str:
         cfg = self.config
         if self._stop.is_set():
-            return "stop requested"
+            return _STOP_REQUESTED
         if self._reached_max_versions():
             return f"reached {cfg.max_versions} model versions"
         if cfg.duration and time.monotonic() - self._started >= cfg.duration:
             return f"ran for {cfg.duration:g} s"
-        last = self.history[-1] if self.history else None
-        reached = last is not None and last.accuracy is not None and (
+        last = self.last_record
+        if cfg.target_accuracy and last is not None and last.accuracy is not None and (
             last.accuracy >= cfg.target_accuracy
-        )
-        if cfg.target_accuracy and reached:
-            return f"reached accuracy {last.accuracy:.3f}"  # type: ignore[union-attr]
+        ):
+            return f"reached accuracy {last.accuracy:.3f}"
         return ""
 
-    # -- publishing, evaluation, checkpoints ---------------------------------------------
+    def _reached_max_versions(self) -> bool:
+        return bool(self.config.max_versions) and self.core.version >= self.config.max_versions
+
+    # -- publishing, evaluation, history -------------------------------------------------
 
     def _publish_task_and_model(self) -> None:
-        self.client.publish(self.topics.task, pack(self.task.to_wire()), qos=1, retain=True)
+        self._publish(self.topics.task, pack(self.task.to_wire()), retain=True)
         self._publish_model()
 
     def _publish_model(self) -> None:
         payload = pack(self.core.model_message(time.time()).to_wire())
-        self.client.publish(self.topics.model, payload, qos=1, retain=True)
+        try:
+            self._publish(self.topics.model, payload, retain=True)
+        except MessageTooLarge as exc:
+            self._fatal = exc
+            log.error(
+                "%s: the broker would drop our connection on every attempt; use a smaller "
+                "model or --model-codec fp16+zstd, or raise the broker's max_packet_size", exc,
+            )
+            self._stop.set()
+            return
         self.bytes_model_published += len(payload)
+
+    def _record_missing(self) -> None:
+        """On resume: evaluate the current version if no evaluation of it was recorded."""
+        with self._lock:
+            last = self.store.last_evaluated()
+            made = _Made(self.core.version, self.core.state,
+                         self.core.counters["updates_accepted"],
+                         time.time() - self.task.created_at)
+        if last is None or last < made.version:
+            self._record(made)
+        else:
+            rows = self.store.history(made.version)
+            if rows:
+                self.last_record = _version_record(rows[0], self.task.created_at)
 
     def _record(self, made: _Made, *, evaluate: bool = True) -> None:
         accuracy = loss = None
@@ -346,7 +607,7 @@ class CoordinatorService:
             loss=loss,
             updates_accepted=made.updates_accepted,
         )
-        self.history.append(record)
+        self.last_record = record
         if accuracy is not None:
             log.info(
                 "model v%d: held-out accuracy %.4f, loss %.4f (%d updates accepted)",
@@ -354,23 +615,42 @@ class CoordinatorService:
             )
         else:
             log.info("model v%d (%d updates accepted)", record.version, record.updates_accepted)
-        if self.config.out is not None:
-            self._checkpoint(made)
+        with self._lock:
+            if evaluate:
+                self.store.record_evaluation(made.version, accuracy, loss, time.time())
+        if self.config.state_dir is not None:
+            self._export(made, record)
         if self.on_version is not None:
             self.on_version(record)
 
-    def _checkpoint(self, made: _Made) -> None:
-        out = Path(self.config.out)  # type: ignore[arg-type]
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "model.npz.tmp"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, __version__=np.array(made.version), **made.state)
-        os.replace(tmp, out / "model.npz")
-        history = {
-            "task": self.task.to_wire(),
-            "counters": self.counters(),
-            "history": [asdict(r) for r in self.history],
-        }
-        tmp = out / "history.json.tmp"
-        tmp.write_text(json.dumps(history, indent=1))
-        os.replace(tmp, out / "history.json")
+    def _export(self, made: _Made, record: VersionRecord) -> None:
+        """``model.npz`` (replaced atomically) and a line of ``history.jsonl`` (appended)
+        in the state directory, for people and tools; the store is the record."""
+        directory = Path(self.config.state_dir)  # type: ignore[arg-type]
+        tmp = directory / "model.npz.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                arrays: dict[str, Any] = {"__version__": np.array(made.version), **made.state}
+                np.savez(fh, **arrays)
+            os.replace(tmp, directory / "model.npz")
+            line = {"run": self.task.run_id, **record.__dict__}
+            with open(directory / "history.jsonl", "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+        except OSError as exc:
+            log.warning("cannot export version %d to %s: %s", made.version, directory, exc)
+
+    def history(self) -> list[VersionRecord]:
+        """Every version of the run so far, with its evaluation (from the store)."""
+        with self._lock:
+            return [_version_record(r, self.task.created_at) for r in self.store.history()]
+
+
+def _version_record(row: HistoryRow, created_at: float) -> VersionRecord:
+    return VersionRecord(
+        version=row.version,
+        seconds=round(row.made_at - created_at, 3),
+        accuracy=row.accuracy,
+        loss=row.loss,
+        updates_accepted=row.updates_accepted,
+    )
+

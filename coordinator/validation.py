@@ -5,28 +5,34 @@ at the first failure, in this order:
 
 1. ``too_large``      payload longer than ``max_update_bytes``
 2. ``malformed``      not msgpack, or msgpack over the decode limits
-3. ``schema``         not a v1 ``update`` envelope with well-typed fields
-4. ``device_mismatch`` ``device_id`` is not the device of the topic (the broker ACL
+3. ``schema``         not a v2 ``update`` envelope with well-typed fields
+4. ``device_mismatch`` the update's ``dev`` is not the device of the topic (the broker ACL
    guarantees who may write a topic, so the topic is the identity)
-4b. ``wrong_task``    ``task_id`` is not the running task: a field compare, so it comes
-   before any tensor is decoded (an update for another task's model would otherwise be
-   reported as a ``shape`` error)
-5. ``future_version`` / ``stale``  base version newer than the current one, or more than
+5. ``retained``       the message came with the retain flag: a device never publishes an
+   update retained, and the broker would hand a retained copy to every new subscriber
+6. ``wrong_run``      the update was made for another run of the coordinator (the receipt
+   names the current run, so the device re-joins it)
+7. ``wrong_task``     ``task`` is not the running task
+8. a known ``update_id`` (the ledger remembers every verdict): the same bytes from the same
+   device are a copy of a message already judged (a QoS 1 redelivery, an outbox re-send),
+   answered with the first verdict again (``Repeated``: not judged, not counted, never
+   applied twice); other bytes or another device under a used id are ``duplicate``
+9. ``future_version`` / ``stale``  base version newer than the current one, or more than
    ``max_staleness`` versions behind it
-6. ``duplicate``      ``update_id`` already used
-   (5 and 6 read only the envelope: a replayed or outdated update is refused before any
+10. ``duplicate_work`` the device already had an update accepted for this base version: a
+   retrained copy of the same work (an agent restarted before it got its receipt)
+   (4 to 10 read only the envelope: a replayed or outdated update is refused before any
    tensor is decompressed or decoded)
-7. ``too_large`` / ``malformed``  a ``"compression": "zstd"`` delta that does not
-   decompress within ``decompressed_bound(expected_shapes)`` bytes (the largest legitimate
-   encoding of the model's tensors; the output buffer never grows past it), is not one
-   zstd frame, or does not hold msgpack within the same limits
-8. ``dtype`` / ``shape`` / ``schema`` while decoding the tensors (``update_codec``); a
+11. ``too_large`` / ``malformed``  a zstd delta that does not decompress within
+   ``decompressed_bound(expected_shapes)`` bytes, is not one zstd frame, or does not hold
+   msgpack within the same limits
+12. ``dtype`` / ``shape`` / ``schema`` while decoding the tensors (``update_codec``); a
    ``topk`` entry's shape is compared with the model's before it is expanded, and its
    indices must be in range, ascending and distinct
-9. ``shape``          tensor names or shapes differ from the global model's
-10. ``non_finite``    NaN or infinity anywhere in the delta
-11. ``norm``          global L2 norm above ``max_norm``
-    (10 and 11 take one pass: the norm, which is finite only when every value is)
+13. ``shape``          tensor names or shapes differ from the global model's
+14. ``non_finite``    NaN or infinity anywhere in the delta
+15. ``norm``          global L2 norm above ``max_norm``
+    (14 and 15 take one pass: the norm, which is finite only when every value is)
 
 Codecs: any valid entry codec and compression is accepted, whatever the task's ``codec``
 asks for (an ``int4`` update under an ``int8`` task, a plain update under a ``+zstd`` one).
@@ -36,23 +42,21 @@ bytes, the decoders cap the work), keeps updates already in flight usable when t
 operator changes the codec of a running task, and keeps ``validate_update`` free of the
 task description.
 
-``validate_update`` only *reads* ``seen``: the caller adds an update's id once it has
-really used the update (accepted it into a buffer or round). A rejected id is therefore
-never remembered, so a device may retry it after fixing the problem, and a QoS 1
-redelivery of a used update is rejected as ``duplicate``.
+``validate_update`` only *reads* the ledger; the core records the verdict.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from coordinator.aggregation import is_finite, l2_norm
+from coordinator.journal import Ledger, Verdict
 from fedbus.envelope import DecodeLimits, unpack
 from fedbus.errors import ProtocolError
 from fedbus.messages import Update
@@ -62,8 +66,9 @@ __all__ = [
     "REJECT_REASONS",
     "Accepted",
     "Rejected",
-    "SeenIds",
+    "Repeated",
     "ValidationLimits",
+    "payload_digest",
     "validate_update",
 ]
 
@@ -77,12 +82,17 @@ REJECT_REASONS: tuple[str, ...] = (
     "non_finite",
     "norm",
     "wrong_task",
+    "wrong_run",
+    "retained",
     "stale",
     "future_version",
     "duplicate",
-    # Decided by the coordinator's FedAvg rounds (coordinator.core), not by validate_update.
+    "duplicate_work",
+    # Decided by the coordinator core, not by validate_update: FedAvg rounds, and updates
+    # that arrive after the run has ended.
     "not_selected",
     "duplicate_in_round",
+    "run_ended",
 )
 
 MAX_DETAIL = 300  # characters of detail kept in a rejection (it may quote hostile input)
@@ -126,44 +136,35 @@ class Accepted:
     staleness: int
     norm: float
     size: int
+    digest: bytes = b""
+    payload: bytes = b""  # the raw message, kept until the update is applied
 
 
 @dataclass(frozen=True)
 class Rejected:
-    """An update that failed a check; ``update_id`` is None when it could not be read."""
+    """An update that failed a check; ``update_id`` is None when it could not be read.
+    ``base_version`` is set when the envelope was read."""
 
     reason: str
     detail: str
     size: int
     update_id: str | None = None
     device_id: str | None = None
+    base_version: int | None = None
+    digest: bytes = b""
 
 
-class SeenIds:
-    """Bounded memory of used update ids: insertion-ordered, the oldest evicted past capacity."""
+@dataclass(frozen=True)
+class Repeated:
+    """A copy of an update already judged: answer with ``verdict`` again, change nothing."""
 
-    def __init__(self, capacity: int = 100_000) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
-        self._ids: OrderedDict[str, None] = OrderedDict()
+    verdict: Verdict
+    size: int
 
-    def __contains__(self, update_id: object) -> bool:
-        return update_id in self._ids
 
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._ids)
-
-    def add(self, update_id: str) -> None:
-        """Remember ``update_id`` (a no-op if already known); evict the oldest past capacity."""
-        if update_id in self._ids:
-            return
-        self._ids[update_id] = None
-        while len(self._ids) > self.capacity:
-            self._ids.popitem(last=False)
+def payload_digest(payload: bytes) -> bytes:
+    """8 bytes that tell one update's bytes from another's (blake2b)."""
+    return hashlib.blake2b(payload, digest_size=8).digest()
 
 
 def _short(text: str) -> str:
@@ -183,12 +184,14 @@ def validate_update(
     payload: bytes,
     *,
     topic_device: str,
+    run_id: str,
     task_id: str,
     expected_shapes: Mapping[str, tuple[int, ...]],
     current_version: int,
     limits: ValidationLimits,
-    seen: SeenIds,
-) -> Accepted | Rejected:
+    ledger: Ledger,
+    retained: bool = False,
+) -> Accepted | Rejected | Repeated:
     """Check one raw update payload; never raises, whatever the bytes (see module doc)."""
     try:
         size = len(payload)
@@ -196,9 +199,11 @@ def validate_update(
         return Rejected("malformed", _short(f"payload has no length: {exc}"), 0)
     update_id: str | None = None
     device_id: str | None = None
+    base: int | None = None
+    digest = b""
 
     def reject(reason: str, detail: str) -> Rejected:
-        return Rejected(reason, _short(detail), size, update_id, device_id)
+        return Rejected(reason, _short(detail), size, update_id, device_id, base, digest)
 
     try:
         if size > limits.max_update_bytes:
@@ -211,16 +216,35 @@ def validate_update(
         except ProtocolError:
             update_id = _salvage_id(obj, "update_id")
             raise
-        update_id, device_id = update.update_id, update.device_id
+        update_id, device_id, base = update.update_id, update.device_id, update.base_version
+        digest = payload_digest(payload)
         if update.device_id != topic_device:
             return reject(
                 "device_mismatch",
                 f"update names device {update.device_id!r} but came on the topic of "
                 f"{topic_device!r}",
             )
+        if retained:
+            return reject(
+                "retained", "updates must not be published with the retain flag (the broker "
+                "would hand the copy to every new subscriber)",
+            )
+        if update.run_id != run_id:
+            return reject(
+                "wrong_run",
+                f"update was made for run {update.run_id}, the coordinator runs {run_id}: "
+                "re-join with the current task",
+            )
         if update.task_id != task_id:
             return reject(
                 "wrong_task", f"update is for task {update.task_id!r}, running {task_id!r}"
+            )
+        known = ledger.verdict(update.update_id)
+        if known is not None:
+            if known.device_id == update.device_id and known.digest == digest:
+                return Repeated(known, size)
+            return reject(
+                "duplicate", f"update id {update.update_id} was already used by another update"
             )
         # Envelope-only checks before any tensor is touched: a stale, future or repeated
         # update costs one msgpack decode, not a decompression and a dequantisation.
@@ -236,8 +260,13 @@ def validate_update(
                 f"base version {update.base_version} is {staleness} versions behind "
                 f"{current_version} (max {limits.max_staleness})",
             )
-        if update.update_id in seen:
-            return reject("duplicate", f"update id {update.update_id} was already used")
+        earlier = ledger.work(update.device_id, update.base_version)
+        if earlier is not None:
+            return reject(
+                "duplicate_work",
+                f"device already contributed update {earlier} trained on base version "
+                f"{update.base_version}",
+            )
         # decompression (bounded by the expected shapes), decoding, then names and shapes
         delta = decode_update_delta(
             update.delta, update.compression, expected_shapes=expected_shapes
@@ -250,7 +279,8 @@ def validate_update(
             return reject("non_finite", f"NaN or infinity in {bad}")
         if not norm <= limits.max_norm:
             return reject("norm", f"L2 norm {norm:.6g} exceeds bound {limits.max_norm:g}")
-        return Accepted(update=update, delta=delta, staleness=staleness, norm=norm, size=size)
+        return Accepted(update=update, delta=delta, staleness=staleness, norm=norm, size=size,
+                        digest=digest, payload=bytes(payload))
     except ProtocolError as exc:
         return reject(exc.reason, exc.detail)
     except Exception as exc:  # hostile input must never escape as an exception

@@ -1,29 +1,60 @@
 """The edge agent: waits for a task and a model, trains locally, publishes its delta.
 
-Threads: paho's network thread only stores the newest task and model bytes and wakes the
-agent (so a long training never starves the keepalive and memory holds one model, however
-many arrive); the calling thread decodes, trains and publishes.
+Threads: the transport's network thread only keeps the newest task bytes and the newest
+model of the run (by version, so a stale retained copy never replaces a newer one), queues
+receipts, and wakes the agent; the calling thread decodes, trains, publishes and owns the
+durable state (``edge_agent.state``), so a long training never starves the keepalive.
+
+What the agent guarantees (protocol v2, docs/protocol.md section 9):
+
+- every trained update enters the outbox, in one transaction with the version it was
+  trained on, before it is published; it leaves the outbox when its receipt arrives.
+  After a reconnect the updates the broker had acknowledged but the coordinator has not
+  answered are sent again (paho re-sends the unacknowledged ones itself), after a restart
+  all of them; the coordinator answers a copy with the verdict it already gave;
+- the agent trains at most once per model version of a run, across restarts, and never on
+  a model older than the newest it has seen;
+- it subscribes to the model with QoS 0: the broker queues no model versions for it while
+  it is away, and the retained model (the newest) arrives on every reconnect, so a device
+  back from a partition trains on the newest model, not on a backlog;
+- an outbox entry that can no longer be accepted (older than the task's ``max_staleness``,
+  refused by the broker, over the outbox's bounds, of a run that ended or was replaced)
+  is dropped with a log line; for a top-k task its content goes back into the residual;
+- a task whose ``state`` is ``ended`` stops training: the agent waits for a new run, or
+  exits (``on_run_end = "exit"``).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from edge_agent.config import AgentConfig
-from edge_agent.residual import ResidualStore, encode_with_feedback
+from edge_agent.residual import encode_with_feedback
+from edge_agent.state import STATE_FILE, AgentState, OutboxEntry
 from fedbus.codec_spec import parse_codec
 from fedbus.envelope import DecodeLimits, pack, unpack
-from fedbus.errors import FedbusError, ProtocolError
+from fedbus.errors import MessageTooLarge, ProtocolError
 from fedbus.messages import GlobalModel, Receipt, Status, Task, Update, new_update_id
 from fedbus.topics import Topics
-from fedbus.transport import ConnectionSettings, Message, MqttClient, PublishResult, Will
+from fedbus.transport import (
+    ConnectionSettings,
+    Message,
+    MqttClient,
+    PublishResult,
+    Transport,
+    TransportFactory,
+    Will,
+    connect_timeout_error,
+)
 from fedbus.update_codec import decode_update_delta, encode_update_delta
 
 __all__ = ["Agent", "AgentStats", "LocalData", "pacing_delay"]
@@ -31,6 +62,12 @@ __all__ = ["Agent", "AgentStats", "LocalData", "pacing_delay"]
 log = logging.getLogger(__name__)
 
 _SMALL = DecodeLimits(max_bytes=64 * 1024, max_bin_len=1024)
+# after a reconnect, wait this long for the retained model before re-sending the outbox,
+# so an update that became too stale during the outage is dropped, not sent to be rejected
+_RESEND_GRACE = 2.0
+# rejections after which the content of a top-k update is not worth sending again: the
+# coordinator applied it (a repeat), or the same work is already in
+_NO_FEEDBACK = ("duplicate_work",)
 
 
 @dataclass(frozen=True)
@@ -41,9 +78,11 @@ class LocalData:
 
 @dataclass
 class AgentStats:
-    updates_published: int = 0
-    updates_acknowledged: int = 0
-    updates_refused: int = 0
+    updates_published: int = 0  # updates produced and sent (re-sends not counted)
+    updates_acknowledged: int = 0  # PUBACKs received for them
+    updates_refused: int = 0  # refused by the broker
+    updates_resent: int = 0
+    updates_dropped: int = 0
     receipts_accepted: int = 0
     receipts_rejected: int = 0
     bytes_uploaded: int = 0
@@ -70,14 +109,18 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _task_key(task: Task) -> tuple[str, float]:
-    return (task.task_id, task.created_at)
-
-
 class Agent:
-    """One device's agent. ``run()`` blocks until stopped or ``max_updates`` is reached."""
+    """One device's agent. ``run()`` blocks until stopped, ``max_updates`` is reached, or
+    the run ends with ``on_run_end = "exit"``."""
 
-    def __init__(self, config: AgentConfig, data: LocalData, *, password: str) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        data: LocalData,
+        *,
+        password: str,
+        transport_factory: TransportFactory = MqttClient,
+    ) -> None:
         self.config = config
         self.data = data
         self.topics = Topics(config.prefix)
@@ -86,17 +129,27 @@ class Agent:
         self._pacing_warned = False
         self._wake = threading.Event()
         self._lock = threading.Lock()
+        # written by the network thread, read by the agent thread (under _lock)
         self._task_bytes: bytes | None = None
-        self._model_bytes: bytes | None = None
-        self._task: Task | None = None
-        self._model = None  # torch module for the current task
+        self._model_msg: GlobalModel | None = None  # the newest of its run
+        self._models_since_connect = 0
+        self._receipts: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._connected_at: float | None = None  # monotonic, set by each (re)connect
+        # agent thread only
+        self._task: Task | None = None  # the task joined (its run is the current run)
+        self._decoded_task_bytes: bytes | None = None
+        self._model: Any = None  # torch module for the current task (torch loads lazily)
         self._x: np.ndarray = data.x  # local inputs shaped for the current task's model
-        self._unusable: tuple[str, float] | None = None  # a task this device cannot train
+        self._unusable: tuple[str, str] | None = None  # (run, task) this device cannot train
+        self._ended_logged: str | None = None
         self._training = False
-        self._unacked: list[tuple[PublishResult, str]] = []
-        self._residuals: ResidualStore | None = None  # created for the first top-k task
+        self._sends: dict[str, PublishResult | None] = {}  # outbox id -> its last publish
+        # a reconnect's grace before re-sending; at start, the outbox of an earlier process
+        self._resend_due: float | None = 0.0
+        self._inherited: set[str] = set()  # outbox entries an earlier process made
+        self.state = AgentState(config.state_path() / STATE_FILE)
         device = config.device_id
-        self.client = MqttClient(
+        self.client: Transport = transport_factory(
             ConnectionSettings(
                 host=config.host,
                 port=config.port,
@@ -104,6 +157,7 @@ class Agent:
                 username=device,
                 password=password,
                 keepalive=config.keepalive,
+                max_packet_size=config.max_model_bytes,
             ),
             on_message=self._on_message,
             on_connect=self._on_connect,
@@ -118,43 +172,53 @@ class Agent:
                 self._task_bytes = msg.payload
             self._wake.set()
         elif msg.topic == self.topics.model:
-            with self._lock:
-                self._model_bytes = msg.payload
-            self._wake.set()
+            self._keep_newest_model(msg.payload)
         elif msg.topic == self.topics.receipt(self.config.device_id):
-            self._on_receipt(msg.payload)
+            self._receipts.put(msg.payload)
+            self._wake.set()
 
-    def _on_receipt(self, payload: bytes) -> None:
+    def _keep_newest_model(self, payload: bytes) -> None:
+        """Keep a model only if it is the newest seen for its run (the tensors stay
+        encoded until the agent thread trains on them)."""
+        limits = DecodeLimits(
+            max_bytes=self.config.max_model_bytes, max_bin_len=self.config.max_model_bytes
+        )
         try:
-            receipt = Receipt.from_wire(unpack(payload, "receipt", _SMALL))
+            model = GlobalModel.from_wire(unpack(payload, "model", limits))
         except ProtocolError as exc:
-            log.warning("ignoring malformed receipt: %s", exc)
+            log.warning("ignoring malformed model message: %s", exc)
             return
-        if receipt.accepted:
-            self.stats.receipts_accepted += 1
-            log.info(
-                "update %s accepted (staleness %s, global version now %d)",
-                receipt.update_id[:8], receipt.staleness, receipt.model_version,
-            )
-        else:
-            self.stats.receipts_rejected += 1
-            reason = receipt.reason or "unknown"
-            self.stats.rejections[reason] = self.stats.rejections.get(reason, 0) + 1
-            log.warning(
-                "update %s rejected: %s (%s)", receipt.update_id[:8], reason, receipt.detail
-            )
+        with self._lock:
+            held = self._model_msg
+            if held is None or held.run_id != model.run_id or model.version > held.version:
+                self._model_msg = model
+            self._models_since_connect += 1
+        self._wake.set()
 
     def _on_connect(self, session_present: bool) -> None:
         state = "training" if self._training else "online"
         self.client.publish(
             self.topics.status(self.config.device_id), self._status(state), retain=True
         )
+        with self._lock:
+            self._connected_at = time.monotonic()
+            self._models_since_connect = 0
+        self._wake.set()
 
     # -- agent thread --------------------------------------------------------------------
 
     def _status(self, state: str) -> bytes:
+        task = getattr(self, "_task", None)
         return pack(
-            Status(self.config.device_id, state, self.stats.last_version, time.time()).to_wire()
+            Status(
+                self.config.device_id, state, self.stats.last_version, time.time(),
+                run_id=task.run_id if task is not None else None,
+            ).to_wire()
+        )
+
+    def _publish_status(self, state: str) -> None:
+        self.client.publish(
+            self.topics.status(self.config.device_id), self._status(state), retain=True
         )
 
     def stop(self) -> None:
@@ -162,16 +226,22 @@ class Agent:
         self._wake.set()
 
     def run(self, *, on_update: Callable[[AgentStats], None] | None = None) -> AgentStats:
+        """Serve until stopped; raises ``FedbusError`` subclasses for what retrying cannot
+        fix (refused credentials, ``connect_timeout``)."""
         import torch
 
         torch.set_num_threads(self.config.threads)
         device = self.config.device_id
-        for topic in (self.topics.task, self.topics.model, self.topics.receipt(device)):
-            self.client.subscribe(topic, qos=1)
+        self.client.subscribe(self.topics.task, qos=1)
+        # QoS 0: no model versions are queued while away; the retained one comes on connect
+        self.client.subscribe(self.topics.model, qos=0)
+        self.client.subscribe(self.topics.receipt(device), qos=1)
         self.client.start()
+        waiting = self.state.outbox()
+        self._inherited = {e.update_id for e in waiting}
         log.info(
-            "agent %s: %d local samples, connecting to %s:%d",
-            device, len(self.data.y), self.config.host, self.config.port,
+            "agent %s: %d local samples, %d update(s) in the outbox, connecting to %s:%d",
+            device, len(self.data.y), len(waiting), self.config.host, self.config.port,
         )
         from edge_agent.train import warm_up
 
@@ -180,14 +250,23 @@ class Agent:
             while not self._stop.is_set():
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
+                self._raise_if_failed()
+                task = self._current_task()
+                self._handle_receipts()
                 self._reap_acks()
-                if self.client.fatal_error:
-                    raise FedbusError(self.client.fatal_error)
-                work = self._next_work()
+                if task is None:
+                    continue
+                if task.ended:
+                    if self._on_run_ended(task):
+                        break
+                    continue
+                self._drop_unusable(task)
+                self._resend_if_due(task)
+                self._pump(task)
+                work = self._next_work(task)
                 if work is None:
                     continue
-                task, model_msg = work
-                self._train_and_publish(task, model_msg)
+                self._train_and_publish(task, work)
                 if on_update is not None:
                     on_update(self.stats)
                 if self.config.max_updates and (
@@ -199,41 +278,251 @@ class Agent:
             self._shutdown()
         return self.stats
 
-    def _next_work(self) -> tuple[Task, GlobalModel] | None:
+    def _raise_if_failed(self) -> None:
+        if self.client.fatal is not None:
+            raise self.client.fatal
+        timeout = connect_timeout_error(self.client, self.config.connect_timeout)
+        if timeout is not None:
+            raise timeout
+
+    # -- task and run ----------------------------------------------------------------------
+
+    def _current_task(self) -> Task | None:
+        """The task the broker holds, decoded; joining a new run forgets the old one."""
         with self._lock:
-            task_bytes, model_bytes = self._task_bytes, self._model_bytes
-        if task_bytes is None or model_bytes is None:
-            return None
+            task_bytes = self._task_bytes
+        if task_bytes is None:
+            return self._task
+        if task_bytes is self._decoded_task_bytes:
+            return self._task
+        self._decoded_task_bytes = task_bytes
         try:
             task = Task.from_wire(unpack(task_bytes, "task", _SMALL))
-            limits = DecodeLimits(
-                max_bytes=self.config.max_model_bytes, max_bin_len=self.config.max_model_bytes
-            )
-            model_msg = GlobalModel.from_wire(unpack(model_bytes, "model", limits))
         except ProtocolError as exc:
-            log.warning("ignoring malformed task or model: %s", exc)
-            with self._lock:  # do not retry the same bad bytes
-                if self._model_bytes is model_bytes:
-                    self._model_bytes = None
+            log.warning("ignoring malformed task: %s", exc)
+            return self._task
+        old = self._task
+        if old is None or old.run_id != task.run_id:
+            self._join(task)
+        self._task = task
+        return task
+
+    def _join(self, task: Task) -> None:
+        dropped = self.state.start_run(task.run_id)
+        for entry in dropped:
+            self._sends.pop(entry.update_id, None)
+            self.stats.updates_dropped += 1
+            log.warning(
+                "dropped update %s of run %s from the outbox: the coordinator now runs %s",
+                entry.update_id, entry.run_id, task.run_id,
+            )
+        self._model = None
+        self.stats.last_version = self.state.last_version(task.run_id)
+        state = "ended" if task.ended else "running"
+        log.info(
+            "task %s, run %s (%s): %s %s", task.task_id, task.run_id, state, task.model.arch,
+            task.model.args,
+        )
+
+    def _on_run_ended(self, task: Task) -> bool:
+        """The run is over: say so once, give up what waits for receipts; True to exit."""
+        if self._ended_logged != task.run_id:
+            self._ended_logged = task.run_id
+            for entry in self.state.outbox(task.run_id):
+                self._drop(entry, "the run has ended", task)
+            log.info(
+                "run %s of task %s has ended (%s); %s", task.run_id, task.task_id,
+                task.end_reason or "no reason given",
+                "exiting" if self.config.on_run_end == "exit" else "waiting for a new run",
+            )
+            self._publish_status("idle")
+        return self.config.on_run_end == "exit"
+
+    # -- outbox ----------------------------------------------------------------------------
+
+    def _handle_receipts(self) -> None:
+        while True:
+            try:
+                payload = self._receipts.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                receipt = Receipt.from_wire(unpack(payload, "receipt", _SMALL))
+            except ProtocolError as exc:
+                log.warning("ignoring malformed receipt: %s", exc)
+                continue
+            self._settle(receipt)
+
+    def _settle(self, receipt: Receipt) -> None:
+        uid = receipt.update_id
+        entry = next((e for e in self.state.outbox() if e.update_id == uid), None)
+        if entry is None:
+            log.debug("receipt for %s, which is no longer in the outbox", uid)
+            return
+        self._sends.pop(uid, None)
+        if receipt.accepted:
+            self.state.settle(uid, "accepted", receipt.detail)
+            self.stats.receipts_accepted += 1
+            log.info(
+                "update %s accepted%s (staleness %s, global version %d)", uid,
+                " (repeated receipt)" if receipt.repeat else "", receipt.staleness,
+                receipt.model_version,
+            )
+            return
+        reason = receipt.reason or "unknown"
+        self.stats.receipts_rejected += 1
+        self.stats.rejections[reason] = self.stats.rejections.get(reason, 0) + 1
+        log.warning("update %s rejected: %s (%s)", uid, reason, receipt.detail)
+        task = self._task
+        if reason == "wrong_run" and (task is None or task.run_id != receipt.run_id):
+            log.warning("the coordinator runs %s now; re-joining with its task",
+                        receipt.run_id)
+        feedback = reason not in _NO_FEEDBACK
+        self._give_back(entry, "rejected", f"{reason}: {receipt.detail}", feedback)
+
+    def _drop(self, entry: OutboxEntry, why: str, task: Task | None) -> None:
+        self._sends.pop(entry.update_id, None)
+        self.stats.updates_dropped += 1
+        log.warning("dropped update %s (base version %d) from the outbox: %s",
+                    entry.update_id, entry.base_version, why)
+        self._give_back(entry, "dropped", why, feedback=task is not None and not task.ended)
+
+    def _give_back(self, entry: OutboxEntry, fate: str, detail: str, feedback: bool) -> None:
+        """Settle ``entry``; for a top-k update of the current run, its content goes back
+        into the residual (sent later instead of lost)."""
+        task = self._task
+        residual = None
+        if (feedback and entry.feedback and task is not None and entry.run_id == task.run_id
+                and self._prepare(task)):
+            residual = self._residual_with(entry, task)
+        self.state.settle(entry.update_id, fate, detail, run_id=entry.run_id,
+                          residual=residual)
+
+    def _residual_with(self, entry: OutboxEntry, task: Task) -> dict[str, np.ndarray] | None:
+        from fedbus.zoo import state_shapes
+
+        shapes = state_shapes(self._model)
+        try:
+            update = Update.from_wire(unpack(entry.payload, "update"))
+            content = decode_update_delta(update.delta, update.compression,
+                                          expected_shapes=shapes)
+        except (ProtocolError, ValueError) as exc:  # our own bytes: should never happen
+            log.error("cannot read back update %s (%s); its content is lost",
+                      entry.update_id, exc)
             return None
-        if model_msg.task_id != task.task_id:
-            return None  # the model for a new task has not arrived yet
-        if self._unusable == _task_key(task):
-            return None  # this device cannot take part; wait for another task
-        last = self.stats.last_version
-        same_task = self._task is not None and _task_key(task) == _task_key(self._task)
-        if same_task and last is not None and model_msg.version <= last:
+        residual = self.state.residual(task.run_id, shapes)
+        return {name: residual[name] + content[name] for name in residual}
+
+    def _drop_unusable(self, task: Task) -> None:
+        """Drop outbox entries the coordinator would only reject as stale."""
+        with self._lock:
+            model = self._model_msg
+        if model is None or model.run_id != task.run_id:
+            return
+        for entry in self.state.outbox(task.run_id):
+            behind = model.version - entry.base_version
+            if behind > task.max_staleness:
+                self._drop(entry, f"{behind} versions behind the newest model "
+                           f"(max staleness {task.max_staleness})", task)
+
+    def _resend_if_due(self, task: Task) -> None:
+        """After a reconnect, once the retained model has arrived or after a short grace
+        (so that what became too stale is dropped, not sent to be rejected): mark for
+        sending again what the broker had acknowledged but nobody answered. (After a
+        restart nothing is marked sent yet, so the whole outbox goes.)"""
+        with self._lock:
+            connected_at, self._connected_at = self._connected_at, None
+            models = self._models_since_connect
+        if connected_at is not None:
+            self._resend_due = connected_at + _RESEND_GRACE
+        due = self._resend_due
+        if due is None or not self.client.connected:
+            return
+        if models == 0 and time.monotonic() < due:
+            self._wake.set()  # look again soon
+            time.sleep(0.05)
+            return
+        self._resend_due = None
+        self._drop_unusable(task)
+        for uid, last in list(self._sends.items()):
+            if last is not None and last.done and last.ok:
+                self._sends[uid] = None  # acknowledged, unanswered: send it again
+        self._pump(task)
+
+    def _pump(self, task: Task) -> None:
+        """Send outbox entries, oldest first, one in flight at a time: an update is sent
+        only once the broker has acknowledged the one before. So a dead link holds at most
+        one update in paho's hands (which paho re-sends as it is); the rest wait in the
+        outbox, where the staleness check still applies before they go."""
+        if self._resend_due is not None:
+            return  # a reconnect's grace is running
+        for entry in self.state.outbox(task.run_id):
+            if any(r is not None and not r.done for r in self._sends.values()):
+                return
+            if self._sends.get(entry.update_id) is not None:
+                continue  # sent, waiting for its receipt
+            uid = entry.update_id
+            self._send(entry, resend=uid in self._sends or uid in self._inherited)
+            result = self._sends.get(uid)
+            if result is not None:
+                result.wait(2.0)
+
+    def _send(self, entry: OutboxEntry, *, resend: bool = False) -> None:
+        try:
+            result = self.client.publish(
+                self.topics.update(self.config.device_id), entry.payload, qos=1
+            )
+        except MessageTooLarge as exc:
+            self._drop(entry, str(exc), self._task)
+            return
+        self._sends[entry.update_id] = result
+        if resend:
+            self.stats.updates_resent += 1
+            log.info("sent update %s (base version %d) again", entry.update_id,
+                     entry.base_version)
+
+    def _reap_acks(self) -> None:
+        """Count PUBACKs; an update the broker refused is dropped with its reason."""
+        for uid, result in list(self._sends.items()):
+            if result is None or not result.done or getattr(result, "_counted", False):
+                continue
+            result._counted = True  # type: ignore[attr-defined]
+            if result.ok:
+                self.stats.updates_acknowledged += 1
+                continue
+            if result.reason == "client stopped":
+                continue
+            if result.reason_code is None:  # refused locally (paho's queue), not by the broker
+                log.warning("update %s could not be queued (%s); trying again later", uid,
+                            result.reason)
+                self._sends[uid] = None
+                continue
+            self.stats.updates_refused += 1
+            entry = next((e for e in self.state.outbox() if e.update_id == uid), None)
+            if entry is not None:
+                self._drop(entry, f"the broker refused it: {result.reason}", self._task)
+
+    # -- training --------------------------------------------------------------------------
+
+    def _next_work(self, task: Task) -> GlobalModel | None:
+        with self._lock:
+            model = self._model_msg
+        if model is None or model.run_id != task.run_id or model.task_id != task.task_id:
+            return None  # the model of this run has not arrived yet
+        if self._unusable == (task.run_id, task.task_id):
+            return None  # this device cannot take part; wait for another run
+        last = self.state.last_version(task.run_id)
+        if last is not None and model.version <= last:
             return None
-        return task, model_msg
+        return model
 
     def _prepare(self, task: Task) -> bool:
         """Build ``task``'s model and fit the local data to its input; False (logged once)
         when this device cannot take part, e.g. an unknown architecture or data of another
-        shape. A restarted coordinator publishes its task anew (new ``created_at``), which
-        counts as a new task: versions start again from its model."""
+        shape."""
         from fedbus.zoo import build_model, fit_inputs, input_shape
 
-        if self._task is not None and _task_key(self._task) == _task_key(task):
+        if self._model is not None:
             return True
         try:
             model = build_model(task.model.arch, task.model.args)
@@ -241,15 +530,18 @@ class Agent:
         except (ValueError, TypeError) as exc:
             self._give_up_on(task, str(exc))
             return False
-        log.info("new task %s: %s %s", task.task_id, task.model.arch, task.model.args)
-        self._model, self._x, self._task = model, x, task
-        self.stats.last_version = None
+        self._model, self._x = model, x
         return True
 
     def _give_up_on(self, task: Task, why: str) -> None:
-        self._unusable = _task_key(task)
-        self._task = self._model = None
+        self._unusable = (task.run_id, task.task_id)
+        self._model = None
         log.error("cannot take part in task %s: %s; waiting for a new task", task.task_id, why)
+
+    def _skip(self, task: Task, version: int) -> None:
+        """Mark a version as done without an update (it could not be trained on)."""
+        self.state.record_trained(task.run_id, version, None)
+        self.stats.last_version = version
 
     def _train_and_publish(self, task: Task, model_msg: GlobalModel) -> None:
         from edge_agent.train import train_local
@@ -270,11 +562,11 @@ class Agent:
                 "global model v%d does not fit task %s: %s",
                 model_msg.version, task.task_id, exc,
             )
-            self.stats.last_version = model_msg.version
+            self._skip(task, model_msg.version)
             return
         device = self.config.device_id
         self._training = True
-        self.client.publish(self.topics.status(device), self._status("training"), retain=True)
+        self._publish_status("training")
         seed = (self.config.seed * 1_000_003 + zlib.crc32(device.encode()) + model_msg.version)
         started = time.monotonic()
         try:
@@ -285,13 +577,46 @@ class Agent:
         except FloatingPointError as exc:
             log.error("local training on v%d diverged (%s); skipping it", model_msg.version, exc)
             self._training = False
-            self.stats.last_version = model_msg.version
+            self._skip(task, model_msg.version)
             return
         except ValueError as exc:  # e.g. local labels the task's model cannot output
             self._training = False
             self._give_up_on(task, str(exc))
             return
         elapsed = time.monotonic() - started
+        self._pace(elapsed)
+        self.stats.train_seconds += time.monotonic() - started
+        self._training = False
+        if result.stopped or self._stop.is_set():
+            return  # a partial update is never sent; the version is trained again later
+        new_state = get_state(model)
+        delta = {name: new_state[name] - base[name] for name in base}
+        update, residual = self._encode(task, model_msg, delta, shapes, seed, result, elapsed)
+        payload = update.pack()  # compact: metric values as float32
+        if len(payload) > task.max_update_bytes:
+            log.error(
+                "update of %d bytes exceeds the task's limit of %d; not sent",
+                len(payload), task.max_update_bytes,
+            )
+            self._skip(task, model_msg.version)
+            return
+        entry = OutboxEntry(update.update_id, task.run_id, model_msg.version, payload,
+                            feedback=residual is not None)
+        self._make_room(task, len(payload))
+        self.state.record_trained(task.run_id, model_msg.version, entry, residual=residual)
+        self.stats.last_version = model_msg.version
+        self._pump(task)
+        self.stats.updates_published += 1
+        self.stats.bytes_uploaded += len(payload)
+        log.info(
+            "update %s trained on v%d: %d samples, loss %.3f, acc %.3f (int8 %s) in %.2fs; "
+            "sent %d bytes", update.update_id, model_msg.version, result.num_samples,
+            result.loss, result.accuracy, _fmt(update.metrics.get("acc_int8")), elapsed,
+            len(payload),
+        )
+        self._publish_status("idle")
+
+    def _pace(self, elapsed: float) -> None:
         delay = pacing_delay(elapsed, self.config.slowdown, self.config.compute_seconds)
         if self.config.compute_seconds and delay == 0 and not self._pacing_warned:
             self._pacing_warned = True
@@ -302,60 +627,51 @@ class Agent:
             )
         if delay > 0:
             self._stop.wait(delay)
-        self.stats.train_seconds += time.monotonic() - started
-        self._training = False
-        if result.stopped or self._stop.is_set():
-            return  # a partial update is never sent
-        new_state = get_state(model)
-        delta = {name: new_state[name] - base[name] for name in base}
+
+    def _encode(
+        self, task: Task, model_msg: GlobalModel, delta: Mapping[str, np.ndarray],
+        shapes: Mapping[str, tuple[int, ...]], seed: int, result: Any, elapsed: float,
+    ) -> tuple[Update, dict[str, np.ndarray] | None]:
+        """The update message, and for top-k the residual that stays behind (what was not
+        sent of delta + residual)."""
         rng = np.random.default_rng(seed)
         spec = parse_codec(task.codec)  # the task parsed it already: cannot fail here
         residual: dict[str, np.ndarray] | None = None
-        if spec.is_topk:  # error feedback: what top-k left out last time goes in now
-            if self._residuals is None:
-                self._residuals = ResidualStore(self.config.state_path())
-            previous = self._residuals.load(task.task_id, task.created_at, shapes)
+        if spec.is_topk:  # error feedback: what top-k left out so far goes in now
+            previous = self.state.residual(task.run_id, shapes)
             wire, compression, residual = encode_with_feedback(delta, previous, spec, rng=rng)
         else:
             wire, compression = encode_update_delta(delta, spec, rng=rng)
         update = Update(
             update_id=new_update_id(),
-            device_id=device,
+            device_id=self.config.device_id,
+            run_id=task.run_id,
             task_id=task.task_id,
             base_version=model_msg.version,
             num_samples=result.num_samples,
             delta=wire,
-            metrics=self._metrics(result, elapsed, task, model, x),
+            metrics=self._metrics(result, elapsed, task, self._model, self._x),
             sent_at=time.time(),
             compression=compression,
         )
-        payload = update.pack()  # compact: metric values as float32
-        if len(payload) > task.max_update_bytes:
-            log.error(
-                "update of %d bytes exceeds the task's limit of %d; not sent",
-                len(payload), task.max_update_bytes,
-            )
-            self.stats.last_version = model_msg.version
-            return
-        outcome = self.client.publish(self.topics.update(device), payload, qos=1)
-        if residual is not None and self._residuals is not None:
-            if outcome.done and not outcome.ok:  # refused before it left: nothing was sent
-                log.warning("update not queued (%s); keeping the previous residual",
-                            outcome.reason)
-            else:
-                self._residuals.save(task.task_id, task.created_at, residual)
-        self.stats.updates_published += 1
-        self.stats.bytes_uploaded += len(payload)
-        self.stats.last_version = model_msg.version
-        log.info(
-            "trained on v%d: %d samples, loss %.3f, acc %.3f (int8 %s) in %.2fs; sent %d bytes",
-            model_msg.version, result.num_samples, result.loss, result.accuracy,
-            _fmt(update.metrics.get("acc_int8")), elapsed, len(payload),
-        )
-        self.client.publish(self.topics.status(device), self._status("idle"), retain=True)
-        self._unacked.append((outcome, update.update_id))
+        return update, residual
 
-    def _metrics(self, result, elapsed: float, task: Task, model, x: np.ndarray) -> dict:
+    def _make_room(self, task: Task, size: int) -> None:
+        """Keep the outbox within its bounds: drop the oldest updates (logged)."""
+        cfg = self.config
+        entries = self.state.outbox()
+        total = sum(len(e.payload) for e in entries) + size
+        count = len(entries) + 1
+        for entry in entries:
+            if count <= cfg.outbox_max_updates and total <= cfg.outbox_max_bytes:
+                break
+            self._drop(entry, f"the outbox is full ({cfg.outbox_max_updates} updates, "
+                       f"{cfg.outbox_max_bytes:,} bytes)", task)
+            count -= 1
+            total -= len(entry.payload)
+
+    def _metrics(self, result: Any, elapsed: float, task: Task, model: Any,
+                 x: np.ndarray) -> dict[str, float]:
         """Training metrics for the update: ``loss`` and ``acc`` of the last epoch, ``sec`` of
         training, and ``acc_int8``, the int8 model's local accuracy, when the task trains
         quantization-aware (the int8 model is also saved with --export). Short names: they
@@ -374,29 +690,24 @@ class Agent:
             log.warning("int8 export failed: %s", exc)
         return metrics
 
-    def _reap_acks(self) -> None:
-        """Count PUBACKs that have arrived; a refused publish is logged with its reason."""
-        waiting = []
-        for outcome, update_id in self._unacked:
-            if not outcome.done:
-                waiting.append((outcome, update_id))
-            elif outcome.ok:
-                self.stats.updates_acknowledged += 1
-            else:
-                self.stats.updates_refused += 1
-                log.error("broker refused update %s: %s", update_id[:8], outcome.reason)
-        self._unacked = waiting
-
     def _shutdown(self) -> None:
-        device = self.config.device_id
         try:
             deadline = time.monotonic() + 5.0
-            while self._unacked and time.monotonic() < deadline and self.client.connected:
-                self._unacked[0][0].wait(timeout=0.1)
-                self._reap_acks()
+            while self.client.connected and time.monotonic() < deadline and any(
+                r is not None and not r.done for r in self._sends.values()
+            ):
+                time.sleep(0.05)
+            self._reap_acks()
             if self.client.connected:
                 self.client.publish(
-                    self.topics.status(device), self._status("offline"), retain=True
+                    self.topics.status(self.config.device_id), self._status("offline"),
+                    retain=True,
                 ).wait(timeout=2.0)
         finally:
             self.client.stop()
+            waiting = len(self.state.outbox())
+            if waiting:
+                log.info("%d update(s) wait in the outbox for their receipts; they are sent "
+                         "again when the agent restarts", waiting)
+            self.state.close()
+

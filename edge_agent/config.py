@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from fedbus.topics import DEFAULT_PREFIX, Topics, validate_device_id
 
@@ -25,7 +26,8 @@ class AgentConfig:
     password: str | None = None
     credentials: Path | None = None  # credentials.json written by `fedbus broker`
     prefix: str = DEFAULT_PREFIX
-    keepalive: int = 30
+    # seconds; Mosquitto declares a silent device gone (and sends its Will) after 1.5 x this
+    keepalive: int = 15
     threads: int = 1
     seed: int = 0
     slowdown: float = 1.0  # simulation only: behave as a device this many times slower
@@ -35,8 +37,16 @@ class AgentConfig:
     export: Path | None = None  # write the int8 model here (.npz) after every training
     max_updates: int = 0  # stop after this many published updates (0 = run until stopped)
     max_model_bytes: int = 8 * 1024 * 1024  # the broker's max_packet_size
-    # State kept across restarts (the top-k error-feedback residual); None: see state_path()
+    # State kept across restarts (outbox, last version trained, top-k residual): agent.db in
+    # this directory; None: see state_path()
     state_dir: Path | None = None
+    # what to do when the coordinator ends the run: wait for a new run, or exit (code 0)
+    on_run_end: Literal["wait", "exit"] = "wait"
+    # exit with an error after this many seconds without a broker connection (0: never)
+    connect_timeout: float = 0.0
+    # bounds of the outbox (updates waiting for their receipts); past them the oldest go
+    outbox_max_updates: int = 8
+    outbox_max_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
@@ -53,6 +63,14 @@ class AgentConfig:
             )
         if self.max_updates < 0:
             raise ValueError("max_updates must be 0 (unlimited) or more")
+        if self.keepalive < 1:
+            raise ValueError(f"keepalive must be at least 1 second, got {self.keepalive}")
+        if not (math.isfinite(self.connect_timeout) and self.connect_timeout >= 0):
+            raise ValueError(
+                f"connect_timeout must be a finite number >= 0, got {self.connect_timeout}"
+            )
+        if self.outbox_max_updates < 1 or self.outbox_max_bytes < 1:
+            raise ValueError("outbox_max_updates and outbox_max_bytes must be at least 1")
 
     def state_path(self) -> Path:
         """``state_dir``, or by default ``$XDG_STATE_HOME/fedbus/<device_id>`` (XDG's

@@ -17,7 +17,7 @@ from fedbus.errors import ProtocolError
 
 __all__ = ["PROTOCOL_VERSION", "DecodeLimits", "pack", "unpack"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Message schemas of protocol v1 (see docs/protocol.md).
+"""Message schemas of protocol v2 (see docs/protocol.md).
 
 Each message is a frozen dataclass with ``to_wire()`` (a dict for ``envelope.pack``) and
 ``from_wire(obj)`` (checks every field's type and range, raising ``ProtocolError`` with
@@ -35,6 +35,7 @@ from fedbus.errors import ProtocolError
 from fedbus.topics import DEVICE_ID_PATTERN
 
 __all__ = [
+    "RUN_STATES",
     "STATUS_STATES",
     "GlobalModel",
     "ModelSpec",
@@ -43,11 +44,13 @@ __all__ = [
     "Task",
     "TrainSpec",
     "Update",
+    "new_run_id",
     "new_update_id",
 ]
 
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 STATUS_STATES = ("online", "training", "idle", "offline")
+RUN_STATES = ("running", "ended")
 _FLOAT32_MAX = 3.4028234663852886e38  # largest finite float32
 
 
@@ -57,6 +60,13 @@ def new_update_id() -> str:
     Ids must be unique across the fleet; with 96 random bits, even 10^9 updates collide
     with a probability below 10^-10.
     """
+    return secrets.token_urlsafe(12)
+
+
+def new_run_id() -> str:
+    """A fresh run id, made once when a coordinator starts a new run: 96 random bits as 16
+    base64url characters, like an update id. Every task, model, update and receipt of the
+    run carries it, so nothing made for one run is ever taken for another."""
     return secrets.token_urlsafe(12)
 
 
@@ -193,7 +203,15 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class Task:
-    """What the fleet is learning: published retained on ``<prefix>/task``."""
+    """What the fleet is learning: published retained on ``<prefix>/task``.
+
+    ``run_id`` names one run of the coordinator: a coordinator that resumes from its state
+    directory keeps it, a new run gets a new one. ``created_at`` is when the run began (it
+    stays the same when the task is re-published). ``state`` is ``running`` or ``ended``;
+    an ended task tells agents to stop training, with ``end_reason`` saying why.
+    ``max_staleness`` is the coordinator's staleness bound, so an agent can drop an update
+    that would only be rejected as ``stale``.
+    """
 
     task_id: str
     model: ModelSpec
@@ -201,18 +219,32 @@ class Task:
     codec: str = "int8"  # a codec spec (fedbus.codec_spec), e.g. "topk:0.01:int8+zstd"
     max_update_bytes: int = 4 * 1024 * 1024
     created_at: float = 0.0
+    max_staleness: int = 10
+    state: str = "running"
+    end_reason: str | None = None
+    run_id: str = field(kw_only=True)
+
+    @property
+    def ended(self) -> bool:
+        return self.state == "ended"
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "v": PROTOCOL_VERSION,
             "kind": "task",
             "task_id": self.task_id,
+            "run": self.run_id,
             "model": self.model.to_wire(),
             "train": self.train.to_wire(),
             "codec": self.codec,
             "max_update_bytes": self.max_update_bytes,
+            "max_staleness": self.max_staleness,
+            "state": self.state,
             "created_at": self.created_at,
         }
+        if self.end_reason is not None:
+            wire["end_reason"] = self.end_reason
+        return wire
 
     @classmethod
     def from_wire(cls, obj: dict) -> Task:
@@ -222,12 +254,22 @@ class Task:
             parse_codec(codec)
         except ValueError as exc:
             raise ProtocolError("schema", f"task: {exc}") from None
+        state = _get(obj, "state", str, "task")
+        if state not in RUN_STATES:
+            raise ProtocolError("schema", f"task: unknown state {state!r}")
+        end_reason = obj.get("end_reason")
+        if end_reason is not None and not isinstance(end_reason, str):
+            raise ProtocolError("schema", "task: end_reason must be a string or nil")
         return cls(
             task_id=_get_id(obj, "task_id", "task"),
+            run_id=_get_id(obj, "run", "task"),
             model=ModelSpec.from_wire(obj.get("model")),
             train=TrainSpec.from_wire(obj.get("train")),
             codec=codec,
             max_update_bytes=_positive_int(obj, "max_update_bytes", "task"),
+            max_staleness=_nonneg_int(obj, "max_staleness", "task"),
+            state=state,
+            end_reason=end_reason,
             created_at=_finite_float(obj, "created_at", "task"),
         )
 
@@ -238,6 +280,7 @@ class GlobalModel:
 
     ``tensors`` is encoded as by ``update_codec.encode_update_delta`` with the coordinator's
     model codec (``fp32`` by default): an entry map, or a zstd bin when ``compression``.
+    A model is identified by ``(run_id, version)``.
     """
 
     task_id: str
@@ -245,12 +288,14 @@ class GlobalModel:
     tensors: dict[str, Any] | bytes
     created_at: float = 0.0
     compression: str | None = None
+    run_id: str = field(kw_only=True)
 
     def to_wire(self) -> dict[str, Any]:
         wire = {
             "v": PROTOCOL_VERSION,
             "kind": "model",
             "task_id": self.task_id,
+            "run": self.run_id,
             "version": self.version,
             "tensors": self.tensors,
             "created_at": self.created_at,
@@ -265,6 +310,7 @@ class GlobalModel:
         tensors, compression = _encoded(obj, "tensors", "model")
         return cls(
             task_id=_get_id(obj, "task_id", "model"),
+            run_id=_get_id(obj, "run", "model"),
             version=_nonneg_int(obj, "version", "model"),
             tensors=tensors,
             created_at=_finite_float(obj, "created_at", "model"),
@@ -274,12 +320,13 @@ class GlobalModel:
 
 @dataclass(frozen=True)
 class Update:
-    """One device's contribution: an encoded delta against global version ``base_version``.
+    """One device's contribution: an encoded delta against global version ``base_version``
+    of run ``run_id``.
 
     ``delta`` is an entry map, or a zstd bin when ``compression`` is ``"zstd"``
     (``update_codec.encode_update_delta`` returns both). The wire form has short keys
-    (``update_id``, ``dev``, ``task``, ``base``, ``n``, ``m``, ``delta``, ``ts``) and no
-    compression field: the delta's msgpack type says whether it is compressed.
+    (``update_id``, ``dev``, ``run``, ``task``, ``base``, ``n``, ``m``, ``delta``, ``ts``)
+    and no compression field: the delta's msgpack type says whether it is compressed.
     ``pack()`` gives the bytes an agent sends (metric values as float32);
     ``envelope.pack(to_wire())`` is also valid, only longer.
     """
@@ -293,6 +340,7 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     sent_at: float = 0.0
     compression: str | None = None
+    run_id: str = field(kw_only=True)
 
     def to_wire(self) -> dict[str, Any]:
         """The envelope as a dict; ``ValueError`` if ``delta`` and ``compression`` disagree."""
@@ -309,6 +357,7 @@ class Update:
             "kind": "update",
             "update_id": self.update_id,
             "dev": self.device_id,
+            "run": self.run_id,
             "task": self.task_id,
             "base": self.base_version,
             "n": self.num_samples,
@@ -355,6 +404,7 @@ class Update:
         return cls(
             update_id=_get_id(obj, "update_id", "update"),
             device_id=_get_id(obj, "dev", "update", DEVICE_ID_PATTERN),
+            run_id=_get_id(obj, "run", "update"),
             task_id=_get_id(obj, "task", "update"),
             base_version=_nonneg_int(obj, "base", "update"),
             num_samples=num_samples,
@@ -367,7 +417,12 @@ class Update:
 
 @dataclass(frozen=True)
 class Receipt:
-    """The coordinator's answer to one update, sent to ``<prefix>/receipt/<device>``."""
+    """The coordinator's answer to one update, sent to ``<prefix>/receipt/<device>``.
+
+    ``run_id`` is the coordinator's run (on a ``wrong_run`` rejection, the run the device
+    should re-join). ``repeat`` marks a receipt that repeats the verdict already given for
+    the same update (a copy that arrived again: a QoS 1 redelivery, an outbox re-send).
+    """
 
     update_id: str
     accepted: bool
@@ -375,48 +430,62 @@ class Receipt:
     detail: str
     model_version: int
     staleness: int | None = None
+    repeat: bool = False
+    run_id: str = field(kw_only=True)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "v": PROTOCOL_VERSION,
             "kind": "receipt",
             "update_id": self.update_id,
+            "run": self.run_id,
             "accepted": self.accepted,
             "reason": self.reason,
             "detail": self.detail,
             "model_version": self.model_version,
             "staleness": self.staleness,
         }
+        if self.repeat:
+            wire["repeat"] = True
+        return wire
 
     @classmethod
     def from_wire(cls, obj: dict) -> Receipt:
         _check_kind(obj, "receipt")
         reason = obj.get("reason")
         staleness = obj.get("staleness")
+        repeat = obj.get("repeat", False)
         if reason is not None and not isinstance(reason, str):
             raise ProtocolError("schema", "receipt: reason must be a string or nil")
         if staleness is not None and (
             not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 0
         ):
             raise ProtocolError("schema", "receipt: staleness must be an integer >= 0 or nil")
+        if not isinstance(repeat, bool):
+            raise ProtocolError("schema", "receipt: repeat must be a boolean")
         return cls(
             update_id=_get_id(obj, "update_id", "receipt"),
+            run_id=_get_id(obj, "run", "receipt"),
             accepted=_get(obj, "accepted", bool, "receipt"),
             reason=reason,
             detail=_get(obj, "detail", str, "receipt"),
             model_version=_nonneg_int(obj, "model_version", "receipt"),
             staleness=staleness,
+            repeat=repeat,
         )
 
 
 @dataclass(frozen=True)
 class Status:
-    """A device's presence, retained on ``<prefix>/status/<device>``; its Will says offline."""
+    """A device's presence, retained on ``<prefix>/status/<device>``; its Will says offline.
+
+    ``run_id`` is the run the device last trained for (nil before it has one)."""
 
     device_id: str
     state: str
     model_version: int | None = None
     ts: float = field(default_factory=time.time)
+    run_id: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -424,6 +493,7 @@ class Status:
             "kind": "status",
             "device_id": self.device_id,
             "state": self.state,
+            "run": self.run_id,
             "model_version": self.model_version,
             "ts": self.ts,
         }
@@ -439,9 +509,13 @@ class Status:
             not isinstance(version, int) or isinstance(version, bool) or version < 0
         ):
             raise ProtocolError("schema", "status: model_version must be an integer >= 0 or nil")
+        run = obj.get("run")
+        if run is not None and not (isinstance(run, str) and _ID.match(run)):
+            raise ProtocolError("schema", "status: run must be an id or nil")
         return cls(
             device_id=_get_id(obj, "device_id", "status", DEVICE_ID_PATTERN),
             state=state,
             model_version=version,
             ts=_finite_float(obj, "ts", "status"),
+            run_id=run,
         )

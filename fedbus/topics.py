@@ -1,4 +1,4 @@
-"""Topic layout of protocol v1.
+"""Topic layout of the fedbus protocol (docs/protocol.md, section 3).
 
 Every topic sits under one prefix (``fedbus`` by default) so several trials can share a
 broker. Device ids are also the MQTT usernames and client ids, so they must be safe inside

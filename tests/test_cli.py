@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +13,16 @@ import pytest
 from fedbus.zoo import fit_inputs
 
 
-def fedbus(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedbus", *args], capture_output=True, text=True, timeout=timeout
-    )
+def fedbus(
+    *args: str, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess; run in a fresh directory so that nothing it writes
+    (a state directory, a report) lands in the repository."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return subprocess.run(
+            [sys.executable, "-m", "fedbus", *args], capture_output=True, text=True,
+            timeout=timeout, cwd=cwd or tmp,
+        )
 
 
 @pytest.mark.parametrize("command", ["broker", "coordinator", "agent", "demo"])
@@ -69,3 +77,36 @@ def test_fit_inputs_reshapes_flat_rows_and_refuses_other_sizes():
     assert fit_inputs(x, (1, 8, 8)).shape == (5, 1, 8, 8)
     with pytest.raises(ValueError, match="expects"):
         fit_inputs(x, (1, 28, 28))
+
+
+def test_a_credentials_file_ranks_below_flags_environment_and_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from edge_agent.config import ENV_PREFIX, AgentConfig
+    from fedbus.cli._options import load_process_config
+
+    creds = tmp_path / "credentials.json"
+    creds.write_text(json.dumps({
+        "host": "file-host", "port": 1111, "prefix": "fileprefix",
+        "coordinator": {"username": "coordinator", "password": "c"},
+        "devices": {"d1": {"username": "d1", "password": "p1"}},
+    }))
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\nport = 2222\n')
+    monkeypatch.setenv("FEDBUS_AGENT_HOST", "env-host")
+    monkeypatch.delenv("FEDBUS_AGENT_PREFIX", raising=False)
+    monkeypatch.delenv("FEDBUS_AGENT_PORT", raising=False)
+    monkeypatch.delenv("FEDBUS_AGENT_PASSWORD", raising=False)
+    flags = {"device_id": "d1", "data": str(tmp_path), "credentials": str(creds)}
+    cfg, password = load_process_config(
+        AgentConfig, flags, env_prefix=ENV_PREFIX, config_file=config, section="agent",
+        username=lambda c: c.device_id,
+    )
+    assert (cfg.host, cfg.port, cfg.prefix, password) == ("env-host", 2222, "fileprefix", "p1")
+    cfg, _ = load_process_config(
+        AgentConfig, {**flags, "host": "flag-host"}, env_prefix=ENV_PREFIX, config_file=None,
+        section="agent", username=lambda c: c.device_id,
+    )
+    assert (cfg.host, cfg.port) == ("flag-host", 1111)

@@ -13,6 +13,7 @@ import zstandard
 
 from coordinator.config import CoordinatorConfig
 from coordinator.core import AggregationConfig, CoordinatorCore
+from coordinator.store import Store
 from fedbus import update_codec
 from fedbus.codec_spec import CodecSpec, parse_codec
 from fedbus.envelope import pack, unpack
@@ -96,7 +97,7 @@ def test_codec_spec_checks_its_fields() -> None:
 
 
 def test_task_carries_codec_specs_and_rejects_bad_ones() -> None:
-    task = Task("t1", ModelSpec("mlp"), TrainSpec(), "topk:0.01:int8+zstd", 1000, 1.0)
+    task = Task("t1", ModelSpec("mlp"), TrainSpec(), "topk:0.01:int8+zstd", 1000, 1.0, run_id="r1")
     assert Task.from_wire(unpack(pack(task.to_wire()))) == task
     obj = task.to_wire()
     for bad in ("topk:2", "int8+gzip", "int3", ""):
@@ -145,7 +146,7 @@ ALL_SPECS = [
 def _through_update(spec: str, delta: dict[str, np.ndarray], seed: int = 1):
     """Encode into a real Update, pack, unpack and decode as the coordinator does."""
     wire, compression = encode_update_delta(delta, spec, rng=np.random.default_rng(seed))
-    update = Update("u1", "dev-1", "t1", 0, 5, wire, {}, 1.0, compression)
+    update = Update("u1", "dev-1", "t1", 0, 5, wire, {}, 1.0, compression, run_id="r1")
     back = Update.from_wire(unpack(pack(update.to_wire()), "update"))
     assert back.compression == parse_codec(spec).compression
     shapes = {name: value.shape for name, value in delta.items()}
@@ -243,7 +244,7 @@ def test_fp32_fp16_int8_entries_are_byte_compatible() -> None:
     assert set(fp16) == {"c", "t"} and fp16["t"]["dtype"] == "float16"
     wire, compression = encode_update_delta({"x": x}, "fp32")
     assert compression is None and set(wire["x"]) == {"c", "t"}
-    plain = Update("u1", "dev-1", "t1", 0, 5, wire).to_wire()
+    plain = Update("u1", "dev-1", "t1", 0, 5, wire, run_id="r1").to_wire()
     assert plain["delta"] is wire and "compression" not in plain
 
 
@@ -603,7 +604,7 @@ def test_compression_and_delta_type_must_agree() -> None:
 
 def test_model_message_carries_compression() -> None:
     wire, compression = encode_update_delta({"w": np.ones((4, 4), np.float32)}, "fp16+zstd")
-    obj = GlobalModel("t1", 3, wire, 1.0, compression).to_wire()
+    obj = GlobalModel("t1", 3, wire, 1.0, compression, run_id="r1").to_wire()
     back = GlobalModel.from_wire(unpack(pack(obj)))
     assert back.compression == "zstd" and isinstance(back.tensors, bytes)
     assert _reason(GlobalModel.from_wire, {**obj, "compression": "lz4"}) == "schema"
@@ -616,7 +617,7 @@ def test_model_message_carries_compression() -> None:
 def test_update_delta_type_says_whether_it_is_compressed() -> None:
     # an update has no compression field: a bin delta is a zstd frame, a map is plain
     wire, compression = encode_update_delta({"w": np.ones((4, 4), np.float32)}, "fp16+zstd")
-    obj = Update("u1", "dev-1", "t1", 0, 5, wire, {}, 1.0, compression).to_wire()
+    obj = Update("u1", "dev-1", "t1", 0, 5, wire, {}, 1.0, compression, run_id="r1").to_wire()
     assert "compression" not in obj and obj["delta"] == wire
     back = Update.from_wire(unpack(pack(obj)))
     assert back.compression == "zstd" and back.delta == wire
@@ -628,11 +629,11 @@ def test_update_delta_type_says_whether_it_is_compressed() -> None:
     assert Update.from_wire({**obj, "compression": "lz4"}).compression == "zstd"
     # and a sender cannot build an update whose delta and compression disagree
     with pytest.raises(ValueError):
-        Update("u1", "dev-1", "t1", 0, 5, wire, {}, 1.0, None).to_wire()
+        Update("u1", "dev-1", "t1", 0, 5, wire, {}, 1.0, None, run_id="r1").to_wire()
     with pytest.raises(ValueError):
-        Update("u1", "dev-1", "t1", 0, 5, {}, {}, 1.0, "zstd").to_wire()
+        Update("u1", "dev-1", "t1", 0, 5, {}, {}, 1.0, "zstd", run_id="r1").to_wire()
     with pytest.raises(ValueError):
-        Update("u1", "dev-1", "t1", 0, 5, wire, {}, 1.0, "lz4").to_wire()
+        Update("u1", "dev-1", "t1", 0, 5, wire, {}, 1.0, "lz4", run_id="r1").to_wire()
 
 
 # -- the model broadcast ----------------------------------------------------------------------
@@ -642,8 +643,8 @@ def test_update_delta_type_says_whether_it_is_compressed() -> None:
 def test_model_message_uses_the_model_codec(model_codec: str) -> None:
     rng = np.random.default_rng(0)
     state = {"w": rng.normal(size=(8, 4)).astype(np.float32), "b": np.ones(8, np.float32)}
-    core = CoordinatorCore(Task("t1", ModelSpec("mlp"), TrainSpec()), state,
-                           AggregationConfig(), model_codec=model_codec)
+    core = CoordinatorCore(Task("t1", ModelSpec("mlp"), TrainSpec(), run_id="r1"), state,
+                           AggregationConfig(), ledger=Store(None), model_codec=model_codec)
     message = core.model_message(5.0)
     back = GlobalModel.from_wire(unpack(pack(message.to_wire()), "model"))
     assert back.compression == parse_codec(model_codec).compression

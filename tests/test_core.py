@@ -17,13 +17,14 @@ from coordinator.core import (
     NewModel,
     SendReceipt,
 )
+from coordinator.store import Store
 from coordinator.validation import REJECT_REASONS
 from fedbus.envelope import pack, unpack
 from fedbus.messages import GlobalModel, ModelSpec, Status, Task, TrainSpec, Update
 from fedbus.update_codec import decode_delta, encode_delta
 
 F32 = np.float32
-TASK = Task("task1", ModelSpec("mlp"), TrainSpec())
+TASK = Task("task1", ModelSpec("mlp"), TrainSpec(), run_id="r1")
 _ids = itertools.count()
 
 
@@ -44,19 +45,45 @@ def upd(
     uid: str | None = None,
     delta: dict[str, np.ndarray] | None = None,
     task_id: str = "task1",
+    run: str = "r1",
 ) -> bytes:
     uid = uid if uid is not None else f"u{next(_ids)}"
     encoded = encode_delta(delta if delta is not None else delta_of(value), "fp32")
-    return pack(Update(uid, device, task_id, base, n, encoded).to_wire())
+    return pack(Update(uid, device, task_id, base, n, encoded, run_id=run).to_wire())
 
 
 def status(device: str, state: str) -> bytes:
     return pack(Status(device, state, ts=0.0).to_wire())
 
 
-def core(**config: Any) -> CoordinatorCore:
+class Durable:
+    """A core whose journal is committed to an in-memory store after every input, as the
+    coordinator service does (the core reads its earlier verdicts back from the store)."""
+
+    def __init__(self, core: CoordinatorCore, store: Store) -> None:
+        self.core = core
+        self.store = store
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.core, name)
+        if name not in ("on_update", "on_status", "tick", "flush", "end"):
+            return attr
+
+        def committed(*args: Any, **kwargs: Any) -> Any:
+            result = attr(*args, **kwargs)
+            self.store.commit(self.core.drain_journal(), self.core.counters,
+                              max_staleness=self.core.config.effective_max_staleness)
+            return result
+
+        return committed
+
+
+def core(**config: Any) -> Any:
     start = config.pop("initial", initial())
-    return CoordinatorCore(TASK, start, AggregationConfig(**config))
+    store = Store(None)
+    c = CoordinatorCore(TASK, start, AggregationConfig(**config), ledger=store)
+    store.create_run(TASK.run_id, TASK.to_wire(), 0.0, c.state, c.counters)
+    return Durable(c, store)
 
 
 def receipts(actions: list) -> list[SendReceipt]:
@@ -72,7 +99,7 @@ def only_receipt(actions: list) -> SendReceipt:
     return actions[0]
 
 
-def assert_state(c: CoordinatorCore, value: float) -> None:
+def assert_state(c: Any, value: float) -> None:
     for arr in c.state.values():
         np.testing.assert_allclose(arr, np.full(arr.shape, value), rtol=1e-6)
 
@@ -117,11 +144,11 @@ def test_config_effective_values() -> None:
 def test_core_rejects_bad_initial_state() -> None:
     cfg = AggregationConfig()
     with pytest.raises(ValueError):
-        CoordinatorCore(TASK, {"w": np.array([np.nan], F32)}, cfg)
+        CoordinatorCore(TASK, {"w": np.array([np.nan], F32)}, cfg, ledger=Store(None))
     with pytest.raises(ValueError):
-        CoordinatorCore(TASK, {}, cfg)
+        CoordinatorCore(TASK, {}, cfg, ledger=Store(None))
     with pytest.raises(ValueError):
-        CoordinatorCore(TASK, initial(), cfg, start_version=-1)
+        CoordinatorCore(TASK, initial(), cfg, ledger=Store(None), start_version=-1)
 
 
 # -- FedBuff ----------------------------------------------------------------------------
@@ -203,24 +230,45 @@ def test_server_lr_and_momentum() -> None:
     assert_state(c, 2.5)
 
 
-def test_duplicate_is_rejected_with_receipt() -> None:
+def test_a_copy_of_an_accepted_update_gets_its_verdict_again() -> None:
     c = core(buffer_size=4)
     payload = upd("d1", uid="dup")
-    c.on_update("d1", payload, now=0.0)
+    first = only_receipt(c.on_update("d1", payload, now=0.0))
     r = only_receipt(c.on_update("d1", payload, now=1.0))
-    assert r.receipt.accepted is False
-    assert r.receipt.reason == "duplicate"
-    assert r.receipt.update_id == "dup"
-    assert c.counters["rejected_duplicate"] == 1
+    assert (r.receipt.accepted, r.receipt.repeat, r.receipt.update_id) == (True, True, "dup")
+    assert r.receipt.detail == first.receipt.detail
+    assert c.counters["updates_repeated"] == 1
+    assert c.counters["updates_accepted"] == 1 and c.counters["updates_received"] == 1
+    assert c.snapshot()["buffered"] == 1  # never applied twice
+
+
+def test_an_update_id_is_judged_once() -> None:
+    c = core()
+    payload = upd("d1", uid="retry", base=5)
+    first = only_receipt(c.on_update("d1", payload, now=0.0))
+    assert first.receipt.reason == "future_version"
+    again = only_receipt(c.on_update("d1", payload, now=0.0))
+    assert (again.receipt.reason, again.receipt.repeat) == ("future_version", True)
+    other = only_receipt(c.on_update("d1", upd("d1", uid="retry", base=0), now=0.0))
+    assert other.receipt.reason == "duplicate"  # another update under a used id
+    assert c.counters["rejected_future_version"] == 1
+
+
+def test_retrained_copy_of_the_same_work_is_rejected() -> None:
+    c = core(buffer_size=4)
+    assert only_receipt(c.on_update("d1", upd("d1", base=0), now=0.0)).receipt.accepted
+    r = only_receipt(c.on_update("d1", upd("d1", base=0), now=1.0))
+    assert r.receipt.reason == "duplicate_work"
     assert c.snapshot()["buffered"] == 1
 
 
-def test_a_rejected_id_may_be_retried() -> None:
+def test_updates_of_another_run_and_retained_copies_are_refused() -> None:
     c = core()
-    first = only_receipt(c.on_update("d1", upd("d1", uid="retry", base=5), now=0.0))
-    assert first.receipt.reason == "future_version"
-    again = only_receipt(c.on_update("d1", upd("d1", uid="retry", base=0), now=0.0))
-    assert again.receipt.accepted is True
+    r = only_receipt(c.on_update("d1", upd("d1", run="old-run"), now=0.0))
+    assert (r.receipt.reason, r.receipt.run_id) == ("wrong_run", TASK.run_id)
+    r = only_receipt(c.on_update("d1", upd("d1"), now=0.0, retained=True))
+    assert r.receipt.reason == "retained"
+    assert c.counters["updates_accepted"] == 0
 
 
 def test_stale_is_rejected() -> None:
@@ -327,7 +375,7 @@ def test_model_message_round_trips() -> None:
         now=0.0,
     )
     msg = c.model_message(now=42.0)
-    assert (msg.task_id, msg.version, msg.created_at) == ("task1", 1, 42.0)
+    assert (msg.task_id, msg.run_id, msg.version, msg.created_at) == ("task1", "r1", 1, 42.0)
     wire = GlobalModel.from_wire(unpack(pack(msg.to_wire()), "model"))
     decoded = decode_delta(wire.tensors)
     state = c.state
@@ -374,11 +422,11 @@ def test_malformed_status_is_ignored_and_counted(device: str, payload: bytes) ->
 # -- FedAvg -----------------------------------------------------------------------------
 
 
-def fedavg(**config: Any) -> CoordinatorCore:
+def fedavg(**config: Any) -> Any:
     return core(mode="fedavg", **config)
 
 
-def online(c: CoordinatorCore, *devices: str, now: float = 0.0) -> None:
+def online(c: Any, *devices: str, now: float = 0.0) -> None:
     for d in devices:
         assert c.on_status(d, status(d, "online"), now=now) == []
 
@@ -460,7 +508,7 @@ def test_fedavg_rejects_duplicate_in_round() -> None:
     online(c, "a", "b")
     c.on_update("a", upd("a", 1.0), now=1.0)
     r = only_receipt(c.on_update("a", upd("a", 9.0), now=2.0))
-    assert (r.receipt.accepted, r.receipt.reason) == (False, "duplicate_in_round")
+    assert (r.receipt.accepted, r.receipt.reason) == (False, "duplicate_work")
     c.on_update("b", upd("b", 1.0), now=3.0)
     assert_state(c, 1.0)  # the second update of a was not used
 
@@ -605,3 +653,96 @@ def test_fedbuff_needs_no_more_updates_than_devices_online() -> None:
     c.on_status("d3", status("d3", "offline"), now=2.0)
     c.on_update("d1", upd("d1", 1.0, base=1), now=3.0)
     assert models(c.on_update("d2", upd("d2", 1.0, base=1), now=3.0))  # 2 online now
+
+
+# -- liveness, the end of a run, and resuming from the store -----------------------------
+
+
+def test_a_device_going_offline_applies_a_buffer_that_now_has_enough() -> None:
+    c = core(buffer_size=4, buffer_timeout=0.0)
+    for device in ("d1", "d2", "d3"):
+        c.on_status(device, status(device, "online"), now=0.0)
+    c.on_update("d1", upd("d1", 1.0), now=1.0)
+    c.on_update("d2", upd("d2", 3.0), now=1.0)
+    assert c.version == 0  # K is 3 (devices online): d3 is still expected
+    actions = c.on_status("d3", status("d3", "offline"), now=50.0)  # its Will
+    assert [m.version for m in models(actions)] == [1]
+    assert_state(c, 2.0)
+
+
+def test_flush_applies_what_waits_and_end_refuses_later_updates() -> None:
+    c = core(buffer_size=4)
+    c.on_update("d1", upd("d1", 2.0), now=0.0)
+    assert c.buffered == 1
+    assert [m.version for m in models(c.flush(1.0))] == [1]
+    assert_state(c, 2.0)
+    assert c.flush(2.0) == []  # nothing left
+    c.end("reached 1 model versions")
+    assert c.ended == "reached 1 model versions"
+    r = only_receipt(c.on_update("d2", upd("d2", base=1), now=3.0))
+    assert (r.receipt.accepted, r.receipt.reason) == (False, "run_ended")
+    assert c.store.load().ended == "reached 1 model versions"
+    assert c.store.load().task["state"] == "ended"
+
+
+def test_journal_records_what_the_store_needs() -> None:
+    from coordinator.journal import Pending, Verdict, VersionMade
+
+    raw = CoordinatorCore(TASK, initial(), AggregationConfig(buffer_size=2), ledger=Store(None))
+    payload = upd("d1", 1.0, uid="a1")
+    raw.on_update("d1", payload, now=0.0)
+    verdict, pending = raw.drain_journal()
+    assert isinstance(verdict, Verdict) and verdict.accepted and verdict.update_id == "a1"
+    assert isinstance(pending, Pending) and pending.payload == payload
+    raw.on_update("d2", upd("d2", 3.0, uid="a2"), now=0.0)
+    records = raw.drain_journal()
+    made = records[-1]
+    assert isinstance(made, VersionMade) and made.version == 1 and made.applied == ("a1", "a2")
+    assert raw.drain_journal() == []
+
+
+@pytest.mark.parametrize("mode", ["fedbuff", "fedavg"])
+def test_resume_rebuilds_the_same_model_and_buffer(mode: str) -> None:
+    c = core(mode=mode, buffer_size=3, server_momentum=0.0)
+    for d in ("d1", "d2", "d3"):
+        c.on_status(d, status(d, "online"), now=0.0)
+    for i, d in enumerate(("d1", "d2", "d3")):
+        c.on_update(d, upd(d, 0.1 * (i + 1), n=i + 1), now=1.0)
+    assert c.version == 1
+    c.on_update("d1", upd("d1", 0.7, base=1, n=5), now=2.0)
+    c.on_update("d2", upd("d2", -0.3, base=1, n=2), now=2.0)
+    snap = c.store.load()
+    assert [p.device_id for p in snap.pending] == ["d1", "d2"]
+    again = CoordinatorCore.resume(
+        TASK, c.core.config, ledger=c.store, version=snap.version, state=snap.state,
+        velocity=snap.velocity, counters=snap.counters, pending=snap.pending,
+        round_fixed=snap.round, ended=snap.ended, now=10.0,
+    )
+    assert again.version == c.version and again.counters == c.counters
+    for name, value in c.state.items():
+        assert again.state[name].shape == value.shape
+        assert again.state[name].tobytes() == value.tobytes()
+    assert again.buffered == c.buffered == 2
+    if mode == "fedbuff":
+        for name, total in c.core._buffer._sum.items():
+            assert again._buffer._sum[name].tobytes() == total.tobytes()
+    # both finish the version the same way, to the bit
+    for d in ("d1", "d2", "d3"):
+        again.on_status(d, status(d, "online"), now=10.0)
+    last = upd("d3", 0.2, base=1, uid="last")
+    b = again.on_update("d3", last, now=11.0)  # not committed: the store is c's
+    a = c.on_update("d3", last, now=11.0)
+    assert models(a) and models(b)
+    for name, value in c.state.items():
+        assert again.state[name].tobytes() == value.tobytes()
+
+
+def test_when_every_known_device_is_offline_the_buffer_is_applied() -> None:
+    # e.g. a resumed coordinator holding a buffer while the retained statuses come in
+    c = core(buffer_size=4, buffer_timeout=0.0)
+    c.on_update("d1", upd("d1", 2.0), now=1.0)
+    c.on_update("d2", upd("d2", 4.0), now=1.0)
+    assert c.version == 0  # no presence known: K as configured
+    actions = c.on_status("d1", status("d1", "offline"), now=2.0)
+    assert [m.version for m in models(actions)] == [1]
+    assert_state(c, 3.0)

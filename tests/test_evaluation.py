@@ -11,7 +11,7 @@ from fedbus.quant import QATLinear
 
 def _task(qat: bool) -> Task:
     return Task("t", ModelSpec("mlp", {"in_features": 4, "num_classes": 2, "hidden": [3]}),
-                TrainSpec(qat=qat))
+                TrainSpec(qat=qat), run_id="r1")
 
 
 def test_evaluator_follows_the_tasks_qat_switch():

@@ -1,4 +1,4 @@
-"""Protocol v1 pure parts: topics, envelopes and limits, tensors, update codecs, schemas."""
+"""Protocol v2 pure parts: topics, envelopes and limits, tensors, update codecs, schemas."""
 
 from __future__ import annotations
 
@@ -60,23 +60,24 @@ def test_bad_prefix_rejected(bad):
 
 
 def test_envelope_round_trip_and_kind_check():
-    payload = pack({"v": 1, "kind": "status", "x": b"\x00\x01"})
+    payload = pack({"v": 2, "kind": "status", "x": b"\x00\x01"})
     assert unpack(payload, "status")["x"] == b"\x00\x01"
     assert _reason(unpack, payload, "update") == "schema"
 
 
 def test_envelope_limits_are_explicit():
-    payload = pack({"v": 1, "kind": "k", "blob": b"x" * 2000})
+    payload = pack({"v": 2, "kind": "k", "blob": b"x" * 2000})
     assert _reason(unpack, payload, None, DecodeLimits(max_bytes=100)) == "too_large"
     assert _reason(unpack, payload, None, DecodeLimits(max_bin_len=1000)) == "malformed"
-    many = pack({"v": 1, "kind": "k", "list": list(range(50))})
+    many = pack({"v": 2, "kind": "k", "list": list(range(50))})
     assert _reason(unpack, many, None, DecodeLimits(max_array_len=10)) == "malformed"
 
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"v": 2, "kind": "x"}),
-     pack({"v": 1, "kind": "k"}) + b"\x00", msgpack.packb({1: 2})],
+    [b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"v": 1, "kind": "x"}),
+     msgpack.packb({"v": 3, "kind": "x"}), pack({"v": 2, "kind": "k"}) + b"\x00",
+     msgpack.packb({1: 2})],
 )
 def test_envelope_rejects_garbage(payload):
     assert _reason(unpack, payload) in ("malformed", "schema")
@@ -189,14 +190,15 @@ def _wire(message) -> dict:
 
 def test_messages_round_trip():
     task = Task("t1", ModelSpec("mlp", {"hidden": [64], "in_features": 64}), TrainSpec(), "int8",
-                1000, 1.5)
+                1000, 1.5, run_id="r1")
     assert Task.from_wire(_wire(task)) == task
-    model = GlobalModel("t1", 3, encode_delta({"w": np.ones(2, np.float32)}, "fp32"), 2.0)
+    model = GlobalModel("t1", 3, encode_delta({"w": np.ones(2, np.float32)}, "fp32"), 2.0,
+                        run_id="r1")
     back = GlobalModel.from_wire(_wire(model))
     assert back.version == 3 and decode_delta(back.tensors)["w"].tolist() == [1.0, 1.0]
-    update = Update(new_update_id(), "dev-1", "t1", 2, 50, {}, {"loss": 0.5}, 3.0)
+    update = Update(new_update_id(), "dev-1", "t1", 2, 50, {}, {"loss": 0.5}, 3.0, run_id="r1")
     assert Update.from_wire(_wire(update)) == update
-    receipt = Receipt("abc", False, "stale", "too old", 7, 4)
+    receipt = Receipt("abc", False, "stale", "too old", 7, 4, run_id="r1")
     assert Receipt.from_wire(_wire(receipt)) == receipt
     status = Status("dev-1", "online", 3, 4.0)
     assert Status.from_wire(_wire(status)) == status
@@ -211,14 +213,14 @@ def test_messages_round_trip():
      ("task", 7), ("task", "a b")],
 )
 def test_update_schema_rejections(field, value):
-    obj = Update(new_update_id(), "dev-1", "t1", 2, 50, {}, {}, 3.0).to_wire()
+    obj = Update(new_update_id(), "dev-1", "t1", 2, 50, {}, {}, 3.0, run_id="r1").to_wire()
     obj[field] = value
     assert _reason(Update.from_wire, obj) == "schema"
 
 
 @pytest.mark.parametrize("field", ["update_id", "dev", "task", "base", "n", "m", "delta", "ts"])
 def test_update_missing_field_and_wrong_kind(field):
-    obj = Update(new_update_id(), "dev-1", "t1", 2, 50, {}, {}, 3.0).to_wire()
+    obj = Update(new_update_id(), "dev-1", "t1", 2, 50, {}, {}, 3.0, run_id="r1").to_wire()
     missing = {k: v for k, v in obj.items() if k != field}
     with pytest.raises(ProtocolError, match=f"missing field {field!r}") as info:
         Update.from_wire(missing)
@@ -228,9 +230,10 @@ def test_update_missing_field_and_wrong_kind(field):
 
 # docs/protocol.md section 7.3: the compact update, byte for byte
 UPDATE_VECTOR = bytes.fromhex(
-    "8a a1 76 01 a4 6b 69 6e 64 a6 75 70 64 61 74 65"  # {"v": 1, "kind": "update",
+    "8b a1 76 02 a4 6b 69 6e 64 a6 75 70 64 61 74 65"  # {"v": 2, "kind": "update",
     "a9 75 70 64 61 74 65 5f 69 64 b0 71 33 4a 78 53 30 64 4b 39 76 54 62 32 4c 6d 41"
     "a3 64 65 76 a9 64 65 76 69 63 65 2d 30 31"  # "dev": "device-01",
+    "a3 72 75 6e b0 68 52 35 74 57 71 32 4c 6d 5a 38 76 58 63 31 45"  # "run": "hR5t...",
     "a4 74 61 73 6b a8 64 69 67 69 74 73 2d 31"  # "task": "digits-1",
     "a4 62 61 73 65 0c a1 6e cc b4"  # "base": 12, "n": 180,
     "a1 6d 82 a4 6c 6f 73 73 ca 3f 00 00 00 a3 61 63 63 ca 3f 60 00 00"  # "m": float32s
@@ -241,10 +244,12 @@ UPDATE_VECTOR = bytes.fromhex(
 
 def test_update_compact_wire_form():
     update = Update("q3JxS0dK9vTb2LmA", "device-01", "digits-1", 12, 180, {},
-                    {"loss": 0.5, "acc": 0.875}, 1767225600.0)
+                    {"loss": 0.5, "acc": 0.875}, 1767225600.0, run_id="hR5tWq2LmZ8vXc1E")
     assert update.pack() == UPDATE_VECTOR
     obj = unpack(UPDATE_VECTOR, "update")
-    assert list(obj) == ["v", "kind", "update_id", "dev", "task", "base", "n", "m", "delta", "ts"]
+    assert list(obj) == [
+        "v", "kind", "update_id", "dev", "run", "task", "base", "n", "m", "delta", "ts"
+    ]
     assert Update.from_wire(obj) == update
     # envelope.pack(to_wire()) is the same message with float64 metrics: valid, 8 bytes longer
     wide = pack(update.to_wire())
@@ -254,7 +259,7 @@ def test_update_compact_wire_form():
 
 def test_update_pack_narrows_metrics_only():
     metrics = {"loss": 0.1, "huge": 1e300, "count": 3, "tiny": 1e-50}
-    update = Update(new_update_id(), "dev-1", "t1", 0, 1, {}, metrics, 1767225600.123)
+    update = Update(new_update_id(), "dev-1", "t1", 0, 1, {}, metrics, 1767225600.123, run_id="r1")
     payload = update.pack()
     back = Update.from_wire(unpack(payload, "update"))
     assert back.metrics["loss"] == float(np.float32(0.1)) != 0.1  # float32, 4 bytes
@@ -266,7 +271,7 @@ def test_update_pack_narrows_metrics_only():
 
 def test_update_long_field_names_are_not_read():
     # the field names of the update before its compact form: a schema error, not a guess
-    old = {"v": 1, "kind": "update", "update_id": "u1", "device_id": "dev-1", "task_id": "t1",
+    old = {"v": 2, "kind": "update", "update_id": "u1", "device_id": "dev-1", "task_id": "t1",
            "base_version": 0, "num_samples": 5, "metrics": {}, "delta": {}, "sent_at": 1.0}
     with pytest.raises(ProtocolError, match="missing field") as info:
         Update.from_wire(old)
@@ -278,11 +283,11 @@ def test_new_update_ids_are_short_random_and_valid():
     assert len(ids) == 1000
     for update_id in ids:
         assert len(update_id) == 16
-        Update.from_wire(Update(update_id, "d", "t", 0, 1, {}).to_wire())
+        Update.from_wire(Update(update_id, "d", "t", 0, 1, {}, run_id="r1").to_wire())
 
 
 def test_task_rejects_unknown_codec_and_bad_training():
-    obj = Task("t1", ModelSpec("mlp"), TrainSpec()).to_wire()
+    obj = Task("t1", ModelSpec("mlp"), TrainSpec(), run_id="r1").to_wire()
     assert _reason(Task.from_wire, {**obj, "codec": "zip"}) == "schema"
     assert _reason(Task.from_wire, {**obj, "train": {**obj["train"], "lr": 0.0}}) == "schema"
     bad_args = {**obj, "model": {"arch": "mlp", "args": {"x": {"nested": 1}}}}
@@ -306,15 +311,40 @@ def test_huge_zero_element_shape_is_a_protocol_error():
     assert _reason(decode_delta, msgpack.unpackb(msgpack.packb({"w": entry}))) == "shape"
 
 
-@pytest.mark.parametrize("version", [True, 1.0, "1"])
-def test_envelope_version_must_be_the_integer_one(version):
+@pytest.mark.parametrize("version", [True, 2.0, "2", 1, 3])
+def test_envelope_version_must_be_the_integer_two(version):
     payload = msgpack.packb({"v": version, "kind": "status"})
     assert _reason(unpack, payload) == "schema"
 
 
 def test_task_bounds_that_would_break_agents_are_schema_errors():
-    obj = Task("t1", ModelSpec("mlp"), TrainSpec()).to_wire()
+    obj = Task("t1", ModelSpec("mlp"), TrainSpec(), run_id="r1").to_wire()
     for field, value in (("momentum", -0.5), ("weight_decay", -1e-4)):
         bad = {**obj, "train": {**obj["train"], field: value}}
         assert _reason(Task.from_wire, bad) == "schema"
     assert _reason(Task.from_wire, {**obj, "max_update_bytes": 0}) == "schema"
+
+
+def test_v2_fields_round_trip_and_are_checked():
+    task = Task("t1", ModelSpec("mlp"), TrainSpec(), max_staleness=3, state="ended",
+                end_reason="reached 5 model versions", run_id="hR5tWq2LmZ8vXc1E")
+    back = Task.from_wire(_wire(task))
+    assert back == task and back.ended
+    obj = task.to_wire()
+    assert _reason(Task.from_wire, {**obj, "state": "paused"}) == "schema"
+    assert _reason(Task.from_wire, {**obj, "run": "has space"}) == "schema"
+    assert _reason(Task.from_wire, {k: v for k, v in obj.items() if k != "run"}) == "schema"
+    assert _reason(Task.from_wire, {**obj, "end_reason": 7}) == "schema"
+    running = Task("t1", ModelSpec("mlp"), TrainSpec(), run_id="r1").to_wire()
+    assert "end_reason" not in running and running["state"] == "running"
+    receipt = Receipt("u1", True, None, "buffered 1/4", 3, 0, repeat=True, run_id="r1")
+    assert Receipt.from_wire(_wire(receipt)) == receipt
+    assert "repeat" not in Receipt("u1", True, None, "", 3, 0, run_id="r1").to_wire()
+    assert _reason(Receipt.from_wire, {**receipt.to_wire(), "repeat": 1}) == "schema"
+    status = Status("dev-1", "idle", 4, 1.0, run_id="r1")
+    assert Status.from_wire(_wire(status)) == status
+    assert Status.from_wire(_wire(Status("dev-1", "online", None, 1.0))).run_id is None
+    assert _reason(Status.from_wire, {**status.to_wire(), "run": 5}) == "schema"
+    update = Update("u1", "d1", "t1", 0, 1, {}, run_id="r1").to_wire()
+    assert _reason(Update.from_wire, {k: v for k, v in update.items() if k != "run"}) == "schema"
+

@@ -1,16 +1,15 @@
-"""Error feedback for top-k: the residual store and the agent keeping it across restarts."""
+"""Error feedback for top-k (encode_with_feedback), the agent's state directory, and the
+agent's bounded decoding of a compressed model."""
 
 from __future__ import annotations
 
-import logging
-import pickle
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
 
-from edge_agent.residual import RESIDUAL_FILE, ResidualStore, encode_with_feedback
+from edge_agent.residual import encode_with_feedback
 from fedbus.codec_spec import parse_codec
 from fedbus.update_codec import decode_update_delta
 
@@ -32,115 +31,6 @@ def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 def assert_zero(a: dict[str, np.ndarray]) -> None:
     assert {n: v.shape for n, v in a.items()} == SHAPES
     assert all(not v.any() for v in a.values())
-
-
-# -- the store --------------------------------------------------------------------------
-
-
-def test_no_file_starts_from_zero(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "edge_agent.residual")
-    assert_zero(ResidualStore(tmp_path / "state").load("t1", 1.0, SHAPES))
-    assert "no error-feedback residual" in caplog.text
-
-
-def test_round_trip_and_restart(tmp_path: Path) -> None:
-    store = ResidualStore(tmp_path / "state" / "dev-1")  # created on first save
-    store.save("t1", 1.5, residual())
-    assert (tmp_path / "state" / "dev-1" / RESIDUAL_FILE).is_file()
-    assert not list((tmp_path / "state" / "dev-1").glob("*.tmp"))
-    assert_same(store.load("t1", 1.5, SHAPES), residual())
-    restarted = ResidualStore(tmp_path / "state" / "dev-1")  # a new agent process
-    assert_same(restarted.load("t1", 1.5, SHAPES), residual())
-    restarted.save("t1", 1.5, residual(1))
-    assert_same(ResidualStore(tmp_path / "state" / "dev-1").load("t1", 1.5, SHAPES), residual(1))
-
-
-def test_the_file_is_plain_arrays(tmp_path: Path) -> None:
-    ResidualStore(tmp_path).save("t1", 1.5, residual())
-    with np.load(tmp_path / RESIDUAL_FILE, allow_pickle=False) as data:
-        assert str(data["task_id"][()]) == "t1"
-        assert list(data["names"]) == list(SHAPES)
-        np.testing.assert_array_equal(data["t0"], residual()["w"])
-
-
-@pytest.mark.parametrize(
-    "task_id,created_at", [("t2", 1.5), ("t1", 2.5)], ids=["other_task", "recreated_task"]
-)
-def test_another_task_starts_from_zero(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, task_id: str, created_at: float
-) -> None:
-    caplog.set_level(logging.INFO, "edge_agent.residual")
-    ResidualStore(tmp_path).save("t1", 1.5, residual())
-    assert_zero(ResidualStore(tmp_path).load(task_id, created_at, SHAPES))
-    assert "belongs to task t1" in caplog.text
-    store = ResidualStore(tmp_path)
-    store.save("t1", 1.5, residual())
-    assert_zero(store.load(task_id, created_at, SHAPES))  # the in-memory copy too
-
-
-@pytest.mark.parametrize(
-    "shapes",
-    [{"w": (8, 4), "b": (8,)}, {**SHAPES, "extra": (2,)}, {**SHAPES, "w": (4, 8)}],
-    ids=["missing", "extra", "reshaped"],
-)
-def test_other_tensors_start_from_zero(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, shapes: dict
-) -> None:
-    ResidualStore(tmp_path).save("t1", 1.5, residual())
-    out = ResidualStore(tmp_path).load("t1", 1.5, shapes)
-    assert {n: v.shape for n, v in out.items()} == shapes
-    assert all(not v.any() for v in out.values())
-    assert "holds other tensors" in caplog.text
-
-
-def _write_object_npz(path: Path) -> None:
-    np.savez(path, task_id=np.array("t1"), names=np.array([{"x": 1}], dtype=object))
-
-
-@pytest.mark.parametrize(
-    "corrupt",
-    [
-        lambda p: p.write_bytes(b"not a zip file"),
-        lambda p: p.write_bytes(p.read_bytes()[:200]),  # torn write
-        lambda p: p.write_bytes(pickle.dumps({"w": 1})),
-        lambda p: np.savez(p, unrelated=np.zeros(3)),
-        _write_object_npz,  # would need allow_pickle
-        lambda p: p.write_bytes(b""),
-    ],
-    ids=["garbage", "truncated", "pickle", "foreign_npz", "object_array", "empty"],
-)
-def test_corrupt_file_is_logged_and_replaced(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, corrupt
-) -> None:
-    ResidualStore(tmp_path).save("t1", 1.5, residual())
-    path = tmp_path / RESIDUAL_FILE
-    corrupt(path)
-    store = ResidualStore(tmp_path)
-    assert_zero(store.load("t1", 1.5, SHAPES))
-    assert "unreadable" in caplog.text and str(path) in caplog.text
-    store.save("t1", 1.5, residual(2))  # the next save replaces the bad file
-    assert_same(ResidualStore(tmp_path).load("t1", 1.5, SHAPES), residual(2))
-
-
-def test_non_finite_residual_is_not_resumed(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    bad = residual()
-    bad["b"][0] = np.inf
-    ResidualStore(tmp_path).save("t1", 1.5, bad)
-    assert_zero(ResidualStore(tmp_path).load("t1", 1.5, SHAPES))
-    assert "non-finite" in caplog.text
-
-
-def test_unwritable_state_dir_keeps_the_residual_in_memory(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("a file where the directory should be")
-    store = ResidualStore(blocker / "state")
-    store.save("t1", 1.5, residual())
-    assert "cannot write" in caplog.text
-    assert_same(store.load("t1", 1.5, SHAPES), residual())
 
 
 # -- error feedback ---------------------------------------------------------------------
@@ -207,7 +97,8 @@ def test_error_feedback_makes_top_k_unbiased(spec: str) -> None:
     assert sum(int(np.count_nonzero(v)) for v in without.values()) < 0.2 * 200
 
 
-# -- the agent: error feedback wired in, and kept across a restart ----------------------
+
+# -- the agent's state directory and its defences -------------------------------------
 
 
 class _Recorder:
@@ -243,74 +134,6 @@ def _model_message(core, now: float):
     return GlobalModel.from_wire(unpack(pack(core.model_message(now).to_wire()), "model"))
 
 
-def test_agent_keeps_the_residual_across_a_restart(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    from coordinator.core import AggregationConfig, CoordinatorCore, SendReceipt
-    from fedbus.messages import ModelSpec, Task, TrainSpec
-    from fedbus.zoo import build_model, get_state
-
-    caplog.set_level(logging.INFO)
-    task = Task("t1", ModelSpec("mlp", {"in_features": 64, "num_classes": 10}),
-                TrainSpec(epochs=1, batch_size=16), codec="topk:0.05:int8+zstd",
-                created_at=123.0)
-    core = CoordinatorCore(task, get_state(build_model("mlp", dict(task.model.args))),
-                           AggregationConfig(mode="fedasync"), model_codec="fp16+zstd")
-    shapes = {name: a.shape for name, a in core.state.items()}
-
-    def train_once(agent, recorder: _Recorder):
-        model_msg = _model_message(core, 1.0)
-        base = decode_update_delta(model_msg.tensors, "zstd", expected_shapes=shapes)
-        agent._train_and_publish(task, model_msg)
-        payload = next(p for t, p in recorder.published if t.endswith("/update/dev-1"))
-        actions = core.on_update("dev-1", payload, 2.0)
-        receipt = next(a.receipt for a in actions if isinstance(a, SendReceipt))
-        assert receipt.accepted, receipt.detail
-        new_state = get_state(agent._model)
-        return {n: new_state[n] - base[n] for n in shapes}, payload
-
-    first = _Recorder()
-    delta1, payload1 = train_once(_agent(tmp_path, first), first)
-    saved1 = ResidualStore(tmp_path / "state").load("t1", 123.0, shapes)
-    sent1 = _sent(payload1, shapes)
-    for n in shapes:  # first update: nothing owed yet, so delta = sent + residual
-        np.testing.assert_allclose(sent1[n] + saved1[n], delta1[n], rtol=0, atol=1e-6)
-    assert sum(float(np.abs(v).sum()) for v in saved1.values()) > 0
-
-    second = _Recorder()  # a new agent process: the residual comes from the file
-    delta2, payload2 = train_once(_agent(tmp_path, second), second)
-    assert "resuming the error-feedback residual of task t1" in caplog.text
-    saved2 = ResidualStore(tmp_path / "state").load("t1", 123.0, shapes)
-    sent2 = _sent(payload2, shapes)
-    for n in shapes:
-        np.testing.assert_allclose(sent2[n] + saved2[n], delta2[n] + saved1[n],
-                                   rtol=0, atol=1e-5)
-
-
-def _sent(payload: bytes, shapes) -> dict[str, np.ndarray]:
-    from fedbus.envelope import unpack
-    from fedbus.messages import Update
-
-    update = Update.from_wire(unpack(payload, "update"))
-    assert update.compression == "zstd"
-    return decode_update_delta(update.delta, update.compression, expected_shapes=shapes)
-
-
-def test_agent_without_top_k_writes_no_state(tmp_path: Path) -> None:
-    from coordinator.core import AggregationConfig, CoordinatorCore
-    from fedbus.messages import ModelSpec, Task, TrainSpec
-    from fedbus.zoo import build_model, get_state
-
-    task = Task("t1", ModelSpec("mlp", {"in_features": 64, "num_classes": 10}),
-                TrainSpec(epochs=1, batch_size=16), codec="int4+zstd", created_at=1.0)
-    core = CoordinatorCore(task, get_state(build_model("mlp", dict(task.model.args))),
-                           AggregationConfig())
-    recorder = _Recorder()
-    _agent(tmp_path, recorder)._train_and_publish(task, _model_message(core, 1.0))
-    assert any(t.endswith("/update/dev-1") for t, _ in recorder.published)
-    assert not (tmp_path / "state").exists()
-
-
 def test_default_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from edge_agent.config import AgentConfig
 
@@ -334,14 +157,14 @@ def test_agent_decodes_a_compressed_model_within_bounds(
     from fedbus.messages import GlobalModel, ModelSpec, Task, TrainSpec
 
     task = Task("t1", ModelSpec("mlp", {"in_features": 64, "num_classes": 10}),
-                TrainSpec(epochs=1, batch_size=16), codec="int8", created_at=1.0)
+                TrainSpec(epochs=1, batch_size=16), codec="int8", created_at=1.0, run_id="r1")
     bomb = zstandard.ZstdCompressor().compress(bytes(200 * 1024 * 1024))
     recorder = _Recorder()
     agent = _agent(tmp_path, recorder)
     assert agent._prepare(task)  # torch and the network first, outside the measurement
     tracemalloc.start()
     try:
-        agent._train_and_publish(task, GlobalModel("t1", 4, bomb, 1.0, "zstd"))
+        agent._train_and_publish(task, GlobalModel("t1", 4, bomb, 1.0, "zstd", run_id="r1"))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -1,15 +1,43 @@
-"""The coordinator shell's message handling, without a broker (the client is never started)."""
+"""The coordinator shell: message handling, its state directory and its failure paths,
+driven through the in-memory broker (fedbus.memory_transport) instead of Mosquitto."""
 
 from __future__ import annotations
 
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from inmemory import ARGS, TOPICS, Device, Running, wait_for
+
 from coordinator.config import CoordinatorConfig
 from coordinator.service import CoordinatorService
-from fedbus.transport import Message
+from fedbus.envelope import pack, unpack
+from fedbus.errors import ConnectRefused, ConnectTimeout, MessageTooLarge, StateError
+from fedbus.memory_transport import MemoryBroker, MemoryTransport
+from fedbus.messages import Task, Update
+from fedbus.transport import ConnectionSettings, Message
+from fedbus.update_codec import decode_delta, encode_delta
 
 
-def _service(**overrides: object) -> CoordinatorService:
-    config = CoordinatorConfig(model_args='{"in_features": 4, "num_classes": 2}', **overrides)
+def _service(**overrides: Any) -> CoordinatorService:
+    overrides.setdefault("state_dir", None)
+    overrides.setdefault("model_args", ARGS)
+    config = CoordinatorConfig(**overrides)
     return CoordinatorService(config, password="x")
+
+
+def _update(service: CoordinatorService, uid: str, device: str = "dev-a", base: int = 0,
+            value: float = 0.0, run: str | None = None) -> bytes:
+    delta = {name: np.full_like(a, value) for name, a in service.core.state.items()}
+    return pack(Update(uid, device, service.task.task_id, base, 5, encode_delta(delta, "fp32"),
+                       run_id=run or service.task.run_id).to_wire())
+
+
+# -- message handling without a transport ----------------------------------------------------
 
 
 def test_every_message_is_judged_as_it_arrives():
@@ -22,18 +50,7 @@ def test_every_message_is_judged_as_it_arrives():
     assert counters["rejected_malformed"] == 2500
 
 
-def test_messages_after_close_are_not_judged():
-    service = _service()
-    topic = service.topics.update("dev-a")
-    service._on_message(Message(topic, b"junk", False))
-    service._closed = True
-    service._on_message(Message(topic, b"junk", False))
-    assert service.core.counters["updates_received"] == 1
-
-
 def test_only_the_newest_of_waiting_versions_is_evaluated():
-    import numpy as np
-
     from coordinator.service import _Made
 
     service = _service()
@@ -48,32 +65,218 @@ def test_only_the_newest_of_waiting_versions_is_evaluated():
     for v in (1, 2, 3):
         service._made.put(_Made(v, {"v": np.array([v])}, v * 10, float(v)))
     service._record_made(timeout=0)
-    assert [r.version for r in service.history] == [1, 2, 3]
-    assert [r.accuracy for r in service.history] == [None, None, 0.9]
+    assert [r.version for r in (service.last_record,)] == [3]
+    assert service.last_record is not None and service.last_record.accuracy == 0.9
     assert evaluated == [3]
-    assert [r.updates_accepted for r in service.history] == [10, 20, 30]
     service._record_made(timeout=0.01)  # nothing waiting: returns
-    assert len(service.history) == 3
 
 
-def test_reaching_max_versions_stops_judging_further_updates():
-    import numpy as np
-
-    from fedbus.envelope import pack
-    from fedbus.messages import Update
-    from fedbus.update_codec import encode_delta
-
+def test_after_max_versions_updates_are_refused_as_run_ended():
     service = _service(max_versions=1, buffer_size=2)
-    zero = {name: np.zeros_like(a) for name, a in service.core.state.items()}
     topic = service.topics.update("dev-a")
-    for i in range(5):
-        payload = pack(
-            Update(f"u-{i}", "dev-a", service.task.task_id, 0, 5, encode_delta(zero, "fp32"))
-            .to_wire()
-        )
-        service._on_message(Message(topic, payload, False))
-    assert service.core.version == 1
-    assert service.core.counters["updates_accepted"] == 2  # the third is never judged
-    assert service._should_stop() == "reached 1 model versions"
-    made = service._made.get_nowait()
-    assert (made.version, made.updates_accepted) == (1, 2)
+    for i, device in enumerate(("dev-a", "dev-b")):
+        service._on_message(Message(service.topics.update(device),
+                                    _update(service, f"u-{i}", device), False))
+    assert service.core.version == 1 and service._should_stop() == "reached 1 model versions"
+    service.core.end("reached 1 model versions")
+    service._on_message(Message(topic, _update(service, "u-9", base=1), False))
+    assert service.core.counters["rejected_run_ended"] == 1
+    assert service.core.counters["updates_accepted"] == 2
+
+
+def test_a_retained_update_is_refused_and_cleared():
+    broker = MemoryBroker()
+    service = CoordinatorService(
+        CoordinatorConfig(model_args=ARGS, state_dir=None), password="x",
+        transport_factory=broker.factory,
+    )
+    service.client.start()
+    assert service.client.wait_connected(5)
+    topic = service.topics.update("dev-a")
+    service._on_message(Message(topic, _update(service, "u-r"), True))
+    assert service.core.counters["rejected_retained"] == 1
+    assert broker.retained(topic) is None  # the clear (an empty retained payload) went out
+    assert any(p.topic == topic and p.payload == b"" and p.retain for p in broker.published)
+    service.client.stop()
+    service.close()
+
+
+# -- with a transport: the running service ----------------------------------------------------
+
+
+@pytest.fixture
+def broker() -> Iterator[MemoryBroker]:
+    b = MemoryBroker()
+    yield b
+    b.close()
+
+
+def test_a_refused_login_stops_the_service_with_a_typed_error(broker: MemoryBroker):
+    broker.refuse_connects(0x87)
+    running = Running(broker, wait=False)
+    running.join()
+    assert isinstance(running.error, ConnectRefused)
+    assert running.error.reason_code == 0x87 and running.error.fatal
+
+
+def test_connect_timeout_gives_up_with_the_last_cause(broker: MemoryBroker):
+    broker.set_down(True)
+    started = time.monotonic()
+    running = Running(broker, connect_timeout=1.0, wait=False)
+    running.join()
+    assert isinstance(running.error, ConnectTimeout)
+    assert running.error.seconds == 1.0 and running.error.last_error is not None
+    assert time.monotonic() - started < 8
+
+
+def test_a_model_above_the_brokers_limit_is_fatal(broker: MemoryBroker):
+    small = MemoryBroker(max_packet_size=600)
+    running = Running(small, wait=False)
+    running.join()
+    assert isinstance(running.error, MessageTooLarge)
+    assert running.error.limit == 600 and running.error.size > 600
+    small.close()
+
+
+def test_the_model_is_republished_after_a_reconnect(broker: MemoryBroker):
+    running = Running(broker)
+    topic = TOPICS.model
+    wait_for(lambda: broker.retained(topic) is not None, what="the retained model")
+    before = sum(1 for p in broker.published if p.topic == topic)
+    broker.drop("coordinator")
+    wait_for(lambda: sum(1 for p in broker.published if p.topic == topic) > before,
+             what="the model published again")
+    running.stop()
+
+
+def test_an_unwritable_store_never_acknowledges(broker: MemoryBroker, tmp_path: Path):
+    running = Running(broker, state_dir=tmp_path / "run")
+    service = running.service
+    dev = Device(broker)
+    wait_for(lambda: service.client.connected)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    service.store.commit = broken  # type: ignore[method-assign]
+    dev.client.publish(TOPICS.update("dev-a"), _update(service, "u-lost"))
+    running.join()
+    assert isinstance(running.error, StateError) and "disk I/O error" in str(running.error)
+    # not acknowledged: the message waits in the coordinator's session for the next start
+    assert broker.queued("coordinator") == 1
+    resumed = Running(broker, state_dir=tmp_path / "run")
+    receipt = dev.receipts.get(timeout=5)
+    assert (receipt.update_id, receipt.accepted) == ("u-lost", True)
+    resumed.stop()
+
+
+def test_crash_and_resume_keep_the_run_version_model_and_buffer(
+    broker: MemoryBroker, tmp_path: Path
+):
+    state = tmp_path / "run"
+    running = Running(broker, state_dir=state, buffer_size=3)
+    service = running.service
+    run_id = service.task.run_id
+    devs = [Device(broker, d) for d in ("dev-a", "dev-b", "dev-c")]
+    for i, dev in enumerate(devs):
+        assert dev.send(_update(service, f"a{i}", dev.device, value=0.1 * (i + 1))).accepted
+    wait_for(lambda: service.core.version == 1)
+    first = devs[0].send(_update(service, "b0", "dev-a", base=1, value=0.5))
+    assert first.accepted and first.detail.startswith("buffered 1/")
+    model_before = {k: v.copy() for k, v in service.core.state.items()}
+    buffer_before = {k: v.copy() for k, v in service.core._buffer._sum.items()}
+    # a crash: the connection drops without DISCONNECT and the thread dies with the process
+    service.client.abort()
+    running.stop()
+    resumed = Running(broker, state_dir=state, buffer_size=3)
+    again = resumed.service
+    assert again.resumed and again.task.run_id == run_id and again.core.version == 1
+    for name, value in model_before.items():
+        assert again.core.state[name].tobytes() == value.tobytes()
+    for name, value in buffer_before.items():
+        assert again.core._buffer._sum[name].tobytes() == value.tobytes()
+    # the accepted update sent again (an outbox re-send) gets its verdict again, once
+    repeat = devs[0].send(_update(service, "b0", "dev-a", base=1, value=0.5))
+    assert (repeat.accepted, repeat.repeat) == (True, True)
+    assert again.core.buffered == 1
+    # a retrained copy of the same work is refused
+    assert devs[0].send(_update(service, "b0-again", "dev-a", base=1)).reason == "duplicate_work"
+    # updates of the old run and future versions are refused with a reason
+    assert devs[1].send(_update(service, "x", "dev-b", base=1, run="oldrun")).reason == "wrong_run"
+    resumed.stop()
+
+
+def test_a_state_directory_of_another_task_or_an_ended_run_is_refused(
+    broker: MemoryBroker, tmp_path: Path
+):
+    state = tmp_path / "run"
+    running = Running(broker, state_dir=state, max_versions=1, buffer_size=1)
+    dev = Device(broker)
+    assert dev.send(_update(running.service, "u1")).accepted
+    summary = running.join()
+    assert summary is not None and summary.run_ended and summary.final_version == 1
+    ended = Task.from_wire(unpack(broker.retained(TOPICS.task) or b"", "task"))
+    assert ended.ended and ended.end_reason == "reached 1 model versions"
+    with pytest.raises(StateError, match="has ended"):
+        _service(state_dir=state)
+    other = tmp_path / "other"
+    _service(state_dir=other).close()
+    with pytest.raises(StateError, match="another task"):
+        _service(state_dir=other, task_id="other-task")
+    with pytest.raises(StateError, match="another task"):
+        _service(state_dir=other, model_args='{"in_features": 4, "num_classes": 3}')
+    _service(state_dir=other, lr=0.01).close()  # training settings may change on resume
+    new = CoordinatorService(
+        CoordinatorConfig(model_args=ARGS, state_dir=state), password="x", new_run=True
+    )
+    assert new.task.run_id != ended.run_id and new.core.version == 0
+    assert (state / "runs" / ended.run_id / "state.db").exists()
+    new.close()
+
+
+def test_one_coordinator_per_state_directory(tmp_path: Path):
+    first = _service(state_dir=tmp_path / "run")
+    with pytest.raises(StateError, match="in use"):
+        _service(state_dir=tmp_path / "run")
+    first.close()
+    _service(state_dir=tmp_path / "run").close()
+
+
+def test_history_is_appended_and_the_model_exported(broker: MemoryBroker, tmp_path: Path):
+    state = tmp_path / "run"
+    running = Running(broker, state_dir=state, buffer_size=1)
+    dev = Device(broker)
+    for version in range(3):
+        assert dev.send(_update(running.service, f"u{version}", base=version)).accepted
+        wait_for(lambda v=version: running.service.core.version == v + 1)
+    summary = running.stop()
+    assert summary is not None
+    assert [r.version for r in summary.history] == [0, 1, 2, 3]
+    lines = (state / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    with np.load(state / "model.npz") as saved:
+        assert int(saved["__version__"]) == 3
+    # a received model decodes to the coordinator's state
+    received = dev.models[-1]
+    decoded = decode_delta(received.tensors)  # type: ignore[arg-type]
+    assert received.version == 3 and decoded.keys() == running.service.core.state.keys()
+
+
+def test_memory_transport_is_a_transport() -> None:
+    # the service and the agent accept any factory with MqttClient's signature
+    transport = MemoryBroker().factory(
+        ConnectionSettings("m", 0, "x", "x", "x"), on_message=lambda m: None
+    )
+    assert isinstance(transport, MemoryTransport)
+
+
+def test_a_version_made_by_the_clock_is_stored_before_it_is_published(
+    broker: MemoryBroker, tmp_path: Path
+):
+    running = Running(broker, state_dir=tmp_path / "run", buffer_size=4, buffer_timeout=0.5)
+    dev = Device(broker)
+    assert dev.send(_update(running.service, "u1")).accepted
+    wait_for(lambda: any(m.version == 1 for m in dev.models), what="version 1 by the timeout")
+    stored = running.service.store.load()  # the service holds the store: read it as it is
+    assert stored.version == 1 and stored.pending == ()
+    running.stop()

@@ -89,14 +89,14 @@ class CoordinatorThread:
 
 @pytest.fixture
 def start_coordinator(
-    broker: LocalBroker, digits_split
+    broker: LocalBroker, digits_split, tmp_path: Path
 ) -> Iterator[Callable[..., CoordinatorThread]]:
     started: list[CoordinatorThread] = []
 
     def start(evaluate: bool = True, **overrides) -> CoordinatorThread:
         settings = dict(
             host=broker.host, port=broker.port, prefix=broker.prefix, task_id="t1",
-            epochs=2, batch_size=16, lr=0.05, duration=60.0,
+            epochs=2, batch_size=16, lr=0.05, duration=60.0, state_dir=tmp_path / "run",
         )
         settings.update(overrides)
         service = CoordinatorService(
@@ -122,7 +122,8 @@ def start_agent(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[..., s
         log = open(tmp_path / f"{device}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedbus", "agent", "--device-id", device, "--data", str(data),
-             "--credentials", str(broker.credentials_file), *extra],
+             "--credentials", str(broker.credentials_file),
+             "--state-dir", str(tmp_path / "state" / device), *extra],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -168,12 +169,20 @@ class Device:
         return GlobalModel.from_wire(unpack(models[-1].payload, "model")) if models else None
 
     def update(self, delta: dict[str, np.ndarray], *, base_version: int = 0, task_id: str = "t1",
-               device_id: str | None = None, codec: str = "fp32") -> bytes:
+               device_id: str | None = None, codec: str = "fp32",
+               run_id: str | None = None) -> bytes:
         return pack(Update(
             update_id=new_update_id(), device_id=device_id or self.device_id, task_id=task_id,
             base_version=base_version, num_samples=10, delta=encode_delta(delta, codec),
-            metrics={}, sent_at=time.time(),
+            metrics={}, sent_at=time.time(), run_id=run_id or self.run_id(),
         ).to_wire())
+
+    def run_id(self) -> str:
+        """The coordinator's run, from the retained model."""
+        wait_for(lambda: self.latest_model() is not None, 10, "the retained model")
+        model = self.latest_model()
+        assert model is not None
+        return model.run_id
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
         return self.client.publish(topic, payload, retain=retain).wait(5)
@@ -313,10 +322,18 @@ def test_bad_updates_are_rejected_and_the_coordinator_keeps_serving(start_coordi
     assert dev.publish(own, payload)
     wait_for(lambda: coord.service.core.version == 1, 10, "version 1")
     assert is_finite(coord.service.core.state)
-    # the same update again is a duplicate
+    # the same update again (a re-send) gets its first verdict again and is not applied twice
     assert dev.publish(own, payload)
-    wait_for(lambda: coord.counters["rejected_duplicate"] == 1, 10, "duplicate rejection")
+    wait_for(lambda: coord.counters["updates_repeated"] == 1, 10, "the repeated verdict")
+    wait_for(lambda: any(r.repeat and r.accepted for r in dev.receipts()), 10, "repeat receipt")
+    assert coord.service.core.version == 1
     wait_for(lambda: (m := dev.latest_model()) is not None and m.version == 1, 10, "model v1")
+    # an update of another run, and a valid update published retained, are refused
+    assert dev.publish(own, dev.update(good, base_version=1, run_id="another-run"))
+    wait_for(lambda: coord.counters["rejected_wrong_run"] == 1, 10, "wrong_run")
+    assert dev.publish(own, dev.update(good, base_version=1), retain=True)
+    wait_for(lambda: coord.counters["rejected_retained"] == 1, 10, "retained")
+    assert coord.service.core.version == 1
 
 
 def test_a_device_cannot_write_for_another_or_replace_the_model(start_coordinator, device):
@@ -327,7 +344,8 @@ def test_a_device_cannot_write_for_another_or_replace_the_model(start_coordinato
 
     forged = mallory.update(poisoned, device_id="dev-b")
     assert not mallory.publish(mallory.topics.update("dev-b"), forged)
-    fake_model = pack(GlobalModel("t1", 99, encode_delta(poisoned, "fp32"), 0.0).to_wire())
+    fake_model = pack(GlobalModel("t1", 99, encode_delta(poisoned, "fp32"), 0.0,
+                                  run_id=mallory.run_id()).to_wire())
     assert not mallory.publish(mallory.topics.model, fake_model, retain=True)
     assert not mallory.publish(mallory.topics.task, b"x", retain=True)
 

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import zstandard
 
+from coordinator.journal import Verdict
 from coordinator.validation import (
     REJECT_REASONS,
     Accepted,
     Rejected,
-    SeenIds,
+    Repeated,
     ValidationLimits,
+    payload_digest,
     validate_update,
 )
 from fedbus.envelope import DecodeLimits, pack
@@ -53,28 +55,54 @@ def make_payload(
     values.update(fields)
     if encoded is None:
         encoded = encode_delta(good_delta() if delta is None else delta, codec, stochastic=False)
-    return pack(Update(delta=encoded, **values).to_wire())
+    return pack(Update(delta=encoded, **values, run_id="r1").to_wire())
+
+
+class Ledger:
+    """The coordinator's memory of verdicts and work, as plain dicts."""
+
+    def __init__(self) -> None:
+        self.verdicts: dict[str, Verdict] = {}
+        self.works: dict[tuple[str, int], str] = {}
+
+    def verdict(self, update_id: str) -> Verdict | None:
+        return self.verdicts.get(update_id)
+
+    def work(self, device_id: str, base_version: int) -> str | None:
+        return self.works.get((device_id, base_version))
+
+    def judged(self, payload: bytes, update_id: str = "u-1", device: str = "dev1",
+               accepted: bool = True) -> Ledger:
+        self.verdicts[update_id] = Verdict(
+            update_id, device, payload_digest(payload), CURRENT, accepted,
+            None if accepted else "stale", "judged before", CURRENT, 0 if accepted else None,
+        )
+        return self
 
 
 def run(
     payload: Any,
     *,
-    seen: SeenIds | None = None,
+    seen: Ledger | None = None,
     limits: ValidationLimits = LIMITS,
     topic_device: str = "dev1",
-) -> Accepted | Rejected:
+    retained: bool = False,
+    run_id: str = "r1",
+) -> Accepted | Rejected | Repeated:
     return validate_update(
         payload,
         topic_device=topic_device,
+        run_id=run_id,
         task_id="task1",
         expected_shapes=SHAPES,
         current_version=CURRENT,
         limits=limits,
-        seen=SeenIds() if seen is None else seen,
+        ledger=Ledger() if seen is None else seen,
+        retained=retained,
     )
 
 
-def rejected(result: Accepted | Rejected, reason: str) -> Rejected:
+def rejected(result: Accepted | Rejected | Repeated, reason: str) -> Rejected:
     assert isinstance(result, Rejected), result
     assert result.reason == reason, (result.reason, result.detail)
     assert result.reason in REJECT_REASONS
@@ -87,7 +115,7 @@ def rejected(result: Accepted | Rejected, reason: str) -> Rejected:
 
 def test_valid_update_is_accepted() -> None:
     payload = make_payload()
-    seen = SeenIds()
+    seen = Ledger()
     result = run(payload, seen=seen)
     assert isinstance(result, Accepted)
     assert result.update.update_id == "u-1"
@@ -100,7 +128,8 @@ def test_valid_update_is_accepted() -> None:
         assert result.delta[name].dtype == F32
     # norm = 0.1 * sqrt(0+1+4+9+16+25 + 1+1+0.25) = 0.1 * sqrt(57.25)
     assert result.norm == pytest.approx(0.1 * math.sqrt(57.25), rel=1e-6)
-    assert len(seen) == 0  # validate_update only reads `seen`
+    assert result.payload == payload and result.digest == payload_digest(payload)
+    assert not seen.verdicts  # validate_update only reads the ledger
 
 
 @pytest.mark.parametrize("codec", ["fp16", "int8"])
@@ -175,7 +204,8 @@ def test_schema_envelope(message: Any) -> None:
 
 
 def test_schema_bad_field_keeps_a_readable_update_id() -> None:
-    wire = Update("u-9", "dev1", "task1", CURRENT, 10, encode_delta(good_delta(), "fp32")).to_wire()
+    wire = Update("u-9", "dev1", "task1", CURRENT, 10, encode_delta(good_delta(), "fp32"),
+                  run_id="r1").to_wire()
     wire["n"] = 0  # num_samples
     r = rejected(run(pack(wire)), "schema")
     assert r.update_id == "u-9"  # so the device can get a receipt
@@ -263,38 +293,72 @@ def test_stale() -> None:
     rejected(run(make_payload(base_version=CURRENT - LIMITS.max_staleness - 1)), "stale")
 
 
-def test_duplicate() -> None:
-    seen = SeenIds()
-    seen.add("u-1")
-    rejected(run(make_payload(), seen=seen), "duplicate")
+def test_a_copy_of_a_judged_update_is_repeated_not_judged() -> None:
+    payload = make_payload()
+    for accepted in (True, False):
+        result = run(payload, seen=Ledger().judged(payload, accepted=accepted))
+        assert isinstance(result, Repeated)
+        assert result.verdict.accepted is accepted and result.size == len(payload)
+
+
+def test_duplicate_id_with_other_bytes_or_from_another_device() -> None:
+    first = make_payload()
+    seen = Ledger().judged(first)
+    rejected(run(make_payload(num_samples=11), seen=seen), "duplicate")
+    other = Ledger().judged(first, device="dev2")
+    rejected(run(first, seen=other), "duplicate")
     assert isinstance(run(make_payload(update_id="u-2"), seen=seen), Accepted)
+
+
+def test_duplicate_work_is_a_retrained_copy() -> None:
+    seen = Ledger()
+    seen.works[("dev1", CURRENT)] = "u-0"
+    result = rejected(run(make_payload(), seen=seen), "duplicate_work")
+    assert "u-0" in result.detail
+    assert isinstance(run(make_payload(base_version=CURRENT - 1), seen=seen), Accepted)
+
+
+def test_wrong_run_and_retained() -> None:
+    rejected(run(make_payload(), run_id="r2"), "wrong_run")
+    result = rejected(run(make_payload(), retained=True), "retained")
+    assert result.update_id == "u-1"
 
 
 # -- order of checks --------------------------------------------------------------------
 
 
 def test_order_of_checks() -> None:
-    seen = SeenIds()
-    seen.add("u-1")
+    seen = Ledger().judged(b"other bytes")
+    seen.works[("dev1", CURRENT)] = "u-0"
     nan = good_delta()
     nan["w"][0, 0] = np.nan
     wrong_shape = {"w": np.full((3, 3), np.nan, F32), "b": np.zeros(3, F32)}
     huge = {"w": np.full((2, 3), 100.0, F32), "b": np.zeros(3, F32)}
     # every later failure is also present; the earliest one wins
     cases = [
-        (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev2", "device_mismatch"),
+        (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev2", "device_mismatch",
+         {"retained": True}),
+        (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev1", "retained",
+         {"retained": True, "run_id": "r2"}),
+        (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev1", "wrong_run",
+         {"run_id": "r2"}),
         # the task is a field compare: checked before any tensor is decoded
-        (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev1", "wrong_task"),
-        # versions and ids are read off the envelope, before any tensor is decoded
-        (make_payload(delta=wrong_shape, base_version=99), "dev1", "future_version"),
-        (make_payload(delta=wrong_shape, base_version=0), "dev1", "stale"),
-        (make_payload(delta=wrong_shape), "dev1", "duplicate"),
-        (make_payload(delta=wrong_shape, update_id="u-2"), "dev1", "shape"),
-        (make_payload(delta=nan, update_id="u-2"), "dev1", "non_finite"),
-        (make_payload(delta=huge, update_id="u-2"), "dev1", "norm"),
+        (make_payload(delta=wrong_shape, task_id="t9", base_version=99), "dev1", "wrong_task", {}),
+        # ids and versions are read off the envelope, before any tensor is decoded
+        (make_payload(delta=wrong_shape, base_version=99), "dev1", "duplicate", {}),
+        (make_payload(delta=wrong_shape, base_version=99, update_id="u-2"), "dev1",
+         "future_version", {}),
+        (make_payload(delta=wrong_shape, base_version=0, update_id="u-2"), "dev1", "stale", {}),
+        (make_payload(delta=wrong_shape, update_id="u-2"), "dev1", "duplicate_work", {}),
+        (make_payload(delta=wrong_shape, update_id="u-2", base_version=CURRENT - 1), "dev1",
+         "shape", {}),
+        (make_payload(delta=nan, update_id="u-2", base_version=CURRENT - 1), "dev1",
+         "non_finite", {}),
+        (make_payload(delta=huge, update_id="u-2", base_version=CURRENT - 1), "dev1", "norm",
+         {}),
     ]
-    for payload, topic_device, reason in cases:
-        rejected(run(payload, seen=seen, topic_device=topic_device), reason)
+    for payload, topic_device, reason, extra in cases:
+        rejected(run(payload, seen=seen, topic_device=topic_device, **extra), reason)
 
 
 # -- hostile bytes ----------------------------------------------------------------------
@@ -370,28 +434,6 @@ def test_fuzz_random_truncated_and_bit_flipped_bytes_never_raise() -> None:
     assert len(reasons) >= 4
 
 
-# -- SeenIds ----------------------------------------------------------------------------
-
-
-def test_seen_ids_evicts_oldest_past_capacity() -> None:
-    seen = SeenIds(capacity=3)
-    for uid in ("a", "b", "c"):
-        seen.add(uid)
-    seen.add("a")  # already known: no change in order or size
-    assert len(seen) == 3
-    seen.add("d")
-    assert len(seen) == 3
-    assert "a" not in seen
-    assert all(uid in seen for uid in ("b", "c", "d"))
-    assert list(seen) == ["b", "c", "d"]
-
-
-def test_seen_ids_default_capacity_and_validation() -> None:
-    assert SeenIds().capacity == 100_000
-    with pytest.raises(ValueError):
-        SeenIds(capacity=0)
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -419,7 +461,7 @@ def spec_payload(spec: str, delta: dict[str, np.ndarray] | None = None, **fields
         "base_version": CURRENT, "num_samples": 10, "sent_at": 1.0,
     }
     values.update(fields)
-    return pack(Update(delta=wire, compression=compression, **values).to_wire())
+    return pack(Update(delta=wire, compression=compression, **values, run_id="r1").to_wire())
 
 
 def zstd_payload(blob: bytes, **fields: Any) -> bytes:
@@ -428,7 +470,7 @@ def zstd_payload(blob: bytes, **fields: Any) -> bytes:
         "base_version": CURRENT, "num_samples": 10, "sent_at": 1.0,
     }
     values.update(fields)
-    return pack(Update(delta=blob, compression="zstd", **values).to_wire())
+    return pack(Update(delta=blob, compression="zstd", **values, run_id="r1").to_wire())
 
 
 @pytest.mark.parametrize(
@@ -496,7 +538,8 @@ def test_bad_zstd_delta_is_malformed(blob: bytes) -> None:
 
 
 def test_the_delta_type_says_whether_it_is_compressed() -> None:
-    wire = Update("u-1", "dev1", "task1", CURRENT, 10, encode_delta(good_delta(), "fp32")).to_wire()
+    wire = Update("u-1", "dev1", "task1", CURRENT, 10, encode_delta(good_delta(), "fp32"),
+                  run_id="r1").to_wire()
     assert isinstance(run(pack(wire)), Accepted)  # a map: plain entries
     # an update has no compression field: a stray one is an unknown key, ignored
     assert isinstance(run(pack({**wire, "compression": "zstd"})), Accepted)
@@ -513,8 +556,7 @@ def test_order_of_checks_with_compression() -> None:
     # the task is checked before anything is decompressed, too
     rejected(run(zstd_payload(bomb, task_id="t9")), "wrong_task")
     # so are versions and ids: a replayed bomb is refused without being decompressed
-    seen = SeenIds()
-    seen.add("u-1")
+    seen = Ledger().judged(b"other bytes")
     rejected(run(zstd_payload(bomb, base_version=99)), "future_version")
     rejected(run(zstd_payload(bomb), seen=seen), "duplicate")
     # decompression comes before the checks on values
@@ -528,12 +570,12 @@ def test_any_valid_codec_is_accepted_whatever_the_task_asks() -> None:
     from coordinator.core import AggregationConfig, CoordinatorCore, SendReceipt
     from fedbus.messages import ModelSpec, Task, TrainSpec
 
-    task = Task("task1", ModelSpec("mlp"), TrainSpec(), codec="int8")
+    task = Task("task1", ModelSpec("mlp"), TrainSpec(), codec="int8", run_id="r1")
     state = {name: np.zeros(shape, F32) for name, shape in SHAPES.items()}
-    core = CoordinatorCore(task, state, AggregationConfig(buffer_size=10))
+    core = CoordinatorCore(task, state, AggregationConfig(buffer_size=10), ledger=Ledger())
     for i, spec in enumerate(["int4+zstd", "topk:0.5:int8", "fp32", "int8"]):
-        payload = spec_payload(spec, update_id=f"u-{i}", base_version=0)
-        actions = core.on_update("dev1", payload, 0.0)
+        payload = spec_payload(spec, update_id=f"u-{i}", base_version=0, device_id=f"dev{i}")
+        actions = core.on_update(f"dev{i}", payload, 0.0)
         receipt = next(a.receipt for a in actions if isinstance(a, SendReceipt))
         assert receipt.accepted, (spec, receipt.reason, receipt.detail)
     assert core.counters["updates_accepted"] == 4

@@ -69,6 +69,6 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except FedbusError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -7,6 +7,8 @@ apply the one precedence: flag > environment > config file > default.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tomllib
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -75,8 +77,9 @@ def load_process_config(
 ) -> tuple[T, str]:
     """Load a process config and its broker password.
 
-    A ``credentials`` file (from ``fedbus broker``) fills in host, port and prefix below
-    explicit flags, and the password when none was given otherwise.
+    A ``credentials`` file (from ``fedbus broker``) fills in host, port and prefix where no
+    flag, environment variable or config-file key gave them (so it ranks just above the
+    defaults, keeping the one precedence), and the password when none was given otherwise.
     """
     from fedbus.config import load_config
     from fedbus.credentials import read_credentials
@@ -88,8 +91,11 @@ def load_process_config(
     if creds is not None:
         access = read_credentials(creds, username(cfg))
         filled = dict(flags)
+        in_file = _file_keys(config_file, section)
         for key, value in (("host", access.host), ("port", access.port), ("prefix", access.prefix)):
-            if filled.get(key) is None:
+            given = (filled.get(key) is not None or env_var_name(env_prefix, key) in os.environ
+                     or key in in_file)
+            if not given:
                 filled[key] = value
         cfg = load_config(cls, flags=filled, env_prefix=env_prefix, file=config_file,
                           section=section)
@@ -98,3 +104,15 @@ def load_process_config(
         var = env_var_name(env_prefix, "password")
         raise ConfigError(f"no broker password: give --credentials, --password or {var}")
     return cfg, password
+
+
+def _file_keys(config_file: Path | None, section: str) -> set[str]:
+    """The keys of ``[section]`` in the TOML config file (load_config has checked it)."""
+    if config_file is None:
+        return set()
+    try:
+        with open(config_file, "rb") as fh:
+            table = tomllib.load(fh).get(section, {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return set()
+    return set(table) if isinstance(table, dict) else set()

@@ -24,7 +24,8 @@ HELPS = {
     "password": "MQTT password; prefer the environment variable over the flag.",
     "credentials": "credentials.json from `fedbus broker`: supplies host, port, prefix, password.",
     "prefix": "Topic prefix shared with the coordinator.",
-    "keepalive": "MQTT keepalive in seconds.",
+    "keepalive": "MQTT keepalive in seconds; the broker declares a silent device offline after "
+    "1.5 times this.",
     "threads": "Torch threads for training (one is fastest for small networks).",
     "seed": "Seed for local shuffling and stochastic rounding.",
     "slowdown": "Simulation: behave as a device this many times slower (sleeps after training).",
@@ -33,9 +34,15 @@ HELPS = {
     "export": "After every local training, save the int8 model here (.npz, runs without "
     "torch via fedbus.export.Int8Model).",
     "max_updates": "Stop after publishing this many updates (0: run until stopped).",
-    "state_dir": "Directory for state kept across restarts (the top-k error-feedback "
-    "residual). Default: $XDG_STATE_HOME/fedbus/<device-id>, i.e. "
-    "~/.local/state/fedbus/<device-id>.",
+    "state_dir": "Directory for state kept across restarts (agent.db: the outbox of updates "
+    "waiting for receipts, the last version trained on, the top-k residual). Default: "
+    "$XDG_STATE_HOME/fedbus/<device-id>, i.e. ~/.local/state/fedbus/<device-id>.",
+    "on_run_end": "When the coordinator ends the run: wait for a new run, or exit (code 0).",
+    "connect_timeout": "Exit with an error after this many seconds without a broker "
+    "connection (0: retry forever).",
+    "outbox_max_updates": "Most updates kept waiting for their receipts; past it the oldest "
+    "is dropped (logged).",
+    "outbox_max_bytes": "Most bytes of updates kept waiting for their receipts.",
 }
 
 

@@ -54,7 +54,12 @@ HELPS = {
     "round_deadline": "FedAvg: seconds to wait for a round's devices.",
     "min_round_updates": "FedAvg: fewest updates that close a round at its deadline.",
     "eval_data": "Held-out data (.csv/.npz/dir) to evaluate every model version.",
-    "out": "Directory for model.npz and history.json, rewritten after each version.",
+    "state_dir": "Directory holding the run (state.db, model.npz, history.jsonl). A restart on "
+    "it resumes the run where it stopped; empty: keep nothing (memory only).",
+    "sync": "Durability of the state: normal survives a crash of this process at any instant; "
+    "full also an operating-system crash or power cut (one fsync per update).",
+    "connect_timeout": "Exit with an error after this many seconds without a broker "
+    "connection (0: retry forever).",
     "max_versions": "Stop after this many model versions (0: never).",
     "duration": "Stop after this many seconds (0: never).",
     "target_accuracy": "Stop once held-out accuracy reaches this (0: never).",
@@ -69,20 +74,29 @@ HELPS = {
     "--config", "config_file", type=click.Path(path_type=Path), default=None,
     help="TOML file with a [coordinator] table of the settings below.",
 )
+@click.option(
+    "--new-run", is_flag=True, default=False,
+    help="Start a new run in --state-dir even though it holds one (the old run is moved to "
+    "<state-dir>/runs/<run id>/, never deleted).",
+)
 @config_options(CoordinatorConfig, HELPS, ENV_PREFIX)
-def coordinator(config_file: Path | None, **flags: Any) -> None:
+def coordinator(config_file: Path | None, new_run: bool, **flags: Any) -> None:
     """Run the coordinator: publish the task, aggregate updates, publish new models.
 
-    It publishes the task and the initial model as retained messages, validates every
-    update (rejecting bad ones with a reason, sent back as a receipt), folds accepted
-    ones into the global model and publishes each new version. With --eval-data it logs
-    held-out accuracy per version. Stop it with Ctrl-C or SIGTERM, or with
-    --max-versions / --duration / --target-accuracy.
+    It keeps the run in --state-dir and publishes the task and the current model as
+    retained messages, validates every update (rejecting bad ones with a reason, sent
+    back as a receipt), folds accepted ones into the global model and publishes each new
+    version. With --eval-data it logs held-out accuracy per version.
+
+    Ctrl-C or SIGTERM stops this process; started again on the same --state-dir it resumes
+    the same run at the same version, with the updates it had accepted. The run ends at
+    --max-versions, --duration or --target-accuracy: the coordinator then applies what it
+    holds, tells the devices the run has ended, and exits.
 
     \b
     Example, against a broker started with `fedbus broker --dir ./trial`:
       fedbus coordinator --credentials ./trial/credentials.json \\
-                         --eval-data ./test.npz --out ./run
+                         --eval-data ./test.npz --state-dir ./run
     """
     from coordinator.service import CoordinatorService
     from fedbus.datasets import load_local_data
@@ -93,7 +107,7 @@ def coordinator(config_file: Path | None, **flags: Any) -> None:
         username=lambda c: c.username,
     )
     eval_data = load_local_data(cfg.eval_data) if cfg.eval_data is not None else None
-    service = CoordinatorService(cfg, password=password, eval_data=eval_data)
+    service = CoordinatorService(cfg, password=password, eval_data=eval_data, new_run=new_run)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop())
     summary = service.run()
@@ -104,6 +118,8 @@ def coordinator(config_file: Path | None, **flags: Any) -> None:
         "n/a" if summary.final_accuracy is None else f"{summary.final_accuracy:.4f}",
         counters.get("updates_accepted", 0), counters.get("updates_rejected", 0),
     )
-    rejected = {k[len("rejected_"):]: v for k, v in counters.items() if k.startswith("rejected_")}
+    rejected = {
+        k[len("rejected_"):]: v for k, v in counters.items() if k.startswith("rejected_") and v
+    }
     if rejected:
         log.info("rejections by reason: %s", json.dumps(rejected))

@@ -1,0 +1,113 @@
+"""What the coordinator's decisions change in its durable state, as plain records.
+
+``CoordinatorCore`` stays free of I/O: every input it judges appends records to its
+journal (``CoordinatorCore.drain_journal()``), and the service writes them to the store in
+one transaction *before* it publishes a receipt or a model and before paho acknowledges the
+message to the broker. Reads go the other way through the small :class:`Ledger` protocol
+(has this update id been judged, has this device already contributed this work), which
+``coordinator.store.Store`` answers from SQLite.
+
+The records:
+
+- :class:`Verdict`: the first judgement of an update id (accepted or the reject reason);
+  a later copy of the same message gets the same verdict again (``repeat``), never a
+  second judgement.
+- :class:`Pending`: an accepted update not yet applied: the raw payload (the compact wire
+  form, a few hundred bytes to a few KB) with its weight, so a restarted coordinator
+  rebuilds the FedBuff buffer or the open FedAvg round exactly, in the same order.
+- :class:`VersionMade`: a new global version, its model, server momentum and the ids of
+  the updates it applied; the pending rows of those ids leave the buffer in the same
+  transaction.
+- :class:`RoundFixed`: a FedAvg round's participants, fixed by its first update.
+- :class:`RunEnded`: the run is over (``max_versions``, target accuracy, duration).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+__all__ = [
+    "BufferDropped",
+    "Ledger",
+    "Pending",
+    "Record",
+    "RoundFixed",
+    "RunEnded",
+    "Verdict",
+    "VersionMade",
+]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judgement of one update id, as its receipt said it."""
+
+    update_id: str
+    device_id: str
+    digest: bytes  # blake2b-64 of the payload: the same id with other bytes is another update
+    base_version: int
+    accepted: bool
+    reason: str | None
+    detail: str
+    model_version: int  # the global version when it was judged
+    staleness: int | None
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An accepted update waiting in the FedBuff buffer or the open FedAvg round."""
+
+    update_id: str
+    device_id: str
+    base_version: int
+    num_samples: int
+    staleness: int
+    coef: float  # its weight in the FedBuff running sum (n x staleness weight); n for FedAvg
+    payload: bytes
+    round_number: int | None = None  # FedAvg only
+
+
+@dataclass(frozen=True, eq=False)
+class VersionMade:
+    version: int
+    state: dict[str, np.ndarray]
+    velocity: dict[str, np.ndarray] | None
+    applied: tuple[str, ...]  # update ids folded into this version, in order
+    reason: str
+
+
+@dataclass(frozen=True)
+class BufferDropped:
+    """Accepted updates that could not be applied (the step would not have been finite):
+    they leave the buffer without making a version."""
+
+    update_ids: tuple[str, ...]
+    why: str
+
+
+@dataclass(frozen=True)
+class RoundFixed:
+    number: int
+    version: int
+    participants: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    reason: str
+
+
+Record = Verdict | Pending | VersionMade | BufferDropped | RoundFixed | RunEnded
+
+
+class Ledger(Protocol):
+    """What the core asks of its durable state while judging an update."""
+
+    def verdict(self, update_id: str) -> Verdict | None:
+        """The verdict already given to ``update_id``, if it is still remembered."""
+
+    def work(self, device_id: str, base_version: int) -> str | None:
+        """The id of the update this device already had accepted for this base version."""

@@ -1,0 +1,215 @@
+"""The edge agent against the real coordinator service on the in-memory broker: its outbox,
+its restarts, its residual, the end of a run; and its decisions in isolation."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from inmemory import TOPICS, Running, wait_for
+
+from edge_agent.agent import Agent, AgentStats, LocalData
+from edge_agent.config import AgentConfig
+from edge_agent.state import OutboxEntry
+from fedbus.envelope import pack, unpack
+from fedbus.memory_transport import MemoryBroker
+from fedbus.messages import GlobalModel, ModelSpec, Task, TrainSpec, Update
+from fedbus.update_codec import decode_update_delta, encode_delta
+
+RNG = np.random.default_rng(0)
+DATA = LocalData(RNG.normal(size=(40, 4)).astype(np.float32), RNG.integers(0, 2, 40))
+
+
+class AgentThread:
+    def __init__(self, broker: MemoryBroker, state: Path, device: str = "dev-a",
+                 **settings: Any) -> None:
+        config = AgentConfig(device_id=device, data=state / "unused.npz", state_dir=state,
+                             **settings)
+        self.agent = Agent(config, DATA, password="x", transport_factory=broker.factory)
+        self.stats: AgentStats | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.stats = self.agent.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float = 30.0) -> AgentStats | None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the agent did not stop"
+        assert self.error is None, self.error
+        return self.stats
+
+    def stop(self) -> AgentStats | None:
+        self.agent.stop()
+        return self.join()
+
+
+@pytest.fixture
+def broker() -> Iterator[MemoryBroker]:
+    b = MemoryBroker()
+    yield b
+    b.close()
+
+
+def ledger(state: Path) -> dict[str, str]:
+    from edge_agent.state import STATE_FILE, AgentState
+
+    store = AgentState(state / STATE_FILE)
+    try:
+        return {row.update_id: row.fate for row in store.ledger()}
+    finally:
+        store.close()
+
+
+def test_every_update_goes_through_the_outbox_and_gets_its_receipt(
+    broker: MemoryBroker, tmp_path: Path
+) -> None:
+    coordinator = Running(broker, mode="fedasync")
+    agent = AgentThread(broker, tmp_path / "a", max_updates=3)
+    stats = agent.join()
+    assert stats is not None and stats.updates_published == 3
+    wait_for(lambda: coordinator.service.core.counters["updates_accepted"] == 3)
+    coordinator.stop()
+    fates = ledger(tmp_path / "a")
+    assert len(fates) == 3
+    # the last receipt may arrive after the agent stopped: it stays in the outbox then
+    assert list(fates.values())[:2] == ["accepted", "accepted"]
+
+
+def test_a_restarted_agent_resends_its_update_and_never_retrains(
+    broker: MemoryBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    coordinator = Running(broker, mode="fedasync")
+    broker.refuse_publishes(TOPICS.receipt("dev-a"))  # the receipt never reaches the device
+    first = AgentThread(broker, tmp_path / "a", max_updates=1)
+    first.join()
+    (uid, fate), = ledger(tmp_path / "a").items()
+    assert fate == "pending"  # still in the outbox: it had no receipt
+    # the coordinator's receipt was refused by the broker, not merely still on its way
+    wait_for(lambda: "broker refused publish to fedbus/receipt/dev-a" in caplog.text,
+             what="the receipt refused")
+    assert coordinator.service.core.counters["updates_accepted"] == 1
+    broker.clear_faults()
+    second = AgentThread(broker, tmp_path / "a", max_updates=2)  # the same device, restarted
+    second.join()
+    wait_for(lambda: ledger(tmp_path / "a")[uid] == "accepted", what="the repeated receipt")
+    coordinator.stop()
+    from edge_agent.state import STATE_FILE, AgentState
+
+    store = AgentState(tmp_path / "a" / STATE_FILE)
+    rows = store.ledger()
+    store.close()
+    assert [r.base_version for r in rows] == [0, 1, 2]  # version 0 was not trained on again
+    counters = coordinator.service.core.counters
+    assert counters["updates_repeated"] == 1  # the re-sent copy, answered, not applied
+    assert counters["updates_accepted"] == 3 == coordinator.service.core.version
+
+
+def test_a_rejected_top_k_update_goes_back_into_the_residual(
+    broker: MemoryBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edge_agent.state import STATE_FILE, AgentState
+
+    coordinator = Running(broker, codec="topk:0.2:int8", max_norm=1e-6)  # rejects everything
+    broker.refuse_publishes(TOPICS.receipt("dev-a"))
+    AgentThread(broker, tmp_path / "a", max_updates=1).join()
+    wait_for(lambda: "broker refused publish to fedbus/receipt/dev-a" in caplog.text,
+             what="the receipt refused")
+    store = AgentState(tmp_path / "a" / STATE_FILE)
+    (entry,) = store.outbox()
+    shapes = {n: a.shape for n, a in coordinator.service.core.state.items()}
+    kept = store.residual(entry.run_id, shapes)
+    update = Update.from_wire(unpack(entry.payload, "update"))
+    sent = decode_update_delta(update.delta, update.compression, expected_shapes=shapes)
+    store.close()
+    assert sum(float(np.abs(v).sum()) for v in sent.values()) > 0
+    broker.clear_faults()
+    again = AgentThread(broker, tmp_path / "a")
+    wait_for(lambda: ledger(tmp_path / "a")[update.update_id] == "rejected")
+    again.stop()
+    store = AgentState(tmp_path / "a" / STATE_FILE)
+    back = store.residual(entry.run_id, shapes)
+    for name in shapes:  # what was sent and refused is owed again, on top of what was kept
+        np.testing.assert_allclose(back[name], kept[name] + sent[name], rtol=0, atol=1e-6)
+    store.close()
+    coordinator.stop()
+
+
+def test_agents_stop_when_the_run_ends(broker: MemoryBroker, tmp_path: Path) -> None:
+    coordinator = Running(broker, max_versions=2, mode="fedasync")
+    agent = AgentThread(broker, tmp_path / "a", on_run_end="exit")
+    summary = coordinator.join(30)
+    assert summary is not None and summary.run_ended
+    stats = agent.join()
+    assert stats is not None and stats.updates_published >= 2
+
+
+# -- decisions in isolation ---------------------------------------------------------------
+
+
+def _agent(tmp_path: Path, **settings: Any) -> Agent:
+    config = AgentConfig(device_id="dev-a", data=tmp_path / "x.npz", state_dir=tmp_path,
+                         **settings)
+    return Agent(config, DATA, password="x", transport_factory=MemoryBroker().factory)
+
+
+def _task(run: str = "r1", **kwargs: Any) -> Task:
+    return Task("t1", ModelSpec("mlp", {"in_features": 4, "num_classes": 2, "hidden": [3]}),
+                TrainSpec(), run_id=run, **kwargs)
+
+
+def _model(version: int, run: str = "r1") -> bytes:
+    tensors = encode_delta({"w": np.zeros(2, np.float32)}, "fp32")
+    return pack(GlobalModel("t1", version, tensors, 0.0, run_id=run).to_wire())
+
+
+def test_the_agent_keeps_only_the_newest_model_of_a_run(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    for version in (5, 3, 7, 6):
+        agent._keep_newest_model(_model(version))
+    assert agent._model_msg is not None and agent._model_msg.version == 7
+    agent._keep_newest_model(_model(1, run="r2"))  # another run replaces it
+    assert agent._model_msg.version == 1 and agent._model_msg.run_id == "r2"
+
+
+def test_outbox_entries_that_cannot_be_accepted_are_dropped(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    task = _task(max_staleness=2)
+    agent._task_bytes = pack(task.to_wire())
+    assert agent._current_task() == task
+    for base in (1, 4, 5):
+        agent.state.record_trained("r1", base, OutboxEntry(f"u{base}", "r1", base, b"x", False))
+    agent._keep_newest_model(_model(6))
+    agent._drop_unusable(task)
+    assert [e.update_id for e in agent.state.outbox()] == ["u4", "u5"]
+    assert agent.stats.updates_dropped == 1
+
+
+def test_the_outbox_is_bounded(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, outbox_max_updates=2, outbox_max_bytes=250)
+    task = _task()
+    for i in range(2):
+        agent.state.record_trained("r1", i, OutboxEntry(f"u{i}", "r1", i, bytes(100), False))
+    agent._make_room(task, 100)  # a third would exceed both bounds: the oldest goes
+    assert [e.update_id for e in agent.state.outbox()] == ["u1"]
+    agent._make_room(task, 200)  # 100 + 200 bytes > 250
+    assert agent.state.outbox() == []
+
+
+def test_a_new_run_forgets_the_outbox_of_the_old_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = _agent(tmp_path)
+    agent.state.record_trained("old", 3, OutboxEntry("u1", "old", 3, b"x", False))
+    agent._task_bytes = pack(_task(run="new").to_wire())
+    agent._current_task()
+    assert agent.state.outbox() == []
+    assert "dropped update u1 of run old" in caplog.text
