@@ -120,7 +120,8 @@ def _update_fields() -> dict[str, Any]:
     from fedbus.messages import new_update_id
 
     return dict(update_id=new_update_id(), device_id="device-01", task_id="demo-0-1",
-                base_version=12, num_samples=144, metrics=dict(_METRICS), sent_at=time.time())
+                run_id=new_update_id(), base_version=12, num_samples=144,
+                metrics=dict(_METRICS), sent_at=time.time())
 
 
 def _message_bytes(delta: dict[str, Any], spec: str) -> int | None:
@@ -135,7 +136,7 @@ def _message_bytes(delta: dict[str, Any], spec: str) -> int | None:
     try:
         if hasattr(update_codec, "encode_update_delta"):
             wire, compression = update_codec.encode_update_delta(delta, spec, rng=rng)
-            update = Update(delta=wire, compression=compression, **fields)  # type: ignore[call-arg]
+            update = Update(delta=wire, compression=compression, **fields)
         else:
             update = Update(delta=update_codec.encode_delta(delta, spec, rng=rng), **fields)
         return len(_packed(update))
@@ -149,7 +150,7 @@ def _envelope_bytes() -> tuple[int, dict[str, int]]:
 
     from fedbus.messages import Update
 
-    update = Update(delta={}, **_update_fields())  # type: ignore[call-arg]
+    update = Update(delta={}, **_update_fields())
     payload = _packed(update)
     wire = update.to_wire()
     fields = {k: len(msgpack.packb(k)) + len(msgpack.packb(v, use_bin_type=True))
@@ -169,13 +170,15 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     _base, delta = _real_delta()
     torch_bytes = _torch_save_bytes(delta)
     offline = {spec: _message_bytes(delta, spec) for spec in primary + secondary}
+    seeds: tuple[int, ...]
     if ctx.quick:
         specs = [s for s in primary if s in ("fp32", "int8")] or primary[:2]
         versions, seeds = 3, SEEDS[:1]
         fleet = ctx.fleet_pool().get("quick", PROFILES["quick"])
     else:
         # Every codec the code names, then the test-only ones, smallest first, up to a cap.
-        by_size = sorted((s for s in secondary if offline[s] is not None), key=offline.get)
+        by_size = sorted((s for s in secondary if offline[s] is not None),
+                         key=lambda s: offline[s] or 0)
         specs = (primary + by_size)[:MAX_CODECS]
         versions, seeds = VERSIONS, SEEDS[: max(1, ctx.runs or len(SEEDS))]
         fleet = ctx.fleet_pool().get("equal", PROFILES["equal"])

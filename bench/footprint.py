@@ -88,7 +88,8 @@ def _agent_run(ctx: BenchContext, i: int, data: str, versions: int) -> dict[str,
     with BenchBroker(ctx, f"footprint-{i}", [DEVICE]) as broker:
         agent = ctx.start(
             [sys.executable, "-m", "fedbus", "agent", "--device-id", DEVICE, "--data", data,
-             "--credentials", str(broker.credentials_file)],
+             "--credentials", str(broker.credentials_file),
+             "--state-dir", str(ctx.path("footprint", f"state-{i}"))],
             log_path=ctx.path("footprint", f"agent-{i}.log"), name="agent")
         try:
             service = CoordinatorService(
@@ -97,6 +98,7 @@ def _agent_run(ctx: BenchContext, i: int, data: str, versions: int) -> dict[str,
                     prefix=broker.prefix, task_id=f"footprint-{i}",
                     model_args=json.dumps({"in_features": 64, "num_classes": 10}),
                     mode="fedasync", max_versions=versions, duration=120.0,
+                    state_dir=ctx.path("footprint", f"run-{i}"),
                 ),
                 password=broker.coordinator_password,
             )

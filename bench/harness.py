@@ -267,8 +267,8 @@ def accepted_recorder(service: Any, clock: Callable[[], float] = time.time) -> l
     core = service.core
     original = core.on_update
 
-    def on_update(device: str, payload: bytes, now: float) -> list:
-        actions = original(device, payload, now)
+    def on_update(device: str, payload: bytes, now: float, **kwargs: Any) -> list:
+        actions = original(device, payload, now, **kwargs)
         done = clock()
         cpu = time.process_time()
         for action in actions:
@@ -419,7 +419,8 @@ class Fleet:
                 [sys.executable, "-m", "fedbus", "agent", "--device-id", device,
                  "--data", str(paths[device]), "--credentials", str(self.broker.credentials_file),
                  "--slowdown", repr(float(speed)), "--seed", "0",
-                 "--compute-seconds", repr(float(self.spec.compute_seconds))],
+                 "--compute-seconds", repr(float(self.spec.compute_seconds)),
+                 "--state-dir", str(self.ctx.path("fleets", self.spec.name, "state", device))],
                 log_path=self.ctx.path("fleets", self.spec.name, "logs", f"{device}.log"),
                 name=f"agent {device}", group=self.agents,
             )
@@ -456,7 +457,9 @@ class Fleet:
                 mode=mode, buffer_size=buffer_size, epochs=epochs, lr=lr,
                 batch_size=batch_size, seed=seed, max_versions=max_versions,
                 duration=duration, target_accuracy=target_accuracy, round_deadline=30.0,
-                min_devices=len(self.devices), **config,
+                min_devices=len(self.devices),
+                state_dir=self.ctx.path("fleets", self.spec.name, "runs", str(self._runs)),
+                **config,
             ),
             password=self.broker.coordinator_password,
             eval_data=self.eval_data,

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.harness import (
@@ -54,7 +56,10 @@ LAG = 20  # base_version lags the publish index by this many versions
 # Four publisher connections interleave at the broker, so an update can reach the coordinator
 # 100+ positions after its publish index; a staleness bound of 1000 versions keeps every one.
 MAX_STALENESS = 1000
-DEVICES = ("device-01", "device-02", "device-03", "device-04")
+# One update per device and base version (the coordinator refuses a second as
+# duplicate_work): with base = max(0, i // K - LAG) the first K x LAG updates all have base
+# 0, so there are K more device accounts than that, one connection each, sending in turn.
+DEVICES = tuple(f"device-{i:03d}" for i in range(1, K * (LAG + 1) + 1))
 AIM = 0.8
 
 
@@ -81,7 +86,7 @@ def make_template(ctx: BenchContext, name: str, model_args: dict[str, Any],
     path = ctx.path(name, "template.msgpack")
     path.write_bytes(pack(encoded))
     size = len(pack(Update("x" * 16, DEVICES[0], "t", 0, 10, encoded, {"loss": 0.5},
-                           time.time()).to_wire()))
+                           time.time(), run_id="x" * 16).to_wire()))
     return str(path), int(sum(v.size for v in state.values())), size
 
 
@@ -110,7 +115,7 @@ def run_ours(ctx: BenchContext, broker: BenchBroker, name: str, i: int, model_ar
     consumer = ctx.spawn_role("coordinator", _consumer_args(
         broker, f"{run_dir}/result.json", f"{run_dir}/ready", task_id=task_id,
         model_args=model_args, mode="fedbuff", k=K, max_versions=n // K,
-        duration=300.0, max_staleness=MAX_STALENESS,
+        duration=300.0, max_staleness=MAX_STALENESS, state_dir=f"{run_dir}/state",
     ), log_path=ctx.path(run_dir, "coordinator.log"))
     consumer.wait_for_file(ctx.path(run_dir, "ready"), 60)
     pub = _publish(ctx, broker, run_dir, template, n, K, task_id, f"o{i}")
@@ -155,8 +160,10 @@ def run_bare(ctx: BenchContext, broker: BenchBroker, name: str, i: int, template
     res = json.loads(ctx.path(run_dir, "result.json").read_text())
     pub_res = json.loads(ctx.path(run_dir, "publisher.json").read_text())
     received = res["received"]
-    t_first, t_last = res["times"] if res["times"] else (None, None)
-    rate = (received / (t_last - t_first)) if received > 1 and t_last > t_first else None
+    rate = None
+    if res["times"] and received > 1:
+        t_first, t_last = res["times"]
+        rate = received / (t_last - t_first) if t_last > t_first else None
     cpu = None
     if res["cpu"] and received > 1:
         cpu = (res["cpu"][1] - res["cpu"][0]) / (received - 1)
@@ -189,7 +196,9 @@ def stage_costs(model_args: dict[str, Any]) -> dict[str, float]:
     import torch
 
     from coordinator.aggregation import WeightedSum, fedbuff_apply, l2_norm
-    from coordinator.validation import SeenIds, ValidationLimits, validate_update
+    from coordinator.journal import Pending, Verdict
+    from coordinator.store import Store
+    from coordinator.validation import ValidationLimits, validate_update
     from fedbus.envelope import pack, unpack
     from fedbus.messages import Update
     from fedbus.update_codec import decode_delta, encode_delta
@@ -201,11 +210,21 @@ def stage_costs(model_args: dict[str, Any]) -> dict[str, float]:
     delta = {k: (rng.standard_normal(v.shape) * 1e-3).astype(np.float32)
              for k, v in state.items()}
     payload = pack(Update("x" * 16, "device-01", "t", 0, 10, encode_delta(delta, "int8", rng=rng),
-                          {}, time.time()).to_wire())
+                          {}, time.time(), run_id="r").to_wire())
     shapes = {k: v.shape for k, v in state.items()}
     limits = ValidationLimits(4 * 1024 * 1024, 100.0, 10)
     obj = unpack(payload, "update", limits.decode)
     decoded = decode_delta(obj["delta"])
+    ledger = Store(None)
+    workdir = tempfile.mkdtemp(prefix="fedbus-stage-")
+    store = Store(Path(workdir) / "state.db")
+    store.create_run("r", {}, 0.0, state, {})
+    last_id = [""]
+
+    def next_id() -> str:
+        last_id[0] = f"u{len(last_id)}-{time.perf_counter_ns()}"
+        return last_id[0]
+
     buffered = WeightedSum(shapes)
     for _ in range(K):
         buffered.add(decoded, num_samples=10, coef=10.0)
@@ -228,8 +247,13 @@ def stage_costs(model_args: dict[str, Any]) -> dict[str, float]:
         "decode_delta (int8 -> float32)": per_call(lambda: decode_delta(obj["delta"]), r),
         "l2_norm (also proves the values finite)": per_call(lambda: l2_norm(decoded), r),
         "validate_update (all of the above)": per_call(lambda: validate_update(
-            payload, topic_device="device-01", task_id="t", expected_shapes=shapes,
-            current_version=1, limits=limits, seen=SeenIds()), r),
+            payload, topic_device="device-01", run_id="r", task_id="t",
+            expected_shapes=shapes, current_version=1, limits=limits, ledger=ledger), r),
+        "store commit (verdict + payload, WAL on disk)": per_call(
+            lambda: store.commit([Verdict(next_id(), "device-01", b"12345678", 0, True, None,
+                                          "buffered", 1, 0),
+                                  Pending(last_id[0], f"d{last_id[0]}", 0, 10, 0, 10.0,
+                                          payload)], {}), r),
         "WeightedSum.add (into the buffer)": per_call(
             lambda: buffered.add(decoded, num_samples=10, coef=10.0), r),
         "fedbuff_apply / K": round(per_call(lambda: fedbuff_apply(

@@ -78,6 +78,7 @@ def coordinator(a: dict[str, Any]) -> None:
         max_versions=a["max_versions"], duration=a["duration"],
         max_staleness=a.get("max_staleness", 10), max_update_bytes=a.get("max_update_bytes",
                                                                           4 * 1024 * 1024),
+        state_dir=Path(a["state_dir"]) if a.get("state_dir") else None,
     )
     service = CoordinatorService(config, password=_password(a["credentials"], "coordinator"))
     records = accepted_recorder(service, clock=time.time if a.get("wall_clock") else
@@ -101,11 +102,12 @@ def coordinator(a: dict[str, Any]) -> None:
     last_progress = [time.monotonic()]
     original = service.core.on_update
 
-    def on_update(device: str, payload: bytes, now: float) -> list:
+    def on_update(device: str, payload: bytes, now: float, **kwargs: Any) -> list:
         last_progress[0] = time.monotonic()
-        return original(device, payload, now)
+        return original(device, payload, now, **kwargs)
 
-    service.core.on_update = on_update
+    # a wrapper of this one instance's method, to note progress
+    service.core.on_update = on_update  # type: ignore[method-assign, assignment]
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     threading.Thread(target=announce, daemon=True).start()
     threading.Thread(target=idle_stop, daemon=True).start()
@@ -227,6 +229,7 @@ def publisher(a: dict[str, Any]) -> None:
     for event in connected:
         if not event.wait(10):
             raise SystemExit("publisher: a device could not connect")
+    run_id = _run_of_task(clients[0], a["prefix"])
     sent_at: dict[str, float] = {}
     start = time.monotonic()
     for i in range(n):
@@ -241,7 +244,7 @@ def publisher(a: dict[str, Any]) -> None:
         payload = pack(Update(
             update_id=uid, device_id=devices[j], task_id=a["task_id"],
             base_version=max(0, i // k - lag), num_samples=10, delta=delta,
-            metrics={"loss": 0.5}, sent_at=now,
+            metrics={"loss": 0.5}, sent_at=now, run_id=run_id,
         ).to_wire())
         clients[j].publish(f"{a['prefix']}/update/{devices[j]}", payload, qos=1)
         if a.get("log_sent"):
@@ -254,6 +257,27 @@ def publisher(a: dict[str, Any]) -> None:
                       "sent_at": sent_at})
     for client in clients:
         close_client(client)
+
+
+def _run_of_task(client: Any, prefix: str, timeout: float = 10.0) -> str:
+    """The coordinator's run id, read from the retained task as an agent reads it."""
+    from fedbus.envelope import unpack
+    from fedbus.messages import Task
+
+    got: list[str] = []
+    done = threading.Event()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        if not got:
+            got.append(Task.from_wire(unpack(bytes(msg.payload), "task")).run_id)
+            done.set()
+
+    client.on_message = on_message
+    client.subscribe(f"{prefix}/task", qos=1)
+    if not done.wait(timeout):
+        raise SystemExit("publisher: no retained task (is the coordinator running?)")
+    client.unsubscribe(f"{prefix}/task")
+    return got[0]
 
 
 # -- footprint probes ------------------------------------------------------------------------
