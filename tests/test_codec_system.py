@@ -6,8 +6,6 @@ broadcasts the model as fp16+zstd; their error-feedback residuals land in ``--st
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -20,6 +18,7 @@ from coordinator.service import CoordinatorService, RunSummary
 from edge_agent.state import STATE_FILE, AgentState
 from fedbus.broker import LocalBroker
 from fedbus.datasets import dirichlet_split, load_digits, train_test_split, write_npz
+from fedbus.processes import Child, ChildGroup
 
 pytestmark = pytest.mark.broker
 
@@ -41,28 +40,23 @@ def test_top_k_zstd_updates_and_fp16_zstd_model(broker: LocalBroker, tmp_path: P
     result: dict[str, RunSummary] = {}
     thread = threading.Thread(target=lambda: result.update(summary=service.run()), daemon=True)
     thread.start()
-    procs = []
+    agents = ChildGroup()
     try:
         for device, idx in zip(devices, dirichlet_split(y_train, 2, 1.0, seed=0), strict=True):
             data = tmp_path / f"{device}.npz"
             write_npz(data, x_train[idx], y_train[idx])
-            log = open(tmp_path / f"{device}.log", "wb")  # noqa: SIM115 - closed below
-            procs.append((subprocess.Popen(
+            agents.add(Child(
                 [sys.executable, "-m", "fedbus", "agent", "--device-id", device,
                  "--data", str(data), "--credentials", str(broker.credentials_file),
                  "--state-dir", str(tmp_path / "state" / device)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            ), log))
+                log_path=tmp_path / f"{device}.log", name=f"agent {device}",
+            ))
         thread.join(120)
         assert not thread.is_alive(), "coordinator did not finish"
     finally:
         service.stop()
         thread.join(10)
-        for proc, log in procs:
-            proc.terminate()
-            proc.wait(15)
-            log.close()
+        agents.stop_all(15.0)
     summary = result["summary"]
     counters = summary.counters
     assert summary.final_version == 8

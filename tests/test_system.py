@@ -7,7 +7,6 @@ publish crafted payloads with real device credentials.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from fedbus.broker import LocalBroker
 from fedbus.datasets import dirichlet_split, load_digits, train_test_split, write_npz
 from fedbus.envelope import pack, unpack
 from fedbus.messages import GlobalModel, Receipt, Update, new_update_id
+from fedbus.processes import Child, ChildGroup
 from fedbus.transport import ConnectionSettings, Message, MqttClient
 from fedbus.update_codec import decode_delta, encode_delta
 
@@ -115,31 +115,19 @@ def start_coordinator(
 
 
 @pytest.fixture
-def start_agent(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
-    procs: list[subprocess.Popen] = []
+def start_agent(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[..., Child]]:
+    agents = ChildGroup()
 
-    def start(device: str, data: Path, *extra: str) -> subprocess.Popen:
-        log = open(tmp_path / f"{device}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
+    def start(device: str, data: Path, *extra: str) -> Child:
+        return agents.add(Child(
             [sys.executable, "-m", "fedbus", "agent", "--device-id", device, "--data", str(data),
              "--credentials", str(broker.credentials_file),
              "--state-dir", str(tmp_path / "state" / device), *extra],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        proc.log_path = tmp_path / f"{device}.log"  # type: ignore[attr-defined]
-        procs.append(proc)
-        return proc
+            log_path=tmp_path / f"{device}.log", name=f"agent {device}",
+        ))
 
     yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    agents.stop_all(10.0)
 
 
 class Device:
@@ -230,10 +218,9 @@ def test_agents_and_coordinator_improve_the_model(
     assert summary.counters["updates_accepted"] >= 16
     assert summary.counters["updates_rejected"] == 0
     assert summary.counters["bytes_received"] > 0
-    for proc in agents:
-        proc.terminate()
-        assert proc.wait(15) == 0
-        log = proc.log_path.read_text()  # type: ignore[attr-defined]
+    for agent in agents:
+        assert agent.terminate(15) == 0
+        log = agent.log_path.read_text()
         assert "accepted" in log and "Traceback" not in log
         assert "(int8 0." in log  # the int8 model's local accuracy goes with each update
     # the exported int8 model runs with numpy alone and has learned something
@@ -386,7 +373,7 @@ def test_agents_and_coordinator_survive_a_broker_restart(
     broker.restart()
     before = coord.service.core.version
     wait_for(lambda: coord.service.core.version >= before + 3, 40, "progress after the restart")
-    assert agent.poll() is None, "the agent died when the broker went away"
+    assert agent.alive, "the agent died when the broker went away"
     coord.service.stop()
     coord.join(15)
 
@@ -402,12 +389,11 @@ def test_long_training_does_not_starve_the_keepalive(
     agent = start_agent("dev-a", paths[0], "--keepalive", "1", "--slowdown", "3")
     summary = coord.join(timeout=90)
     assert summary.final_version == 1
-    agent.terminate()
-    assert agent.wait(15) == 0
-    log = agent.log_path.read_text()  # type: ignore[attr-defined]
+    assert agent.terminate(15) == 0
+    log = agent.log_path.read_text()
     trained = [line for line in log.splitlines() if "trained on v0" in line]
     assert trained and float(trained[0].split(" in ")[1].split("s;")[0]) > 2.0, trained
-    assert "lost connection" not in log
+    assert "lost the connection" not in log
     assert "exceeded timeout" not in broker.log_file.read_text()
 
 
@@ -421,9 +407,9 @@ def test_an_agent_that_cannot_take_part_waits_instead_of_crashing(
         evaluate=False,
     )
     agent = start_agent("dev-a", paths[0])
-    log_path = agent.log_path  # type: ignore[attr-defined]
+    log_path = agent.log_path
     wait_for(lambda: "cannot take part" in log_path.read_text(), 30, "the agent to give up")
     time.sleep(1.0)
-    assert agent.poll() is None, log_path.read_text()[-2000:]
+    assert agent.alive, log_path.read_text()[-2000:]
     assert coord.counters["updates_received"] == 0
     assert "Traceback" not in log_path.read_text()
