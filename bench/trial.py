@@ -38,6 +38,8 @@ from fedbus.processes import Child, ChildGroup
 __all__ = ["Audit", "Trial", "TrialError"]
 
 _MODEL_LINE = re.compile(r"model v(\d+)")
+# every update of a trial stays in its agent's ledger, so the audit sees all of them
+_LEDGER = 10_000_000
 # reasons an agent may give for dropping an update without a receipt; anything else is a bug
 AGENT_DROP_REASONS = ("versions behind", "run has ended", "outbox is full", "now runs")
 
@@ -199,6 +201,7 @@ class Trial:
              "--state-dir", str(self.root / "agents" / device),
              "--slowdown", repr(float(self.speeds[i % len(self.speeds)])),
              "--compute-seconds", repr(self.compute_seconds), "--seed", str(i),
+             "--ledger-size", str(_LEDGER),
              *self.agent_args, *extra],
             log_path=log, name=f"agent {device}", append=log.exists() or starts > 0,
             nice=5,
@@ -224,7 +227,8 @@ class Trial:
                     "--state-root", str(self.root / "agents")]
             for device in mine:
                 argv += ["--device", f"{device}={self._data[device]}"]
-            argv += ["--set", f"compute_seconds={self.compute_seconds}",
+            argv += ["--set", f"ledger_size={_LEDGER}",
+                     "--set", f"compute_seconds={self.compute_seconds}",
                      "--set", f"slowdown={self.speeds[0]}"]
             argv += [f"--set={item}" for item in self.host_settings]
             child = Child(argv, log_path=self.root / "logs" / f"host-{h}.log",

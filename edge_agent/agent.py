@@ -147,7 +147,8 @@ class Agent:
         # a reconnect's grace before re-sending; at start, the outbox of an earlier process
         self._resend_due: float | None = 0.0
         self._inherited: set[str] = set()  # outbox entries an earlier process made
-        self.state = AgentState(config.state_path() / STATE_FILE)
+        self.state = AgentState(config.state_path() / STATE_FILE,
+                                ledger_capacity=config.ledger_size)
         device = config.device_id
         self.client: Transport = transport_factory(
             ConnectionSettings(
@@ -325,18 +326,24 @@ class Agent:
         )
 
     def _on_run_ended(self, task: Task) -> bool:
-        """The run is over: say so once, give up what waits for receipts; True to exit."""
+        """The run is over: say so once, give up what waits for receipts; True to exit.
+
+        Only a run this device took part in makes it exit: the task the broker still holds
+        from an earlier run (its new coordinator has not published its own yet) does not."""
+        took_part = self.state.last_version(task.run_id) is not None
+        leave = self.config.on_run_end == "exit" and took_part
         if self._ended_logged != task.run_id:
             self._ended_logged = task.run_id
             for entry in self.state.outbox(task.run_id):
                 self._drop(entry, "the run has ended", task)
             log.info(
-                "run %s of task %s has ended (%s); %s", task.run_id, task.task_id,
+                "run %s of task %s has ended (%s)%s; %s", task.run_id, task.task_id,
                 task.end_reason or "no reason given",
-                "exiting" if self.config.on_run_end == "exit" else "waiting for a new run",
+                "" if took_part else " without this device",
+                "exiting" if leave else "waiting for a new run",
             )
             self._publish_status("idle")
-        return self.config.on_run_end == "exit"
+        return leave
 
     # -- outbox ----------------------------------------------------------------------------
 

@@ -47,6 +47,8 @@ class AgentConfig:
     # bounds of the outbox (updates waiting for their receipts); past them the oldest go
     outbox_max_updates: int = 8
     outbox_max_bytes: int = 16 * 1024 * 1024
+    # updates whose fate the ledger of agent.db keeps (the newest; older rows are deleted)
+    ledger_size: int = 1000
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
@@ -69,6 +71,8 @@ class AgentConfig:
             raise ValueError(
                 f"connect_timeout must be a finite number >= 0, got {self.connect_timeout}"
             )
+        if self.ledger_size < 1:
+            raise ValueError(f"ledger_size must be at least 1, got {self.ledger_size}")
         if self.outbox_max_updates < 1 or self.outbox_max_bytes < 1:
             raise ValueError("outbox_max_updates and outbox_max_bytes must be at least 1")
 

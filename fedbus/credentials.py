@@ -31,7 +31,8 @@ def read_credentials(path: str | Path, username: str) -> BrokerAccess:
         raise ConfigError(f"cannot read credentials file {path}: {exc}") from None
     try:
         accounts = dict(data.get("devices", {}))
-        accounts[data["coordinator"]["username"]] = data["coordinator"]
+        if "coordinator" in data:  # a device's own copy may hold its account only
+            accounts[data["coordinator"]["username"]] = data["coordinator"]
         if username not in accounts:
             known = ", ".join(sorted(accounts)) or "none"
             raise ConfigError(f"{path} has no account {username!r} (it has: {known})")

@@ -213,3 +213,23 @@ def test_a_new_run_forgets_the_outbox_of_the_old_one(
     agent._current_task()
     assert agent.state.outbox() == []
     assert "dropped update u1 of run old" in caplog.text
+
+
+def test_an_ended_run_the_device_never_joined_does_not_make_it_exit(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, on_run_end="exit")
+    old = _task(run="old", state="ended", end_reason="reached 5 model versions")
+    assert agent._on_run_ended(old) is False  # the broker's leftover task from a past run
+    agent.state.record_trained("mine", 3, None)
+    assert agent._on_run_ended(_task(run="mine", state="ended")) is True
+
+
+def test_a_device_credentials_file_needs_only_its_own_account(tmp_path: Path) -> None:
+    import json
+
+    from fedbus.credentials import read_credentials
+
+    path = tmp_path / "device.json"
+    path.write_text(json.dumps({"host": "h", "port": 1883, "prefix": "fedbus",
+                                "devices": {"dev-a": {"username": "dev-a", "password": "p"}}}))
+    access = read_credentials(path, "dev-a")
+    assert (access.host, access.port, access.password) == ("h", 1883, "p")

@@ -43,6 +43,8 @@ HELPS = {
     "outbox_max_updates": "Most updates kept waiting for their receipts; past it the oldest "
     "is dropped (logged).",
     "outbox_max_bytes": "Most bytes of updates kept waiting for their receipts.",
+    "ledger_size": "How many of the newest updates the ledger in agent.db keeps the fate of "
+    "(accepted, rejected and why, dropped and why).",
 }
 
 
