@@ -247,7 +247,7 @@ class CoordinatorService:
         try:
             model = build_model(self.task.model.arch, self.task.model.args)
         except (ValueError, TypeError) as exc:
-            raise FedbusError(f"cannot build model {self.task.model.arch!r}: {exc}") from None
+            raise ConfigError(f"cannot build model {self.task.model.arch!r}: {exc}") from None
         self.core = CoordinatorCore(
             self.task, get_state(model), config.aggregation(), ledger=self.store,
             model_codec=config.model_codec,
