@@ -57,9 +57,9 @@ import numpy as np
 
 from coordinator.aggregation import is_finite, l2_norm
 from coordinator.journal import Ledger, Verdict
-from fedbus.envelope import DecodeLimits, unpack
+from fedbus.envelope import DecodeLimits
 from fedbus.errors import ProtocolError
-from fedbus.messages import Update
+from fedbus.messages import Update, read_update_fields
 from fedbus.update_codec import decode_update_delta
 
 __all__ = [
@@ -210,7 +210,8 @@ def validate_update(
             return reject(
                 "too_large", f"payload of {size} bytes exceeds limit {limits.max_update_bytes}"
             )
-        obj = unpack(payload, "update", limits.decode)
+        # by schema: only the envelope's known fields are built, the delta stays packed
+        obj = read_update_fields(payload, limits.decode)
         try:
             update = Update.from_wire(obj)
         except ProtocolError:
@@ -268,8 +269,10 @@ def validate_update(
                 f"{update.base_version}",
             )
         # decompression (bounded by the expected shapes), decoding, then names and shapes
+        assert limits.decode is not None
         delta = decode_update_delta(
-            update.delta, update.compression, expected_shapes=expected_shapes
+            update.delta, update.compression, expected_shapes=expected_shapes,
+            max_bin_len=limits.decode.max_bin_len,
         )
         # One pass: a finite norm means every value is finite (l2_norm); only a non-finite
         # norm needs the second look that tells NaN/infinity from a mere overflow.
