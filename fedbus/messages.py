@@ -114,11 +114,13 @@ def _finite_float(obj: dict, key: str, what: str) -> float:
     return value
 
 
-def _encoded(obj: dict, key: str, what: str) -> tuple[dict[str, Any] | bytes, str | None]:
+def _encoded(
+    obj: dict, key: str, what: str
+) -> tuple[dict[str, Any] | bytes | PackedMap, str | None]:
     """An encoded tensor map and its ``compression``: a map if none, else a bin."""
     compression = obj.get("compression")
     if compression is None:
-        return _get(obj, key, dict, what), None
+        return _get(obj, key, (dict, PackedMap), what), None
     if compression not in COMPRESSIONS:
         raise ProtocolError("schema", f"{what}: unknown compression {compression!r}")
     return _get(obj, key, bytes, what), compression
@@ -289,19 +291,22 @@ class GlobalModel:
 
     task_id: str
     version: int
-    tensors: dict[str, Any] | bytes
+    tensors: dict[str, Any] | bytes | PackedMap
     created_at: float = 0.0
     compression: str | None = None
     run_id: str = field(kw_only=True)
 
     def to_wire(self) -> dict[str, Any]:
+        tensors: Any = self.tensors
+        if isinstance(tensors, PackedMap):  # as read off the wire: the map itself again
+            tensors = msgpack.unpackb(tensors.data, raw=False)
         wire = {
             "v": PROTOCOL_VERSION,
             "kind": "model",
             "task_id": self.task_id,
             "run": self.run_id,
             "version": self.version,
-            "tensors": self.tensors,
+            "tensors": tensors,
             "created_at": self.created_at,
         }
         if self.compression is not None:
@@ -320,6 +325,13 @@ class GlobalModel:
             created_at=_finite_float(obj, "created_at", "model"),
             compression=compression,
         )
+
+    @classmethod
+    def read(cls, payload: bytes, limits: DecodeLimits | None = None) -> GlobalModel:
+        """Decode and check a model payload by schema (``envelope.read``); ``tensors``
+        stays packed (a ``PackedMap`` view of the payload, or the zstd frame's bytes)
+        for ``update_codec.decode_update_delta``."""
+        return cls.from_wire(read(payload, "model", MODEL_FIELDS, limits))
 
 
 @dataclass(frozen=True)
@@ -463,6 +475,10 @@ _LEAF: FieldReader = Reader.leaf
 UPDATE_FIELDS: dict[str, FieldReader] = {
     "update_id": _LEAF, "dev": _LEAF, "run": _LEAF, "task": _LEAF, "base": _LEAF,
     "n": _LEAF, "m": _read_metrics, "delta": _read_delta, "ts": _LEAF,
+}
+MODEL_FIELDS: dict[str, FieldReader] = {
+    "task_id": _LEAF, "run": _LEAF, "version": _LEAF, "tensors": _read_delta,
+    "created_at": _LEAF, "compression": _LEAF,
 }
 STATUS_FIELDS: dict[str, FieldReader] = {
     "device_id": _LEAF, "state": _LEAF, "run": _LEAF, "model_version": _LEAF, "ts": _LEAF,

@@ -82,8 +82,11 @@ class Reader:
             memoryview(data))
         self._size = len(self._view)
         self._max_bin = max_bin_len
+        # read_size = max_buffer_size = the payload: one buffer of exactly its size (the
+        # default 1 MiB first buffer would be reallocated, both alive for a moment)
         self._unpacker = msgpack.Unpacker(
             raw=False, strict_map_key=True, max_buffer_size=max(self._size, 1),
+            read_size=max(self._size, 1),
             max_str_len=max_str_len, max_bin_len=max_bin_len,
             max_array_len=0, max_map_len=0, max_ext_len=0,
         )
