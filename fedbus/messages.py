@@ -2,8 +2,12 @@
 
 Each message is a frozen dataclass with ``to_wire()`` (a dict for ``envelope.pack``) and
 ``from_wire(obj)`` (checks every field's type and range, raising ``ProtocolError`` with
-reason ``schema``). Tensor payloads are left encoded by ``from_wire``; the receiver decodes
-them with ``update_codec.decode_update_delta`` as a separate, counted validation step.
+reason ``schema``). The messages a coordinator or agent receives from a possibly hostile
+sender (``Update``, ``Status``, ``GlobalModel``) also have ``read(payload, limits)``: the
+payload read by schema (``envelope.read``), so that only the fields named here are built;
+an update's delta and a model's inline tensors stay packed (``update_codec.PackedMap``).
+Tensor payloads are left encoded by ``from_wire``; the receiver decodes them with
+``update_codec.decode_update_delta`` as a separate, counted validation step.
 
 ``Update.delta`` and ``GlobalModel.tensors`` are an entry map, or a bin holding the
 zstd-compressed packed entry map (``fedbus.update_codec``). A model says so in its optional

@@ -63,10 +63,11 @@ it with a hard bound on the output (``decompressed_bound``): never more than the
 legitimate encoding of the expected tensors, so a zip bomb costs a bounded allocation and
 is rejected as ``too_large`` (or ``malformed``), never expanded.
 
-Every codec has an encode/decode pair with a round-trip test. Decoding validates every
-entry and returns float32 arrays; it never trusts lengths or shapes from the wire, and it
-expands a ``topk`` entry to its dense shape only after checking that shape against the
-expected one (and against a total budget of ``MAX_DENSE_ELEMENTS``).
+Every codec has an encode/decode pair with a round-trip test. Decoding reads the map by
+schema (``fedbus.wire_reader``; below, "decoding"), validates every entry against the
+expected names and shapes and returns float32 arrays; it never trusts lengths or shapes
+from the wire, and converts nothing (no dequantisation, no ``topk`` expansion) before every
+entry has passed every check (and a total budget of ``MAX_DENSE_ELEMENTS``).
 """
 
 from __future__ import annotations
