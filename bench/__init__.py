@@ -6,7 +6,8 @@ of a shared, noisy machine hits both sides. Only the ratios mean anything.
 
 Modules: ``harness`` (processes, broker, environment, statistics, the agent fleet),
 ``procs`` (the child processes: coordinator, bare subscriber, publisher, probes), one
-module per benchmark (``ingest``, ``latency``, ``codecs``, ``tta``, ``footprint``) and
+module per benchmark (``ingest``, ``latency``, ``codecs``, ``tta``, ``footprint``,
+``decode_worst`` with the payloads of ``hostile``) and
 ``report`` (results.json to the tables of BENCHMARKS.md).
 """
 
@@ -17,6 +18,7 @@ BENCHMARKS: tuple[str, ...] = (
     "bytes",
     "time_to_accuracy",
     "footprint",
+    "decode_worst",
 )
 
 __all__ = ["BENCHMARKS"]

@@ -47,12 +47,17 @@ def _runner(name: str):
         from bench import footprint
 
         return footprint.run
+    if name == "decode_worst":
+        from bench import decode_worst
+
+        return decode_worst.run
     raise ValueError(name)
 
 
 # Order: the fleet of agents with equal speeds serves ``bytes`` and then the first profile
 # of ``time_to_accuracy`` without being restarted.
-ORDER = ("ingest_25k", "ingest_1m", "latency", "footprint", "bytes", "time_to_accuracy")
+ORDER = ("ingest_25k", "ingest_1m", "latency", "footprint", "bytes", "time_to_accuracy",
+         "decode_worst")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

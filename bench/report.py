@@ -248,6 +248,19 @@ def _footprint(b: dict[str, Any]) -> str:
     ])
 
 
+def _decode_worst(b: dict[str, Any]) -> str:
+    mib = 1 << 20
+    rows = [[f"`{r['shape']}`", f"{r['payload_bytes']:,}", r["reason"],
+             _num(r["tracemalloc_peak_bytes"] / mib), _num(r["peak_over_payload"]),
+             _num(r["unpackb_peak_bytes"] / mib), _num(r["seconds"] * 1000)]
+            for r in b["details"]["shapes"]]
+    return "\n".join([
+        _stamp(b), "", _table(HEAD, [_head(b, "peak / payload (median over shapes)")]), "",
+        _table(["payload (bench/hostile.py)", "bytes", "verdict", "peak MiB", "peak / payload",
+                "msgpack.unpackb peak MiB", "ms (best of 3)"], rows),
+    ])
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "ingest_25k": _ingest,
     "ingest_1m": _ingest,
@@ -255,6 +268,7 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "bytes": _bytes,
     "time_to_accuracy": _tta,
     "footprint": _footprint,
+    "decode_worst": _decode_worst,
 }
 
 
@@ -276,6 +290,7 @@ RATIO_MEANS = {
     "bytes": "torch.save / ours (higher is better)",
     "time_to_accuracy": "sync / async under 1:2:4 (higher is better)",
     "footprint": "agent / bare (lower is better)",
+    "decode_worst": "ours / unpackb (lower is better)",
 }
 
 

@@ -78,7 +78,7 @@ from coordinator.validation import (
     validate_update,
 )
 from fedbus.codec_spec import CodecSpec, parse_codec
-from fedbus.envelope import DecodeLimits, unpack
+from fedbus.envelope import DecodeLimits
 from fedbus.errors import ProtocolError
 from fedbus.messages import GlobalModel, Receipt, Status, Task, Update
 from fedbus.topics import DEVICE_ID_PATTERN
@@ -352,7 +352,7 @@ class CoordinatorCore:
 
     def _decode_stored(self, entry: Pending) -> dict[str, np.ndarray]:
         """An accepted update's delta, decoded again from its stored payload."""
-        update = Update.from_wire(unpack(entry.payload, "update", self._limits.decode))
+        update = Update.read(entry.payload, self._limits.decode)
         return decode_update_delta(
             update.delta, update.compression, expected_shapes=self._shapes
         )
@@ -445,7 +445,7 @@ class CoordinatorCore:
             state = None
         else:
             try:
-                status = Status.from_wire(unpack(payload, "status", STATUS_LIMITS))
+                status = Status.read(payload, STATUS_LIMITS)
             except ProtocolError as exc:
                 return self._bad_status(device_id, f"{exc.reason}: {exc.detail}")
             except Exception as exc:  # hostile input never escapes

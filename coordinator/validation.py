@@ -4,7 +4,9 @@ Every update is hostile input. ``validate_update`` runs the checks cheapest firs
 at the first failure, in this order:
 
 1. ``too_large``      payload longer than ``max_update_bytes``
-2. ``malformed``      not msgpack, or msgpack over the decode limits
+2. ``malformed``      not msgpack, or msgpack over the decode limits; the envelope is read by
+   schema (``Update.read``): only its known fields are built, unknown values are skipped
+   unread, and the ``delta`` is left packed (a view of the payload) without being parsed
 3. ``schema``         not a v2 ``update`` envelope with well-typed fields
 4. ``device_mismatch`` the update's ``dev`` is not the device of the topic (the broker ACL
    guarantees who may write a topic, so the topic is the identity)
@@ -22,14 +24,18 @@ at the first failure, in this order:
 10. ``duplicate_work`` the device already had an update accepted for this base version: a
    retrained copy of the same work (an agent restarted before it got its receipt)
    (4 to 10 read only the envelope: a replayed or outdated update is refused before any
-   tensor is decompressed or decoded)
+   tensor is decompressed, parsed or decoded)
 11. ``too_large`` / ``malformed``  a zstd delta that does not decompress within
-   ``decompressed_bound(expected_shapes)`` bytes, is not one zstd frame, or does not hold
-   msgpack within the same limits
-12. ``dtype`` / ``shape`` / ``schema`` while decoding the tensors (``update_codec``); a
-   ``topk`` entry's shape is compared with the model's before it is expanded, and its
-   indices must be in range, ascending and distinct
-13. ``shape``          tensor names or shapes differ from the global model's
+   ``decompressed_bound(expected_shapes)`` bytes or is not one zstd frame; a delta (inline
+   or decompressed) that is not msgpack within the same limits
+12. ``shape``          tensor names differ from the global model's (a delta with more entries
+   than the model has tensors is refused from its map header; an entry the model lacks is
+   skipped unread)
+13. ``dtype`` / ``shape`` / ``schema`` an entry's content (``update_codec``): its dtypes, its
+   shape against the model's, lengths, scale layout, int4 padding, top-k indices (in range,
+   ascending, distinct). 11 to 13 are one pass over the delta, in wire order; every entry
+   passes them before any is converted to float32, so a refused update costs about one copy
+   of its bytes (``python -m bench.decode_worst``)
 14. ``non_finite``    NaN or infinity anywhere in the delta
 15. ``norm``          global L2 norm above ``max_norm``
     (14 and 15 take one pass: the norm, which is finite only when every value is)
@@ -57,9 +63,9 @@ import numpy as np
 
 from coordinator.aggregation import is_finite, l2_norm
 from coordinator.journal import Ledger, Verdict
-from fedbus.envelope import DecodeLimits, unpack
+from fedbus.envelope import DecodeLimits
 from fedbus.errors import ProtocolError
-from fedbus.messages import Update
+from fedbus.messages import Update, read_update_fields
 from fedbus.update_codec import decode_update_delta
 
 __all__ = [
@@ -210,7 +216,8 @@ def validate_update(
             return reject(
                 "too_large", f"payload of {size} bytes exceeds limit {limits.max_update_bytes}"
             )
-        obj = unpack(payload, "update", limits.decode)
+        # by schema: only the envelope's known fields are built, the delta stays packed
+        obj = read_update_fields(payload, limits.decode)
         try:
             update = Update.from_wire(obj)
         except ProtocolError:
@@ -268,8 +275,10 @@ def validate_update(
                 f"{update.base_version}",
             )
         # decompression (bounded by the expected shapes), decoding, then names and shapes
+        assert limits.decode is not None
         delta = decode_update_delta(
-            update.delta, update.compression, expected_shapes=expected_shapes
+            update.delta, update.compression, expected_shapes=expected_shapes,
+            max_bin_len=limits.decode.max_bin_len,
         )
         # One pass: a finite norm means every value is finite (l2_norm); only a non-finite
         # norm needs the second look that tells NaN/infinity from a mere overflow.

@@ -185,7 +185,7 @@ class Agent:
             max_bytes=self.config.max_model_bytes, max_bin_len=self.config.max_model_bytes
         )
         try:
-            model = GlobalModel.from_wire(unpack(payload, "model", limits))
+            model = GlobalModel.read(payload, limits)
         except ProtocolError as exc:
             log.warning("ignoring malformed model message: %s", exc)
             return
@@ -410,7 +410,7 @@ class Agent:
 
         shapes = state_shapes(self._model)
         try:
-            update = Update.from_wire(unpack(entry.payload, "update"))
+            update = Update.read(entry.payload)
             content = decode_update_delta(update.delta, update.compression,
                                           expected_shapes=shapes)
         except (ProtocolError, ValueError) as exc:  # our own bytes: should never happen

@@ -2,20 +2,27 @@
 
 Every message on the wire is one msgpack map with ``v`` (protocol version) and ``kind``.
 Decoding never trusts the input: the payload size is checked first, then msgpack is
-told exactly how large each string, binary, array and map may be, so a hostile payload
-cannot make the decoder allocate more than the payload itself.
+told exactly how large each string, binary, array and map may be.
+
+``read`` is for messages that come from devices (updates, status): it walks only the
+fields the receiver knows (``fedbus.wire_reader``), so the memory and the Python-level
+work of a decode are bounded by the schema and one copy of the payload, whatever the
+payload holds. ``unpack`` builds the whole message with msgpack and stays for messages
+from the coordinator (task, model, receipt), read by agents.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from fedbus.errors import ProtocolError
+from fedbus.wire_reader import MAX_FIELDS, FieldReader, Reader, read_fields
 
-__all__ = ["PROTOCOL_VERSION", "DecodeLimits", "pack", "unpack"]
+__all__ = ["PROTOCOL_VERSION", "DecodeLimits", "pack", "read", "unpack"]
 
 PROTOCOL_VERSION = 2
 
@@ -62,6 +69,42 @@ def unpack(payload: bytes, kind: str | None = None, limits: DecodeLimits | None 
         raise ProtocolError("malformed", f"not a valid msgpack message: {exc}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError("schema", f"message is a {type(obj).__name__}, expected a map")
+    return _check_envelope(obj, kind)
+
+
+def read(
+    payload: bytes,
+    kind: str,
+    fields: Mapping[str, FieldReader],
+    limits: DecodeLimits | None = None,
+) -> dict:
+    """Decode one envelope by schema: only ``v``, ``kind`` and ``fields`` (each read by its
+    reader) are built; the values of other keys are skipped unread. At most
+    ``min(limits.max_map_len, wire_reader.MAX_FIELDS)`` keys.
+
+    Raises ``ProtocolError`` like ``unpack``: ``too_large``, then ``malformed`` (not one
+    msgpack value, over a limit, a repeated key), then ``schema``. Type errors inside
+    the fields are left to the caller's checks (a container where a leaf was expected is
+    a ``wire_reader.Unread``).
+    """
+    limits = limits or DecodeLimits()
+    if len(payload) > limits.max_bytes:
+        raise ProtocolError(
+            "too_large", f"payload of {len(payload)} bytes exceeds limit {limits.max_bytes}"
+        )
+    reader = Reader(payload, max_str_len=limits.max_str_len, max_bin_len=limits.max_bin_len)
+    shape, _ = reader.peek()
+    if shape != "map":
+        reader.skip()  # not msgpack at all is malformed, before it is the wrong shape
+        reader.end()
+        raise ProtocolError("schema", f"message is a {shape}, expected a map")
+    wanted = {"v": Reader.leaf, "kind": Reader.leaf, **fields}
+    obj = read_fields(reader, wanted, limit=min(limits.max_map_len, MAX_FIELDS))
+    reader.end()
+    return _check_envelope(obj, kind)
+
+
+def _check_envelope(obj: dict, kind: str | None) -> dict:
     version = obj.get("v")
     # `true == 1` and `1.0 == 1` in Python: insist on an integer
     if type(version) is not int or version != PROTOCOL_VERSION:

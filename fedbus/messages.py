@@ -2,8 +2,12 @@
 
 Each message is a frozen dataclass with ``to_wire()`` (a dict for ``envelope.pack``) and
 ``from_wire(obj)`` (checks every field's type and range, raising ``ProtocolError`` with
-reason ``schema``). Tensor payloads are left encoded by ``from_wire``; the receiver decodes
-them with ``update_codec.decode_update_delta`` as a separate, counted validation step.
+reason ``schema``). The messages a coordinator or agent receives from a possibly hostile
+sender (``Update``, ``Status``, ``GlobalModel``) also have ``read(payload, limits)``: the
+payload read by schema (``envelope.read``), so that only the fields named here are built;
+an update's delta and a model's inline tensors stay packed (``update_codec.PackedMap``).
+Tensor payloads are left encoded by ``from_wire``; the receiver decodes them with
+``update_codec.decode_update_delta`` as a separate, counted validation step.
 
 ``Update.delta`` and ``GlobalModel.tensors`` are an entry map, or a bin holding the
 zstd-compressed packed entry map (``fedbus.update_codec``). A model says so in its optional
@@ -30,9 +34,11 @@ from typing import Any
 import msgpack
 
 from fedbus.codec_spec import COMPRESSIONS, parse_codec
-from fedbus.envelope import PROTOCOL_VERSION
+from fedbus.envelope import PROTOCOL_VERSION, DecodeLimits, read
 from fedbus.errors import ProtocolError
 from fedbus.topics import DEVICE_ID_PATTERN
+from fedbus.update_codec import PackedMap
+from fedbus.wire_reader import FieldReader, Reader, Unread
 
 __all__ = [
     "RUN_STATES",
@@ -46,6 +52,7 @@ __all__ = [
     "Update",
     "new_run_id",
     "new_update_id",
+    "read_update_fields",
 ]
 
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -78,7 +85,8 @@ def _get(obj: dict, key: str, types: type | tuple[type, ...], what: str) -> Any:
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise ProtocolError("schema", f"{what}: field {key!r} has type bool")
     if not isinstance(value, types):
-        raise ProtocolError("schema", f"{what}: field {key!r} has type {type(value).__name__}")
+        name = value.wire_type if isinstance(value, Unread) else type(value).__name__
+        raise ProtocolError("schema", f"{what}: field {key!r} has type {name}")
     return value
 
 
@@ -110,11 +118,13 @@ def _finite_float(obj: dict, key: str, what: str) -> float:
     return value
 
 
-def _encoded(obj: dict, key: str, what: str) -> tuple[dict[str, Any] | bytes, str | None]:
+def _encoded(
+    obj: dict, key: str, what: str
+) -> tuple[dict[str, Any] | bytes | PackedMap, str | None]:
     """An encoded tensor map and its ``compression``: a map if none, else a bin."""
     compression = obj.get("compression")
     if compression is None:
-        return _get(obj, key, dict, what), None
+        return _get(obj, key, (dict, PackedMap), what), None
     if compression not in COMPRESSIONS:
         raise ProtocolError("schema", f"{what}: unknown compression {compression!r}")
     return _get(obj, key, bytes, what), compression
@@ -285,19 +295,22 @@ class GlobalModel:
 
     task_id: str
     version: int
-    tensors: dict[str, Any] | bytes
+    tensors: dict[str, Any] | bytes | PackedMap
     created_at: float = 0.0
     compression: str | None = None
     run_id: str = field(kw_only=True)
 
     def to_wire(self) -> dict[str, Any]:
+        tensors: Any = self.tensors
+        if isinstance(tensors, PackedMap):  # as read off the wire: the map itself again
+            tensors = msgpack.unpackb(tensors.data, raw=False)
         wire = {
             "v": PROTOCOL_VERSION,
             "kind": "model",
             "task_id": self.task_id,
             "run": self.run_id,
             "version": self.version,
-            "tensors": self.tensors,
+            "tensors": tensors,
             "created_at": self.created_at,
         }
         if self.compression is not None:
@@ -316,6 +329,13 @@ class GlobalModel:
             created_at=_finite_float(obj, "created_at", "model"),
             compression=compression,
         )
+
+    @classmethod
+    def read(cls, payload: bytes, limits: DecodeLimits | None = None) -> GlobalModel:
+        """Decode and check a model payload by schema (``envelope.read``); ``tensors``
+        stays packed (a ``PackedMap`` view of the payload, or the zstd frame's bytes)
+        for ``update_codec.decode_update_delta``."""
+        return cls.from_wire(read(payload, "model", MODEL_FIELDS, limits))
 
 
 @dataclass(frozen=True)
@@ -336,7 +356,7 @@ class Update:
     task_id: str
     base_version: int
     num_samples: int
-    delta: dict[str, Any] | bytes
+    delta: dict[str, Any] | bytes | PackedMap
     metrics: dict[str, float] = field(default_factory=dict)
     sent_at: float = 0.0
     compression: str | None = None
@@ -345,6 +365,9 @@ class Update:
     def to_wire(self) -> dict[str, Any]:
         """The envelope as a dict; ``ValueError`` if ``delta`` and ``compression`` disagree."""
         compressed = isinstance(self.delta, (bytes, bytearray, memoryview))
+        delta: Any = self.delta
+        if isinstance(delta, PackedMap):  # as read off the wire: the map itself again
+            delta = msgpack.unpackb(delta.data, raw=False)
         if compressed != (self.compression is not None) or (
             self.compression is not None and self.compression not in COMPRESSIONS
         ):
@@ -362,7 +385,7 @@ class Update:
             "base": self.base_version,
             "n": self.num_samples,
             "m": dict(self.metrics),
-            "delta": self.delta,
+            "delta": delta,
             "ts": self.sent_at,
         }
 
@@ -391,7 +414,7 @@ class Update:
     def from_wire(cls, obj: dict) -> Update:
         _check_kind(obj, "update")
         metrics = _get(obj, "m", dict, "update")
-        if len(metrics) > 32 or not all(
+        if len(metrics) > _MAX_METRICS or not all(
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
             and math.isfinite(v)
             for k, v in metrics.items()
@@ -400,7 +423,7 @@ class Update:
         num_samples = _nonneg_int(obj, "n", "update", 1 << 40)
         if num_samples < 1:
             raise ProtocolError("schema", "update: field 'n' (num_samples) must be at least 1")
-        delta = _get(obj, "delta", (dict, bytes), "update")
+        delta = _get(obj, "delta", (dict, bytes, PackedMap), "update")
         return cls(
             update_id=_get_id(obj, "update_id", "update"),
             device_id=_get_id(obj, "dev", "update", DEVICE_ID_PATTERN),
@@ -411,8 +434,66 @@ class Update:
             delta=delta,
             metrics={k: float(v) for k, v in metrics.items()},
             sent_at=_finite_float(obj, "ts", "update"),
-            compression=None if isinstance(delta, dict) else "zstd",
+            compression="zstd" if isinstance(delta, bytes) else None,
         )
+
+    @classmethod
+    def read(cls, payload: bytes, limits: DecodeLimits | None = None) -> Update:
+        """Decode and check an update payload by schema (``envelope.read``): its ``delta``
+        stays unread, a ``PackedMap`` view of the payload (or the bytes of a zstd frame),
+        for ``update_codec.decode_update_delta``. ``ProtocolError`` as ``from_wire``;
+        ``read_fields`` gives the fields it read when the check fails."""
+        return cls.from_wire(read_update_fields(payload, limits))
+
+
+def _read_metrics(reader: Reader) -> Any:
+    """``m``: a map of at most 32 str -> number (a longer one is skipped and refused by
+    ``from_wire``); bin keys are kept as bytes so that ``from_wire`` refuses them."""
+    kind, n = reader.peek()
+    if kind != "map" or n > _MAX_METRICS:
+        return reader.leaf()
+    metrics: dict[Any, Any] = {}
+    for _ in range(reader.map_header(_MAX_METRICS)):
+        if reader.peek()[0] == "bin":
+            key: Any = bytes(reader.bin_view())
+        else:
+            key = reader.key()
+        if key in metrics:
+            raise ProtocolError("malformed", f"key {key!r} appears twice in one map")
+        metrics[key] = reader.leaf()
+    return metrics
+
+
+def _read_delta(reader: Reader) -> Any:
+    """``delta``: a map is left packed (a view of the payload), a bin copied out."""
+    kind, _ = reader.peek()
+    if kind == "map":
+        return PackedMap(reader.span())
+    if kind == "bin":
+        return bytes(reader.bin_view())
+    return reader.leaf()
+
+
+_MAX_METRICS = 32
+_LEAF: FieldReader = Reader.leaf
+UPDATE_FIELDS: dict[str, FieldReader] = {
+    "update_id": _LEAF, "dev": _LEAF, "run": _LEAF, "task": _LEAF, "base": _LEAF,
+    "n": _LEAF, "m": _read_metrics, "delta": _read_delta, "ts": _LEAF,
+}
+MODEL_FIELDS: dict[str, FieldReader] = {
+    "task_id": _LEAF, "run": _LEAF, "version": _LEAF, "tensors": _read_delta,
+    "created_at": _LEAF, "compression": _LEAF,
+}
+STATUS_FIELDS: dict[str, FieldReader] = {
+    "device_id": _LEAF, "state": _LEAF, "run": _LEAF, "model_version": _LEAF, "ts": _LEAF,
+}
+
+
+def read_update_fields(payload: bytes, limits: DecodeLimits | None = None) -> dict:
+    """The fields of an update payload that ``Update.from_wire`` checks, read by schema;
+    the rest of the payload is skipped. ``ProtocolError`` for ``too_large``, ``malformed``
+    and a wrong ``v`` or ``kind`` (``schema``)."""
+    return read(payload, "update", UPDATE_FIELDS, limits)
 
 
 @dataclass(frozen=True)
@@ -519,3 +600,8 @@ class Status:
             ts=_finite_float(obj, "ts", "status"),
             run_id=run,
         )
+
+    @classmethod
+    def read(cls, payload: bytes, limits: DecodeLimits | None = None) -> Status:
+        """Decode and check a status payload by schema (``envelope.read``)."""
+        return cls.from_wire(read(payload, "status", STATUS_FIELDS, limits))

@@ -47,7 +47,9 @@ def decode_tensor(obj: Any, *, where: str = "tensor") -> np.ndarray:
     """Decode one tensor map into a read-only numpy array, or raise ``ProtocolError``.
 
     Runs once per tensor of every update, so the checks are plain type tests and one loop
-    (msgpack gives exactly ``dict``, ``list``, ``int``, ``str`` and ``bytes``).
+    (msgpack gives exactly ``dict``, ``list``, ``int``, ``str`` and ``bytes``; the
+    schema reader of ``fedbus.wire_reader`` gives a ``memoryview`` of the message for a
+    bin, and the array is then a view of the message's bytes).
     """
     if type(obj) is not dict:
         raise ProtocolError("schema", f"{where}: expected a map")
@@ -64,7 +66,7 @@ def decode_tensor(obj: Any, *, where: str = "tensor") -> np.ndarray:
             raise ProtocolError("shape", f"{where}: bad shape {shape!r}")
         count *= d
     data = obj.get("data")
-    if type(data) is not bytes:
+    if type(data) is not bytes and type(data) is not memoryview:
         raise ProtocolError("schema", f"{where}: data must be binary")
     if count > MAX_ELEMENTS:
         raise ProtocolError("shape", f"{where}: {count} elements exceeds limit {MAX_ELEMENTS}")

@@ -63,17 +63,18 @@ it with a hard bound on the output (``decompressed_bound``): never more than the
 legitimate encoding of the expected tensors, so a zip bomb costs a bounded allocation and
 is rejected as ``too_large`` (or ``malformed``), never expanded.
 
-Every codec has an encode/decode pair with a round-trip test. Decoding validates every
-entry and returns float32 arrays; it never trusts lengths or shapes from the wire, and it
-expands a ``topk`` entry to its dense shape only after checking that shape against the
-expected one (and against a total budget of ``MAX_DENSE_ELEMENTS``).
+Every codec has an encode/decode pair with a round-trip test. Decoding reads the map by
+schema (``fedbus.wire_reader``; below, "decoding"), validates every entry against the
+expected names and shapes and returns float32 arrays; it never trusts lengths or shapes
+from the wire, and converts nothing (no dequantisation, no ``topk`` expansion) before every
+entry has passed every check (and a total budget of ``MAX_DENSE_ELEMENTS``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
@@ -83,6 +84,7 @@ import zstandard
 from fedbus.codec_spec import COMPRESSIONS, VALUE_CODECS, CodecSpec, parse_codec
 from fedbus.errors import ProtocolError
 from fedbus.tensors import MAX_ELEMENTS, MAX_NDIM, decode_tensor, encode_tensor
+from fedbus.wire_reader import FieldReader, Reader, Unread, read_fields
 
 __all__ = [
     "CODECS",
@@ -90,6 +92,7 @@ __all__ = [
     "MAX_DENSE_ELEMENTS",
     "ZSTD_LEVEL",
     "ZSTD_MAX_WINDOW",
+    "PackedMap",
     "decode_delta",
     "decode_update_delta",
     "decompressed_bound",
@@ -282,6 +285,34 @@ def encode_update_delta(
 
 
 # -- decoding ---------------------------------------------------------------------------
+#
+# Decoding reads the entry map by schema (``fedbus.wire_reader``): names, codec names,
+# shapes and dtypes are small objects; tensor data stays a view of the message's bytes
+# until every entry has passed every check (``_plan_*``: names, shapes and dtypes against
+# the model, lengths, scale layouts, int4 padding, top-k indices). Only then is anything
+# converted (``Plan``: dequantisation, float16 to float32, top-k expansion), so a refused
+# update never costs a dense tensor, and an accepted one costs its float32 output plus one
+# copy of its bytes.
+
+
+@dataclass(frozen=True)
+class PackedMap:
+    """An encoded tensor map still in its msgpack bytes, as it came in a message.
+
+    ``fedbus.messages.Update.read`` leaves an inline delta this way (a view of the
+    payload: nothing of it is decoded until the update passed its envelope checks);
+    ``decode_update_delta`` reads it by schema."""
+
+    data: bytes | memoryview
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+Plan = Callable[[], np.ndarray]  # converts one checked entry to float32
+_MAX_TENSORS = 1024  # entries of one map (the decode limit of an envelope's map)
+_MAX_STR = 4096
+_INDEX_CHUNK = 1 << 15  # index bytes decoded at a time: bounded temporaries
 
 
 def _check_shape(shape: Any, where: str) -> tuple[int, ...]:
@@ -302,141 +333,165 @@ def _scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[0],) if len(shape) >= 2 else ()
 
 
-def _dequantize(q: np.ndarray, s: np.ndarray, where: str) -> np.ndarray:
-    want = _scale_shape(q.shape)
+def _check_scale(q_shape: tuple[int, ...], s: np.ndarray, where: str) -> None:
+    want = _scale_shape(q_shape)
     if s.shape != want:
         raise ProtocolError("shape", f"{where}: scale shape {s.shape}, expected {want}")
+
+
+def _dequantize(q: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``q * s`` (scales per row for 2+ dimensions) as float32, with one output array."""
     if q.size == 0:
         return np.zeros(q.shape, np.float32)
+    out = q.astype(np.float32)
     if q.ndim >= 2:
-        return (q.reshape(q.shape[0], -1).astype(np.float32) * s[:, None]).reshape(q.shape)
-    return q.astype(np.float32) * s
+        out.reshape(q.shape[0], -1)[...] *= s[:, None]
+    else:
+        out *= s
+    return out
 
 
-def _unpack_int4(packed: np.ndarray, count: int, where: str) -> np.ndarray:
+def _check_int4(packed: np.ndarray, count: int, where: str) -> None:
     if packed.shape != ((count + 1) // 2,):
         raise ProtocolError(
             "shape", f"{where}: {packed.size} packed bytes, expected {(count + 1) // 2}"
         )
+    if count % 2 and packed[-1] >> 4 != 0:
+        raise ProtocolError("shape", f"{where}: padding nibble is not zero")
+
+
+def _unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
     nibbles = np.empty(2 * packed.size, np.uint8)
     nibbles[0::2] = packed & 0x0F
     nibbles[1::2] = packed >> 4
-    if count % 2 and nibbles[-1] != 0:
-        raise ProtocolError("shape", f"{where}: padding nibble is not zero")
     return ((nibbles[:count] ^ 8).astype(np.int8) - 8).astype(np.int8)
 
 
-def _decode_indices(buf: np.ndarray, n: int, where: str) -> np.ndarray:
-    """LEB128 gap varints -> strictly ascending indices in [0, n); vectorised, O(len(buf))."""
+def _iter_indices(buf: np.ndarray, n: int, where: str) -> Iterator[np.ndarray]:
+    """LEB128 gap varints -> strictly ascending indices in [0, n), checked and yielded a
+    chunk (at most ``_INDEX_CHUNK`` bytes of varints) at a time, so the temporaries stay
+    small whatever the stream's length."""
     if buf.ndim != 1:
         raise ProtocolError("shape", f"{where}: indices must be a 1-d uint8 tensor")
     if buf.size == 0:
-        return np.zeros(0, np.int64)
+        return
     # at most n indices, whose gaps sum to < n: 1 byte each plus 1 per gap of 128 or more, ...
     if buf.size > n + n // 64 + _MAX_VARINT_BYTES:
         raise ProtocolError("shape", f"{where}: {buf.size} index bytes for {n} elements")
     if buf[-1] & 0x80:
         raise ProtocolError("shape", f"{where}: truncated index varint")
-    ends = np.flatnonzero(buf < 0x80)
-    starts = np.empty_like(ends)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    lengths = ends - starts + 1
-    if int(lengths.max()) > _MAX_VARINT_BYTES:
-        raise ProtocolError("shape", f"{where}: index varint longer than {_MAX_VARINT_BYTES} bytes")
-    if np.any(buf[ends[lengths > 1]] == 0):
-        raise ProtocolError("shape", f"{where}: index varint is not in its shortest form")
-    pos = np.arange(buf.size, dtype=np.int64) - np.repeat(starts, lengths)
-    parts = (buf & 0x7F).astype(np.int64) << (7 * pos)
-    gaps = np.add.reduceat(parts, starts)
-    if np.any(gaps[1:] == 0):
-        raise ProtocolError("shape", f"{where}: duplicate index (gap 0)")
-    idx = np.cumsum(gaps)
-    if int(idx[-1]) >= n:
-        raise ProtocolError("shape", f"{where}: index {int(idx[-1])} out of range for {n} elements")
-    return idx
-
-
-class _Decoder:
-    """Decodes the entries of one map, keeping a budget of dense elements."""
-
-    def __init__(self, expected_shapes: Mapping[str, tuple[int, ...]] | None) -> None:
-        self.expected = expected_shapes
-        self.budget = MAX_DENSE_ELEMENTS
-
-    def _spend(self, count: int, where: str) -> None:
-        if count > self.budget:
+    start, last = 0, -1
+    while start < buf.size:
+        stop = min(start + _INDEX_CHUNK, buf.size)
+        if stop < buf.size:  # cut after the last varint that ends in this chunk
+            ends_here = np.flatnonzero(buf[start:stop] < 0x80)
+            if ends_here.size == 0:
+                raise ProtocolError(
+                    "shape", f"{where}: index varint longer than {_MAX_VARINT_BYTES} bytes"
+                )
+            stop = start + int(ends_here[-1]) + 1
+        part = buf[start:stop]
+        ends = np.flatnonzero(part < 0x80)
+        starts = np.empty_like(ends)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        lengths = ends - starts + 1
+        if int(lengths.max()) > _MAX_VARINT_BYTES:
             raise ProtocolError(
-                "shape", f"{where}: more than {MAX_DENSE_ELEMENTS} decoded elements in total"
+                "shape", f"{where}: index varint longer than {_MAX_VARINT_BYTES} bytes"
             )
-        self.budget -= count
-
-    def entry(self, name: str, entry: Any) -> np.ndarray:
-        where = f"tensor {name!r}"
-        if isinstance(entry, dict) and entry.get("c") == "topk":
-            shape = _check_shape(entry.get("shape"), where)
-            if self.expected is not None:
-                want = self.expected.get(name)
-                if want is None:
-                    raise ProtocolError("shape", f"{where} is not a tensor of the model")
-                if shape != tuple(want):
-                    raise ProtocolError(
-                        "shape", f"tensor {name!r} has shape {shape}, expected {tuple(want)}"
-                    )
-            self._spend(math.prod(shape), where)
-            return _decode_topk(entry, shape, where)
-        out = _decode_dense(entry, where)
-        self._spend(out.size, where)
-        return out
+        if np.any(part[ends[lengths > 1]] == 0):
+            raise ProtocolError("shape", f"{where}: index varint is not in its shortest form")
+        pos = np.arange(part.size, dtype=np.int64) - np.repeat(starts, lengths)
+        gaps = np.add.reduceat((part & 0x7F).astype(np.int64) << (7 * pos), starts)
+        # every gap but the very first must be >= 1
+        if np.any(gaps[1:] == 0) or (last >= 0 and gaps[0] == 0):
+            raise ProtocolError("shape", f"{where}: duplicate index (gap 0)")
+        idx = np.cumsum(gaps)
+        if last >= 0:
+            idx += last
+        if int(idx[-1]) >= n:
+            raise ProtocolError(
+                "shape", f"{where}: index {int(idx[-1])} out of range for {n} elements"
+            )
+        last = int(idx[-1])
+        start = stop
+        yield idx
 
 
-def _decode_dense(entry: Any, where: str) -> np.ndarray:
-    """One fp32/fp16/int8/int4 entry (anything else, ``topk`` included, is ``schema``)."""
+def _decode_indices(buf: np.ndarray, n: int, where: str) -> np.ndarray:
+    """All indices of a stream (``_iter_indices``) in one array."""
+    chunks = list(_iter_indices(buf, n, where))
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+
+
+def _is_bin(value: Any) -> bool:
+    return isinstance(value, bytes | memoryview)
+
+
+def _bin(entry: dict, key: str, where: str) -> bytes | memoryview:
+    value = entry.get(key)
+    if not isinstance(value, bytes | memoryview):
+        raise ProtocolError(
+            "schema", f"{where}: {key!r} must be a bin, not {_type_name(value)}"
+        )
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return value.wire_type if isinstance(value, Unread) else type(value).__name__
+
+
+def _want_shape(shape: tuple[int, ...], want: tuple[int, ...] | None, name: str) -> None:
+    if want is not None and shape != tuple(want):
+        raise ProtocolError("shape", f"tensor {name!r} has shape {shape}, expected {tuple(want)}")
+
+
+def _plan_dense(entry: Any, name: str, want: tuple[int, ...] | None) -> tuple[int, Plan]:
+    """Check one fp32/fp16/int8/int4 entry (anything else, ``topk`` included, is
+    ``schema``); return its element count and how to convert it."""
+    where = f"tensor {name!r}"
     if not isinstance(entry, dict):
         raise ProtocolError("schema", f"{where}: expected a map")
     codec = entry.get("c")
     if codec not in VALUE_CODECS:
         raise ProtocolError("schema", f"{where}: unknown codec {codec!r}")
-    if codec == "fp32":
+    if codec in ("fp32", "fp16"):
         t = decode_tensor(entry.get("t"), where=where)
-        if t.dtype != np.float32:
-            raise ProtocolError("dtype", f"{where}: fp32 entry holds {t.dtype}")
-        return t
-    if codec == "fp16":
-        t = decode_tensor(entry.get("t"), where=where)
-        if t.dtype != np.float16:
-            raise ProtocolError("dtype", f"{where}: fp16 entry holds {t.dtype}")
-        return t.astype(np.float32)
+        wire = np.float32 if codec == "fp32" else np.float16
+        if t.dtype != wire:
+            raise ProtocolError("dtype", f"{where}: {codec} entry holds {t.dtype}")
+        _want_shape(t.shape, want, name)
+        if codec == "fp32":
+            return t.size, lambda: t
+        return t.size, lambda: t.astype(np.float32)
     if codec == "int8":
         q = decode_tensor(entry.get("t"), where=where)
         s = decode_tensor(entry.get("s"), where=f"{where} scale")
         if q.dtype != np.int8 or s.dtype != np.float32:
             raise ProtocolError("dtype", f"{where}: int8 entry needs int8 values, float32 scale")
-        return _dequantize(q, s, where)
+        _check_scale(q.shape, s, where)
+        _want_shape(q.shape, want, name)
+        return q.size, lambda: _dequantize(q, s)
     # int4
     shape = _check_shape(entry.get("shape"), where)
     packed = decode_tensor(entry.get("t"), where=where)
     s = decode_tensor(entry.get("s"), where=f"{where} scale")
     if packed.dtype != np.uint8 or s.dtype != np.float32:
         raise ProtocolError("dtype", f"{where}: int4 entry needs uint8 values, float32 scale")
-    q = _unpack_int4(packed, math.prod(shape), where).reshape(shape)
-    return _dequantize(q, s, where)
+    count = math.prod(shape)
+    _check_int4(packed, count, where)
+    _check_scale(shape, s, where)
+    _want_shape(shape, want, name)
+    return count, lambda: _dequantize(_unpack_int4(packed, count).reshape(shape), s)
 
 
 _VALUE_ITEMSIZE = {"fp32": 4, "fp16": 2, "int8": 1}
 
 
-def _bin(entry: dict, key: str, where: str) -> bytes:
-    value = entry.get(key)
-    if not isinstance(value, bytes):
-        raise ProtocolError(
-            "schema", f"{where}: {key!r} must be a bin, not {type(value).__name__}"
-        )
-    return value
-
-
-def _decode_values(entry: Any, count: int, where: str) -> np.ndarray:
-    """A top-k entry's ``v``: ``count`` values as bare bins; float32, shape ``[count]``."""
+def _plan_values(entry: Any, count: int, where: str) -> Callable[[int, int], np.ndarray]:
+    """Check a top-k entry's ``v`` (``count`` values as bare bins); return a function of
+    ``(start, stop)`` giving values ``start:stop`` as float32."""
     if not isinstance(entry, dict):
         raise ProtocolError("schema", f"{where}: expected a map")
     codec = entry.get("c")
@@ -449,62 +504,178 @@ def _decode_values(entry: Any, count: int, where: str) -> np.ndarray:
             "shape", f"{where}: {len(data)} bytes of {codec} for {count} values, expected {want}"
         )
     if codec == "fp32":
-        return np.frombuffer(data, "<f4")
+        f32 = np.frombuffer(data, "<f4")
+        return lambda a, b: f32[a:b]
     if codec == "fp16":
-        return np.frombuffer(data, "<f2").astype(np.float32)
-    scale = _bin(entry, "s", f"{where} scale")
-    if len(scale) != 4:
+        f16 = np.frombuffer(data, "<f2")
+        return lambda a, b: f16[a:b].astype(np.float32)
+    raw = _bin(entry, "s", f"{where} scale")
+    if len(raw) != 4:
         raise ProtocolError(
-            "shape", f"{where}: scale is {len(scale)} bytes, expected 4 (one float32)"
+            "shape", f"{where}: scale is {len(raw)} bytes, expected 4 (one float32)"
         )
+    scale = np.frombuffer(raw, "<f4")[0]
     if codec == "int8":
-        q = np.frombuffer(data, np.int8)
-    else:
-        q = _unpack_int4(np.frombuffer(data, np.uint8), count, where)
-    return q.astype(np.float32) * np.frombuffer(scale, "<f4")[0]
+        q8 = np.frombuffer(data, np.int8)
+        return lambda a, b: q8[a:b].astype(np.float32) * scale
+    packed = np.frombuffer(data, np.uint8)
+    _check_int4(packed, count, where)
+    unpacked: list[np.ndarray] = []  # unpacked once, on first use
+
+    def int4(a: int, b: int) -> np.ndarray:
+        if not unpacked:
+            unpacked.append(_unpack_int4(packed, count))
+        return unpacked[0][a:b].astype(np.float32) * scale
+
+    return int4
 
 
-def _decode_topk(entry: dict, shape: tuple[int, ...], where: str) -> np.ndarray:
+def _plan_topk(entry: dict, name: str, want: tuple[int, ...] | None) -> tuple[int, Plan]:
+    where = f"tensor {name!r}"
+    shape = _check_shape(entry.get("shape"), where)
+    if want is not None and shape != tuple(want):
+        raise ProtocolError("shape", f"tensor {name!r} has shape {shape}, expected {tuple(want)}")
     n = math.prod(shape)
     if "i" not in entry and "v" not in entry:  # nothing kept
-        return np.zeros(shape, np.float32)
+        return n, lambda: np.zeros(shape, np.float32)
     if "i" not in entry or "v" not in entry:
         raise ProtocolError("schema", f"{where}: a topk entry has both 'i' and 'v' or neither")
     buf = np.frombuffer(_bin(entry, "i", f"{where} indices"), np.uint8)
-    idx = _decode_indices(buf, n, where)
-    values = _decode_values(entry["v"], idx.size, f"{where} values")
-    out = np.zeros(n, np.float32)  # only once indices and values are known to fit
-    out[idx] = values
-    return out.reshape(shape)
+    count = sum(chunk.size for chunk in _iter_indices(buf, n, where))  # checks, keeps nothing
+    values = _plan_values(entry["v"], count, f"{where} values")
+
+    def expand() -> np.ndarray:
+        out = np.zeros(n, np.float32)
+        done = 0
+        for idx in _iter_indices(buf, n, where):
+            out[idx] = values(done, done + idx.size)
+            done += idx.size
+        return out.reshape(shape)
+
+    return n, expand
+
+
+def _shape_field(reader: Reader) -> Any:
+    kind, n = reader.peek()
+    if kind != "array" or n > MAX_NDIM:
+        return reader.leaf()  # anything else is left for _check_shape to refuse
+    reader.array_header(MAX_NDIM)
+    return [reader.leaf() for _ in range(n)]
+
+
+_TENSOR_FIELDS: dict[str, FieldReader] = {
+    "dtype": Reader.leaf, "shape": _shape_field, "data": Reader.leaf,
+}
+_VALUES_FIELDS: dict[str, FieldReader] = {"c": Reader.leaf, "t": Reader.leaf, "s": Reader.leaf}
+
+
+def _map_field(fields: Mapping[str, FieldReader]) -> FieldReader:
+    def read(reader: Reader) -> Any:
+        if reader.peek()[0] != "map":
+            return reader.leaf()
+        return read_fields(reader, fields)
+
+    return read
+
+
+_ENTRY_FIELDS: dict[str, FieldReader] = {
+    "c": Reader.leaf,
+    "t": _map_field(_TENSOR_FIELDS),
+    "s": _map_field(_TENSOR_FIELDS),
+    "shape": _shape_field,
+    "i": Reader.leaf,
+    "v": _map_field(_VALUES_FIELDS),
+}
+_read_entry = _map_field(_ENTRY_FIELDS)
+
+
+def _read_entries(
+    data: bytes | memoryview,
+    expected: Mapping[str, tuple[int, ...]] | None,
+    max_bin_len: int,
+) -> dict[str, Any]:
+    """The entries of a packed map, by schema; with ``expected``, names are checked as
+    they are read and an entry whose name is not the model's is skipped unread."""
+    reader = Reader(data, max_str_len=_MAX_STR, max_bin_len=max_bin_len)
+    kind, n = reader.peek()
+    if kind != "map":
+        reader.skip()
+        reader.end()
+        raise ProtocolError("schema", "delta must be a map of tensor name to entry")
+    if n <= _MAX_TENSORS and expected is not None and n > len(expected):
+        raise ProtocolError(
+            "shape", f"tensor names differ: {n} tensors for a model of {len(expected)}"
+        )
+    entries: dict[str, Any] = {}
+    extra: list[str] = []
+    for _ in range(reader.map_header(_MAX_TENSORS)):
+        if reader.peek()[0] == "bin":
+            raise ProtocolError("schema", "tensor names must be strings")
+        name = reader.key()
+        assert name is not None
+        if name in entries or name in extra:
+            raise ProtocolError("malformed", f"tensor {name!r} appears twice in one map")
+        if expected is not None and name not in expected:
+            extra.append(name)
+            reader.skip()
+            continue
+        entries[name] = _read_entry(reader)
+    reader.end()
+    if expected is not None and (extra or len(entries) != len(expected)):
+        missing = sorted(set(expected) - set(entries))
+        raise ProtocolError(
+            "shape", f"tensor names differ: missing {missing}, extra {sorted(extra)}"
+        )
+    return entries
+
+
+def _decode_packed(
+    data: bytes | memoryview,
+    expected: Mapping[str, tuple[int, ...]] | None,
+    max_bin_len: int,
+) -> dict[str, np.ndarray]:
+    entries = _read_entries(data, expected, max_bin_len)
+    plans: dict[str, Plan] = {}
+    budget = MAX_DENSE_ELEMENTS
+    for name, entry in entries.items():
+        want = None if expected is None else tuple(expected[name])
+        if isinstance(entry, dict) and entry.get("c") == "topk":
+            count, plan = _plan_topk(entry, name, want)
+        else:
+            count, plan = _plan_dense(entry, name, want)
+        if count > budget:
+            raise ProtocolError(
+                "shape",
+                f"tensor {name!r}: more than {MAX_DENSE_ELEMENTS} decoded elements in total",
+            )
+        budget -= count
+        plans[name] = plan
+    # every entry passed every check: only now is anything converted
+    return {name: plan() for name, plan in plans.items()}
 
 
 def decode_delta(
     encoded: Any, *, expected_shapes: Mapping[str, tuple[int, ...]] | None = None
 ) -> dict[str, np.ndarray]:
-    """Decode an entry map into ``{name: float32 array}`` or raise ``ProtocolError``.
+    """Decode an entry map (a dict, as ``encode_delta`` makes it or msgpack decodes it, or
+    a ``PackedMap``) into ``{name: float32 array}`` or raise ``ProtocolError``.
 
     With ``expected_shapes`` the names and shapes must be exactly those (reason ``shape``),
-    and a ``topk`` entry's shape is checked before it is expanded.
+    checked for every entry before any entry is converted.
     """
+    if isinstance(encoded, PackedMap):
+        return _decode_packed(encoded.data, expected_shapes, len(encoded.data))
     if not isinstance(encoded, dict):
         raise ProtocolError("schema", "delta must be a map of tensor name to entry")
-    decoder = _Decoder(expected_shapes)
-    out: dict[str, np.ndarray] = {}
-    for name, entry in encoded.items():
-        if not isinstance(name, str):
-            raise ProtocolError("schema", "tensor names must be strings")
-        out[name] = decoder.entry(name, entry)
-    if expected_shapes is not None:
-        if set(out) != set(expected_shapes):
-            missing = sorted(set(expected_shapes) - set(out))
-            extra = sorted(set(out) - set(expected_shapes))
-            raise ProtocolError("shape", f"tensor names differ: missing {missing}, extra {extra}")
-        for name, want in expected_shapes.items():
-            if out[name].shape != tuple(want):
-                raise ProtocolError(
-                    "shape", f"tensor {name!r} has shape {out[name].shape}, expected {want}"
-                )
-    return out
+    if not all(isinstance(name, str) for name in encoded):
+        raise ProtocolError("schema", "tensor names must be strings")
+    # a map built in this process (the agent's own, a model decoded by msgpack): packed
+    # again, so that one reader checks every delta the same way
+    try:
+        packed = msgpack.packb(encoded, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError("schema", f"delta holds a value msgpack cannot carry: {exc}") from None
+    return _decode_packed(packed, expected_shapes, len(packed))
 
 
 def decompressed_bound(expected_shapes: Mapping[str, tuple[int, ...]]) -> int:
@@ -519,7 +690,7 @@ def decompressed_bound(expected_shapes: Mapping[str, tuple[int, ...]]) -> int:
     return total
 
 
-def _decompress(blob: bytes, cap: int) -> bytes:
+def _decompress(blob: bytes | memoryview, cap: int) -> bytes:
     """One zstd frame, at most ``cap`` bytes out: never more than ``cap`` of output buffer,
     and at most ``ZSTD_MAX_WINDOW`` of window."""
     try:
@@ -543,46 +714,35 @@ def _decompress(blob: bytes, cap: int) -> bytes:
         ) from None
 
 
-def _unpack_map(raw: bytes, cap: int) -> Any:
-    try:
-        return msgpack.unpackb(
-            raw,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=cap,
-            max_str_len=4096,
-            max_array_len=4096,
-            max_map_len=1024,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
-            msgpack.StackError, msgpack.OutOfData, UnicodeDecodeError) as exc:
-        raise ProtocolError("malformed", f"decompressed delta is not msgpack: {exc}") from None
-
-
 def decode_update_delta(
     delta: Any,
     compression: str | None,
     *,
     expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
     max_decompressed: int | None = None,
+    max_bin_len: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode a message's delta (or model tensors) as ``encode_update_delta`` made it.
 
-    ``compression`` None: ``delta`` is an entry map. ``"zstd"``: ``delta`` is a bin holding
-    one zstd frame of a packed entry map, decompressed to at most ``max_decompressed``
-    bytes (default: ``decompressed_bound(expected_shapes)``, else
-    ``MAX_DECOMPRESSED_BYTES``). Raises ``ProtocolError``: ``schema`` for a mismatch of
-    ``compression`` and the type of ``delta``, ``too_large``/``malformed`` for a frame
-    over the bound or corrupt, then whatever ``decode_delta`` raises.
+    ``compression`` None: ``delta`` is an entry map (a dict or a ``PackedMap``). ``"zstd"``:
+    ``delta`` is a bin holding one zstd frame of a packed entry map, decompressed to at
+    most ``max_decompressed`` bytes (default: ``decompressed_bound(expected_shapes)``,
+    else ``MAX_DECOMPRESSED_BYTES``). ``max_bin_len`` caps one bin of an inline map (the
+    receiver's decode limit; default: no cap beyond the map's own length). Raises
+    ``ProtocolError``: ``schema`` for a mismatch of ``compression`` and the type of
+    ``delta``, ``too_large``/``malformed`` for a frame over the bound or corrupt, then
+    whatever ``decode_delta`` raises.
     """
     if compression is None:
+        if isinstance(delta, PackedMap):
+            cap = len(delta.data) if max_bin_len is None else max_bin_len
+            return _decode_packed(delta.data, expected_shapes, cap)
         if not isinstance(delta, dict):
             raise ProtocolError("schema", "an uncompressed delta must be a map")
         return decode_delta(delta, expected_shapes=expected_shapes)
     if compression not in COMPRESSIONS:
         raise ProtocolError("schema", f"unknown compression {compression!r}")
-    if not isinstance(delta, bytes):
+    if not _is_bin(delta):
         raise ProtocolError("schema", f"a {compression} delta must be binary")
     if max_decompressed is None:
         max_decompressed = (
@@ -591,4 +751,4 @@ def decode_update_delta(
             else decompressed_bound(expected_shapes)
         )
     raw = _decompress(delta, max_decompressed)
-    return decode_delta(_unpack_map(raw, max_decompressed), expected_shapes=expected_shapes)
+    return _decode_packed(raw, expected_shapes, len(raw))
