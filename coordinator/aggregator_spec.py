@@ -1,0 +1,165 @@
+"""Which aggregator a task uses: the ``--aggregator`` spec, its parser and its dispatch.
+
+Grammar (lower case, no spaces)::
+
+    spec       := part ("+" part)*          at most one aggregator and one clip
+    aggregator := "mean" | "median" | "trimmed:" FRACTION | "krum:" F [":" M]
+    clip       := "clip:" BOUND
+
+- ``mean`` (default): the sample-weighted mean of today (``coordinator.aggregation``).
+- ``median``: coordinate-wise median; ``trimmed:0.2``: coordinate-wise trimmed mean dropping
+  ``floor(0.2 · n)`` values from each end (``0 < FRACTION < 0.5``); ``krum:F[:M]``:
+  multi-Krum assuming at most ``F`` hostile updates per step, averaging the ``M`` best
+  (default ``n − F``; ``M = 1`` is Krum). See ``coordinator.robust``.
+- ``clip:BOUND``: every accepted update is first scaled down to an L2 norm of at most
+  ``BOUND`` (updates above ``--max-norm`` are still rejected); composes with any
+  aggregator, e.g. ``median+clip:5``. ``clip:5`` alone means ``mean+clip:5``.
+
+``str(spec)`` is the canonical form (aggregator first, numbers as Python writes them), used
+to compare a run's aggregator on resume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from coordinator.aggregation import State
+from coordinator.robust import (
+    coordinate_median,
+    krum_min_updates,
+    multi_krum,
+    trimmed_mean,
+    trimmed_min_updates,
+)
+
+__all__ = ["AGGREGATOR_KINDS", "AggregatorSpec", "parse_aggregator", "robust_aggregate"]
+
+AGGREGATOR_KINDS: tuple[str, ...] = ("mean", "median", "trimmed", "krum")
+_SYNTAX = "expected mean, median, trimmed:FRACTION or krum:F[:M], optionally +clip:BOUND"
+
+
+def _num(value: float) -> str:
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+@dataclass(frozen=True)
+class AggregatorSpec:
+    """A parsed aggregator spec (build it with ``parse_aggregator``)."""
+
+    kind: str = "mean"
+    trim: float = 0.0  # trimmed
+    f: int = 0  # krum: hostile updates assumed per step
+    m: int | None = None  # krum: updates averaged (None: n - f)
+    clip: float | None = None  # L2 bound every update is scaled down to
+
+    @property
+    def robust(self) -> bool:
+        """True when the step needs the buffered deltas themselves, not a running sum."""
+        return self.kind != "mean"
+
+    @property
+    def min_updates(self) -> int:
+        """The fewest updates one step of this aggregator is defined for."""
+        if self.kind == "trimmed":
+            return trimmed_min_updates(self.trim)
+        if self.kind == "krum":
+            return krum_min_updates(self.f)
+        return 1
+
+    def __str__(self) -> str:
+        if self.kind == "trimmed":
+            base = f"trimmed:{_num(self.trim)}"
+        elif self.kind == "krum":
+            base = f"krum:{self.f}" + ("" if self.m is None else f":{self.m}")
+        else:
+            base = self.kind
+        return base if self.clip is None else f"{base}+clip:{_num(self.clip)}"
+
+
+def _fraction(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {text!r}")
+    return value
+
+
+def _integer(text: str, what: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"{what} must be a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def parse_aggregator(spec: str) -> AggregatorSpec:
+    """Parse an aggregator spec; ``ValueError`` with one line saying what is wrong."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty aggregator spec; {_SYNTAX}")
+    kind: str | None = None
+    trim = 0.0
+    f = 0
+    m: int | None = None
+    clip: float | None = None
+    for part in spec.strip().split("+"):
+        name, _, rest = part.partition(":")
+        args = rest.split(":") if rest else []
+        if name == "clip":
+            if clip is not None:
+                raise ValueError(f"{spec!r}: clip given twice")
+            if len(args) != 1:
+                raise ValueError(f"{spec!r}: clip takes one bound, e.g. clip:5")
+            clip = _fraction(args[0], "the clip bound")
+            if clip <= 0:
+                raise ValueError(f"{spec!r}: the clip bound must be > 0")
+            continue
+        if name not in AGGREGATOR_KINDS:
+            raise ValueError(f"{spec!r}: unknown part {part!r}; {_SYNTAX}")
+        if kind is not None:
+            raise ValueError(f"{spec!r}: more than one aggregator ({kind}, {name})")
+        kind = name
+        if name in ("mean", "median"):
+            if args:
+                raise ValueError(f"{spec!r}: {name} takes no argument")
+        elif name == "trimmed":
+            if len(args) != 1:
+                raise ValueError(f"{spec!r}: trimmed takes one fraction, e.g. trimmed:0.2")
+            trim = _fraction(args[0], "the trim fraction")
+            if not 0 < trim < 0.5:
+                raise ValueError(
+                    f"{spec!r}: the trim fraction must be in (0, 0.5) (dropped from each end)"
+                )
+        else:  # krum
+            if len(args) not in (1, 2):
+                raise ValueError(f"{spec!r}: krum takes F or F:M, e.g. krum:1 or krum:1:3")
+            f = _integer(args[0], "krum's F")
+            if len(args) == 2:
+                m = _integer(args[1], "krum's M")
+                if m < 1:
+                    raise ValueError(f"{spec!r}: krum's M must be >= 1")
+    return AggregatorSpec(kind or "mean", trim, f, m, clip)
+
+
+def robust_aggregate(
+    spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]]
+) -> tuple[State, bool]:
+    """One step of a robust ``spec`` over ``deltas`` (each counting once); returns
+    ``(aggregate, fell_back)``.
+
+    With fewer deltas than the aggregator is defined for (``spec.min_updates``: a partial
+    buffer, a small FedAvg round), the coordinate-wise median of what there is is used
+    instead (``fell_back`` True): it is defined for any count and is the most robust of the
+    three for few updates. Krum's ``M`` is capped at ``n − F`` for the ``n`` at hand."""
+    if not spec.robust:
+        raise ValueError("the mean is not a robust aggregator: use coordinator.aggregation")
+    if len(deltas) < spec.min_updates or spec.kind == "median":
+        return coordinate_median(deltas), spec.kind != "median"
+    if spec.kind == "trimmed":
+        return trimmed_mean(deltas, spec.trim), False
+    m = None if spec.m is None else min(spec.m, len(deltas) - spec.f)
+    return multi_krum(deltas, spec.f, m).aggregate, False
