@@ -100,7 +100,7 @@ def _integer(text: str, what: str) -> int:
 def parse_aggregator(spec: str) -> AggregatorSpec:
     """Parse an aggregator spec; ``ValueError`` with one line saying what is wrong."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"empty aggregator spec; {_SYNTAX}")
+        raise ValueError(f"{spec!r}: empty spec; {_SYNTAX}")
     kind: str | None = None
     trim = 0.0
     f = 0

@@ -255,7 +255,7 @@ class CoordinatorService:
         self._check_model_fits(config.max_message_bytes)
         self.store.create_run(
             self.task.run_id, self.task.to_wire(), self.task.created_at, self.core.state,
-            self.core.counters,
+            self.core.counters, aggregator=str(self.core.config.spec),
         )
         where = config.state_dir if config.state_dir is not None else "memory only"
         log.info("new run %s of task %s (state: %s)", self.task.run_id, self.task.task_id, where)
@@ -276,6 +276,14 @@ class CoordinatorService:
                 f"{where} holds run {snap.run_id} of another task: it has "
                 f"{'; '.join(conflicts)}. Resume it with the same task settings, start a new "
                 "run there with --new-run, or use another --state-dir"
+            )
+        asked = str(self.config.aggregation().spec)
+        if snap.aggregator != asked:
+            raise StateError(
+                f"{where} holds run {snap.run_id} aggregated with --aggregator "
+                f"{snap.aggregator} (asked: {asked}); the aggregator is part of a run: resume "
+                f"it with --aggregator {snap.aggregator}, start a new run there with "
+                "--new-run, or use another --state-dir"
             )
         changed = _changed_settings(stored, wanted)
         task = replace(

@@ -250,7 +250,7 @@ def test_specs_parse_to_a_canonical_form(text: str, spec: AggregatorSpec, canoni
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("", "empty aggregator spec"),
+        ("", "empty spec"),
         ("average", "unknown part 'average'; expected mean, median"),
         ("Median", "unknown part"),
         ("median:3", "median takes no argument"),
