@@ -91,6 +91,7 @@ class RunSummary:
     run_id: str = ""
     run_ended: bool = False
     buffered: int = 0  # accepted updates waiting in the state directory at the stop
+    aggregator: str = "mean"  # the canonical --aggregator spec
 
 
 def build_task(
@@ -406,6 +407,7 @@ class CoordinatorService:
             run_id=self.task.run_id,
             run_ended=self.core.ended is not None,
             buffered=buffered,
+            aggregator=str(self.core.config.spec),
         )
 
     def _raise_if_failed(self) -> None:
