@@ -2,21 +2,27 @@
 
 Grammar (lower case, no spaces)::
 
-    spec       := part ("+" part)*          at most one aggregator and one clip
+    spec       := part ("+" part)*          at most one of each kind of part
     aggregator := "mean" | "median" | "trimmed:" FRACTION | "krum:" F [":" M]
+    cap        := "cap:" MULTIPLE               the mean only
     clip       := "clip:" BOUND
 
 - ``mean`` (default): the sample-weighted mean of today (``coordinator.aggregation``).
 - ``median``: coordinate-wise median; ``trimmed:0.2``: coordinate-wise trimmed mean dropping
   ``floor(0.2 · n)`` values from each end (``0 < FRACTION < 0.5``); ``krum:F[:M]``:
   multi-Krum assuming at most ``F`` hostile updates per step, averaging the ``M`` best
-  (default ``n − F``; ``M = 1`` is Krum). See ``coordinator.robust``.
+  (default ``n − F``; ``M = 1`` is Krum). See ``coordinator.robust``. These count each
+  update once: the claimed sample count plays no part.
+- ``cap:MULTIPLE`` (with the mean): the weight an update's claimed sample count buys is at
+  most ``MULTIPLE`` (>= 1) × the lower median of the claims of the updates of its step
+  (``robust.cap_sample_counts``), e.g. ``mean+cap:2``; a claim of 2^40 among honest claims
+  of about 200 then weighs about 400.
 - ``clip:BOUND``: every accepted update is first scaled down to an L2 norm of at most
   ``BOUND`` (updates above ``--max-norm`` are still rejected); composes with any
   aggregator, e.g. ``median+clip:5``. ``clip:5`` alone means ``mean+clip:5``.
 
-``str(spec)`` is the canonical form (aggregator first, numbers as Python writes them), used
-to compare a run's aggregator on resume.
+``str(spec)`` is the canonical form (aggregator, cap, clip, numbers as Python writes them),
+used to compare a run's aggregator on resume.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.aggregation import State
+from coordinator.aggregation import State, weighted_average
 from coordinator.robust import (
+    cap_sample_counts,
     coordinate_median,
     krum_min_updates,
     multi_krum,
@@ -36,10 +43,19 @@ from coordinator.robust import (
     trimmed_min_updates,
 )
 
-__all__ = ["AGGREGATOR_KINDS", "AggregatorSpec", "parse_aggregator", "robust_aggregate"]
+__all__ = [
+    "AGGREGATOR_KINDS",
+    "AggregatorSpec",
+    "capped_mean",
+    "parse_aggregator",
+    "robust_aggregate",
+]
 
 AGGREGATOR_KINDS: tuple[str, ...] = ("mean", "median", "trimmed", "krum")
-_SYNTAX = "expected mean, median, trimmed:FRACTION or krum:F[:M], optionally +clip:BOUND"
+_SYNTAX = (
+    "expected mean, median, trimmed:FRACTION or krum:F[:M], optionally +clip:BOUND "
+    "(and for the mean +cap:MULTIPLE)"
+)
 
 
 def _num(value: float) -> str:
@@ -56,11 +72,18 @@ class AggregatorSpec:
     f: int = 0  # krum: hostile updates assumed per step
     m: int | None = None  # krum: updates averaged (None: n - f)
     clip: float | None = None  # L2 bound every update is scaled down to
+    cap: float | None = None  # the mean: n counts at most cap x the step's median claim
 
     @property
     def robust(self) -> bool:
-        """True when the step needs the buffered deltas themselves, not a running sum."""
+        """True for the aggregators that count each update once (not the mean)."""
         return self.kind != "mean"
+
+    @property
+    def keeps_deltas(self) -> bool:
+        """True when a step needs the buffered deltas themselves, not a running sum: a
+        robust aggregator, or a mean whose weights are capped by the step's claims."""
+        return self.robust or self.cap is not None
 
     @property
     def min_updates(self) -> int:
@@ -78,6 +101,8 @@ class AggregatorSpec:
             base = f"krum:{self.f}" + ("" if self.m is None else f":{self.m}")
         else:
             base = self.kind
+        if self.cap is not None:
+            base += f"+cap:{_num(self.cap)}"
         return base if self.clip is None else f"{base}+clip:{_num(self.clip)}"
 
 
@@ -106,9 +131,21 @@ def parse_aggregator(spec: str) -> AggregatorSpec:
     f = 0
     m: int | None = None
     clip: float | None = None
+    cap: float | None = None
     for part in spec.strip().split("+"):
         name, _, rest = part.partition(":")
         args = rest.split(":") if rest else []
+        if name == "cap":
+            if cap is not None:
+                raise ValueError(f"{spec!r}: cap given twice")
+            if len(args) != 1:
+                raise ValueError(f"{spec!r}: cap takes one multiple, e.g. cap:2")
+            cap = _fraction(args[0], "the cap multiple")
+            if cap < 1:
+                raise ValueError(
+                    f"{spec!r}: the cap multiple must be >= 1 (times the step's median claim)"
+                )
+            continue
         if name == "clip":
             if clip is not None:
                 raise ValueError(f"{spec!r}: clip given twice")
@@ -142,7 +179,22 @@ def parse_aggregator(spec: str) -> AggregatorSpec:
                 m = _integer(args[1], "krum's M")
                 if m < 1:
                     raise ValueError(f"{spec!r}: krum's M must be >= 1")
-    return AggregatorSpec(kind or "mean", trim, f, m, clip)
+    kind = kind or "mean"
+    if cap is not None and kind != "mean":
+        raise ValueError(
+            f"{spec!r}: cap weighs the mean only; {kind} counts each update once already"
+        )
+    return AggregatorSpec(kind, trim, f, m, clip, cap)
+
+
+def capped_mean(
+    spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]], claims: Sequence[int]
+) -> State:
+    """``Σ n'_i Δ_i / Σ n'_i`` with ``n'`` the ``claims`` capped at ``spec.cap`` × their
+    lower median (``robust.cap_sample_counts``)."""
+    if spec.cap is None or spec.robust:
+        raise ValueError(f"{spec} is not a capped mean")
+    return weighted_average(deltas, cap_sample_counts(claims, spec.cap))
 
 
 def robust_aggregate(

@@ -70,7 +70,12 @@ from coordinator.aggregation import (
     is_finite,
     server_step,
 )
-from coordinator.aggregator_spec import AggregatorSpec, parse_aggregator, robust_aggregate
+from coordinator.aggregator_spec import (
+    AggregatorSpec,
+    capped_mean,
+    parse_aggregator,
+    robust_aggregate,
+)
 from coordinator.journal import (
     BufferDropped,
     Ledger,
@@ -332,8 +337,10 @@ class CoordinatorCore:
             max_staleness=config.effective_max_staleness,
         )
         self._buffer = WeightedSum(self._shapes)  # the mean: a running sum
-        # a robust aggregator: the buffered deltas themselves (clipped, staleness-scaled)
-        self._kept: list[State] | None = [] if config.spec.robust else None
+        # a robust aggregator or a capped mean: the buffered deltas themselves (clipped,
+        # staleness-scaled) and their claimed sample counts
+        self._kept: list[State] | None = [] if config.spec.keeps_deltas else None
+        self._kept_n: list[int] = []
         self._buffer_ids: list[str] = []  # update ids in the buffer, in order
         self._buffer_since: float | None = None  # when the oldest buffered update arrived
         self._velocity: dict[str, np.ndarray] | None = (
@@ -730,8 +737,9 @@ class CoordinatorCore:
             acc.staleness, cfg.staleness, a=cfg.staleness_a, b=cfg.staleness_b
         )
         n = acc.update.num_samples
-        # the mean weighs by n x staleness; a robust aggregator counts each update once and
-        # scales it by its staleness weight alone (the claimed n is not trusted there)
+        # the mean weighs by n x staleness in its running sum; kept deltas are scaled by
+        # their staleness weight alone (a robust aggregator counts each once, a capped mean
+        # weighs them by their capped n when the step is made)
         coef = weight if self._kept is not None else n * weight
         self._buffer_add(self._clipped(acc.delta), n, coef, acc.update.update_id)
         count = len(self._buffer_ids)
@@ -753,13 +761,14 @@ class CoordinatorCore:
     def _buffer_add(
         self, delta: Mapping[str, np.ndarray], num_samples: int, coef: float, update_id: str
     ) -> None:
-        """Into the running sum (the mean: ``coef = n · w(s)``) or, for a robust aggregator,
-        kept as ``coef · delta`` (``coef = w(s)``), one float32 model copy per update."""
+        """Into the running sum (the mean: ``coef = n · w(s)``) or kept as ``coef · delta``
+        (``coef = w(s)``), one float32 model copy per update."""
         if self._kept is None:
             self._buffer.add(delta, num_samples=num_samples, coef=coef)
         else:
             c = np.float32(coef)
             self._kept.append({name: np.multiply(delta[name], c) for name in self._shapes})
+            self._kept_n.append(num_samples)
         self._buffer_ids.append(update_id)
 
     def _apply_buffer(self) -> list[Action]:
@@ -768,6 +777,7 @@ class CoordinatorCore:
         self._buffer_since = None
         cfg = self.config
         kept, self._kept = self._kept, (None if self._kept is None else [])
+        claims, self._kept_n = self._kept_n, []
         try:
             if kept is None:
                 new_state, velocity = fedbuff_apply(
@@ -778,7 +788,10 @@ class CoordinatorCore:
                     velocity=self._velocity,
                 )
             else:
-                aggregate = self._robust(kept, f"the buffer at version {self._version}")
+                aggregate = (
+                    self._robust(kept, f"the buffer at version {self._version}")
+                    if cfg.spec.robust else capped_mean(cfg.spec, kept, claims)
+                )
                 new_state, velocity = server_step(
                     self._state, aggregate, server_lr=cfg.server_lr,
                     momentum=cfg.server_momentum, velocity=self._velocity,
@@ -889,8 +902,12 @@ class CoordinatorCore:
         ids = tuple(uid for _, _, uid in rnd.reported.values())
         actions: list[Action] = []
         try:
-            if self.config.spec.robust:
-                aggregate = self._robust(deltas, f"round {rnd.number}")
+            spec = self.config.spec
+            if spec.keeps_deltas:
+                aggregate = (
+                    self._robust(deltas, f"round {rnd.number}")
+                    if spec.robust else capped_mean(spec, deltas, samples)
+                )
                 new_state = apply_step(self._state, aggregate, server_lr=self.config.server_lr)
             else:
                 new_state = fedavg_step(

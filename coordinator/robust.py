@@ -14,6 +14,8 @@ never a flattened copy of the whole model.
   nearest others, average the ``m`` deltas with the lowest scores (Blanchard et al. 2017;
   ``m = 1`` is Krum). Needs ``n ≥ 2f + 3``.
 - ``clip_norm``: scale one delta down to a global L2 norm of at most ``bound``.
+- ``cap_sample_counts``: the weights a step's claimed sample counts may buy, each at most a
+  multiple of the (lower) median claim of the step.
 
 None of them takes sample weights: each delta counts once. The weight an update would
 otherwise carry is its claimed sample count, and that claim is exactly what a hostile
@@ -37,6 +39,7 @@ from coordinator.aggregation import State, _check_like, l2_norm
 
 __all__ = [
     "KrumResult",
+    "cap_sample_counts",
     "clip_norm",
     "coordinate_median",
     "krum_min_updates",
@@ -214,3 +217,28 @@ def clip_norm(delta: Mapping[str, np.ndarray], bound: float) -> tuple[State, flo
         else:
             out[name] = (arr.astype(np.float64) * scale).astype(arr.dtype)
     return out, scale
+
+
+def cap_sample_counts(claims: Sequence[int], multiple: float) -> list[float]:
+    """Each claimed sample count capped at ``multiple`` × the lower median of ``claims``
+    (for an even count the smaller of the two middle values).
+
+    The claims are those of the updates of one step; the cap is decided by the step itself,
+    so as long as hostile updates are fewer than half of it the cap is set by an honest
+    claim, and one update claiming 2^40 samples weighs at most ``multiple`` times a typical
+    honest one. The lower median (not the mean of the two middle values) keeps that true
+    for a step of two: one honest claim and one inflated one give the honest claim's cap.
+    Claiming a small count can only lower the cap towards equal weights for all.
+    Requires ``multiple >= 1`` and every claim an integer >= 1 (``ValueError``)."""
+    if not (isinstance(multiple, int | float) and math.isfinite(multiple) and multiple >= 1):
+        raise ValueError(f"multiple must be finite and >= 1, got {multiple!r}")
+    if len(claims) == 0:
+        raise ValueError("no claims to cap")
+    values = []
+    for n in claims:
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"a claimed sample count must be an integer >= 1, got {n!r}")
+        values.append(int(n))
+    median = sorted(values)[(len(values) - 1) // 2]
+    cap = multiple * median
+    return [float(min(n, cap)) for n in values]

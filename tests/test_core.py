@@ -709,6 +709,8 @@ def test_journal_records_what_the_store_needs() -> None:
         ("fedbuff", "median+clip:0.9"),
         ("fedbuff", "trimmed:0.34"),
         ("fedavg", "krum:0+clip:1.5"),
+        ("fedbuff", "mean+cap:1.5"),
+        ("fedavg", "mean+cap:1+clip:1"),
     ],
 )
 def test_resume_rebuilds_the_same_model_and_buffer(mode: str, aggregator: str) -> None:
@@ -886,3 +888,22 @@ def test_robust_state_stays_finite_with_extreme_updates() -> None:
         c.on_update(f"d{i}", upd(f"d{i}", value, base=1), now=1.0)
     assert c.version == 1 and is_finite(c.state)
     assert c.counters["aggregation_failed"] == 1
+
+
+def test_a_capped_mean_bounds_what_a_claimed_sample_count_buys() -> None:
+    # claims 100, 200, 2^40: lower median 200, cap 1 x 200: weights 100, 200, 200
+    for mode in ("fedbuff", "fedavg"):
+        c = core(mode=mode, buffer_size=3, aggregator="mean+cap:1")
+        for d in ("d1", "d2", "d3"):
+            c.on_status(d, status(d, "online"), now=0.0)
+        c.on_update("d1", upd("d1", 1.0, n=100), now=0.0)
+        c.on_update("d2", upd("d2", 1.0, n=200), now=0.0)
+        assert models(c.on_update("d3", upd("d3", 4.0, n=2**40), now=0.0))
+        assert_state(c, (100 + 200 + 4 * 200) / 500)  # uncapped: 4.0 to six digits
+    # staleness still damps each update: d4's 4.0 at staleness 1 counts 4 / sqrt(2)
+    c = core(buffer_size=2, aggregator="mean+cap:2")
+    c.on_update("d1", upd("d1", 0.0), now=0.0)
+    c.on_update("d2", upd("d2", 0.0), now=0.0)
+    c.on_update("d1", upd("d1", 1.0, base=1, n=10), now=1.0)
+    c.on_update("d4", upd("d4", 4.0, base=0, n=10), now=1.0)
+    assert_state(c, (1.0 + 4.0 / math.sqrt(2.0)) / 2)

@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 from coordinator.aggregation import l2_norm
-from coordinator.aggregator_spec import AggregatorSpec, parse_aggregator, robust_aggregate
+from coordinator.aggregator_spec import (
+    AggregatorSpec,
+    capped_mean,
+    parse_aggregator,
+    robust_aggregate,
+)
 from coordinator.robust import (
+    cap_sample_counts,
     clip_norm,
     coordinate_median,
     krum_min_updates,
@@ -184,6 +190,36 @@ def test_clip_scales_down_to_the_bound_and_leaves_small_deltas_alone() -> None:
         clip_norm({"a": np.array([np.nan], F32)}, 1.0)
 
 
+# -- capped sample counts ----------------------------------------------------------------------
+
+
+def test_claims_are_capped_at_a_multiple_of_the_lower_median() -> None:
+    # the attack: one honest claim of 200 and one of 2^40 in a step of two
+    assert cap_sample_counts([200, 2**40], 2) == [200.0, 400.0]
+    # lower median of (1, 2, 3, 4) is 2: cap 3
+    assert cap_sample_counts([4, 1, 3, 2], 1.5) == [3.0, 1.0, 3.0, 2.0]
+    assert cap_sample_counts([5], 1) == [5.0]
+    assert cap_sample_counts(np.array([7, 7, 7]), 1) == [7.0, 7.0, 7.0]
+    # a low claim only pulls everyone towards equal weights
+    assert cap_sample_counts([1, 300], 1) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("claims", "multiple", "match"),
+    [
+        ([], 2, "no claims"),
+        ([0, 5], 2, "integer >= 1"),
+        ([True, 5], 2, "integer >= 1"),
+        ([1.5, 5], 2, "integer >= 1"),
+        ([1, 5], 0.5, "multiple must be"),
+        ([1, 5], float("inf"), "multiple must be"),
+    ],
+)
+def test_bad_claims_or_multiples_are_refused(claims: list, multiple: float, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        cap_sample_counts(claims, multiple)
+
+
 # -- what every function guarantees ---------------------------------------------------------
 
 FUNCTIONS = {
@@ -239,6 +275,8 @@ def test_dtype_kept_inputs_untouched_and_extremes_stay_finite(name: str) -> None
         ("clip:5", AggregatorSpec(clip=5.0), "mean+clip:5"),
         ("clip:2.5+median", AggregatorSpec("median", clip=2.5), "median+clip:2.5"),
         (" krum:0+clip:1e3 ", AggregatorSpec("krum", clip=1000.0), "krum:0+clip:1000"),
+        ("cap:2", AggregatorSpec(cap=2.0), "mean+cap:2"),
+        ("clip:3+mean+cap:1.5", AggregatorSpec(cap=1.5, clip=3.0), "mean+cap:1.5+clip:3"),
     ],
 )
 def test_specs_parse_to_a_canonical_form(text: str, spec: AggregatorSpec, canonical: str) -> None:
@@ -268,6 +306,10 @@ def test_specs_parse_to_a_canonical_form(text: str, spec: AggregatorSpec, canoni
         ("clip:inf", "must be finite"),
         ("clip:1+clip:2", "clip given twice"),
         ("median+", "unknown part ''"),
+        ("cap:0.5", "must be >= 1"),
+        ("cap", "cap takes one multiple"),
+        ("cap:2+cap:3", "cap given twice"),
+        ("median+cap:2", "cap weighs the mean only; median counts each update once"),
     ],
 )
 def test_bad_specs_get_one_line(text: str, match: str) -> None:
@@ -300,3 +342,12 @@ def test_robust_aggregate_falls_back_to_the_median_below_the_minimum() -> None:
     assert out["x"][0] == 1.5
     with pytest.raises(ValueError, match="not a robust aggregator"):
         robust_aggregate(parse_aggregator("mean"), points(1))
+
+
+def test_capped_mean_weighs_by_capped_claims() -> None:
+    spec = parse_aggregator("mean+cap:1")
+    # claims 100, 200, 2^40: lower median 200, weights 100, 200, 200
+    out = capped_mean(spec, points(1, 1, 4), [100, 200, 2**40])
+    assert out["x"][0] == pytest.approx((100 + 200 + 800) / 500)
+    with pytest.raises(ValueError, match="not a capped mean"):
+        capped_mean(parse_aggregator("mean"), points(1), [1])
