@@ -259,6 +259,9 @@ def test_dtype_kept_inputs_untouched_and_extremes_stay_finite(name: str) -> None
             assert x[k].tobytes() == y[k].tobytes()
     wide = fn([{"w": np.array([0.1, 0.2], np.float64)} for _ in range(5)])
     assert wide["w"].dtype == np.float64
+    # a 0-d tensor (an activation range) stays 0-d
+    scalar = fn([{"act": np.array(v, F32)} for v in (1.0, 2.0, 3.0, 4.0, 50.0)])
+    assert scalar["act"].shape == () and scalar["act"].dtype == F32
 
 
 # -- the spec --------------------------------------------------------------------------------
