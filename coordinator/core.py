@@ -35,7 +35,9 @@ Modes:
   mean: ``v ← μ·v + a; θ ← θ + η·v``. A buffer applied with fewer updates than the
   aggregator is defined for (timeout, devices gone offline) uses the coordinate-wise median
   of what it holds (counted as ``robust_fallbacks``). In FedAvg (staleness 0, no momentum)
-  a round closes with ``θ ← θ + η·a`` likewise.
+  a round closes with ``θ ← θ + η·a`` likewise. A capped mean (``mean+cap:C``) keeps the
+  deltas the same way and makes ``a`` their mean weighted by the claimed ``n`` capped at
+  ``C`` × the step's lower median claim (``robust.cap_sample_counts``).
 - ``fedavg``: synchronous rounds. A round for version v starts with the devices online at
   that moment. While it has no update yet it stays open: devices coming online join it and
   devices going offline leave it; its clock starts when it first has a device. With its
