@@ -74,6 +74,30 @@ class AggregatorSpec:
     clip: float | None = None  # L2 bound every update is scaled down to
     cap: float | None = None  # the mean: n counts at most cap x the step's median claim
 
+    def __post_init__(self) -> None:
+        """The same rules as ``parse_aggregator``, for a spec built directly."""
+        if self.kind not in AGGREGATOR_KINDS:
+            raise ValueError(f"unknown aggregator {self.kind!r}; {_SYNTAX}")
+        if self.kind == "trimmed" and not (math.isfinite(self.trim) and 0 < self.trim < 0.5):
+            raise ValueError(f"the trim fraction must be in (0, 0.5), got {self.trim!r}")
+        if self.kind != "trimmed" and self.trim != 0:
+            raise ValueError(f"trim is for trimmed only, not {self.kind}")
+        if not (isinstance(self.f, int) and self.f >= 0):
+            raise ValueError(f"krum's F must be an integer >= 0, got {self.f!r}")
+        if self.m is not None and not (isinstance(self.m, int) and self.m >= 1):
+            raise ValueError(f"krum's M must be an integer >= 1, got {self.m!r}")
+        if self.kind != "krum" and (self.f != 0 or self.m is not None):
+            raise ValueError(f"F and M are for krum only, not {self.kind}")
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"the clip bound must be finite and > 0, got {self.clip!r}")
+        if self.cap is not None:
+            if not (math.isfinite(self.cap) and self.cap >= 1):
+                raise ValueError(f"the cap multiple must be finite and >= 1, got {self.cap!r}")
+            if self.kind != "mean":
+                raise ValueError(
+                    f"cap weighs the mean only; {self.kind} counts each update once already"
+                )
+
     @property
     def robust(self) -> bool:
         """True for the aggregators that count each update once (not the mean)."""

@@ -321,6 +321,26 @@ def test_bad_specs_get_one_line(text: str, match: str) -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kind": "mode"},
+        {"kind": "trimmed", "trim": 0.5},
+        {"kind": "median", "trim": 0.2},
+        {"kind": "krum", "f": -1},
+        {"kind": "krum", "m": 0},
+        {"kind": "median", "f": 1},
+        {"clip": 0.0},
+        {"clip": float("nan")},
+        {"cap": 0.9},
+        {"kind": "median", "cap": 2.0},
+    ],
+)
+def test_a_spec_built_directly_is_checked_like_a_parsed_one(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        AggregatorSpec(**kwargs)
+
+
 def test_spec_minimum_counts() -> None:
     assert parse_aggregator("mean").min_updates == 1
     assert parse_aggregator("median").min_updates == 1
