@@ -141,7 +141,7 @@ def _fraction(text: str, what: str) -> float:
 
 
 def _integer(text: str, what: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"{what} must be a whole number >= 0, got {text!r}")
     return int(text)
 

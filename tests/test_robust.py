@@ -303,6 +303,7 @@ def test_specs_parse_to_a_canonical_form(text: str, spec: AggregatorSpec, canoni
         ("krum", "krum takes F or F:M"),
         ("krum:-1", "whole number"),
         ("krum:1.5", "whole number"),
+        ("krum:\u00b2", "whole number"),
         ("krum:1:0", "M must be >= 1"),
         ("median+krum:1", "more than one aggregator"),
         ("clip:0", "must be > 0"),
