@@ -355,9 +355,10 @@ class CoordinatorService:
             self._record(_Made(self.core.version, self.core.state, 0, 0.0))
         self.client.start()
         log.info(
-            "coordinator: task %s run %s (%s %s), mode %s, codec %s, model codec %s; broker %s:%d",
+            "coordinator: task %s run %s (%s %s), mode %s, aggregator %s, codec %s, model "
+            "codec %s; broker %s:%d",
             self.task.task_id, self.task.run_id, self.task.model.arch, self.task.model.args,
-            self.config.mode, self.task.codec, self.config.model_codec,
+            self.config.mode, self.core.config.spec, self.task.codec, self.config.model_codec,
             self.config.host, self.config.port,
         )
         stop_reason = _STOP_REQUESTED
