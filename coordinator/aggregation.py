@@ -25,11 +25,13 @@ __all__ = [
     "AggregationError",
     "BufferedUpdate",
     "WeightedSum",
+    "apply_step",
     "fedavg_step",
     "fedbuff_apply",
     "fedbuff_step",
     "is_finite",
     "l2_norm",
+    "server_step",
     "weighted_average",
 ]
 
@@ -209,6 +211,38 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def server_step(
+    global_state: Mapping[str, np.ndarray],
+    aggregate: Mapping[str, np.ndarray],
+    *,
+    server_lr: float,
+    momentum: float = 0.0,
+    velocity: Mapping[str, np.ndarray] | None = None,
+) -> tuple[State, State]:
+    """``v = momentum · v + aggregate; new = global + server_lr · v``; returns
+    ``(new_state, new_velocity)`` (``v`` starts at zero when ``velocity`` is None). Used with
+    the FedBuff mean (``fedbuff_apply``) and with a robust aggregate alike."""
+    _check_lr(server_lr)
+    if not (math.isfinite(momentum) and 0.0 <= momentum < 1.0):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    _check_like(global_state, aggregate, "update")
+    if velocity is None or momentum == 0.0:
+        new_velocity = {
+            name: np.asarray(agg, dtype=np.float32) for name, agg in aggregate.items()
+        }
+    else:
+        _check_like(global_state, velocity, "velocity")
+        new_velocity = {}
+        with np.errstate(over="ignore", invalid="ignore"):
+            for name, agg in aggregate.items():
+                new_velocity[name] = (
+                    np.float32(momentum) * np.asarray(velocity[name], dtype=np.float32) + agg
+                ).astype(np.float32, copy=False)
+    if not is_finite(new_velocity):
+        raise AggregationError("server velocity became non-finite; model kept")
+    return _apply(global_state, new_velocity, server_lr), new_velocity
+
+
 def fedbuff_apply(
     global_state: Mapping[str, np.ndarray],
     buffered: WeightedSum,
@@ -223,21 +257,18 @@ def fedbuff_apply(
     _check_lr(server_lr)
     if not (math.isfinite(momentum) and 0.0 <= momentum < 1.0):
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    aggregate = buffered.mean()
-    _check_like(global_state, aggregate, "update")
-    if velocity is None or momentum == 0.0:
-        new_velocity = aggregate
-    else:
-        _check_like(global_state, velocity, "velocity")
-        new_velocity = {}
-        with np.errstate(over="ignore", invalid="ignore"):
-            for name, agg in aggregate.items():
-                new_velocity[name] = (
-                    np.float32(momentum) * np.asarray(velocity[name], dtype=np.float32) + agg
-                ).astype(np.float32, copy=False)
-    if not is_finite(new_velocity):
-        raise AggregationError("server velocity became non-finite; model kept")
-    return _apply(global_state, new_velocity, server_lr), new_velocity
+    return server_step(
+        global_state, buffered.mean(), server_lr=server_lr, momentum=momentum,
+        velocity=velocity,
+    )
+
+
+def apply_step(
+    global_state: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray], *, server_lr: float
+) -> State:
+    """``global + server_lr · step`` (``AggregationError`` if the result is not finite)."""
+    _check_lr(server_lr)
+    return _apply(global_state, step, server_lr)
 
 
 def fedbuff_step(

@@ -60,6 +60,9 @@ class CoordinatorConfig:
     max_norm: float = 100.0
     round_deadline: float = 30.0
     min_round_updates: int = 1
+    # how a step combines its updates (coordinator.aggregator_spec): mean, median,
+    # trimmed:FRACTION, krum:F[:M], optionally +clip:BOUND; part of the run's identity
+    aggregator: str = "mean"
     # the run's durable state (coordinator.store); None: in memory only, nothing survives
     state_dir: Path | None = Path("fedbus-state")
     # SQLite synchronous mode: normal survives a process crash, full also a power cut
@@ -117,6 +120,7 @@ class CoordinatorConfig:
             max_norm=self.max_norm,
             round_deadline=self.round_deadline,
             min_round_updates=self.min_round_updates,
+            aggregator=self.aggregator,
         )
 
     def parsed_model_args(self) -> dict[str, Any]:

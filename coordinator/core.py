@@ -27,6 +27,17 @@ Modes:
   ``aggregation.fedbuff_apply`` makes the next version. The target is re-checked when a
   device goes offline too, so a device that vanishes cannot hold the buffer back.
 - ``fedasync``: the same with K = 1.
+- With a robust aggregator (``AggregationConfig.aggregator``: ``median``, ``trimmed:β``,
+  ``krum:F[:M]``; ``coordinator.aggregator_spec``) the buffer keeps the deltas themselves
+  instead of a running sum, each clipped (if the spec has ``+clip:B``) and then scaled by its
+  staleness weight ``w(s)``, at most K model copies. At the step, the robust aggregate ``a``
+  of those deltas (each counting once, whatever its claimed ``n``) takes the place of the
+  mean: ``v ← μ·v + a; θ ← θ + η·v``. A buffer applied with fewer updates than the
+  aggregator is defined for (timeout, devices gone offline) uses the coordinate-wise median
+  of what it holds (counted as ``robust_fallbacks``). In FedAvg (staleness 0, no momentum)
+  a round closes with ``θ ← θ + η·a`` likewise. A capped mean (``mean+cap:C``) keeps the
+  deltas the same way and makes ``a`` their mean weighted by the claimed ``n`` capped at
+  ``C`` × the step's lower median claim (``robust.cap_sample_counts``).
 - ``fedavg``: synchronous rounds. A round for version v starts with the devices online at
   that moment. While it has no update yet it stays open: devices coming online join it and
   devices going offline leave it; its clock starts when it first has a device. With its
@@ -53,10 +64,19 @@ import numpy as np
 
 from coordinator.aggregation import (
     AggregationError,
+    State,
     WeightedSum,
+    apply_step,
     fedavg_step,
     fedbuff_apply,
     is_finite,
+    server_step,
+)
+from coordinator.aggregator_spec import (
+    AggregatorSpec,
+    capped_mean,
+    parse_aggregator,
+    robust_aggregate,
 )
 from coordinator.journal import (
     BufferDropped,
@@ -68,6 +88,7 @@ from coordinator.journal import (
     Verdict,
     VersionMade,
 )
+from coordinator.robust import clip_norm
 from coordinator.staleness import STALENESS_KINDS, staleness_weight
 from coordinator.validation import (
     REJECT_REASONS,
@@ -138,10 +159,20 @@ class AggregationConfig:
     max_norm: float = 100.0
     round_deadline: float = 30.0  # fedavg, seconds
     min_round_updates: int = 1  # fedavg: needed to close a round at its deadline
+    # how a step combines its updates (coordinator.aggregator_spec): a spec string such as
+    # "median" or "krum:1+clip:5", parsed on construction, or a parsed AggregatorSpec
+    aggregator: AggregatorSpec | str = "mean"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if isinstance(self.aggregator, str):
+            try:
+                object.__setattr__(self, "aggregator", parse_aggregator(self.aggregator))
+            except ValueError as exc:
+                raise ValueError(f"aggregator {exc}") from None
+        elif not isinstance(self.aggregator, AggregatorSpec):
+            raise ValueError(f"aggregator must be a spec string, got {self.aggregator!r}")
         if not (_is_int(self.buffer_size) and self.buffer_size >= 1):
             raise ValueError(f"buffer_size must be an integer >= 1, got {self.buffer_size!r}")
         t = self.buffer_timeout
@@ -174,6 +205,38 @@ class AggregationConfig:
             raise ValueError(
                 f"min_round_updates must be an integer >= 1, got {self.min_round_updates!r}"
             )
+        self._check_aggregator_fits()
+
+    def _check_aggregator_fits(self) -> None:
+        """A robust aggregator that needs more updates than a full buffer can hold is
+        refused; FedAvg rounds vary in size, so there a small round falls back to the
+        median (``robust_aggregate``)."""
+        spec = self.spec
+        k = self.effective_buffer_size
+        if self.mode == "fedavg" or spec.min_updates <= k:
+            if spec.kind == "krum" and spec.m is not None and self.mode != "fedavg" \
+                    and spec.m > k - spec.f:
+                raise ValueError(
+                    f"aggregator {spec}: M = {spec.m} is more than K - F = {k - spec.f} "
+                    f"updates of a full buffer (K = {k})"
+                )
+            return
+        if self.mode == "fedasync":
+            raise ValueError(
+                f"aggregator {spec} needs at least {spec.min_updates} updates per step, but "
+                "fedasync applies each update alone: use --mode fedbuff with --buffer-size "
+                f"{spec.min_updates} or more"
+            )
+        raise ValueError(
+            f"aggregator {spec} needs at least {spec.min_updates} updates per step: raise "
+            f"--buffer-size from {k} to {spec.min_updates} or more"
+        )
+
+    @property
+    def spec(self) -> AggregatorSpec:
+        """The parsed aggregator."""
+        assert isinstance(self.aggregator, AggregatorSpec)
+        return self.aggregator
 
     @property
     def effective_buffer_size(self) -> int:
@@ -275,7 +338,11 @@ class CoordinatorCore:
             max_norm=config.max_norm,
             max_staleness=config.effective_max_staleness,
         )
-        self._buffer = WeightedSum(self._shapes)
+        self._buffer = WeightedSum(self._shapes)  # the mean: a running sum
+        # a robust aggregator or a capped mean: the buffered deltas themselves (clipped,
+        # staleness-scaled) and their claimed sample counts
+        self._kept: list[State] | None = [] if config.spec.keeps_deltas else None
+        self._kept_n: list[int] = []
         self._buffer_ids: list[str] = []  # update ids in the buffer, in order
         self._buffer_since: float | None = None  # when the oldest buffered update arrived
         self._velocity: dict[str, np.ndarray] | None = (
@@ -297,6 +364,8 @@ class CoordinatorCore:
                 "status_received",
                 "status_malformed",
                 "round_restarts",
+                "updates_clipped",
+                "robust_fallbacks",
                 *(f"rejected_{reason}" for reason in REJECT_REASONS),
             ],
             0,
@@ -339,12 +408,11 @@ class CoordinatorCore:
             rnd.participants = set(round_fixed.participants)
             rnd.started_at = now
         for entry in pending:
-            delta = core._decode_stored(entry)
+            delta = core._clipped(core._decode_stored(entry), count=False)
             if rnd is not None:
                 rnd.reported[entry.device_id] = (delta, entry.num_samples, entry.update_id)
                 continue
-            core._buffer.add(delta, num_samples=entry.num_samples, coef=entry.coef)
-            core._buffer_ids.append(entry.update_id)
+            core._buffer_add(delta, entry.num_samples, entry.coef, entry.update_id)
             core._buffer_since = now
         if rnd is not None:
             rnd.waiting = rnd.participants - set(rnd.reported)
@@ -391,7 +459,7 @@ class CoordinatorCore:
     @property
     def buffered(self) -> int:
         """Accepted updates waiting to be applied (FedBuff buffer or open FedAvg round)."""
-        return len(self._round.reported) if self._round is not None else self._buffer.count
+        return len(self._round.reported) if self._round is not None else len(self._buffer_ids)
 
     def drain_journal(self) -> list[Record]:
         """The records of every input since the last call, for the store, in order."""
@@ -458,12 +526,12 @@ class CoordinatorCore:
         else:
             self._devices[device_id] = state
         if self._round is None:
-            if state in ONLINE_STATES or not self._buffer.count:
+            if state in ONLINE_STATES or not self._buffer_ids:
                 return []
-            if self._buffer.count >= self._buffer_target():
+            if len(self._buffer_ids) >= self._buffer_target():
                 _log.info(
                     "device %s went offline: applying the buffer of %d update(s) now",
-                    device_id, self._buffer.count,
+                    device_id, len(self._buffer_ids),
                 )
                 return self._apply_buffer()
             return []
@@ -477,11 +545,11 @@ class CoordinatorCore:
         FedAvg round whose deadline has passed."""
         timeout = self.config.buffer_timeout
         since = self._buffer_since
-        if self._buffer.count and since is not None and timeout > 0 and now >= since + timeout:
+        if self._buffer_ids and since is not None and timeout > 0 and now >= since + timeout:
             self._counters["buffer_timeouts"] += 1
             _log.info(
                 "applying %d buffered update(s) after %.0f s without reaching K=%d",
-                self._buffer.count, now - since, self.config.effective_buffer_size,
+                len(self._buffer_ids), now - since, self.config.effective_buffer_size,
             )
             return self._apply_buffer()
         rnd = self._round
@@ -515,7 +583,7 @@ class CoordinatorCore:
         receipt is left out."""
         if self._round is not None:
             return self._close_round(now) if self._round.reported else []
-        return self._apply_buffer() if self._buffer.count else []
+        return self._apply_buffer() if self._buffer_ids else []
 
     def end(self, reason: str) -> None:
         """The run is over: later updates are rejected as ``run_ended``."""
@@ -558,8 +626,9 @@ class CoordinatorCore:
             }
         return {
             "mode": self.config.mode,
+            "aggregator": str(self.config.spec),
             "version": self._version,
-            "buffered": self._buffer.count,
+            "buffered": len(self._buffer_ids),
             "buffer_size": self.config.effective_buffer_size,
             "devices_known": len(self._devices),
             "devices_online": len(self.online_devices()),
@@ -664,35 +733,71 @@ class CoordinatorCore:
     def _accept_buffered(self, device_id: str, acc: Accepted, now: float) -> list[Action]:
         k = self._buffer_target()
         cfg = self.config
-        if not self._buffer.count:
+        if not self._buffer_ids:
             self._buffer_since = now
         weight = staleness_weight(
             acc.staleness, cfg.staleness, a=cfg.staleness_a, b=cfg.staleness_b
         )
         n = acc.update.num_samples
-        coef = n * weight
-        self._buffer.add(acc.delta, num_samples=n, coef=coef)
-        self._buffer_ids.append(acc.update.update_id)
-        actions: list[Action] = [
-            self._accept(device_id, acc, f"buffered {self._buffer.count}/{k}", coef)
-        ]
-        if self._buffer.count >= k:
+        # the mean weighs by n x staleness in its running sum; kept deltas are scaled by
+        # their staleness weight alone (a robust aggregator counts each once, a capped mean
+        # weighs them by their capped n when the step is made)
+        coef = weight if self._kept is not None else n * weight
+        self._buffer_add(self._clipped(acc.delta), n, coef, acc.update.update_id)
+        count = len(self._buffer_ids)
+        actions: list[Action] = [self._accept(device_id, acc, f"buffered {count}/{k}", coef)]
+        if count >= k:
             actions.extend(self._apply_buffer())
         return actions
 
+    def _clipped(self, delta: Mapping[str, np.ndarray], *, count: bool = True) -> State:
+        """``delta`` scaled down to the aggregator's clip bound, if it has one."""
+        bound = self.config.spec.clip
+        if bound is None:
+            return dict(delta)
+        clipped, scale = clip_norm(delta, bound)
+        if count and scale < 1.0:
+            self._counters["updates_clipped"] += 1
+        return clipped
+
+    def _buffer_add(
+        self, delta: Mapping[str, np.ndarray], num_samples: int, coef: float, update_id: str
+    ) -> None:
+        """Into the running sum (the mean: ``coef = n · w(s)``) or kept as ``coef · delta``
+        (``coef = w(s)``), one float32 model copy per update."""
+        if self._kept is None:
+            self._buffer.add(delta, num_samples=num_samples, coef=coef)
+        else:
+            c = np.float32(coef)
+            self._kept.append({name: np.multiply(delta[name], c) for name in self._shapes})
+            self._kept_n.append(num_samples)
+        self._buffer_ids.append(update_id)
+
     def _apply_buffer(self) -> list[Action]:
-        count = self._buffer.count
+        count = len(self._buffer_ids)
         ids, self._buffer_ids = tuple(self._buffer_ids), []
         self._buffer_since = None
         cfg = self.config
+        kept, self._kept = self._kept, (None if self._kept is None else [])
+        claims, self._kept_n = self._kept_n, []
         try:
-            new_state, velocity = fedbuff_apply(
-                self._state,
-                self._buffer,
-                server_lr=cfg.server_lr,
-                momentum=cfg.server_momentum,
-                velocity=self._velocity,
-            )
+            if kept is None:
+                new_state, velocity = fedbuff_apply(
+                    self._state,
+                    self._buffer,
+                    server_lr=cfg.server_lr,
+                    momentum=cfg.server_momentum,
+                    velocity=self._velocity,
+                )
+            else:
+                aggregate = (
+                    self._robust(kept, f"the buffer at version {self._version}")
+                    if cfg.spec.robust else capped_mean(cfg.spec, kept, claims)
+                )
+                new_state, velocity = server_step(
+                    self._state, aggregate, server_lr=cfg.server_lr,
+                    momentum=cfg.server_momentum, velocity=self._velocity,
+                )
         except AggregationError as exc:
             self._counters["aggregation_failed"] += 1
             self._journal.append(BufferDropped(ids, str(exc)))
@@ -705,6 +810,17 @@ class CoordinatorCore:
         if cfg.server_momentum > 0:
             self._velocity = _frozen(velocity, copy=False)
         return [self._publish(new_state, f"{cfg.mode}: {count} update(s)", ids)]
+
+    def _robust(self, deltas: Sequence[Mapping[str, np.ndarray]], what: str) -> State:
+        spec = self.config.spec
+        aggregate, fell_back = robust_aggregate(spec, deltas)
+        if fell_back:
+            self._counters["robust_fallbacks"] += 1
+            _log.warning(
+                "%s holds %d update(s), fewer than %s needs (%d): used their coordinate-wise "
+                "median", what, len(deltas), spec, spec.min_updates,
+            )
+        return aggregate
 
     def _publish(
         self, new_state: Mapping[str, np.ndarray], reason: str, applied: tuple[str, ...]
@@ -738,7 +854,9 @@ class CoordinatorCore:
             self._journal.append(
                 RoundFixed(rnd.number, rnd.version, tuple(sorted(rnd.participants)))
             )
-        rnd.reported[device_id] = (acc.delta, update.num_samples, update.update_id)
+        rnd.reported[device_id] = (
+            self._clipped(acc.delta), update.num_samples, update.update_id
+        )
         rnd.waiting.discard(device_id)
         if rnd.started_at is None:
             rnd.started_at = now
@@ -786,7 +904,17 @@ class CoordinatorCore:
         ids = tuple(uid for _, _, uid in rnd.reported.values())
         actions: list[Action] = []
         try:
-            new_state = fedavg_step(self._state, deltas, samples, server_lr=self.config.server_lr)
+            spec = self.config.spec
+            if spec.keeps_deltas:
+                aggregate = (
+                    self._robust(deltas, f"round {rnd.number}")
+                    if spec.robust else capped_mean(spec, deltas, samples)
+                )
+                new_state = apply_step(self._state, aggregate, server_lr=self.config.server_lr)
+            else:
+                new_state = fedavg_step(
+                    self._state, deltas, samples, server_lr=self.config.server_lr
+                )
         except AggregationError as exc:
             self._counters["aggregation_failed"] += 1
             self._journal.append(BufferDropped(ids, str(exc)))

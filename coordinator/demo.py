@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.config import CoordinatorConfig
+from coordinator.core import AggregationConfig
 from coordinator.report import write_report
 from coordinator.service import CoordinatorService, RunSummary, VersionRecord
 from fedbus.broker import LocalBroker, default_device_ids
@@ -74,6 +75,7 @@ class DemoConfig:
     max_versions: int | None = None
     duration: float = 180.0  # safety cap in seconds
     buffer_size: int = 4
+    aggregator: str = "mean"  # coordinator.aggregator_spec
     epochs: int | None = None
     lr: float | None = None
     batch_size: int | None = None
@@ -103,6 +105,9 @@ class DemoConfig:
         self.speed_factors()
         if self.mode not in ("fedbuff", "fedasync", "fedavg"):
             raise ValueError(f"mode must be fedbuff, fedasync or fedavg, got {self.mode!r}")
+        AggregationConfig(
+            mode=self.mode, buffer_size=self.buffer_size, aggregator=self.aggregator
+        )  # one clear line for an aggregator that cannot work with this mode and K
         if self.max_versions is not None and self.max_versions < 1:
             raise ValueError("max_versions must be at least 1")
         if self.test_fraction is not None and not 0.0 < self.test_fraction < 1.0:
@@ -289,6 +294,7 @@ def run_demo(
                 codec=cfg.codec,
                 mode=cfg.mode,
                 buffer_size=cfg.buffer_size,
+                aggregator=cfg.aggregator,
                 epochs=cfg.epochs,
                 lr=cfg.lr,
                 batch_size=cfg.batch_size,

@@ -65,7 +65,10 @@ class Pending:
     base_version: int
     num_samples: int
     staleness: int
-    coef: float  # its weight in the FedBuff running sum (n x staleness weight); n for FedAvg
+    # FedBuff: its weight in the running sum (n x staleness weight) with the plain mean, its
+    # staleness weight alone when the buffer keeps deltas (a robust aggregator, a capped
+    # mean: coordinator.aggregator_spec); FedAvg: n
+    coef: float
     payload: bytes
     round_number: int | None = None  # FedAvg only
 

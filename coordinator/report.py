@@ -20,6 +20,7 @@ def report_dict(summary: RunSummary, extra: dict[str, Any] | None = None) -> dic
     bytes_accepted = counters.get("bytes_accepted", 0)
     report: dict[str, Any] = {
         "mode": summary.mode,
+        "aggregator": summary.aggregator,
         "task_id": summary.task_id,
         "final_accuracy": summary.final_accuracy,
         "best_accuracy": max(accuracies) if accuracies else None,
@@ -35,6 +36,8 @@ def report_dict(summary: RunSummary, extra: dict[str, Any] | None = None) -> dic
         "wall_seconds": round(summary.wall_seconds, 3),
         "first_update_seconds": summary.first_update_seconds,
         "stop_reason": summary.stop_reason,
+        "updates_clipped": counters.get("updates_clipped", 0),
+        "robust_fallbacks": counters.get("robust_fallbacks", 0),
         "history": [asdict(r) for r in summary.history],
     }
     if extra:

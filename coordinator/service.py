@@ -91,6 +91,7 @@ class RunSummary:
     run_id: str = ""
     run_ended: bool = False
     buffered: int = 0  # accepted updates waiting in the state directory at the stop
+    aggregator: str = "mean"  # the canonical --aggregator spec
 
 
 def build_task(
@@ -255,7 +256,7 @@ class CoordinatorService:
         self._check_model_fits(config.max_message_bytes)
         self.store.create_run(
             self.task.run_id, self.task.to_wire(), self.task.created_at, self.core.state,
-            self.core.counters,
+            self.core.counters, aggregator=str(self.core.config.spec),
         )
         where = config.state_dir if config.state_dir is not None else "memory only"
         log.info("new run %s of task %s (state: %s)", self.task.run_id, self.task.task_id, where)
@@ -276,6 +277,14 @@ class CoordinatorService:
                 f"{where} holds run {snap.run_id} of another task: it has "
                 f"{'; '.join(conflicts)}. Resume it with the same task settings, start a new "
                 "run there with --new-run, or use another --state-dir"
+            )
+        asked = str(self.config.aggregation().spec)
+        if snap.aggregator != asked:
+            raise StateError(
+                f"{where} holds run {snap.run_id} aggregated with --aggregator "
+                f"{snap.aggregator} (asked: {asked}); the aggregator is part of a run: resume "
+                f"it with --aggregator {snap.aggregator}, start a new run there with "
+                "--new-run, or use another --state-dir"
             )
         changed = _changed_settings(stored, wanted)
         task = replace(
@@ -346,9 +355,10 @@ class CoordinatorService:
             self._record(_Made(self.core.version, self.core.state, 0, 0.0))
         self.client.start()
         log.info(
-            "coordinator: task %s run %s (%s %s), mode %s, codec %s, model codec %s; broker %s:%d",
+            "coordinator: task %s run %s (%s %s), mode %s, aggregator %s, codec %s, model "
+            "codec %s; broker %s:%d",
             self.task.task_id, self.task.run_id, self.task.model.arch, self.task.model.args,
-            self.config.mode, self.task.codec, self.config.model_codec,
+            self.config.mode, self.core.config.spec, self.task.codec, self.config.model_codec,
             self.config.host, self.config.port,
         )
         stop_reason = _STOP_REQUESTED
@@ -398,6 +408,7 @@ class CoordinatorService:
             run_id=self.task.run_id,
             run_ended=self.core.ended is not None,
             buffered=buffered,
+            aggregator=str(self.core.config.spec),
         )
 
     def _raise_if_failed(self) -> None:

@@ -26,7 +26,8 @@ updates it applied, the counters. A crash at any instant therefore leaves either
 before the message or the state after it, and the message's PUBACK, which paho sends only
 after the service's callback has returned, follows the commit. Tables:
 
-- ``meta``: format, run id, the task (its wire form as JSON), state, counters, FedAvg round;
+- ``meta``: format, run id, the task (its wire form as JSON), the aggregator spec, state,
+  counters, FedAvg round;
 - ``model``: one row, the current version, its tensors and the server momentum;
 - ``pending``: accepted updates not yet applied, in arrival order (the FedBuff buffer or the
   open FedAvg round), with their raw payloads;
@@ -80,7 +81,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the schema changes; an older fedbus refuses a newer state
+# bump when the schema or the meaning of a stored value changes; an older fedbus refuses
+# a newer state. 2: the run's aggregator (meta "aggregator"; absent means "mean"), and with a
+# robust aggregator a pending update's coef is its staleness weight alone. A run aggregated
+# with the plain mean is still written as format 1, which every fedbus reads the same way.
+FORMAT = 2
 DB_FILE = "state.db"
 LOCK_FILE = "lock"
 
@@ -172,6 +177,7 @@ class RunSnapshot:
     pending: tuple[Pending, ...]
     round: RoundFixed | None
     ended: str | None  # the end reason, or None while the run goes on
+    aggregator: str = "mean"  # the canonical aggregator spec the run was started with
 
 
 class Store:
@@ -207,14 +213,18 @@ class Store:
 
     def create_run(
         self, run_id: str, task: Mapping[str, Any], created_at: float,
-        state: Mapping[str, np.ndarray], counters: Mapping[str, int],
+        state: Mapping[str, np.ndarray], counters: Mapping[str, int], *,
+        aggregator: str = "mean",
     ) -> None:
-        """Record a new run at version 0. Refuses to replace an existing run."""
+        """Record a new run at version 0 (``aggregator``: its canonical spec, part of the
+        run's identity). Refuses to replace an existing run."""
         if self.has_run:
             raise StateError(f"{self.path} already holds run {self._meta('run_id')}")
         with self._transaction():
-            self._set_meta("format", str(FORMAT))
+            self._set_meta("format", "1" if aggregator == "mean" else str(FORMAT))
             self._set_meta("run_id", run_id)
+            if aggregator != "mean":
+                self._set_meta("aggregator", aggregator)
             self._set_meta("task", json.dumps(task))
             self._set_meta("created_at", repr(float(created_at)))
             self._set_meta("counters", json.dumps(dict(counters)))
@@ -264,6 +274,7 @@ class Store:
             pending=pending,
             round=rnd,
             ended=self._meta("ended"),
+            aggregator=self._meta("aggregator") or "mean",
         )
 
     # -- the ledger (read while judging) ---------------------------------------------------

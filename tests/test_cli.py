@@ -58,6 +58,8 @@ def test_model_too_large_for_the_broker_is_refused_before_connecting():
         (("coordinator", "--password", "x", "--codec", "topk:2"), "codec"),
         (("coordinator", "--password", "x", "--model-args", "[1]"), "model_args"),
         (("coordinator", "--password", "x", "--min-devices", "-1"), "min_devices"),
+        (("coordinator", "--password", "x", "--aggregator", "krum:1"),
+         "aggregator krum:1 needs at least 5 updates per step"),
         (("coordinator",), "no broker password"),
         (("agent", "--device-id", "bad/id", "--data", "x.npz", "--password", "p"), "device id"),
         (("agent", "--device-id", "d1", "--data", "/nonexistent.npz", "--password", "p"),

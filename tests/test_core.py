@@ -701,18 +701,32 @@ def test_journal_records_what_the_store_needs() -> None:
     assert raw.drain_journal() == []
 
 
-@pytest.mark.parametrize("mode", ["fedbuff", "fedavg"])
-def test_resume_rebuilds_the_same_model_and_buffer(mode: str) -> None:
-    c = core(mode=mode, buffer_size=3, server_momentum=0.0)
+@pytest.mark.parametrize(
+    ("mode", "aggregator"),
+    [
+        ("fedbuff", "mean"),
+        ("fedavg", "mean"),
+        ("fedbuff", "median+clip:0.9"),
+        ("fedbuff", "trimmed:0.34"),
+        ("fedavg", "krum:0+clip:1.5"),
+        ("fedbuff", "mean+cap:1.5"),
+        ("fedavg", "mean+cap:1+clip:1"),
+    ],
+)
+def test_resume_rebuilds_the_same_model_and_buffer(mode: str, aggregator: str) -> None:
+    c = core(mode=mode, buffer_size=3, server_momentum=0.0, aggregator=aggregator)
     for d in ("d1", "d2", "d3"):
         c.on_status(d, status(d, "online"), now=0.0)
     for i, d in enumerate(("d1", "d2", "d3")):
         c.on_update(d, upd(d, 0.1 * (i + 1), n=i + 1), now=1.0)
     assert c.version == 1
     c.on_update("d1", upd("d1", 0.7, base=1, n=5), now=2.0)
-    c.on_update("d2", upd("d2", -0.3, base=1, n=2), now=2.0)
+    # FedBuff: a stale update from another device (its weight 1/sqrt(2) is stored and read
+    # back exactly); FedAvg takes only fresh updates from the round's devices
+    second = ("d4", 0) if mode == "fedbuff" else ("d2", 1)
+    c.on_update(second[0], upd(second[0], -0.3, base=second[1], n=2), now=2.0)
     snap = c.store.load()
-    assert [p.device_id for p in snap.pending] == ["d1", "d2"]
+    assert [p.device_id for p in snap.pending] == ["d1", second[0]]
     again = CoordinatorCore.resume(
         TASK, c.core.config, ledger=c.store, version=snap.version, state=snap.state,
         velocity=snap.velocity, counters=snap.counters, pending=snap.pending,
@@ -723,9 +737,20 @@ def test_resume_rebuilds_the_same_model_and_buffer(mode: str) -> None:
         assert again.state[name].shape == value.shape
         assert again.state[name].tobytes() == value.tobytes()
     assert again.buffered == c.buffered == 2
-    if mode == "fedbuff":
+    if mode == "fedbuff" and aggregator == "mean":
         for name, total in c.core._buffer._sum.items():
             assert again._buffer._sum[name].tobytes() == total.tobytes()
+    elif mode == "fedbuff":  # the kept deltas, clipped and staleness-scaled, to the bit
+        assert c.core._kept is not None and again._kept is not None
+        for mine, theirs in zip(c.core._kept, again._kept, strict=True):
+            for name, value in mine.items():
+                assert theirs[name].tobytes() == value.tobytes()
+    else:
+        for dev, (delta, n, uid) in c.core._round.reported.items():
+            other, n2, uid2 = again._round.reported[dev]
+            assert (n, uid) == (n2, uid2)
+            for name, value in delta.items():
+                assert other[name].tobytes() == value.tobytes()
     # both finish the version the same way, to the bit
     for d in ("d1", "d2", "d3"):
         again.on_status(d, status(d, "online"), now=10.0)
@@ -746,3 +771,139 @@ def test_when_every_known_device_is_offline_the_buffer_is_applied() -> None:
     actions = c.on_status("d1", status("d1", "offline"), now=2.0)
     assert [m.version for m in models(actions)] == [1]
     assert_state(c, 3.0)
+
+
+# -- robust aggregators ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"aggregator": "average"}, "aggregator 'average': unknown part"),
+        ({"aggregator": "krum:1", "buffer_size": 4}, "raise --buffer-size from 4 to 5"),
+        ({"aggregator": "trimmed:0.2", "mode": "fedasync"}, "fedasync applies each update"),
+        ({"aggregator": "krum:1:5", "buffer_size": 5}, "M = 5 is more than K - F = 4"),
+        ({"aggregator": 3}, "must be a spec string"),
+    ],
+)
+def test_an_aggregator_that_cannot_work_is_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        AggregationConfig(**kwargs)
+
+
+def test_aggregators_that_fit_are_taken() -> None:
+    assert str(AggregationConfig(aggregator="krum:1", buffer_size=5).spec) == "krum:1"
+    assert AggregationConfig(aggregator="median", mode="fedasync").spec.kind == "median"
+    # FedAvg rounds vary in size: a small round falls back to the median instead
+    assert AggregationConfig(aggregator="krum:2:9", mode="fedavg").spec.f == 2
+    assert AggregationConfig().spec.kind == "mean"
+
+
+def test_fedbuff_median_ignores_the_claimed_sample_count() -> None:
+    c = core(buffer_size=3, aggregator="median", max_norm=1000.0)
+    c.on_update("d1", upd("d1", 1.0, n=1), now=0.0)
+    c.on_update("d2", upd("d2", 2.0, n=1), now=0.0)
+    assert models(c.on_update("d3", upd("d3", 100.0, n=2**40), now=0.0))
+    assert_state(c, 2.0)  # the mean would have been ~100
+    assert c.snapshot()["aggregator"] == "median"
+
+
+def test_staleness_scales_each_update_before_the_robust_step_and_server_lr_after() -> None:
+    c = core(buffer_size=3, aggregator="median", server_lr=0.5, staleness="sqrt")
+    for d in ("d1", "d2", "d3"):
+        c.on_update(d, upd(d, 0.0), now=0.0)
+    assert c.version == 1
+    c.on_update("d1", upd("d1", 3.0, base=1), now=1.0)  # fresh: 3
+    c.on_update("d4", upd("d4", 4.0, base=0), now=1.0)  # staleness 1: 4 / sqrt(2) = 2.83
+    c.on_update("d3", upd("d3", 1.0, base=1), now=1.0)  # fresh: 1
+    # median(3, 2.83, 1) = 2 sqrt(2); times server_lr 0.5 = sqrt(2)
+    assert c.version == 2
+    assert_state(c, math.sqrt(2.0))
+
+
+def test_fedasync_median_of_one_is_that_update_with_server_momentum() -> None:
+    c = core(mode="fedasync", aggregator="median", server_momentum=0.5)
+    c.on_update("d1", upd("d1", 2.0), now=0.0)
+    assert_state(c, 2.0)  # v = 2
+    c.on_update("d1", upd("d1", 1.0, base=1), now=1.0)
+    assert_state(c, 4.0)  # v = 0.5 * 2 + 1 = 2; 2 + 2
+
+
+def test_fedbuff_trimmed_mean_and_krum() -> None:
+    c = core(buffer_size=5, aggregator="trimmed:0.2", max_norm=1000.0)
+    for i, value in enumerate((1.0, 2.0, 3.0, 4.0, 100.0)):
+        c.on_update(f"d{i}", upd(f"d{i}", value), now=0.0)
+    assert_state(c, 3.0)  # mean of 2, 3, 4
+    c = core(buffer_size=5, aggregator="krum:1", max_norm=1000.0)
+    for i, value in enumerate((0.0, 1.0, 2.0, 3.0, 100.0)):
+        c.on_update(f"d{i}", upd(f"d{i}", value), now=0.0)
+    # scores (x6 coordinates) 30, 12, 12, 30, ...: the best n - f = 4 are 0..3 -> 1.5
+    assert_state(c, 1.5)
+
+
+@pytest.mark.parametrize("aggregator", [f"{k}+clip:{math.sqrt(6)}" for k in ("mean", "median")])
+def test_clipping_scales_large_updates_down_before_aggregation(aggregator: str) -> None:
+    # delta_of(v) has 6 coordinates: norm v * sqrt(6); the bound sqrt(6) caps v at 1
+    c = core(buffer_size=2, aggregator=aggregator)
+    c.on_update("d1", upd("d1", 0.5), now=0.0)
+    c.on_update("d2", upd("d2", 3.0), now=0.0)
+    assert_state(c, 0.75)  # (0.5 + 1) / 2, for the mean and the median of two alike
+    assert c.counters["updates_clipped"] == 1
+
+
+def test_a_partial_buffer_too_small_for_krum_falls_back_to_the_median() -> None:
+    c = core(buffer_size=5, aggregator="krum:1", buffer_timeout=10.0, max_norm=1000.0)
+    for i, value in enumerate((1.0, 2.0, 90.0)):
+        c.on_update(f"d{i}", upd(f"d{i}", value), now=0.0)
+    assert c.version == 0
+    assert [m.version for m in models(c.tick(20.0))] == [1]
+    assert_state(c, 2.0)
+    assert c.counters["robust_fallbacks"] == 1
+
+
+def test_fedavg_with_robust_aggregators() -> None:
+    c = fedavg(aggregator="median", max_norm=1000.0)
+    for d in ("d1", "d2", "d3"):
+        c.on_status(d, status(d, "online"), now=0.0)
+    c.on_update("d1", upd("d1", 1.0, n=1), now=1.0)
+    c.on_update("d2", upd("d2", 2.0, n=1), now=1.0)
+    assert models(c.on_update("d3", upd("d3", 100.0, n=10**6), now=1.0))
+    assert_state(c, 2.0)
+    c = fedavg(aggregator="krum:1")  # a round of 3 < 5: the median, counted
+    for d in ("d1", "d2", "d3"):
+        c.on_status(d, status(d, "online"), now=0.0)
+    for d, value in (("d1", 1.0), ("d2", 5.0), ("d3", -40.0)):
+        c.on_update(d, upd(d, value), now=1.0)
+    assert_state(c, 1.0)
+    assert c.counters["robust_fallbacks"] == 1
+
+
+def test_robust_state_stays_finite_with_extreme_updates() -> None:
+    big = float(np.finfo(np.float32).max) * 0.75
+    c = core(buffer_size=3, aggregator="trimmed:0.34", max_norm=float("1e300"))
+    for i, value in enumerate((big, big, big)):
+        c.on_update(f"d{i}", upd(f"d{i}", value), now=0.0)
+    assert c.version == 1 and is_finite(c.state)
+    for i, value in enumerate((big, big, big)):  # the step would overflow: dropped
+        c.on_update(f"d{i}", upd(f"d{i}", value, base=1), now=1.0)
+    assert c.version == 1 and is_finite(c.state)
+    assert c.counters["aggregation_failed"] == 1
+
+
+def test_a_capped_mean_bounds_what_a_claimed_sample_count_buys() -> None:
+    # claims 100, 200, 2^40: lower median 200, cap 1 x 200: weights 100, 200, 200
+    for mode in ("fedbuff", "fedavg"):
+        c = core(mode=mode, buffer_size=3, aggregator="mean+cap:1")
+        for d in ("d1", "d2", "d3"):
+            c.on_status(d, status(d, "online"), now=0.0)
+        c.on_update("d1", upd("d1", 1.0, n=100), now=0.0)
+        c.on_update("d2", upd("d2", 1.0, n=200), now=0.0)
+        assert models(c.on_update("d3", upd("d3", 4.0, n=2**40), now=0.0))
+        assert_state(c, (100 + 200 + 4 * 200) / 500)  # uncapped: 4.0 to six digits
+    # staleness still damps each update: d4's 4.0 at staleness 1 counts 4 / sqrt(2)
+    c = core(buffer_size=2, aggregator="mean+cap:2")
+    c.on_update("d1", upd("d1", 0.0), now=0.0)
+    c.on_update("d2", upd("d2", 0.0), now=0.0)
+    c.on_update("d1", upd("d1", 1.0, base=1, n=10), now=1.0)
+    c.on_update("d4", upd("d4", 4.0, base=0, n=10), now=1.0)
+    assert_state(c, (1.0 + 4.0 / math.sqrt(2.0)) / 2)

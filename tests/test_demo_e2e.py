@@ -58,6 +58,21 @@ def test_synchronous_demo_runs_rounds(tmp_path: Path):
     assert report["final_accuracy"] > report["history"][0]["accuracy"]
 
 
+def test_robust_demo_trims_and_clips_every_step(tmp_path: Path):
+    # 4 devices, K = 4: trimmed:0.25 drops one value per coordinate from each end of every
+    # step; the bound 0.5 is below the norms honest updates measure (0.7-5), so it clips
+    report, _ = run_demo(
+        tmp_path, "--devices", "4", "--max-versions", "5",
+        "--aggregator", "clip:0.5+trimmed:0.25",
+    )
+    assert report["aggregator"] == "trimmed:0.25+clip:0.5"
+    assert report["model_versions"] == 5
+    assert report["updates_accepted"] >= 20
+    assert report["robust_fallbacks"] == 0
+    assert report["updates_clipped"] >= report["updates_accepted"] // 2
+    assert report["final_accuracy"] > report["history"][0]["accuracy"] + 0.2
+
+
 def test_demo_configuration_mistake_is_one_line(tmp_path: Path):
     result = subprocess.run(
         [sys.executable, "-m", "fedbus", "demo", "--speeds", "1,fast"],

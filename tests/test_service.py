@@ -234,6 +234,30 @@ def test_a_state_directory_of_another_task_or_an_ended_run_is_refused(
     new.close()
 
 
+def test_the_aggregator_is_part_of_the_run(broker: MemoryBroker, tmp_path: Path):
+    state = tmp_path / "run"
+    running = Running(broker, state_dir=state, buffer_size=3, aggregator="median+clip:50")
+    service = running.service
+    devs = [Device(broker, d) for d in ("dev-a", "dev-b")]
+    for i, dev in enumerate(devs):
+        assert dev.send(_update(service, f"a{i}", dev.device, value=0.1 * (i + 1))).accepted
+    kept = [{k: v.copy() for k, v in d.items()} for d in service.core._kept or []]
+    service.client.abort()  # a crash
+    running.stop()
+    with pytest.raises(StateError, match=r"aggregated with --aggregator median\+clip:50 "
+                       r"\(asked: mean\)"):
+        _service(state_dir=state, buffer_size=3)
+    with pytest.raises(StateError, match="asked: median"):
+        _service(state_dir=state, buffer_size=3, aggregator="median")
+    # the same aggregator, written another way, resumes the same buffer
+    resumed = _service(state_dir=state, buffer_size=3, aggregator="clip:50.0+median")
+    assert resumed.resumed and len(resumed.core._kept or []) == 2
+    for mine, theirs in zip(kept, resumed.core._kept or [], strict=True):
+        for name, value in mine.items():
+            assert theirs[name].tobytes() == value.tobytes()
+    resumed.close()
+
+
 def test_one_coordinator_per_state_directory(tmp_path: Path):
     first = _service(state_dir=tmp_path / "run")
     with pytest.raises(StateError, match="in use"):

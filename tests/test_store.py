@@ -52,6 +52,26 @@ def test_a_new_run_round_trips_exactly(tmp_path: Path) -> None:
         Store(tmp_path / DB_FILE).create_run("r2", TASK, 1.0, STATE, {})
 
 
+def test_the_aggregator_is_kept_and_only_a_robust_one_needs_the_newer_format(
+    tmp_path: Path,
+) -> None:
+    def fmt(path: Path) -> str:
+        db = sqlite3.connect(path)
+        value = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0]
+        db.close()
+        return str(value)
+
+    new_store(tmp_path / DB_FILE).close()  # the mean: readable by any fedbus
+    assert Store(tmp_path / DB_FILE).load().aggregator == "mean"
+    assert fmt(tmp_path / DB_FILE) == "1"
+    robust = tmp_path / "robust.db"
+    store = Store(robust)
+    store.create_run("r1", TASK, 1.0, STATE, {}, aggregator="krum:1+clip:5")
+    store.close()
+    assert Store(robust).load().aggregator == "krum:1+clip:5"
+    assert fmt(robust) == str(FORMAT) == "2"
+
+
 def test_accepted_updates_wait_in_order_until_a_version_applies_them(tmp_path: Path) -> None:
     store = new_store(tmp_path / DB_FILE)
     for uid, dev in (("a", "d1"), ("b", "d2")):

@@ -52,6 +52,12 @@ HELPS = {
     "max_staleness": "Reject updates more than this many versions behind.",
     "max_norm": "Reject updates whose L2 norm exceeds this bound.",
     "round_deadline": "FedAvg: seconds to wait for a round's devices.",
+    "aggregator": "How a step combines its updates: mean (sample-weighted, the default), "
+    "median, trimmed:FRACTION (dropped from each end) or krum:F[:M] (F hostile updates "
+    "assumed), optionally +clip:BOUND (every update scaled down to that L2 norm first); "
+    "the mean also takes +cap:MULTIPLE (a claimed sample count weighs at most MULTIPLE x the "
+    "median claim of its step); e.g. median, trimmed:0.2, krum:1+clip:5, mean+cap:2. Robust "
+    "ones count each update once. Part of the run: a restart with another one is refused.",
     "min_round_updates": "FedAvg: fewest updates that close a round at its deadline.",
     "eval_data": "Held-out data (.csv/.npz/dir) to evaluate every model version.",
     "state_dir": "Directory holding the run (state.db, model.npz, history.jsonl). A restart on "

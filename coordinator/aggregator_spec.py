@@ -1,0 +1,241 @@
+"""Which aggregator a task uses: the ``--aggregator`` spec, its parser and its dispatch.
+
+Grammar (lower case, no spaces)::
+
+    spec       := part ("+" part)*          at most one of each kind of part
+    aggregator := "mean" | "median" | "trimmed:" FRACTION | "krum:" F [":" M]
+    cap        := "cap:" MULTIPLE               the mean only
+    clip       := "clip:" BOUND
+
+- ``mean`` (default): the sample-weighted mean of today (``coordinator.aggregation``).
+- ``median``: coordinate-wise median; ``trimmed:0.2``: coordinate-wise trimmed mean dropping
+  ``floor(0.2 · n)`` values from each end (``0 < FRACTION < 0.5``); ``krum:F[:M]``:
+  multi-Krum assuming at most ``F`` hostile updates per step, averaging the ``M`` best
+  (default ``n − F``; ``M = 1`` is Krum). See ``coordinator.robust``. These count each
+  update once: the claimed sample count plays no part.
+- ``cap:MULTIPLE`` (with the mean): the weight an update's claimed sample count buys is at
+  most ``MULTIPLE`` (>= 1) × the lower median of the claims of the updates of its step
+  (``robust.cap_sample_counts``), e.g. ``mean+cap:2``; a claim of 2^40 among honest claims
+  of about 200 then weighs about 400.
+- ``clip:BOUND``: every accepted update is first scaled down to an L2 norm of at most
+  ``BOUND`` (updates above ``--max-norm`` are still rejected); composes with any
+  aggregator, e.g. ``median+clip:5``. ``clip:5`` alone means ``mean+clip:5``.
+
+``str(spec)`` is the canonical form (aggregator, cap, clip, numbers as Python writes them),
+used to compare a run's aggregator on resume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from coordinator.aggregation import State, weighted_average
+from coordinator.robust import (
+    cap_sample_counts,
+    coordinate_median,
+    krum_min_updates,
+    multi_krum,
+    trimmed_mean,
+    trimmed_min_updates,
+)
+
+__all__ = [
+    "AGGREGATOR_KINDS",
+    "AggregatorSpec",
+    "capped_mean",
+    "parse_aggregator",
+    "robust_aggregate",
+]
+
+AGGREGATOR_KINDS: tuple[str, ...] = ("mean", "median", "trimmed", "krum")
+_SYNTAX = (
+    "expected mean, median, trimmed:FRACTION or krum:F[:M], optionally +clip:BOUND "
+    "(and for the mean +cap:MULTIPLE)"
+)
+
+
+def _num(value: float) -> str:
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+@dataclass(frozen=True)
+class AggregatorSpec:
+    """A parsed aggregator spec (build it with ``parse_aggregator``)."""
+
+    kind: str = "mean"
+    trim: float = 0.0  # trimmed
+    f: int = 0  # krum: hostile updates assumed per step
+    m: int | None = None  # krum: updates averaged (None: n - f)
+    clip: float | None = None  # L2 bound every update is scaled down to
+    cap: float | None = None  # the mean: n counts at most cap x the step's median claim
+
+    def __post_init__(self) -> None:
+        """The same rules as ``parse_aggregator``, for a spec built directly."""
+        if self.kind not in AGGREGATOR_KINDS:
+            raise ValueError(f"unknown aggregator {self.kind!r}; {_SYNTAX}")
+        if self.kind == "trimmed" and not (math.isfinite(self.trim) and 0 < self.trim < 0.5):
+            raise ValueError(f"the trim fraction must be in (0, 0.5), got {self.trim!r}")
+        if self.kind != "trimmed" and self.trim != 0:
+            raise ValueError(f"trim is for trimmed only, not {self.kind}")
+        if not (isinstance(self.f, int) and self.f >= 0):
+            raise ValueError(f"krum's F must be an integer >= 0, got {self.f!r}")
+        if self.m is not None and not (isinstance(self.m, int) and self.m >= 1):
+            raise ValueError(f"krum's M must be an integer >= 1, got {self.m!r}")
+        if self.kind != "krum" and (self.f != 0 or self.m is not None):
+            raise ValueError(f"F and M are for krum only, not {self.kind}")
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"the clip bound must be finite and > 0, got {self.clip!r}")
+        if self.cap is not None:
+            if not (math.isfinite(self.cap) and self.cap >= 1):
+                raise ValueError(f"the cap multiple must be finite and >= 1, got {self.cap!r}")
+            if self.kind != "mean":
+                raise ValueError(
+                    f"cap weighs the mean only; {self.kind} counts each update once already"
+                )
+
+    @property
+    def robust(self) -> bool:
+        """True for the aggregators that count each update once (not the mean)."""
+        return self.kind != "mean"
+
+    @property
+    def keeps_deltas(self) -> bool:
+        """True when a step needs the buffered deltas themselves, not a running sum: a
+        robust aggregator, or a mean whose weights are capped by the step's claims."""
+        return self.robust or self.cap is not None
+
+    @property
+    def min_updates(self) -> int:
+        """The fewest updates one step of this aggregator is defined for."""
+        if self.kind == "trimmed":
+            return trimmed_min_updates(self.trim)
+        if self.kind == "krum":
+            return krum_min_updates(self.f)
+        return 1
+
+    def __str__(self) -> str:
+        if self.kind == "trimmed":
+            base = f"trimmed:{_num(self.trim)}"
+        elif self.kind == "krum":
+            base = f"krum:{self.f}" + ("" if self.m is None else f":{self.m}")
+        else:
+            base = self.kind
+        if self.cap is not None:
+            base += f"+cap:{_num(self.cap)}"
+        return base if self.clip is None else f"{base}+clip:{_num(self.clip)}"
+
+
+def _fraction(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {text!r}")
+    return value
+
+
+def _integer(text: str, what: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{what} must be a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def parse_aggregator(spec: str) -> AggregatorSpec:
+    """Parse an aggregator spec; ``ValueError`` with one line saying what is wrong."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"{spec!r}: empty spec; {_SYNTAX}")
+    kind: str | None = None
+    trim = 0.0
+    f = 0
+    m: int | None = None
+    clip: float | None = None
+    cap: float | None = None
+    for part in spec.strip().split("+"):
+        name, _, rest = part.partition(":")
+        args = rest.split(":") if rest else []
+        if name == "cap":
+            if cap is not None:
+                raise ValueError(f"{spec!r}: cap given twice")
+            if len(args) != 1:
+                raise ValueError(f"{spec!r}: cap takes one multiple, e.g. cap:2")
+            cap = _fraction(args[0], "the cap multiple")
+            if cap < 1:
+                raise ValueError(
+                    f"{spec!r}: the cap multiple must be >= 1 (times the step's median claim)"
+                )
+            continue
+        if name == "clip":
+            if clip is not None:
+                raise ValueError(f"{spec!r}: clip given twice")
+            if len(args) != 1:
+                raise ValueError(f"{spec!r}: clip takes one bound, e.g. clip:5")
+            clip = _fraction(args[0], "the clip bound")
+            if clip <= 0:
+                raise ValueError(f"{spec!r}: the clip bound must be > 0")
+            continue
+        if name not in AGGREGATOR_KINDS:
+            raise ValueError(f"{spec!r}: unknown part {part!r}; {_SYNTAX}")
+        if kind is not None:
+            raise ValueError(f"{spec!r}: more than one aggregator ({kind}, {name})")
+        kind = name
+        if name in ("mean", "median"):
+            if args:
+                raise ValueError(f"{spec!r}: {name} takes no argument")
+        elif name == "trimmed":
+            if len(args) != 1:
+                raise ValueError(f"{spec!r}: trimmed takes one fraction, e.g. trimmed:0.2")
+            trim = _fraction(args[0], "the trim fraction")
+            if not 0 < trim < 0.5:
+                raise ValueError(
+                    f"{spec!r}: the trim fraction must be in (0, 0.5) (dropped from each end)"
+                )
+        else:  # krum
+            if len(args) not in (1, 2):
+                raise ValueError(f"{spec!r}: krum takes F or F:M, e.g. krum:1 or krum:1:3")
+            f = _integer(args[0], "krum's F")
+            if len(args) == 2:
+                m = _integer(args[1], "krum's M")
+                if m < 1:
+                    raise ValueError(f"{spec!r}: krum's M must be >= 1")
+    kind = kind or "mean"
+    if cap is not None and kind != "mean":
+        raise ValueError(
+            f"{spec!r}: cap weighs the mean only; {kind} counts each update once already"
+        )
+    return AggregatorSpec(kind, trim, f, m, clip, cap)
+
+
+def capped_mean(
+    spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]], claims: Sequence[int]
+) -> State:
+    """``Σ n'_i Δ_i / Σ n'_i`` with ``n'`` the ``claims`` capped at ``spec.cap`` × their
+    lower median (``robust.cap_sample_counts``)."""
+    if spec.cap is None or spec.robust:
+        raise ValueError(f"{spec} is not a capped mean")
+    return weighted_average(deltas, cap_sample_counts(claims, spec.cap))
+
+
+def robust_aggregate(
+    spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]]
+) -> tuple[State, bool]:
+    """One step of a robust ``spec`` over ``deltas`` (each counting once); returns
+    ``(aggregate, fell_back)``.
+
+    With fewer deltas than the aggregator is defined for (``spec.min_updates``: a partial
+    buffer, a small FedAvg round), the coordinate-wise median of what there is is used
+    instead (``fell_back`` True): it is defined for any count and is the most robust of the
+    three for few updates. Krum's ``M`` is capped at ``n − F`` for the ``n`` at hand."""
+    if not spec.robust:
+        raise ValueError("the mean is not a robust aggregator: use coordinator.aggregation")
+    if len(deltas) < spec.min_updates or spec.kind == "median":
+        return coordinate_median(deltas), spec.kind != "median"
+    if spec.kind == "trimmed":
+        return trimmed_mean(deltas, spec.trim), False
+    m = None if spec.m is None else min(spec.m, len(deltas) - spec.f)
+    return multi_krum(deltas, spec.f, m).aggregate, False

@@ -1,0 +1,244 @@
+"""Robust aggregation: pure functions over lists of deltas (``{name: float array}``).
+
+Each function takes deltas with the same tensor names and shapes and returns a new dict of
+new arrays (inputs are never mutated), in the floating dtype of the inputs (float32 in,
+float32 out). The work is done one tensor at a time: the ``n`` copies of one tensor are
+stacked (in float64, so sums and midpoints cannot overflow float32) and reduced; there is
+never a flattened copy of the whole model.
+
+- ``coordinate_median``: per coordinate, the median of the ``n`` values (the mean of the
+  two middle values when ``n`` is even), as ``numpy.median``.
+- ``trimmed_mean``: per coordinate, drop the ``floor(trim · n)`` smallest and as many
+  largest values, average the rest (Yin et al. 2018).
+- ``multi_krum``: score each delta by the sum of squared L2 distances to its ``n − f − 2``
+  nearest others, average the ``m`` deltas with the lowest scores (Blanchard et al. 2017;
+  ``m = 1`` is Krum). Needs ``n ≥ 2f + 3``.
+- ``clip_norm``: scale one delta down to a global L2 norm of at most ``bound``.
+- ``cap_sample_counts``: the weights a step's claimed sample counts may buy, each at most a
+  multiple of the (lower) median claim of the step.
+
+None of them takes sample weights: each delta counts once. The weight an update would
+otherwise carry is its claimed sample count, and that claim is exactly what a hostile
+device controls (one update claiming 2^40 samples would own a weighted median as it owns a
+weighted mean). Weights that the server itself computes, such as staleness, are applied by
+the caller by scaling the deltas before they are aggregated.
+
+Finite inputs give finite outputs. A non-finite input value, an empty list, differing
+names or shapes, or a non-floating dtype raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from coordinator.aggregation import State, _check_like, l2_norm
+
+__all__ = [
+    "KrumResult",
+    "cap_sample_counts",
+    "clip_norm",
+    "coordinate_median",
+    "krum_min_updates",
+    "multi_krum",
+    "trim_count",
+    "trimmed_mean",
+    "trimmed_min_updates",
+]
+
+Deltas = Sequence[Mapping[str, np.ndarray]]
+
+
+def _checked(deltas: Deltas) -> dict[str, np.dtype]:
+    """Check the list; return each tensor's output dtype."""
+    if len(deltas) == 0:
+        raise ValueError("nothing to aggregate: no deltas")
+    first = deltas[0]
+    if not first:
+        raise ValueError("delta 0 has no tensors")
+    for i, delta in enumerate(deltas[1:], start=1):
+        _check_like(first, delta, f"delta {i}")
+    dtypes: dict[str, np.dtype] = {}
+    for name in first:
+        dtype = np.result_type(*(np.asarray(d[name]).dtype for d in deltas))
+        if not np.issubdtype(dtype, np.floating):
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, expected a floating dtype")
+        dtypes[name] = dtype
+    return dtypes
+
+
+def _stack(deltas: Deltas, name: str) -> np.ndarray:
+    """The ``n`` copies of tensor ``name`` as one ``(n, size)`` float64 array."""
+    stack = np.stack([np.asarray(d[name], dtype=np.float64).reshape(-1) for d in deltas])
+    if not np.isfinite(stack).all():
+        bad = [i for i, row in enumerate(stack) if not np.isfinite(row).all()]
+        raise ValueError(f"tensor {name!r} of delta(s) {bad} holds NaN or infinity")
+    return stack
+
+
+def _out(values: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64).reshape(shape).astype(dtype)
+
+
+def coordinate_median(deltas: Deltas) -> State:
+    """Per coordinate, the median of the deltas' values (mean of the two middle ones for an
+    even count). The median of one delta is that delta; of two, their mean."""
+    dtypes = _checked(deltas)
+    out: State = {}
+    for name, dtype in dtypes.items():
+        stack = _stack(deltas, name)
+        out[name] = _out(np.median(stack, axis=0), np.shape(deltas[0][name]), dtype)
+    return out
+
+
+def trim_count(count: int, trim: float) -> int:
+    """How many values ``trimmed_mean`` drops from each end: ``floor(trim · count)``."""
+    return math.floor(trim * count + 1e-9)  # 0.2 · 5 is 1, not 0.9999999999999999
+
+
+def trimmed_mean(deltas: Deltas, trim: float, *, strict: bool = True) -> State:
+    """Per coordinate, the mean of the values left after dropping the ``k = floor(trim · n)``
+    smallest and the ``k`` largest (``0 <= trim < 0.5``).
+
+    ``strict`` (default): a ``trim > 0`` that drops nothing for this ``n`` (too few deltas
+    for the trim, e.g. ``trim=0.2`` with ``n < 5``) raises ``ValueError`` instead of silently
+    returning the plain mean."""
+    if not (isinstance(trim, int | float) and math.isfinite(trim) and 0 <= trim < 0.5):
+        raise ValueError(f"trim must be a fraction in [0, 0.5), got {trim!r}")
+    dtypes = _checked(deltas)
+    n = len(deltas)
+    k = trim_count(n, trim)
+    if strict and trim > 0 and k == 0:
+        need = trimmed_min_updates(trim)
+        raise ValueError(
+            f"too few deltas for a trimmed mean with trim {trim:g}: {n} given, it drops "
+            f"floor({trim:g} x n) from each end, so it needs at least {need}"
+        )
+    out: State = {}
+    for name, dtype in dtypes.items():
+        stack = _stack(deltas, name)
+        if k:
+            stack = np.sort(stack, axis=0)[k:n - k]
+        out[name] = _out(stack.mean(axis=0), np.shape(deltas[0][name]), dtype)
+    return out
+
+
+def trimmed_min_updates(trim: float) -> int:
+    """The fewest deltas for which ``trimmed_mean`` drops at least one from each end."""
+    if not (math.isfinite(trim) and 0 < trim < 0.5):
+        raise ValueError(f"trim must be a fraction in (0, 0.5), got {trim!r}")
+    n = max(3, math.ceil(1.0 / trim) - 1)
+    while trim_count(n, trim) < 1:
+        n += 1
+    return n
+
+
+def krum_min_updates(f: int) -> int:
+    """Krum with ``f`` Byzantine deltas needs ``n ≥ 2f + 3`` (Blanchard et al.: n > 2f + 2),
+    so that each score sums ``n − f − 2 ≥ f + 1`` distances, more than the attackers have."""
+    return 2 * f + 3
+
+
+@dataclass(frozen=True, eq=False)
+class KrumResult:
+    """``multi_krum``'s aggregate, the chosen indices (best first) and every delta's score."""
+
+    aggregate: State
+    selected: tuple[int, ...]
+    scores: tuple[float, ...]
+
+
+def multi_krum(deltas: Deltas, f: int, m: int | None = None) -> KrumResult:
+    """Multi-Krum (Blanchard et al. 2017) assuming at most ``f`` of the ``n`` deltas are
+    Byzantine.
+
+    The score of delta ``i`` is the sum of the squared L2 distances (over all tensors)
+    from ``i`` to its ``n − f − 2`` nearest other deltas; the ``m`` deltas with the lowest
+    scores (ties: the lower index first) are averaged, each counting once. ``m`` defaults to
+    ``n − f``; ``m = 1`` is plain Krum. Requires ``f >= 0``, ``n >= 2f + 3`` and
+    ``1 <= m <= n - f`` (``ValueError`` otherwise)."""
+    if not (isinstance(f, int) and not isinstance(f, bool) and f >= 0):
+        raise ValueError(f"f must be an integer >= 0, got {f!r}")
+    dtypes = _checked(deltas)
+    n = len(deltas)
+    if n < krum_min_updates(f):
+        raise ValueError(
+            f"too few deltas for Krum with f={f}: {n} given, it needs n >= 2f + 3 = "
+            f"{krum_min_updates(f)}"
+        )
+    m = n - f if m is None else m
+    if not (isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= n - f):
+        raise ValueError(f"m must be an integer in [1, n - f] = [1, {n - f}], got {m!r}")
+    # pairwise squared distances, summed over tensors, one tensor at a time
+    dist = np.zeros((n, n), dtype=np.float64)
+    for name in dtypes:
+        stack = _stack(deltas, name)
+        for i in range(n - 1):
+            diff = stack[i + 1:] - stack[i]
+            part = np.einsum("ij,ij->i", diff, diff)
+            dist[i, i + 1:] += part
+            dist[i + 1:, i] += part
+    closest = n - f - 2
+    scores = []
+    for i in range(n):
+        others = np.delete(dist[i], i)
+        scores.append(float(np.sort(others)[:closest].sum()))
+    order = sorted(range(n), key=lambda i: (scores[i], i))
+    selected = tuple(order[:m])
+    out: State = {}
+    for name, dtype in dtypes.items():
+        stack = _stack([deltas[i] for i in selected], name)
+        out[name] = _out(stack.mean(axis=0), np.shape(deltas[0][name]), dtype)
+    return KrumResult(out, selected, tuple(scores))
+
+
+def clip_norm(delta: Mapping[str, np.ndarray], bound: float) -> tuple[State, float]:
+    """``delta`` scaled by ``min(1, bound / ‖delta‖)`` (global L2 norm over all tensors),
+    and the scale used: the result's norm is at most ``bound`` up to the rounding of its
+    dtype. A delta within the bound comes back as equal copies (scale 1.0)."""
+    if not (isinstance(bound, int | float) and math.isfinite(bound) and bound > 0):
+        raise ValueError(f"bound must be finite and > 0, got {bound!r}")
+    if not delta:
+        raise ValueError("the delta has no tensors")
+    norm = l2_norm(delta)
+    if not math.isfinite(norm):
+        raise ValueError("the delta holds NaN or infinity")
+    scale = 1.0 if norm <= bound else bound / norm
+    out: State = {}
+    for name, value in delta.items():
+        arr = np.asarray(value)
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"tensor {name!r} has dtype {arr.dtype}, expected a floating dtype")
+        if scale == 1.0:
+            out[name] = arr.copy()
+        else:
+            out[name] = (arr.astype(np.float64) * scale).astype(arr.dtype)
+    return out, scale
+
+
+def cap_sample_counts(claims: Sequence[int], multiple: float) -> list[float]:
+    """Each claimed sample count capped at ``multiple`` × the lower median of ``claims``
+    (for an even count the smaller of the two middle values).
+
+    The claims are those of the updates of one step; the cap is decided by the step itself,
+    so as long as hostile updates are fewer than half of it the cap is set by an honest
+    claim, and one update claiming 2^40 samples weighs at most ``multiple`` times a typical
+    honest one. The lower median (not the mean of the two middle values) keeps that true
+    for a step of two: one honest claim and one inflated one give the honest claim's cap.
+    Claiming a small count can only lower the cap towards equal weights for all.
+    Requires ``multiple >= 1`` and every claim an integer >= 1 (``ValueError``)."""
+    if not (isinstance(multiple, int | float) and math.isfinite(multiple) and multiple >= 1):
+        raise ValueError(f"multiple must be finite and >= 1, got {multiple!r}")
+    if len(claims) == 0:
+        raise ValueError("no claims to cap")
+    values = []
+    for n in claims:
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"a claimed sample count must be an integer >= 1, got {n!r}")
+        values.append(int(n))
+    median = sorted(values)[(len(values) - 1) // 2]
+    cap = multiple * median
+    return [float(min(n, cap)) for n in values]
