@@ -194,7 +194,8 @@ class CoordinatorService:
         self.client: Transport = transport_factory(
             ConnectionSettings(
                 host=config.host,
-                port=config.port,
+                port=config.broker_port(),
+                tls=config.tls_settings(),
                 client_id=config.username,
                 username=config.username,
                 password=password,
@@ -349,7 +350,7 @@ class CoordinatorService:
             "coordinator: task %s run %s (%s %s), mode %s, codec %s, model codec %s; broker %s:%d",
             self.task.task_id, self.task.run_id, self.task.model.arch, self.task.model.args,
             self.config.mode, self.task.codec, self.config.model_codec,
-            self.config.host, self.config.port,
+            self.config.host, self.config.broker_port(),
         )
         stop_reason = _STOP_REQUESTED
         try:

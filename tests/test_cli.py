@@ -86,6 +86,7 @@ def test_a_credentials_file_ranks_below_flags_environment_and_config_file(
 
     from edge_agent.config import ENV_PREFIX, AgentConfig
     from fedbus.cli._options import load_process_config
+    from fedbus.errors import ConfigError
 
     creds = tmp_path / "credentials.json"
     creds.write_text(json.dumps({
@@ -105,8 +106,16 @@ def test_a_credentials_file_ranks_below_flags_environment_and_config_file(
         username=lambda c: c.device_id,
     )
     assert (cfg.host, cfg.port, cfg.prefix, password) == ("env-host", 2222, "fileprefix", "p1")
+    # a file without TLS (written before fedbus spoke it) names a plain port only, which
+    # beyond loopback takes an explicit --insecure-plaintext
+    with pytest.raises(ConfigError, match="plain MQTT to flag-host"):
+        load_process_config(
+            AgentConfig, {**flags, "host": "flag-host"}, env_prefix=ENV_PREFIX,
+            config_file=None, section="agent", username=lambda c: c.device_id,
+        )
     cfg, _ = load_process_config(
-        AgentConfig, {**flags, "host": "flag-host"}, env_prefix=ENV_PREFIX, config_file=None,
-        section="agent", username=lambda c: c.device_id,
+        AgentConfig, {**flags, "host": "flag-host", "insecure_plaintext": True},
+        env_prefix=ENV_PREFIX, config_file=None, section="agent",
+        username=lambda c: c.device_id,
     )
-    assert (cfg.host, cfg.port) == ("flag-host", 1111)
+    assert (cfg.host, cfg.port, cfg.tls_settings()) == ("flag-host", 1111, None)
