@@ -662,11 +662,12 @@ def _checked_host(host: str) -> str:
 
 
 def _checked_tls_names(host: str, names: Sequence[str]) -> list[str]:
-    """``names`` checked, plus ``host`` itself when it is a specific address or name."""
+    """``names`` checked, plus ``host`` itself unless it is a wildcard address (the server
+    certificate always names loopback too)."""
     if isinstance(names, str):
         raise ConfigError("tls_names must be a list of names, not one string")
     out = [n.strip() for n in names]
-    if host not in ("0.0.0.0", "::") and not is_loopback(host):
+    if host not in ("0.0.0.0", "::"):
         out.append(host)
     for name in out:
         if not (_is_ip(name) or _DNS_NAME.fullmatch(name)):

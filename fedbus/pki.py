@@ -207,7 +207,7 @@ def _server_names(names: Sequence[str]) -> list[str]:
     """Loopback names first, then ``names`` without duplicates or wildcard addresses."""
     out: list[str] = []
     for name in [*LOOPBACK_NAMES, *names]:
-        if name in ("0.0.0.0", "::", ""):  # "every interface" is not a name clients use
+        if name in ("0.0.0.0", "::"):  # "every interface" is not a name clients use
             continue
         key = name.lower()
         if key not in out:

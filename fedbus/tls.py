@@ -45,7 +45,7 @@ TLS_PORT = 8883
 # OpenSSL verify codes (x509_vfy.h) a client sees for the broker's certificate.
 _UNKNOWN_CA_CODES = {2, 18, 19, 20, 21}
 _EXPIRED_CODES = {9, 10}  # not yet valid, expired
-_HOSTNAME_CODE = 62
+_HOSTNAME_CODES = {62, 64}  # host name mismatch, IP address mismatch
 # TLS alerts a broker sends when it refuses our client certificate (or wants one).
 _CERT_ALERTS = (
     "ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_EXPIRED",
@@ -168,7 +168,7 @@ def describe_failure(
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = exc.verify_code
         message = exc.verify_message or str(exc)
-        if code == _HOSTNAME_CODE:
+        if code in _HOSTNAME_CODES:
             return Failure("hostname_mismatch", f"the broker's certificate does not name this "
                            f"host ({message}); connect with a name the certificate lists", True)
         if code in _UNKNOWN_CA_CODES:

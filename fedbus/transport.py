@@ -544,9 +544,12 @@ class MqttClient:
                 client.subscribe(topic_filter, options=options)
             self._connected.set()
             self._disconnected_since = None
+            sock = client.socket()
+            over = sock.version() if isinstance(sock, ssl.SSLSocket) else None
             log.info(
-                "connected to %s as %s (session %s)",
+                "connected to %s as %s (session %s, %s)",
                 self._where, s.client_id, "resumed" if session_present else "new",
+                f"{over}, broker verified" if over else "plain MQTT",
             )
             if self._on_connect_cb is not None:
                 self._on_connect_cb(session_present)
