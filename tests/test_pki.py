@@ -287,3 +287,36 @@ def test_a_connection_closed_during_or_after_the_handshake_is_retried() -> None:
     after = describe_failure(ssl.SSLEOFError(), handshake_done=True, client_certificate=True)
     assert (after.reason, after.fatal) == ("closed", False)
     assert "refused our client certificate" in after.detail
+
+
+# -- fedbus certs --------------------------------------------------------------------------------
+
+
+def test_certs_command_issues_keeps_and_renews(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fedbus.cli.certs import certs
+
+    pki_dir = tmp_path / "pki"
+    run = CliRunner().invoke
+    result = run(certs, ["--dir", str(pki_dir), "--server-name", "broker.lan",
+                         "--device", "device-09", "--days", "30"])
+    assert result.exit_code == 0, result.output
+    cert = pki_dir / "clients" / "device-09.crt"
+    assert pki.certificate_identity(cert.read_bytes()) == "device-09"
+    dns, ips = _san(x509.load_pem_x509_certificate((pki_dir / "server.crt").read_bytes()))
+    assert "broker.lan" in dns and "127.0.0.1" in ips
+    ca_key, first = (pki_dir / "ca.key").read_bytes(), cert.read_bytes()
+
+    result = run(certs, ["--dir", str(pki_dir), "--device", "device-09"])
+    assert result.exit_code == 0 and "kept" in result.output
+    assert cert.read_bytes() == first
+
+    result = run(certs, ["--dir", str(pki_dir), "--device", "device-09", "--renew"])
+    assert result.exit_code == 0, result.output
+    assert cert.read_bytes() != first
+    assert [p.read_bytes() for p in (pki_dir / "clients").glob("device-09.crt.old-*")] == [first]
+    assert (pki_dir / "ca.key").read_bytes() == ca_key  # the CA is never replaced
+
+    result = run(certs, ["--dir", str(pki_dir), "--device", "not valid"])
+    assert result.exit_code != 0 and "invalid device id" in result.output
