@@ -45,11 +45,11 @@ class BrokerAccess:
     def port_for(self, *, tls: bool, client_certificate: bool) -> int:
         """The port to connect to: plain, TLS (password) or mutual TLS."""
         if not tls:
-            port, what = self.port, "a plain MQTT port (it listens beyond loopback: use TLS)"
+            port, what = self.port, "plain MQTT port (the broker has none beyond loopback: use TLS)"
         elif client_certificate:
-            port, what = self.mtls_port, "a mutual-TLS port"
+            port, what = self.mtls_port, "mutual-TLS port (a broker without TLS?)"
         else:
-            port, what = self.tls_port, "a TLS port"
+            port, what = self.tls_port, "TLS port (a broker without TLS?)"
         if port is None:
             raise ConfigError(f"the credentials file names no {what}")
         return port
