@@ -216,7 +216,7 @@ class LocalBroker:
             raise ConfigError(
                 f"port {port} is the plain MQTT port, but this broker on {self._host} has no "
                 "plain listener (passwords would cross the network in clear text); use the "
-                "TLS ports, or ask for plain MQTT explicitly"
+                "TLS ports, or ask for plain MQTT explicitly (fedbus broker --insecure-plaintext)"
             )
         self._ports = {"plain": port if self._plaintext else 0, "tls": tls_port,
                        "mtls": mtls_port}
