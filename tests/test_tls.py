@@ -200,9 +200,10 @@ def test_an_mtls_device_writes_only_its_own_update_topic(
     device = clients(broker.host, broker.mtls_port, "dev-b", "", client_id="dev-b",
                      tls=_mtls(broker, "dev-a"))
     assert device.wait_connected(TIMEOUT), device.last_error
-    foreign = device.publish("fedbus/update/dev-b", b"forged")
-    assert not foreign.wait(TIMEOUT)
-    assert foreign.reason_code == NOT_AUTHORIZED
+    for topic in ("fedbus/update/dev-b", "fedbus/status/dev-b", "fedbus/model"):
+        foreign = device.publish(topic, b"forged")
+        assert not foreign.wait(TIMEOUT), topic
+        assert foreign.reason_code == NOT_AUTHORIZED, topic
     own = device.publish("fedbus/update/dev-a", b"mine")  # the barrier
     assert own.wait(TIMEOUT)
     msg = inbox.get(timeout=TIMEOUT)
