@@ -224,6 +224,45 @@ def test_render_config_puts_listener_settings_right_after_the_listener(tmp_path:
     assert lines[-1] == "user root"
 
 
+def test_shipped_tls_listener_settings() -> None:
+    from broker_config import MTLS_POLICY_FILE, TLS_POLICY_FILE
+
+    assert _directives(TLS_POLICY_FILE.read_text()) == {
+        "tls_version": ["tlsv1.2"], "require_certificate": ["false"],
+    }
+    assert _directives(MTLS_POLICY_FILE.read_text()) == {
+        "tls_version": ["tlsv1.2"], "require_certificate": ["true"],
+        "use_identity_as_username": ["true"],
+    }
+
+
+def test_render_config_gives_each_tls_listener_its_settings_and_files(tmp_path: Path) -> None:
+    from broker_config import MTLS_POLICY_FILE, TLS_POLICY_FILE
+    from fedbus.broker import TlsListeners
+
+    tls = TlsListeners(port=18883, mtls_port=18884, ca_file=tmp_path / "ca.crt",
+                       cert_file=tmp_path / "server.crt", key_file=tmp_path / "server.key",
+                       tls_policy=TLS_POLICY_FILE.read_text(),
+                       mtls_policy=MTLS_POLICY_FILE.read_text())
+    text = render_config(
+        POLICY_FILE.read_text(), LISTENER_POLICY_FILE.read_text(), host="0.0.0.0", port=None,
+        password_file=tmp_path / "passwd", acl_file=tmp_path / "fedbus.acl",
+        data_dir=tmp_path / "data", log_file=tmp_path / "mosquitto.log", tls=tls,
+    )
+    lines = [x for x in text.splitlines() if x.strip() and not x.startswith("#")]
+    assert [x for x in lines if x.startswith("listener")] == [
+        "listener 18883 0.0.0.0", "listener 18884 0.0.0.0"]  # no plain listener
+    files = [f"cafile {tmp_path / 'ca.crt'}", f"certfile {tmp_path / 'server.crt'}",
+             f"keyfile {tmp_path / 'server.key'}"]
+    at = lines.index("listener 18883 0.0.0.0")
+    assert lines[at + 1:at + 7] == ["use_username_as_clientid true", "tls_version tlsv1.2",
+                                    "require_certificate false", *files]
+    at = lines.index("listener 18884 0.0.0.0")
+    assert lines[at + 1:at + 8] == ["use_username_as_clientid true", "tls_version tlsv1.2",
+                                    "require_certificate true",
+                                    "use_identity_as_username true", *files]
+
+
 def test_render_acl_default_prefix_is_the_shipped_file() -> None:
     from broker_config import ACL_FILE
 
