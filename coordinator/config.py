@@ -10,6 +10,13 @@ from typing import Any, Literal
 
 from coordinator.core import AggregationConfig
 from fedbus.codec_spec import parse_codec
+from fedbus.tls import (
+    PLAIN_PORT,
+    TLS_PORT,
+    TlsSettings,
+    check_transport_choice,
+    uses_tls,
+)
 from fedbus.topics import DEFAULT_PREFIX, Topics
 
 __all__ = ["ENV_PREFIX", "CoordinatorConfig"]
@@ -24,10 +31,16 @@ class CoordinatorConfig:
 
     # broker
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: int | None = None  # None: 8883 with TLS, 1883 without (see broker_port())
     username: str = "coordinator"
     password: str | None = None
     credentials: Path | None = None  # credentials.json written by `fedbus broker`
+    # TLS (fedbus.tls): None = TLS beyond loopback or when tls_ca/tls_cert is given
+    tls: bool | None = None
+    tls_ca: Path | None = None  # CA the broker's certificate must chain to; None: system CAs
+    tls_cert: Path | None = None  # client certificate (mTLS; replaces the password)
+    tls_key: Path | None = None
+    insecure_plaintext: bool = False  # allow plain MQTT to a host beyond loopback
     prefix: str = DEFAULT_PREFIX
     # task
     task_id: str = "task-1"
@@ -92,8 +105,12 @@ class CoordinatorConfig:
                 f"model_codec must be fp32 or fp16, optionally +zstd (the model is not sent "
                 f"lossily), got {self.model_codec!r}"
             )
-        if not 1 <= self.port <= 65535:
+        if self.port is not None and not 1 <= self.port <= 65535:
             raise ValueError(f"port must be 1-65535, got {self.port}")
+        check_transport_choice(
+            self.host, self.tls, insecure_plaintext=self.insecure_plaintext,
+            ca_file=self.tls_ca, cert_file=self.tls_cert, key_file=self.tls_key,
+        )
         if self.max_versions < 0 or self.duration < 0:
             raise ValueError("max_versions and duration must not be negative")
         if self.min_devices < 0:
@@ -133,3 +150,18 @@ class CoordinatorConfig:
         if not isinstance(args, dict):
             raise ValueError("model_args must be a JSON object, e.g. '{\"hidden\": [64]}'")
         return args
+
+    def uses_tls(self) -> bool:
+        return uses_tls(self.host, self.tls, ca_file=self.tls_ca, cert_file=self.tls_cert)
+
+    def broker_port(self) -> int:
+        """``port``, or by default 8883 with TLS and 1883 without."""
+        if self.port is not None:
+            return self.port
+        return TLS_PORT if self.uses_tls() else PLAIN_PORT
+
+    def tls_settings(self) -> TlsSettings | None:
+        """What the transport needs for TLS, or None for plain MQTT."""
+        if not self.uses_tls():
+            return None
+        return TlsSettings(ca_file=self.tls_ca, cert_file=self.tls_cert, key_file=self.tls_key)

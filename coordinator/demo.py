@@ -278,13 +278,16 @@ def run_demo(
     try:
         data, eval_data, split = _prepare_data(cfg, workdir, device_ids)
         broker.start()
-        log.info("broker listening on %s:%d (pid %d)", broker.host, broker.port, broker.pid)
+        log.info("broker listening on %s, TLS port %d (pid %d)", broker.host, broker.tls_port,
+                 broker.pid)
         _start_agents(cfg, broker, data, speeds, workdir, agents)
         log.info("started %d agents (slowdowns %s)", len(agents), speeds)
         service = CoordinatorService(
             CoordinatorConfig(
+                # TLS, as every agent (their --credentials name the TLS port and the CA)
                 host=broker.host,
-                port=broker.port,
+                port=broker.tls_port,
+                tls_ca=broker.ca_file,
                 username=broker.coordinator.username,
                 prefix=broker.prefix,
                 task_id=f"demo-{cfg.dataset}-{cfg.seed}",

@@ -195,7 +195,8 @@ class CoordinatorService:
         self.client: Transport = transport_factory(
             ConnectionSettings(
                 host=config.host,
-                port=config.port,
+                port=config.broker_port(),
+                tls=config.tls_settings(),
                 client_id=config.username,
                 username=config.username,
                 password=password,
@@ -359,7 +360,7 @@ class CoordinatorService:
             "codec %s; broker %s:%d",
             self.task.task_id, self.task.run_id, self.task.model.arch, self.task.model.args,
             self.config.mode, self.core.config.spec, self.task.codec, self.config.model_codec,
-            self.config.host, self.config.port,
+            self.config.host, self.config.broker_port(),
         )
         stop_reason = _STOP_REQUESTED
         try:

@@ -153,7 +153,8 @@ class Agent:
         self.client: Transport = transport_factory(
             ConnectionSettings(
                 host=config.host,
-                port=config.port,
+                port=config.broker_port(),
+                tls=config.tls_settings(),
                 client_id=device,
                 username=device,
                 password=password,
@@ -242,7 +243,7 @@ class Agent:
         self._inherited = {e.update_id for e in waiting}
         log.info(
             "agent %s: %d local samples, %d update(s) in the outbox, connecting to %s:%d",
-            device, len(self.data.y), len(waiting), self.config.host, self.config.port,
+            device, len(self.data.y), len(waiting), self.config.host, self.config.broker_port(),
         )
         from edge_agent.train import warm_up
 

@@ -8,6 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fedbus.tls import (
+    PLAIN_PORT,
+    TLS_PORT,
+    TlsSettings,
+    check_transport_choice,
+    uses_tls,
+)
 from fedbus.topics import DEFAULT_PREFIX, Topics, validate_device_id
 
 __all__ = ["ENV_PREFIX", "AgentConfig"]
@@ -22,9 +29,15 @@ class AgentConfig:
     device_id: str
     data: Path
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: int | None = None  # None: 8883 with TLS, 1883 without (see broker_port())
     password: str | None = None
     credentials: Path | None = None  # credentials.json written by `fedbus broker`
+    # TLS (fedbus.tls): None = TLS beyond loopback or when tls_ca/tls_cert is given
+    tls: bool | None = None
+    tls_ca: Path | None = None  # CA the broker's certificate must chain to; None: system CAs
+    tls_cert: Path | None = None  # client certificate (mTLS; replaces the password)
+    tls_key: Path | None = None
+    insecure_plaintext: bool = False  # allow plain MQTT to a host beyond loopback
     prefix: str = DEFAULT_PREFIX
     # seconds; Mosquitto declares a silent device gone (and sends its Will) after 1.5 x this
     keepalive: int = 15
@@ -53,8 +66,12 @@ class AgentConfig:
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
         Topics(self.prefix)
-        if not 1 <= self.port <= 65535:
+        if self.port is not None and not 1 <= self.port <= 65535:
             raise ValueError(f"port must be 1-65535, got {self.port}")
+        check_transport_choice(
+            self.host, self.tls, insecure_plaintext=self.insecure_plaintext,
+            ca_file=self.tls_ca, cert_file=self.tls_cert, key_file=self.tls_key,
+        )
         if self.threads < 1:
             raise ValueError("threads must be at least 1")
         if self.slowdown < 1.0:
@@ -85,3 +102,18 @@ class AgentConfig:
         if not os.path.isabs(base):  # unset, empty or relative: XDG says ignore it
             base = str(Path.home() / ".local" / "state")
         return Path(base) / "fedbus" / self.device_id
+
+    def uses_tls(self) -> bool:
+        return uses_tls(self.host, self.tls, ca_file=self.tls_ca, cert_file=self.tls_cert)
+
+    def broker_port(self) -> int:
+        """``port``, or by default 8883 with TLS and 1883 without."""
+        if self.port is not None:
+            return self.port
+        return TLS_PORT if self.uses_tls() else PLAIN_PORT
+
+    def tls_settings(self) -> TlsSettings | None:
+        """What the transport needs for TLS, or None for plain MQTT."""
+        if not self.uses_tls():
+            return None
+        return TlsSettings(ca_file=self.tls_ca, cert_file=self.tls_cert, key_file=self.tls_key)

@@ -2,18 +2,25 @@
 
 ``LocalBroker`` writes everything one broker instance needs into a working directory: a
 password file (hashed by ``mosquitto_passwd``) with random passwords for the coordinator
-and each device, the ACL for the topic prefix, a ``mosquitto.conf`` made of the shipped
-policy (``broker_config/mosquitto.conf``, and ``listener.conf`` after the listener line)
-plus the instance lines, and
-``credentials.json`` (mode 0600) that ``fedbus coordinator`` and ``fedbus agent`` read.
-It then runs ``mosquitto`` as a child process and stops it by its PID.
+and each device, the ACL for the topic prefix, a certificate authority with the broker's
+server certificate and a client certificate per account (``tls/``, see ``fedbus.pki``), a
+``mosquitto.conf`` made of the shipped policy (``broker_config/mosquitto.conf``, and after
+each listener line ``listener.conf`` plus ``tls.conf`` or ``mtls.conf``) plus the instance
+lines, and ``credentials.json`` (mode 0600) that ``fedbus coordinator`` and ``fedbus agent``
+read. It then runs ``mosquitto`` as a child process and stops it by its PID.
 
-Restarting on the same working directory keeps the passwords and the persistence
-database, so clients can reconnect with what they already have.
+Three listeners: plain MQTT (only when the broker listens on loopback, unless asked for
+explicitly), TLS with password login, and mutual TLS where the client certificate's common
+name is the username. Mosquitto needs two TLS listeners for the two ways of logging in.
+
+Restarting on the same working directory keeps the passwords, the CA and the certificates
+and the persistence database, so clients can reconnect with what they already have.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import json
 import os
 import pwd
@@ -30,9 +37,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from broker_config import ACL_FILE, LISTENER_POLICY_FILE, POLICY_FILE
+from broker_config import (
+    ACL_FILE,
+    LISTENER_POLICY_FILE,
+    MTLS_POLICY_FILE,
+    POLICY_FILE,
+    TLS_POLICY_FILE,
+)
+from fedbus import pki
 from fedbus.errors import ConfigError, FedbusError
 from fedbus.processes import terminate
+from fedbus.tls import is_loopback
 from fedbus.topics import DEFAULT_PREFIX, Topics, validate_device_id
 
 __all__ = [
@@ -40,6 +55,7 @@ __all__ = [
     "BrokerError",
     "Credentials",
     "LocalBroker",
+    "TlsListeners",
     "default_device_ids",
     "find_free_port",
     "render_acl",
@@ -57,6 +73,7 @@ _POLL_INTERVAL = 0.02
 # Logged once every listener is open.
 _READY_MARKER = re.compile(r"mosquitto version \S+ running")
 _PORT_IN_USE = "Address already in use"
+_DNS_NAME = re.compile(r"[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 _ACL_TOPIC_START = re.compile(
     r"^((?:topic|pattern)[ \t]+(?:(?:read|write|readwrite|deny)[ \t]+)?)fedbus(?=/|[ \t]*$)",
     re.MULTILINE,
@@ -69,6 +86,19 @@ class BrokerError(FedbusError):
 
 class _PortTakenError(BrokerError):
     """mosquitto could not bind its port because another process holds it."""
+
+
+@dataclass(frozen=True)
+class TlsListeners:
+    """The two TLS listeners of one broker instance and the files they use."""
+
+    port: int  # TLS, password login
+    mtls_port: int  # mutual TLS, the client certificate's common name is the username
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    tls_policy: str  # the shipped tls.conf
+    mtls_policy: str  # the shipped mtls.conf
 
 
 @dataclass(frozen=True)
@@ -110,23 +140,34 @@ def render_config(
     listener_policy: str,
     *,
     host: str,
-    port: int,
+    port: int | None,
     password_file: Path,
     acl_file: Path,
     data_dir: Path,
     log_file: Path,
     run_as: str | None = None,
+    tls: TlsListeners | None = None,
 ) -> str:
     """``policy`` (the shipped mosquitto.conf) followed by the lines of one instance.
 
-    ``listener_policy`` (the shipped listener.conf) goes right after the ``listener`` line,
-    because Mosquitto applies those settings to the listener defined before them.
+    ``listener_policy`` (the shipped listener.conf) goes right after every ``listener``
+    line, because Mosquitto applies those settings to the listener defined before them; on
+    the TLS listeners, the shipped tls.conf or mtls.conf and the certificate files follow.
+    ``port`` None: no plain MQTT listener.
     """
-    lines = [
-        "# --- This instance (written by fedbus.broker.LocalBroker) ---",
-        f"listener {port} {host}",
-        listener_policy.strip("\n"),
-        "",
+    lines = ["# --- This instance (written by fedbus.broker.LocalBroker) ---"]
+    if port is not None:
+        lines += ["# plain MQTT", f"listener {port} {host}", listener_policy.strip("\n"), ""]
+    if tls is not None:
+        files = [f"cafile {tls.ca_file}", f"certfile {tls.cert_file}", f"keyfile {tls.key_file}"]
+        for title, listen_port, tls_policy in (
+            ("TLS, password login", tls.port, tls.tls_policy),
+            ("mutual TLS, the certificate's common name is the username", tls.mtls_port,
+             tls.mtls_policy),
+        ):
+            lines += [f"# {title}", f"listener {listen_port} {host}",
+                      listener_policy.strip("\n"), tls_policy.strip("\n"), *files, ""]
+    lines += [
         f"password_file {password_file}",
         f"acl_file {acl_file}",
         # Mosquitto appends the file name to this without a separator.
@@ -139,10 +180,15 @@ def render_config(
 
 
 class LocalBroker:
-    """A Mosquitto child process with the fedbus policy, accounts and ACL.
+    """A Mosquitto child process with the fedbus policy, accounts, ACL and certificates.
 
-    Use it as a context manager, or call ``start()`` and ``stop()``. ``port=0`` picks a
-    free port on the first start; later starts (``restart()``) keep it.
+    Use it as a context manager, or call ``start()`` and ``stop()``. A port of 0 picks a
+    free one on the first start; later starts (``restart()``) keep it.
+
+    ``plaintext``: open the plain MQTT listener (``port``); None opens it only when ``host``
+    is loopback. ``tls_names``: DNS names and IP addresses devices use to reach this broker,
+    written into its server certificate besides loopback (and ``host`` when it is a specific
+    address).
     """
 
     def __init__(
@@ -154,13 +200,27 @@ class LocalBroker:
         host: str = "127.0.0.1",
         prefix: str = DEFAULT_PREFIX,
         mosquitto: str = "mosquitto",
+        tls_port: int = 0,
+        mtls_port: int = 0,
+        plaintext: bool | None = None,
+        tls_names: Sequence[str] = (),
     ) -> None:
         self._workdir = _checked_workdir(Path(workdir))
         self._host = _checked_host(host)
         self._prefix = _checked_prefix(prefix)
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"invalid port {port}: use 1-65535, or 0 for a free port")
-        self._port = port
+        for name, value in (("port", port), ("tls_port", tls_port), ("mtls_port", mtls_port)):
+            if not 0 <= value <= 65535:
+                raise ConfigError(f"invalid {name} {value}: use 1-65535, or 0 for a free port")
+        self._plaintext = is_loopback(self._host) if plaintext is None else plaintext
+        if not self._plaintext and port != 0:
+            raise ConfigError(
+                f"port {port} is the plain MQTT port, but this broker on {self._host} has no "
+                "plain listener (passwords would cross the network in clear text); use the "
+                "TLS ports, or ask for plain MQTT explicitly (fedbus broker --insecure-plaintext)"
+            )
+        self._ports = {"plain": port if self._plaintext else 0, "tls": tls_port,
+                       "mtls": mtls_port}
+        self._tls_names = _checked_tls_names(self._host, tls_names)
         self._mosquitto = mosquitto
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
@@ -176,9 +236,35 @@ class LocalBroker:
         return self._host
 
     @property
+    def client_host(self) -> str:
+        """The host name clients use (``host``, or for a wildcard address the first TLS name,
+        else 127.0.0.1): one that the server certificate lists."""
+        if self._host in ("0.0.0.0", "::"):
+            return self._tls_names[0] if self._tls_names else "127.0.0.1"
+        return self._host
+
+    @property
+    def plaintext(self) -> bool:
+        """Whether the plain MQTT listener is open."""
+        return self._plaintext
+
+    @property
     def port(self) -> int:
-        """The listening port (0 until the first ``start()`` picked one)."""
-        return self._port
+        """The plain MQTT port (0 until the first ``start()`` picked one). ``ConfigError``
+        when this broker has no plain listener."""
+        if not self._plaintext:
+            raise ConfigError(f"the broker on {self._host} has no plain MQTT listener")
+        return self._ports["plain"]
+
+    @property
+    def tls_port(self) -> int:
+        """The TLS port where clients log in with a password."""
+        return self._ports["tls"]
+
+    @property
+    def mtls_port(self) -> int:
+        """The mutual-TLS port where a client certificate's common name is the username."""
+        return self._ports["mtls"]
 
     @property
     def pid(self) -> int | None:
@@ -213,6 +299,21 @@ class LocalBroker:
     def config_file(self) -> Path:
         return self._workdir / "mosquitto.conf"
 
+    @property
+    def tls_dir(self) -> Path:
+        """The CA (``ca.crt``, ``ca.key``), the server certificate and ``clients/``."""
+        return self._workdir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_dir / pki.CA_CERT_FILE
+
+    def client_certificate(self, username: str) -> tuple[Path, Path]:
+        """(certificate, key) of ``username``'s client certificate (made by ``start()``)."""
+        self.credentials(username)  # a known account
+        directory = self.tls_dir / "clients"
+        return directory / f"{username}.crt", directory / f"{username}.key"
+
     def credentials(self, username: str) -> Credentials:
         """The account ``username`` (the coordinator or a device)."""
         if username == COORDINATOR_USERNAME:
@@ -232,8 +333,8 @@ class LocalBroker:
         mosquitto = _find_executable(self._mosquitto)
         passwd_tool = _find_passwd_tool(mosquitto)
         self._write_files(passwd_tool)
-        if self._port == 0:
-            self._launch_on_free_port(mosquitto, timeout)
+        if any(p == 0 for p in self._open_ports().values()):
+            self._launch_on_free_ports(mosquitto, timeout)
         else:
             self._launch(mosquitto, timeout)
         self._write_credentials_file()
@@ -256,7 +357,7 @@ class LocalBroker:
         self.stop()
 
     def restart(self, timeout: float = 10.0) -> None:
-        """Stop and start again on the same port, accounts and persistence database."""
+        """Stop and start again on the same ports, accounts and persistence database."""
         self.stop(timeout)
         self.start(timeout)
 
@@ -274,9 +375,13 @@ class LocalBroker:
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"
-        return f"LocalBroker({self._host}:{self._port}, prefix={self._prefix!r}, {state})"
+        ports = ", ".join(f"{k} {v}" for k, v in self._open_ports().items())
+        return f"LocalBroker({self._host}: {ports}, prefix={self._prefix!r}, {state})"
 
     # -- internals ------------------------------------------------------------------------
+
+    def _open_ports(self) -> dict[str, int]:
+        return {k: v for k, v in self._ports.items() if k != "plain" or self._plaintext}
 
     def _write_files(self, passwd_tool: str) -> None:
         self._workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -284,13 +389,47 @@ class LocalBroker:
         accounts = [self.coordinator, *self.devices.values()]
         _write_password_file(self._workdir / "passwd", accounts, passwd_tool)
         (self._workdir / "fedbus.acl").write_text(render_acl(self._prefix))
+        self._write_certificates()
+
+    def _write_certificates(self) -> None:
+        """The CA (made once, never replaced), a server certificate that names this broker
+        (issued again when it is missing, expires within 30 days or lacks a name), and a
+        client certificate for every account that has none."""
+        ca, _ = pki.ensure_ca(self.tls_dir)
+        cert, key = self.tls_dir / "server.crt", self.tls_dir / "server.key"
+        current = cert.read_bytes() if cert.exists() and key.exists() else None
+        now = dt.datetime.now(dt.UTC)
+        if current is None or not pki.server_certificate_covers(current, self._tls_names,
+                                                                now=now):
+            for path in (cert, key):
+                path.unlink(missing_ok=True)
+            pki.issue_server_certificate(ca, self._tls_names, cert, key, now=now)
+        clients = self.tls_dir / "clients"
+        clients.mkdir(mode=0o700, exist_ok=True)
+        for username in [self.coordinator.username, *self.devices]:
+            cert, key = self.client_certificate(username)
+            if not (cert.exists() and key.exists()):
+                for path in (cert, key):
+                    path.unlink(missing_ok=True)
+                pki.issue_client_certificate(ca, username, cert, key, now=now)
+
+    def _tls_listeners(self) -> TlsListeners:
+        return TlsListeners(
+            port=self._ports["tls"],
+            mtls_port=self._ports["mtls"],
+            ca_file=self.ca_file,
+            cert_file=self.tls_dir / "server.crt",
+            key_file=self.tls_dir / "server.key",
+            tls_policy=TLS_POLICY_FILE.read_text(),
+            mtls_policy=MTLS_POLICY_FILE.read_text(),
+        )
 
     def _config_text(self) -> str:
         return render_config(
             POLICY_FILE.read_text(),
             LISTENER_POLICY_FILE.read_text(),
             host=self._host,
-            port=self._port,
+            port=self._ports["plain"] if self._plaintext else None,
             password_file=self._workdir / "passwd",
             acl_file=self._workdir / "fedbus.acl",
             data_dir=self._workdir / "data",
@@ -298,25 +437,38 @@ class LocalBroker:
             # As root, mosquitto would switch to the `mosquitto` user and lose access to
             # these files; it stays the current user when told to be that user.
             run_as=pwd.getpwuid(os.geteuid()).pw_name if os.geteuid() == 0 else None,
+            tls=self._tls_listeners(),
         )
 
-    def _launch_on_free_port(self, mosquitto: str, timeout: float) -> None:
-        """Pick a free port and launch; if another process took it meanwhile, pick again."""
+    def _launch_on_free_ports(self, mosquitto: str, timeout: float) -> None:
+        """Pick free ports for those left at 0 and launch; if another process took one
+        meanwhile, pick again."""
+        wanted = [k for k, v in self._open_ports().items() if v == 0]
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             try:
-                self._port = find_free_port(self._host)
+                taken = set(self._open_ports().values())
+                for name in wanted:
+                    port = find_free_port(self._host)
+                    while port in taken:  # the OS may offer the same port twice
+                        port = find_free_port(self._host)
+                    taken.add(port)
+                    self._ports[name] = port
             except OSError as exc:
                 raise ConfigError(f"cannot listen on {self._host}: {exc}") from None
             try:
                 self._launch(mosquitto, timeout)
                 return
             except BrokerError as exc:
-                self._port = 0
+                for name in wanted:
+                    self._ports[name] = 0
                 if not isinstance(exc, _PortTakenError) or attempt == _PORT_ATTEMPTS:
                     raise
 
+    def _where(self) -> str:
+        return f"{self._host} port(s) {', '.join(str(p) for p in self._open_ports().values())}"
+
     def _launch(self, mosquitto: str, timeout: float) -> None:
-        """Write the config for the current port, run mosquitto and wait until it is ready."""
+        """Write the config for the current ports, run mosquitto and wait until it is ready."""
         self.config_file.write_text(self._config_text())
         output = _LaunchOutput(self.log_file, self._workdir / "mosquitto.out")
         with output.stdout_file.open("wb") as out:
@@ -335,7 +487,7 @@ class LocalBroker:
             self.stop()
             if _PORT_IN_USE in output.text():
                 raise _PortTakenError(
-                    f"{self._host}:{self._port} is already in use by another program"
+                    f"{self._where()}: a port is already in use by another program"
                     f"{output.tail()}"
                 ) from exc
             raise
@@ -343,28 +495,44 @@ class LocalBroker:
     def _wait_ready(self, proc: subprocess.Popen[bytes], output: _LaunchOutput,
                     timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        ports = list(self._open_ports().values())
         while time.monotonic() < deadline:
             code = proc.poll()
             if code is not None:
                 raise BrokerError(
                     f"mosquitto exited with code {code} while starting on "
-                    f"{self._host}:{self._port}{output.tail()}"
+                    f"{self._where()}{output.tail()}"
                 )
-            if _READY_MARKER.search(output.log_text()) and _accepts(self._host, self._port):
+            if _READY_MARKER.search(output.log_text()) and all(
+                _accepts(self._host, p) for p in ports
+            ):
                 return
             time.sleep(_POLL_INTERVAL)
         raise BrokerError(
-            f"mosquitto did not accept connections on {self._host}:{self._port} "
+            f"mosquitto did not accept connections on {self._where()} "
             f"within {timeout:g} s{output.tail()}"
         )
 
     def _write_credentials_file(self) -> None:
+        def entry(account: Credentials) -> dict[str, str]:
+            cert, key = self.client_certificate(account.username)
+            return {**_account_json(account),
+                    "cert_file": str(cert.relative_to(self._workdir)),
+                    "key_file": str(key.relative_to(self._workdir))}
+
         data: dict[str, Any] = {
-            "host": self._host,
-            "port": self._port,
+            "host": self.client_host,
+            # plain MQTT; null when this broker has none (it listens beyond loopback)
+            "port": self._ports["plain"] if self._plaintext else None,
+            "tls": {
+                "port": self._ports["tls"],
+                "mtls_port": self._ports["mtls"],
+                # relative paths are relative to this file's directory
+                "ca_file": str(self.ca_file.relative_to(self._workdir)),
+            },
             "prefix": self._prefix,
-            "coordinator": _account_json(self.coordinator),
-            "devices": {d: _account_json(c) for d, c in self.devices.items()},
+            "coordinator": entry(self.coordinator),
+            "devices": {d: entry(c) for d, c in self.devices.items()},
         }
         _write_private(self.credentials_file, json.dumps(data, indent=2) + "\n")
 
@@ -491,6 +659,28 @@ def _checked_host(host: str) -> str:
     if not host or any(c.isspace() for c in host):
         raise ConfigError(f"invalid host {host!r}")
     return host
+
+
+def _checked_tls_names(host: str, names: Sequence[str]) -> list[str]:
+    """``names`` checked, plus ``host`` itself unless it is a wildcard address (the server
+    certificate always names loopback too)."""
+    if isinstance(names, str):
+        raise ConfigError("tls_names must be a list of names, not one string")
+    out = [n.strip() for n in names]
+    if host not in ("0.0.0.0", "::"):
+        out.append(host)
+    for name in out:
+        if not (_is_ip(name) or _DNS_NAME.fullmatch(name)):
+            raise ConfigError(f"invalid TLS name {name!r}: give a DNS name or an IP address")
+    return list(dict.fromkeys(out))
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 def _checked_workdir(workdir: Path) -> Path:

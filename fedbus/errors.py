@@ -16,6 +16,7 @@ __all__ = [
     "NotMqtt",
     "ProtocolError",
     "StateError",
+    "TlsError",
     "TransportError",
 ]
 
@@ -99,6 +100,23 @@ class ConnectRefused(TransportError):
         self.username = username
         self.reason_code = reason_code
         self.reason = reason
+        self.fatal = fatal
+        self.exit_code = 2 if fatal else 1
+
+
+class TlsError(TransportError):
+    """The TLS connection to the broker failed. ``reason`` is a short code:
+    ``unknown_ca``, ``hostname_mismatch``, ``server_certificate_expired`` and
+    ``server_certificate_invalid`` (we refused the broker's certificate),
+    ``certificate_refused`` (the broker refused ours, or wants one), ``not_tls`` and
+    ``closed`` (no TLS, or the connection ended during or right after the handshake),
+    ``handshake`` (anything else). Certificate problems are ``fatal``: a configuration
+    mistake that retrying cannot fix."""
+
+    def __init__(self, host: str, port: int, reason: str, detail: str, *, fatal: bool) -> None:
+        super().__init__(host, port, f"TLS to {host}:{port} failed: {detail}")
+        self.reason = reason
+        self.detail = detail
         self.fatal = fatal
         self.exit_code = 2 if fatal else 1
 

@@ -25,7 +25,12 @@ The paho traps this module takes care of:
   "Unspecified error" and reconnects forever): ``publish`` refuses such a message with
   ``MessageTooLarge`` instead, using the limit the broker announced in its CONNACK;
 - a broker that refuses our credentials is a configuration mistake: retrying cannot fix it,
-  so the client stops and reports it (``fatal``).
+  so the client stops and reports it (``fatal``);
+- TLS (``ConnectionSettings.tls``): the context from ``fedbus.tls.client_context`` verifies
+  the broker; a failed handshake surfaces inside paho as a bare ``OSError`` (or, with TLS
+  1.3, as a connection closed after the handshake when the broker refuses our client
+  certificate), so the socket class of the context records what happened and the failure
+  becomes a ``TlsError`` naming its cause; certificate problems are ``fatal``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -51,8 +57,10 @@ from fedbus.errors import (
     ConnectTimeout,
     MessageTooLarge,
     NotMqtt,
+    TlsError,
     TransportError,
 )
+from fedbus.tls import TlsSettings, client_context, describe_failure
 
 __all__ = [
     "ConnectionSettings",
@@ -101,6 +109,9 @@ class ConnectionSettings:
     connack_timeout: float = 10.0
     # assumed until the broker's CONNACK announces its own (the shipped broker: 8 MiB)
     max_packet_size: int = 8 * 1024 * 1024
+    # None: plain MQTT. With a client certificate the password may be empty (the broker
+    # takes the certificate's common name as the username).
+    tls: TlsSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +237,33 @@ def _shutdown(sock: object) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+def _observed_socket_class(owner: MqttClient) -> type[ssl.SSLSocket]:
+    """An ``SSLSocket`` class that tells ``owner`` how far the handshake got and which
+    error ended it; paho turns both into a bare ``OSError`` or a lost connection."""
+
+    class ObservedSSLSocket(ssl.SSLSocket):
+        def do_handshake(self, block: bool = False) -> None:
+            owner._tls_started = True
+            try:
+                super().do_handshake(block)
+            except OSError as exc:
+                owner._tls_error = exc
+                raise
+            owner._tls_done = True
+
+        def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+            try:
+                return super().recv(buflen, flags)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except OSError as exc:
+                if owner._tls_error is None:
+                    owner._tls_error = exc
+                raise
+
+    return ObservedSSLSocket
+
+
 class _Paho(mqtt.Client):
     """paho's client, telling its owner why a connection attempt failed (paho's own
     ``on_connect_fail`` callback is given no cause)."""
@@ -282,7 +320,15 @@ class MqttClient:
             client_id=settings.client_id,
             protocol=mqtt.MQTTv5,
         )
-        client.username_pw_set(settings.username, settings.password)
+        client.username_pw_set(settings.username, settings.password or None)
+        # TLS progress of the current connection attempt (see _observed_socket_class)
+        self._tls_started = False
+        self._tls_done = False
+        self._tls_error: OSError | None = None
+        if settings.tls is not None:
+            context = client_context(settings.tls)
+            context.sslsocket_class = _observed_socket_class(self)
+            client.tls_set_context(context)
         client.reconnect_delay_set(
             max(1, int(settings.reconnect_min)), max(1, int(settings.reconnect_max))
         )
@@ -428,13 +474,26 @@ class MqttClient:
 
     def _attempt_started(self) -> None:
         self._tcp_up_at = None
+        self._tls_started = self._tls_done = False
+        self._tls_error = None
 
     def _attempt_failed(self, exc: OSError) -> None:
         try:
             s = self.settings
-            self._failed(BrokerUnreachable(s.host, s.port, _os_cause(exc)))
+            if self._tls_started:
+                self._failed(self._tls_failure(exc))
+            else:
+                self._failed(BrokerUnreachable(s.host, s.port, _os_cause(exc)))
         except Exception:
             log.exception("error recording a failed connection attempt")
+
+    def _tls_failure(self, exc: BaseException) -> TlsError:
+        s = self.settings
+        failure = describe_failure(
+            exc, handshake_done=self._tls_done,
+            client_certificate=s.tls is not None and s.tls.client_certificate,
+        )
+        return TlsError(s.host, s.port, failure.reason, failure.detail, fatal=failure.fatal)
 
     def _tcp_connected(self) -> None:
         self._tcp_up_at = time.monotonic()
@@ -485,9 +544,12 @@ class MqttClient:
                 client.subscribe(topic_filter, options=options)
             self._connected.set()
             self._disconnected_since = None
+            sock = client.socket()
+            over = sock.version() if isinstance(sock, ssl.SSLSocket) else None
             log.info(
-                "connected to %s as %s (session %s)",
+                "connected to %s as %s (session %s, %s)",
                 self._where, s.client_id, "resumed" if session_present else "new",
+                f"{over}, broker verified" if over else "plain MQTT",
             )
             if self._on_connect_cb is not None:
                 self._on_connect_cb(session_present)
@@ -505,6 +567,12 @@ class MqttClient:
             if self._stopped.is_set():
                 return
             s = self.settings
+            if self._tcp_up_at is not None and self._tls_done:
+                # TLS is up but the broker hung up before its CONNACK: with TLS 1.3, this is
+                # how a refused client certificate shows
+                self._tcp_up_at = None
+                self._failed(self._tls_failure(self._tls_error or ConnectionResetError()))
+                return
             if self._tcp_up_at is not None:  # the connection ended before any CONNACK
                 self._tcp_up_at = None
                 self._failed(NotMqtt(

@@ -224,6 +224,45 @@ def test_render_config_puts_listener_settings_right_after_the_listener(tmp_path:
     assert lines[-1] == "user root"
 
 
+def test_shipped_tls_listener_settings() -> None:
+    from broker_config import MTLS_POLICY_FILE, TLS_POLICY_FILE
+
+    assert _directives(TLS_POLICY_FILE.read_text()) == {
+        "tls_version": ["tlsv1.2"], "require_certificate": ["false"],
+    }
+    assert _directives(MTLS_POLICY_FILE.read_text()) == {
+        "tls_version": ["tlsv1.2"], "require_certificate": ["true"],
+        "use_identity_as_username": ["true"],
+    }
+
+
+def test_render_config_gives_each_tls_listener_its_settings_and_files(tmp_path: Path) -> None:
+    from broker_config import MTLS_POLICY_FILE, TLS_POLICY_FILE
+    from fedbus.broker import TlsListeners
+
+    tls = TlsListeners(port=18883, mtls_port=18884, ca_file=tmp_path / "ca.crt",
+                       cert_file=tmp_path / "server.crt", key_file=tmp_path / "server.key",
+                       tls_policy=TLS_POLICY_FILE.read_text(),
+                       mtls_policy=MTLS_POLICY_FILE.read_text())
+    text = render_config(
+        POLICY_FILE.read_text(), LISTENER_POLICY_FILE.read_text(), host="0.0.0.0", port=None,
+        password_file=tmp_path / "passwd", acl_file=tmp_path / "fedbus.acl",
+        data_dir=tmp_path / "data", log_file=tmp_path / "mosquitto.log", tls=tls,
+    )
+    lines = [x for x in text.splitlines() if x.strip() and not x.startswith("#")]
+    assert [x for x in lines if x.startswith("listener")] == [
+        "listener 18883 0.0.0.0", "listener 18884 0.0.0.0"]  # no plain listener
+    files = [f"cafile {tmp_path / 'ca.crt'}", f"certfile {tmp_path / 'server.crt'}",
+             f"keyfile {tmp_path / 'server.key'}"]
+    at = lines.index("listener 18883 0.0.0.0")
+    assert lines[at + 1:at + 7] == ["use_username_as_clientid true", "tls_version tlsv1.2",
+                                    "require_certificate false", *files]
+    at = lines.index("listener 18884 0.0.0.0")
+    assert lines[at + 1:at + 8] == ["use_username_as_clientid true", "tls_version tlsv1.2",
+                                    "require_certificate true",
+                                    "use_identity_as_username true", *files]
+
+
 def test_render_acl_default_prefix_is_the_shipped_file() -> None:
     from broker_config import ACL_FILE
 
@@ -303,10 +342,17 @@ def test_credentials_file_is_private_and_readable_by_the_clients(broker: LocalBr
     data = json.loads(path.read_text())
     assert (data["host"], data["port"], data["prefix"]) == ("127.0.0.1", broker.port, "fedbus")
     assert data["coordinator"] == {"username": "coordinator",
-                                   "password": broker.coordinator.password}
+                                   "password": broker.coordinator.password,
+                                   "cert_file": "tls/clients/coordinator.crt",
+                                   "key_file": "tls/clients/coordinator.key"}
+    assert data["tls"] == {"port": broker.tls_port, "mtls_port": broker.mtls_port,
+                           "ca_file": "tls/ca.crt"}
     assert sorted(data["devices"]) == ["dev-a", "dev-b", "dev-c"]
     access = read_credentials(path, "dev-b")
     assert (access.port, access.password) == (broker.port, broker.devices["dev-b"].password)
+    assert (access.tls_port, access.mtls_port) == (broker.tls_port, broker.mtls_port)
+    assert access.ca_file == broker.ca_file
+    assert access.cert_file == broker.client_certificate("dev-b")[0]
     # the broker's own password file holds hashes only
     passwd = (broker.workdir / "passwd").read_text()
     assert broker.devices["dev-b"].password not in passwd
@@ -348,7 +394,8 @@ def test_a_raced_free_port_is_replaced(broker: LocalBroker, tmp_path: Path,
 @pytest.mark.broker
 def test_start_failure_shows_mosquittos_log(tmp_path: Path) -> None:
     # TEST-NET-1 is never a local address: mosquitto cannot bind and exits.
-    local = LocalBroker(tmp_path, device_ids=["dev-a"], host="192.0.2.1", port=find_free_port())
+    local = LocalBroker(tmp_path, device_ids=["dev-a"], host="192.0.2.1",
+                        tls_port=find_free_port(), mtls_port=find_free_port())
     with pytest.raises(BrokerError) as caught:
         local.start()
     message = str(caught.value)
@@ -589,7 +636,8 @@ def test_broker_command_runs_until_interrupted(tmp_path: Path) -> None:
         pid = int(summary.split("mosquitto pid ", 1)[1].split(")", 1)[0])
         assert process_exists(pid)
         access = read_credentials(workdir / "credentials.json", "pi-2")
-        assert access.prefix == "lab/t1" and f"127.0.0.1:{access.port}" in summary
+        assert access.prefix == "lab/t1" and f"ports {access.port} (plain MQTT)" in summary
+        assert f"{access.tls_port} (TLS), {access.mtls_port} (mutual TLS)" in summary
         proc.send_signal(signal.SIGINT)
         assert proc.wait(TIMEOUT) == 0
     finally:

@@ -88,6 +88,7 @@ def test_a_credentials_file_ranks_below_flags_environment_and_config_file(
 
     from edge_agent.config import ENV_PREFIX, AgentConfig
     from fedbus.cli._options import load_process_config
+    from fedbus.errors import ConfigError
 
     creds = tmp_path / "credentials.json"
     creds.write_text(json.dumps({
@@ -107,8 +108,59 @@ def test_a_credentials_file_ranks_below_flags_environment_and_config_file(
         username=lambda c: c.device_id,
     )
     assert (cfg.host, cfg.port, cfg.prefix, password) == ("env-host", 2222, "fileprefix", "p1")
+    # a file without TLS (written before fedbus spoke it) names a plain port only, which
+    # beyond loopback takes an explicit --insecure-plaintext
+    with pytest.raises(ConfigError, match="plain MQTT to flag-host"):
+        load_process_config(
+            AgentConfig, {**flags, "host": "flag-host"}, env_prefix=ENV_PREFIX,
+            config_file=None, section="agent", username=lambda c: c.device_id,
+        )
     cfg, _ = load_process_config(
-        AgentConfig, {**flags, "host": "flag-host"}, env_prefix=ENV_PREFIX, config_file=None,
-        section="agent", username=lambda c: c.device_id,
+        AgentConfig, {**flags, "host": "flag-host", "insecure_plaintext": True},
+        env_prefix=ENV_PREFIX, config_file=None, section="agent",
+        username=lambda c: c.device_id,
     )
-    assert (cfg.host, cfg.port) == ("flag-host", 1111)
+    assert (cfg.host, cfg.port, cfg.tls_settings()) == ("flag-host", 1111, None)
+
+
+def test_a_tls_credentials_file_chooses_the_port_and_the_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from edge_agent.config import ENV_PREFIX, AgentConfig
+    from fedbus import pki
+    from fedbus.cli._options import load_process_config
+    from fedbus.errors import ConfigError
+
+    for var in ("HOST", "PORT", "PREFIX", "PASSWORD", "TLS", "TLS_CA", "TLS_CERT", "TLS_KEY"):
+        monkeypatch.delenv(f"{ENV_PREFIX}_{var}", raising=False)
+    ca, _ = pki.ensure_ca(tmp_path / "tls")
+    pki.issue_client_certificate(ca, "d1", tmp_path / "tls" / "d1.crt", tmp_path / "tls" / "d1.key")
+    pki.issue_client_certificate(ca, "d2", tmp_path / "tls" / "d2.crt", tmp_path / "tls" / "d2.key")
+    creds = tmp_path / "credentials.json"
+    creds.write_text(json.dumps({
+        "host": "127.0.0.1", "port": 1111, "prefix": "fedbus",
+        "tls": {"port": 8883, "mtls_port": 8884, "ca_file": "tls/ca.crt"},
+        "coordinator": {"username": "coordinator"},
+        "devices": {"d1": {"username": "d1", "password": "p1"}},
+    }))
+    base = {"device_id": "d1", "data": str(tmp_path), "credentials": str(creds)}
+
+    def load(**flags: object) -> tuple[AgentConfig, str]:
+        return load_process_config(AgentConfig, {**base, **flags}, env_prefix=ENV_PREFIX,
+                                   config_file=None, section="agent",
+                                   username=lambda c: c.device_id)
+
+    cfg, password = load()  # TLS with the password, the CA beside the file
+    assert (cfg.broker_port(), cfg.tls_ca, password) == (8883, tmp_path / "tls" / "ca.crt", "p1")
+    assert cfg.tls_settings() is not None
+    cert, key = str(tmp_path / "tls" / "d1.crt"), str(tmp_path / "tls" / "d1.key")
+    cfg, _ = load(tls_cert=cert, tls_key=key)  # mutual TLS
+    assert cfg.broker_port() == 8884
+    cfg, _ = load(tls=False)  # plain MQTT on loopback when asked
+    assert (cfg.broker_port(), cfg.tls_settings()) == (1111, None)
+    cfg, _ = load(port=2222)  # an explicit port on loopback (a proxy, say): plain as before
+    assert (cfg.broker_port(), cfg.tls_settings()) == (2222, None)
+    with pytest.raises(ConfigError, match="is for 'd2', not 'd1'"):
+        load(tls_cert=str(tmp_path / "tls" / "d2.crt"), tls_key=str(tmp_path / "tls" / "d2.key"))

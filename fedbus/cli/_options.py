@@ -75,35 +75,78 @@ def load_process_config(
     section: str,
     username: Callable[[T], str],
 ) -> tuple[T, str]:
-    """Load a process config and its broker password.
+    """Load a process config and its broker password ("" when a client certificate logs in).
 
-    A ``credentials`` file (from ``fedbus broker``) fills in host, port and prefix where no
-    flag, environment variable or config-file key gave them (so it ranks just above the
-    defaults, keeping the one precedence), and the password when none was given otherwise.
+    A ``credentials`` file (from ``fedbus broker``) fills in host, port, prefix and the CA
+    where no flag, environment variable or config-file key gave them (so it ranks just above
+    the defaults, keeping the one precedence), and the password when none was given
+    otherwise. Its port is the TLS one (the mutual-TLS one with ``tls_cert``) unless TLS is
+    turned off or a port is given.
     """
     from fedbus.config import load_config
     from fedbus.credentials import read_credentials
     from fedbus.errors import ConfigError
 
-    cfg = load_config(cls, flags=flags, env_prefix=env_prefix, file=config_file, section=section)
+    def load(values: Mapping[str, Any]) -> T:
+        return load_config(cls, flags=values, env_prefix=env_prefix, file=config_file,
+                           section=section)
+
+    cfg = load(flags)
     password: str | None = cfg.password  # type: ignore[attr-defined]
     creds = cfg.credentials  # type: ignore[attr-defined]
     if creds is not None:
         access = read_credentials(creds, username(cfg))
         filled = dict(flags)
         in_file = _file_keys(config_file, section)
-        for key, value in (("host", access.host), ("port", access.port), ("prefix", access.prefix)):
-            given = (filled.get(key) is not None or env_var_name(env_prefix, key) in os.environ
-                     or key in in_file)
-            if not given:
+
+        def given(key: str) -> bool:
+            return (filled.get(key) is not None or env_var_name(env_prefix, key) in os.environ
+                    or key in in_file)
+
+        for key, value in (("host", access.host), ("prefix", access.prefix)):
+            if not given(key):
                 filled[key] = value
-        cfg = load_config(cls, flags=filled, env_prefix=env_prefix, file=config_file,
-                          section=section)
+        cfg = load(filled)
+        tls: bool | None = cfg.tls  # type: ignore[attr-defined]
+        cert = cfg.tls_cert  # type: ignore[attr-defined]
+        if not given("port"):
+            if tls is None:  # the broker's own choice: TLS when it offers it
+                tls = access.tls_port is not None
+                filled["tls"] = tls
+            filled["port"] = access.port_for(tls=tls, client_certificate=cert is not None)
+        on = tls if tls is not None else cfg.uses_tls()  # type: ignore[attr-defined]
+        if on and not given("tls_ca") and access.ca_file is not None:
+            filled["tls_ca"] = access.ca_file
+        cfg = load(filled)
         password = password or access.password
+    cert = cfg.tls_cert  # type: ignore[attr-defined]
+    if cert is not None:
+        _check_identity(Path(cert), username(cfg))
+        return cfg, password or ""
     if not password:
         var = env_var_name(env_prefix, "password")
-        raise ConfigError(f"no broker password: give --credentials, --password or {var}")
+        raise ConfigError(
+            f"no broker password: give --credentials, --password or {var} (or a client "
+            "certificate with --tls-cert and --tls-key)"
+        )
     return cfg, password
+
+
+def _check_identity(cert: Path, username: str) -> None:
+    """With mTLS the broker takes the certificate's common name as the username: it must be
+    the one this process acts as."""
+    from fedbus.errors import ConfigError
+    from fedbus.pki import certificate_identity
+
+    try:
+        identity = certificate_identity(cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the client certificate {cert}: {exc}") from None
+    if identity != username:
+        raise ConfigError(
+            f"the client certificate {cert} is for {identity!r}, not {username!r}: the broker "
+            "takes the certificate's name as the username"
+        )
 
 
 def _file_keys(config_file: Path | None, section: str) -> set[str]:

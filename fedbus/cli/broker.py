@@ -22,16 +22,38 @@ _HEALTH_CHECK_SECONDS = 0.5
 
 @click.command(
     "broker",
-    epilog="For a permanent broker on a server (port 1883/8883, TLS, systemd) install the same "
+    epilog="For a permanent broker on a server (ports 8883/8884, systemd) install the same "
     "policy into the system's Mosquitto instead: see deploy/mosquitto/README.md.",
 )
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=0, show_default=True,
-    help="TCP port to listen on; 0 picks a free one.",
+    help="Plain MQTT port (only on loopback unless --insecure-plaintext); 0 picks a free one.",
+)
+@click.option(
+    "--tls-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+    help="TLS port where devices log in with a password (8883 by convention); 0 picks a "
+    "free one.",
+)
+@click.option(
+    "--mtls-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+    help="Mutual-TLS port where devices log in with their client certificate (8884 by "
+    "convention); 0 picks a free one.",
 )
 @click.option(
     "--host", default="127.0.0.1", show_default=True,
-    help="Address to listen on. Use 0.0.0.0 to accept devices from your network.",
+    help="Address to listen on. Use 0.0.0.0 to accept devices from your network (TLS only, "
+    "unless --insecure-plaintext).",
+)
+@click.option(
+    "--tls-name", "tls_names", multiple=True, metavar="NAME",
+    help="DNS name or IP address devices use to reach this broker, written into its "
+    "certificate besides loopback and --host (repeatable). The first one goes into "
+    "credentials.json when --host is 0.0.0.0.",
+)
+@click.option(
+    "--insecure-plaintext", is_flag=True, default=False,
+    help="Also open the plain MQTT port on --host when it is beyond loopback: passwords, "
+    "models and updates then cross the network in clear text.",
 )
 @click.option(
     "--devices", "num_devices", type=click.IntRange(1, 9999), default=8, show_default=True,
@@ -51,8 +73,9 @@ _HEALTH_CHECK_SECONDS = 0.5
     "--prefix", default=DEFAULT_PREFIX, show_default=True,
     help="Topic prefix; the coordinator and the agents must use the same one.",
 )
-def broker(port: int, host: str, num_devices: int, device_ids: Sequence[str], workdir: Path,
-           prefix: str) -> None:
+def broker(port: int, tls_port: int, mtls_port: int, host: str, tls_names: Sequence[str],
+           insecure_plaintext: bool, num_devices: int, device_ids: Sequence[str],
+           workdir: Path, prefix: str) -> None:
     """Run a local Mosquitto broker with the fedbus access policy.
 
     It creates an account for the coordinator and one per device, each with a random
@@ -60,18 +83,28 @@ def broker(port: int, host: str, num_devices: int, device_ids: Sequence[str], wo
     device may write only its own update and status topics and read the task, the model
     and its own receipts; anonymous clients are refused.
 
+    It also makes a certificate authority in --dir/tls (made once, never replaced), the
+    broker's certificate and a client certificate per account, and listens with TLS: on
+    --tls-port with passwords, on --mtls-port with client certificates (the certificate's
+    name is the username). Plain MQTT only on loopback, unless --insecure-plaintext.
+
     The broker runs until Ctrl-C (or SIGTERM). Needs the `mosquitto` program
     (Debian package 'mosquitto'; `make setup` installs it).
 
     \b
     Examples:
       fedbus broker                          # 8 devices, free port, ./fedbus-broker
-      fedbus broker --port 1883 --host 0.0.0.0 --devices 20 --dir ./trial
+      fedbus broker --host 0.0.0.0 --tls-name broker.lan --tls-port 8883 \\
+                    --mtls-port 8884 --devices 20 --dir ./trial
       fedbus broker --device-id kitchen-pi --device-id garage-pi
     """
     ids = list(device_ids) or default_device_ids(num_devices)
     try:
-        local = LocalBroker(workdir, device_ids=ids, port=port, host=host, prefix=prefix)
+        local = LocalBroker(
+            workdir, device_ids=ids, port=port, host=host, prefix=prefix, tls_port=tls_port,
+            mtls_port=mtls_port, plaintext=True if insecure_plaintext else None,
+            tls_names=tls_names,
+        )
         local.start()
     except FedbusError as exc:
         raise click.ClickException(str(exc)) from None
@@ -115,12 +148,14 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 def _summary(local: LocalBroker) -> str:
     devices = list(local.devices)
     shown = devices[0] if len(devices) == 1 else f"{devices[0]} .. {devices[-1]}"
-    where = f"{local.host}:{local.port}"
-    if local.host in ("0.0.0.0", "::"):
-        where = f"port {local.port} on all interfaces"
+    on = "all interfaces" if local.host in ("0.0.0.0", "::") else local.host
+    plain = f"{local.port} (plain MQTT), " if local.plaintext else ""
+    where = f"{on}, ports {plain}{local.tls_port} (TLS), {local.mtls_port} (mutual TLS)"
     creds = local.credentials_file
+    cert, key = local.client_certificate(devices[0])
     return "\n".join([
         f"fedbus broker running (mosquitto pid {local.pid}), listening on {where}",
+        f"  CA:            {local.ca_file}  (devices verify the broker with it)",
         f"  topic prefix:  {local.prefix}",
         f"  accounts:      coordinator and {len(devices)} device(s): {shown}",
         f"  credentials:   {creds}  (passwords: keep this file private)",
@@ -129,6 +164,9 @@ def _summary(local: LocalBroker) -> str:
         "Point the coordinator and the agents at the credentials file, for example:",
         f"  fedbus coordinator --credentials {creds}",
         f"  fedbus agent --device-id {devices[0]} --data <your data> --credentials {creds}",
+        "or, with the device's client certificate instead of its password:",
+        f"  fedbus agent --device-id {devices[0]} --data <your data> --credentials {creds} \\",
+        f"      --tls-cert {cert} --tls-key {key}",
         "",
         "Press Ctrl-C to stop the broker.",
     ])

@@ -19,10 +19,21 @@ log = logging.getLogger("fedbus.coordinator")
 
 HELPS = {
     "host": "Broker host.",
-    "port": "Broker port.",
+    "port": "Broker port (default 8883 with TLS, 1883 without).",
     "username": "MQTT username of the coordinator account.",
     "password": "MQTT password; prefer the environment variable over the flag.",
-    "credentials": "credentials.json from `fedbus broker`: supplies host, port, prefix, password.",
+    "credentials": "credentials.json from `fedbus broker`: supplies host, port, prefix, "
+    "password and the CA (its TLS port unless --no-tls or --port is given).",
+    "tls": "TLS, verifying the broker's certificate (CA and host name). Default: on for any "
+    "host beyond loopback, with --tls-ca/--tls-cert, and with --credentials of a TLS broker; "
+    "--no-tls: plain MQTT.",
+    "tls_ca": "CA certificate (PEM) the broker's certificate must chain to (default: from "
+    "--credentials, else the system's trusted CAs).",
+    "tls_cert": "Client certificate (PEM) for mutual TLS; its common name is the MQTT "
+    "username, and no password is needed. Connect to the broker's mTLS port.",
+    "tls_key": "Private key (PEM) of --tls-cert.",
+    "insecure_plaintext": "Allow plain MQTT (--no-tls) to a host beyond loopback: passwords, "
+    "models and updates then cross the network in clear text.",
     "prefix": "Topic prefix shared with the agents.",
     "task_id": "Name of this learning task; agents train only for the current task.",
     "arch": "Model architecture from the zoo (mlp, cnn, cnn1d).",

@@ -60,11 +60,12 @@ HELPS = {
 def demo(**flags: Any) -> None:
     """Run fedbus end to end on this machine and write a report.
 
-    Starts a Mosquitto broker on a free port with fresh credentials, splits a bundled data
-    set (--dataset; scikit-learn's handwritten digits by default) across the devices
-    (non-IID), starts one `fedbus agent` process per device with different simulated
-    speeds, and runs the coordinator here until --max-versions. Writes report.json and
-    accuracy.png to --report. Settings left unset take the data set's defaults.
+    Starts a Mosquitto broker on free ports with fresh credentials and certificates (the
+    agents and the coordinator connect over TLS), splits a bundled data set (--dataset;
+    scikit-learn's handwritten digits by default) across the devices (non-IID), starts one
+    `fedbus agent` process per device with different simulated speeds, and runs the
+    coordinator here until --max-versions. Writes report.json and accuracy.png to --report.
+    Settings left unset take the data set's defaults.
     """
     from fedbus.config import load_config
 
