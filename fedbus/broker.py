@@ -1,25 +1,38 @@
 """A local Mosquitto broker with the fedbus policy, for the demo, the tests and small trials.
 
-``LocalBroker`` writes everything one broker instance needs into a working directory: a
-password file (hashed by ``mosquitto_passwd``) with random passwords for the coordinator
-and each device, the ACL for the topic prefix, a certificate authority with the broker's
-server certificate and a client certificate per account (``tls/``, see ``fedbus.pki``), a
-``mosquitto.conf`` made of the shipped policy (``broker_config/mosquitto.conf``, and after
-each listener line ``listener.conf`` plus ``tls.conf`` or ``mtls.conf``) plus the instance
-lines, and ``credentials.json`` (mode 0600) that ``fedbus coordinator`` and ``fedbus agent``
-read. It then runs ``mosquitto`` as a child process and stops it by its PID.
+``LocalBroker`` writes everything one broker instance needs into a working directory: the
+configuration of Mosquitto's dynamic-security plugin (``dynsec.json``, see
+``fedbus.dynsec``) with random passwords for the admin account, the coordinator and each
+initial device, a certificate authority with the broker's server certificate and a client
+certificate per account (``tls/``, see ``fedbus.pki``), a ``mosquitto.conf`` made of the
+shipped policy (``broker_config/mosquitto.conf``, and after each listener line
+``listener.conf`` plus ``tls.conf`` or ``mtls.conf``) plus the instance lines, and
+``credentials.json`` (mode 0600) that ``fedbus coordinator``, ``fedbus agent`` and
+``fedbus devices`` read. It then runs ``mosquitto`` as a child process and stops it by its
+PID. Devices are added and removed while it runs with ``fedbus devices`` (``fedbus.provision``).
+
+Secrets are made once: ``dynsec.json`` is written only into a directory that has none (from
+then on Mosquitto owns it and saves every change the admin makes), and the passwords in
+``credentials.json`` are read back on every start, never replaced. A directory in use by a
+running broker is locked (``broker.lock``, held by the mosquitto process too), and ports
+are checked before anything is written, so a second start on a live directory fails
+without changing a file.
 
 Three listeners: plain MQTT (only when the broker listens on loopback, unless asked for
 explicitly), TLS with password login, and mutual TLS where the client certificate's common
 name is the username. Mosquitto needs two TLS listeners for the two ways of logging in.
 
-Restarting on the same working directory keeps the passwords, the CA and the certificates
-and the persistence database, so clients can reconnect with what they already have.
+Restarting on the same working directory keeps the accounts, the CA and the certificates,
+the ports (those left at 0 are taken from ``credentials.json``) and the persistence
+database, so clients can reconnect with what they already have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
+import fcntl
 import ipaddress
 import json
 import os
@@ -44,14 +57,15 @@ from broker_config import (
     POLICY_FILE,
     TLS_POLICY_FILE,
 )
-from fedbus import pki
+from fedbus import dynsec, pki
 from fedbus.errors import ConfigError, FedbusError
 from fedbus.processes import terminate
 from fedbus.tls import is_loopback
-from fedbus.topics import DEFAULT_PREFIX, Topics, validate_device_id
+from fedbus.topics import DEFAULT_PREFIX, Topics
 
 __all__ = [
     "COORDINATOR_USERNAME",
+    "DYNSEC_FILE",
     "BrokerError",
     "Credentials",
     "LocalBroker",
@@ -63,6 +77,8 @@ __all__ = [
 ]
 
 COORDINATOR_USERNAME = "coordinator"
+DYNSEC_FILE = "dynsec.json"
+LOCK_FILE = "broker.lock"
 
 _INSTALL_HINT = "install the Debian package 'mosquitto' (make setup does this)"
 # Debian installs the broker in /usr/sbin, which is not on a normal user's PATH.
@@ -141,8 +157,8 @@ def render_config(
     *,
     host: str,
     port: int | None,
-    password_file: Path,
-    acl_file: Path,
+    plugin: Path,
+    dynsec_file: Path,
     data_dir: Path,
     log_file: Path,
     run_as: str | None = None,
@@ -153,7 +169,8 @@ def render_config(
     ``listener_policy`` (the shipped listener.conf) goes right after every ``listener``
     line, because Mosquitto applies those settings to the listener defined before them; on
     the TLS listeners, the shipped tls.conf or mtls.conf and the certificate files follow.
-    ``port`` None: no plain MQTT listener.
+    ``port`` None: no plain MQTT listener. Accounts and access control come from the
+    dynamic-security ``plugin`` and its ``dynsec_file``.
     """
     lines = ["# --- This instance (written by fedbus.broker.LocalBroker) ---"]
     if port is not None:
@@ -168,8 +185,8 @@ def render_config(
             lines += [f"# {title}", f"listener {listen_port} {host}",
                       listener_policy.strip("\n"), tls_policy.strip("\n"), *files, ""]
     lines += [
-        f"password_file {password_file}",
-        f"acl_file {acl_file}",
+        f"plugin {plugin}",
+        f"plugin_opt_config_file {dynsec_file}",
         # Mosquitto appends the file name to this without a separator.
         f"persistence_location {data_dir}/",
         f"log_dest file {log_file}",
@@ -224,10 +241,21 @@ class LocalBroker:
         self._mosquitto = mosquitto
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
+        self._lock_fd: int | None = None
         ids = _checked_device_ids(device_ids)
-        known = _previous_passwords(self.credentials_file)
+        previous = _previous_file(self.credentials_file)
+        known = _previous_passwords(previous, self.credentials_file)
+        for name, value in _previous_ports(previous).items():
+            if self._ports[name] == 0 and (name != "plain" or self._plaintext):
+                self._ports[name] = value
+        self.admin = _account(dynsec.ADMIN_USERNAME, known)
         self.coordinator = _account(COORDINATOR_USERNAME, known)
-        self.devices: dict[str, Credentials] = {d: _account(d, known) for d in ids}
+        # the initial devices of an earlier start, then those asked for now
+        earlier = [d for d in known if d not in (dynsec.ADMIN_USERNAME, COORDINATOR_USERNAME)]
+        self.devices: dict[str, Credentials] = {
+            d: _account(d, known) for d in dict.fromkeys([*earlier, *ids])
+        }
+        self._asked = ids
 
     # -- properties -----------------------------------------------------------------------
 
@@ -314,10 +342,22 @@ class LocalBroker:
         directory = self.tls_dir / "clients"
         return directory / f"{username}.crt", directory / f"{username}.key"
 
+    @property
+    def dynsec_file(self) -> Path:
+        """The dynamic-security plugin's accounts and roles (Mosquitto saves every change)."""
+        return self._workdir / DYNSEC_FILE
+
+    @property
+    def bundles_dir(self) -> Path:
+        """Where ``fedbus devices add`` writes the credentials bundle of each device."""
+        return self._workdir / "bundles"
+
     def credentials(self, username: str) -> Credentials:
-        """The account ``username`` (the coordinator or a device)."""
+        """The account ``username`` (the admin, the coordinator or an initial device)."""
         if username == COORDINATOR_USERNAME:
             return self.coordinator
+        if username == dynsec.ADMIN_USERNAME:
+            return self.admin
         try:
             return self.devices[username]
         except KeyError:
@@ -326,18 +366,29 @@ class LocalBroker:
     # -- life cycle -----------------------------------------------------------------------
 
     def start(self, timeout: float = 10.0) -> None:
-        """Write the instance files, run mosquitto and wait until it accepts connections."""
+        """Write the instance files, run mosquitto and wait until it accepts connections.
+
+        Nothing is written when the directory is in use by another broker, when a port
+        asked for is taken, or when devices are asked for that a live directory lacks.
+        """
         if self.running:
             raise BrokerError(f"broker already running (pid {self.pid})")
         self.stop()  # forget a process that exited on its own
         mosquitto = _find_executable(self._mosquitto)
-        passwd_tool = _find_passwd_tool(mosquitto)
-        self._write_files(passwd_tool)
-        if any(p == 0 for p in self._open_ports().values()):
-            self._launch_on_free_ports(mosquitto, timeout)
-        else:
-            self._launch(mosquitto, timeout)
-        self._write_credentials_file()
+        plugin = _find_plugin()
+        self._workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_directory()
+        try:
+            self._check_before_writing()
+            self._write_files()
+            if any(p == 0 for p in self._open_ports().values()):
+                self._launch_on_free_ports(mosquitto, plugin, timeout)
+            else:
+                self._launch(mosquitto, plugin, timeout)
+            self._write_credentials_file()
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (mosquitto then saves its database), SIGKILL after ``timeout``. Idempotent."""
@@ -347,6 +398,9 @@ class LocalBroker:
             self._finalizer = None
         if proc is not None:
             terminate(proc, timeout)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def kill(self) -> None:
         """SIGKILL, as in a crash: nothing is saved since the last autosave. Idempotent."""
@@ -383,12 +437,57 @@ class LocalBroker:
     def _open_ports(self) -> dict[str, int]:
         return {k: v for k, v in self._ports.items() if k != "plain" or self._plaintext}
 
-    def _write_files(self, passwd_tool: str) -> None:
-        self._workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    def _lock_directory(self) -> None:
+        """Hold ``broker.lock`` (mosquitto inherits it, so it stays held while mosquitto
+        runs, even if this process dies); another start on the directory fails at once."""
+        path = self._workdir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = path.read_text().strip() or "?"
+            raise ConfigError(
+                f"a broker is already running on {self._workdir} (pid {holder}); stop it "
+                "first, or add devices to it with `fedbus devices add`"
+            ) from None
+        self._lock_fd = fd
+
+    def _check_before_writing(self) -> None:
+        """A live directory keeps its accounts; the ports asked for must be free."""
+        if self.dynsec_file.exists():
+            if not self.credentials_file.exists():
+                raise ConfigError(
+                    f"{self.dynsec_file} exists but {self.credentials_file} does not: the "
+                    "admin and coordinator passwords are lost; restore the file, or start "
+                    "afresh in a new directory"
+                )
+            existing = _dynsec_usernames(self.dynsec_file)
+            missing = [d for d in self._asked if d not in existing]
+            if missing:
+                raise ConfigError(
+                    f"{self._workdir} already holds a broker's accounts, without "
+                    f"{', '.join(missing)}: start it without --device-id/--devices and add "
+                    "devices with `fedbus devices add` (removed devices stay removed)"
+                )
+        for name, port in self._open_ports().items():
+            if port != 0 and not _bindable(self._host, port):
+                raise ConfigError(
+                    f"port {port} ({name}) on {self._host} is already in use by another "
+                    "program; nothing was written"
+                )
+
+    def _write_files(self) -> None:
         (self._workdir / "data").mkdir(mode=0o700, exist_ok=True)
-        accounts = [self.coordinator, *self.devices.values()]
-        _write_password_file(self._workdir / "passwd", accounts, passwd_tool)
-        (self._workdir / "fedbus.acl").write_text(render_acl(self._prefix))
+        if not self.dynsec_file.exists():
+            config = dynsec.initial_config(
+                self._prefix, admin_password=self.admin.password,
+                coordinator_password=self.coordinator.password,
+                devices={d: c.password for d, c in self.devices.items()},
+            )
+            _write_private(self.dynsec_file, json.dumps(config, indent=2) + "\n")
+            # credentials.json first holds these secrets before anything can use them
+            self._write_credentials_file()
         self._write_certificates()
 
     def _write_certificates(self) -> None:
@@ -406,7 +505,7 @@ class LocalBroker:
             pki.issue_server_certificate(ca, self._tls_names, cert, key, now=now)
         clients = self.tls_dir / "clients"
         clients.mkdir(mode=0o700, exist_ok=True)
-        for username in [self.coordinator.username, *self.devices]:
+        for username in [self.admin.username, self.coordinator.username, *self.devices]:
             cert, key = self.client_certificate(username)
             if not (cert.exists() and key.exists()):
                 for path in (cert, key):
@@ -424,14 +523,14 @@ class LocalBroker:
             mtls_policy=MTLS_POLICY_FILE.read_text(),
         )
 
-    def _config_text(self) -> str:
+    def _config_text(self, plugin: Path) -> str:
         return render_config(
             POLICY_FILE.read_text(),
             LISTENER_POLICY_FILE.read_text(),
             host=self._host,
             port=self._ports["plain"] if self._plaintext else None,
-            password_file=self._workdir / "passwd",
-            acl_file=self._workdir / "fedbus.acl",
+            plugin=plugin,
+            dynsec_file=self.dynsec_file,
             data_dir=self._workdir / "data",
             log_file=self.log_file,
             # As root, mosquitto would switch to the `mosquitto` user and lose access to
@@ -440,7 +539,7 @@ class LocalBroker:
             tls=self._tls_listeners(),
         )
 
-    def _launch_on_free_ports(self, mosquitto: str, timeout: float) -> None:
+    def _launch_on_free_ports(self, mosquitto: str, plugin: Path, timeout: float) -> None:
         """Pick free ports for those left at 0 and launch; if another process took one
         meanwhile, pick again."""
         wanted = [k for k, v in self._open_ports().items() if v == 0]
@@ -456,7 +555,7 @@ class LocalBroker:
             except OSError as exc:
                 raise ConfigError(f"cannot listen on {self._host}: {exc}") from None
             try:
-                self._launch(mosquitto, timeout)
+                self._launch(mosquitto, plugin, timeout)
                 return
             except BrokerError as exc:
                 for name in wanted:
@@ -467,9 +566,9 @@ class LocalBroker:
     def _where(self) -> str:
         return f"{self._host} port(s) {', '.join(str(p) for p in self._open_ports().values())}"
 
-    def _launch(self, mosquitto: str, timeout: float) -> None:
+    def _launch(self, mosquitto: str, plugin: Path, timeout: float) -> None:
         """Write the config for the current ports, run mosquitto and wait until it is ready."""
-        self.config_file.write_text(self._config_text())
+        self.config_file.write_text(self._config_text(plugin))
         output = _LaunchOutput(self.log_file, self._workdir / "mosquitto.out")
         with output.stdout_file.open("wb") as out:
             proc = subprocess.Popen(
@@ -478,8 +577,13 @@ class LocalBroker:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not the broker
+                # the directory lock stays held while mosquitto runs
+                pass_fds=() if self._lock_fd is None else (self._lock_fd,),
             )
         self._proc = proc
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, f"{proc.pid}\n".encode(), 0)
         self._finalizer = weakref.finalize(self, terminate, proc, 5.0)
         try:
             self._wait_ready(proc, output, timeout)
@@ -523,18 +627,24 @@ class LocalBroker:
         data: dict[str, Any] = {
             "host": self.client_host,
             # plain MQTT; null when this broker has none (it listens beyond loopback)
-            "port": self._ports["plain"] if self._plaintext else None,
+            "port": (self._ports["plain"] or None) if self._plaintext else None,
             "tls": {
-                "port": self._ports["tls"],
-                "mtls_port": self._ports["mtls"],
+                "port": self._ports["tls"] or None,
+                "mtls_port": self._ports["mtls"] or None,
                 # relative paths are relative to this file's directory
                 "ca_file": str(self.ca_file.relative_to(self._workdir)),
             },
             "prefix": self._prefix,
+            # the dynamic-security plugin's admin (fedbus devices); no MQTT topic rights
+            "admin": _account_json(self.admin),
             "coordinator": entry(self.coordinator),
             "devices": {d: entry(c) for d, c in self.devices.items()},
         }
-        _write_private(self.credentials_file, json.dumps(data, indent=2) + "\n")
+        text = json.dumps(data, indent=2) + "\n"
+        with contextlib.suppress(OSError):
+            if self.credentials_file.read_text() == text:
+                return  # unchanged: leave the file alone
+        _write_private(self.credentials_file, text)
 
 
 class _LaunchOutput:
@@ -586,19 +696,37 @@ def _find_executable(name: str) -> str:
     return found
 
 
-def _find_passwd_tool(mosquitto: str) -> str:
-    sibling = shutil.which("mosquitto_passwd", path=str(Path(mosquitto).parent))
-    return sibling or _find_executable("mosquitto_passwd")
+def _find_plugin() -> Path:
+    for candidate in dynsec.PLUGIN_PATHS:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    raise ConfigError(
+        "Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) not found in "
+        f"{', '.join(str(Path(p).parent) for p in dynsec.PLUGIN_PATHS)}: {_INSTALL_HINT}"
+    )
 
 
-def _write_password_file(path: Path, accounts: Sequence[Credentials], tool: str) -> None:
-    """Plain ``user:password`` lines (mode 0600), then hashed in place by mosquitto_passwd."""
-    _write_private(path, "".join(f"{a.username}:{a.password}\n" for a in accounts))
-    result = subprocess.run([tool, "-U", str(path)], capture_output=True, text=True,
-                            check=False)
-    if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip()
-        raise BrokerError(f"mosquitto_passwd could not hash {path}: {detail}")
+def _bindable(host: str, port: int) -> bool:
+    """False when another program listens on ``port`` of ``host`` right now (other bind
+    errors are left for mosquitto to report)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        return exc.errno != errno.EADDRINUSE
+    return True
+
+
+def _dynsec_usernames(path: Path) -> set[str]:
+    """The accounts in the plugin's file (Mosquitto keeps it up to date)."""
+    try:
+        data = json.loads(path.read_text())
+        return {str(c["username"]) for c in data.get("clients", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -619,18 +747,42 @@ def _account_json(account: Credentials) -> dict[str, str]:
     return {"username": account.username, "password": account.password}
 
 
-def _previous_passwords(path: Path) -> dict[str, str]:
-    """Passwords from an earlier run's credentials file, so restarts keep them."""
+def _previous_file(path: Path) -> dict[str, Any]:
+    """An earlier start's credentials file ({} when there is none)."""
     if not path.exists():
         return {}
     try:
         data = json.loads(path.read_text())
-        accounts = [data["coordinator"], *data.get("devices", {}).values()]
-        return {str(a["username"]): str(a["password"]) for a in accounts}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError) as exc:
         raise ConfigError(
             f"{path} is not a fedbus credentials file ({exc}); move it away to start afresh"
         ) from None
+
+
+def _previous_passwords(data: dict[str, Any], path: Path) -> dict[str, str]:
+    """Passwords from an earlier start's credentials file, so restarts keep them."""
+    if not data:
+        return {}
+    try:
+        accounts = [data["coordinator"], *data.get("devices", {}).values()]
+        if "admin" in data:
+            accounts.append(data["admin"])
+        return {str(a["username"]): str(a["password"]) for a in accounts}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(
+            f"{path} is not a fedbus credentials file ({exc}); move it away to start afresh"
+        ) from None
+
+
+def _previous_ports(data: dict[str, Any]) -> dict[str, int]:
+    """The ports of an earlier start, kept when the new one leaves them at 0 (so that the
+    devices' bundles stay right)."""
+    tls = data.get("tls") if isinstance(data.get("tls"), dict) else {}
+    found = {"plain": data.get("port"), "tls": tls.get("port"), "mtls": tls.get("mtls_port")}
+    return {k: v for k, v in found.items() if isinstance(v, int) and 0 < v <= 65535}
 
 
 def _checked_device_ids(device_ids: Sequence[str]) -> list[str]:
@@ -639,7 +791,7 @@ def _checked_device_ids(device_ids: Sequence[str]) -> list[str]:
     ids = list(device_ids)
     for device_id in ids:
         try:
-            validate_device_id(device_id)
+            dynsec.check_new_device_id(device_id)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     duplicates = sorted({d for d in ids if ids.count(d) > 1})
