@@ -780,7 +780,8 @@ def _previous_passwords(data: dict[str, Any], path: Path) -> dict[str, str]:
 def _previous_ports(data: dict[str, Any]) -> dict[str, int]:
     """The ports of an earlier start, kept when the new one leaves them at 0 (so that the
     devices' bundles stay right)."""
-    tls = data.get("tls") if isinstance(data.get("tls"), dict) else {}
+    found_tls = data.get("tls")
+    tls: dict[str, Any] = found_tls if isinstance(found_tls, dict) else {}
     found = {"plain": data.get("port"), "tls": tls.get("port"), "mtls": tls.get("mtls_port")}
     return {k: v for k, v in found.items() if isinstance(v, int) and 0 < v <= 65535}
 

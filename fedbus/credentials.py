@@ -1,4 +1,10 @@
-"""Reading the credentials file that ``fedbus broker`` writes for a local broker.
+"""The credentials file that ``fedbus broker`` writes, and a device's credentials bundle.
+
+A **credentials file** names the broker and one or more accounts. ``fedbus broker`` writes
+one holding every account (the operator's file); ``fedbus devices add`` writes a **bundle**
+for one device: a directory with ``credentials.json`` in the same layout holding that
+device's account only, the CA certificate, and for a certificate login the device's
+certificate and key. ``read_credentials`` takes either the file or the bundle directory.
 
 Layout (JSON)::
 
@@ -8,25 +14,44 @@ Layout (JSON)::
              "mtls_port": 8884,     # mutual TLS, client certificate = username
              "ca_file": "tls/ca.crt"},
      "prefix": "fedbus",
+     "admin": {"username": "fedbus-admin", "password": "..."},
      "coordinator": {"username": "coordinator", "password": "...",
                      "cert_file": "tls/clients/coordinator.crt",
                      "key_file": "tls/clients/coordinator.key"},
      "devices": {"device-01": {...same keys...}}}
 
 Relative paths are relative to the directory of the credentials file. ``tls``, ``cert_file``
-and ``key_file`` are absent from files written before fedbus spoke TLS.
+and ``key_file`` are absent from files written before fedbus spoke TLS. A bundle adds
+``"bundle": {"version": 1, "device": "<id>"}``, and its device account holds either a
+``password`` or ``cert_file`` and ``key_file`` (then the client logs in with the
+certificate, on the mutual-TLS port). Readers ignore keys they do not know, so the format
+can grow.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedbus.errors import ConfigError
 
-__all__ = ["BrokerAccess", "read_credentials"]
+__all__ = [
+    "BUNDLE_FILE",
+    "BUNDLE_VERSION",
+    "BrokerAccess",
+    "BrokerAddress",
+    "bundle_device",
+    "bundle_document",
+    "read_credentials",
+    "write_bundle",
+]
+
+BUNDLE_FILE = "credentials.json"
+BUNDLE_VERSION = 1
+_CA_FILE = "ca.crt"
 
 
 @dataclass(frozen=True)
@@ -35,7 +60,7 @@ class BrokerAccess:
     port: int | None  # plain MQTT, None when the broker has no plain listener
     prefix: str
     username: str
-    password: str
+    password: str  # "" when the account logs in with its client certificate only
     tls_port: int | None = None
     mtls_port: int | None = None
     ca_file: Path | None = None
@@ -56,8 +81,9 @@ class BrokerAccess:
 
 
 def read_credentials(path: str | Path, username: str) -> BrokerAccess:
-    """Host, ports, prefix, CA and ``username``'s password from a credentials.json file."""
-    path = Path(path)
+    """Host, ports, prefix, CA and ``username``'s password (or certificate) from a
+    credentials file, or from a bundle directory (its ``credentials.json``)."""
+    path = _located(Path(path))
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -66,8 +92,9 @@ def read_credentials(path: str | Path, username: str) -> BrokerAccess:
         raise ConfigError(f"cannot read credentials file {path}: {exc}") from None
     try:
         accounts = dict(data.get("devices", {}))
-        if "coordinator" in data:  # a device's own copy may hold its account only
-            accounts[data["coordinator"]["username"]] = data["coordinator"]
+        for own in ("coordinator", "admin"):  # a device's own copy may hold its account only
+            if own in data:
+                accounts[data[own]["username"]] = data[own]
         if username not in accounts:
             known = ", ".join(sorted(accounts)) or "none"
             raise ConfigError(f"{path} has no account {username!r} (it has: {known})")
@@ -79,7 +106,7 @@ def read_credentials(path: str | Path, username: str) -> BrokerAccess:
             port=_port(data["port"]),
             prefix=str(data.get("prefix", "fedbus")),
             username=username,
-            password=str(account["password"]),
+            password=str(account.get("password") or ""),
             tls_port=_port(tls.get("port")),
             mtls_port=_port(tls.get("mtls_port")),
             ca_file=_path(base, tls.get("ca_file")),
@@ -103,3 +130,88 @@ def _path(base: Path, value: Any) -> Path | None:
     if value is None:
         return None
     return base / str(value)  # an absolute value stays absolute
+
+
+def _located(path: Path) -> Path:
+    return path / BUNDLE_FILE if path.is_dir() else path
+
+
+def bundle_device(path: str | Path) -> str | None:
+    """The device a bundle is for; None for a file that is not a bundle (or unreadable:
+    ``read_credentials`` reports that)."""
+    try:
+        data = json.loads(_located(Path(path)).read_text())
+        device = data["bundle"]["device"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return device if isinstance(device, str) else None
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where devices reach the broker: what every bundle of one broker shares."""
+
+    host: str
+    port: int | None  # plain MQTT, None when the broker has none beyond loopback
+    tls_port: int | None
+    mtls_port: int | None
+    prefix: str
+
+
+def bundle_document(address: BrokerAddress, device_id: str, *, password: str | None,
+                    certificate: bool) -> dict[str, Any]:
+    """The ``credentials.json`` of a bundle: the broker, the device's account (its
+    ``password``, or with ``certificate`` the files ``<id>.crt`` and ``<id>.key`` beside it)
+    and the coordinator's username. Pure."""
+    if (password is None) == (not certificate):
+        raise ValueError("a bundle holds a password or a certificate, exactly one of them")
+    account: dict[str, Any] = {"username": device_id}
+    if password is not None:
+        account["password"] = password
+    else:
+        account.update(cert_file=f"{device_id}.crt", key_file=f"{device_id}.key")
+    return {
+        "bundle": {"version": BUNDLE_VERSION, "device": device_id},
+        "host": address.host,
+        "port": address.port,
+        "tls": {"port": address.tls_port, "mtls_port": address.mtls_port,
+                "ca_file": _CA_FILE},
+        "prefix": address.prefix,
+        "coordinator": {"username": "coordinator"},
+        "devices": {device_id: account},
+    }
+
+
+def write_bundle(directory: Path, address: BrokerAddress, device_id: str, *, ca_pem: bytes,
+                 password: str | None = None, certificate_pem: bytes | None = None,
+                 key_pem: bytes | None = None) -> Path:
+    """Create the bundle ``directory`` (mode 0700; it must not exist): ``credentials.json``
+    (0600), ``ca.crt`` and, for a certificate login, ``<id>.crt`` and ``<id>.key`` (0600).
+    Nothing is ever overwritten. Returns the directory."""
+    certificate = certificate_pem is not None
+    if certificate != (key_pem is not None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    document = bundle_document(address, device_id, password=password, certificate=certificate)
+    try:
+        directory.mkdir(mode=0o700, parents=False)
+    except FileExistsError:
+        raise ConfigError(
+            f"{directory} already exists; fedbus never overwrites credentials (move it away "
+            "first)"
+        ) from None
+    except FileNotFoundError:
+        raise ConfigError(f"cannot create {directory}: its parent does not exist") from None
+    _write_new(directory / _CA_FILE, ca_pem, 0o644)
+    if certificate_pem is not None and key_pem is not None:
+        _write_new(directory / f"{device_id}.key", key_pem, 0o600)
+        _write_new(directory / f"{device_id}.crt", certificate_pem, 0o644)
+    _write_new(directory / BUNDLE_FILE, (json.dumps(document, indent=2) + "\n").encode(),
+               0o600)
+    return directory
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)
+        f.write(data)

@@ -14,22 +14,47 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from fedbus import dynsec
+from fedbus.credentials import BrokerAccess
 from fedbus.dynsec import DeviceEntry, DynsecError
-from fedbus.errors import FedbusError
+from fedbus.errors import ConfigError, FedbusError
+from fedbus.tls import TlsSettings, is_loopback
 from fedbus.transport import ConnectionSettings, Message, MqttClient, TransportFactory
 
-__all__ = ["AdminError", "DynsecAdmin", "DynsecError"]
+__all__ = ["AdminError", "DynsecAdmin", "DynsecError", "admin_settings"]
 
 DEFAULT_TIMEOUT = 10.0
+_POLL = 0.05
 
 
 class AdminError(FedbusError):
     """The broker could not be reached as the admin account, or did not answer in time."""
+
+
+def admin_settings(access: BrokerAccess) -> ConnectionSettings:
+    """How the admin account of a credentials file connects: over TLS to the file's TLS
+    port when the broker has one (verified with the file's CA), else plain MQTT (loopback
+    only); no durable session."""
+    if access.username != dynsec.ADMIN_USERNAME:
+        raise ConfigError(f"{access.username!r} is not the admin account")
+    if not access.password:
+        raise ConfigError("the credentials file has no password for the admin account")
+    tls = access.tls_port is not None
+    if not tls and not is_loopback(access.host):
+        raise ConfigError(
+            f"the broker at {access.host} has no TLS port in the credentials file: the admin "
+            "password would cross the network in clear text"
+        )
+    return ConnectionSettings(
+        host=access.host, port=access.port_for(tls=tls, client_certificate=False),
+        client_id=dynsec.ADMIN_USERNAME, username=access.username, password=access.password,
+        session_expiry=0, tls=TlsSettings(ca_file=access.ca_file) if tls else None,
+    )
 
 
 class DynsecAdmin:
@@ -54,10 +79,16 @@ class DynsecAdmin:
     def connect(self) -> None:
         self._client.subscribe(dynsec.RESPONSE_TOPIC, qos=1)
         self._client.start()
-        if not self._client.wait_connected(self._timeout):
+        deadline = time.monotonic() + self._timeout
+        while not self._client.wait_connected(_POLL):
+            if self._client.fatal is None and time.monotonic() < deadline:
+                continue
             self._client.stop(disconnect=False)
             s = self._client.settings
-            cause = self._client.fatal or self._client.last_error
+            if self._client.fatal is not None:
+                raise AdminError(f"cannot log in to the broker as {s.username!r}: "
+                                 f"{self._client.fatal}")
+            cause = self._client.last_error
             raise AdminError(
                 f"cannot reach the broker at {s.host}:{s.port} as {s.username!r} within "
                 f"{self._timeout:g} s" + (f": {cause}" if cause else "")

@@ -1,4 +1,4 @@
-"""The ``fedbus`` command: broker, certs, coordinator, agent and demo."""
+"""The ``fedbus`` command: broker, devices, certs, coordinator, agent and demo."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def cli(log_level: str) -> None:
     \b
     Try everything on one machine:   fedbus demo
     Run a broker for a trial:        fedbus broker --devices 8
+    Add a device while it runs:      fedbus devices --credentials c.json add device-09
     Certificates for a real broker:  fedbus certs --dir pki --server-name broker.lan
     On the server:                   fedbus coordinator --credentials c.json --eval-data t.npz
     On each device:                  fedbus agent --device-id device-01 --data data.npz ...
@@ -49,8 +50,9 @@ def _register() -> None:
     from fedbus.cli.certs import certs
     from fedbus.cli.coordinator import coordinator
     from fedbus.cli.demo import demo
+    from fedbus.cli.devices import devices
 
-    for command in (broker, certs, coordinator, agent, demo):
+    for command in (broker, devices, certs, coordinator, agent, demo):
         cli.add_command(command)
 
 

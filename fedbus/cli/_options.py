@@ -74,6 +74,7 @@ def load_process_config(
     config_file: Path | None,
     section: str,
     username: Callable[[T], str],
+    identity: str | None = None,
 ) -> tuple[T, str]:
     """Load a process config and its broker password ("" when a client certificate logs in).
 
@@ -81,16 +82,29 @@ def load_process_config(
     where no flag, environment variable or config-file key gave them (so it ranks just above
     the defaults, keeping the one precedence), and the password when none was given
     otherwise. Its port is the TLS one (the mutual-TLS one with ``tls_cert``) unless TLS is
-    turned off or a port is given.
+    turned off or a port is given. An account of the file without a password but with a
+    client certificate logs in with that certificate (unless ``tls_cert`` is given).
+
+    ``identity``: the setting naming the account (``device_id``); when a bundle (a
+    credentials file for one device, from ``fedbus devices add``) is given by flag or
+    environment and nothing else names the account, the bundle's device is used.
     """
     from fedbus.config import load_config
-    from fedbus.credentials import read_credentials
+    from fedbus.credentials import bundle_device, read_credentials
     from fedbus.errors import ConfigError
 
     def load(values: Mapping[str, Any]) -> T:
         return load_config(cls, flags=values, env_prefix=env_prefix, file=config_file,
                            section=section)
 
+    if identity is not None and flags.get(identity) is None:
+        bundle = flags.get("credentials") or os.environ.get(
+            env_var_name(env_prefix, "credentials"))
+        unnamed = (env_var_name(env_prefix, identity) not in os.environ
+                   and identity not in _file_keys(config_file, section))
+        device = bundle_device(bundle) if bundle and unnamed else None
+        if device is not None:
+            flags = {**flags, identity: device}
     cfg = load(flags)
     password: str | None = cfg.password  # type: ignore[attr-defined]
     creds = cfg.credentials  # type: ignore[attr-defined]
@@ -106,6 +120,9 @@ def load_process_config(
         for key, value in (("host", access.host), ("prefix", access.prefix)):
             if not given(key):
                 filled[key] = value
+        if (not access.password and access.cert_file is not None
+                and access.key_file is not None and not given("tls_cert")):
+            filled["tls_cert"], filled["tls_key"] = access.cert_file, access.key_file
         cfg = load(filled)
         tls: bool | None = cfg.tls  # type: ignore[attr-defined]
         cert = cfg.tls_cert  # type: ignore[attr-defined]

@@ -17,13 +17,15 @@ __all__ = ["agent"]
 log = logging.getLogger("fedbus.agent")
 
 HELPS = {
-    "device_id": "This device's id; also its MQTT username and client id.",
+    "device_id": "This device's id; also its MQTT username and client id (default with a "
+    "bundle from `fedbus devices add`: its device).",
     "data": "Local training data: .csv, .npz (arrays x and y) or a directory of them.",
     "host": "Broker host.",
     "port": "Broker port (default 8883 with TLS, 1883 without).",
     "password": "MQTT password; prefer the environment variable over the flag.",
-    "credentials": "credentials.json from `fedbus broker`: supplies host, port, prefix, "
-    "password and the CA (its TLS port unless --no-tls or --port is given).",
+    "credentials": "credentials.json from `fedbus broker`, or the bundle directory from "
+    "`fedbus devices add`: supplies host, port, prefix, the CA and the password or client "
+    "certificate (its TLS port unless --no-tls or --port is given).",
     "tls": "TLS, verifying the broker's certificate (CA and host name). Default: on for any "
     "host beyond loopback, with --tls-ca/--tls-cert, and with --credentials of a TLS broker; "
     "--no-tls: plain MQTT.",
@@ -86,7 +88,7 @@ def agent(config_file: Path | None, **flags: Any) -> None:
 
     cfg, password = load_process_config(
         AgentConfig, flags, env_prefix=ENV_PREFIX, config_file=config_file, section="agent",
-        username=lambda c: c.device_id,
+        username=lambda c: c.device_id, identity="device_id",
     )
     x, y = load_local_data(cfg.data)
     runner = Agent(cfg, LocalData(x, y), password=password)

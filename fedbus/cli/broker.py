@@ -11,7 +11,7 @@ from types import FrameType
 
 import click
 
-from fedbus.broker import LocalBroker, default_device_ids
+from fedbus.broker import DYNSEC_FILE, LocalBroker, default_device_ids
 from fedbus.errors import FedbusError
 from fedbus.topics import DEFAULT_PREFIX
 
@@ -56,32 +56,41 @@ _HEALTH_CHECK_SECONDS = 0.5
     "models and updates then cross the network in clear text.",
 )
 @click.option(
-    "--devices", "num_devices", type=click.IntRange(1, 9999), default=8, show_default=True,
-    help="Create accounts device-01 .. device-NN.",
+    "--devices", "num_devices", type=click.IntRange(1, 9999), default=None,
+    help="Create accounts device-01 .. device-NN in a new --dir [default: 8].",
 )
 @click.option(
     "--device-id", "device_ids", multiple=True, metavar="ID",
-    help="Create an account for this device id (repeatable; replaces --devices).",
+    help="Create an account for this device id in a new --dir (repeatable; replaces "
+    "--devices). A directory already in use keeps its accounts: add devices to the running "
+    "broker with `fedbus devices add`.",
 )
 @click.option(
     "--dir", "workdir", type=click.Path(file_okay=False, path_type=Path),
     default=Path("fedbus-broker"), show_default=True,
-    help="Directory for the broker's files: credentials, password file, ACL, config, "
-    "log and persistence database. Reusing it keeps passwords and retained messages.",
+    help="Directory for the broker's files: credentials, the accounts and roles "
+    "(dynsec.json), certificates, device bundles, config, log and persistence database. "
+    "Reusing it keeps accounts, passwords, ports and retained messages.",
 )
 @click.option(
     "--prefix", default=DEFAULT_PREFIX, show_default=True,
     help="Topic prefix; the coordinator and the agents must use the same one.",
 )
 def broker(port: int, tls_port: int, mtls_port: int, host: str, tls_names: Sequence[str],
-           insecure_plaintext: bool, num_devices: int, device_ids: Sequence[str],
+           insecure_plaintext: bool, num_devices: int | None, device_ids: Sequence[str],
            workdir: Path, prefix: str) -> None:
     """Run a local Mosquitto broker with the fedbus access policy.
 
     It creates an account for the coordinator and one per device, each with a random
-    password, and writes them to credentials.json in --dir (readable only by you). Each
-    device may write only its own update and status topics and read the task, the model
-    and its own receipts; anonymous clients are refused.
+    password, and an admin account (fedbus-admin) for `fedbus devices`, and writes them to
+    credentials.json in --dir (readable only by you). Accounts live in Mosquitto's
+    dynamic-security plugin: `fedbus devices add|disable|enable|remove|list` changes them
+    while the broker runs. Each device may write only its own update and status topics and
+    read the task, the model and its own receipts; anonymous clients are refused.
+
+    Secrets are made once and never replaced: a second start on the same --dir keeps every
+    account, password and port, and a start on a directory whose broker still runs, or on
+    a port in use, fails before it writes anything.
 
     It also makes a certificate authority in --dir/tls (made once, never replaced), the
     broker's certificate and a client certificate per account, and listens with TLS: on
@@ -98,7 +107,12 @@ def broker(port: int, tls_port: int, mtls_port: int, host: str, tls_names: Seque
                     --mtls-port 8884 --devices 20 --dir ./trial
       fedbus broker --device-id kitchen-pi --device-id garage-pi
     """
-    ids = list(device_ids) or default_device_ids(num_devices)
+    if device_ids:
+        ids = list(device_ids)
+    elif num_devices is not None:
+        ids = default_device_ids(num_devices)
+    else:  # a directory in use keeps what it has; a new one gets the default fleet
+        ids = [] if (workdir / DYNSEC_FILE).exists() else default_device_ids(8)
     try:
         local = LocalBroker(
             workdir, device_ids=ids, port=port, host=host, prefix=prefix, tls_port=tls_port,
@@ -146,18 +160,19 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 
 
 def _summary(local: LocalBroker) -> str:
-    devices = list(local.devices)
+    devices = list(local.devices) or ["<device-id>"]
     shown = devices[0] if len(devices) == 1 else f"{devices[0]} .. {devices[-1]}"
     on = "all interfaces" if local.host in ("0.0.0.0", "::") else local.host
     plain = f"{local.port} (plain MQTT), " if local.plaintext else ""
     where = f"{on}, ports {plain}{local.tls_port} (TLS), {local.mtls_port} (mutual TLS)"
     creds = local.credentials_file
-    cert, key = local.client_certificate(devices[0])
+    cert, key = (local.client_certificate(devices[0]) if local.devices
+                 else ("tls/clients/<device-id>.crt", "tls/clients/<device-id>.key"))
     return "\n".join([
         f"fedbus broker running (mosquitto pid {local.pid}), listening on {where}",
         f"  CA:            {local.ca_file}  (devices verify the broker with it)",
         f"  topic prefix:  {local.prefix}",
-        f"  accounts:      coordinator and {len(devices)} device(s): {shown}",
+        f"  accounts:      coordinator and {len(local.devices)} initial device(s): {shown}",
         f"  credentials:   {creds}  (passwords: keep this file private)",
         f"  broker log:    {local.log_file}",
         "",
@@ -167,6 +182,9 @@ def _summary(local: LocalBroker) -> str:
         "or, with the device's client certificate instead of its password:",
         f"  fedbus agent --device-id {devices[0]} --data <your data> --credentials {creds} \\",
         f"      --tls-cert {cert} --tls-key {key}",
+        "Add a device while the broker runs (writes its bundle to "
+        f"{local.bundles_dir}/<id>):",
+        f"  fedbus devices --credentials {creds} add <id>",
         "",
         "Press Ctrl-C to stop the broker.",
     ])

@@ -1,0 +1,189 @@
+"""``fedbus devices``: add, disable, enable, remove and list devices on a running broker."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from fedbus.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedbus.provision import DynsecAdmin
+
+__all__ = ["devices"]
+
+_DEFAULT_CREDENTIALS = Path("fedbus-broker") / "credentials.json"
+
+
+@click.group(
+    "devices",
+    epilog="Everything goes over MQTT as the broker's admin account (fedbus-admin, in the "
+    "credentials file): no restart, no other device disconnected, no shell on the broker.",
+)
+@click.option(
+    "--credentials", type=click.Path(path_type=Path), default=_DEFAULT_CREDENTIALS,
+    show_default=True, envvar="FEDBUS_DEVICES_CREDENTIALS",
+    help="The operator's credentials file with the admin account (credentials.json of "
+    "`fedbus broker --dir`) [env FEDBUS_DEVICES_CREDENTIALS].",
+)
+@click.option(
+    "--timeout", type=click.FloatRange(0.5, 300), default=10.0, show_default=True,
+    help="Seconds to wait for the broker and for each answer.",
+)
+@click.pass_context
+def devices(ctx: click.Context, credentials: Path, timeout: float) -> None:
+    """Manage the devices of a running broker (Mosquitto's dynamic-security plugin).
+
+    \b
+    Examples, against a broker started with `fedbus broker --dir ./trial`:
+      fedbus devices --credentials trial/credentials.json add kitchen-pi
+      fedbus devices --credentials trial/credentials.json add garage-pi --certificate
+      fedbus devices --credentials trial/credentials.json list
+      fedbus devices --credentials trial/credentials.json disable kitchen-pi
+      fedbus devices --credentials trial/credentials.json remove kitchen-pi
+    """
+    ctx.obj = (credentials, timeout)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("fedbus.transport").setLevel(logging.WARNING)
+
+
+@devices.command("add")
+@click.argument("device_id")
+@click.option(
+    "--certificate", is_flag=True, default=False,
+    help="Log in with a client certificate (mutual TLS) instead of a password: issues one "
+    "with the CA of --pki; the account then has no password.",
+)
+@click.option(
+    "--pki", "pki_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Directory of the CA (ca.crt, ca.key) for --certificate [default: tls/ beside the "
+    "credentials file, where `fedbus broker` keeps it].",
+)
+@click.option(
+    "--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where to write the device's credentials bundle (a new directory) [default: "
+    "bundles/<id> beside the credentials file].",
+)
+@click.pass_obj
+def add(obj: tuple[Path, float], device_id: str, certificate: bool, pki_dir: Path | None,
+        bundle_dir: Path | None) -> None:
+    """Create DEVICE_ID's account and write its credentials bundle.
+
+    The bundle (a directory, mode 0700) holds credentials.json (mode 0600: the broker's
+    host, ports and prefix, and the device's password or certificate), ca.crt, and with
+    --certificate the device's certificate and key. Copy it to the device and run
+    `fedbus agent --credentials BUNDLE --data ...`. It is written before the account is
+    made, never over an existing one, and removed again if the broker refuses the account.
+    """
+    from fedbus import dynsec, pki
+    from fedbus.credentials import BrokerAddress, read_credentials, write_bundle
+
+    credentials, timeout = obj
+    try:
+        dynsec.check_new_device_id(device_id)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    access = read_credentials(credentials, dynsec.ADMIN_USERNAME)
+    if access.ca_file is None:
+        raise ConfigError(f"{credentials} names no CA (tls.ca_file): a bundle needs it")
+    try:
+        ca_pem = access.ca_file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the CA certificate {access.ca_file}: {exc}") from None
+    base = _operator_dir(credentials)
+    target = bundle_dir or base / "bundles" / device_id
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    address = BrokerAddress(access.host, access.port, access.tls_port, access.mtls_port,
+                            access.prefix)
+    if certificate:
+        if access.mtls_port is None:
+            raise ConfigError(f"{credentials} names no mutual-TLS port (tls.mtls_port)")
+        ca = pki.load_ca(pki_dir or base / "tls")
+        issued = pki.build_client_certificate(ca, pki.new_key(), device_id,
+                                              now=_now())
+        password = None
+        write_bundle(target, address, device_id, ca_pem=ca_pem,
+                     certificate_pem=issued.certificate_pem, key_pem=issued.key_pem)
+    else:
+        password = secrets.token_urlsafe(24)
+        write_bundle(target, address, device_id, ca_pem=ca_pem, password=password)
+    try:
+        with _admin(credentials, timeout) as admin:
+            admin.add_device(device_id, password)
+    except BaseException:
+        shutil.rmtree(target)  # made above, holding a secret no account accepts
+        raise
+    how = "its client certificate" if certificate else "its password"
+    click.echo(f"added {device_id} (logs in with {how}); bundle: {target}")
+    click.echo("  copy it to the device, then: fedbus agent --credentials <the copied "
+               "directory> --data <your data>")
+
+
+@devices.command("disable")
+@click.argument("device_id")
+@click.pass_obj
+def disable(obj: tuple[Path, float], device_id: str) -> None:
+    """Disconnect DEVICE_ID now and refuse it until `enable`; its account and bundle stay."""
+    with _admin(*obj) as admin:
+        admin.disable_device(device_id)
+    click.echo(f"disabled {device_id} (disconnected; `fedbus devices enable {device_id}` "
+               "lets it back in)")
+
+
+@devices.command("enable")
+@click.argument("device_id")
+@click.pass_obj
+def enable(obj: tuple[Path, float], device_id: str) -> None:
+    """Let a disabled DEVICE_ID log in again with its old credentials."""
+    with _admin(*obj) as admin:
+        admin.enable_device(device_id)
+    click.echo(f"enabled {device_id}")
+
+
+@devices.command("remove")
+@click.argument("device_id")
+@click.pass_obj
+def remove(obj: tuple[Path, float], device_id: str) -> None:
+    """Delete DEVICE_ID's account: it is disconnected now and refused from then on."""
+    with _admin(*obj) as admin:
+        admin.remove_device(device_id)
+    bundle = _operator_dir(obj[0]) / "bundles" / device_id
+    note = f"; its bundle {bundle} no longer logs in" if bundle.exists() else ""
+    click.echo(f"removed {device_id}{note}")
+
+
+@devices.command("list")
+@click.pass_obj
+def list_(obj: tuple[Path, float]) -> None:
+    """The broker's devices and whether each may log in."""
+    with _admin(*obj) as admin:
+        entries = admin.list_devices()
+    if not entries:
+        click.echo("no devices")
+        return
+    width = max(len(e.device_id) for e in entries)
+    for entry in entries:
+        click.echo(f"{entry.device_id:<{width}}  {'enabled' if entry.enabled else 'disabled'}")
+
+
+def _operator_dir(credentials: Path) -> Path:
+    return credentials if credentials.is_dir() else credentials.parent
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _admin(credentials: Path, timeout: float) -> DynsecAdmin:
+    from fedbus import dynsec
+    from fedbus.credentials import read_credentials
+    from fedbus.provision import DynsecAdmin, admin_settings
+
+    access = read_credentials(credentials, dynsec.ADMIN_USERNAME)
+    return DynsecAdmin(admin_settings(access), access.prefix, timeout=timeout)
