@@ -246,8 +246,8 @@ def encode_commands(commands: Sequence[Mapping[str, Any]], correlation: str) -> 
 def read_responses(payload: bytes, correlation: str,
                    count: int) -> list[dict[str, Any]] | None:
     """The ``count`` answers to the commands sent under ``correlation``, in order; None if
-    ``payload`` answers someone else's commands. Raises ``DynsecError`` for the first
-    command the plugin refused."""
+    ``payload`` answers someone else's commands. Raises ``DynsecError`` naming every
+    command the plugin refused (it carries out the others all the same)."""
     try:
         responses = json.loads(payload)["responses"]
         tags = [r.get("correlationData", "") for r in responses]
@@ -259,9 +259,13 @@ def read_responses(payload: bytes, correlation: str,
         return None
     if len(mine) != count:
         raise DynsecError("response", f"expected {count} answers, got {len(mine)}")
-    for response in mine:
-        if "error" in response:
-            raise DynsecError(str(response.get("command")), str(response["error"]))
+    refused = [r for r in mine if "error" in r]
+    if refused:
+        raise DynsecError(
+            str(refused[0].get("command")),
+            "; ".join(f"{r['error']}" if i == 0 else f"{r.get('command')}: {r['error']}"
+                      for i, r in enumerate(refused)),
+        )
     return mine
 
 
