@@ -47,6 +47,7 @@ __all__ = [
     "bundle_document",
     "read_credentials",
     "write_bundle",
+    "write_new",
 ]
 
 BUNDLE_FILE = "credentials.json"
@@ -201,16 +202,17 @@ def write_bundle(directory: Path, address: BrokerAddress, device_id: str, *, ca_
         ) from None
     except FileNotFoundError:
         raise ConfigError(f"cannot create {directory}: its parent does not exist") from None
-    _write_new(directory / _CA_FILE, ca_pem, 0o644)
+    write_new(directory / _CA_FILE, ca_pem, 0o644)
     if certificate_pem is not None and key_pem is not None:
-        _write_new(directory / f"{device_id}.key", key_pem, 0o600)
-        _write_new(directory / f"{device_id}.crt", certificate_pem, 0o644)
-    _write_new(directory / BUNDLE_FILE, (json.dumps(document, indent=2) + "\n").encode(),
+        write_new(directory / f"{device_id}.key", key_pem, 0o600)
+        write_new(directory / f"{device_id}.crt", certificate_pem, 0o644)
+    write_new(directory / BUNDLE_FILE, (json.dumps(document, indent=2) + "\n").encode(),
                0o600)
     return directory
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
+def write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``data`` and ``mode``; FileExistsError if it exists."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as f:
         os.fchmod(f.fileno(), mode)

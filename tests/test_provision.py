@@ -9,6 +9,7 @@ added on the fly, files written once, and one end-to-end run with real processes
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import queue
@@ -242,11 +243,14 @@ def fedbus_devices(broker: LocalBroker, *args: str) -> subprocess.CompletedProce
     )
 
 
-def paho_mtls(broker: LocalBroker, bundle: Path, device_id: str) -> tuple[mqtt.Client, Any]:
+def paho_mtls(broker: LocalBroker, bundle: Path, device_id: str,
+              will: str | None = None) -> tuple[mqtt.Client, Any]:
     """A raw paho client on the mTLS port with the bundle's certificate; returns the client
     and its CONNACK reason."""
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=device_id,
                          protocol=MQTTProtocolVersion.MQTTv5)
+    if will is not None:
+        client.will_set(will, b"offline", qos=1, retain=True)
     context = ssl.create_default_context(cafile=str(bundle / "ca.crt"))
     context.load_cert_chain(bundle / f"{device_id}.crt", bundle / f"{device_id}.key")
     client.tls_set_context(context)
@@ -332,7 +336,8 @@ def test_disable_and_remove_disconnect_a_device_and_refuse_it(
 
 @pytest.mark.broker
 def test_a_removed_certificate_connects_but_can_do_nothing(
-        broker: LocalBroker, admin: DynsecAdmin) -> None:
+        broker: LocalBroker, admin: DynsecAdmin,
+        devices: Callable[[ConnectionSettings], Device]) -> None:
     """Mosquitto 2.0.11 never asks the plugin about a certificate login: the CONNACK
     succeeds. Rights come only from the device's own role, which disable and remove take
     away, so the certificate can then neither publish nor subscribe."""
@@ -366,6 +371,22 @@ def test_a_removed_certificate_connects_but_can_do_nothing(
             assert suback(client, topics.task) == NOT_AUTHORIZED, change
             assert suback(client, topics.receipt("cert-dev")) == NOT_AUTHORIZED, change
         finally:
+            client.disconnect()
+            client.loop_stop()
+
+    # nor is its Will published: a second connection with the same certificate takes the
+    # session over (the broker sends the first one's Will before the second's CONNACK)
+    coordinator = devices(settings_for(broker.credentials_file, "coordinator"))
+    coordinator.client.subscribe(topics.all_status)
+    first, _ = paho_mtls(broker, bundle, "cert-dev", will=topics.status("cert-dev"))
+    second, connack = paho_mtls(broker, bundle, "cert-dev")
+    try:
+        assert connack.value == 0
+        assert coordinator.client.publish(topics.status("barrier"), b"b").wait(TIMEOUT)
+        seen = coordinator.inbox.get(timeout=TIMEOUT)
+        assert (seen.topic, seen.payload) == (topics.status("barrier"), b"b")
+    finally:
+        for client in (first, second):
             client.disconnect()
             client.loop_stop()
 
@@ -482,3 +503,29 @@ def test_a_device_added_mid_run_gets_an_update_accepted(broker: LocalBroker,
     agent_log = (tmp_path / "agent.log").read_text()
     assert f"connected to 127.0.0.1:{broker.tls_port} as newbie" in agent_log
     assert re.search(r"done: \d+ updates published, [1-9]\d* accepted", agent_log), agent_log
+
+
+def test_init_writes_the_accounts_of_a_system_broker_once(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fedbus.cli import cli
+
+    (tmp_path / "ca.crt").write_bytes(b"CA PEM")
+    args = ["devices", "init", "--dir", str(tmp_path / "op"), "--host", "broker.lan",
+            "--ca", str(tmp_path / "ca.crt")]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    op = tmp_path / "op"
+    for name, mode in (("credentials.json", 0o600), ("dynsec.json", 0o600), ("ca.crt", 0o644)):
+        assert stat.S_IMODE((op / name).stat().st_mode) == mode, name
+    access = read_credentials(op, dynsec.ADMIN_USERNAME)
+    assert (access.host, access.port, access.tls_port, access.mtls_port) == (
+        "broker.lan", None, 8883, 8884)
+    config = json.loads((op / "dynsec.json").read_text())
+    admin = next(c for c in config["clients"] if c["username"] == "fedbus-admin")
+    salt = base64.b64decode(admin["salt"])
+    assert dynsec.hash_password(access.password, salt=salt)["password"] == admin["password"]
+    assert read_credentials(op, "coordinator").password
+    before = file_digests(op)
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code != 0 and "never overwrites" in str(again.exception)
+    assert file_digests(op) == before

@@ -53,6 +53,71 @@ def devices(ctx: click.Context, credentials: Path, timeout: float) -> None:
         logging.getLogger("fedbus.transport").setLevel(logging.WARNING)
 
 
+@devices.command("init")
+@click.option(
+    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), required=True,
+    help="New directory for the operator's credentials.json, the broker's dynsec.json and "
+    "ca.crt (and later bundles/).",
+)
+@click.option("--host", required=True,
+              help="The broker's name or address as devices reach it (in its certificate).")
+@click.option("--tls-port", type=click.IntRange(1, 65535), default=8883, show_default=True,
+              help="The broker's TLS port (password logins).")
+@click.option("--mtls-port", type=click.IntRange(1, 65535), default=8884, show_default=True,
+              help="The broker's mutual-TLS port (certificate logins).")
+@click.option("--ca", "ca_file", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="The CA certificate the broker's certificate chains to "
+              "(ca.crt of `fedbus certs`).")
+@click.option("--prefix", default="fedbus", show_default=True, help="Topic prefix.")
+def init(directory: Path, host: str, tls_port: int, mtls_port: int, ca_file: Path,
+         prefix: str) -> None:
+    """Accounts for a system Mosquitto with the dynamic-security plugin.
+
+    Writes, into a new --dir: dynsec.json (install it where the broker's
+    plugin_opt_config_file points, owned by the mosquitto user: see
+    deploy/mosquitto/README.md), holding the admin and coordinator accounts and roles;
+    credentials.json (mode 0600) with their passwords, the broker's address and the CA,
+    for `fedbus devices --credentials` and `fedbus coordinator --credentials`; and a copy
+    of the CA. Then add devices with `fedbus devices add` once the broker runs.
+    """
+    import json
+
+    from fedbus import dynsec
+    from fedbus.credentials import write_new
+    from fedbus.topics import Topics
+
+    try:
+        Topics(prefix)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        ca_pem = ca_file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the CA certificate {ca_file}: {exc}") from None
+    admin, coordinator = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    config = dynsec.initial_config(prefix, admin_password=admin,
+                                   coordinator_password=coordinator, devices={})
+    credentials = {
+        "host": host, "port": None,
+        "tls": {"port": tls_port, "mtls_port": mtls_port, "ca_file": "ca.crt"},
+        "prefix": prefix,
+        "admin": {"username": dynsec.ADMIN_USERNAME, "password": admin},
+        "coordinator": {"username": "coordinator", "password": coordinator},
+        "devices": {},
+    }
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        raise ConfigError(f"{directory} already exists; fedbus never overwrites credentials "
+                          "(choose a new directory)") from None
+    write_new(directory / "ca.crt", ca_pem, 0o644)
+    write_new(directory / "dynsec.json", (json.dumps(config, indent=2) + "\n").encode(), 0o600)
+    write_new(directory / "credentials.json",
+               (json.dumps(credentials, indent=2) + "\n").encode(), 0o600)
+    click.echo(f"wrote {directory}/dynsec.json (for the broker) and "
+               f"{directory}/credentials.json (the operator's, mode 0600)")
+
+
 @devices.command("add")
 @click.argument("device_id")
 @click.option(
