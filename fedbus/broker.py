@@ -505,7 +505,7 @@ class LocalBroker:
             pki.issue_server_certificate(ca, self._tls_names, cert, key, now=now)
         clients = self.tls_dir / "clients"
         clients.mkdir(mode=0o700, exist_ok=True)
-        for username in [self.admin.username, self.coordinator.username, *self.devices]:
+        for username in [self.coordinator.username, *self.devices]:
             cert, key = self.client_certificate(username)
             if not (cert.exists() and key.exists()):
                 for path in (cert, key):

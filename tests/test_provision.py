@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import queue
 import re
 import ssl
@@ -236,11 +237,33 @@ def admin(broker: LocalBroker) -> Iterator[DynsecAdmin]:
 
 
 def fedbus_devices(broker: LocalBroker, *args: str) -> subprocess.CompletedProcess[str]:
+    """``fedbus devices`` as a real process (what an operator runs)."""
     return subprocess.run(
         [sys.executable, "-m", "fedbus", "devices", "--credentials",
          str(broker.credentials_file), *args],
         capture_output=True, text=True, timeout=60, check=False,
     )
+
+
+@pytest.fixture
+def devices_cli(broker: LocalBroker) -> Iterator[Callable[..., tuple[int, str, str]]]:
+    """``fedbus devices`` in this process (a second faster than a new Python): returns the
+    exit code, stdout, and the error an operator would see on stderr."""
+    from click.testing import CliRunner
+
+    from fedbus.cli import cli
+
+    transport_log = logging.getLogger("fedbus.transport")
+    level = transport_log.level
+
+    def run(*args: str) -> tuple[int, str, str]:
+        result = CliRunner().invoke(
+            cli, ["devices", "--credentials", str(broker.credentials_file), *args])
+        error = "" if result.exception is None else str(result.exception)
+        return result.exit_code, result.output, error
+
+    yield run
+    transport_log.setLevel(level)  # the command quietens it
 
 
 def paho_mtls(broker: LocalBroker, bundle: Path, device_id: str,
@@ -284,24 +307,24 @@ def file_digests(root: Path) -> dict[str, str]:
 @pytest.mark.broker
 def test_a_device_added_to_a_running_broker_publishes_while_others_stay_connected(
         broker: LocalBroker, devices: Callable[[ConnectionSettings], Device],
-        admin: DynsecAdmin) -> None:
+        admin: DynsecAdmin, devices_cli: Callable[..., tuple[int, str, str]]) -> None:
     creds = broker.credentials_file
     coordinator = devices(settings_for(creds, "coordinator"))
     coordinator.client.subscribe(broker.topics.all_updates)
     dev_a = devices(settings_for(creds, "dev-a"))
 
-    result = fedbus_devices(broker, "add", "newbie")
-    assert result.returncode == 0, result.stderr
+    code, out, error = devices_cli("add", "newbie")
+    assert code == 0, error
     bundle = broker.bundles_dir / "newbie"
-    assert f"bundle: {bundle}" in result.stdout
+    assert f"bundle: {bundle}" in out
     newbie = devices(settings_for(bundle, "newbie"))
     assert newbie.client.publish(broker.topics.update("newbie"), b"u1").wait(TIMEOUT)
     seen = coordinator.inbox.get(timeout=TIMEOUT)
     assert (seen.topic, seen.payload) == (broker.topics.update("newbie"), b"u1")
 
     assert dynsec.DeviceEntry("newbie", True) in admin.list_devices()
-    listed = fedbus_devices(broker, "list")
-    assert "newbie  enabled" in listed.stdout.replace("   ", "  ")
+    code, listed, _ = devices_cli("list")
+    assert code == 0 and "newbie  enabled" in listed.replace("   ", "  ")
     # nobody else was disconnected on the way
     for other in (dev_a, coordinator):
         assert other.client.connected and other.client.connects == 1
@@ -337,12 +360,13 @@ def test_disable_and_remove_disconnect_a_device_and_refuse_it(
 @pytest.mark.broker
 def test_a_removed_certificate_connects_but_can_do_nothing(
         broker: LocalBroker, admin: DynsecAdmin,
-        devices: Callable[[ConnectionSettings], Device]) -> None:
+        devices: Callable[[ConnectionSettings], Device],
+        devices_cli: Callable[..., tuple[int, str, str]]) -> None:
     """Mosquitto 2.0.11 never asks the plugin about a certificate login: the CONNACK
     succeeds. Rights come only from the device's own role, which disable and remove take
     away, so the certificate can then neither publish nor subscribe."""
-    result = fedbus_devices(broker, "add", "cert-dev", "--certificate")
-    assert result.returncode == 0, result.stderr
+    code, _, error = devices_cli("add", "cert-dev", "--certificate")
+    assert code == 0, error
     bundle = broker.bundles_dir / "cert-dev"
     assert not read_credentials(bundle, "cert-dev").password
     topics = broker.topics
@@ -421,16 +445,16 @@ def test_a_dynamically_added_device_is_held_to_its_own_topics(
 
 @pytest.mark.broker
 def test_add_never_overwrites_and_leaves_no_secret_behind_a_refusal(
-        broker: LocalBroker) -> None:
-    assert fedbus_devices(broker, "add", "twice").returncode == 0
+        broker: LocalBroker, devices_cli: Callable[..., tuple[int, str, str]]) -> None:
+    assert devices_cli("add", "twice")[0] == 0
     bundle = broker.bundles_dir / "twice"
     before = file_digests(bundle)
-    again = fedbus_devices(broker, "add", "twice")
-    assert again.returncode != 0 and "never overwrites" in again.stderr
+    code, _, error = devices_cli("add", "twice")
+    assert code != 0 and "never overwrites" in error
     assert file_digests(bundle) == before
     # an account the broker already has: the new bundle is not kept
-    taken = fedbus_devices(broker, "add", "dev-a")
-    assert taken.returncode != 0 and "Client already exists" in taken.stderr
+    code, _, error = devices_cli("add", "dev-a")
+    assert code != 0 and "Client already exists" in error
     assert not (broker.bundles_dir / "dev-a").exists()
     for path in (broker.credentials_file, broker.dynsec_file, bundle / "credentials.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
