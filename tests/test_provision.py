@@ -166,19 +166,25 @@ def test_bundle_files_are_private_and_never_overwritten(tmp_path: Path) -> None:
 
 def test_agent_reads_a_certificate_bundle_alone(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime as dt
+
     from edge_agent.config import ENV_PREFIX, AgentConfig
+    from fedbus import pki
 
     monkeypatch.delenv("FEDBUS_AGENT_DEVICE_ID", raising=False)
-    bundle = write_bundle(tmp_path / "b", ADDRESS, "dev-x", ca_pem=b"CA",
-                          certificate_pem=b"C", key_pem=b"K")
+    now = dt.datetime.now(dt.UTC)
+    ca = pki.build_ca(pki.new_key(), common_name="test CA", now=now)
+    issued = pki.build_client_certificate(ca, pki.new_key(), "dev-x", now=now)
+    bundle = write_bundle(tmp_path / "b", ADDRESS, "dev-x", ca_pem=ca.certificate_pem,
+                          certificate_pem=issued.certificate_pem, key_pem=issued.key_pem)
     assert stat.S_IMODE((bundle / "dev-x.key").stat().st_mode) == 0o600
     flags: dict[str, Any] = {"credentials": bundle, "data": tmp_path / "d.npz"}
-    with pytest.raises(ConfigError, match="cannot read the client certificate"):
-        # the bundle's device, certificate and mTLS port were all taken: only the fake
-        # certificate bytes fail the identity check
-        load_process_config(AgentConfig, flags, env_prefix=ENV_PREFIX, config_file=None,
-                            section="agent", username=lambda c: c.device_id,
-                            identity="device_id")
+    cfg, password = load_process_config(
+        AgentConfig, flags, env_prefix=ENV_PREFIX, config_file=None, section="agent",
+        username=lambda c: c.device_id, identity="device_id")
+    # the bundle's device, its certificate and the mutual-TLS port, and no password
+    assert (cfg.device_id, cfg.port, password) == ("dev-x", 8884, "")
+    assert (cfg.tls_cert, cfg.tls_key) == (bundle / "dev-x.crt", bundle / "dev-x.key")
 
 
 # -- against a real broker ----------------------------------------------------------------------
@@ -553,3 +559,25 @@ def test_init_writes_the_accounts_of_a_system_broker_once(tmp_path: Path) -> Non
     again = CliRunner().invoke(cli, args)
     assert again.exit_code != 0 and "never overwrites" in str(again.exception)
     assert file_digests(op) == before
+
+
+def test_agent_reads_a_password_bundle_from_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent.config import ENV_PREFIX, AgentConfig
+
+    bundle = write_bundle(tmp_path / "b", ADDRESS, "dev-p", ca_pem=b"CA", password="pw")
+    monkeypatch.delenv("FEDBUS_AGENT_DEVICE_ID", raising=False)
+    monkeypatch.setenv("FEDBUS_AGENT_CREDENTIALS", str(bundle))
+    cfg, password = load_process_config(
+        AgentConfig, {"data": tmp_path / "d.npz"}, env_prefix=ENV_PREFIX, config_file=None,
+        section="agent", username=lambda c: c.device_id, identity="device_id")
+    assert (cfg.device_id, cfg.host, cfg.port, cfg.tls_ca, password) == (
+        "dev-p", "broker.lan", 8883, bundle / "ca.crt", "pw")
+    assert cfg.tls_cert is None
+    # a device id given elsewhere wins, and must then be in the bundle
+    monkeypatch.setenv("FEDBUS_AGENT_DEVICE_ID", "dev-q")
+    with pytest.raises(ConfigError, match="has no account 'dev-q'"):
+        load_process_config(
+            AgentConfig, {"data": tmp_path / "d.npz"}, env_prefix=ENV_PREFIX,
+            config_file=None, section="agent", username=lambda c: c.device_id,
+            identity="device_id")
