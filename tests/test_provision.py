@@ -467,6 +467,21 @@ def test_add_never_overwrites_and_leaves_no_secret_behind_a_refusal(
 
 
 @pytest.mark.broker
+def test_add_keeps_the_bundle_when_the_answer_never_comes(
+        broker: LocalBroker, devices_cli: Callable[..., tuple[int, str, str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedbus.provision import AdminError
+
+    def lost(self: DynsecAdmin, device_id: str, password: str | None) -> None:
+        raise AdminError("no answer")
+
+    monkeypatch.setattr(DynsecAdmin, "add_device", lost)
+    code, _, error = devices_cli("add", "unsure")
+    assert code != 0 and "its bundle is kept" in error
+    assert read_credentials(broker.bundles_dir / "unsure", "unsure").password
+
+
+@pytest.mark.broker
 def test_a_second_start_on_a_live_directory_changes_nothing(
         broker: LocalBroker, admin: DynsecAdmin) -> None:
     admin.add_device("added-live", "pw-live")

@@ -144,7 +144,8 @@ def add(obj: tuple[Path, float], device_id: str, certificate: bool, pki_dir: Pat
     host, ports and prefix, and the device's password or certificate), ca.crt, and with
     --certificate the device's certificate and key. Copy it to the device and run
     `fedbus agent --credentials BUNDLE --data ...`. It is written before the account is
-    made, never over an existing one, and removed again if the broker refuses the account.
+    made, never over an existing one, and removed again if the broker refuses the account
+    (kept, with a message, if the broker's answer never comes).
     """
     from fedbus import dynsec, pki
     from fedbus.credentials import BrokerAddress, read_credentials, write_bundle
@@ -178,12 +179,27 @@ def add(obj: tuple[Path, float], device_id: str, certificate: bool, pki_dir: Pat
     else:
         password = secrets.token_urlsafe(24)
         write_bundle(target, address, device_id, ca_pem=ca_pem, password=password)
+    from fedbus.provision import AdminError, DynsecError
+
+    admin = _admin(credentials, timeout)
     try:
-        with _admin(credentials, timeout) as admin:
-            admin.add_device(device_id, password)
+        admin.connect()
     except BaseException:
         shutil.rmtree(target)  # made above, holding a secret no account accepts
         raise
+    try:
+        admin.add_device(device_id, password)
+    except DynsecError:
+        shutil.rmtree(target)  # the broker refused: no account has this secret
+        raise
+    except (AdminError, KeyboardInterrupt):
+        # sent, but no answer: the account may exist with this secret, so keep it
+        raise AdminError(
+            f"no answer from the broker about {device_id}; its bundle is kept in {target}: "
+            "check with `fedbus devices list`, and `remove` it or move the bundle away"
+        ) from None
+    finally:
+        admin.close()
     how = "its client certificate" if certificate else "its password"
     click.echo(f"added {device_id} (logs in with {how}); bundle: {target}")
     click.echo("  copy it to the device, then: fedbus agent --credentials <the copied "
