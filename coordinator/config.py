@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from coordinator.core import AggregationConfig
+from coordinator.privacy import PrivacySpec
 from fedbus.codec_spec import parse_codec
 from fedbus.topics import DEFAULT_PREFIX, Topics
 
@@ -63,6 +64,14 @@ class CoordinatorConfig:
     # how a step combines its updates (coordinator.aggregator_spec): mean, median,
     # trimmed:FRACTION, krum:F[:M], optionally +clip:BOUND; part of the run's identity
     aggregator: str = "mean"
+    # central differential privacy (coordinator.privacy), off while dp_noise is 0: Gaussian
+    # noise of dp_noise x dp_clip / K on every step, updates clipped to dp_clip; epsilon
+    # reported at dp_delta; the run ends before a step would spend more than
+    # dp_epsilon_budget (0: no budget). Noise and clip are part of the run's identity
+    dp_noise: float = 0.0
+    dp_clip: float = 0.0
+    dp_delta: float = 1e-5
+    dp_epsilon_budget: float = 0.0
     # the run's durable state (coordinator.store); None: in memory only, nothing survives
     state_dir: Path | None = Path("fedbus-state")
     # SQLite synchronous mode: normal survives a process crash, full also a power cut
@@ -107,6 +116,34 @@ class CoordinatorConfig:
         self.parsed_model_args()
         self.aggregation()  # one place checks the aggregation settings
 
+    def privacy(self) -> PrivacySpec | None:
+        """The run's differential privacy, or None (``ValueError`` if inconsistent)."""
+        noise, clip, budget = self.dp_noise, self.dp_clip, self.dp_epsilon_budget
+        for name, value in (("dp_noise", noise), ("dp_clip", clip),
+                            ("dp_epsilon_budget", budget)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if noise == 0:
+            if clip or budget:
+                raise ValueError(
+                    "--dp-clip and --dp-epsilon-budget need --dp-noise (the noise multiplier); "
+                    "to clip without noise use --aggregator mean+clip:BOUND"
+                )
+            return None
+        if clip == 0:
+            raise ValueError("--dp-noise needs --dp-clip: the L2 bound every update is clipped "
+                             "to, which the noise is calibrated to")
+        spec = PrivacySpec(noise, clip, self.dp_delta, budget or None)
+        if budget and spec.max_steps() == 0:
+            from coordinator.privacy import epsilon_spent
+
+            raise ValueError(
+                f"--dp-epsilon-budget {budget:g} is spent before the first step: one step with "
+                f"--dp-noise {noise:g} costs epsilon {epsilon_spent(noise, 1, self.dp_delta):.3g} "
+                f"at delta {self.dp_delta:g}; raise the noise or the budget"
+            )
+        return spec
+
     def aggregation(self) -> AggregationConfig:
         """The pure core's aggregation settings (``ValueError`` if inconsistent)."""
         return AggregationConfig(
@@ -121,6 +158,7 @@ class CoordinatorConfig:
             round_deadline=self.round_deadline,
             min_round_updates=self.min_round_updates,
             aggregator=self.aggregator,
+            privacy=self.privacy(),
         )
 
     def parsed_model_args(self) -> dict[str, Any]:
