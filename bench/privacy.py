@@ -51,6 +51,19 @@ def simulate(*, noise: float | None, clip_only: bool = False, devices: int, k: i
     """One run: ``noise`` None is no DP (``clip_only``: the mean clipped to ``CLIP``)."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the agent trains; restored for the benchmarks after this one
+    try:
+        return _simulate(noise=noise, clip_only=clip_only, devices=devices, k=k, steps=steps,
+                         seed=seed, epochs=epochs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _simulate(*, noise: float | None, clip_only: bool, devices: int, k: int, steps: int,
+              seed: int, epochs: int) -> dict[str, Any]:
+    import torch
+
     from coordinator.core import AggregationConfig, CoordinatorCore
     from coordinator.evaluation import Evaluator
     from coordinator.privacy import PrivacySpec, epsilon_spent, new_noise_secret
@@ -61,7 +74,6 @@ def simulate(*, noise: float | None, clip_only: bool = False, devices: int, k: i
     from fedbus.update_codec import encode_update_delta
     from fedbus.zoo import build_model, get_state, set_state
 
-    torch.set_num_threads(1)
     setup = _setup(devices, seed)
     data = setup["data"]
     args = dict(data.model_args)
@@ -166,7 +178,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             "dataset": "digits", "devices": devices, "buffer_size_K": k, "steps": steps,
             "updates_per_run": k * steps, "seeds": list(seeds), "delta": DELTA, "clip": CLIP,
             "codec": "int8", "mode": "fedbuff, server lr 1, no momentum, staleness 0",
-            "local_epochs": EPOCHS,
+            "local_epochs": EPOCHS, "torch_threads": 1,
             "simulation": "In process: the real CoordinatorCore and edge_agent.train.train_local, "
                           "no broker",
         },

@@ -268,7 +268,8 @@ def _privacy(b: dict[str, Any]) -> str:
     for label, r in b["rows"].items():
         acc = r["accuracy"]["median"]
         lost = None if acc is None or clean is None else round(100 * (clean - acc), 1)
-        rows.append([label, _num(r["noise_multiplier"]), _num(r["clip"]),
+        sigma = r["noise_multiplier"]
+        rows.append([label, "–" if sigma is None else f"{sigma:g}", _num(r["clip"]),
                      _num(r["noise_std"]), _num(r["epsilon"]), _num(acc),
                      _runs(r["accuracy"]["runs"]), _num(lost),
                      ", ".join(str(c) for c in r["updates_clipped"])])
@@ -278,7 +279,8 @@ def _privacy(b: dict[str, Any]) -> str:
         f"{p['dataset']}, {p['devices']} simulated devices with equal random shares, FedBuff "
         f"K={p['buffer_size_K']} (each step draws {p['buffer_size_K']} distinct devices, every "
         f"update fresh), {p['steps']} applied steps ({p['updates_per_run']} updates) per run, "
-        f"{p['local_epochs']} local epochs, codec {p['codec']}, seeds {p['seeds']}; ε from the "
+        f"{p['local_epochs']} local epochs, one torch thread, codec {p['codec']}, seeds "
+        f"{p['seeds']}; ε from the "
         f"RDP accountant at δ = {p['delta']:g}, no sampling amplification. {p['simulation']}."
         + (f" Update norms without DP (quartiles): {_runs(norms)}." if norms else ""), "",
         _table(["run", "σ", "clip C", "noise std per coordinate", "ε", "accuracy (median)",
