@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from coordinator.core import AggregationConfig
-from coordinator.privacy import PrivacySpec
+from coordinator.privacy import PrivacySpec, privacy_from_settings
 from fedbus.codec_spec import parse_codec
 from fedbus.topics import DEFAULT_PREFIX, Topics
 
@@ -118,31 +118,9 @@ class CoordinatorConfig:
 
     def privacy(self) -> PrivacySpec | None:
         """The run's differential privacy, or None (``ValueError`` if inconsistent)."""
-        noise, clip, budget = self.dp_noise, self.dp_clip, self.dp_epsilon_budget
-        for name, value in (("dp_noise", noise), ("dp_clip", clip),
-                            ("dp_epsilon_budget", budget)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if noise == 0:
-            if clip or budget:
-                raise ValueError(
-                    "--dp-clip and --dp-epsilon-budget need --dp-noise (the noise multiplier); "
-                    "to clip without noise use --aggregator mean+clip:BOUND"
-                )
-            return None
-        if clip == 0:
-            raise ValueError("--dp-noise needs --dp-clip: the L2 bound every update is clipped "
-                             "to, which the noise is calibrated to")
-        spec = PrivacySpec(noise, clip, self.dp_delta, budget or None)
-        if budget and spec.max_steps() == 0:
-            from coordinator.privacy import epsilon_spent
-
-            raise ValueError(
-                f"--dp-epsilon-budget {budget:g} is spent before the first step: one step with "
-                f"--dp-noise {noise:g} costs epsilon {epsilon_spent(noise, 1, self.dp_delta):.3g} "
-                f"at delta {self.dp_delta:g}; raise the noise or the budget"
-            )
-        return spec
+        return privacy_from_settings(
+            self.dp_noise, self.dp_clip, self.dp_delta, self.dp_epsilon_budget
+        )
 
     def aggregation(self) -> AggregationConfig:
         """The pure core's aggregation settings (``ValueError`` if inconsistent)."""

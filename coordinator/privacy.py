@@ -61,6 +61,7 @@ __all__ = [
     "epsilon_spent",
     "new_noise_secret",
     "noise_generator",
+    "privacy_from_settings",
     "privacy_summary",
     "privatize",
     "steps_within_budget",
@@ -119,6 +120,34 @@ class PrivacySpec:
         if self.epsilon_budget is None:
             return None
         return steps_within_budget(self.noise, self.delta, self.epsilon_budget)
+
+
+def privacy_from_settings(
+    noise: float, clip: float, delta: float, budget: float
+) -> PrivacySpec | None:
+    """The ``--dp-*`` settings as a spec: None while ``noise`` is 0 (DP off); ``ValueError``
+    with one line when they do not fit together."""
+    for name, value in (("dp_noise", noise), ("dp_clip", clip), ("dp_epsilon_budget", budget)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if noise == 0:
+        if clip or budget:
+            raise ValueError(
+                "--dp-clip and --dp-epsilon-budget need --dp-noise (the noise multiplier); "
+                "to clip without noise use --aggregator mean+clip:BOUND"
+            )
+        return None
+    if clip == 0:
+        raise ValueError("--dp-noise needs --dp-clip: the L2 bound every update is clipped "
+                         "to, which the noise is calibrated to")
+    spec = PrivacySpec(noise, clip, delta, budget or None)
+    if budget and spec.max_steps() == 0:
+        raise ValueError(
+            f"--dp-epsilon-budget {budget:g} is spent before the first step: one step with "
+            f"--dp-noise {noise:g} costs epsilon {epsilon_spent(noise, 1, delta):.3g} at "
+            f"delta {delta:g}; raise the noise or the budget"
+        )
+    return spec
 
 
 def clip_update(delta: Mapping[str, np.ndarray], clip: float) -> tuple[State, bool]:

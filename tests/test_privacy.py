@@ -312,3 +312,13 @@ def test_inconsistent_privacy_settings_are_refused(kwargs: dict, match: str) -> 
     with pytest.raises(ValueError, match=match):
         CoordinatorConfig(**kwargs)
     assert CoordinatorConfig(dp_noise=1.0, dp_clip=1.0).aggregation().privacy is not None
+
+
+def test_the_demo_takes_the_same_privacy_settings() -> None:
+    from coordinator.demo import DemoConfig
+
+    with pytest.raises(ValueError, match="needs --aggregator mean"):
+        DemoConfig(dp_noise=1.0, dp_clip=1.0, aggregator="median")
+    with pytest.raises(ValueError, match="needs --dp-clip"):
+        DemoConfig(dp_noise=1.0)
+    assert DemoConfig(dp_noise=1.0, dp_clip=1.0).dp_noise == 1.0
