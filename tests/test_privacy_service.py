@@ -5,6 +5,7 @@ summary, the run's mechanism as part of its identity, and the end of a run at it
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from test_service import _service, _update
 
 from coordinator.privacy import epsilon_spent, steps_within_budget
 from coordinator.report import report_dict
+from coordinator.store import DB_FILE, Store
 from fedbus.envelope import unpack
 from fedbus.errors import StateError
 from fedbus.memory_transport import MemoryBroker
@@ -28,8 +30,9 @@ def broker() -> Iterator[MemoryBroker]:
 
 
 def test_epsilon_is_reported_per_version_and_the_mechanism_is_part_of_the_run(
-    broker: MemoryBroker, tmp_path: Path
+    broker: MemoryBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     state = tmp_path / "run"
     dp = {"dp_noise": 3.0, "dp_clip": 0.5, "dp_delta": 1e-6}
     running = Running(broker, state_dir=state, buffer_size=1, mode="fedasync", **dp)
@@ -47,6 +50,13 @@ def test_epsilon_is_reported_per_version_and_the_mechanism_is_part_of_the_run(
     lines = [json.loads(line) for line in (state / "history.jsonl").read_text().splitlines()]
     assert [line["epsilon"] for line in lines] == want
     assert report_dict(summary)["privacy"]["epsilon"] == want[-1]
+    # the key of the noise stays in the state directory: not on the wire, not in the logs
+    secret = Store(state / DB_FILE).load().noise_secret
+    assert secret is not None and len(secret) == 32
+    sent = [m.payload for m in broker.published]
+    assert sent and not any(secret in payload or secret.hex().encode() in payload
+                            for payload in sent)
+    assert secret.hex() not in caplog.text and secret.hex() not in json.dumps(lines)
     # the mechanism is part of the run; delta may change (it only reads the cost)
     with pytest.raises(StateError, match=r"differential privacy gaussian:3\+clip:0.5 "
                        r"\(asked: off\)"):
