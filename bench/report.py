@@ -261,6 +261,34 @@ def _decode_worst(b: dict[str, Any]) -> str:
     ])
 
 
+def _privacy(b: dict[str, Any]) -> str:
+    p = b["params"]
+    clean = b["rows"]["no DP"]["accuracy"]["median"]
+    rows = []
+    for label, r in b["rows"].items():
+        acc = r["accuracy"]["median"]
+        lost = None if acc is None or clean is None else round(100 * (clean - acc), 1)
+        sigma = r["noise_multiplier"]
+        rows.append([label, "–" if sigma is None else f"{sigma:g}", _num(r["clip"]),
+                     _num(r["noise_std"]), _num(r["epsilon"]), _num(acc),
+                     _runs(r["accuracy"]["runs"]), _num(lost),
+                     ", ".join(str(c) for c in r["updates_clipped"])])
+    norms = b["rows"]["no DP"].get("update_norm_quartiles") or []
+    return "\n".join([
+        _stamp(b), "", _table(HEAD, [_head(b, "held-out accuracy")]), "",
+        f"{p['dataset']}, {p['devices']} simulated devices with equal random shares, FedBuff "
+        f"K={p['buffer_size_K']} (each step draws {p['buffer_size_K']} distinct devices, every "
+        f"update fresh), {p['steps']} applied steps ({p['updates_per_run']} updates) per run, "
+        f"{p['local_epochs']} local epochs, one torch thread, codec {p['codec']}, seeds "
+        f"{p['seeds']}; ε from the "
+        f"RDP accountant at δ = {p['delta']:g}, no sampling amplification. {p['simulation']}."
+        + (f" Update norms without DP (quartiles): {_runs(norms)}." if norms else ""), "",
+        _table(["run", "σ", "clip C", "noise std per coordinate", "ε", "accuracy (median)",
+                "accuracy per seed", "points lost vs no DP", "updates clipped per seed"],
+               rows),
+    ])
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "ingest_25k": _ingest,
     "ingest_1m": _ingest,
@@ -269,6 +297,7 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "time_to_accuracy": _tta,
     "footprint": _footprint,
     "decode_worst": _decode_worst,
+    "privacy": _privacy,
 }
 
 
@@ -291,6 +320,7 @@ RATIO_MEANS = {
     "time_to_accuracy": "sync / async under 1:2:4 (higher is better)",
     "footprint": "agent / bare (lower is better)",
     "decode_worst": "ours / unpackb (lower is better)",
+    "privacy": "accuracy with DP (σ = 1) / without (higher is better)",
 }
 
 

@@ -200,6 +200,13 @@ class WeightedSum:
         with np.errstate(over="ignore", invalid="ignore"):
             return {name: total * scale for name, total in self._sum.items()}
 
+    def total(self) -> State:
+        """``Σ c_i · Δ_i`` as new float32 arrays (differential privacy divides it by a fixed
+        count instead of the samples: ``coordinator.privacy``)."""
+        if self.count == 0:
+            raise ValueError("nothing to aggregate")
+        return {name: total.copy() for name, total in self._sum.items()}
+
     def clear(self) -> None:
         for total in self._sum.values():
             total.fill(0.0)

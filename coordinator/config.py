@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from coordinator.core import AggregationConfig
+from coordinator.privacy import PrivacySpec, privacy_from_settings
 from fedbus.codec_spec import parse_codec
 from fedbus.tls import (
     PLAIN_PORT,
@@ -76,6 +77,14 @@ class CoordinatorConfig:
     # how a step combines its updates (coordinator.aggregator_spec): mean, median,
     # trimmed:FRACTION, krum:F[:M], optionally +clip:BOUND; part of the run's identity
     aggregator: str = "mean"
+    # central differential privacy (coordinator.privacy), off while dp_noise is 0: Gaussian
+    # noise of dp_noise x dp_clip / K on every step, updates clipped to dp_clip; epsilon
+    # reported at dp_delta; the run ends before a step would spend more than
+    # dp_epsilon_budget (0: no budget). Noise and clip are part of the run's identity
+    dp_noise: float = 0.0
+    dp_clip: float = 0.0
+    dp_delta: float = 1e-5
+    dp_epsilon_budget: float = 0.0
     # the run's durable state (coordinator.store); None: in memory only, nothing survives
     state_dir: Path | None = Path("fedbus-state")
     # SQLite synchronous mode: normal survives a process crash, full also a power cut
@@ -124,6 +133,12 @@ class CoordinatorConfig:
         self.parsed_model_args()
         self.aggregation()  # one place checks the aggregation settings
 
+    def privacy(self) -> PrivacySpec | None:
+        """The run's differential privacy, or None (``ValueError`` if inconsistent)."""
+        return privacy_from_settings(
+            self.dp_noise, self.dp_clip, self.dp_delta, self.dp_epsilon_budget
+        )
+
     def aggregation(self) -> AggregationConfig:
         """The pure core's aggregation settings (``ValueError`` if inconsistent)."""
         return AggregationConfig(
@@ -138,6 +153,7 @@ class CoordinatorConfig:
             round_deadline=self.round_deadline,
             min_round_updates=self.min_round_updates,
             aggregator=self.aggregator,
+            privacy=self.privacy(),
         )
 
     def parsed_model_args(self) -> dict[str, Any]:

@@ -48,6 +48,15 @@ Modes:
   ``round_deadline`` seconds have passed with at least ``min_round_updates`` updates; with
   fewer, its clock restarts and the version stays.
 
+With central differential privacy (``AggregationConfig.privacy``, ``coordinator.privacy``;
+the plain mean only) every accepted update is clipped to the DP bound ``C`` and buffered with
+its staleness weight alone (its claimed ``n`` is ignored), a device may have one update in a
+buffer (a second is ``duplicate_in_round``), and every step, FedBuff, FedAsync or a FedAvg
+round, uses ``a = Σ w(s_i)·Δ_i / D + N(0, (σ·C/D)²)`` with a fixed ``D``
+(``AggregationConfig.dp_divisor``); the noise of version ``v`` is drawn from a generator keyed
+by the run's secret and ``v``, so a resumed run makes the same bytes. Once the version
+reaches what the epsilon budget allows, the run ends.
+
 The global state is finite after any sequence of inputs: updates are validated
 (``coordinator.validation``) and a step that would produce NaN or infinity is dropped.
 """
@@ -87,6 +96,13 @@ from coordinator.journal import (
     RunEnded,
     Verdict,
     VersionMade,
+)
+from coordinator.privacy import (
+    PrivacySpec,
+    clip_update,
+    epsilon_spent,
+    noise_generator,
+    privatize,
 )
 from coordinator.robust import clip_norm
 from coordinator.staleness import STALENESS_KINDS, staleness_weight
@@ -162,6 +178,9 @@ class AggregationConfig:
     # how a step combines its updates (coordinator.aggregator_spec): a spec string such as
     # "median" or "krum:1+clip:5", parsed on construction, or a parsed AggregatorSpec
     aggregator: AggregatorSpec | str = "mean"
+    # central differential privacy (coordinator.privacy): every update clipped, equal
+    # weights, Gaussian noise on every applied step; None: off
+    privacy: PrivacySpec | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -206,6 +225,31 @@ class AggregationConfig:
                 f"min_round_updates must be an integer >= 1, got {self.min_round_updates!r}"
             )
         self._check_aggregator_fits()
+        self._check_privacy_fits()
+
+    def _check_privacy_fits(self) -> None:
+        """DP's noise is calibrated to a sum of equally weighted, clipped updates: only the
+        plain mean is that, and the clip is DP's own."""
+        if self.privacy is None:
+            return
+        if not isinstance(self.privacy, PrivacySpec):
+            raise ValueError(f"privacy must be a PrivacySpec, got {self.privacy!r}")
+        spec = self.spec
+        if spec.robust:
+            raise ValueError(
+                f"differential privacy (--dp-noise) needs --aggregator mean, not {spec}: its "
+                "noise is calibrated to a sum of clipped updates, which a robust aggregate is not"
+            )
+        if spec.clip is not None:
+            raise ValueError(
+                f"with differential privacy every update is clipped to --dp-clip: drop "
+                f"+clip:{spec.clip:g} from --aggregator {spec}"
+            )
+        if spec.cap is not None:
+            raise ValueError(
+                f"with differential privacy every update weighs the same: drop +cap from "
+                f"--aggregator {spec}"
+            )
 
     def _check_aggregator_fits(self) -> None:
         """A robust aggregator that needs more updates than a full buffer can hold is
@@ -242,6 +286,12 @@ class AggregationConfig:
     def effective_buffer_size(self) -> int:
         """K actually used: 1 for fedasync, ``buffer_size`` otherwise (unused by fedavg)."""
         return 1 if self.mode == "fedasync" else self.buffer_size
+
+    @property
+    def dp_divisor(self) -> int:
+        """With differential privacy, the fixed ``D`` every step's sum is divided by: ``K``
+        (1 in fedasync; in fedavg ``buffer_size``, the expected devices per round)."""
+        return self.effective_buffer_size
 
     @property
     def effective_max_staleness(self) -> int:
@@ -310,7 +360,10 @@ class CoordinatorCore:
         model_codec: str | CodecSpec = "fp32",
         velocity: Mapping[str, np.ndarray] | None = None,
         counters: Mapping[str, int] | None = None,
+        noise_secret: bytes | None = None,
     ) -> None:
+        if config.privacy is not None and noise_secret is None:
+            raise ValueError("a run with differential privacy needs its noise secret")
         if not (_is_int(start_version) and start_version >= 0):
             raise ValueError(f"start_version must be an integer >= 0, got {start_version!r}")
         state = _frozen(initial_state)
@@ -344,6 +397,11 @@ class CoordinatorCore:
         self._kept: list[State] | None = [] if config.spec.keeps_deltas else None
         self._kept_n: list[int] = []
         self._buffer_ids: list[str] = []  # update ids in the buffer, in order
+        # differential privacy: the key of the noise, the devices with an update in the
+        # buffer (one each per step) and the steps the epsilon budget allows
+        self._noise_secret = noise_secret
+        self._buffer_devices: set[str] = set()
+        self._max_steps = None if config.privacy is None else config.privacy.max_steps()
         self._buffer_since: float | None = None  # when the oldest buffered update arrived
         self._velocity: dict[str, np.ndarray] | None = (
             None if velocity is None else _frozen(velocity)
@@ -392,6 +450,7 @@ class CoordinatorCore:
         ended: str | None,
         now: float,
         model_codec: str | CodecSpec = "fp32",
+        noise_secret: bytes | None = None,
     ) -> CoordinatorCore:
         """A core at a stored state: ``pending`` (accepted, not yet applied updates, in
         arrival order) are decoded again and put back exactly where they were, the FedBuff
@@ -399,6 +458,7 @@ class CoordinatorCore:
         core = cls(
             task, state, config, ledger=ledger, start_version=version,
             model_codec=model_codec, velocity=velocity, counters=counters,
+            noise_secret=noise_secret,
         )
         core._ended = ended
         rnd = core._round
@@ -412,10 +472,13 @@ class CoordinatorCore:
             if rnd is not None:
                 rnd.reported[entry.device_id] = (delta, entry.num_samples, entry.update_id)
                 continue
-            core._buffer_add(delta, entry.num_samples, entry.coef, entry.update_id)
+            core._buffer_add(delta, entry.num_samples, entry.coef, entry.update_id,
+                             entry.device_id)
             core._buffer_since = now
         if rnd is not None:
             rnd.waiting = rnd.participants - set(rnd.reported)
+        if ended is None:
+            core._end_if_budget_spent()
         return core
 
     def _decode_stored(self, entry: Pending) -> dict[str, np.ndarray]:
@@ -739,11 +802,18 @@ class CoordinatorCore:
             acc.staleness, cfg.staleness, a=cfg.staleness_a, b=cfg.staleness_b
         )
         n = acc.update.num_samples
+        if cfg.privacy is not None and device_id in self._buffer_devices:
+            return self._reject(
+                device_id, "duplicate_in_round", "the device already has an update in this "
+                "step (differential privacy: one update per device per step)",
+                acc.update.update_id, base_version=acc.update.base_version, digest=acc.digest,
+            )
         # the mean weighs by n x staleness in its running sum; kept deltas are scaled by
         # their staleness weight alone (a robust aggregator counts each once, a capped mean
-        # weighs them by their capped n when the step is made)
-        coef = weight if self._kept is not None else n * weight
-        self._buffer_add(self._clipped(acc.delta), n, coef, acc.update.update_id)
+        # weighs them by their capped n when the step is made), and so is every update under
+        # differential privacy (its n is ignored: coordinator.privacy)
+        coef = weight if self._kept is not None or cfg.privacy is not None else n * weight
+        self._buffer_add(self._clipped(acc.delta), n, coef, acc.update.update_id, device_id)
         count = len(self._buffer_ids)
         actions: list[Action] = [self._accept(device_id, acc, f"buffered {count}/{k}", coef)]
         if count >= k:
@@ -751,7 +821,14 @@ class CoordinatorCore:
         return actions
 
     def _clipped(self, delta: Mapping[str, np.ndarray], *, count: bool = True) -> State:
-        """``delta`` scaled down to the aggregator's clip bound, if it has one."""
+        """``delta`` scaled down to the aggregator's clip bound, if it has one (to the DP
+        clip bound under differential privacy)."""
+        privacy = self.config.privacy
+        if privacy is not None:
+            clipped, was_clipped = clip_update(delta, privacy.clip)
+            if count and was_clipped:
+                self._counters["updates_clipped"] += 1
+            return clipped
         bound = self.config.spec.clip
         if bound is None:
             return dict(delta)
@@ -761,7 +838,8 @@ class CoordinatorCore:
         return clipped
 
     def _buffer_add(
-        self, delta: Mapping[str, np.ndarray], num_samples: int, coef: float, update_id: str
+        self, delta: Mapping[str, np.ndarray], num_samples: int, coef: float, update_id: str,
+        device_id: str,
     ) -> None:
         """Into the running sum (the mean: ``coef = n · w(s)``) or kept as ``coef · delta``
         (``coef = w(s)``), one float32 model copy per update."""
@@ -772,16 +850,26 @@ class CoordinatorCore:
             self._kept.append({name: np.multiply(delta[name], c) for name in self._shapes})
             self._kept_n.append(num_samples)
         self._buffer_ids.append(update_id)
+        self._buffer_devices.add(device_id)
 
     def _apply_buffer(self) -> list[Action]:
+        if not self._may_step():
+            return []
         count = len(self._buffer_ids)
         ids, self._buffer_ids = tuple(self._buffer_ids), []
         self._buffer_since = None
+        self._buffer_devices.clear()
         cfg = self.config
         kept, self._kept = self._kept, (None if self._kept is None else [])
         claims, self._kept_n = self._kept_n, []
         try:
-            if kept is None:
+            if cfg.privacy is not None:
+                new_state, velocity = server_step(
+                    self._state, self._privatized(self._buffer.total()),
+                    server_lr=cfg.server_lr, momentum=cfg.server_momentum,
+                    velocity=self._velocity,
+                )
+            elif kept is None:
                 new_state, velocity = fedbuff_apply(
                     self._state,
                     self._buffer,
@@ -811,6 +899,40 @@ class CoordinatorCore:
             self._velocity = _frozen(velocity, copy=False)
         return [self._publish(new_state, f"{cfg.mode}: {count} update(s)", ids)]
 
+    def _privatized(self, total: Mapping[str, np.ndarray]) -> State:
+        """The DP step's aggregate from the sum of its weighted, clipped updates: divided by
+        the fixed ``D``, plus the noise of the version it makes (coordinator.privacy)."""
+        privacy = self.config.privacy
+        assert privacy is not None and self._noise_secret is not None
+        return privatize(
+            total, divisor=self.config.dp_divisor, clip=privacy.clip, noise=privacy.noise,
+            rng=noise_generator(self._noise_secret, self._version + 1),
+        )
+
+    def _may_step(self) -> bool:
+        """False once the epsilon budget allows no further step: what waits stays unapplied."""
+        if self._max_steps is None or self._version < self._max_steps:
+            return True
+        waiting = self.buffered
+        if waiting:
+            _log.warning(
+                "%d accepted update(s) not applied: the privacy budget allows no step past "
+                "version %d", waiting, self._max_steps,
+            )
+        return False
+
+    def _end_if_budget_spent(self) -> None:
+        privacy = self.config.privacy
+        if privacy is None or self._max_steps is None or self._version < self._max_steps:
+            return
+        epsilon = epsilon_spent(privacy.noise, self._version, privacy.delta)
+        reason = (
+            f"privacy budget spent: epsilon {epsilon:.3g} at delta {privacy.delta:g} after "
+            f"{self._version} steps (budget {privacy.epsilon_budget:g})"
+        )
+        _log.warning("the run ends: %s", reason)
+        self.end(reason)
+
     def _robust(self, deltas: Sequence[Mapping[str, np.ndarray]], what: str) -> State:
         spec = self.config.spec
         aggregate, fell_back = robust_aggregate(spec, deltas)
@@ -832,6 +954,7 @@ class CoordinatorCore:
             self._version, dict(self._state),
             None if self._velocity is None else dict(self._velocity), applied, reason,
         ))
+        self._end_if_budget_spent()
         return NewModel(self._version, reason)
 
     # FedAvg rounds
@@ -903,9 +1026,19 @@ class CoordinatorCore:
         samples = [n for _, n, _ in rnd.reported.values()]
         ids = tuple(uid for _, _, uid in rnd.reported.values())
         actions: list[Action] = []
+        if not self._may_step():
+            return actions
         try:
             spec = self.config.spec
-            if spec.keeps_deltas:
+            if self.config.privacy is not None:
+                total = WeightedSum(self._shapes)  # FedAvg: no staleness, each counts once
+                for delta, n in zip(deltas, samples, strict=True):
+                    total.add(delta, num_samples=n, coef=1.0)
+                new_state = apply_step(
+                    self._state, self._privatized(total.total()),
+                    server_lr=self.config.server_lr,
+                )
+            elif spec.keeps_deltas:
                 aggregate = (
                     self._robust(deltas, f"round {rnd.number}")
                     if spec.robust else capped_mean(spec, deltas, samples)

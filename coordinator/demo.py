@@ -26,6 +26,7 @@ import numpy as np
 
 from coordinator.config import CoordinatorConfig
 from coordinator.core import AggregationConfig
+from coordinator.privacy import privacy_from_settings
 from coordinator.report import write_report
 from coordinator.service import CoordinatorService, RunSummary, VersionRecord
 from fedbus.broker import LocalBroker, default_device_ids
@@ -76,6 +77,10 @@ class DemoConfig:
     duration: float = 180.0  # safety cap in seconds
     buffer_size: int = 4
     aggregator: str = "mean"  # coordinator.aggregator_spec
+    # central differential privacy (coordinator.privacy); off while dp_noise is 0
+    dp_noise: float = 0.0
+    dp_clip: float = 0.0
+    dp_epsilon_budget: float = 0.0
     epochs: int | None = None
     lr: float | None = None
     batch_size: int | None = None
@@ -106,8 +111,10 @@ class DemoConfig:
         if self.mode not in ("fedbuff", "fedasync", "fedavg"):
             raise ValueError(f"mode must be fedbuff, fedasync or fedavg, got {self.mode!r}")
         AggregationConfig(
-            mode=self.mode, buffer_size=self.buffer_size, aggregator=self.aggregator
-        )  # one clear line for an aggregator that cannot work with this mode and K
+            mode=self.mode, buffer_size=self.buffer_size, aggregator=self.aggregator,
+            privacy=privacy_from_settings(self.dp_noise, self.dp_clip, 1e-5,
+                                          self.dp_epsilon_budget),
+        )  # one clear line for an aggregator or DP that cannot work with this mode and K
         if self.max_versions is not None and self.max_versions < 1:
             raise ValueError("max_versions must be at least 1")
         if self.test_fraction is not None and not 0.0 < self.test_fraction < 1.0:
@@ -298,6 +305,9 @@ def run_demo(
                 mode=cfg.mode,
                 buffer_size=cfg.buffer_size,
                 aggregator=cfg.aggregator,
+                dp_noise=cfg.dp_noise,
+                dp_clip=cfg.dp_clip,
+                dp_epsilon_budget=cfg.dp_epsilon_budget,
                 epochs=cfg.epochs,
                 lr=cfg.lr,
                 batch_size=cfg.batch_size,

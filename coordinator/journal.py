@@ -67,7 +67,8 @@ class Pending:
     staleness: int
     # FedBuff: its weight in the running sum (n x staleness weight) with the plain mean, its
     # staleness weight alone when the buffer keeps deltas (a robust aggregator, a capped
-    # mean: coordinator.aggregator_spec); FedAvg: n
+    # mean: coordinator.aggregator_spec) and under differential privacy
+    # (coordinator.privacy); FedAvg: n
     coef: float
     payload: bytes
     round_number: int | None = None  # FedAvg only

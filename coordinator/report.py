@@ -38,6 +38,7 @@ def report_dict(summary: RunSummary, extra: dict[str, Any] | None = None) -> dic
         "stop_reason": summary.stop_reason,
         "updates_clipped": counters.get("updates_clipped", 0),
         "robust_fallbacks": counters.get("robust_fallbacks", 0),
+        "privacy": summary.privacy,
         "history": [asdict(r) for r in summary.history],
     }
     if extra:

@@ -42,6 +42,7 @@ import numpy as np
 from coordinator.config import CoordinatorConfig
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
 from coordinator.evaluation import Evaluator
+from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
 from coordinator.store import DB_FILE, HistoryRow, StateLock, Store, archive_run
 from fedbus.envelope import pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
@@ -75,6 +76,7 @@ class VersionRecord:
     accuracy: float | None
     loss: float | None
     updates_accepted: int
+    epsilon: float | None = None  # differential privacy: spent so far, at the run's delta
 
 
 @dataclass
@@ -92,6 +94,8 @@ class RunSummary:
     run_ended: bool = False
     buffered: int = 0  # accepted updates waiting in the state directory at the stop
     aggregator: str = "mean"  # the canonical --aggregator spec
+    # differential privacy: coordinator.privacy.privacy_summary at the stop (None: off)
+    privacy: dict[str, Any] | None = None
 
 
 def build_task(
@@ -250,14 +254,18 @@ class CoordinatorService:
             model = build_model(self.task.model.arch, self.task.model.args)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"cannot build model {self.task.model.arch!r}: {exc}") from None
+        aggregation = config.aggregation()
+        privacy = aggregation.privacy
+        secret = None if privacy is None else new_noise_secret()
         self.core = CoordinatorCore(
-            self.task, get_state(model), config.aggregation(), ledger=self.store,
-            model_codec=config.model_codec,
+            self.task, get_state(model), aggregation, ledger=self.store,
+            model_codec=config.model_codec, noise_secret=secret,
         )
         self._check_model_fits(config.max_message_bytes)
         self.store.create_run(
             self.task.run_id, self.task.to_wire(), self.task.created_at, self.core.state,
             self.core.counters, aggregator=str(self.core.config.spec),
+            privacy=None if privacy is None else privacy.mechanism, noise_secret=secret,
         )
         where = config.state_dir if config.state_dir is not None else "memory only"
         log.info("new run %s of task %s (state: %s)", self.task.run_id, self.task.task_id, where)
@@ -287,6 +295,16 @@ class CoordinatorService:
                 f"it with --aggregator {snap.aggregator}, start a new run there with "
                 "--new-run, or use another --state-dir"
             )
+        privacy = self.config.aggregation().privacy
+        asked_dp = "off" if privacy is None else privacy.mechanism
+        if (snap.privacy or "off") != asked_dp or (privacy is not None
+                                                   and snap.noise_secret is None):
+            raise StateError(
+                f"{where} holds run {snap.run_id} with differential privacy "
+                f"{snap.privacy or 'off'} (asked: {asked_dp}); its noise and clip are part of "
+                "the run: resume it with the same --dp-noise and --dp-clip, start a new run "
+                "there with --new-run, or use another --state-dir"
+            )
         changed = _changed_settings(stored, wanted)
         task = replace(
             wanted, run_id=snap.run_id, created_at=snap.created_at, model=stored.model
@@ -303,6 +321,7 @@ class CoordinatorService:
             state=snap.state, velocity=snap.velocity, counters=snap.counters,
             pending=snap.pending, round_fixed=snap.round, ended=None,
             now=time.monotonic(), model_codec=self.config.model_codec,
+            noise_secret=snap.noise_secret,
         )
         self._check_model_fits(self.config.max_message_bytes)
         log.info(
@@ -362,6 +381,17 @@ class CoordinatorService:
             self.config.mode, self.core.config.spec, self.task.codec, self.config.model_codec,
             self.config.host, self.config.broker_port(),
         )
+        privacy = self.core.config.privacy
+        if privacy is not None:
+            info = privacy_summary(privacy, self.core.version, self.core.config.dp_divisor)
+            log.info(
+                "differential privacy: updates clipped to %g, Gaussian noise of std %g (noise "
+                "multiplier %g, D=%d) on every step; epsilon %.3g at delta %g so far; %s",
+                privacy.clip, info["noise_std"], privacy.noise, info["divisor"],
+                info["epsilon"], privacy.delta,
+                "no budget" if info["max_steps"] is None else
+                f"budget {privacy.epsilon_budget:g} allows {info['max_steps']} steps",
+            )
         stop_reason = _STOP_REQUESTED
         try:
             while True:
@@ -410,7 +440,22 @@ class CoordinatorService:
             run_ended=self.core.ended is not None,
             buffered=buffered,
             aggregator=str(self.core.config.spec),
+            privacy=self._privacy_summary(),
         )
+
+    def _privacy_summary(self) -> dict[str, Any] | None:
+        privacy = self.core.config.privacy
+        if privacy is None:
+            return None
+        info = privacy_summary(privacy, self.core.version, self.core.config.dp_divisor)
+        log.info("differential privacy: epsilon %.4g at delta %g after %d steps",
+                 info["epsilon"], privacy.delta, info["steps"])
+        return info
+
+    def _epsilon(self, version: int) -> float | None:
+        """Epsilon spent by the run's first ``version`` steps (None without DP)."""
+        privacy = self.core.config.privacy
+        return None if privacy is None else epsilon_spent(privacy.noise, version, privacy.delta)
 
     def _raise_if_failed(self) -> None:
         if self._fatal is not None:
@@ -560,6 +605,9 @@ class CoordinatorService:
         cfg = self.config
         if self._stop.is_set():
             return _STOP_REQUESTED
+        ended = self.core.ended  # the core ends a run itself when its privacy budget is spent
+        if ended is not None:
+            return ended
         if self._reached_max_versions():
             return f"reached {cfg.max_versions} model versions"
         if cfg.duration and time.monotonic() - self._started >= cfg.duration:
@@ -606,7 +654,8 @@ class CoordinatorService:
         else:
             rows = self.store.history(made.version)
             if rows:
-                self.last_record = _version_record(rows[0], self.task.created_at)
+                self.last_record = _version_record(rows[0], self.task.created_at,
+                                                   self._epsilon(rows[0].version))
 
     def _record(self, made: _Made, *, evaluate: bool = True) -> None:
         accuracy = loss = None
@@ -618,15 +667,21 @@ class CoordinatorService:
             accuracy=accuracy,
             loss=loss,
             updates_accepted=made.updates_accepted,
+            epsilon=self._epsilon(made.version),
         )
         self.last_record = record
+        privacy = self.core.config.privacy
+        spent = "" if privacy is None or record.epsilon is None else (
+            f", epsilon {record.epsilon:.4g} at delta {privacy.delta:g}"
+        )
         if accuracy is not None:
             log.info(
-                "model v%d: held-out accuracy %.4f, loss %.4f (%d updates accepted)",
-                record.version, accuracy, loss, record.updates_accepted,
+                "model v%d: held-out accuracy %.4f, loss %.4f (%d updates accepted%s)",
+                record.version, accuracy, loss, record.updates_accepted, spent,
             )
         else:
-            log.info("model v%d (%d updates accepted)", record.version, record.updates_accepted)
+            log.info("model v%d (%d updates accepted%s)", record.version,
+                     record.updates_accepted, spent)
         with self._lock:
             if evaluate:
                 self.store.record_evaluation(made.version, accuracy, loss, time.time())
@@ -654,15 +709,19 @@ class CoordinatorService:
     def history(self) -> list[VersionRecord]:
         """Every version of the run so far, with its evaluation (from the store)."""
         with self._lock:
-            return [_version_record(r, self.task.created_at) for r in self.store.history()]
+            rows = self.store.history()
+        return [_version_record(r, self.task.created_at, self._epsilon(r.version)) for r in rows]
 
 
-def _version_record(row: HistoryRow, created_at: float) -> VersionRecord:
+def _version_record(
+    row: HistoryRow, created_at: float, epsilon: float | None = None
+) -> VersionRecord:
     return VersionRecord(
         version=row.version,
         seconds=round(row.made_at - created_at, 3),
         accuracy=row.accuracy,
         loss=row.loss,
         updates_accepted=row.updates_accepted,
+        epsilon=epsilon,
     )
 

@@ -26,8 +26,9 @@ updates it applied, the counters. A crash at any instant therefore leaves either
 before the message or the state after it, and the message's PUBACK, which paho sends only
 after the service's callback has returned, follows the commit. Tables:
 
-- ``meta``: format, run id, the task (its wire form as JSON), the aggregator spec, state,
-  counters, FedAvg round;
+- ``meta``: format, run id, the task (its wire form as JSON), the aggregator spec, the
+  differential-privacy mechanism and the secret key of its noise (hex; it never leaves the
+  state directory), state, counters, FedAvg round;
 - ``model``: one row, the current version, its tensors and the server momentum;
 - ``pending``: accepted updates not yet applied, in arrival order (the FedBuff buffer or the
   open FedAvg round), with their raw payloads;
@@ -85,7 +86,10 @@ log = logging.getLogger(__name__)
 # a newer state. 2: the run's aggregator (meta "aggregator"; absent means "mean"), and with a
 # robust aggregator a pending update's coef is its staleness weight alone. A run aggregated
 # with the plain mean is still written as format 1, which every fedbus reads the same way.
-FORMAT = 2
+# 3: central differential privacy (meta "privacy", the mechanism, and "noise_secret"); a
+# pending update's coef is its staleness weight alone. Only such runs are written as format
+# 3, so a fedbus that knows nothing of DP refuses to resume them (without their noise).
+FORMAT = 3
 DB_FILE = "state.db"
 LOCK_FILE = "lock"
 
@@ -178,6 +182,8 @@ class RunSnapshot:
     round: RoundFixed | None
     ended: str | None  # the end reason, or None while the run goes on
     aggregator: str = "mean"  # the canonical aggregator spec the run was started with
+    privacy: str | None = None  # PrivacySpec.mechanism of a run with differential privacy
+    noise_secret: bytes | None = None  # the key of its noise
 
 
 class Store:
@@ -214,17 +220,25 @@ class Store:
     def create_run(
         self, run_id: str, task: Mapping[str, Any], created_at: float,
         state: Mapping[str, np.ndarray], counters: Mapping[str, int], *,
-        aggregator: str = "mean",
+        aggregator: str = "mean", privacy: str | None = None,
+        noise_secret: bytes | None = None,
     ) -> None:
-        """Record a new run at version 0 (``aggregator``: its canonical spec, part of the
-        run's identity). Refuses to replace an existing run."""
+        """Record a new run at version 0 (``aggregator``: its canonical spec, and
+        ``privacy``: its DP mechanism, both part of the run's identity; ``noise_secret``: the
+        key of the DP noise). Refuses to replace an existing run."""
         if self.has_run:
             raise StateError(f"{self.path} already holds run {self._meta('run_id')}")
+        if (privacy is None) != (noise_secret is None):
+            raise ValueError("a run with differential privacy needs a noise secret, and only it")
+        fmt = "3" if privacy is not None else "1" if aggregator == "mean" else "2"
         with self._transaction():
-            self._set_meta("format", "1" if aggregator == "mean" else str(FORMAT))
+            self._set_meta("format", fmt)
             self._set_meta("run_id", run_id)
             if aggregator != "mean":
                 self._set_meta("aggregator", aggregator)
+            if privacy is not None and noise_secret is not None:
+                self._set_meta("privacy", privacy)
+                self._set_meta("noise_secret", noise_secret.hex())
             self._set_meta("task", json.dumps(task))
             self._set_meta("created_at", repr(float(created_at)))
             self._set_meta("counters", json.dumps(dict(counters)))
@@ -263,6 +277,7 @@ class Store:
             rnd = RoundFixed(int(r["number"]), int(r["version"]), tuple(r["participants"]))
         state = decode_state(state_blob)
         assert state is not None
+        secret = self._meta("noise_secret")
         return RunSnapshot(
             run_id=run_id,
             task=json.loads(self._meta("task") or "{}"),
@@ -275,6 +290,8 @@ class Store:
             round=rnd,
             ended=self._meta("ended"),
             aggregator=self._meta("aggregator") or "mean",
+            privacy=self._meta("privacy"),
+            noise_secret=None if secret is None else bytes.fromhex(secret),
         )
 
     # -- the ledger (read while judging) ---------------------------------------------------

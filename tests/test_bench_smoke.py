@@ -19,7 +19,7 @@ import pytest
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
-SUBSET = ("ingest_25k", "latency", "footprint")
+SUBSET = ("ingest_25k", "latency", "footprint", "privacy")
 
 
 def _finite(value: object) -> bool:
@@ -54,6 +54,9 @@ def test_quick_run_writes_results_and_tables(tmp_path: Path) -> None:
         assert bench["ratio_definition"] and bench["unit"] and "aim" in bench
     assert _finite(results["benchmarks"]["latency"]["p99"]["ratio"])
     assert _finite(results["benchmarks"]["footprint"]["idle"]["ours"]["median"])
+    rows = results["benchmarks"]["privacy"]["rows"]
+    assert rows["no DP"]["epsilon"] is None and _finite(rows["σ = 1"]["epsilon"])
+    assert all(_finite(v) for r in rows.values() for v in r["accuracy"]["runs"])
 
     markdown = (tmp_path / "BENCHMARKS.md").read_text()
     for name in ("summary", "environment", *SUBSET):

@@ -69,7 +69,18 @@ def test_the_aggregator_is_kept_and_only_a_robust_one_needs_the_newer_format(
     store.create_run("r1", TASK, 1.0, STATE, {}, aggregator="krum:1+clip:5")
     store.close()
     assert Store(robust).load().aggregator == "krum:1+clip:5"
-    assert fmt(robust) == str(FORMAT) == "2"
+    assert fmt(robust) == "2"
+    private = tmp_path / "private.db"
+    store = Store(private)
+    store.create_run("r1", TASK, 1.0, STATE, {}, privacy="gaussian:1+clip:0.5",
+                     noise_secret=b"k" * 32)
+    store.close()
+    snap = Store(private).load()
+    assert (snap.privacy, snap.noise_secret) == ("gaussian:1+clip:0.5", b"k" * 32)
+    assert fmt(private) == str(FORMAT) == "3"  # a fedbus without DP refuses it
+    assert (Store(robust).load().privacy, Store(robust).load().noise_secret) == (None, None)
+    with pytest.raises(ValueError, match="noise secret"):
+        Store(tmp_path / "x.db").create_run("r1", TASK, 1.0, STATE, {}, privacy="gaussian:1")
 
 
 def test_accepted_updates_wait_in_order_until_a_version_applies_them(tmp_path: Path) -> None:

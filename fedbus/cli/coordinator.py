@@ -69,6 +69,14 @@ HELPS = {
     "the mean also takes +cap:MULTIPLE (a claimed sample count weighs at most MULTIPLE x the "
     "median claim of its step); e.g. median, trimmed:0.2, krum:1+clip:5, mean+cap:2. Robust "
     "ones count each update once. Part of the run: a restart with another one is refused.",
+    "dp_noise": "Central differential privacy: the noise multiplier sigma (0: off). Every "
+    "step gets Gaussian noise of std sigma x --dp-clip / K, K being --buffer-size (1 in "
+    "fedasync); needs --aggregator mean. Part of the run.",
+    "dp_clip": "Differential privacy: the L2 bound every update is clipped to (C). Part of the "
+    "run.",
+    "dp_delta": "Differential privacy: the delta at which epsilon is reported.",
+    "dp_epsilon_budget": "Differential privacy: end the run before a step would spend more "
+    "than this epsilon (0: no budget).",
     "min_round_updates": "FedAvg: fewest updates that close a round at its deadline.",
     "eval_data": "Held-out data (.csv/.npz/dir) to evaluate every model version.",
     "state_dir": "Directory holding the run (state.db, model.npz, history.jsonl). A restart on "
@@ -135,6 +143,13 @@ def coordinator(config_file: Path | None, new_run: bool, **flags: Any) -> None:
         "n/a" if summary.final_accuracy is None else f"{summary.final_accuracy:.4f}",
         counters.get("updates_accepted", 0), counters.get("updates_rejected", 0),
     )
+    if summary.privacy is not None:
+        log.info(
+            "differential privacy: epsilon %.4g at delta %g after %d steps (noise multiplier "
+            "%g, clip %g)", summary.privacy["epsilon"], summary.privacy["delta"],
+            summary.privacy["steps"], summary.privacy["noise_multiplier"],
+            summary.privacy["clip"],
+        )
     rejected = {
         k[len("rejected_"):]: v for k, v in counters.items() if k.startswith("rejected_") and v
     }

@@ -35,6 +35,11 @@ HELPS = {
     "mode": "Aggregation: fedbuff, fedasync or fedavg (synchronous rounds).",
     "aggregator": "How a step combines updates: mean, median, trimmed:FRACTION or "
     "krum:F[:M], optionally +clip:BOUND (see fedbus coordinator --help).",
+    "dp_noise": "Central differential privacy: noise multiplier sigma (0: off); needs "
+    "--dp-clip and --aggregator mean (see fedbus coordinator --help).",
+    "dp_clip": "Differential privacy: the L2 bound every update is clipped to.",
+    "dp_epsilon_budget": "Differential privacy: end the run before a step would spend more than "
+    "this epsilon at delta 1e-5 (0: no budget).",
     "codec": "Update codec spec: fp32, fp16, int8, int4 or topk:FRACTION[:VALUES], each "
     "optionally +zstd (e.g. topk:0.05:int4+zstd).",
     "speeds": "Comma-separated slowdown factors cycled over the devices (1 = fastest).",
@@ -108,6 +113,9 @@ def demo(**flags: Any) -> None:
             f" ({r['bytes_per_update'] or 0:,.0f} per update)",
             f"  wall time                {r['wall_seconds']:.1f} s "
             f"(whole demo {r['total_seconds']:.1f} s)",
+            *([f"  differential privacy     epsilon {r['privacy']['epsilon']:.3g} at delta "
+               f"{r['privacy']['delta']:g} after {r['privacy']['steps']} steps"]
+              if r.get("privacy") else []),
             f"  report                   {Path(result.report_dir) / 'report.json'}, "
             f"{Path(result.report_dir) / 'accuracy.png'}",
         ])
