@@ -45,6 +45,7 @@ from coordinator.robust import (
 
 __all__ = [
     "AGGREGATOR_KINDS",
+    "DEFAULT_AGGREGATOR",
     "AggregatorSpec",
     "capped_mean",
     "parse_aggregator",
@@ -52,6 +53,10 @@ __all__ = [
 ]
 
 AGGREGATOR_KINDS: tuple[str, ...] = ("mean", "median", "trimmed", "krum")
+# what a new run uses when no aggregator is asked for (docs/operations.md, "Choosing the
+# defences", and BENCHMARKS.md, poisoning): defined for any number of updates per step, so it
+# fits every mode and buffer size
+DEFAULT_AGGREGATOR = "median"
 _SYNTAX = (
     "expected mean, median, trimmed:FRACTION or krum:F[:M], optionally +clip:BOUND "
     "(and for the mean +cap:MULTIPLE)"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from coordinator.aggregator_spec import DEFAULT_AGGREGATOR
 from coordinator.core import AggregationConfig
 from fedbus.codec_spec import parse_codec
 from fedbus.topics import DEFAULT_PREFIX, Topics
@@ -58,11 +59,16 @@ class CoordinatorConfig:
     staleness: str = "sqrt"
     max_staleness: int = 10
     max_norm: float = 100.0
+    # the adaptive norm bound (coordinator.norm_bound); norm_multiple 0 switches it off
+    norm_multiple: float = 2.0
+    norm_reject: float = 4.0
+    norm_window: int = 64
     round_deadline: float = 30.0
     min_round_updates: int = 1
     # how a step combines its updates (coordinator.aggregator_spec): mean, median,
-    # trimmed:FRACTION, krum:F[:M], optionally +clip:BOUND; part of the run's identity
-    aggregator: str = "mean"
+    # trimmed:FRACTION, krum:F[:M], optionally +clip:BOUND; part of the run's identity.
+    # None (not given): DEFAULT_AGGREGATOR for a new run, the recorded one for a resumed run
+    aggregator: str | None = None
     # the run's durable state (coordinator.store); None: in memory only, nothing survives
     state_dir: Path | None = Path("fedbus-state")
     # SQLite synchronous mode: normal survives a process crash, full also a power cut
@@ -118,9 +124,12 @@ class CoordinatorConfig:
             staleness=self.staleness,
             max_staleness=self.max_staleness,
             max_norm=self.max_norm,
+            norm_multiple=self.norm_multiple,
+            norm_reject=self.norm_reject,
+            norm_window=self.norm_window,
             round_deadline=self.round_deadline,
             min_round_updates=self.min_round_updates,
-            aggregator=self.aggregator,
+            aggregator=DEFAULT_AGGREGATOR if self.aggregator is None else self.aggregator,
         )
 
     def parsed_model_args(self) -> dict[str, Any]:

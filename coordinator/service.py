@@ -278,6 +278,8 @@ class CoordinatorService:
                 f"{'; '.join(conflicts)}. Resume it with the same task settings, start a new "
                 "run there with --new-run, or use another --state-dir"
             )
+        if self.config.aggregator is None:  # not asked for: the run keeps its own
+            self.config = replace(self.config, aggregator=snap.aggregator)
         asked = str(self.config.aggregation().spec)
         if snap.aggregator != asked:
             raise StateError(
@@ -301,7 +303,7 @@ class CoordinatorService:
             task, self.config.aggregation(), ledger=self.store, version=snap.version,
             state=snap.state, velocity=snap.velocity, counters=snap.counters,
             pending=snap.pending, round_fixed=snap.round, ended=None,
-            now=time.monotonic(), model_codec=self.config.model_codec,
+            now=time.monotonic(), model_codec=self.config.model_codec, norms=snap.norms,
         )
         self._check_model_fits(self.config.max_message_bytes)
         log.info(

@@ -27,7 +27,7 @@ before the message or the state after it, and the message's PUBACK, which paho s
 after the service's callback has returned, follows the commit. Tables:
 
 - ``meta``: format, run id, the task (its wire form as JSON), the aggregator spec, state,
-  counters, FedAvg round;
+  counters, FedAvg round, the norms of the most recently accepted updates;
 - ``model``: one row, the current version, its tensors and the server momentum;
 - ``pending``: accepted updates not yet applied, in arrival order (the FedBuff buffer or the
   open FedAvg round), with their raw payloads;
@@ -57,6 +57,7 @@ import numpy as np
 
 from coordinator.journal import (
     BufferDropped,
+    NormWindow,
     Pending,
     Record,
     RoundFixed,
@@ -85,7 +86,11 @@ log = logging.getLogger(__name__)
 # a newer state. 2: the run's aggregator (meta "aggregator"; absent means "mean"), and with a
 # robust aggregator a pending update's coef is its staleness weight alone. A run aggregated
 # with the plain mean is still written as format 1, which every fedbus reads the same way.
-FORMAT = 2
+# 3: the adaptive norm bound: a pending update's clip bound (pending.clip) and the window of
+# recently accepted norms (meta "norms"). A new run is written as format 3; an older run is
+# raised to 3 by the first record that uses them (an older fedbus would resume it without
+# the clipping, so it must refuse it).
+FORMAT = 3
 DB_FILE = "state.db"
 LOCK_FILE = "lock"
 
@@ -106,7 +111,8 @@ CREATE TABLE IF NOT EXISTS pending (
     staleness INTEGER NOT NULL,
     coef REAL NOT NULL,
     round_number INTEGER,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    clip REAL
 );
 CREATE TABLE IF NOT EXISTS verdicts (
     update_id TEXT PRIMARY KEY,
@@ -178,6 +184,7 @@ class RunSnapshot:
     round: RoundFixed | None
     ended: str | None  # the end reason, or None while the run goes on
     aggregator: str = "mean"  # the canonical aggregator spec the run was started with
+    norms: tuple[float, ...] = ()  # norms of the most recently accepted updates
 
 
 class Store:
@@ -200,6 +207,9 @@ class Store:
                 f"{path} was written by a newer fedbus (state format {fmt}, this one "
                 f"reads {FORMAT}); upgrade fedbus"
             )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(pending)")}
+        if "clip" not in columns:  # a state directory of format 1 or 2
+            self._db.execute("ALTER TABLE pending ADD COLUMN clip REAL")
         self._seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM verdicts").fetchone()[0]
 
     def close(self) -> None:
@@ -221,7 +231,7 @@ class Store:
         if self.has_run:
             raise StateError(f"{self.path} already holds run {self._meta('run_id')}")
         with self._transaction():
-            self._set_meta("format", "1" if aggregator == "mean" else str(FORMAT))
+            self._set_meta("format", str(FORMAT))
             self._set_meta("run_id", run_id)
             if aggregator != "mean":
                 self._set_meta("aggregator", aggregator)
@@ -250,10 +260,11 @@ class Store:
             "SELECT version, state, velocity FROM model WHERE id = 0"
         ).fetchone()
         pending = tuple(
-            Pending(uid, dev, base, n, s, coef, bytes(payload), rnd)
-            for uid, dev, base, n, s, coef, rnd, payload in self._db.execute(
+            Pending(uid, dev, base, n, s, coef, bytes(payload), rnd,
+                    None if clip is None else float(clip))
+            for uid, dev, base, n, s, coef, rnd, payload, clip in self._db.execute(
                 "SELECT update_id, device, base_version, num_samples, staleness, coef, "
-                "round_number, payload FROM pending ORDER BY seq"
+                "round_number, payload, clip FROM pending ORDER BY seq"
             )
         )
         round_json = self._meta("round")
@@ -275,6 +286,7 @@ class Store:
             round=rnd,
             ended=self._meta("ended"),
             aggregator=self._meta("aggregator") or "mean",
+            norms=tuple(float(v) for v in json.loads(self._meta("norms") or "[]")),
         )
 
     # -- the ledger (read while judging) ---------------------------------------------------
@@ -308,6 +320,9 @@ class Store:
             for record in records:
                 self._write(record, max_staleness, counters)
             self._set_meta("counters", json.dumps(dict(counters)))
+            if any(isinstance(r, NormWindow) or (isinstance(r, Pending) and r.clip is not None)
+                   for r in records) and int(self._meta("format") or FORMAT) < FORMAT:
+                self._set_meta("format", str(FORMAT))
 
     def record_evaluation(
         self, version: int, accuracy: float | None, loss: float | None, at: float
@@ -336,9 +351,10 @@ class Store:
         elif isinstance(record, Pending):
             db.execute(
                 "INSERT INTO pending (update_id, device, base_version, num_samples, staleness, "
-                "coef, round_number, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "coef, round_number, payload, clip) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.update_id, record.device_id, record.base_version, record.num_samples,
-                 record.staleness, record.coef, record.round_number, record.payload),
+                 record.staleness, record.coef, record.round_number, record.payload,
+                 record.clip),
             )
             db.execute(
                 "INSERT OR REPLACE INTO work (device, base_version, update_id) VALUES (?, ?, ?)",
@@ -356,6 +372,8 @@ class Store:
                 "number": record.number, "version": record.version,
                 "participants": list(record.participants),
             }))
+        elif isinstance(record, NormWindow):
+            self._set_meta("norms", json.dumps(list(record.norms)))
         elif isinstance(record, RunEnded):
             self._set_meta("ended", record.reason)
             task = json.loads(self._meta("task") or "{}")

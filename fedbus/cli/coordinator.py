@@ -50,14 +50,23 @@ HELPS = {
     "server_momentum": "Server momentum (0 disables it).",
     "staleness": "Staleness weighting: sqrt (1/sqrt(1+s)), poly, hinge or constant.",
     "max_staleness": "Reject updates more than this many versions behind.",
-    "max_norm": "Reject updates whose L2 norm exceeds this bound.",
+    "max_norm": "Fixed ceiling: reject updates whose L2 norm exceeds it, whatever the "
+    "adaptive bound says.",
+    "norm_multiple": "Adaptive norm bound: clip updates above this multiple of the median L2 "
+    "norm of the last --norm-window accepted updates (before 8 are known: above half the "
+    "global model's norm); 0 switches it off and leaves only --max-norm.",
+    "norm_reject": "Adaptive norm bound: reject updates above this multiple of the clip "
+    "bound (reason norm) instead of clipping them.",
+    "norm_window": "Adaptive norm bound: how many recently accepted norms it is taken from.",
     "round_deadline": "FedAvg: seconds to wait for a round's devices.",
-    "aggregator": "How a step combines its updates: mean (sample-weighted, the default), "
-    "median, trimmed:FRACTION (dropped from each end) or krum:F[:M] (F hostile updates "
-    "assumed), optionally +clip:BOUND (every update scaled down to that L2 norm first); "
+    "aggregator": "How a step combines its updates: median (coordinate-wise, the default "
+    "for a new run; a resumed run keeps its own), mean (sample-weighted), trimmed:FRACTION "
+    "(dropped from each end) or krum:F[:M] (F hostile updates assumed), optionally "
+    "+clip:BOUND (every update scaled down to that L2 norm first); "
     "the mean also takes +cap:MULTIPLE (a claimed sample count weighs at most MULTIPLE x the "
     "median claim of its step); e.g. median, trimmed:0.2, krum:1+clip:5, mean+cap:2. Robust "
-    "ones count each update once. Part of the run: a restart with another one is refused.",
+    "ones count each update once. Part of the run: a restart asking for another one is "
+    "refused.",
     "min_round_updates": "FedAvg: fewest updates that close a round at its deadline.",
     "eval_data": "Held-out data (.csv/.npz/dir) to evaluate every model version.",
     "state_dir": "Directory holding the run (state.db, model.npz, history.jsonl). A restart on "
