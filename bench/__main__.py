@@ -51,13 +51,17 @@ def _runner(name: str):
         from bench import decode_worst
 
         return decode_worst.run
+    if name == "poisoning":
+        from bench import poisoning
+
+        return poisoning.run
     raise ValueError(name)
 
 
 # Order: the fleet of agents with equal speeds serves ``bytes`` and then the first profile
 # of ``time_to_accuracy`` without being restarted.
 ORDER = ("ingest_25k", "ingest_1m", "latency", "footprint", "bytes", "time_to_accuracy",
-         "decode_worst")
+         "decode_worst", "poisoning")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.aggregator_spec import DEFAULT_AGGREGATOR
 from coordinator.config import CoordinatorConfig
 from coordinator.core import AggregationConfig
 from coordinator.report import write_report
@@ -75,7 +76,7 @@ class DemoConfig:
     max_versions: int | None = None
     duration: float = 180.0  # safety cap in seconds
     buffer_size: int = 4
-    aggregator: str = "mean"  # coordinator.aggregator_spec
+    aggregator: str = DEFAULT_AGGREGATOR  # coordinator.aggregator_spec
     epochs: int | None = None
     lr: float | None = None
     batch_size: int | None = None

@@ -808,7 +808,7 @@ def test_aggregators_that_fit_are_taken() -> None:
     assert AggregationConfig(aggregator="median", mode="fedasync").spec.kind == "median"
     # FedAvg rounds vary in size: a small round falls back to the median instead
     assert AggregationConfig(aggregator="krum:2:9", mode="fedavg").spec.f == 2
-    assert AggregationConfig().spec.kind == "median"  # the default defences
+    assert AggregationConfig().spec.kind == "agree"  # the default defences
 
 
 def test_fedbuff_median_ignores_the_claimed_sample_count() -> None:

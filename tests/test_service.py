@@ -278,10 +278,10 @@ def test_a_run_of_the_old_default_resumes_with_it(tmp_path: Path):
     resumed = _service(state_dir=state)
     assert resumed.resumed and str(resumed.core.config.spec) == "mean"
     resumed.close()
-    with pytest.raises(StateError, match=r"aggregated with --aggregator mean \(asked: median\)"):
-        _service(state_dir=state, aggregator="median")
+    with pytest.raises(StateError, match=r"aggregated with --aggregator mean \(asked: agree\)"):
+        _service(state_dir=state, aggregator="agree")
     fresh = _service(state_dir=tmp_path / "new")
-    assert str(fresh.core.config.spec) == DEFAULT_AGGREGATOR == "median"
+    assert str(fresh.core.config.spec) == DEFAULT_AGGREGATOR == "agree"
     fresh.close()
 
 
