@@ -198,11 +198,16 @@ def _measure(sizes: Sizes, log: Any = None) -> list[dict[str, Any]]:
             for label in sizes.configs for attack in sizes.attacks]
     rows = []
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=WORKERS, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=WORKERS, mp_context=context)
+    try:
         for row in pool.map(_one, jobs):
             rows.append(row)
             if log is not None:
                 log(row)
+    except BaseException:  # interrupted: the runs not started yet are dropped
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return rows
 
 

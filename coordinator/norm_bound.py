@@ -23,11 +23,19 @@ is an update of norm ``B``.
 Before the window holds ``min_samples`` norms (the start of a run, when a hostile device
 may be the first to report), there is no median to trust yet, and the rule is relative to
 the current global model instead: ``B = warmup_fraction × ‖θ‖`` (an update may move the
-model by at most that share of its own length), ``R = reject × B``. Measured at the first
-version, honest updates are 0.35–0.65 × the model's norm on digits and 0.44–0.53 × on
-MNIST, so ``0.5`` clips the largest honest ones a little and bounds a hostile one. A model
-whose norm is 0 (an all-zero start) gives no warm-up bound: until the window fills, only
-the fixed ceiling (``--max-norm``) applies.
+model by at most that share of its own length), and nothing is refused, only clipped.
+Measured at the first version, honest updates are 0.35–0.65 × the model's norm on digits
+and 0.44–0.53 × on MNIST, so ``0.5`` clips the largest honest ones a little and bounds a
+hostile one. Refusing in the warm-up could stall a run for good: if every honest update
+were above a model-relative reject bound (many local epochs, a large learning rate), no
+norm would ever enter the window and the bound would never adapt. A model whose norm is 0
+(an all-zero start) gives no warm-up bound: until the window fills, only the fixed ceiling
+(``--max-norm``) applies.
+
+Once the window is full enough, a refusal does not enter it, so honest updates that all
+become more than ``reject × multiple`` times longer than the remembered ones (training
+settings changed on resume, say 100× the epochs) are all refused until ``--norm-reject`` is
+raised; the receipts' ``detail`` names the bound and where it came from.
 
 A window with fewer than half of its entries hostile keeps its median between honest norms
 (20% hostile entries move it at most to the 62.5th percentile of honest norms, whatever
@@ -96,7 +104,8 @@ class NormDecision:
     """What to do with one update: ``keep``, ``clip`` (to ``clip_bound``) or ``reject``.
 
     ``clip_bound``/``reject_bound`` are the bounds in force (None when no adaptive bound
-    applies) and ``basis`` says where they came from, for receipts and logs."""
+    applies; no reject bound in the warm-up) and ``basis`` says where they came from, for
+    receipts and logs."""
 
     action: str
     clip_bound: float | None
@@ -135,6 +144,7 @@ def decide_norm(
         clip = rule.warmup_fraction * model_norm
         basis = (f"warm-up ({len(recent)} of {rule.min_samples} norms known): "
                  f"{rule.warmup_fraction:g} x the model's norm {model_norm:.4g}")
+        return NormDecision("clip" if norm > clip else "keep", clip, None, basis)
     else:
         return NormDecision("keep", None, None, "warm-up with a zero model: no bound yet")
     if clip <= 0:  # every remembered norm was 0: nothing but a zero update is typical

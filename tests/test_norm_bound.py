@@ -41,12 +41,13 @@ def test_with_a_full_window_clip_above_twice_the_median_reject_above_four_times_
     assert decide_norm(RULE, 1.0, (1.0, 2.0, 3.0, 10.0, 10.0), 1.0).clip_bound == 13.0
 
 
-def test_before_min_samples_the_bound_is_half_the_models_norm() -> None:
+def test_before_min_samples_the_bound_is_half_the_models_norm_and_nothing_is_refused() -> None:
     d = decide_norm(RULE, 3.0, (1.0, 1.0), model_norm=10.0)  # 2 of 3 known: warm-up
-    assert (d.action, d.clip_bound, d.reject_bound) == ("keep", 5.0, 20.0)
+    assert (d.action, d.clip_bound, d.reject_bound) == ("keep", 5.0, None)
     assert d.basis.startswith("warm-up")
     assert decide_norm(RULE, 6.0, (), 10.0).action == "clip"
-    assert decide_norm(RULE, 20.5, (), 10.0).action == "reject"
+    # however long: clipped, so its norm enters the window and the bound can adapt
+    assert decide_norm(RULE, 1e6, (), 10.0).action == "clip"
     # a zero model gives no warm-up bound: everything is kept (the ceiling still applies)
     assert decide_norm(RULE, 1e6, (), 0.0).action == "keep"
 
@@ -90,10 +91,19 @@ def test_the_core_clips_between_the_bounds_and_refuses_above() -> None:
     # model 1.25 everywhere: bound 1.25 sqrt(6)/2, so the step adds 0.625 per entry
     assert c.state["b"][0] == pytest.approx(1.875)
     assert c.counters["updates_clipped"] == 1
-    far = receipts(c.on_update("d3", upd("d3", 8.0, base=2), now=0.0))[0].receipt
-    assert not far.accepted and far.reason == "norm" and "warm-up" in far.detail
-    assert c.version == 2 and c.counters["rejected_norm"] == 1
     assert c.store.load().norms == pytest.approx((0.25 * math.sqrt(6), math.sqrt(6)))
+    # warm-up (2 of 8 norms known): even a very long update is only clipped, to half the
+    # model's norm (1.875 sqrt(6) / 2 per the model of 1.875 everywhere)
+    far = receipts(c.on_update("d3", upd("d3", 30.0, base=2), now=0.0))[0].receipt
+    assert far.accepted and "warm-up" not in far.detail and "clipped" in far.detail
+    assert c.state["b"][0] == pytest.approx(1.875 * 1.5)
+    # with 8 norms known, above 4 x (2 x their median) is refused with the reason norm
+    for i in range(5):
+        c.on_update(f"e{i}", upd(f"e{i}", 0.25, base=c.version), now=0.0)
+    assert len(c.store.load().norms) == 8 and c.counters["rejected_norm"] == 0
+    refused = receipts(c.on_update("d9", upd("d9", 3.0, base=c.version), now=0.0))[0].receipt
+    assert not refused.accepted and refused.reason == "norm"
+    assert "median norm" in refused.detail and c.counters["rejected_norm"] == 1
 
 
 def test_a_resumed_core_decides_as_the_stopped_one_would() -> None:
