@@ -63,6 +63,7 @@ class CoordinatorConfig:
     norm_multiple: float = 2.0
     norm_reject: float = 4.0
     norm_window: int = 64
+    norm_warmup: float = 4.0
     round_deadline: float = 30.0
     min_round_updates: int = 1
     # how a step combines its updates (coordinator.aggregator_spec): mean, median,
@@ -127,6 +128,7 @@ class CoordinatorConfig:
             norm_multiple=self.norm_multiple,
             norm_reject=self.norm_reject,
             norm_window=self.norm_window,
+            norm_warmup=self.norm_warmup,
             round_deadline=self.round_deadline,
             min_round_updates=self.min_round_updates,
             aggregator=DEFAULT_AGGREGATOR if self.aggregator is None else self.aggregator,

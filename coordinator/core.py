@@ -167,6 +167,7 @@ class AggregationConfig:
     norm_multiple: float = 2.0
     norm_reject: float = 4.0
     norm_window: int = 64
+    norm_warmup: float = 4.0  # before 8 norms are known: clip above this x the model's norm
     round_deadline: float = 30.0  # fedavg, seconds
     min_round_updates: int = 1  # fedavg: needed to close a round at its deadline
     # how a step combines its updates (coordinator.aggregator_spec): a spec string such as
@@ -251,7 +252,8 @@ class AggregationConfig:
         if isinstance(window, int) and not isinstance(window, bool) and window >= 1:
             min_samples = min(min_samples, window)
         return NormRule(multiple=self.norm_multiple, reject=self.norm_reject,
-                        window=window, min_samples=min_samples)
+                        window=window, min_samples=min_samples,
+                        warmup_fraction=self.norm_warmup)
 
     @property
     def spec(self) -> AggregatorSpec:

@@ -723,7 +723,7 @@ def test_resume_rebuilds_the_same_model_and_buffer(mode: str, aggregator: str) -
     # with the adaptive norm bound: the zero start gives no warm-up bound, version 1's model
     # gives one (half its norm) that clips the next two updates
     c = core(mode=mode, buffer_size=3, server_momentum=0.0, aggregator=aggregator,
-             norm_multiple=2.0, norm_reject=100.0)
+             norm_multiple=2.0, norm_reject=100.0, norm_warmup=0.5)
     for d in ("d1", "d2", "d3"):
         c.on_status(d, status(d, "online"), now=0.0)
     for i, d in enumerate(("d1", "d2", "d3")):

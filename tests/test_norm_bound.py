@@ -72,8 +72,9 @@ def test_off_and_degenerate_windows_keep_everything() -> None:
 def test_bad_rules_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         NormRule(**kwargs)
-    if "warmup_fraction" not in kwargs and "min_samples" not in kwargs:
-        key = {"multiple": "norm_multiple", "reject": "norm_reject", "window": "norm_window"}
+    if "min_samples" not in kwargs:
+        key = {"multiple": "norm_multiple", "reject": "norm_reject", "window": "norm_window",
+               "warmup_fraction": "norm_warmup"}
         with pytest.raises(ValueError, match=match):
             AggregationConfig(**{key[k]: v for k, v in kwargs.items()})
 
@@ -82,7 +83,7 @@ def test_the_core_clips_between_the_bounds_and_refuses_above() -> None:
     # fedasync on a model of ones (norm sqrt(6)): warm-up clip bound sqrt(6)/2, reject
     # bound 4 x that = 2 sqrt(6); a delta of all v has norm v sqrt(6)
     ones = {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}
-    c = core(mode="fedasync", norm_multiple=2.0, initial=ones)
+    c = core(mode="fedasync", norm_multiple=2.0, norm_warmup=0.5, initial=ones)
     small = receipts(c.on_update("d1", upd("d1", 0.25), now=0.0))[0].receipt
     assert small.accepted and "clipped" not in small.detail
     assert c.state["b"][0] == pytest.approx(1.25)

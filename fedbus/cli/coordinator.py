@@ -53,8 +53,10 @@ HELPS = {
     "max_norm": "Fixed ceiling: reject updates whose L2 norm exceeds it, whatever the "
     "adaptive bound says.",
     "norm_multiple": "Adaptive norm bound: clip updates above this multiple of the median L2 "
-    "norm of the last --norm-window accepted updates (before 8 are known: above half the "
-    "global model's norm); 0 switches it off and leaves only --max-norm.",
+    "norm of the last --norm-window accepted updates (before 8 are known: above "
+    "--norm-warmup x the global model's norm); 0 switches it off and leaves only --max-norm.",
+    "norm_warmup": "Adaptive norm bound, start of a run: until 8 norms are known, clip "
+    "updates above this multiple of the global model's L2 norm (nothing is refused then).",
     "norm_reject": "Adaptive norm bound: reject updates above this multiple of the clip "
     "bound (reason norm) instead of clipping them.",
     "norm_window": "Adaptive norm bound: how many recently accepted norms it is taken from.",
