@@ -33,8 +33,8 @@ HELPS = {
     "devices": "Number of simulated devices (each a real `fedbus agent` process). "
     + _defaults("devices"),
     "mode": "Aggregation: fedbuff, fedasync or fedavg (synchronous rounds).",
-    "aggregator": "How a step combines updates: mean, median, trimmed:FRACTION or "
-    "krum:F[:M], optionally +clip:BOUND (see fedbus coordinator --help).",
+    "aggregator": "How a step combines updates: agree (default), mean, median, "
+    "trimmed:FRACTION or krum:F[:M], optionally +clip:BOUND (see fedbus coordinator --help).",
     "codec": "Update codec spec: fp32, fp16, int8, int4 or topk:FRACTION[:VALUES], each "
     "optionally +zstd (e.g. topk:0.05:int4+zstd).",
     "speeds": "Comma-separated slowdown factors cycled over the devices (1 = fastest).",
