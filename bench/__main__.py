@@ -91,6 +91,15 @@ def _load_previous(path: Path, quick: bool) -> dict[str, Any]:
     return old["benchmarks"]
 
 
+def _previous_broker_config(path: Path) -> str:
+    """The broker configuration recorded by an earlier run, "" if there is none."""
+    try:
+        old = json.loads(path.read_text())
+        return str(old["environment"]["broker_config"] or "")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -136,12 +145,15 @@ def main(argv: list[str] | None = None) -> int:
             log.info("scratch directory kept: %s", workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    env = environment(ctx.broker_configs)
+    if not env.get("broker_config"):  # no broker this time (in-process benchmarks only):
+        env["broker_config"] = _previous_broker_config(results_path)  # keep the last one
     results = {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "total_seconds": round(time.monotonic() - started, 1),
-        "environment": environment(ctx.broker_configs),
+        "environment": env,
         "benchmarks": {n: benchmarks[n] for n in BENCHMARKS if n in benchmarks},
     }
     tmp = results_path.with_suffix(".json.tmp")
