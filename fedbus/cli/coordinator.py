@@ -61,9 +61,11 @@ HELPS = {
     "bound (reason norm) instead of clipping them.",
     "norm_window": "Adaptive norm bound: how many recently accepted norms it is taken from.",
     "round_deadline": "FedAvg: seconds to wait for a round's devices.",
-    "aggregator": "How a step combines its updates: median (coordinate-wise, the default "
-    "for a new run; a resumed run keeps its own), mean (sample-weighted), trimmed:FRACTION "
-    "(dropped from each end) or krum:F[:M] (F hostile updates assumed), optionally "
+    "aggregator": "How a step combines its updates: agree (the default for a new run, a "
+    "resumed run keeps its own: the mean of the updates on the side of the step's "
+    "coordinate-wise median), median, mean (sample-weighted, trusts the claimed counts), "
+    "trimmed:FRACTION (dropped from each end) or krum:F[:M] (F hostile updates assumed), "
+    "optionally "
     "+clip:BOUND (every update scaled down to that L2 norm first); "
     "the mean also takes +cap:MULTIPLE (a claimed sample count weighs at most MULTIPLE x the "
     "median claim of its step); e.g. median, trimmed:0.2, krum:1+clip:5, mean+cap:2. Robust "
