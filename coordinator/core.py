@@ -48,6 +48,13 @@ Modes:
   ``round_deadline`` seconds have passed with at least ``min_round_updates`` updates; with
   fewer, its clock restarts and the version stays.
 
+Norms: after validation (which refuses anything above the fixed ceiling ``max_norm``),
+every update meets the adaptive norm bound (``coordinator.norm_bound``): refused as
+``norm`` above the reject bound, clipped to the clip bound between the two, decided from
+the norms of the last ``norm_window`` accepted updates (or, before 8 are known, from the
+global model's norm). The window is journaled (``NormWindow``) and a pending update carries
+the bound it was clipped to, so ``resume`` rebuilds and decides the same.
+
 The global state is finite after any sequence of inputs: updates are validated
 (``coordinator.validation``) and a step that would produce NaN or infinity is dropped.
 """
