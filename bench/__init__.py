@@ -7,8 +7,8 @@ of a shared, noisy machine hits both sides. Only the ratios mean anything.
 Modules: ``harness`` (processes, broker, environment, statistics, the agent fleet),
 ``procs`` (the child processes: coordinator, bare subscriber, publisher, probes), one
 module per benchmark (``ingest``, ``latency``, ``codecs``, ``tta``, ``footprint``,
-``decode_worst`` with the payloads of ``hostile``, ``privacy``: accuracy against epsilon in an
-in-process simulation) and
+``decode_worst`` with the payloads of ``hostile``, ``poisoning``, ``privacy``: accuracy
+against epsilon in an in-process simulation) and
 ``report`` (results.json to the tables of BENCHMARKS.md).
 """
 
@@ -20,6 +20,7 @@ BENCHMARKS: tuple[str, ...] = (
     "time_to_accuracy",
     "footprint",
     "decode_worst",
+    "poisoning",
     "privacy",
 )
 

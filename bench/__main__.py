@@ -51,6 +51,10 @@ def _runner(name: str):
         from bench import decode_worst
 
         return decode_worst.run
+    if name == "poisoning":
+        from bench import poisoning
+
+        return poisoning.run
     if name == "privacy":
         from bench import privacy
 
@@ -61,7 +65,7 @@ def _runner(name: str):
 # Order: the fleet of agents with equal speeds serves ``bytes`` and then the first profile
 # of ``time_to_accuracy`` without being restarted.
 ORDER = ("ingest_25k", "ingest_1m", "latency", "footprint", "bytes", "time_to_accuracy",
-         "decode_worst", "privacy")
+         "decode_worst", "poisoning", "privacy")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +93,15 @@ def _load_previous(path: Path, quick: bool) -> dict[str, Any]:
     if old.get("quick") != quick or not isinstance(old.get("benchmarks"), dict):
         return {}
     return old["benchmarks"]
+
+
+def _previous_broker_config(path: Path) -> str:
+    """The broker configuration recorded by an earlier run, "" if there is none."""
+    try:
+        old = json.loads(path.read_text())
+        return str(old["environment"]["broker_config"] or "")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
             log.info("scratch directory kept: %s", workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    env = environment(ctx.broker_configs)
+    if not env.get("broker_config"):  # no broker this time (in-process benchmarks only):
+        env["broker_config"] = _previous_broker_config(results_path)  # keep the last one
     results = {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "total_seconds": round(time.monotonic() - started, 1),
-        "environment": environment(ctx.broker_configs),
+        "environment": env,
         "benchmarks": {n: benchmarks[n] for n in BENCHMARKS if n in benchmarks},
     }
     tmp = results_path.with_suffix(".json.tmp")

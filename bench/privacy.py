@@ -88,6 +88,7 @@ def _simulate(*, noise: float | None, clip_only: bool, devices: int, k: int, ste
     config = AggregationConfig(
         mode="fedbuff", buffer_size=k, buffer_timeout=0.0, server_lr=1.0,
         aggregator=f"mean+clip:{CLIP:g}" if clip_only else "mean", privacy=privacy,
+        norm_multiple=0.0,  # every row without the adaptive bound (DP has none): only C differs
     )
     secret = None if privacy is None else new_noise_secret()
     store = Store(None)

@@ -261,6 +261,32 @@ def _decode_worst(b: dict[str, Any]) -> str:
     ])
 
 
+def _poisoning(b: dict[str, Any]) -> str:
+    d = b["details"]
+    names = {"none": "clean", "signflip": "sign flip x10", "random": "random at the bound",
+             "inflate": "n = 2^40, flipped", "labelflip": "label flip"}
+    attacks = d["attacks"]
+    out = [_stamp(b), "", _table(HEAD, [_head(b, "worst points lost under attack")]), "",
+           f"In-process simulation (bench/poisoning.py): the real coordinator core, real local "
+           f"training and the int8 codec, no broker. {d['devices']} devices, {d['hostile']} "
+           f"hostile, FedBuff K={d['buffer_size']}; accuracy after a fixed number of versions "
+           f"({', '.join(f'{k}: {v}' for k, v in d['versions'].items())}), mean over seeds "
+           f"{d['seeds']}. Points lost are against the clean run of the plain mean."]
+    for dataset, configs in d["accuracy"].items():
+        reference = configs["mean"]["none"]
+        rows = []
+        for label, cells in configs.items():
+            rows.append([f"{label} (`{d['configs'][label]}`)"] + [
+                f"{_num(cells[a], 4)} ({100 * (cells[a] - reference):+.1f})" for a in attacks
+            ])
+        out += ["", f"{dataset}: held-out accuracy (points against the clean mean)", "",
+                _table(["configuration", *(names.get(a, a) for a in attacks)], rows)]
+    worst = d["worst_points_lost"]
+    out += ["", "Worst points lost over both data sets:", "",
+            _table(["configuration", "clean", "under attack (worst)"],
+                   [[label, _num(w["clean"], 2), _num(w["attack"], 2)]
+                    for label, w in worst.items()])]
+    return "\n".join(out)
 def _privacy(b: dict[str, Any]) -> str:
     p = b["params"]
     clean = b["rows"]["no DP"]["accuracy"]["median"]
@@ -297,6 +323,7 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "time_to_accuracy": _tta,
     "footprint": _footprint,
     "decode_worst": _decode_worst,
+    "poisoning": _poisoning,
     "privacy": _privacy,
 }
 
@@ -320,6 +347,7 @@ RATIO_MEANS = {
     "time_to_accuracy": "sync / async under 1:2:4 (higher is better)",
     "footprint": "agent / bare (lower is better)",
     "decode_worst": "ours / unpackb (lower is better)",
+    "poisoning": "default defences / plain mean, worst points lost (lower is better)",
     "privacy": "accuracy with DP (σ = 1) / without (higher is better)",
 }
 

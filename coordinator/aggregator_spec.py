@@ -3,7 +3,7 @@
 Grammar (lower case, no spaces)::
 
     spec       := part ("+" part)*          at most one of each kind of part
-    aggregator := "mean" | "median" | "trimmed:" FRACTION | "krum:" F [":" M]
+    aggregator := "mean" | "median" | "agree" | "trimmed:" FRACTION | "krum:" F [":" M]
     cap        := "cap:" MULTIPLE               the mean only
     clip       := "clip:" BOUND
 
@@ -11,8 +11,10 @@ Grammar (lower case, no spaces)::
 - ``median``: coordinate-wise median; ``trimmed:0.2``: coordinate-wise trimmed mean dropping
   ``floor(0.2 · n)`` values from each end (``0 < FRACTION < 0.5``); ``krum:F[:M]``:
   multi-Krum assuming at most ``F`` hostile updates per step, averaging the ``M`` best
-  (default ``n − F``; ``M = 1`` is Krum). See ``coordinator.robust``. These count each
-  update once: the claimed sample count plays no part.
+  (default ``n − F``; ``M = 1`` is Krum); ``agree``: the mean of the updates whose inner
+  product with the coordinate-wise median is positive (``robust.agreeing_mean``). See
+  ``coordinator.robust``. These count each update once: the claimed sample count plays no
+  part.
 - ``cap:MULTIPLE`` (with the mean): the weight an update's claimed sample count buys is at
   most ``MULTIPLE`` (>= 1) × the lower median of the claims of the updates of its step
   (``robust.cap_sample_counts``), e.g. ``mean+cap:2``; a claim of 2^40 among honest claims
@@ -35,6 +37,7 @@ import numpy as np
 
 from coordinator.aggregation import State, weighted_average
 from coordinator.robust import (
+    agreeing_mean,
     cap_sample_counts,
     coordinate_median,
     krum_min_updates,
@@ -45,15 +48,20 @@ from coordinator.robust import (
 
 __all__ = [
     "AGGREGATOR_KINDS",
+    "DEFAULT_AGGREGATOR",
     "AggregatorSpec",
     "capped_mean",
     "parse_aggregator",
     "robust_aggregate",
 ]
 
-AGGREGATOR_KINDS: tuple[str, ...] = ("mean", "median", "trimmed", "krum")
+AGGREGATOR_KINDS: tuple[str, ...] = ("mean", "median", "agree", "trimmed", "krum")
+# what a new run uses when no aggregator is asked for (docs/operations.md, "Choosing the
+# defences", and BENCHMARKS.md, poisoning): defined for any number of updates per step, so it
+# fits every mode and buffer size
+DEFAULT_AGGREGATOR = "agree"
 _SYNTAX = (
-    "expected mean, median, trimmed:FRACTION or krum:F[:M], optionally +clip:BOUND "
+    "expected mean, median, agree, trimmed:FRACTION or krum:F[:M], optionally +clip:BOUND "
     "(and for the mean +cap:MULTIPLE)"
 )
 
@@ -184,7 +192,7 @@ def parse_aggregator(spec: str) -> AggregatorSpec:
         if kind is not None:
             raise ValueError(f"{spec!r}: more than one aggregator ({kind}, {name})")
         kind = name
-        if name in ("mean", "median"):
+        if name in ("mean", "median", "agree"):
             if args:
                 raise ValueError(f"{spec!r}: {name} takes no argument")
         elif name == "trimmed":
@@ -233,6 +241,8 @@ def robust_aggregate(
     three for few updates. Krum's ``M`` is capped at ``n − F`` for the ``n`` at hand."""
     if not spec.robust:
         raise ValueError("the mean is not a robust aggregator: use coordinator.aggregation")
+    if spec.kind == "agree":
+        return agreeing_mean(deltas).aggregate, False
     if len(deltas) < spec.min_updates or spec.kind == "median":
         return coordinate_median(deltas), spec.kind != "median"
     if spec.kind == "trimmed":

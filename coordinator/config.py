@@ -22,6 +22,8 @@ from fedbus.topics import DEFAULT_PREFIX, Topics
 
 __all__ = ["ENV_PREFIX", "CoordinatorConfig"]
 
+_CORE = AggregationConfig()  # the core's defaults, for the settings not given here
+
 ENV_PREFIX = "FEDBUS_COORDINATOR"
 MODES = ("fedbuff", "fedasync", "fedavg")
 
@@ -72,15 +74,25 @@ class CoordinatorConfig:
     staleness: str = "sqrt"
     max_staleness: int = 10
     max_norm: float = 100.0
+    # the adaptive norm bound (coordinator.norm_bound); norm_multiple 0 switches it off.
+    # None (not given): the core's defaults (2, 4, 64, 4), and off under differential
+    # privacy, which refuses any of them given with it except norm_multiple 0
+    norm_multiple: float | None = None
+    norm_reject: float | None = None
+    norm_window: int | None = None
+    norm_warmup: float | None = None
     round_deadline: float = 30.0
     min_round_updates: int = 1
     # how a step combines its updates (coordinator.aggregator_spec): mean, median,
-    # trimmed:FRACTION, krum:F[:M], optionally +clip:BOUND; part of the run's identity
-    aggregator: str = "mean"
+    # trimmed:FRACTION, krum:F[:M], optionally +clip:BOUND; part of the run's identity.
+    # None (not given): DEFAULT_AGGREGATOR for a new run ("mean" with differential privacy),
+    # the recorded one for a resumed run
+    aggregator: str | None = None
     # central differential privacy (coordinator.privacy), off while dp_noise is 0: Gaussian
     # noise of dp_noise x dp_clip / K on every step, updates clipped to dp_clip; epsilon
     # reported at dp_delta; the run ends before a step would spend more than
-    # dp_epsilon_budget (0: no budget). Noise and clip are part of the run's identity
+    # dp_epsilon_budget (0: no budget). Noise and clip are part of the run's identity. It
+    # needs the plain mean and switches the adaptive norm bound off
     dp_noise: float = 0.0
     dp_clip: float = 0.0
     dp_delta: float = 1e-5
@@ -141,6 +153,16 @@ class CoordinatorConfig:
 
     def aggregation(self) -> AggregationConfig:
         """The pure core's aggregation settings (``ValueError`` if inconsistent)."""
+        privacy = self.privacy()
+        tuning = {"norm_reject": self.norm_reject, "norm_window": self.norm_window,
+                  "norm_warmup": self.norm_warmup}
+        if privacy is not None:
+            given = [f"--{k.replace('_', '-')}" for k, v in tuning.items() if v is not None]
+            if given:  # (an explicit norm_multiple is judged by the core: only 0 passes)
+                raise ValueError(
+                    f"with differential privacy every update is clipped to --dp-clip and the "
+                    f"adaptive norm bound is off: drop {', '.join(given)}"
+                )
         return AggregationConfig(
             mode=self.mode,
             buffer_size=self.buffer_size,
@@ -150,10 +172,14 @@ class CoordinatorConfig:
             staleness=self.staleness,
             max_staleness=self.max_staleness,
             max_norm=self.max_norm,
+            norm_multiple=self.norm_multiple,
+            norm_reject=_CORE.norm_reject if self.norm_reject is None else self.norm_reject,
+            norm_window=_CORE.norm_window if self.norm_window is None else self.norm_window,
+            norm_warmup=_CORE.norm_warmup if self.norm_warmup is None else self.norm_warmup,
             round_deadline=self.round_deadline,
             min_round_updates=self.min_round_updates,
-            aggregator=self.aggregator,
-            privacy=self.privacy(),
+            aggregator=self.aggregator,  # None: the core's default (mean under DP)
+            privacy=privacy,
         )
 
     def parsed_model_args(self) -> dict[str, Any]:

@@ -48,6 +48,14 @@ Modes:
   ``round_deadline`` seconds have passed with at least ``min_round_updates`` updates; with
   fewer, its clock restarts and the version stays.
 
+Norms: after validation (which refuses anything above the fixed ceiling ``max_norm``),
+every update meets the adaptive norm bound (``coordinator.norm_bound``; on by default, off
+under differential privacy, whose fixed clip ``C`` is the bound): refused as
+``norm`` above the reject bound, clipped to the clip bound between the two, decided from
+the norms of the last ``norm_window`` accepted updates (or, before 8 are known, from the
+global model's norm). The window is journaled (``NormWindow``) and a pending update carries
+the bound it was clipped to, so ``resume`` rebuilds and decides the same.
+
 With central differential privacy (``AggregationConfig.privacy``, ``coordinator.privacy``;
 the plain mean only) every accepted update is clipped to the DP bound ``C`` and buffered with
 its staleness weight alone (its claimed ``n`` is ignored), a device may have one update in a
@@ -79,9 +87,11 @@ from coordinator.aggregation import (
     fedavg_step,
     fedbuff_apply,
     is_finite,
+    l2_norm,
     server_step,
 )
 from coordinator.aggregator_spec import (
+    DEFAULT_AGGREGATOR,
     AggregatorSpec,
     capped_mean,
     parse_aggregator,
@@ -90,12 +100,20 @@ from coordinator.aggregator_spec import (
 from coordinator.journal import (
     BufferDropped,
     Ledger,
+    NormWindow,
     Pending,
     Record,
     RoundFixed,
     RunEnded,
     Verdict,
     VersionMade,
+)
+from coordinator.norm_bound import (
+    DEFAULT_NORM_MULTIPLE,
+    NormDecision,
+    NormRule,
+    decide_norm,
+    pushed,
 )
 from coordinator.privacy import (
     PrivacySpec,
@@ -172,19 +190,38 @@ class AggregationConfig:
     staleness_a: float = 0.5  # exponent of "poly", slope of "hinge"
     staleness_b: int = 4  # "hinge": full weight up to this staleness
     max_staleness: int = 10  # fedavg always uses 0
-    max_norm: float = 100.0
+    max_norm: float = 100.0  # the fixed ceiling: anything above it is rejected
+    # the adaptive norm bound (coordinator.norm_bound): clip above norm_multiple x the median
+    # norm of the last norm_window accepted updates, reject above norm_reject x that bound;
+    # norm_multiple 0 switches it off (only max_norm applies)
+    # None (not given): DEFAULT_NORM_MULTIPLE, or 0 (off) under differential privacy
+    norm_multiple: float | None = None
+    norm_reject: float = 4.0
+    norm_window: int = 64
+    norm_warmup: float = 4.0  # before 8 norms are known: clip above this x the model's norm
     round_deadline: float = 30.0  # fedavg, seconds
     min_round_updates: int = 1  # fedavg: needed to close a round at its deadline
     # how a step combines its updates (coordinator.aggregator_spec): a spec string such as
     # "median" or "krum:1+clip:5", parsed on construction, or a parsed AggregatorSpec
-    aggregator: AggregatorSpec | str = "mean"
+    # None (not given): DEFAULT_AGGREGATOR, or "mean" under differential privacy
+    aggregator: AggregatorSpec | str | None = None
     # central differential privacy (coordinator.privacy): every update clipped, equal
-    # weights, Gaussian noise on every applied step; None: off
+    # weights, Gaussian noise on every applied step; None: off. It needs the plain mean and
+    # the adaptive norm bound off (its fixed clip is the bound)
     privacy: PrivacySpec | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        # the defaults: agree and the adaptive bound, or, under differential privacy, whose
+        # sensitivity argument needs a fixed clip and equal weights, the plain mean without it
+        private = self.privacy is not None
+        if self.aggregator is None:
+            object.__setattr__(self, "aggregator", "mean" if private else DEFAULT_AGGREGATOR)
+        if self.norm_multiple is None:
+            object.__setattr__(
+                self, "norm_multiple", 0.0 if private else DEFAULT_NORM_MULTIPLE
+            )
         if isinstance(self.aggregator, str):
             try:
                 object.__setattr__(self, "aggregator", parse_aggregator(self.aggregator))
@@ -218,6 +255,7 @@ class AggregationConfig:
             raise ValueError(f"max_staleness must be an integer >= 0, got {self.max_staleness!r}")
         if not _is_pos(self.max_norm):
             raise ValueError(f"max_norm must be finite and > 0, got {self.max_norm!r}")
+        self.norm_rule  # noqa: B018 - checks the adaptive bound's settings
         if not _is_pos(self.round_deadline):
             raise ValueError(f"round_deadline must be finite and > 0, got {self.round_deadline!r}")
         if not (_is_int(self.min_round_updates) and self.min_round_updates >= 1):
@@ -250,6 +288,12 @@ class AggregationConfig:
                 f"with differential privacy every update weighs the same: drop +cap from "
                 f"--aggregator {spec}"
             )
+        if self.norm_rule.enabled:
+            raise ValueError(
+                f"with differential privacy every update is clipped to --dp-clip and the "
+                f"adaptive norm bound is off (it would make one device's clip depend on the "
+                f"others' norms): drop --norm-multiple {self.norm_multiple:g} or set it to 0"
+            )
 
     def _check_aggregator_fits(self) -> None:
         """A robust aggregator that needs more updates than a full buffer can hold is
@@ -275,6 +319,19 @@ class AggregationConfig:
             f"aggregator {spec} needs at least {spec.min_updates} updates per step: raise "
             f"--buffer-size from {k} to {spec.min_updates} or more"
         )
+
+    @property
+    def norm_rule(self) -> NormRule:
+        """The adaptive norm bound's settings (``ValueError`` if they are invalid)."""
+        window = self.norm_window
+        min_samples = NormRule.min_samples
+        if isinstance(window, int) and not isinstance(window, bool) and window >= 1:
+            min_samples = min(min_samples, window)
+        multiple = self.norm_multiple
+        assert multiple is not None  # resolved on construction
+        return NormRule(multiple=multiple, reject=self.norm_reject,
+                        window=window, min_samples=min_samples,
+                        warmup_fraction=self.norm_warmup)
 
     @property
     def spec(self) -> AggregatorSpec:
@@ -335,6 +392,11 @@ class _Round:
         return not self.reported
 
 
+def _clip_bound(decision: NormDecision) -> float | None:
+    """The adaptive bound an accepted update is clipped to, None if it is kept as is."""
+    return decision.clip_bound if decision.action == "clip" else None
+
+
 def _frozen(state: Mapping[str, np.ndarray], *, copy: bool = True) -> dict[str, np.ndarray]:
     """float32 C-contiguous read-only arrays; ``copy=False`` only for arrays nobody else holds."""
     out = {}
@@ -391,6 +453,10 @@ class CoordinatorCore:
             max_norm=config.max_norm,
             max_staleness=config.effective_max_staleness,
         )
+        self._norm_rule = config.norm_rule
+        # L2 norms of the most recently accepted updates, oldest first (norm_bound)
+        self._norms: tuple[float, ...] = ()
+        self._model_norm = l2_norm(state)
         self._buffer = WeightedSum(self._shapes)  # the mean: a running sum
         # a robust aggregator or a capped mean: the buffered deltas themselves (clipped,
         # staleness-scaled) and their claimed sample counts
@@ -451,15 +517,20 @@ class CoordinatorCore:
         now: float,
         model_codec: str | CodecSpec = "fp32",
         noise_secret: bytes | None = None,
+        norms: Sequence[float] = (),
     ) -> CoordinatorCore:
         """A core at a stored state: ``pending`` (accepted, not yet applied updates, in
         arrival order) are decoded again and put back exactly where they were, the FedBuff
-        running sum re-added in the same order with the same weights (the same bytes)."""
+        running sum re-added in the same order with the same weights (the same bytes), each
+        clipped to the adaptive bound it was clipped to when accepted. ``norms``: the stored
+        window of accepted norms, so the next decisions are those the stopped core would
+        have made."""
         core = cls(
             task, state, config, ledger=ledger, start_version=version,
             model_codec=model_codec, velocity=velocity, counters=counters,
             noise_secret=noise_secret,
         )
+        core._norms = tuple(float(v) for v in norms)[-core._norm_rule.window:]
         core._ended = ended
         rnd = core._round
         if rnd is not None and round_fixed is not None:
@@ -468,7 +539,7 @@ class CoordinatorCore:
             rnd.participants = set(round_fixed.participants)
             rnd.started_at = now
         for entry in pending:
-            delta = core._clipped(core._decode_stored(entry), count=False)
+            delta = core._prepared(core._decode_stored(entry), entry.clip, count=False)
             if rnd is not None:
                 rnd.reported[entry.device_id] = (delta, entry.num_samples, entry.update_id)
                 continue
@@ -562,9 +633,20 @@ class CoordinatorCore:
                 result.update.update_id, base_version=result.update.base_version,
                 digest=result.digest,
             )
+        decision = decide_norm(self._norm_rule, result.norm, self._norms, self._model_norm)
+        if decision.action == "reject":
+            assert decision.reject_bound is not None
+            return self._reject(
+                topic_device, "norm",
+                f"L2 norm {result.norm:.6g} exceeds the adaptive bound "
+                f"{decision.reject_bound:.4g} ({self._norm_rule.reject:g} x the clip bound, "
+                f"{decision.basis})",
+                result.update.update_id, base_version=result.update.base_version,
+                digest=result.digest,
+            )
         if self._round is not None:
-            return self._accept_in_round(topic_device, result, now)
-        return self._accept_buffered(topic_device, result, now)
+            return self._accept_in_round(topic_device, result, now, decision)
+        return self._accept_buffered(topic_device, result, now, decision)
 
     def on_status(self, device_id: str, payload: bytes, now: float) -> list[Action]:
         """A (retained) status payload arrived for ``device_id``; empty means cleared."""
@@ -698,6 +780,9 @@ class CoordinatorCore:
             "ended": self._ended,
             "counters": dict(self._counters),
             "round": round_info,
+            "norm_bound": decide_norm(
+                self._norm_rule, 0.0, self._norms, self._model_norm
+            ).clip_bound,
         }
 
     # -- internals -------------------------------------------------------------------------
@@ -757,8 +842,14 @@ class CoordinatorCore:
         )
         return [SendReceipt(device_id, receipt)]
 
-    def _accept(self, device_id: str, acc: Accepted, detail: str, coef: float) -> SendReceipt:
+    def _accept(
+        self, device_id: str, acc: Accepted, detail: str, coef: float, clip: float | None
+    ) -> SendReceipt:
         update = acc.update
+        if clip is not None:
+            detail += f"; clipped from L2 norm {acc.norm:.4g} to {clip:.4g}"
+        self._norms = pushed(self._norms, acc.norm, self._norm_rule.window)
+        self._journal.append(NormWindow(self._norms))
         self._counters["updates_accepted"] += 1
         self._counters["bytes_accepted"] += acc.size
         self._journal.append(Verdict(
@@ -768,7 +859,7 @@ class CoordinatorCore:
         self._journal.append(Pending(
             update.update_id, device_id, update.base_version, update.num_samples,
             acc.staleness, coef, acc.payload,
-            self._round.number if self._round is not None else None,
+            self._round.number if self._round is not None else None, clip,
         ))
         receipt = Receipt(
             update_id=update.update_id,
@@ -793,7 +884,9 @@ class CoordinatorCore:
         # with no presence known at all (no status messages), K as configured
         return 1 if self._devices else k
 
-    def _accept_buffered(self, device_id: str, acc: Accepted, now: float) -> list[Action]:
+    def _accept_buffered(
+        self, device_id: str, acc: Accepted, now: float, decision: NormDecision
+    ) -> list[Action]:
         k = self._buffer_target()
         cfg = self.config
         if not self._buffer_ids:
@@ -813,29 +906,37 @@ class CoordinatorCore:
         # weighs them by their capped n when the step is made), and so is every update under
         # differential privacy (its n is ignored: coordinator.privacy)
         coef = weight if self._kept is not None or cfg.privacy is not None else n * weight
-        self._buffer_add(self._clipped(acc.delta), n, coef, acc.update.update_id, device_id)
+        clip = _clip_bound(decision)
+        self._buffer_add(self._prepared(acc.delta, clip), n, coef, acc.update.update_id,
+                         device_id)
         count = len(self._buffer_ids)
-        actions: list[Action] = [self._accept(device_id, acc, f"buffered {count}/{k}", coef)]
+        actions: list[Action] = [
+            self._accept(device_id, acc, f"buffered {count}/{k}", coef, clip)
+        ]
         if count >= k:
             actions.extend(self._apply_buffer())
         return actions
 
-    def _clipped(self, delta: Mapping[str, np.ndarray], *, count: bool = True) -> State:
-        """``delta`` scaled down to the aggregator's clip bound, if it has one (to the DP
-        clip bound under differential privacy)."""
+    def _prepared(
+        self, delta: Mapping[str, np.ndarray], clip: float | None, *, count: bool = True
+    ) -> State:
+        """``delta`` scaled down to the DP clip bound under differential privacy, to the
+        aggregator's fixed clip bound (``+clip:B``) if it has one, then to the adaptive bound
+        ``clip`` it was given when accepted (never under DP, which switches the adaptive
+        bound off): the same operations, in the same order, when a stored update is put
+        back on resume."""
+        out = dict(delta)
+        scaled = False
         privacy = self.config.privacy
         if privacy is not None:
-            clipped, was_clipped = clip_update(delta, privacy.clip)
-            if count and was_clipped:
-                self._counters["updates_clipped"] += 1
-            return clipped
-        bound = self.config.spec.clip
-        if bound is None:
-            return dict(delta)
-        clipped, scale = clip_norm(delta, bound)
-        if count and scale < 1.0:
+            out, scaled = clip_update(out, privacy.clip)
+        for bound in (self.config.spec.clip, clip):
+            if bound is not None:
+                out, scale = clip_norm(out, bound)
+                scaled = scaled or scale < 1.0
+        if count and scaled:
             self._counters["updates_clipped"] += 1
-        return clipped
+        return out
 
     def _buffer_add(
         self, delta: Mapping[str, np.ndarray], num_samples: int, coef: float, update_id: str,
@@ -948,6 +1049,7 @@ class CoordinatorCore:
         self, new_state: Mapping[str, np.ndarray], reason: str, applied: tuple[str, ...]
     ) -> NewModel:
         self._state = _frozen(new_state, copy=False)  # fresh arrays from aggregation
+        self._model_norm = l2_norm(self._state)
         self._version += 1
         self._counters["models_published"] += 1
         self._journal.append(VersionMade(
@@ -959,7 +1061,9 @@ class CoordinatorCore:
 
     # FedAvg rounds
 
-    def _accept_in_round(self, device_id: str, acc: Accepted, now: float) -> list[Action]:
+    def _accept_in_round(
+        self, device_id: str, acc: Accepted, now: float, decision: NormDecision
+    ) -> list[Action]:
         rnd = self._round
         assert rnd is not None
         update = acc.update
@@ -977,8 +1081,9 @@ class CoordinatorCore:
             self._journal.append(
                 RoundFixed(rnd.number, rnd.version, tuple(sorted(rnd.participants)))
             )
+        clip = _clip_bound(decision)
         rnd.reported[device_id] = (
-            self._clipped(acc.delta), update.num_samples, update.update_id
+            self._prepared(acc.delta, clip), update.num_samples, update.update_id
         )
         rnd.waiting.discard(device_id)
         if rnd.started_at is None:
@@ -988,7 +1093,7 @@ class CoordinatorCore:
                 device_id,
                 acc,
                 f"round {rnd.number}: {len(rnd.reported)}/{len(rnd.participants)} reported",
-                float(update.num_samples),
+                float(update.num_samples), clip,
             )
         ]
         if not rnd.waiting:

@@ -76,8 +76,10 @@ class DemoConfig:
     max_versions: int | None = None
     duration: float = 180.0  # safety cap in seconds
     buffer_size: int = 4
-    aggregator: str = "mean"  # coordinator.aggregator_spec
-    # central differential privacy (coordinator.privacy); off while dp_noise is 0
+    # coordinator.aggregator_spec; None: agree, or mean with differential privacy
+    aggregator: str | None = None
+    # central differential privacy (coordinator.privacy); off while dp_noise is 0 (it also
+    # switches the adaptive norm bound off)
     dp_noise: float = 0.0
     dp_clip: float = 0.0
     dp_epsilon_budget: float = 0.0

@@ -20,6 +20,9 @@ The records:
   transaction.
 - :class:`RoundFixed`: a FedAvg round's participants, fixed by its first update.
 - :class:`RunEnded`: the run is over (``max_versions``, target accuracy, duration).
+- :class:`NormWindow`: the norms of the most recently accepted updates, from which the
+  adaptive norm bound is decided (``coordinator.norm_bound``); rewritten with every
+  accepted update, so a resumed run decides as the stopped one would have.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 __all__ = [
     "BufferDropped",
     "Ledger",
+    "NormWindow",
     "Pending",
     "Record",
     "RoundFixed",
@@ -72,6 +76,9 @@ class Pending:
     coef: float
     payload: bytes
     round_number: int | None = None  # FedAvg only
+    # the adaptive norm bound it was clipped to when accepted (coordinator.norm_bound), None
+    # if it was not: applied again on resume, so the buffer is rebuilt with the same bytes
+    clip: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,7 +111,14 @@ class RunEnded:
     reason: str
 
 
-Record = Verdict | Pending | VersionMade | BufferDropped | RoundFixed | RunEnded
+@dataclass(frozen=True)
+class NormWindow:
+    """The L2 norms of the most recently accepted updates, oldest first."""
+
+    norms: tuple[float, ...]
+
+
+Record = Verdict | Pending | VersionMade | BufferDropped | RoundFixed | RunEnded | NormWindow
 
 
 class Ledger(Protocol):

@@ -13,6 +13,8 @@ never a flattened copy of the whole model.
 - ``multi_krum``: score each delta by the sum of squared L2 distances to its ``n − f − 2``
   nearest others, average the ``m`` deltas with the lowest scores (Blanchard et al. 2017;
   ``m = 1`` is Krum). Needs ``n ≥ 2f + 3``.
+- ``agreeing_mean``: the mean of the deltas that point the same way as the coordinate-wise
+  median (a positive inner product with it); the median itself if none does.
 - ``clip_norm``: scale one delta down to a global L2 norm of at most ``bound``.
 - ``cap_sample_counts``: the weights a step's claimed sample counts may buy, each at most a
   multiple of the (lower) median claim of the step.
@@ -38,7 +40,9 @@ import numpy as np
 from coordinator.aggregation import State, _check_like, l2_norm
 
 __all__ = [
+    "AgreeResult",
     "KrumResult",
+    "agreeing_mean",
     "cap_sample_counts",
     "clip_norm",
     "coordinate_median",
@@ -193,6 +197,47 @@ def multi_krum(deltas: Deltas, f: int, m: int | None = None) -> KrumResult:
         stack = _stack([deltas[i] for i in selected], name)
         out[name] = _out(stack.mean(axis=0), np.shape(deltas[0][name]), dtype)
     return KrumResult(out, selected, tuple(scores))
+
+
+@dataclass(frozen=True, eq=False)
+class AgreeResult:
+    """``agreeing_mean``'s aggregate, the indices it averaged and every delta's inner
+    product with the median."""
+
+    aggregate: State
+    kept: tuple[int, ...]
+    dots: tuple[float, ...]
+
+
+def agreeing_mean(deltas: Deltas) -> AgreeResult:
+    """The mean of the deltas that agree with the coordinate-wise median ``m``.
+
+    Delta ``i`` is kept when its inner product with ``m`` (summed over all tensors, in
+    float64) is positive, i.e. it points into the same half-space as the median; the kept
+    ones are averaged, each counting once. If none is kept (``m`` is zero, or every delta is
+    orthogonal to or against it), the result is ``m``.
+
+    Why: a delta that reverses the common direction (a flipped sign, a flipped label set
+    pushing the other way) has a negative inner product with the median as long as fewer
+    than half of the deltas do so at each coordinate, and is dropped whole; the rest are
+    averaged, which wastes less of the honest updates than the median itself (the median of
+    a few non-IID updates is a noisy, shrunken step). It does not bound how long a kept
+    delta is: combine it with a norm bound."""
+    dtypes = _checked(deltas)
+    median = coordinate_median(deltas)
+    n = len(deltas)
+    dots = np.zeros(n, dtype=np.float64)
+    for name in dtypes:
+        stack = _stack(deltas, name)
+        dots += stack @ np.asarray(median[name], dtype=np.float64).reshape(-1)
+    kept = tuple(i for i in range(n) if dots[i] > 0)
+    if not kept:
+        return AgreeResult(median, (), tuple(float(d) for d in dots))
+    out: State = {}
+    for name, dtype in dtypes.items():
+        stack = _stack([deltas[i] for i in kept], name)
+        out[name] = _out(stack.mean(axis=0), np.shape(deltas[0][name]), dtype)
+    return AgreeResult(out, kept, tuple(float(d) for d in dots))
 
 
 def clip_norm(delta: Mapping[str, np.ndarray], bound: float) -> tuple[State, float]:

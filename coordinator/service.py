@@ -287,15 +287,8 @@ class CoordinatorService:
                 f"{'; '.join(conflicts)}. Resume it with the same task settings, start a new "
                 "run there with --new-run, or use another --state-dir"
             )
-        asked = str(self.config.aggregation().spec)
-        if snap.aggregator != asked:
-            raise StateError(
-                f"{where} holds run {snap.run_id} aggregated with --aggregator "
-                f"{snap.aggregator} (asked: {asked}); the aggregator is part of a run: resume "
-                f"it with --aggregator {snap.aggregator}, start a new run there with "
-                "--new-run, or use another --state-dir"
-            )
-        privacy = self.config.aggregation().privacy
+        # first, as the aggregator a resumed run keeps depends on it (a DP run's is mean)
+        privacy = self.config.privacy()
         asked_dp = "off" if privacy is None else privacy.mechanism
         if (snap.privacy or "off") != asked_dp or (privacy is not None
                                                    and snap.noise_secret is None):
@@ -304,6 +297,16 @@ class CoordinatorService:
                 f"{snap.privacy or 'off'} (asked: {asked_dp}); its noise and clip are part of "
                 "the run: resume it with the same --dp-noise and --dp-clip, start a new run "
                 "there with --new-run, or use another --state-dir"
+            )
+        if self.config.aggregator is None:  # not asked for: the run keeps its own
+            self.config = replace(self.config, aggregator=snap.aggregator)
+        asked = str(self.config.aggregation().spec)
+        if snap.aggregator != asked:
+            raise StateError(
+                f"{where} holds run {snap.run_id} aggregated with --aggregator "
+                f"{snap.aggregator} (asked: {asked}); the aggregator is part of a run: resume "
+                f"it with --aggregator {snap.aggregator}, start a new run there with "
+                "--new-run, or use another --state-dir"
             )
         changed = _changed_settings(stored, wanted)
         task = replace(
@@ -321,7 +324,7 @@ class CoordinatorService:
             state=snap.state, velocity=snap.velocity, counters=snap.counters,
             pending=snap.pending, round_fixed=snap.round, ended=None,
             now=time.monotonic(), model_codec=self.config.model_codec,
-            noise_secret=snap.noise_secret,
+            noise_secret=snap.noise_secret, norms=snap.norms,
         )
         self._check_model_fits(self.config.max_message_bytes)
         log.info(

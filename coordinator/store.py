@@ -28,7 +28,8 @@ after the service's callback has returned, follows the commit. Tables:
 
 - ``meta``: format, run id, the task (its wire form as JSON), the aggregator spec, the
   differential-privacy mechanism and the secret key of its noise (hex; it never leaves the
-  state directory), state, counters, FedAvg round;
+  state directory), state, counters, FedAvg round, the norms of the most recently accepted
+  updates;
 - ``model``: one row, the current version, its tensors and the server momentum;
 - ``pending``: accepted updates not yet applied, in arrival order (the FedBuff buffer or the
   open FedAvg round), with their raw payloads;
@@ -58,6 +59,7 @@ import numpy as np
 
 from coordinator.journal import (
     BufferDropped,
+    NormWindow,
     Pending,
     Record,
     RoundFixed,
@@ -72,6 +74,8 @@ from fedbus.tensor_map import pack_tensors, unpack_tensors
 __all__ = [
     "DB_FILE",
     "FORMAT",
+    "NORM_BOUND_FORMAT",
+    "PRIVACY_FORMAT",
     "HistoryRow",
     "RunSnapshot",
     "Store",
@@ -86,10 +90,18 @@ log = logging.getLogger(__name__)
 # a newer state. 2: the run's aggregator (meta "aggregator"; absent means "mean"), and with a
 # robust aggregator a pending update's coef is its staleness weight alone. A run aggregated
 # with the plain mean is still written as format 1, which every fedbus reads the same way.
-# 3: central differential privacy (meta "privacy", the mechanism, and "noise_secret"); a
+# 3: the adaptive norm bound: a pending update's clip bound (pending.clip) and the window of
+# recently accepted norms (meta "norms"). A new run without differential privacy is written
+# as format 3; an older run is raised to 3 by the first record that uses them (an older
+# fedbus would resume it without the clipping, so it must refuse it).
+# 4: central differential privacy (meta "privacy", the mechanism, and "noise_secret"); a
 # pending update's coef is its staleness weight alone. Only such runs are written as format
-# 3, so a fedbus that knows nothing of DP refuses to resume them (without their noise).
-FORMAT = 3
+# 4, so a fedbus that knows nothing of DP (format 3 or older) refuses to resume them
+# (without their noise). A DP run never uses the adaptive bound, and a run is never lowered:
+# raising to NORM_BOUND_FORMAT leaves a format-4 run at 4.
+NORM_BOUND_FORMAT = 3
+PRIVACY_FORMAT = 4
+FORMAT = PRIVACY_FORMAT
 DB_FILE = "state.db"
 LOCK_FILE = "lock"
 
@@ -110,7 +122,8 @@ CREATE TABLE IF NOT EXISTS pending (
     staleness INTEGER NOT NULL,
     coef REAL NOT NULL,
     round_number INTEGER,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    clip REAL
 );
 CREATE TABLE IF NOT EXISTS verdicts (
     update_id TEXT PRIMARY KEY,
@@ -184,6 +197,7 @@ class RunSnapshot:
     aggregator: str = "mean"  # the canonical aggregator spec the run was started with
     privacy: str | None = None  # PrivacySpec.mechanism of a run with differential privacy
     noise_secret: bytes | None = None  # the key of its noise
+    norms: tuple[float, ...] = ()  # norms of the most recently accepted updates
 
 
 class Store:
@@ -206,6 +220,9 @@ class Store:
                 f"{path} was written by a newer fedbus (state format {fmt}, this one "
                 f"reads {FORMAT}); upgrade fedbus"
             )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(pending)")}
+        if "clip" not in columns:  # a state directory of format 1 or 2
+            self._db.execute("ALTER TABLE pending ADD COLUMN clip REAL")
         self._seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM verdicts").fetchone()[0]
 
     def close(self) -> None:
@@ -230,7 +247,7 @@ class Store:
             raise StateError(f"{self.path} already holds run {self._meta('run_id')}")
         if (privacy is None) != (noise_secret is None):
             raise ValueError("a run with differential privacy needs a noise secret, and only it")
-        fmt = "3" if privacy is not None else "1" if aggregator == "mean" else "2"
+        fmt = str(PRIVACY_FORMAT if privacy is not None else NORM_BOUND_FORMAT)
         with self._transaction():
             self._set_meta("format", fmt)
             self._set_meta("run_id", run_id)
@@ -264,10 +281,11 @@ class Store:
             "SELECT version, state, velocity FROM model WHERE id = 0"
         ).fetchone()
         pending = tuple(
-            Pending(uid, dev, base, n, s, coef, bytes(payload), rnd)
-            for uid, dev, base, n, s, coef, rnd, payload in self._db.execute(
+            Pending(uid, dev, base, n, s, coef, bytes(payload), rnd,
+                    None if clip is None else float(clip))
+            for uid, dev, base, n, s, coef, rnd, payload, clip in self._db.execute(
                 "SELECT update_id, device, base_version, num_samples, staleness, coef, "
-                "round_number, payload FROM pending ORDER BY seq"
+                "round_number, payload, clip FROM pending ORDER BY seq"
             )
         )
         round_json = self._meta("round")
@@ -292,6 +310,7 @@ class Store:
             aggregator=self._meta("aggregator") or "mean",
             privacy=self._meta("privacy"),
             noise_secret=None if secret is None else bytes.fromhex(secret),
+            norms=tuple(float(v) for v in json.loads(self._meta("norms") or "[]")),
         )
 
     # -- the ledger (read while judging) ---------------------------------------------------
@@ -325,6 +344,12 @@ class Store:
             for record in records:
                 self._write(record, max_staleness, counters)
             self._set_meta("counters", json.dumps(dict(counters)))
+            uses_bound = any(
+                isinstance(r, NormWindow) or (isinstance(r, Pending) and r.clip is not None)
+                for r in records
+            )
+            if uses_bound and int(self._meta("format") or FORMAT) < NORM_BOUND_FORMAT:
+                self._set_meta("format", str(NORM_BOUND_FORMAT))
 
     def record_evaluation(
         self, version: int, accuracy: float | None, loss: float | None, at: float
@@ -353,9 +378,10 @@ class Store:
         elif isinstance(record, Pending):
             db.execute(
                 "INSERT INTO pending (update_id, device, base_version, num_samples, staleness, "
-                "coef, round_number, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "coef, round_number, payload, clip) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.update_id, record.device_id, record.base_version, record.num_samples,
-                 record.staleness, record.coef, record.round_number, record.payload),
+                 record.staleness, record.coef, record.round_number, record.payload,
+                 record.clip),
             )
             db.execute(
                 "INSERT OR REPLACE INTO work (device, base_version, update_id) VALUES (?, ?, ?)",
@@ -373,6 +399,8 @@ class Store:
                 "number": record.number, "version": record.version,
                 "participants": list(record.participants),
             }))
+        elif isinstance(record, NormWindow):
+            self._set_meta("norms", json.dumps(list(record.norms)))
         elif isinstance(record, RunEnded):
             self._set_meta("ended", record.reason)
             task = json.loads(self._meta("task") or "{}")

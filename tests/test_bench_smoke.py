@@ -65,3 +65,26 @@ def test_quick_run_writes_results_and_tables(tmp_path: Path) -> None:
     # --out keeps the repository's results untouched
     after = repo_results.read_bytes() if repo_results.exists() else None
     assert after == before
+
+
+def test_quick_poisoning_run_has_every_cell(tmp_path: Path) -> None:
+    """The poisoning benchmark drives the real core in-process (no broker): a quick run
+    writes one accuracy per data set, configuration and attack, and its table."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "poisoning", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    bench = json.loads((tmp_path / "results.json").read_text())["benchmarks"]["poisoning"]
+    assert "error" not in bench, bench.get("error")
+    details = bench["details"]
+    assert set(details["accuracy"]) == {"digits", "mnist"}
+    for configs in details["accuracy"].values():
+        assert set(configs) == set(details["configs"]) >= {"mean", "default"}
+        for cells in configs.values():
+            assert set(cells) == set(details["attacks"])
+            assert all(0.0 <= acc <= 1.0 for acc in cells.values())
+    assert _finite(bench["ours"]["median"]) and isinstance(bench["aim_met"], bool)
+    assert len(details["rows"]) == 2 * len(details["configs"]) * len(details["attacks"])
+    markdown = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- bench:poisoning:begin -->" in markdown and "held-out accuracy" in markdown

@@ -79,7 +79,11 @@ class Durable:
 
 
 def core(**config: Any) -> Any:
+    """A core with the plain mean and no adaptive norm bound unless asked (the expected
+    values of most tests here are worked out for the mean of the deltas as sent)."""
     start = config.pop("initial", initial())
+    config.setdefault("aggregator", "mean")
+    config.setdefault("norm_multiple", 0)
     store = Store(None)
     c = CoordinatorCore(TASK, start, AggregationConfig(**config), ledger=store)
     store.create_run(TASK.run_id, TASK.to_wire(), 0.0, c.state, c.counters)
@@ -686,14 +690,16 @@ def test_flush_applies_what_waits_and_end_refuses_later_updates() -> None:
 
 
 def test_journal_records_what_the_store_needs() -> None:
-    from coordinator.journal import Pending, Verdict, VersionMade
+    from coordinator.journal import NormWindow, Pending, Verdict, VersionMade
 
     raw = CoordinatorCore(TASK, initial(), AggregationConfig(buffer_size=2), ledger=Store(None))
     payload = upd("d1", 1.0, uid="a1")
     raw.on_update("d1", payload, now=0.0)
-    verdict, pending = raw.drain_journal()
+    window, verdict, pending = raw.drain_journal()
     assert isinstance(verdict, Verdict) and verdict.accepted and verdict.update_id == "a1"
     assert isinstance(pending, Pending) and pending.payload == payload
+    assert pending.clip is None  # a zero model gives no warm-up bound
+    assert isinstance(window, NormWindow) and window.norms == (math.sqrt(6),)
     raw.on_update("d2", upd("d2", 3.0, uid="a2"), now=0.0)
     records = raw.drain_journal()
     made = records[-1]
@@ -714,7 +720,10 @@ def test_journal_records_what_the_store_needs() -> None:
     ],
 )
 def test_resume_rebuilds_the_same_model_and_buffer(mode: str, aggregator: str) -> None:
-    c = core(mode=mode, buffer_size=3, server_momentum=0.0, aggregator=aggregator)
+    # with the adaptive norm bound: the zero start gives no warm-up bound, version 1's model
+    # gives one (half its norm) that clips the next two updates
+    c = core(mode=mode, buffer_size=3, server_momentum=0.0, aggregator=aggregator,
+             norm_multiple=2.0, norm_reject=100.0, norm_warmup=0.5)
     for d in ("d1", "d2", "d3"):
         c.on_status(d, status(d, "online"), now=0.0)
     for i, d in enumerate(("d1", "d2", "d3")):
@@ -727,11 +736,14 @@ def test_resume_rebuilds_the_same_model_and_buffer(mode: str, aggregator: str) -
     c.on_update(second[0], upd(second[0], -0.3, base=second[1], n=2), now=2.0)
     snap = c.store.load()
     assert [p.device_id for p in snap.pending] == ["d1", second[0]]
+    assert all(p.clip is not None for p in snap.pending)
+    assert len(snap.norms) == 5
     again = CoordinatorCore.resume(
         TASK, c.core.config, ledger=c.store, version=snap.version, state=snap.state,
         velocity=snap.velocity, counters=snap.counters, pending=snap.pending,
-        round_fixed=snap.round, ended=snap.ended, now=10.0,
+        round_fixed=snap.round, ended=snap.ended, now=10.0, norms=snap.norms,
     )
+    assert again.snapshot()["norm_bound"] == c.snapshot()["norm_bound"]
     assert again.version == c.version and again.counters == c.counters
     for name, value in c.state.items():
         assert again.state[name].shape == value.shape
@@ -796,7 +808,7 @@ def test_aggregators_that_fit_are_taken() -> None:
     assert AggregationConfig(aggregator="median", mode="fedasync").spec.kind == "median"
     # FedAvg rounds vary in size: a small round falls back to the median instead
     assert AggregationConfig(aggregator="krum:2:9", mode="fedavg").spec.f == 2
-    assert AggregationConfig().spec.kind == "mean"
+    assert AggregationConfig().spec.kind == "agree"  # the default defences
 
 
 def test_fedbuff_median_ignores_the_claimed_sample_count() -> None:

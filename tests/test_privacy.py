@@ -314,6 +314,62 @@ def test_inconsistent_privacy_settings_are_refused(kwargs: dict, match: str) -> 
     assert CoordinatorConfig(dp_noise=1.0, dp_clip=1.0).aggregation().privacy is not None
 
 
+def test_without_choices_dp_gets_the_plain_mean_and_no_adaptive_bound() -> None:
+    """DP's sensitivity needs a fixed clip and equal weights: the defaults (agree and the
+    adaptive norm bound) give way to the mean and no adaptive bound, when not asked for."""
+    private = CoordinatorConfig(dp_noise=1.0, dp_clip=1.0).aggregation()
+    assert str(private.spec) == "mean" and private.privacy is not None
+    assert private.norm_multiple == 0 and not private.norm_rule.enabled
+    core = AggregationConfig(privacy=PrivacySpec(1.0, 1.0))
+    assert str(core.spec) == "mean" and not core.norm_rule.enabled
+    plain = CoordinatorConfig().aggregation()  # without DP the defences stay the default
+    assert str(plain.spec) == "agree" and plain.norm_rule.enabled
+    assert plain.norm_multiple == 2.0
+    # an explicit "off" and an explicit mean are what DP uses anyway
+    explicit = CoordinatorConfig(dp_noise=1.0, dp_clip=1.0, aggregator="mean",
+                                 norm_multiple=0.0).aggregation()
+    assert str(explicit.spec) == "mean" and not explicit.norm_rule.enabled
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"norm_multiple": 2.0}, "drop --norm-multiple 2"),
+        ({"norm_reject": 4.0}, "drop --norm-reject"),
+        ({"norm_window": 16, "norm_warmup": 3.0}, "drop --norm-window, --norm-warmup"),
+        ({"aggregator": "agree"}, "needs --aggregator mean, not agree"),
+    ],
+)
+def test_dp_refuses_an_explicit_adaptive_bound_or_robust_aggregator(
+    kwargs: dict, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        CoordinatorConfig(dp_noise=1.0, dp_clip=1.0, **kwargs)
+    CoordinatorConfig(**kwargs)  # the same settings without DP are fine
+    if "norm_multiple" in kwargs:
+        with pytest.raises(ValueError, match="adaptive norm bound is off"):
+            AggregationConfig(privacy=PrivacySpec(1.0, 1.0), norm_multiple=2.0)
+
+
+def test_a_dp_run_judges_no_update_by_the_others_norms() -> None:
+    """After ten small updates a long one (within C) is refused by the default adaptive bound
+    without DP, and taken as it is (C is the only clip) with DP."""
+    private = dp_core(noise=1.0, clip=100.0, mode="fedasync")
+    store = Store(None)
+    plain_core = CoordinatorCore(TASK, {"w": np.zeros((2, 2), F32), "b": np.zeros(2, F32)},
+                                 AggregationConfig(mode="fedasync"), ledger=store)
+    store.create_run(TASK.run_id, TASK.to_wire(), 0.0, plain_core.state, plain_core.counters)
+    plain = Durable(plain_core, store)
+    for c in (private, plain):
+        for i in range(10):
+            c.on_update(f"d{i}", upd(f"d{i}", 0.01, base=i), now=float(i))
+        assert c.version == 10
+        c.on_update("x", upd("x", 5.0, base=10), now=10.0)  # norm 12.2: 500 x the others
+    assert plain.counters["rejected_norm"] == 1 and plain.version == 10
+    assert private.version == 11 and private.counters["updates_clipped"] == 0
+    assert private.counters.get("rejected_norm", 0) == 0
+
+
 def test_the_demo_takes_the_same_privacy_settings() -> None:
     from coordinator.demo import DemoConfig
 

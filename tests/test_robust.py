@@ -14,6 +14,7 @@ from coordinator.aggregator_spec import (
     robust_aggregate,
 )
 from coordinator.robust import (
+    agreeing_mean,
     cap_sample_counts,
     clip_norm,
     coordinate_median,
@@ -375,3 +376,31 @@ def test_capped_mean_weighs_by_capped_claims() -> None:
     assert out["x"][0] == pytest.approx((100 + 200 + 800) / 500)
     with pytest.raises(ValueError, match="not a capped mean"):
         capped_mean(parse_aggregator("mean"), points(1), [1])
+
+
+# -- agree: the mean of the deltas on the median's side --------------------------------------
+
+
+def test_agreeing_mean_drops_the_deltas_against_the_median() -> None:
+    deltas = [{"w": np.array([1.0, 1.0], np.float32)}, {"w": np.array([2.0, 0.0], np.float32)},
+              {"w": np.array([-3.0, -3.0], np.float32)}]
+    # median per coordinate: (1, 0); inner products 1, 2, -3: the third is dropped
+    result = agreeing_mean(deltas)
+    assert result.kept == (0, 1) and result.dots == (1.0, 2.0, -3.0)
+    np.testing.assert_array_equal(result.aggregate["w"], np.array([1.5, 0.5], np.float32))
+    assert result.aggregate["w"].dtype == np.float32
+    spec = parse_aggregator("agree+clip:2")
+    assert str(spec) == "agree+clip:2" and spec.robust and spec.min_updates == 1
+    agg, fell_back = robust_aggregate(spec, deltas)
+    assert not fell_back
+    np.testing.assert_array_equal(agg["w"], result.aggregate["w"])
+
+
+def test_agreeing_mean_with_nothing_agreeing_is_the_median() -> None:
+    deltas = [{"w": np.array([1.0, 0.0], np.float32)}, {"w": np.array([-1.0, 0.0], np.float32)}]
+    result = agreeing_mean(deltas)  # median (0, 0): no positive inner product
+    assert result.kept == ()
+    np.testing.assert_array_equal(result.aggregate["w"], np.zeros(2, np.float32))
+    one = agreeing_mean([{"w": np.array([3.0, -4.0], np.float32)}])
+    assert one.kept == (0,)
+    np.testing.assert_array_equal(one.aggregate["w"], np.array([3.0, -4.0], np.float32))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from inmemory import ARGS, TOPICS, Device, Running, wait_for
 
+from coordinator.aggregator_spec import DEFAULT_AGGREGATOR
 from coordinator.config import CoordinatorConfig
 from coordinator.service import CoordinatorService
 from fedbus.envelope import pack, unpack
@@ -246,7 +247,7 @@ def test_the_aggregator_is_part_of_the_run(broker: MemoryBroker, tmp_path: Path)
     running.stop()
     with pytest.raises(StateError, match=r"aggregated with --aggregator median\+clip:50 "
                        r"\(asked: mean\)"):
-        _service(state_dir=state, buffer_size=3)
+        _service(state_dir=state, buffer_size=3, aggregator="mean")
     with pytest.raises(StateError, match="asked: median"):
         _service(state_dir=state, buffer_size=3, aggregator="median")
     # the same aggregator, written another way, resumes the same buffer
@@ -256,6 +257,32 @@ def test_the_aggregator_is_part_of_the_run(broker: MemoryBroker, tmp_path: Path)
         for name, value in mine.items():
             assert theirs[name].tobytes() == value.tobytes()
     resumed.close()
+    # not asking for one resumes with the run's own
+    kept_own = _service(state_dir=state, buffer_size=3)
+    assert str(kept_own.core.config.spec) == "median+clip:50" and kept_own.core.buffered == 2
+    kept_own.close()
+
+
+def test_a_run_of_the_old_default_resumes_with_it(tmp_path: Path):
+    """A state directory made when the mean was the default (no aggregator recorded) keeps
+    the mean when the coordinator is restarted without --aggregator; only asking for
+    another aggregator explicitly is refused."""
+    state = tmp_path / "run"
+    old = _service(state_dir=state, aggregator="mean")
+    old.close()
+    db = sqlite3.connect(state / "state.db")  # as the earlier fedbus wrote it
+    db.execute("DELETE FROM meta WHERE key = 'aggregator'")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'format'")
+    db.commit()
+    db.close()
+    resumed = _service(state_dir=state)
+    assert resumed.resumed and str(resumed.core.config.spec) == "mean"
+    resumed.close()
+    with pytest.raises(StateError, match=r"aggregated with --aggregator mean \(asked: agree\)"):
+        _service(state_dir=state, aggregator="agree")
+    fresh = _service(state_dir=tmp_path / "new")
+    assert str(fresh.core.config.spec) == DEFAULT_AGGREGATOR == "agree"
+    fresh.close()
 
 
 def test_one_coordinator_per_state_directory(tmp_path: Path):

@@ -10,8 +10,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.journal import BufferDropped, Pending, RoundFixed, RunEnded, Verdict, VersionMade
-from coordinator.store import DB_FILE, FORMAT, StateLock, Store, archive_run
+from coordinator.journal import (
+    BufferDropped,
+    NormWindow,
+    Pending,
+    RoundFixed,
+    RunEnded,
+    Verdict,
+    VersionMade,
+)
+from coordinator.store import (
+    DB_FILE,
+    FORMAT,
+    NORM_BOUND_FORMAT,
+    PRIVACY_FORMAT,
+    StateLock,
+    Store,
+    archive_run,
+)
 from fedbus.errors import StateError
 
 F32 = np.float32
@@ -52,24 +68,22 @@ def test_a_new_run_round_trips_exactly(tmp_path: Path) -> None:
         Store(tmp_path / DB_FILE).create_run("r2", TASK, 1.0, STATE, {})
 
 
-def test_the_aggregator_is_kept_and_only_a_robust_one_needs_the_newer_format(
-    tmp_path: Path,
-) -> None:
+def test_the_aggregator_is_kept_and_a_new_run_has_the_newest_format(tmp_path: Path) -> None:
     def fmt(path: Path) -> str:
         db = sqlite3.connect(path)
         value = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0]
         db.close()
         return str(value)
 
-    new_store(tmp_path / DB_FILE).close()  # the mean: readable by any fedbus
+    new_store(tmp_path / DB_FILE).close()
     assert Store(tmp_path / DB_FILE).load().aggregator == "mean"
-    assert fmt(tmp_path / DB_FILE) == "1"
+    assert fmt(tmp_path / DB_FILE) == str(NORM_BOUND_FORMAT) == "3"
     robust = tmp_path / "robust.db"
     store = Store(robust)
     store.create_run("r1", TASK, 1.0, STATE, {}, aggregator="krum:1+clip:5")
     store.close()
     assert Store(robust).load().aggregator == "krum:1+clip:5"
-    assert fmt(robust) == "2"
+    assert fmt(robust) == str(NORM_BOUND_FORMAT) == "3"
     private = tmp_path / "private.db"
     store = Store(private)
     store.create_run("r1", TASK, 1.0, STATE, {}, privacy="gaussian:1+clip:0.5",
@@ -77,10 +91,50 @@ def test_the_aggregator_is_kept_and_only_a_robust_one_needs_the_newer_format(
     store.close()
     snap = Store(private).load()
     assert (snap.privacy, snap.noise_secret) == ("gaussian:1+clip:0.5", b"k" * 32)
-    assert fmt(private) == str(FORMAT) == "3"  # a fedbus without DP refuses it
+    # a fedbus without DP (it reads format 3 at most) refuses it
+    assert fmt(private) == str(FORMAT) == str(PRIVACY_FORMAT) == "4"
     assert (Store(robust).load().privacy, Store(robust).load().noise_secret) == (None, None)
     with pytest.raises(ValueError, match="noise secret"):
         Store(tmp_path / "x.db").create_run("r1", TASK, 1.0, STATE, {}, privacy="gaussian:1")
+    store = Store(private)  # the adaptive bound's records never lower a DP run to 3
+    store.commit([NormWindow((0.5,))], {})
+    store.close()
+    assert fmt(private) == "4"
+
+
+def test_an_older_run_gains_the_clip_column_and_the_newer_format_when_it_uses_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / DB_FILE
+    new_store(path).close()
+    db = sqlite3.connect(path)  # as fedbus with format 1 wrote it: no pending.clip
+    db.execute("DROP TABLE pending")
+    db.execute(
+        "CREATE TABLE pending (seq INTEGER PRIMARY KEY AUTOINCREMENT, update_id TEXT NOT NULL "
+        "UNIQUE, device TEXT NOT NULL, base_version INTEGER NOT NULL, num_samples INTEGER NOT "
+        "NULL, staleness INTEGER NOT NULL, coef REAL NOT NULL, round_number INTEGER, "
+        "payload BLOB NOT NULL)"
+    )
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'format'")
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.load().norms == ()
+    store.commit([Pending("u1", "d1", 0, 3, 0, 1.0, b"x")], {})
+    assert store.load().pending[0].clip is None
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "1"
+    db.close()
+    store = Store(path)
+    store.commit([Pending("u2", "d2", 0, 3, 0, 1.0, b"y", None, 0.25),
+                  NormWindow((0.5, 0.125))], {})
+    snap = store.load()
+    assert [p.clip for p in snap.pending] == [None, 0.25] and snap.norms == (0.5, 0.125)
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "3"
+    db.close()
 
 
 def test_accepted_updates_wait_in_order_until_a_version_applies_them(tmp_path: Path) -> None:

@@ -61,17 +61,35 @@ HELPS = {
     "server_momentum": "Server momentum (0 disables it).",
     "staleness": "Staleness weighting: sqrt (1/sqrt(1+s)), poly, hinge or constant.",
     "max_staleness": "Reject updates more than this many versions behind.",
-    "max_norm": "Reject updates whose L2 norm exceeds this bound.",
+    "max_norm": "Fixed ceiling: reject updates whose L2 norm exceeds it, whatever the "
+    "adaptive bound says.",
+    "norm_multiple": "Adaptive norm bound: clip updates above this multiple of the median L2 "
+    "norm of the last --norm-window accepted updates (before 8 are known: above "
+    "--norm-warmup x the global model's norm); 0 switches it off and leaves only --max-norm. "
+    "Default 2, and off with --dp-noise.",
+    "norm_warmup": "Adaptive norm bound, start of a run: until 8 norms are known, clip "
+    "updates above this multiple of the global model's L2 norm (nothing is refused then). "
+    "Default 4.",
+    "norm_reject": "Adaptive norm bound: reject updates above this multiple of the clip "
+    "bound (reason norm) instead of clipping them. Default 4.",
+    "norm_window": "Adaptive norm bound: how many recently accepted norms it is taken from "
+    "(default 64).",
     "round_deadline": "FedAvg: seconds to wait for a round's devices.",
-    "aggregator": "How a step combines its updates: mean (sample-weighted, the default), "
-    "median, trimmed:FRACTION (dropped from each end) or krum:F[:M] (F hostile updates "
-    "assumed), optionally +clip:BOUND (every update scaled down to that L2 norm first); "
+    "aggregator": "How a step combines its updates: agree (the default for a new run, a "
+    "resumed run keeps its own: the mean of the updates on the side of the step's "
+    "coordinate-wise median), median, mean (sample-weighted, trusts the claimed counts), "
+    "trimmed:FRACTION (dropped from each end) or krum:F[:M] (F hostile updates assumed), "
+    "optionally "
+    "+clip:BOUND (every update scaled down to that L2 norm first); "
     "the mean also takes +cap:MULTIPLE (a claimed sample count weighs at most MULTIPLE x the "
     "median claim of its step); e.g. median, trimmed:0.2, krum:1+clip:5, mean+cap:2. Robust "
-    "ones count each update once. Part of the run: a restart with another one is refused.",
+    "ones count each update once. Part of the run: a restart asking for another one is "
+    "refused. With --dp-noise the default is mean, and only mean is accepted.",
     "dp_noise": "Central differential privacy: the noise multiplier sigma (0: off). Every "
     "step gets Gaussian noise of std sigma x --dp-clip / K, K being --buffer-size (1 in "
-    "fedasync); needs --aggregator mean. Part of the run.",
+    "fedasync); needs --aggregator mean (the default with it) and switches the adaptive norm "
+    "bound off (--dp-clip is the bound; the --norm-* settings are refused with it, except "
+    "--norm-multiple 0). Part of the run.",
     "dp_clip": "Differential privacy: the L2 bound every update is clipped to (C). Part of the "
     "run.",
     "dp_delta": "Differential privacy: the delta at which epsilon is reported.",

@@ -33,10 +33,12 @@ HELPS = {
     "devices": "Number of simulated devices (each a real `fedbus agent` process). "
     + _defaults("devices"),
     "mode": "Aggregation: fedbuff, fedasync or fedavg (synchronous rounds).",
-    "aggregator": "How a step combines updates: mean, median, trimmed:FRACTION or "
-    "krum:F[:M], optionally +clip:BOUND (see fedbus coordinator --help).",
+    "aggregator": "How a step combines updates: agree (default; mean with --dp-noise), mean, "
+    "median, trimmed:FRACTION or krum:F[:M], optionally +clip:BOUND (see fedbus coordinator "
+    "--help).",
     "dp_noise": "Central differential privacy: noise multiplier sigma (0: off); needs "
-    "--dp-clip and --aggregator mean (see fedbus coordinator --help).",
+    "--dp-clip and --aggregator mean, and switches the adaptive norm bound off (see fedbus "
+    "coordinator --help).",
     "dp_clip": "Differential privacy: the L2 bound every update is clipped to.",
     "dp_epsilon_budget": "Differential privacy: end the run before a step would spend more than "
     "this epsilon at delta 1e-5 (0: no budget).",
