@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.config import CoordinatorConfig
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
@@ -46,6 +47,7 @@ from coordinator.store import DB_FILE, HistoryRow, StateLock, Store, archive_run
 from fedbus.envelope import pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
 from fedbus.messages import ModelSpec, Task, TrainSpec, new_run_id
+from fedbus.signing import ensure_private_key, key_text, load_private_key, sign_message
 from fedbus.topics import Topics
 from fedbus.transport import (
     ConnectionSettings,
@@ -64,6 +66,7 @@ log = logging.getLogger(__name__)
 # stop reasons that end the run (a stop requested by a signal only stops this process)
 _STOP_REQUESTED = "stop requested"
 _FINAL_PUBLISH_WAIT = 5.0  # seconds to wait for the broker to take the last messages
+SIGNING_KEY_FILE = "signing.key"  # in the state directory; its public key in signing.pub
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class CoordinatorService:
         self._lock_file: StateLock | None = None
         self.store = self._open_store(config.state_dir, new_run)
         try:
+            self._signing_key = _load_signing_key(config)
             self._set_up(config, eval_x, eval_y)
         except BaseException:
             self.close()
@@ -325,7 +329,7 @@ class CoordinatorService:
     def _check_model_fits(self, limit: int) -> None:
         """Refuse to start with a model the broker would not carry (it would disconnect us
         on every attempt to publish it)."""
-        size = len(pack(self.core.model_message(time.time()).to_wire()))
+        size = len(self._model_payload())
         headroom = 1024  # topic name, properties and fixed header of the PUBLISH packet
         if size + headroom > limit:
             raise ConfigError(
@@ -357,10 +361,10 @@ class CoordinatorService:
         self.client.start()
         log.info(
             "coordinator: task %s run %s (%s %s), mode %s, aggregator %s, codec %s, model "
-            "codec %s; broker %s:%d",
+            "codec %s; broker %s:%d; signing with %s",
             self.task.task_id, self.task.run_id, self.task.model.arch, self.task.model.args,
             self.config.mode, self.core.config.spec, self.task.codec, self.config.model_codec,
-            self.config.host, self.config.broker_port(),
+            self.config.host, self.config.broker_port(), key_text(self._signing_key),
         )
         stop_reason = _STOP_REQUESTED
         try:
@@ -433,7 +437,7 @@ class CoordinatorService:
             self._commit()
             self._carry_out(actions)
             self.task = replace(self.task, state="ended", end_reason=reason)
-            last = [self._publish(self.topics.task, pack(self.task.to_wire()), retain=True)]
+            last = [self._publish(self.topics.task, self._task_payload(), retain=True)]
         log.info("run %s ended (%s): told the devices", self.task.run_id, reason)
         deadline = time.monotonic() + _FINAL_PUBLISH_WAIT
         for result in last:
@@ -576,12 +580,22 @@ class CoordinatorService:
 
     # -- publishing, evaluation, history -------------------------------------------------
 
+    def _signed(self, topic: str, message: dict[str, Any]) -> bytes:
+        """The payload of a task or model: packed, with the coordinator's signature."""
+        return sign_message(self._signing_key, topic, pack(message))
+
+    def _task_payload(self) -> bytes:
+        return self._signed(self.topics.task, self.task.to_wire())
+
+    def _model_payload(self) -> bytes:
+        return self._signed(self.topics.model, self.core.model_message(time.time()).to_wire())
+
     def _publish_task_and_model(self) -> None:
-        self._publish(self.topics.task, pack(self.task.to_wire()), retain=True)
+        self._publish(self.topics.task, self._task_payload(), retain=True)
         self._publish_model()
 
     def _publish_model(self) -> None:
-        payload = pack(self.core.model_message(time.time()).to_wire())
+        payload = self._model_payload()
         try:
             self._publish(self.topics.model, payload, retain=True)
         except MessageTooLarge as exc:
@@ -655,6 +669,35 @@ class CoordinatorService:
         """Every version of the run so far, with its evaluation (from the store)."""
         with self._lock:
             return [_version_record(r, self.task.created_at) for r in self.store.history()]
+
+
+def _load_signing_key(config: CoordinatorConfig) -> Ed25519PrivateKey:
+    """The key tasks and models are signed with: the state directory's ``signing.key``,
+    made once (adopting ``config.signing_key`` when given) and kept across restarts and
+    new runs, so devices keep trusting the directory's coordinator. Without a state
+    directory: ``config.signing_key``, or a key for this process only.
+
+    A state directory whose key is not ``config.signing_key`` (e.g. a broker set up anew,
+    whose credentials file gives devices another key) is a ``ConfigError``: every device
+    would ignore every task and model."""
+    wanted = config.signing_key
+    if config.state_dir is None:
+        if wanted is not None:
+            return load_private_key(Path(wanted))
+        log.warning("no state directory: signing with a key made for this process only")
+        return Ed25519PrivateKey.generate()
+    path = Path(config.state_dir) / SIGNING_KEY_FILE
+    key = ensure_private_key(path, adopt=Path(wanted) if wanted is not None else None)
+    if wanted is not None:
+        given = load_private_key(Path(wanted))
+        if key_text(given) != key_text(key):
+            raise ConfigError(
+                f"the state directory {config.state_dir} signs with {key_text(key)} "
+                f"({path}), but the signing key {wanted} is {key_text(given)}: devices given "
+                f"that key would ignore every task and model. Use the state directory made "
+                f"with that key, or another --state-dir"
+            )
+    return key
 
 
 def _version_record(row: HistoryRow, created_at: float) -> VersionRecord:

@@ -3,7 +3,8 @@
 ``LocalBroker`` writes everything one broker instance needs into a working directory: a
 password file (hashed by ``mosquitto_passwd``) with random passwords for the coordinator
 and each device, the ACL for the topic prefix, a certificate authority with the broker's
-server certificate and a client certificate per account (``tls/``, see ``fedbus.pki``), a
+server certificate and a client certificate per account (``tls/``, see ``fedbus.pki``), the
+coordinator's Ed25519 signing key (``signing/coordinator.key``, see ``fedbus.signing``), a
 ``mosquitto.conf`` made of the shipped policy (``broker_config/mosquitto.conf``, and after
 each listener line ``listener.conf`` plus ``tls.conf`` or ``mtls.conf``) plus the instance
 lines, and ``credentials.json`` (mode 0600) that ``fedbus coordinator`` and ``fedbus agent``
@@ -44,7 +45,7 @@ from broker_config import (
     POLICY_FILE,
     TLS_POLICY_FILE,
 )
-from fedbus import pki
+from fedbus import pki, signing
 from fedbus.errors import ConfigError, FedbusError
 from fedbus.processes import terminate
 from fedbus.tls import is_loopback
@@ -292,6 +293,18 @@ class LocalBroker:
         return self._workdir / "credentials.json"
 
     @property
+    def signing_key_file(self) -> Path:
+        """The coordinator's Ed25519 signing key (made once, mode 0600, never replaced); its
+        public key is ``signing/coordinator.pub`` and the credentials file's
+        ``coordinator_key``."""
+        return self._workdir / "signing" / "coordinator.key"
+
+    @property
+    def coordinator_key(self) -> str:
+        """The coordinator's public key as text (``ed25519:...``), once the broker started."""
+        return signing.key_text(signing.load_private_key(self.signing_key_file))
+
+    @property
     def log_file(self) -> Path:
         return self._workdir / "mosquitto.log"
 
@@ -390,6 +403,7 @@ class LocalBroker:
         _write_password_file(self._workdir / "passwd", accounts, passwd_tool)
         (self._workdir / "fedbus.acl").write_text(render_acl(self._prefix))
         self._write_certificates()
+        signing.ensure_private_key(self.signing_key_file)
 
     def _write_certificates(self) -> None:
         """The CA (made once, never replaced), a server certificate that names this broker
@@ -531,7 +545,12 @@ class LocalBroker:
                 "ca_file": str(self.ca_file.relative_to(self._workdir)),
             },
             "prefix": self._prefix,
-            "coordinator": entry(self.coordinator),
+            # the public key devices verify tasks and models with (fedbus.signing)
+            "coordinator_key": self.coordinator_key,
+            "coordinator": {
+                **entry(self.coordinator),
+                "signing_key_file": str(self.signing_key_file.relative_to(self._workdir)),
+            },
             "devices": {d: entry(c) for d, c in self.devices.items()},
         }
         _write_private(self.credentials_file, json.dumps(data, indent=2) + "\n")

@@ -8,13 +8,16 @@ Layout (JSON)::
              "mtls_port": 8884,     # mutual TLS, client certificate = username
              "ca_file": "tls/ca.crt"},
      "prefix": "fedbus",
+     "coordinator_key": "ed25519:...",  # the public key tasks and models are signed with
      "coordinator": {"username": "coordinator", "password": "...",
                      "cert_file": "tls/clients/coordinator.crt",
-                     "key_file": "tls/clients/coordinator.key"},
-     "devices": {"device-01": {...same keys...}}}
+                     "key_file": "tls/clients/coordinator.key",
+                     "signing_key_file": "signing/coordinator.key"},
+     "devices": {"device-01": {...same keys but signing_key_file...}}}
 
 Relative paths are relative to the directory of the credentials file. ``tls``, ``cert_file``
-and ``key_file`` are absent from files written before fedbus spoke TLS.
+and ``key_file`` are absent from files written before fedbus spoke TLS, ``coordinator_key``
+and ``signing_key_file`` from files written before tasks and models were signed.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class BrokerAccess:
     ca_file: Path | None = None
     cert_file: Path | None = None  # this account's client certificate, if issued
     key_file: Path | None = None
+    coordinator_key: str | None = None  # the coordinator's public key, "ed25519:..."
+    signing_key_file: Path | None = None  # this account's signing key (the coordinator's)
 
     def port_for(self, *, tls: bool, client_certificate: bool) -> int:
         """The port to connect to: plain, TLS (password) or mutual TLS."""
@@ -85,6 +90,8 @@ def read_credentials(path: str | Path, username: str) -> BrokerAccess:
             ca_file=_path(base, tls.get("ca_file")),
             cert_file=_path(base, account.get("cert_file")),
             key_file=_path(base, account.get("key_file")),
+            coordinator_key=_text(data.get("coordinator_key")),
+            signing_key_file=_path(base, account.get("signing_key_file")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"credentials file {path} is not in the expected format: {exc}") from None
@@ -97,6 +104,14 @@ def _port(value: Any) -> int | None:
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} out of range")
     return port
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
 
 
 def _path(base: Path, value: Any) -> Path | None:

@@ -81,7 +81,8 @@ def load_process_config(
     where no flag, environment variable or config-file key gave them (so it ranks just above
     the defaults, keeping the one precedence), and the password when none was given
     otherwise. Its port is the TLS one (the mutual-TLS one with ``tls_cert``) unless TLS is
-    turned off or a port is given.
+    turned off or a port is given. Likewise the coordinator's public key (an agent's
+    ``coordinator_key``) and the coordinator's ``signing_key``.
     """
     from fedbus.config import load_config
     from fedbus.credentials import read_credentials
@@ -117,6 +118,13 @@ def load_process_config(
         on = tls if tls is not None else cfg.uses_tls()  # type: ignore[attr-defined]
         if on and not given("tls_ca") and access.ca_file is not None:
             filled["tls_ca"] = access.ca_file
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if "coordinator_key" in names and access.coordinator_key and not given(
+            "coordinator_key"
+        ):
+            filled["coordinator_key"] = access.coordinator_key
+        if "signing_key" in names and access.signing_key_file and not given("signing_key"):
+            filled["signing_key"] = access.signing_key_file
         cfg = load(filled)
         password = password or access.password
     cert = cfg.tls_cert  # type: ignore[attr-defined]

@@ -23,7 +23,8 @@ HELPS = {
     "port": "Broker port (default 8883 with TLS, 1883 without).",
     "password": "MQTT password; prefer the environment variable over the flag.",
     "credentials": "credentials.json from `fedbus broker`: supplies host, port, prefix, "
-    "password and the CA (its TLS port unless --no-tls or --port is given).",
+    "password, the CA and the coordinator's public key (its TLS port unless --no-tls or "
+    "--port is given).",
     "tls": "TLS, verifying the broker's certificate (CA and host name). Default: on for any "
     "host beyond loopback, with --tls-ca/--tls-cert, and with --credentials of a TLS broker; "
     "--no-tls: plain MQTT.",
@@ -34,6 +35,10 @@ HELPS = {
     "tls_key": "Private key (PEM) of --tls-cert.",
     "insecure_plaintext": "Allow plain MQTT (--no-tls) to a host beyond loopback: passwords, "
     "models and updates then cross the network in clear text.",
+    "coordinator_key": "The coordinator's public key (ed25519:... text, or a file holding it or "
+    "a PEM public key): tasks and models without its valid signature are ignored. Default: "
+    "the credentials file's coordinator_key; with neither, tasks and models are accepted "
+    "unsigned (a warning at start-up).",
     "prefix": "Topic prefix shared with the coordinator.",
     "keepalive": "MQTT keepalive in seconds; the broker declares a silent device offline after "
     "1.5 times this.",
