@@ -184,20 +184,20 @@ class Agent:
                 self._task_bytes = msg.payload
             self._wake.set()
         elif msg.topic == self.topics.model:
-            if self._signed_by_coordinator(msg.topic, msg.payload):
+            if self._signed_by_coordinator(msg.topic, msg.payload,
+                                           self.config.max_model_bytes):
                 self._keep_newest_model(msg.payload)
         elif msg.topic == self.topics.receipt(self.config.device_id):
             self._receipts.put(msg.payload)
             self._wake.set()
 
-    def _signed_by_coordinator(self, topic: str, payload: bytes) -> bool:
+    def _signed_by_coordinator(self, topic: str, payload: bytes, max_bytes: int) -> bool:
         """True if ``payload`` may be acted on: it carries the coordinator's valid signature
         for ``topic``, or this agent has no key to check it with. Otherwise one log line and
-        a count (either thread may call this)."""
-        if self._verifier is None:
+        a count (either thread may call this). A payload over ``max_bytes`` is left to the
+        decoder, which refuses it (``too_large``) without reading it."""
+        if self._verifier is None or len(payload) > max_bytes:
             return True
-        if len(payload) > self.config.max_model_bytes:
-            return True  # too large to be ours: the decoder refuses it without reading it
         try:
             self._verifier.verify(topic, payload)
         except SignatureError as exc:
@@ -335,7 +335,7 @@ class Agent:
         if task_bytes is self._decoded_task_bytes:
             return self._task
         self._decoded_task_bytes = task_bytes
-        if not self._signed_by_coordinator(self.topics.task, task_bytes):
+        if not self._signed_by_coordinator(self.topics.task, task_bytes, _SMALL.max_bytes):
             return self._task
         try:
             task = Task.from_wire(unpack(task_bytes, "task", _SMALL))

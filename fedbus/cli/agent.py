@@ -93,6 +93,10 @@ def agent(config_file: Path | None, **flags: Any) -> None:
         AgentConfig, flags, env_prefix=ENV_PREFIX, config_file=config_file, section="agent",
         username=lambda c: c.device_id,
     )
+    if cfg.coordinator_key:  # a bad key is one line before the data is loaded
+        from fedbus.signing import load_public_key
+
+        load_public_key(cfg.coordinator_key)
     x, y = load_local_data(cfg.data)
     runner = Agent(cfg, LocalData(x, y), password=password)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -103,3 +107,6 @@ def agent(config_file: Path | None, **flags: Any) -> None:
         cfg.device_id, stats.updates_published, stats.receipts_accepted,
         stats.receipts_rejected, stats.bytes_uploaded,
     )
+    if stats.bad_signatures:
+        log.warning("%d task or model message(s) ignored: not signed by the coordinator",
+                    stats.bad_signatures)
