@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from inmemory import Running, wait_for
 
 from coordinator.config import CoordinatorConfig
@@ -125,6 +127,17 @@ def test_every_flipped_byte_is_refused() -> None:
             damaged[i] ^= bit
             with pytest.raises(SignatureError):
                 verify_message(PUBLIC, TOPICS.task, bytes(damaged))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.builds(
+    lambda body, cut, junk: body[:cut] + junk + body[cut:],
+    st.just(sign_message(KEY, "fedbus/task", pack({"v": 2, "kind": "task", "run": "r1"}))),
+    st.integers(0, 90), st.binary(min_size=1, max_size=8)))
+def test_arbitrary_bytes_raise_only_signature_errors(payload: bytes) -> None:
+    """What the agent's network thread may meet: nothing but SignatureError escapes."""
+    with pytest.raises(SignatureError):
+        verify_message(PUBLIC, TOPICS.task, payload)
 
 
 @pytest.mark.parametrize(("payload", "reason"), [
