@@ -47,7 +47,14 @@ from coordinator.store import DB_FILE, HistoryRow, StateLock, Store, archive_run
 from fedbus.envelope import pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
 from fedbus.messages import ModelSpec, Task, TrainSpec, new_run_id
-from fedbus.signing import ensure_private_key, key_text, load_private_key, sign_message
+from fedbus.signing import (
+    SignatureError,
+    ensure_private_key,
+    key_text,
+    load_private_key,
+    sign_message,
+    verify_message,
+)
 from fedbus.topics import Topics
 from fedbus.transport import (
     ConnectionSettings,
@@ -67,6 +74,9 @@ log = logging.getLogger(__name__)
 _STOP_REQUESTED = "stop requested"
 _FINAL_PUBLISH_WAIT = 5.0  # seconds to wait for the broker to take the last messages
 SIGNING_KEY_FILE = "signing.key"  # in the state directory; its public key in signing.pub
+# after someone else wrote the task or model topic, publish ours again at most this often
+# (two coordinators on one prefix would otherwise answer each other without end)
+_RESTORE_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,10 @@ class CoordinatorService:
             self.close()
             raise
         self.bytes_model_published = 0  # every model payload sent, re-publishes included
+        # tasks and models someone else published on our topics (an ACL mistake, a replay)
+        self.foreign_publications = 0
+        self._restore_at: float | None = None  # when to publish ours again (monotonic)
+        self._last_restore = -_RESTORE_INTERVAL
         self.evaluator = None
         if eval_x is not None and eval_y is not None:
             self.evaluator = Evaluator(self.task, eval_x, eval_y)
@@ -339,9 +353,11 @@ class CoordinatorService:
             )
 
     def counters(self) -> dict[str, int]:
-        """The core's counters plus ``bytes_model_published`` (this shell's publishes)."""
+        """The core's counters plus this shell's: ``bytes_model_published`` and
+        ``foreign_publications``."""
         with self._lock:
-            return {**self.core.counters, "bytes_model_published": self.bytes_model_published}
+            return {**self.core.counters, "bytes_model_published": self.bytes_model_published,
+                    "foreign_publications": self.foreign_publications}
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -353,6 +369,9 @@ class CoordinatorService:
             self.topics.all_updates, qos=1, no_local=True, retain_as_published=True
         )
         self.client.subscribe(self.topics.all_status, qos=1)
+        # our own topics, to notice what someone else publishes there (not our own: No Local)
+        for topic in (self.topics.task, self.topics.model):
+            self.client.subscribe(topic, qos=0, no_local=True)
         self._started = time.monotonic()
         if self.resumed:
             self._record_missing()
@@ -370,6 +389,7 @@ class CoordinatorService:
         try:
             while True:
                 self._raise_if_failed()
+                self._restore_if_due()
                 if self._republish.is_set() and self._enough_devices():
                     self._republish.clear()
                     with self._lock:
@@ -463,6 +483,9 @@ class CoordinatorService:
     def _dispatch(self, msg: Message) -> None:
         """Judge one message, commit the core's journal, then carry out its actions (the
         caller holds the lock)."""
+        if msg.topic in (self.topics.task, self.topics.model):
+            self._check_ours(msg)
+            return
         device = self.topics.device_of(msg.topic)
         if device is None:
             return
@@ -483,6 +506,42 @@ class CoordinatorService:
             self._end_at_max_versions()
             self._commit()
             self._carry_out(actions)
+
+    def _check_ours(self, msg: Message) -> None:
+        """A live message on the task or model topic (we never get our own: No Local) was
+        published by someone else: an ACL mistake, a replay of one of ours, a clearing.
+        Agents that verify signatures ignore it, but as the retained message it hides ours
+        from agents that connect now. Logged, counted, and ours is published again (at most
+        every 5 s). A copy with the retain flag is what the broker held when we subscribed;
+        the publication after every connect replaces it anyway."""
+        if msg.retain:
+            return
+        why = self._foreign_because(msg)
+        self.foreign_publications += 1
+        log.warning("someone else published on %s (%s): check who can write it (broker ACL); "
+                    "publishing ours again", msg.topic, why)
+        if self._restore_at is None:
+            self._restore_at = max(time.monotonic(), self._last_restore + _RESTORE_INTERVAL)
+
+    def _foreign_because(self, msg: Message) -> str:
+        if not msg.payload:
+            return "an empty message: the retained one was cleared"
+        try:
+            verify_message(self._signing_key.public_key(), msg.topic, msg.payload)
+        except SignatureError as exc:
+            return str(exc)
+        # a message we signed, yet not sent by us (No Local): an old one, published again
+        return "a message we signed earlier, published again (a replay)"
+
+    def _restore_if_due(self) -> None:
+        """Publish our task and model again after someone else's (calling thread)."""
+        due = self._restore_at
+        if due is None or time.monotonic() < due or not self._task_published:
+            return
+        self._restore_at = None
+        self._last_restore = time.monotonic()
+        with self._lock:
+            self._publish_task_and_model()
 
     def _end_at_max_versions(self) -> None:
         """The run ends with the version that reaches ``max_versions``: later updates are

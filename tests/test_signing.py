@@ -236,6 +236,49 @@ def test_the_coordinator_signs_what_it_publishes(tmp_path: Path) -> None:
         broker.close()
 
 
+def test_the_coordinator_restores_its_model_after_someone_else_published_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = MemoryBroker()
+    coordinator = Running(broker, state_dir=tmp_path / "run", max_versions=0)
+    intruder = broker.factory(ConnectionSettings("memory", 0, "dev-b", "dev-b", "x"),
+                              on_message=lambda _m: None)
+    intruder.start()
+    try:
+        assert intruder.wait_connected(5)
+        key = load_public_key(str(tmp_path / "run" / "signing.pub"))
+        wait_for(lambda: coordinator.service._task_published, what="the first publication")
+        forged = _model_body(99)
+        intruder.publish(TOPICS.model, forged, retain=True).wait(5)
+        wait_for(lambda: coordinator.service.counters()["foreign_publications"] == 1,
+                 what="the forgery noticed")
+        retained: list[Message] = []
+        # a device connecting after the restoration gets the coordinator's model again
+        wait_for(lambda: _retained_model(broker, retained) is not None
+                 and retained[-1].payload != forged, what="the genuine model restored")
+        key.verify(TOPICS.model, retained[-1].payload)
+        assert "someone else published on fedbus/model (missing signature" in caplog.text
+    finally:
+        intruder.stop()
+        coordinator.stop()
+        broker.close()
+
+
+def _retained_model(broker: MemoryBroker, into: list[Message]) -> Message | None:
+    """The retained model as a new subscriber gets it."""
+    got: list[Message] = []
+    client = broker.factory(ConnectionSettings("memory", 0, "dev-c", "dev-c", "x"),
+                            on_message=got.append)
+    client.subscribe(TOPICS.model, qos=0)
+    client.start()
+    try:
+        wait_for(lambda: bool(got), what="the retained model")
+    finally:
+        client.stop()
+    into.append(got[0])
+    return got[0]
+
+
 # -- the agent ----------------------------------------------------------------------------
 
 
