@@ -66,14 +66,14 @@ from fedbus.transport import (
     connect_timeout_error,
 )
 
-__all__ = ["CoordinatorService", "RunSummary", "VersionRecord", "build_task"]
+__all__ = ["CoordinatorService", "RunSummary", "VersionRecord", "build_task", "load_signing_key"]
 
 log = logging.getLogger(__name__)
 
 # stop reasons that end the run (a stop requested by a signal only stops this process)
 _STOP_REQUESTED = "stop requested"
 _FINAL_PUBLISH_WAIT = 5.0  # seconds to wait for the broker to take the last messages
-SIGNING_KEY_FILE = "signing.key"  # in the state directory; its public key in signing.pub
+_SIGNING_KEY_FILE = "signing.key"  # in the state directory; its public key in signing.pub
 # after someone else wrote the task or model topic, publish ours again at most this often
 # (two coordinators on one prefix would otherwise answer each other without end)
 _RESTORE_INTERVAL = 5.0
@@ -184,7 +184,7 @@ class CoordinatorService:
         self._lock_file: StateLock | None = None
         self.store = self._open_store(config.state_dir, new_run)
         try:
-            self._signing_key = _load_signing_key(config)
+            self._signing_key = load_signing_key(config)
             self._set_up(config, eval_x, eval_y)
         except BaseException:
             self.close()
@@ -535,12 +535,12 @@ class CoordinatorService:
 
     def _restore_if_due(self) -> None:
         """Publish our task and model again after someone else's (calling thread)."""
-        due = self._restore_at
-        if due is None or time.monotonic() < due or not self._task_published:
-            return
-        self._restore_at = None
-        self._last_restore = time.monotonic()
         with self._lock:
+            due = self._restore_at
+            if due is None or time.monotonic() < due or not self._task_published:
+                return
+            self._restore_at = None
+            self._last_restore = time.monotonic()
             self._publish_task_and_model()
 
     def _end_at_max_versions(self) -> None:
@@ -730,7 +730,7 @@ class CoordinatorService:
             return [_version_record(r, self.task.created_at) for r in self.store.history()]
 
 
-def _load_signing_key(config: CoordinatorConfig) -> Ed25519PrivateKey:
+def load_signing_key(config: CoordinatorConfig) -> Ed25519PrivateKey:
     """The key tasks and models are signed with: the state directory's ``signing.key``,
     made once (adopting ``config.signing_key`` when given) and kept across restarts and
     new runs, so devices keep trusting the directory's coordinator. Without a state
@@ -745,7 +745,7 @@ def _load_signing_key(config: CoordinatorConfig) -> Ed25519PrivateKey:
             return load_private_key(Path(wanted))
         log.warning("no state directory: signing with a key made for this process only")
         return Ed25519PrivateKey.generate()
-    path = Path(config.state_dir) / SIGNING_KEY_FILE
+    path = Path(config.state_dir) / _SIGNING_KEY_FILE
     key = ensure_private_key(path, adopt=Path(wanted) if wanted is not None else None)
     if wanted is not None:
         given = load_private_key(Path(wanted))

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from inmemory import Running, wait_for
 
 from coordinator.config import CoordinatorConfig
-from coordinator.service import _load_signing_key
+from coordinator.service import load_signing_key
 from edge_agent.agent import Agent, LocalData
 from edge_agent.config import AgentConfig
 from fedbus.broker import LocalBroker
@@ -203,16 +203,16 @@ def test_the_coordinator_keeps_its_state_directory_key(tmp_path: Path) -> None:
     broker_key = tmp_path / "broker" / "coordinator.key"
     ensure_private_key(broker_key)
     config = CoordinatorConfig(state_dir=tmp_path / "run", signing_key=broker_key)
-    first = _load_signing_key(config)
+    first = load_signing_key(config)
     assert key_text(first) == key_text(ensure_private_key(broker_key))  # adopted
-    assert key_text(_load_signing_key(config)) == key_text(first)  # a resume: the same
+    assert key_text(load_signing_key(config)) == key_text(first)  # a resume: the same
     # another broker set-up gives devices another key: refused, not silently ignored
     other = tmp_path / "other" / "coordinator.key"
     ensure_private_key(other)
     with pytest.raises(ConfigError, match="devices given that key would ignore"):
-        _load_signing_key(CoordinatorConfig(state_dir=tmp_path / "run", signing_key=other))
+        load_signing_key(CoordinatorConfig(state_dir=tmp_path / "run", signing_key=other))
     with pytest.raises(ConfigError, match="cannot read the signing key"):
-        _load_signing_key(CoordinatorConfig(state_dir=tmp_path / "x",
+        load_signing_key(CoordinatorConfig(state_dir=tmp_path / "x",
                                             signing_key=tmp_path / "nope.key"))
 
 
