@@ -343,19 +343,29 @@ class Agent:
             log.warning("ignoring malformed task: %s", exc)
             return self._task
         old = self._task
-        if (self._verifier is not None and old is not None and old.run_id != task.run_id
-                and task.created_at < old.created_at):
-            # a genuine but older run's task, published again: never go back to it
-            log.warning("ignoring the task of run %s: it began before run %s, which this "
-                        "agent follows", task.run_id, old.run_id)
+        if self._older_run(task):
             return old
         if old is None or old.run_id != task.run_id:
             self._join(task)
         self._task = task
         return task
 
+    def _older_run(self, task: Task) -> bool:
+        """With a coordinator key: a genuine task of a run that began before the run this
+        agent follows (known from ``agent.db`` across restarts), published again by someone
+        who can write the task topic. Never go back to it (logged)."""
+        if self._verifier is None:
+            return False
+        joined = ((self._task.run_id, self._task.created_at) if self._task is not None
+                  else self.state.joined_run())
+        if joined is None or joined[0] == task.run_id or task.created_at >= joined[1]:
+            return False
+        log.warning("ignoring the task of run %s: it began before run %s, which this agent "
+                    "follows", task.run_id, joined[0])
+        return True
+
     def _join(self, task: Task) -> None:
-        dropped = self.state.start_run(task.run_id)
+        dropped = self.state.start_run(task.run_id, task.created_at)
         for entry in dropped:
             self._sends.pop(entry.update_id, None)
             self.stats.updates_dropped += 1

@@ -319,6 +319,25 @@ def test_an_agent_with_the_key_acts_only_on_what_the_coordinator_signed(
     agent.state.close()
 
 
+def test_a_restarted_agent_does_not_go_back_to_an_older_run(tmp_path: Path) -> None:
+    def signed_task(run: str, created_at: float) -> Message:
+        task = _task(run=run, created_at=created_at)
+        return Message(TOPICS.task, sign_message(KEY, TOPICS.task, pack(task.to_wire())), True)
+
+    agent = _agent(tmp_path, coordinator_key=key_text(KEY))
+    agent._on_message(signed_task("r1", 100.0))
+    assert agent._current_task() == _task(run="r1")
+    agent.state.record_trained("r1", 3, None)
+    agent.state.close()
+    again = _agent(tmp_path, coordinator_key=key_text(KEY))  # the same device, restarted
+    again._on_message(signed_task("r0", 50.0))  # the broker hands it a replayed old task
+    assert again._current_task() is None
+    assert again.state.last_version("r1") == 3  # nothing of run r1 was forgotten
+    again._on_message(signed_task("r2", 200.0))  # a new run
+    assert again._current_task() == _task(run="r2", created_at=200.0)
+    again.state.close()
+
+
 def test_an_agent_without_a_key_accepts_unsigned_messages(tmp_path: Path) -> None:
     agent = _agent(tmp_path)
     agent._on_message(Message(TOPICS.task, pack(_task().to_wire()), False))
