@@ -50,6 +50,7 @@ def main(argv: list[str]) -> int:
         config = load_config(AgentConfig, flags={
             **settings, "device_id": device, "data": data, "host": access.host,
             "port": str(access.port), "prefix": access.prefix,
+            "coordinator_key": access.coordinator_key or "",
             "state_dir": str(Path(args.state_root) / device),
         }, env={}, env_prefix="FEDBUS_AGENT")
         x, y = load_local_data(config.data)

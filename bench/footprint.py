@@ -99,6 +99,7 @@ def _agent_run(ctx: BenchContext, i: int, data: str, versions: int) -> dict[str,
                     model_args=json.dumps({"in_features": 64, "num_classes": 10}),
                     mode="fedasync", max_versions=versions, duration=120.0,
                     state_dir=ctx.path("footprint", f"run-{i}"),
+                    signing_key=broker.local.signing_key_file,
                 ),
                 password=broker.coordinator_password,
             )

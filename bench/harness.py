@@ -459,6 +459,7 @@ class Fleet:
                 duration=duration, target_accuracy=target_accuracy, round_deadline=30.0,
                 min_devices=len(self.devices),
                 state_dir=self.ctx.path("fleets", self.spec.name, "runs", str(self._runs)),
+                signing_key=self.broker.local.signing_key_file,
                 **config,
             ),
             password=self.broker.coordinator_password,

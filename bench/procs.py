@@ -70,6 +70,7 @@ def coordinator(a: dict[str, Any]) -> None:
     from bench.harness import accepted_recorder
     from coordinator.config import CoordinatorConfig
     from coordinator.service import CoordinatorService
+    from fedbus.credentials import read_credentials
 
     config = CoordinatorConfig(
         host=a["host"], port=a["port"], username="coordinator", prefix=a["prefix"],
@@ -79,6 +80,7 @@ def coordinator(a: dict[str, Any]) -> None:
         max_staleness=a.get("max_staleness", 10), max_update_bytes=a.get("max_update_bytes",
                                                                           4 * 1024 * 1024),
         state_dir=Path(a["state_dir"]) if a.get("state_dir") else None,
+        signing_key=read_credentials(a["credentials"], "coordinator").signing_key_file,
     )
     service = CoordinatorService(config, password=_password(a["credentials"], "coordinator"))
     records = accepted_recorder(service, clock=time.time if a.get("wall_clock") else

@@ -99,6 +99,9 @@ class CoordinatorConfig:
     dp_epsilon_budget: float = 0.0
     # the run's durable state (coordinator.store); None: in memory only, nothing survives
     state_dir: Path | None = Path("fedbus-state")
+    # Ed25519 private key (PEM) adopted as the state directory's signing key when it has
+    # none yet (fedbus.signing); None: from --credentials, else a new key is made there
+    signing_key: Path | None = None
     # SQLite synchronous mode: normal survives a process crash, full also a power cut
     sync: Literal["normal", "full"] = "normal"
     # exit with an error after this many seconds without a broker connection (0: retry forever)

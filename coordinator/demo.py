@@ -298,6 +298,8 @@ def run_demo(
                 port=broker.tls_port,
                 tls_ca=broker.ca_file,
                 username=broker.coordinator.username,
+                # the key whose public half the agents' credentials file names
+                signing_key=broker.signing_key_file,
                 prefix=broker.prefix,
                 task_id=f"demo-{cfg.dataset}-{cfg.seed}",
                 min_devices=cfg.devices,

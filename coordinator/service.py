@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.config import CoordinatorConfig
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
@@ -47,6 +48,14 @@ from coordinator.store import DB_FILE, HistoryRow, StateLock, Store, archive_run
 from fedbus.envelope import pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
 from fedbus.messages import ModelSpec, Task, TrainSpec, new_run_id
+from fedbus.signing import (
+    SignatureError,
+    ensure_private_key,
+    key_text,
+    load_private_key,
+    sign_message,
+    verify_message,
+)
 from fedbus.topics import Topics
 from fedbus.transport import (
     ConnectionSettings,
@@ -58,13 +67,17 @@ from fedbus.transport import (
     connect_timeout_error,
 )
 
-__all__ = ["CoordinatorService", "RunSummary", "VersionRecord", "build_task"]
+__all__ = ["CoordinatorService", "RunSummary", "VersionRecord", "build_task", "load_signing_key"]
 
 log = logging.getLogger(__name__)
 
 # stop reasons that end the run (a stop requested by a signal only stops this process)
 _STOP_REQUESTED = "stop requested"
 _FINAL_PUBLISH_WAIT = 5.0  # seconds to wait for the broker to take the last messages
+_SIGNING_KEY_FILE = "signing.key"  # in the state directory; its public key in signing.pub
+# after someone else wrote the task or model topic, publish ours again at most this often
+# (two coordinators on one prefix would otherwise answer each other without end)
+_RESTORE_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)
@@ -175,11 +188,16 @@ class CoordinatorService:
         self._lock_file: StateLock | None = None
         self.store = self._open_store(config.state_dir, new_run)
         try:
+            self._signing_key = load_signing_key(config)
             self._set_up(config, eval_x, eval_y)
         except BaseException:
             self.close()
             raise
         self.bytes_model_published = 0  # every model payload sent, re-publishes included
+        # tasks and models someone else published on our topics (an ACL mistake, a replay)
+        self.foreign_publications = 0
+        self._restore_at: float | None = None  # when to publish ours again (monotonic)
+        self._last_restore = -_RESTORE_INTERVAL
         self.evaluator = None
         if eval_x is not None and eval_y is not None:
             self.evaluator = Evaluator(self.task, eval_x, eval_y)
@@ -347,7 +365,7 @@ class CoordinatorService:
     def _check_model_fits(self, limit: int) -> None:
         """Refuse to start with a model the broker would not carry (it would disconnect us
         on every attempt to publish it)."""
-        size = len(pack(self.core.model_message(time.time()).to_wire()))
+        size = len(self._model_payload())
         headroom = 1024  # topic name, properties and fixed header of the PUBLISH packet
         if size + headroom > limit:
             raise ConfigError(
@@ -357,9 +375,11 @@ class CoordinatorService:
             )
 
     def counters(self) -> dict[str, int]:
-        """The core's counters plus ``bytes_model_published`` (this shell's publishes)."""
+        """The core's counters plus this shell's: ``bytes_model_published`` and
+        ``foreign_publications``."""
         with self._lock:
-            return {**self.core.counters, "bytes_model_published": self.bytes_model_published}
+            return {**self.core.counters, "bytes_model_published": self.bytes_model_published,
+                    "foreign_publications": self.foreign_publications}
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -371,6 +391,9 @@ class CoordinatorService:
             self.topics.all_updates, qos=1, no_local=True, retain_as_published=True
         )
         self.client.subscribe(self.topics.all_status, qos=1)
+        # our own topics, to notice what someone else publishes there (not our own: No Local)
+        for topic in (self.topics.task, self.topics.model):
+            self.client.subscribe(topic, qos=0, no_local=True)
         self._started = time.monotonic()
         if self.resumed:
             self._record_missing()
@@ -379,10 +402,10 @@ class CoordinatorService:
         self.client.start()
         log.info(
             "coordinator: task %s run %s (%s %s), mode %s, aggregator %s, codec %s, model "
-            "codec %s; broker %s:%d",
+            "codec %s; broker %s:%d; signing with %s",
             self.task.task_id, self.task.run_id, self.task.model.arch, self.task.model.args,
             self.config.mode, self.core.config.spec, self.task.codec, self.config.model_codec,
-            self.config.host, self.config.broker_port(),
+            self.config.host, self.config.broker_port(), key_text(self._signing_key),
         )
         privacy = self.core.config.privacy
         if privacy is not None:
@@ -399,6 +422,7 @@ class CoordinatorService:
         try:
             while True:
                 self._raise_if_failed()
+                self._restore_if_due()
                 if self._republish.is_set() and self._enough_devices():
                     self._republish.clear()
                     with self._lock:
@@ -481,7 +505,7 @@ class CoordinatorService:
             self._commit()
             self._carry_out(actions)
             self.task = replace(self.task, state="ended", end_reason=reason)
-            last = [self._publish(self.topics.task, pack(self.task.to_wire()), retain=True)]
+            last = [self._publish(self.topics.task, self._task_payload(), retain=True)]
         log.info("run %s ended (%s): told the devices", self.task.run_id, reason)
         deadline = time.monotonic() + _FINAL_PUBLISH_WAIT
         for result in last:
@@ -507,6 +531,9 @@ class CoordinatorService:
     def _dispatch(self, msg: Message) -> None:
         """Judge one message, commit the core's journal, then carry out its actions (the
         caller holds the lock)."""
+        if msg.topic in (self.topics.task, self.topics.model):
+            self._check_ours(msg)
+            return
         device = self.topics.device_of(msg.topic)
         if device is None:
             return
@@ -527,6 +554,42 @@ class CoordinatorService:
             self._end_at_max_versions()
             self._commit()
             self._carry_out(actions)
+
+    def _check_ours(self, msg: Message) -> None:
+        """A live message on the task or model topic (we never get our own: No Local) was
+        published by someone else: an ACL mistake, a replay of one of ours, a clearing.
+        Agents that verify signatures ignore it, but as the retained message it hides ours
+        from agents that connect now. Logged, counted, and ours is published again (at most
+        every 5 s). A copy with the retain flag is what the broker held when we subscribed;
+        the publication after every connect replaces it anyway."""
+        if msg.retain:
+            return
+        why = self._foreign_because(msg)
+        self.foreign_publications += 1
+        log.warning("someone else published on %s (%s): check who can write it (broker ACL); "
+                    "publishing ours again", msg.topic, why)
+        if self._restore_at is None:
+            self._restore_at = max(time.monotonic(), self._last_restore + _RESTORE_INTERVAL)
+
+    def _foreign_because(self, msg: Message) -> str:
+        if not msg.payload:
+            return "an empty message: the retained one was cleared"
+        try:
+            verify_message(self._signing_key.public_key(), msg.topic, msg.payload)
+        except SignatureError as exc:
+            return str(exc)
+        # a message we signed, yet not sent by us (No Local): an old one, published again
+        return "a message we signed earlier, published again (a replay)"
+
+    def _restore_if_due(self) -> None:
+        """Publish our task and model again after someone else's (calling thread)."""
+        with self._lock:
+            due = self._restore_at
+            if due is None or time.monotonic() < due or not self._task_published:
+                return
+            self._restore_at = None
+            self._last_restore = time.monotonic()
+            self._publish_task_and_model()
 
     def _end_at_max_versions(self) -> None:
         """The run ends with the version that reaches ``max_versions``: later updates are
@@ -627,12 +690,22 @@ class CoordinatorService:
 
     # -- publishing, evaluation, history -------------------------------------------------
 
+    def _signed(self, topic: str, message: dict[str, Any]) -> bytes:
+        """The payload of a task or model: packed, with the coordinator's signature."""
+        return sign_message(self._signing_key, topic, pack(message))
+
+    def _task_payload(self) -> bytes:
+        return self._signed(self.topics.task, self.task.to_wire())
+
+    def _model_payload(self) -> bytes:
+        return self._signed(self.topics.model, self.core.model_message(time.time()).to_wire())
+
     def _publish_task_and_model(self) -> None:
-        self._publish(self.topics.task, pack(self.task.to_wire()), retain=True)
+        self._publish(self.topics.task, self._task_payload(), retain=True)
         self._publish_model()
 
     def _publish_model(self) -> None:
-        payload = pack(self.core.model_message(time.time()).to_wire())
+        payload = self._model_payload()
         try:
             self._publish(self.topics.model, payload, retain=True)
         except MessageTooLarge as exc:
@@ -714,6 +787,35 @@ class CoordinatorService:
         with self._lock:
             rows = self.store.history()
         return [_version_record(r, self.task.created_at, self._epsilon(r.version)) for r in rows]
+
+
+def load_signing_key(config: CoordinatorConfig) -> Ed25519PrivateKey:
+    """The key tasks and models are signed with: the state directory's ``signing.key``,
+    made once (adopting ``config.signing_key`` when given) and kept across restarts and
+    new runs, so devices keep trusting the directory's coordinator. Without a state
+    directory: ``config.signing_key``, or a key for this process only.
+
+    A state directory whose key is not ``config.signing_key`` (e.g. a broker set up anew,
+    whose credentials file gives devices another key) is a ``ConfigError``: every device
+    would ignore every task and model."""
+    wanted = config.signing_key
+    if config.state_dir is None:
+        if wanted is not None:
+            return load_private_key(Path(wanted))
+        log.warning("no state directory: signing with a key made for this process only")
+        return Ed25519PrivateKey.generate()
+    path = Path(config.state_dir) / _SIGNING_KEY_FILE
+    key = ensure_private_key(path, adopt=Path(wanted) if wanted is not None else None)
+    if wanted is not None:
+        given = load_private_key(Path(wanted))
+        if key_text(given) != key_text(key):
+            raise ConfigError(
+                f"the state directory {config.state_dir} signs with {key_text(key)} "
+                f"({path}), but the signing key {wanted} is {key_text(given)}: devices given "
+                f"that key would ignore every task and model. Use the state directory made "
+                f"with that key, or another --state-dir"
+            )
+    return key
 
 
 def _version_record(

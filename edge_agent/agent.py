@@ -21,7 +21,11 @@ What the agent guarantees (protocol v2, docs/protocol.md section 9):
   refused by the broker, over the outbox's bounds, of a run that ended or was replaced)
   is dropped with a log line; for a top-k task its content goes back into the residual;
 - a task whose ``state`` is ``ended`` stops training: the agent waits for a new run, or
-  exits (``on_run_end = "exit"``).
+  exits (``on_run_end = "exit"``);
+- with the coordinator's public key (``coordinator_key``) it acts only on a task or model
+  that carries the coordinator's valid signature for its topic (``fedbus.signing``); any
+  other is ignored with one log line and counted (``AgentStats.bad_signatures``), never
+  trained on. Without a key it accepts them unsigned and says so once at start-up.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from fedbus.codec_spec import parse_codec
 from fedbus.envelope import DecodeLimits, pack, unpack
 from fedbus.errors import MessageTooLarge, ProtocolError
 from fedbus.messages import GlobalModel, Receipt, Status, Task, Update, new_update_id
+from fedbus.signing import SignatureError, Verifier, load_public_key
 from fedbus.topics import Topics
 from fedbus.transport import (
     ConnectionSettings,
@@ -89,6 +94,8 @@ class AgentStats:
     last_version: int | None = None
     train_seconds: float = 0.0
     rejections: dict[str, int] = field(default_factory=dict)
+    # tasks and models ignored because their signature was missing or did not verify
+    bad_signatures: int = 0
 
 
 def pacing_delay(elapsed: float, slowdown: float, compute_seconds: float) -> float:
@@ -147,6 +154,9 @@ class Agent:
         # a reconnect's grace before re-sending; at start, the outbox of an earlier process
         self._resend_due: float | None = 0.0
         self._inherited: set[str] = set()  # outbox entries an earlier process made
+        self._verifier: Verifier | None = (
+            load_public_key(config.coordinator_key) if config.coordinator_key else None
+        )
         self.state = AgentState(config.state_path() / STATE_FILE,
                                 ledger_capacity=config.ledger_size)
         device = config.device_id
@@ -174,10 +184,28 @@ class Agent:
                 self._task_bytes = msg.payload
             self._wake.set()
         elif msg.topic == self.topics.model:
-            self._keep_newest_model(msg.payload)
+            if self._signed_by_coordinator(msg.topic, msg.payload,
+                                           self.config.max_model_bytes):
+                self._keep_newest_model(msg.payload)
         elif msg.topic == self.topics.receipt(self.config.device_id):
             self._receipts.put(msg.payload)
             self._wake.set()
+
+    def _signed_by_coordinator(self, topic: str, payload: bytes, max_bytes: int) -> bool:
+        """True if ``payload`` may be acted on: it carries the coordinator's valid signature
+        for ``topic``, or this agent has no key to check it with. Otherwise one log line and
+        a count (either thread may call this). A payload over ``max_bytes`` is left to the
+        decoder, which refuses it (``too_large``) without reading it."""
+        if self._verifier is None or len(payload) > max_bytes:
+            return True
+        try:
+            self._verifier.verify(topic, payload)
+        except SignatureError as exc:
+            with self._lock:
+                self.stats.bad_signatures += 1
+            log.warning("ignoring a message on %s: %s", topic, exc)
+            return False
+        return True
 
     def _keep_newest_model(self, payload: bytes) -> None:
         """Keep a model only if it is the newest seen for its run (the tensors stay
@@ -245,6 +273,15 @@ class Agent:
             "agent %s: %d local samples, %d update(s) in the outbox, connecting to %s:%d",
             device, len(self.data.y), len(waiting), self.config.host, self.config.broker_port(),
         )
+        if self._verifier is None:
+            log.warning(
+                "no coordinator key (--coordinator-key, or coordinator_key in the credentials "
+                "file): tasks and models are accepted unsigned, from anyone who can write "
+                "their topics"
+            )
+        else:
+            log.info("tasks and models must be signed by the coordinator's key %s",
+                     self._verifier)
         from edge_agent.train import warm_up
 
         log.debug("torch warm-up took %.2f s", warm_up())
@@ -298,19 +335,37 @@ class Agent:
         if task_bytes is self._decoded_task_bytes:
             return self._task
         self._decoded_task_bytes = task_bytes
+        if not self._signed_by_coordinator(self.topics.task, task_bytes, _SMALL.max_bytes):
+            return self._task
         try:
             task = Task.from_wire(unpack(task_bytes, "task", _SMALL))
         except ProtocolError as exc:
             log.warning("ignoring malformed task: %s", exc)
             return self._task
         old = self._task
+        if self._older_run(task):
+            return old
         if old is None or old.run_id != task.run_id:
             self._join(task)
         self._task = task
         return task
 
+    def _older_run(self, task: Task) -> bool:
+        """With a coordinator key: a genuine task of a run that began before the run this
+        agent follows (known from ``agent.db`` across restarts), published again by someone
+        who can write the task topic. Never go back to it (logged)."""
+        if self._verifier is None:
+            return False
+        joined = ((self._task.run_id, self._task.created_at) if self._task is not None
+                  else self.state.joined_run())
+        if joined is None or joined[0] == task.run_id or task.created_at >= joined[1]:
+            return False
+        log.warning("ignoring the task of run %s: it began before run %s, which this agent "
+                    "follows", task.run_id, joined[0])
+        return True
+
     def _join(self, task: Task) -> None:
-        dropped = self.state.start_run(task.run_id)
+        dropped = self.state.start_run(task.run_id, task.created_at)
         for entry in dropped:
             self._sends.pop(entry.update_id, None)
             self.stats.updates_dropped += 1

@@ -38,6 +38,9 @@ class AgentConfig:
     tls_cert: Path | None = None  # client certificate (mTLS; replaces the password)
     tls_key: Path | None = None
     insecure_plaintext: bool = False  # allow plain MQTT to a host beyond loopback
+    # the coordinator's Ed25519 public key ("ed25519:..." or a file holding it or a PEM
+    # public key): tasks and models must carry its signature. None: accepted unsigned
+    coordinator_key: str | None = None
     prefix: str = DEFAULT_PREFIX
     # seconds; Mosquitto declares a silent device gone (and sends its Will) after 1.5 x this
     keepalive: int = 15

@@ -17,7 +17,8 @@ together land together:
   accepted, rejected and why, dropped and why), for the operator and for tests.
 
 Everything belongs to one run (``run_id``): a new run's task makes the agent forget the
-outbox and residual of the old one (``start_run``).
+outbox and residual of the old one (``start_run``), and remember the new run and when it
+began (``joined_run``), so that a replayed task of an older run is refused after a restart.
 """
 
 from __future__ import annotations
@@ -172,11 +173,24 @@ class AgentState:
 
     # -- transactions ----------------------------------------------------------------------
 
-    def start_run(self, run_id: str) -> list[OutboxEntry]:
+    def joined_run(self) -> tuple[str, float] | None:
+        """The run joined last and when it began (its task's ``created_at``), if known."""
+        rows = dict(self._db.execute(
+            "SELECT key, value FROM meta WHERE key IN ('run', 'run_began')").fetchall())
+        if "run" not in rows or "run_began" not in rows:
+            return None
+        return str(rows["run"]), float(rows["run_began"])
+
+    def start_run(self, run_id: str, began: float | None = None) -> list[OutboxEntry]:
         """Forget every other run: its outbox entries (returned, so the caller can log
-        them), residual and progress."""
+        them), residual and progress; remember ``run_id`` and when it ``began``."""
         stale = [e for e in self.outbox() if e.run_id != run_id]
         with self._transaction():
+            if began is not None:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [("run", run_id), ("run_began", repr(float(began)))],
+                )
             for entry in stale:
                 self._settle(entry.update_id, "dropped", "the run ended or was replaced")
             self._db.execute("DELETE FROM outbox WHERE run_id != ?", (run_id,))

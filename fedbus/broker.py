@@ -4,7 +4,8 @@
 configuration of Mosquitto's dynamic-security plugin (``dynsec.json``, see
 ``fedbus.dynsec``) with random passwords for the admin account, the coordinator and each
 initial device, a certificate authority with the broker's server certificate and a client
-certificate per account (``tls/``, see ``fedbus.pki``), a ``mosquitto.conf`` made of the
+certificate per account (``tls/``, see ``fedbus.pki``), the coordinator's Ed25519 signing
+key (``signing/coordinator.key``, see ``fedbus.signing``), a ``mosquitto.conf`` made of the
 shipped policy (``broker_config/mosquitto.conf``, and after each listener line
 ``listener.conf`` plus ``tls.conf`` or ``mtls.conf``) plus the instance lines, and
 ``credentials.json`` (mode 0600) that ``fedbus coordinator``, ``fedbus agent`` and
@@ -57,7 +58,7 @@ from broker_config import (
     POLICY_FILE,
     TLS_POLICY_FILE,
 )
-from fedbus import dynsec, pki
+from fedbus import dynsec, pki, signing
 from fedbus.errors import ConfigError, FedbusError
 from fedbus.processes import terminate
 from fedbus.tls import is_loopback
@@ -320,6 +321,18 @@ class LocalBroker:
         return self._workdir / "credentials.json"
 
     @property
+    def signing_key_file(self) -> Path:
+        """The coordinator's Ed25519 signing key (made once, mode 0600, never replaced); its
+        public key is ``signing/coordinator.pub`` and the credentials file's
+        ``coordinator_key``."""
+        return self._workdir / "signing" / "coordinator.key"
+
+    @property
+    def coordinator_key(self) -> str:
+        """The coordinator's public key as text (``ed25519:...``), once the broker started."""
+        return signing.key_text(signing.load_private_key(self.signing_key_file))
+
+    @property
     def log_file(self) -> Path:
         return self._workdir / "mosquitto.log"
 
@@ -479,6 +492,8 @@ class LocalBroker:
 
     def _write_files(self) -> None:
         (self._workdir / "data").mkdir(mode=0o700, exist_ok=True)
+        # the signing key first: credentials.json names its public half
+        signing.ensure_private_key(self.signing_key_file)
         if not self.dynsec_file.exists():
             config = dynsec.initial_config(
                 self._prefix, admin_password=self.admin.password,
@@ -637,7 +652,12 @@ class LocalBroker:
             "prefix": self._prefix,
             # the dynamic-security plugin's admin (fedbus devices); no MQTT topic rights
             "admin": _account_json(self.admin),
-            "coordinator": entry(self.coordinator),
+            # the public key devices verify tasks and models with (fedbus.signing)
+            "coordinator_key": self.coordinator_key,
+            "coordinator": {
+                **entry(self.coordinator),
+                "signing_key_file": str(self.signing_key_file.relative_to(self._workdir)),
+            },
             "devices": {d: entry(c) for d, c in self.devices.items()},
         }
         text = json.dumps(data, indent=2) + "\n"

@@ -15,17 +15,20 @@ Layout (JSON)::
              "ca_file": "tls/ca.crt"},
      "prefix": "fedbus",
      "admin": {"username": "fedbus-admin", "password": "..."},
+     "coordinator_key": "ed25519:...",  # the public key tasks and models are signed with
      "coordinator": {"username": "coordinator", "password": "...",
                      "cert_file": "tls/clients/coordinator.crt",
-                     "key_file": "tls/clients/coordinator.key"},
-     "devices": {"device-01": {...same keys...}}}
+                     "key_file": "tls/clients/coordinator.key",
+                     "signing_key_file": "signing/coordinator.key"},
+     "devices": {"device-01": {...same keys but signing_key_file...}}}
 
 Relative paths are relative to the directory of the credentials file. ``tls``, ``cert_file``
-and ``key_file`` are absent from files written before fedbus spoke TLS. A bundle adds
+and ``key_file`` are absent from files written before fedbus spoke TLS, ``coordinator_key``
+and ``signing_key_file`` from files written before tasks and models were signed. A bundle adds
 ``"bundle": {"version": 1, "device": "<id>"}``, and its device account holds either a
 ``password`` or ``cert_file`` and ``key_file`` (then the client logs in with the
-certificate, on the mutual-TLS port). Readers ignore keys they do not know, so the format
-can grow.
+certificate, on the mutual-TLS port); it carries ``coordinator_key`` but never a
+``signing_key_file``. Readers ignore keys they do not know, so the format can grow.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class BrokerAccess:
     ca_file: Path | None = None
     cert_file: Path | None = None  # this account's client certificate, if issued
     key_file: Path | None = None
+    coordinator_key: str | None = None  # the coordinator's public key, "ed25519:..."
+    signing_key_file: Path | None = None  # this account's signing key (the coordinator's)
 
     def port_for(self, *, tls: bool, client_certificate: bool) -> int:
         """The port to connect to: plain, TLS (password) or mutual TLS."""
@@ -113,6 +118,8 @@ def read_credentials(path: str | Path, username: str) -> BrokerAccess:
             ca_file=_path(base, tls.get("ca_file")),
             cert_file=_path(base, account.get("cert_file")),
             key_file=_path(base, account.get("key_file")),
+            coordinator_key=_text(data.get("coordinator_key")),
+            signing_key_file=_path(base, account.get("signing_key_file")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"credentials file {path} is not in the expected format: {exc}") from None
@@ -125,6 +132,14 @@ def _port(value: Any) -> int | None:
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} out of range")
     return port
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
 
 
 def _path(base: Path, value: Any) -> Path | None:
@@ -157,6 +172,9 @@ class BrokerAddress:
     tls_port: int | None
     mtls_port: int | None
     prefix: str
+    # the coordinator's public key ("ed25519:..."); every bundle carries it when known, so a
+    # device verifies tasks and models from its first start
+    coordinator_key: str | None = None
 
 
 def bundle_document(address: BrokerAddress, device_id: str, *, password: str | None,
@@ -171,7 +189,7 @@ def bundle_document(address: BrokerAddress, device_id: str, *, password: str | N
         account["password"] = password
     else:
         account.update(cert_file=f"{device_id}.crt", key_file=f"{device_id}.key")
-    return {
+    document: dict[str, Any] = {
         "bundle": {"version": BUNDLE_VERSION, "device": device_id},
         "host": address.host,
         "port": address.port,
@@ -181,6 +199,9 @@ def bundle_document(address: BrokerAddress, device_id: str, *, password: str | N
         "coordinator": {"username": "coordinator"},
         "devices": {device_id: account},
     }
+    if address.coordinator_key is not None:
+        document["coordinator_key"] = address.coordinator_key
+    return document
 
 
 def write_bundle(directory: Path, address: BrokerAddress, device_id: str, *, ca_pem: bytes,

@@ -170,6 +170,10 @@ class Reader:
         skipper: a truncated value, 0xc1 or more than ``MAX_NESTING`` levels is malformed)."""
         self._call(self._unpacker.skip)
 
+    def tell(self) -> int:
+        """The offset of the next value in the payload."""
+        return int(self._unpacker.tell())
+
     def span(self) -> memoryview:
         """Skip the next value and return its bytes (a view of the payload)."""
         start = self._unpacker.tell()

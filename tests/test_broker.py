@@ -345,7 +345,16 @@ def test_credentials_file_is_private_and_readable_by_the_clients(broker: LocalBr
     assert data["coordinator"] == {"username": "coordinator",
                                    "password": broker.coordinator.password,
                                    "cert_file": "tls/clients/coordinator.crt",
-                                   "key_file": "tls/clients/coordinator.key"}
+                                   "key_file": "tls/clients/coordinator.key",
+                                   "signing_key_file": "signing/coordinator.key"}
+    # the signing key: private, made once; devices get its public key
+    key_file = broker.workdir / "signing" / "coordinator.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert data["coordinator_key"] == broker.coordinator_key
+    assert data["coordinator_key"].startswith("ed25519:")
+    assert (broker.workdir / "signing" / "coordinator.pub").read_text().strip() == (
+        broker.coordinator_key)
+    assert "signing_key_file" not in data["devices"]["dev-a"]
     assert data["tls"] == {"port": broker.tls_port, "mtls_port": broker.mtls_port,
                            "ca_file": "tls/ca.crt"}
     assert sorted(data["devices"]) == ["dev-a", "dev-b", "dev-c"]
@@ -354,6 +363,9 @@ def test_credentials_file_is_private_and_readable_by_the_clients(broker: LocalBr
     assert (access.tls_port, access.mtls_port) == (broker.tls_port, broker.mtls_port)
     assert access.ca_file == broker.ca_file
     assert access.cert_file == broker.client_certificate("dev-b")[0]
+    assert access.coordinator_key == broker.coordinator_key
+    assert access.signing_key_file is None
+    assert read_credentials(path, "coordinator").signing_key_file == key_file
     # the plugin's file holds hashes only
     accounts = broker.dynsec_file.read_text()
     assert broker.devices["dev-b"].password not in accounts
@@ -573,11 +585,12 @@ def test_restart_keeps_retained_messages(broker: LocalBroker,
     Publisher(coordinator).ok(topics.model, b"model-v7", retain=True)
     coordinator.disconnect()
     coordinator.loop_stop()
-    pid, port = broker.pid, broker.port
+    pid, port, key = broker.pid, broker.port, broker.coordinator_key
 
     broker.restart()
 
     assert broker.pid != pid and broker.port == port
+    assert broker.coordinator_key == key  # made once: devices keep trusting it
     message = listen(mqtt_client(broker, "dev-a"), topics.model).get()
     assert (message.payload, message.retain) == (b"model-v7", True)
 

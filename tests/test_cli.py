@@ -73,6 +73,12 @@ def test_model_too_large_for_the_broker_is_refused_before_connecting():
         (("agent", "--device-id", "bad/id", "--data", "x.npz", "--password", "p"), "device id"),
         (("agent", "--device-id", "d1", "--data", "/nonexistent.npz", "--password", "p"),
          "/nonexistent.npz"),
+        (("agent", "--device-id", "d1", "--data", "x.npz", "--password", "p",
+          "--coordinator-key", "ed25519:short"), "not an Ed25519 public key"),
+        (("agent", "--device-id", "d1", "--data", "x.npz", "--password", "p",
+          "--coordinator-key", "/nonexistent.pub"), "cannot read the coordinator key file"),
+        (("coordinator", "--password", "x", "--signing-key", "/nonexistent.key",
+          "--state-dir", ""), "cannot read the signing key"),
     ],
 )
 def test_configuration_mistakes_are_one_line(args, expected, monkeypatch):

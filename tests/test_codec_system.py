@@ -32,7 +32,8 @@ def test_top_k_zstd_updates_and_fp16_zstd_model(broker: LocalBroker, tmp_path: P
             host=broker.host, port=broker.port, prefix=broker.prefix, task_id="t1",
             epochs=2, batch_size=16, lr=0.05, mode="fedbuff", buffer_size=2, max_versions=8,
             duration=90.0, codec="topk:0.1:int8+zstd", model_codec="fp16+zstd",
-            state_dir=tmp_path / "run",
+            state_dir=tmp_path / "run", signing_key=broker.signing_key_file,
+            min_devices=2,  # on a loaded machine one agent could otherwise make every version
         ),
         password=broker.coordinator.password,
         eval_data=(x_test, y_test),

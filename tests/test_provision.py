@@ -142,6 +142,10 @@ def test_bundle_holds_a_password_or_a_certificate() -> None:
     with_cert = bundle_document(ADDRESS, "dev-a", password=None, certificate=True)
     assert with_cert["devices"]["dev-a"] == {"username": "dev-a", "cert_file": "dev-a.crt",
                                              "key_file": "dev-a.key"}
+    assert "coordinator_key" not in with_password  # only when the operator's file has one
+    keyed = BrokerAddress("broker.lan", None, 8883, 8884, "fedbus", "ed25519:" + "A" * 43)
+    assert bundle_document(keyed, "dev-a", password="pw", certificate=False)[
+        "coordinator_key"] == "ed25519:" + "A" * 43
     for password, certificate in (("pw", True), (None, False)):
         with pytest.raises(ValueError, match="exactly one"):
             bundle_document(ADDRESS, "dev-a", password=password, certificate=certificate)
@@ -547,6 +551,11 @@ def test_a_device_added_mid_run_gets_an_update_accepted(broker: LocalBroker,
         assert agent.wait(30, "the end of the run") == 0
     agent_log = (tmp_path / "agent.log").read_text()
     assert f"connected to 127.0.0.1:{broker.tls_port} as newbie" in agent_log
+    # the bundle carries the coordinator's public key, and the agent verified with it
+    bundle = json.loads((broker.bundles_dir / "newbie" / "credentials.json").read_text())
+    assert bundle["coordinator_key"] == broker.coordinator_key
+    assert "signing_key_file" not in json.dumps(bundle)
+    assert f"signed by the coordinator's key {broker.coordinator_key}" in agent_log
     assert re.search(r"done: \d+ updates published, [1-9]\d* accepted", agent_log), agent_log
 
 

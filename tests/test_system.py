@@ -97,6 +97,7 @@ def start_coordinator(
         settings = dict(
             host=broker.host, port=broker.port, prefix=broker.prefix, task_id="t1",
             epochs=2, batch_size=16, lr=0.05, duration=60.0, state_dir=tmp_path / "run",
+            signing_key=broker.signing_key_file,  # the agents verify with its public key
         )
         settings.update(overrides)
         service = CoordinatorService(

@@ -88,6 +88,8 @@ def load_process_config(
     ``identity``: the setting naming the account (``device_id``); when a bundle (a
     credentials file for one device, from ``fedbus devices add``) is given by flag or
     environment and nothing else names the account, the bundle's device is used.
+    Likewise the coordinator's public key (an agent's ``coordinator_key``) and the
+    coordinator's ``signing_key``.
     """
     from fedbus.config import load_config
     from fedbus.credentials import bundle_device, read_credentials
@@ -134,6 +136,13 @@ def load_process_config(
         on = tls if tls is not None else cfg.uses_tls()  # type: ignore[attr-defined]
         if on and not given("tls_ca") and access.ca_file is not None:
             filled["tls_ca"] = access.ca_file
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if "coordinator_key" in names and access.coordinator_key and not given(
+            "coordinator_key"
+        ):
+            filled["coordinator_key"] = access.coordinator_key
+        if "signing_key" in names and access.signing_key_file and not given("signing_key"):
+            filled["signing_key"] = access.signing_key_file
         cfg = load(filled)
         password = password or access.password
     cert = cfg.tls_cert  # type: ignore[attr-defined]

@@ -24,8 +24,9 @@ HELPS = {
     "port": "Broker port (default 8883 with TLS, 1883 without).",
     "password": "MQTT password; prefer the environment variable over the flag.",
     "credentials": "credentials.json from `fedbus broker`, or the bundle directory from "
-    "`fedbus devices add`: supplies host, port, prefix, the CA and the password or client "
-    "certificate (its TLS port unless --no-tls or --port is given).",
+    "`fedbus devices add`: supplies host, port, prefix, the CA, the password or client "
+    "certificate, and the coordinator's public key (its TLS port unless --no-tls or "
+    "--port is given).",
     "tls": "TLS, verifying the broker's certificate (CA and host name). Default: on for any "
     "host beyond loopback, with --tls-ca/--tls-cert, and with --credentials of a TLS broker; "
     "--no-tls: plain MQTT.",
@@ -36,6 +37,10 @@ HELPS = {
     "tls_key": "Private key (PEM) of --tls-cert.",
     "insecure_plaintext": "Allow plain MQTT (--no-tls) to a host beyond loopback: passwords, "
     "models and updates then cross the network in clear text.",
+    "coordinator_key": "The coordinator's public key (ed25519:... text, or a file holding it or "
+    "a PEM public key): tasks and models without its valid signature are ignored. Default: "
+    "the credentials file's coordinator_key; with neither, tasks and models are accepted "
+    "unsigned (a warning at start-up).",
     "prefix": "Topic prefix shared with the coordinator.",
     "keepalive": "MQTT keepalive in seconds; the broker declares a silent device offline after "
     "1.5 times this.",
@@ -90,6 +95,10 @@ def agent(config_file: Path | None, **flags: Any) -> None:
         AgentConfig, flags, env_prefix=ENV_PREFIX, config_file=config_file, section="agent",
         username=lambda c: c.device_id, identity="device_id",
     )
+    if cfg.coordinator_key:  # a bad key is one line before the data is loaded
+        from fedbus.signing import load_public_key
+
+        load_public_key(cfg.coordinator_key)
     x, y = load_local_data(cfg.data)
     runner = Agent(cfg, LocalData(x, y), password=password)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -100,3 +109,6 @@ def agent(config_file: Path | None, **flags: Any) -> None:
         cfg.device_id, stats.updates_published, stats.receipts_accepted,
         stats.receipts_rejected, stats.bytes_uploaded,
     )
+    if stats.bad_signatures:
+        log.warning("%d task or model message(s) ignored: not signed by the coordinator",
+                    stats.bad_signatures)

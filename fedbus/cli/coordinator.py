@@ -23,7 +23,7 @@ HELPS = {
     "username": "MQTT username of the coordinator account.",
     "password": "MQTT password; prefer the environment variable over the flag.",
     "credentials": "credentials.json from `fedbus broker`: supplies host, port, prefix, "
-    "password and the CA (its TLS port unless --no-tls or --port is given).",
+    "password, the CA and the signing key (its TLS port unless --no-tls or --port is given).",
     "tls": "TLS, verifying the broker's certificate (CA and host name). Default: on for any "
     "host beyond loopback, with --tls-ca/--tls-cert, and with --credentials of a TLS broker; "
     "--no-tls: plain MQTT.",
@@ -97,8 +97,12 @@ HELPS = {
     "than this epsilon (0: no budget).",
     "min_round_updates": "FedAvg: fewest updates that close a round at its deadline.",
     "eval_data": "Held-out data (.csv/.npz/dir) to evaluate every model version.",
-    "state_dir": "Directory holding the run (state.db, model.npz, history.jsonl). A restart on "
+    "state_dir": "Directory holding the run (state.db, model.npz, history.jsonl) and the "
+    "signing key (signing.key, signing.pub). A restart on "
     "it resumes the run where it stopped; empty: keep nothing (memory only).",
+    "signing_key": "Ed25519 private key (PEM) to sign tasks and models with, copied into a "
+    "state directory that has no signing.key yet (then ignored). Default: the credentials "
+    "file's signing key; with neither, a new key is made in the state directory.",
     "sync": "Durability of the state: normal survives a crash of this process at any instant; "
     "full also an operating-system crash or power cut (one fsync per update).",
     "connect_timeout": "Exit with an error after this many seconds without a broker "

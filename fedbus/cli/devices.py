@@ -166,7 +166,7 @@ def add(obj: tuple[Path, float], device_id: str, certificate: bool, pki_dir: Pat
     target = bundle_dir or base / "bundles" / device_id
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     address = BrokerAddress(access.host, access.port, access.tls_port, access.mtls_port,
-                            access.prefix)
+                            access.prefix, access.coordinator_key)
     if certificate:
         if access.mtls_port is None:
             raise ConfigError(f"{credentials} names no mutual-TLS port (tls.mtls_port)")
