@@ -11,13 +11,7 @@ from typing import Any, Literal
 from coordinator.core import AggregationConfig
 from coordinator.privacy import PrivacySpec, privacy_from_settings
 from fedbus.codec_spec import parse_codec
-from fedbus.tls import (
-    PLAIN_PORT,
-    TLS_PORT,
-    TlsSettings,
-    check_transport_choice,
-    uses_tls,
-)
+from fedbus.tls import BrokerTarget, check_transport_choice
 from fedbus.topics import DEFAULT_PREFIX, Topics
 
 __all__ = ["ENV_PREFIX", "CoordinatorConfig"]
@@ -29,7 +23,7 @@ MODES = ("fedbuff", "fedasync", "fedavg")
 
 
 @dataclass(frozen=True)
-class CoordinatorConfig:
+class CoordinatorConfig(BrokerTarget):
     """Settings of the coordinator process: broker, task, aggregation and stopping."""
 
     # broker
@@ -196,17 +190,3 @@ class CoordinatorConfig:
             raise ValueError("model_args must be a JSON object, e.g. '{\"hidden\": [64]}'")
         return args
 
-    def uses_tls(self) -> bool:
-        return uses_tls(self.host, self.tls, ca_file=self.tls_ca, cert_file=self.tls_cert)
-
-    def broker_port(self) -> int:
-        """``port``, or by default 8883 with TLS and 1883 without."""
-        if self.port is not None:
-            return self.port
-        return TLS_PORT if self.uses_tls() else PLAIN_PORT
-
-    def tls_settings(self) -> TlsSettings | None:
-        """What the transport needs for TLS, or None for plain MQTT."""
-        if not self.uses_tls():
-            return None
-        return TlsSettings(ca_file=self.tls_ca, cert_file=self.tls_cert, key_file=self.tls_key)

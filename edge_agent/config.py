@@ -8,13 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fedbus.tls import (
-    PLAIN_PORT,
-    TLS_PORT,
-    TlsSettings,
-    check_transport_choice,
-    uses_tls,
-)
+from fedbus.tls import BrokerTarget, check_transport_choice
 from fedbus.topics import DEFAULT_PREFIX, Topics, validate_device_id
 
 __all__ = ["ENV_PREFIX", "AgentConfig"]
@@ -23,7 +17,7 @@ ENV_PREFIX = "FEDBUS_AGENT"
 
 
 @dataclass(frozen=True)
-class AgentConfig:
+class AgentConfig(BrokerTarget):
     """Settings of one edge agent process."""
 
     device_id: str
@@ -106,17 +100,3 @@ class AgentConfig:
             base = str(Path.home() / ".local" / "state")
         return Path(base) / "fedbus" / self.device_id
 
-    def uses_tls(self) -> bool:
-        return uses_tls(self.host, self.tls, ca_file=self.tls_ca, cert_file=self.tls_cert)
-
-    def broker_port(self) -> int:
-        """``port``, or by default 8883 with TLS and 1883 without."""
-        if self.port is not None:
-            return self.port
-        return TLS_PORT if self.uses_tls() else PLAIN_PORT
-
-    def tls_settings(self) -> TlsSettings | None:
-        """What the transport needs for TLS, or None for plain MQTT."""
-        if not self.uses_tls():
-            return None
-        return TlsSettings(ca_file=self.tls_ca, cert_file=self.tls_cert, key_file=self.tls_key)

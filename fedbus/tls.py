@@ -30,6 +30,7 @@ from fedbus.errors import ConfigError
 __all__ = [
     "PLAIN_PORT",
     "TLS_PORT",
+    "BrokerTarget",
     "Failure",
     "TlsSettings",
     "check_transport_choice",
@@ -92,6 +93,34 @@ def uses_tls(host: str, tls: bool | None, *, ca_file: Path | None, cert_file: Pa
     if tls is not None:
         return tls
     return not is_loopback(host) or ca_file is not None or cert_file is not None
+
+
+class BrokerTarget:
+    """Where a process's broker settings lead: the TLS policy applied to its ``host``,
+    ``port``, ``tls``, ``tls_ca``, ``tls_cert`` and ``tls_key`` settings. Mixed into the
+    agent's and the coordinator's configuration dataclasses, which declare those fields."""
+
+    host: str
+    port: int | None
+    tls: bool | None
+    tls_ca: Path | None
+    tls_cert: Path | None
+    tls_key: Path | None
+
+    def uses_tls(self) -> bool:
+        return uses_tls(self.host, self.tls, ca_file=self.tls_ca, cert_file=self.tls_cert)
+
+    def broker_port(self) -> int:
+        """``port``, or by default 8883 with TLS and 1883 without."""
+        if self.port is not None:
+            return self.port
+        return TLS_PORT if self.uses_tls() else PLAIN_PORT
+
+    def tls_settings(self) -> TlsSettings | None:
+        """What the transport needs for TLS, or None for plain MQTT."""
+        if not self.uses_tls():
+            return None
+        return TlsSettings(ca_file=self.tls_ca, cert_file=self.tls_cert, key_file=self.tls_key)
 
 
 def check_transport_choice(

@@ -19,9 +19,23 @@ import click
 
 from fedbus.config import env_var_name
 
-__all__ = ["config_options", "load_process_config"]
+__all__ = ["TLS_HELPS", "config_options", "load_process_config"]
 
 T = typing.TypeVar("T")
+
+# Help texts of the TLS settings the agent and the coordinator share (fedbus.tls.BrokerTarget).
+TLS_HELPS = {
+    "tls": "TLS, verifying the broker's certificate (CA and host name). Default: on for any "
+    "host beyond loopback, with --tls-ca/--tls-cert, and with --credentials of a TLS broker; "
+    "--no-tls: plain MQTT.",
+    "tls_ca": "CA certificate (PEM) the broker's certificate must chain to (default: from "
+    "--credentials, else the system's trusted CAs).",
+    "tls_cert": "Client certificate (PEM) for mutual TLS; its common name is the MQTT "
+    "username, and no password is needed. Connect to the broker's mTLS port.",
+    "tls_key": "Private key (PEM) of --tls-cert.",
+    "insecure_plaintext": "Allow plain MQTT (--no-tls) to a host beyond loopback: passwords, "
+    "models and updates then cross the network in clear text.",
+}
 
 
 def _click_type(hint: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from edge_agent.config import ENV_PREFIX, AgentConfig
-from fedbus.cli._options import config_options, load_process_config
+from fedbus.cli._options import TLS_HELPS, config_options, load_process_config
 
 __all__ = ["agent"]
 
@@ -27,16 +27,7 @@ HELPS = {
     "`fedbus devices add`: supplies host, port, prefix, the CA, the password or client "
     "certificate, and the coordinator's public key (its TLS port unless --no-tls or "
     "--port is given).",
-    "tls": "TLS, verifying the broker's certificate (CA and host name). Default: on for any "
-    "host beyond loopback, with --tls-ca/--tls-cert, and with --credentials of a TLS broker; "
-    "--no-tls: plain MQTT.",
-    "tls_ca": "CA certificate (PEM) the broker's certificate must chain to (default: from "
-    "--credentials, else the system's trusted CAs).",
-    "tls_cert": "Client certificate (PEM) for mutual TLS; its common name is the MQTT "
-    "username, and no password is needed. Connect to the broker's mTLS port.",
-    "tls_key": "Private key (PEM) of --tls-cert.",
-    "insecure_plaintext": "Allow plain MQTT (--no-tls) to a host beyond loopback: passwords, "
-    "models and updates then cross the network in clear text.",
+    **TLS_HELPS,
     "coordinator_key": "The coordinator's public key (ed25519:... text, or a file holding it or "
     "a PEM public key): tasks and models without its valid signature are ignored. Default: "
     "the credentials file's coordinator_key; with neither, tasks and models are accepted "

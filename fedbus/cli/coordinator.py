@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from coordinator.config import ENV_PREFIX, CoordinatorConfig
-from fedbus.cli._options import config_options, load_process_config
+from fedbus.cli._options import TLS_HELPS, config_options, load_process_config
 
 __all__ = ["coordinator"]
 
@@ -24,16 +24,7 @@ HELPS = {
     "password": "MQTT password; prefer the environment variable over the flag.",
     "credentials": "credentials.json from `fedbus broker`: supplies host, port, prefix, "
     "password, the CA and the signing key (its TLS port unless --no-tls or --port is given).",
-    "tls": "TLS, verifying the broker's certificate (CA and host name). Default: on for any "
-    "host beyond loopback, with --tls-ca/--tls-cert, and with --credentials of a TLS broker; "
-    "--no-tls: plain MQTT.",
-    "tls_ca": "CA certificate (PEM) the broker's certificate must chain to (default: from "
-    "--credentials, else the system's trusted CAs).",
-    "tls_cert": "Client certificate (PEM) for mutual TLS; its common name is the MQTT "
-    "username, and no password is needed. Connect to the broker's mTLS port.",
-    "tls_key": "Private key (PEM) of --tls-cert.",
-    "insecure_plaintext": "Allow plain MQTT (--no-tls) to a host beyond loopback: passwords, "
-    "models and updates then cross the network in clear text.",
+    **TLS_HELPS,
     "prefix": "Topic prefix shared with the agents.",
     "task_id": "Name of this learning task; agents train only for the current task.",
     "arch": "Model architecture from the zoo (mlp, cnn, cnn1d).",
