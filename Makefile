@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh Debian-like machine:
 #   make demo   - virtual environment, mosquitto, then the demo
 #   make test   - the same set-up, then lint, type check and the whole test suite
-#   make bench  - the same set-up, then the benchmark harness (about 13 minutes)
+#   make bench  - the same set-up, then the benchmark harness (about 22 minutes)
 #   make faults - the same set-up, then the fault benchmark (about 80 minutes)
 PYTHON ?= python3
 VENV ?= .venv
