@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import logging
 import shutil
@@ -26,40 +27,26 @@ from bench.harness import REPO, BenchContext, environment
 log = logging.getLogger("bench")
 
 
+# benchmark name -> the bench module whose run(ctx) measures it (imported only when it runs)
+_MODULES = {
+    "latency": "latency",
+    "bytes": "codecs",
+    "time_to_accuracy": "tta",
+    "footprint": "footprint",
+    "decode_worst": "decode_worst",
+    "poisoning": "poisoning",
+    "privacy": "privacy",
+}
+
+
 def _runner(name: str):
     if name.startswith("ingest_"):
         from bench import ingest
 
         return lambda ctx: ingest.run(ctx, name)
-    if name == "latency":
-        from bench import latency
-
-        return latency.run
-    if name == "bytes":
-        from bench import codecs
-
-        return codecs.run
-    if name == "time_to_accuracy":
-        from bench import tta
-
-        return tta.run
-    if name == "footprint":
-        from bench import footprint
-
-        return footprint.run
-    if name == "decode_worst":
-        from bench import decode_worst
-
-        return decode_worst.run
-    if name == "poisoning":
-        from bench import poisoning
-
-        return poisoning.run
-    if name == "privacy":
-        from bench import privacy
-
-        return privacy.run
-    raise ValueError(name)
+    if name not in _MODULES:
+        raise ValueError(name)
+    return importlib.import_module(f"bench.{_MODULES[name]}").run
 
 
 # Order: the fleet of agents with equal speeds serves ``bytes`` and then the first profile
