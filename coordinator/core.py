@@ -625,13 +625,13 @@ class CoordinatorCore:
         if isinstance(result, Rejected):
             return self._reject(
                 topic_device, result.reason, result.detail, result.update_id,
-                base_version=result.base_version, digest=result.digest,
+                base_version=result.base_version, digest=result.digest, size=result.size,
             )
         if self._ended is not None:
             return self._reject(
                 topic_device, "run_ended", f"the run has ended: {self._ended}",
                 result.update.update_id, base_version=result.update.base_version,
-                digest=result.digest,
+                digest=result.digest, size=result.size,
             )
         decision = decide_norm(self._norm_rule, result.norm, self._norms, self._model_norm)
         if decision.action == "reject":
@@ -642,7 +642,7 @@ class CoordinatorCore:
                 f"{decision.reject_bound:.4g} ({self._norm_rule.reject:g} x the clip bound, "
                 f"{decision.basis})",
                 result.update.update_id, base_version=result.update.base_version,
-                digest=result.digest,
+                digest=result.digest, size=result.size,
             )
         if self._round is not None:
             return self._accept_in_round(topic_device, result, now, decision)
@@ -794,7 +794,7 @@ class CoordinatorCore:
 
     def _reject(
         self, device_id: str, reason: str, detail: str, update_id: str | None, *,
-        base_version: int | None = None, digest: bytes = b"",
+        base_version: int | None = None, digest: bytes = b"", size: int | None = None,
     ) -> list[Action]:
         self._counters["updates_rejected"] += 1
         key = f"rejected_{reason}"
@@ -819,7 +819,7 @@ class CoordinatorCore:
             # update whose id it reused
             self._journal.append(Verdict(
                 update_id, device_id, digest, base_version, False, reason, detail,
-                self._version, None,
+                self._version, None, size,
             ))
         return [SendReceipt(device_id, receipt)]
 
@@ -854,7 +854,7 @@ class CoordinatorCore:
         self._counters["bytes_accepted"] += acc.size
         self._journal.append(Verdict(
             update.update_id, device_id, acc.digest, update.base_version, True, None, detail,
-            self._version, acc.staleness,
+            self._version, acc.staleness, acc.size,
         ))
         self._journal.append(Pending(
             update.update_id, device_id, update.base_version, update.num_samples,

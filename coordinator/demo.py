@@ -338,6 +338,7 @@ def run_demo(
         report = write_report(
             cfg.report,
             summary,
+            workdir / "run",
             extra={
                 "devices": cfg.devices,
                 "dataset": cfg.dataset,

@@ -58,6 +58,7 @@ class Verdict:
     detail: str
     model_version: int  # the global version when it was judged
     staleness: int | None
+    size: int | None = None  # the payload's bytes, for reports (None: not known)
 
 
 @dataclass(frozen=True)

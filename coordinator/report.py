@@ -1,4 +1,8 @@
-"""Run reports: ``report.json`` and ``accuracy.png`` (held-out accuracy against wall time)."""
+"""Run reports: ``report.json``, ``report.html`` and ``accuracy.png``.
+
+``report_for_run`` reads any state directory read-only (``fedbus report``); the demo adds its
+own numbers (``report_dict``) to the same trial report and writes the same files.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,36 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from coordinator.report_render import render_html, render_plots
+from coordinator.run_reader import read_run
 from coordinator.service import RunSummary
+from coordinator.trial_report import build_report
 
-__all__ = ["plot_accuracy", "report_dict", "write_report"]
+__all__ = ["report_dict", "report_for_run", "write_files", "write_report"]
+
+
+def report_for_run(state_dir: Path, dataset: str | None = None) -> dict[str, Any]:
+    """The trial report of the run in ``state_dir`` (read-only; it may be running)."""
+    rows = read_run(Path(state_dir))
+    meta = dict(rows.meta)
+    if dataset is not None:
+        meta["dataset"] = dataset
+    return build_report(meta, rows.versions, rows.verdicts)
+
+
+def write_files(directory: Path, report: dict[str, Any]) -> list[Path]:
+    """Write ``report.json``, ``report.html`` (self-contained) and ``accuracy.png``
+    (accuracy against time, when there is one) into ``directory``; return their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    plots = render_plots(report)
+    written = [directory / "report.json", directory / "report.html"]
+    written[0].write_text(json.dumps(report, indent=2) + "\n")
+    written[1].write_text(render_html(report, plots))
+    if "accuracy_time" in plots:
+        (directory / "accuracy.png").write_bytes(plots["accuracy_time"])
+        written.append(directory / "accuracy.png")
+    return written
 
 
 def report_dict(summary: RunSummary, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -46,44 +77,14 @@ def report_dict(summary: RunSummary, extra: dict[str, Any] | None = None) -> dic
     return report
 
 
-def plot_accuracy(summary: RunSummary, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [(r.seconds, r.accuracy) for r in summary.history if r.accuracy is not None]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if points:
-        xs, ys = zip(*points, strict=True)
-        # a version's accuracy holds until the next version replaces it
-        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5, drawstyle="steps-post")
-    if summary.first_update_seconds is not None:
-        ax.axvline(summary.first_update_seconds, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(
-            " first update arrives\n (agents were starting)",
-            (summary.first_update_seconds, 0.05), color="grey", fontsize=8, ha="right",
-        )
-    ax.set_xlabel("wall time since coordinator start (s)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(0.0, 1.0)
-    ax.grid(True, alpha=0.3)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def write_report(
-    directory: Path, summary: RunSummary, extra: dict[str, Any] | None = None
+    directory: Path, summary: RunSummary, state_dir: Path,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``report.json`` and ``accuracy.png`` into ``directory``; return the report."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    report = report_dict(summary, extra)
-    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    title = f"fedbus {summary.mode}: {summary.final_version} versions"
-    if summary.final_accuracy is not None:
-        title += f", final accuracy {summary.final_accuracy:.3f}"
-    plot_accuracy(summary, directory / "accuracy.png", title)
+    """The demo's report: the trial report of its state directory with the summary's
+    numbers and ``extra`` on top, written by ``write_files``; returns the report."""
+    extra = dict(extra or {})
+    trial = report_for_run(state_dir, dataset=extra.get("dataset"))
+    report = {**trial, **report_dict(summary, extra)}
+    write_files(directory, report)
     return report

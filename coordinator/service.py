@@ -284,6 +284,7 @@ class CoordinatorService:
             self.task.run_id, self.task.to_wire(), self.task.created_at, self.core.state,
             self.core.counters, aggregator=str(self.core.config.spec),
             privacy=None if privacy is None else privacy.mechanism, noise_secret=secret,
+            mode=self.core.config.mode,
         )
         where = config.state_dir if config.state_dir is not None else "memory only"
         log.info("new run %s of task %s (state: %s)", self.task.run_id, self.task.task_id, where)

@@ -136,7 +136,8 @@ CREATE TABLE IF NOT EXISTS verdicts (
     detail TEXT NOT NULL,
     model_version INTEGER NOT NULL,
     staleness INTEGER,
-    applied_version INTEGER
+    applied_version INTEGER,
+    size INTEGER
 );
 CREATE INDEX IF NOT EXISTS verdicts_by_seq ON verdicts (seq);
 CREATE TABLE IF NOT EXISTS work (
@@ -223,6 +224,10 @@ class Store:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(pending)")}
         if "clip" not in columns:  # a state directory of format 1 or 2
             self._db.execute("ALTER TABLE pending ADD COLUMN clip REAL")
+        # an update's size, for reports: NULL in older rows (an older fedbus writes NULL
+        # too, so the format stays)
+        if "size" not in {row[1] for row in self._db.execute("PRAGMA table_info(verdicts)")}:
+            self._db.execute("ALTER TABLE verdicts ADD COLUMN size INTEGER")
         self._seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM verdicts").fetchone()[0]
 
     def close(self) -> None:
@@ -238,7 +243,7 @@ class Store:
         self, run_id: str, task: Mapping[str, Any], created_at: float,
         state: Mapping[str, np.ndarray], counters: Mapping[str, int], *,
         aggregator: str = "mean", privacy: str | None = None,
-        noise_secret: bytes | None = None,
+        noise_secret: bytes | None = None, mode: str | None = None,
     ) -> None:
         """Record a new run at version 0 (``aggregator``: its canonical spec, and
         ``privacy``: its DP mechanism, both part of the run's identity; ``noise_secret``: the
@@ -253,6 +258,8 @@ class Store:
             self._set_meta("run_id", run_id)
             if aggregator != "mean":
                 self._set_meta("aggregator", aggregator)
+            if mode is not None:  # for reports; not part of what a resume checks
+                self._set_meta("mode", mode)
             if privacy is not None and noise_secret is not None:
                 self._set_meta("privacy", privacy)
                 self._set_meta("noise_secret", noise_secret.hex())
@@ -369,11 +376,11 @@ class Store:
                            (self._seq - self.verdict_capacity,))
             db.execute(
                 "INSERT OR IGNORE INTO verdicts (update_id, seq, device, digest, base_version, "
-                "accepted, reason, detail, model_version, staleness) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "accepted, reason, detail, model_version, staleness, size) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.update_id, self._seq, record.device_id, record.digest,
                  record.base_version, int(record.accepted), record.reason, record.detail,
-                 record.model_version, record.staleness),
+                 record.model_version, record.staleness, record.size),
             )
         elif isinstance(record, Pending):
             db.execute(

@@ -51,8 +51,9 @@ def _register() -> None:
     from fedbus.cli.coordinator import coordinator
     from fedbus.cli.demo import demo
     from fedbus.cli.devices import devices
+    from fedbus.cli.report import report
 
-    for command in (broker, devices, certs, coordinator, agent, demo):
+    for command in (broker, devices, certs, coordinator, agent, demo, report):
         cli.add_command(command)
 
 
