@@ -52,7 +52,7 @@ def _png(fig: Any) -> bytes:
 
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -89,13 +89,14 @@ def _accuracy_plot(report: Mapping[str, Any], x_key: str) -> bytes | None:
         ax.text(0.01, 0.02, f"start-up before version 1: {startup:.1f} s (not drawn)",
                 transform=ax.transAxes, fontsize=8, color="grey")
     against = "time" if x_key == "since_first" else "bytes"
-    ax.set_title(f"Accuracy against {against}: {plot_title(report)}", fontsize=9)
+    ax.set_title(f"Accuracy against {against}\n{plot_title(report)}", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
 
 
 def _device_plots(report: Mapping[str, Any]) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     devices: Mapping[str, Mapping[str, Any]] = report["per_device"]
     if not devices:
@@ -115,8 +116,8 @@ def _device_plots(report: Mapping[str, Any]) -> dict[str, bytes]:
         left = [a + b for a, b in zip(left, counts, strict=True)]
     ax.invert_yaxis()
     ax.set_xlabel("updates")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"Participation and rejections per device: {plot_title(report)}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(f"Participation and rejections per device\n{plot_title(report)}", fontsize=9)
     out["participation"] = _png(fig)
 
     stale = [d for d in names if devices[d]["mean_staleness"] is not None]
@@ -126,10 +127,18 @@ def _device_plots(report: Mapping[str, Any]) -> dict[str, bytes]:
                 label="mean")
         ax.plot([devices[d]["max_staleness"] for d in stale], stale, "k|", markersize=12,
                 label="max")
+        for i, d in enumerate(stale):
+            ax.text(devices[d]["mean_staleness"], i,
+                    f" mean {devices[d]['mean_staleness']:.2f}, max {devices[d]['max_staleness']}",
+                    va="center", fontsize=8)
         ax.invert_yaxis()
+        # whole versions, from 0 (a run without stale updates is a row of zeros, not a
+        # range around 0)
+        ax.set_xlim(0, max(1, *(devices[d]["max_staleness"] for d in stale)) * 1.3 + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("staleness of accepted updates (versions behind)")
-        ax.legend(fontsize=8, loc="lower right")
-        ax.set_title(f"Staleness per device: {plot_title(report)}", fontsize=9)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.set_title(f"Staleness per device\n{plot_title(report)}", fontsize=9)
         out["staleness"] = _png(fig)
 
     sized = [d for d in names if devices[d]["bytes"] is not None]
@@ -140,7 +149,7 @@ def _device_plots(report: Mapping[str, Any]) -> dict[str, bytes]:
         ax.barh(sized, [devices[d]["bytes"] / scale for d in sized], color="#9467bd")
         ax.invert_yaxis()
         ax.set_xlabel(f"update bytes received ({unit}), rejected updates included")
-        ax.set_title(f"Bytes per device: {plot_title(report)}", fontsize=9)
+        ax.set_title(f"Bytes per device\n{plot_title(report)}", fontsize=9)
         out["bytes"] = _png(fig)
     return out
 

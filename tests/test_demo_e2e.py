@@ -51,11 +51,46 @@ def test_default_demo_reaches_the_accuracy_bar(tmp_path: Path):
 
 
 def test_synchronous_demo_runs_rounds(tmp_path: Path):
-    report, _ = run_demo(tmp_path, "--mode", "fedavg", "--devices", "4", "--max-versions", "5")
+    work = tmp_path / "work"  # kept: the report of its state directory is checked below
+    report, _ = run_demo(tmp_path, "--mode", "fedavg", "--devices", "4", "--max-versions", "5",
+                         "--workdir", str(work))
     assert report["mode"] == "fedavg"
     assert report["model_versions"] == 5
     assert report["updates_accepted"] == 20  # every device in every round
     assert report["final_accuracy"] > report["history"][0]["accuracy"]
+    assert len(report["per_device"]) == 4 and report["task"]["dataset"] == "digits"
+    assert _self_contained((tmp_path / "report" / "report.html").read_text())
+    check_report_of_a_finished_run(work / "run", tmp_path / "again", report)
+
+
+def _self_contained(page: str) -> bool:
+    return ('<img alt="' in page and 'src="data:image/png;base64,' in page
+            and "http://" not in page and "https://" not in page and "<script" not in page)
+
+
+def check_report_of_a_finished_run(state: Path, out: Path, demo: dict) -> None:
+    """``fedbus report`` on the demo's state directory, as a user would run it later."""
+    before = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+    result = subprocess.run(
+        [sys.executable, "-m", "fedbus", "report", str(state), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()} == before
+    report = json.loads((out / "report.json").read_text())
+    assert report["run_id"] == demo["run_id"]
+    assert len(report["versions"]) == 6  # the initial model and 5 versions
+    assert sorted(report["per_device"]) == sorted(demo["per_device"])
+    assert sum(d["accepted"] for d in report["per_device"].values()) == 20
+    assert report["task"]["mode"] == "fedavg" and report["task"]["codec"] == demo["codec"]
+    assert _self_contained((out / "report.html").read_text())
+    # a directory without a run: one line, exit code non-zero
+    empty = subprocess.run(
+        [sys.executable, "-m", "fedbus", "report", str(out), "--out", str(out / "x")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert empty.returncode != 0
+    assert empty.stderr.strip().count("\n") == 0 and "holds no run" in empty.stderr
 
 
 def test_robust_demo_trims_and_clips_every_step(tmp_path: Path):
