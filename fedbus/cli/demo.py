@@ -56,7 +56,7 @@ HELPS = {
     "test_fraction": "Share of the data held out to evaluate every model version. "
     + _defaults("test_fraction"),
     "seed": "Seed of the data split, the initial model and local training.",
-    "report": "Directory for report.json and accuracy.png.",
+    "report": "Directory for report.json, report.html and accuracy.png.",
     "workdir": "Keep broker files, device data and agent logs here (default: a temporary "
     "directory, removed at the end).",
 }
@@ -71,8 +71,8 @@ def demo(**flags: Any) -> None:
     agents and the coordinator connect over TLS), splits a bundled data set (--dataset;
     scikit-learn's handwritten digits by default) across the devices (non-IID), starts one
     `fedbus agent` process per device with different simulated speeds, and runs the
-    coordinator here until --max-versions. Writes report.json and accuracy.png to --report.
-    Settings left unset take the data set's defaults.
+    coordinator here until --max-versions. Writes report.json, report.html and accuracy.png
+    to --report. Settings left unset take the data set's defaults.
     """
     from fedbus.config import load_config
 
@@ -118,7 +118,7 @@ def demo(**flags: Any) -> None:
             *([f"  differential privacy     epsilon {r['privacy']['epsilon']:.3g} at delta "
                f"{r['privacy']['delta']:g} after {r['privacy']['steps']} steps"]
               if r.get("privacy") else []),
-            f"  report                   {Path(result.report_dir) / 'report.json'}, "
-            f"{Path(result.report_dir) / 'accuracy.png'}",
+            f"  report                   {Path(result.report_dir) / 'report.html'}, "
+            f"{Path(result.report_dir) / 'report.json'}",
         ])
     )
