@@ -38,9 +38,9 @@ def plot_title(report: Mapping[str, Any]) -> str:
     task = report.get("task") or {}
     parts = [
         f"data set {task.get('dataset')}" if task.get("dataset") else "data set not recorded",
-        f"model {task.get('arch') or '?'}",
-        f"codec {task.get('codec') or '?'}",
-        f"mode {task.get('mode') or '?'}",
+        f"model {task.get('arch') or 'not recorded'}",
+        f"codec {task.get('codec') or 'not recorded'}",
+        f"mode {task.get('mode') or 'not recorded'}",
     ]
     if task.get("aggregator") not in (None, "mean"):
         parts.append(f"aggregator {task['aggregator']}")

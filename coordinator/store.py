@@ -26,14 +26,15 @@ updates it applied, the counters. A crash at any instant therefore leaves either
 before the message or the state after it, and the message's PUBACK, which paho sends only
 after the service's callback has returned, follows the commit. Tables:
 
-- ``meta``: format, run id, the task (its wire form as JSON), the aggregator spec, the
+- ``meta``: format, run id, the task (its wire form as JSON), the mode, the aggregator spec, the
   differential-privacy mechanism and the secret key of its noise (hex; it never leaves the
   state directory), state, counters, FedAvg round, the norms of the most recently accepted
   updates;
 - ``model``: one row, the current version, its tensors and the server momentum;
 - ``pending``: accepted updates not yet applied, in arrival order (the FedBuff buffer or the
   open FedAvg round), with their raw payloads;
-- ``verdicts``: the verdict of every recent update id (the newest ``verdict_capacity``);
+- ``verdicts``: the verdict of every recent update id (the newest ``verdict_capacity``),
+  with the update's size in bytes for reports (``coordinator.run_reader``);
 - ``work``: (device, base version) pairs already accepted, while they could still arrive
   within the staleness bound;
 - ``history``: one row per version, appended; ``evaluations``: held-out accuracy and loss of

@@ -137,6 +137,24 @@ def test_an_older_run_gains_the_clip_column_and_the_newer_format_when_it_uses_it
     db.close()
 
 
+def test_an_older_run_gains_the_size_column_and_keeps_its_format(tmp_path: Path) -> None:
+    path = tmp_path / DB_FILE
+    store = new_store(path)
+    store.commit([verdict("u0")], {})
+    store.close()
+    db = sqlite3.connect(path)  # as a fedbus before update sizes wrote it
+    db.execute("ALTER TABLE verdicts DROP COLUMN size")
+    db.close()
+    store = Store(path)
+    store.commit([Verdict("u1", "d1", b"12345678", 0, True, None, "", 0, 0, 321)], {})
+    store.close()
+    db = sqlite3.connect(path)
+    sizes = db.execute("SELECT update_id, size FROM verdicts ORDER BY seq").fetchall()
+    fmt = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0]
+    db.close()
+    assert sizes == [("u0", None), ("u1", 321)] and fmt == "3"
+
+
 def test_accepted_updates_wait_in_order_until_a_version_applies_them(tmp_path: Path) -> None:
     store = new_store(tmp_path / DB_FILE)
     for uid, dev in (("a", "d1"), ("b", "d2")):
