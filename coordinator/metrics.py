@@ -109,10 +109,10 @@ class CoordinatorMetrics:
     def version(self, version: int, sent_at: Iterable[float], now: float) -> None:
         """Version ``version`` was made at ``now`` (wall clock) from updates the devices say
         they published at ``sent_at``."""
-        self.versions.inc()
-        self.model_version.set(version)
         for ts in sent_at:
             self.latency.observe(max(0.0, now - ts))
+        self.versions.inc()
+        self.model_version.set(version)
 
     def current_version(self, version: int) -> None:
         """The version the run is at (on start or resume), without counting it as made."""
