@@ -9,6 +9,7 @@ coordinator imports this module; agents never load prometheus_client.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Literal
@@ -82,6 +83,8 @@ class CoordinatorMetrics:
         )
         for kind in ("model", "receipt", "task"):
             self.bytes_sent.labels(kind=kind)
+        for gauge in (self.accuracy, self.loss, self.evaluated_version):
+            gauge.set(math.nan)  # nothing evaluated yet (no --eval-data, or not yet)
         self._seen: dict[str, int] = {}
 
     def sync_counters(self, counters: Mapping[str, int]) -> None:

@@ -3,6 +3,7 @@ port that cannot be bound (no broker needed)."""
 
 from __future__ import annotations
 
+import math
 import socket
 import urllib.request
 from pathlib import Path
@@ -73,6 +74,8 @@ def test_versions_latency_and_staleness():
 
 def test_evaluation_bytes_sent_and_devices():
     m = CoordinatorMetrics()
+    accuracy = value(m, "fedbus_heldout_accuracy")
+    assert accuracy is not None and math.isnan(accuracy)  # not 0 before any evaluation
     m.evaluated(3, 0.91, 0.27)
     assert value(m, "fedbus_evaluated_version") == 3
     assert value(m, "fedbus_heldout_accuracy") == 0.91
