@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -43,7 +43,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator.config import CoordinatorConfig
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
 from coordinator.evaluation import Evaluator
-from coordinator.metrics import CoordinatorMetrics, MetricsServer, SentKind, serve_metrics
 from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
 from coordinator.store import DB_FILE, HistoryRow, StateLock, Store, archive_run
 from fedbus.envelope import pack
@@ -67,6 +66,10 @@ from fedbus.transport import (
     TransportFactory,
     connect_timeout_error,
 )
+
+if TYPE_CHECKING:  # imported when a service is made: prometheus_client is a server extra,
+    # and the CLI loads this module for `fedbus agent` too (through `fedbus demo`)
+    from coordinator.metrics import CoordinatorMetrics, MetricsServer, SentKind
 
 __all__ = ["CoordinatorService", "RunSummary", "VersionRecord", "build_task", "load_signing_key"]
 
@@ -196,7 +199,9 @@ class CoordinatorService:
             raise
         self.bytes_model_published = 0  # every model payload sent, re-publishes included
         # Prometheus metrics (served over HTTP by run() when config.metrics_port is set)
-        self.metrics = CoordinatorMetrics()
+        from coordinator.metrics import CoordinatorMetrics
+
+        self.metrics: CoordinatorMetrics = CoordinatorMetrics()
         self.metrics.current_version(self.core.version)
         self.metrics.sync_counters(self.core.counters)
         self._metrics_server: MetricsServer | None = None
@@ -377,6 +382,8 @@ class CoordinatorService:
     def _serve_metrics(self) -> None:
         """Start the metrics endpoint if configured; a port that cannot be bound closes the
         state directory and raises ``ConfigError``."""
+        from coordinator.metrics import serve_metrics
+
         port = self.config.metrics_port
         if not port:
             return

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -139,3 +141,15 @@ def test_config_checks_the_metrics_port():
     assert CoordinatorConfig().metrics_host == "127.0.0.1"
     with pytest.raises(ValueError, match="metrics_port"):
         CoordinatorConfig(metrics_port=70000)
+
+
+def test_the_agent_side_never_loads_prometheus_client():
+    """prometheus_client is a server extra: the CLI (which `fedbus agent` starts from) and
+    every agent module must load without it."""
+    code = (
+        "import importlib, pkgutil, sys, edge_agent, fedbus.cli\n"
+        "for m in pkgutil.walk_packages(edge_agent.__path__, 'edge_agent.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "assert 'prometheus_client' not in sys.modules, 'prometheus_client was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
