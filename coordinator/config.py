@@ -105,6 +105,10 @@ class CoordinatorConfig(BrokerTarget):
     max_versions: int = 0  # stop after this many new model versions (0 = never)
     duration: float = 0.0  # stop after this many seconds (0 = never)
     target_accuracy: float = 0.0  # stop once held-out accuracy reaches this (0 = never)
+    # Prometheus metrics (coordinator.metrics) on http://metrics_host:metrics_port/metrics;
+    # 0: no endpoint. Loopback by default: the metrics name devices and the run's progress
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         Topics(self.prefix)
@@ -131,6 +135,10 @@ class CoordinatorConfig(BrokerTarget):
         )
         if self.max_versions < 0 or self.duration < 0:
             raise ValueError("max_versions and duration must not be negative")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(
+                f"metrics_port must be 1-65535, or 0 for no endpoint, got {self.metrics_port}"
+            )
         if self.min_devices < 0:
             raise ValueError(f"min_devices must not be negative, got {self.min_devices}")
         if self.sync not in ("normal", "full"):

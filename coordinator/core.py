@@ -366,10 +366,13 @@ class SendReceipt:
 
 @dataclass(frozen=True)
 class NewModel:
-    """Global version ``version`` was made: publish ``model_message()``, evaluate, log."""
+    """Global version ``version`` was made: publish ``model_message()``, evaluate, log.
+    ``sent_at``: the publish times its updates claim (their ``ts``; for metrics), of those
+    accepted by this process (not known for updates restored on resume)."""
 
     version: int
     reason: str
+    sent_at: tuple[float, ...] = field(default=(), compare=False)
 
 
 Action = SendReceipt | NewModel
@@ -463,6 +466,8 @@ class CoordinatorCore:
         self._kept: list[State] | None = [] if config.spec.keeps_deltas else None
         self._kept_n: list[int] = []
         self._buffer_ids: list[str] = []  # update ids in the buffer, in order
+        # the publish time (ts) each accepted, not yet applied update claims, by update id
+        self._sent_at: dict[str, float] = {}
         # differential privacy: the key of the noise, the devices with an update in the
         # buffer (one each per step) and the steps the epsilon budget allows
         self._noise_secret = noise_secret
@@ -852,6 +857,7 @@ class CoordinatorCore:
         self._journal.append(NormWindow(self._norms))
         self._counters["updates_accepted"] += 1
         self._counters["bytes_accepted"] += acc.size
+        self._sent_at[update.update_id] = update.sent_at
         self._journal.append(Verdict(
             update.update_id, device_id, acc.digest, update.base_version, True, None, detail,
             self._version, acc.staleness, acc.size,
@@ -990,6 +996,8 @@ class CoordinatorCore:
         except AggregationError as exc:
             self._counters["aggregation_failed"] += 1
             self._journal.append(BufferDropped(ids, str(exc)))
+            for uid in ids:
+                self._sent_at.pop(uid, None)
             _log.error(
                 "dropped a buffer of %d updates at version %d: %s", count, self._version, exc
             )
@@ -1057,7 +1065,8 @@ class CoordinatorCore:
             None if self._velocity is None else dict(self._velocity), applied, reason,
         ))
         self._end_if_budget_spent()
-        return NewModel(self._version, reason)
+        sent_at = tuple(self._sent_at.pop(uid) for uid in applied if uid in self._sent_at)
+        return NewModel(self._version, reason, sent_at)
 
     # FedAvg rounds
 
@@ -1156,6 +1165,8 @@ class CoordinatorCore:
         except AggregationError as exc:
             self._counters["aggregation_failed"] += 1
             self._journal.append(BufferDropped(ids, str(exc)))
+            for uid in ids:
+                self._sent_at.pop(uid, None)
             _log.error(
                 "dropped round %d (%d updates) at version %d: %s",
                 rnd.number,

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -66,6 +66,10 @@ from fedbus.transport import (
     TransportFactory,
     connect_timeout_error,
 )
+
+if TYPE_CHECKING:  # imported when a service is made: prometheus_client is a server extra,
+    # and the CLI loads this module for `fedbus agent` too (through `fedbus demo`)
+    from coordinator.metrics import CoordinatorMetrics, MetricsServer, SentKind
 
 __all__ = ["CoordinatorService", "RunSummary", "VersionRecord", "build_task", "load_signing_key"]
 
@@ -194,6 +198,13 @@ class CoordinatorService:
             self.close()
             raise
         self.bytes_model_published = 0  # every model payload sent, re-publishes included
+        # Prometheus metrics (served over HTTP by run() when config.metrics_port is set)
+        from coordinator.metrics import CoordinatorMetrics
+
+        self.metrics: CoordinatorMetrics = CoordinatorMetrics()
+        self.metrics.current_version(self.core.version)
+        self.metrics.sync_counters(self.core.counters)
+        self._metrics_server: MetricsServer | None = None
         # tasks and models someone else published on our topics (an ACL mistake, a replay)
         self.foreign_publications = 0
         self._restore_at: float | None = None  # when to publish ours again (monotonic)
@@ -363,6 +374,34 @@ class CoordinatorService:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the metrics endpoint listens on while the service runs, else None."""
+        server = self._metrics_server
+        return None if server is None else server.port
+
+    def _serve_metrics(self) -> None:
+        """Start the metrics endpoint if configured; a port that cannot be bound closes the
+        state directory and raises ``ConfigError``."""
+        from coordinator.metrics import serve_metrics
+
+        port = self.config.metrics_port
+        if not port:
+            return
+        try:
+            self._metrics_server = serve_metrics(
+                self.metrics.registry, self.config.metrics_host, port
+            )
+        except ConfigError:
+            self.close()
+            raise
+        log.info("metrics: http://%s:%d/metrics", self.config.metrics_host, port)
+
+    def _stop_metrics(self) -> None:
+        server, self._metrics_server = self._metrics_server, None
+        if server is not None:
+            server.stop()
+
     def _check_model_fits(self, limit: int) -> None:
         """Refuse to start with a model the broker would not carry (it would disconnect us
         on every attempt to publish it)."""
@@ -388,6 +427,7 @@ class CoordinatorService:
         """Serve the run until it ends or ``stop()``; raises ``FedbusError`` subclasses for
         what retrying cannot fix (refused credentials, ``connect_timeout``, a model above
         the broker's packet limit, an unwritable state)."""
+        self._serve_metrics()
         self.client.subscribe(
             self.topics.all_updates, qos=1, no_local=True, retain_as_published=True
         )
@@ -444,6 +484,7 @@ class CoordinatorService:
         finally:
             self.client.stop()
             self._record_made(timeout=0)  # versions made before the network thread stopped
+            self._stop_metrics()
             buffered = self.core.buffered
             if buffered and self.core.ended is None:
                 log.info(
@@ -506,7 +547,8 @@ class CoordinatorService:
             self._commit()
             self._carry_out(actions)
             self.task = replace(self.task, state="ended", end_reason=reason)
-            last = [self._publish(self.topics.task, self._task_payload(), retain=True)]
+            last = [self._publish(self.topics.task, self._task_payload(), retain=True,
+                                  kind="task")]
         log.info("run %s ended (%s): told the devices", self.task.run_id, reason)
         deadline = time.monotonic() + _FINAL_PUBLISH_WAIT
         for result in last:
@@ -547,6 +589,7 @@ class CoordinatorService:
             actions = self.core.on_update(device, msg.payload, now, retained=msg.retain)
             self._end_at_max_versions()
             self._commit()
+            self.metrics.sync_counters(self.core.counters)
             if msg.retain:  # the broker would replay it to every new subscriber: clear it
                 self._publish(msg.topic, b"", retain=True)
             self._carry_out(actions)
@@ -554,6 +597,7 @@ class CoordinatorService:
             actions = self.core.on_status(device, msg.payload, now)
             self._end_at_max_versions()
             self._commit()
+            self.metrics.online(len(self.core.online_devices()))
             self._carry_out(actions)
 
     def _check_ours(self, msg: Message) -> None:
@@ -616,10 +660,15 @@ class CoordinatorService:
         that led to them is committed)."""
         for action in actions:
             if isinstance(action, SendReceipt):
+                receipt = action.receipt
                 self._publish(
-                    self.topics.receipt(action.device_id), pack(action.receipt.to_wire())
+                    self.topics.receipt(action.device_id), pack(receipt.to_wire()),
+                    kind="receipt",
                 )
+                if receipt.accepted and not receipt.repeat and receipt.staleness is not None:
+                    self.metrics.accepted(receipt.staleness)
             elif isinstance(action, NewModel):
+                self.metrics.version(action.version, action.sent_at, time.time())
                 self._publish_model()
                 self._made.put(
                     _Made(
@@ -630,8 +679,13 @@ class CoordinatorService:
                     )
                 )
 
-    def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> PublishResult:
-        return self.client.publish(topic, payload, qos=1, retain=retain)
+    def _publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, kind: SentKind | None = None
+    ) -> PublishResult:
+        result = self.client.publish(topic, payload, qos=1, retain=retain)
+        if kind is not None:
+            self.metrics.sent(kind, len(payload))
+        return result
 
     # -- calling thread ------------------------------------------------------------------
 
@@ -702,13 +756,13 @@ class CoordinatorService:
         return self._signed(self.topics.model, self.core.model_message(time.time()).to_wire())
 
     def _publish_task_and_model(self) -> None:
-        self._publish(self.topics.task, self._task_payload(), retain=True)
+        self._publish(self.topics.task, self._task_payload(), retain=True, kind="task")
         self._publish_model()
 
     def _publish_model(self) -> None:
         payload = self._model_payload()
         try:
-            self._publish(self.topics.model, payload, retain=True)
+            self._publish(self.topics.model, payload, retain=True, kind="model")
         except MessageTooLarge as exc:
             self._fatal = exc
             log.error(
@@ -751,7 +805,8 @@ class CoordinatorService:
         spent = "" if privacy is None or record.epsilon is None else (
             f", epsilon {record.epsilon:.4g} at delta {privacy.delta:g}"
         )
-        if accuracy is not None:
+        if accuracy is not None and loss is not None:
+            self.metrics.evaluated(record.version, accuracy, loss)
             log.info(
                 "model v%d: held-out accuracy %.4f, loss %.4f (%d updates accepted%s)",
                 record.version, accuracy, loss, record.updates_accepted, spent,

@@ -7,16 +7,20 @@ publish crafted payloads with real device credentials.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from coordinator.aggregation import is_finite
 from coordinator.config import CoordinatorConfig
@@ -414,3 +418,61 @@ def test_an_agent_that_cannot_take_part_waits_instead_of_crashing(
     assert agent.alive, log_path.read_text()[-2000:]
     assert coord.counters["updates_received"] == 0
     assert "Traceback" not in log_path.read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, list[Sample]]:
+    """The coordinator's metrics by family name ({} while the endpoint is not up yet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def _value(families: dict[str, list[Sample]], sample: str, **labels: str) -> float:
+    family = sample.removesuffix("_total").removesuffix("_count")
+    for s in families.get(family, []):
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    return 0.0
+
+
+def test_the_coordinator_serves_prometheus_metrics_during_a_run(
+    start_coordinator, start_agent, digits_split
+):
+    paths, _ = digits_split
+    port = _free_port()
+    coord = start_coordinator(mode="fedbuff", buffer_size=2, max_versions=1000, min_devices=2,
+                              metrics_port=port)
+    start_agent("dev-a", paths[0])
+    start_agent("dev-b", paths[1])
+    seen: dict[str, list[Sample]] = {}
+
+    def progressed() -> bool:
+        seen.clear()
+        seen.update(_scrape(port))
+        return (_value(seen, "fedbus_model_version") >= 2
+                and _value(seen, "fedbus_heldout_accuracy") > 0)
+
+    wait_for(progressed, 60, "two model versions in the scraped metrics")
+    coord.service.stop()
+    coord.join(timeout=30)
+    assert _value(seen, "fedbus_updates_total", outcome="accepted", reason="none") >= 4
+    assert _value(seen, "fedbus_updates_total", outcome="rejected", reason="norm") == 0
+    assert _value(seen, "fedbus_model_versions_total") >= 2
+    assert _value(seen, "fedbus_update_staleness_count") >= 4
+    assert _value(seen, "fedbus_update_latency_seconds_count") >= 4
+    assert _value(seen, "fedbus_update_bytes_received_total") > 0
+    assert _value(seen, "fedbus_bytes_sent_total", kind="model") > 0
+    assert _value(seen, "fedbus_bytes_sent_total", kind="receipt") > 0
+    assert _value(seen, "fedbus_devices_online") == 2
+    assert _value(seen, "fedbus_heldout_loss") > 0
+    # the endpoint stops with the service
+    assert _scrape(port) == {}

@@ -101,6 +101,8 @@ HELPS = {
     "max_versions": "Stop after this many model versions (0: never).",
     "duration": "Stop after this many seconds (0: never).",
     "target_accuracy": "Stop once held-out accuracy reaches this (0: never).",
+    "metrics_port": "Serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0: off).",
+    "metrics_host": "Address the metrics endpoint listens on (default loopback only).",
 }
 
 

@@ -1,0 +1,163 @@
+"""The coordinator's Prometheus metrics: one registry per service, fed with values the
+service already has (the core's counters, its receipts and versions, device presence), and
+an optional HTTP endpoint that serves it.
+
+Each ``CoordinatorMetrics`` owns its own ``CollectorRegistry`` (never prometheus_client's
+global one), so several services in one process, and tests, do not collide. Only the
+coordinator imports this module; agents never load prometheus_client.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Literal
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from fedbus.errors import ConfigError
+
+__all__ = ["STALENESS_BUCKETS", "CoordinatorMetrics", "MetricsServer", "serve_metrics"]
+
+# versions behind; the default --max-staleness is 10
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 10, 15, 20, 50)
+# seconds from a device's publish claim to the version that applied its update
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+SentKind = Literal["model", "receipt", "task"]
+
+
+class CoordinatorMetrics:
+    """The metrics of one coordinator: call the methods with values the service has."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.updates = Counter(
+            "fedbus_updates", "Updates judged (copies that only repeat a verdict excluded), by "
+            "outcome (accepted, rejected) and rejection reason (none when accepted); totals of "
+            "the run, a resumed run starting from its stored counts.",
+            ["outcome", "reason"], registry=r,
+        )
+        self.model_version = Gauge(
+            "fedbus_model_version", "The current global model version.", registry=r
+        )
+        self.versions = Counter(
+            "fedbus_model_versions", "Global model versions made by this process.", registry=r
+        )
+        self.accuracy = Gauge(
+            "fedbus_heldout_accuracy", "Held-out accuracy of the last evaluated version.",
+            registry=r,
+        )
+        self.loss = Gauge(
+            "fedbus_heldout_loss", "Held-out loss of the last evaluated version.", registry=r
+        )
+        self.evaluated_version = Gauge(
+            "fedbus_evaluated_version", "The last model version evaluated on held-out data.",
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "fedbus_update_bytes_received", "Bytes of update payloads received (judged "
+            "updates; totals of the run).", registry=r,
+        )
+        self.bytes_sent = Counter(
+            "fedbus_bytes_sent", "Bytes of payloads published, by kind (model, receipt, task).",
+            ["kind"], registry=r,
+        )
+        self.devices_online = Gauge(
+            "fedbus_devices_online", "Devices whose last status is online, training or idle.",
+            registry=r,
+        )
+        self.staleness = Histogram(
+            "fedbus_update_staleness", "Staleness of accepted updates: versions between the "
+            "one an update was trained on and the current one when it arrived.",
+            buckets=STALENESS_BUCKETS, registry=r,
+        )
+        self.latency = Histogram(
+            "fedbus_update_latency_seconds", "Seconds from an update's publish time, as the "
+            "device claims it (its ts field: a device's clock, not checked), to the version "
+            "that applied it; a claim in the future counts as 0.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        for kind in ("model", "receipt", "task"):
+            self.bytes_sent.labels(kind=kind)
+        for gauge in (self.accuracy, self.loss, self.evaluated_version):
+            gauge.set(math.nan)  # nothing evaluated yet (no --eval-data, or not yet)
+        self._seen: dict[str, int] = {}
+
+    def sync_counters(self, counters: Mapping[str, int]) -> None:
+        """Bring the update counters up to the core's ``counters`` (updates_accepted,
+        rejected_<reason>, bytes_received): each counter grows by what changed since the
+        last call. Counts that went down (never, in one run) are ignored."""
+        for key, value in counters.items():
+            if key == "updates_accepted":
+                child = self.updates.labels(outcome="accepted", reason="none")
+            elif key.startswith("rejected_"):
+                child = self.updates.labels(outcome="rejected", reason=key[len("rejected_"):])
+            elif key == "bytes_received":
+                child = self.bytes_received
+            else:
+                continue
+            grown = value - self._seen.get(key, 0)
+            if grown > 0:
+                child.inc(grown)
+                self._seen[key] = value
+
+    def accepted(self, staleness: int) -> None:
+        """An update was accepted ``staleness`` versions behind."""
+        self.staleness.observe(staleness)
+
+    def version(self, version: int, sent_at: Iterable[float], now: float) -> None:
+        """Version ``version`` was made at ``now`` (wall clock) from updates the devices say
+        they published at ``sent_at``."""
+        for ts in sent_at:
+            self.latency.observe(max(0.0, now - ts))
+        self.versions.inc()
+        self.model_version.set(version)
+
+    def current_version(self, version: int) -> None:
+        """The version the run is at (on start or resume), without counting it as made."""
+        self.model_version.set(version)
+
+    def evaluated(self, version: int, accuracy: float, loss: float) -> None:
+        self.evaluated_version.set(version)
+        self.accuracy.set(accuracy)
+        self.loss.set(loss)
+
+    def sent(self, kind: SentKind, nbytes: int) -> None:
+        self.bytes_sent.labels(kind=kind).inc(nbytes)
+
+    def online(self, devices: int) -> None:
+        self.devices_online.set(devices)
+
+
+class MetricsServer:
+    """An HTTP endpoint serving a registry at ``/metrics``; ``stop()`` closes it."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
+    """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread (port 0: any
+    free port). A port that cannot be bound is a ``ConfigError``."""
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; choose another "
+            "--metrics-port (or 0 to switch the endpoint off)"
+        ) from None
+    return MetricsServer(server, thread)
