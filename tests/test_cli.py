@@ -179,3 +179,14 @@ def test_a_tls_credentials_file_chooses_the_port_and_the_ca(
     assert (cfg.broker_port(), cfg.tls_settings()) == (2222, None)
     with pytest.raises(ConfigError, match="is for 'd2', not 'd1'"):
         load(tls_cert=str(tmp_path / "tls" / "d2.crt"), tls_key=str(tmp_path / "tls" / "d2.key"))
+
+
+def test_an_empty_state_dir_keeps_nothing_on_disk(tmp_path: Path) -> None:
+    """--state-dir '' means memory only; it used to become Path('') == '.' and write
+    state.db, lock and signing.key into the current directory."""
+    result = fedbus("coordinator", "--state-dir", "", "--password", "x", "--port", "1",
+                    "--connect-timeout", "1", cwd=tmp_path)
+    # no --eval-data, so the model cannot be built: an error after the state step
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "error: cannot build model" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -43,7 +43,9 @@ def _click_type(hint: Any) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = args[0] if len(args) == 1 else str
     if hint is Path:
-        return click.Path(path_type=Path)
+        # text, not path_type=Path: Path("") would be ".", and the config layer must see the
+        # empty string that means "none" for an optional path (--state-dir '')
+        return click.Path()
     if hint in (int, float, str, bool):
         return hint
     return str
