@@ -34,11 +34,11 @@ def check(audit: Audit, *, min_produced: int) -> None:
 
 
 def test_coordinator_kill_9_and_restart_lose_nothing(tmp_path: Path) -> None:
-    with Trial(tmp_path, coordinator_args=(*COORDINATOR, "--max-versions", "24"),
+    with Trial(tmp_path, coordinator_args=(*COORDINATOR, "--max-versions", "18"),
                agent_args=AGENT) as trial:
         trial.start_coordinator()
         trial.start_agents()
-        for at in (6, 14):
+        for at in (5, 11):
             trial.wait_version(at, 90)
             trial.kill_coordinator()  # kill -9 while updates keep coming
             before = trial.version()
@@ -48,8 +48,8 @@ def test_coordinator_kill_9_and_restart_lose_nothing(tmp_path: Path) -> None:
         trial.wait_finished(150)
         audit = trial.audit()
         resumed = (tmp_path / "logs" / "coordinator-2.log").read_text()
-    check(audit, min_produced=60)
-    assert audit.final_version >= 24
+    check(audit, min_produced=45)
+    assert audit.final_version >= 18
     assert "resuming run" in resumed
     assert not {"future_version", "wrong_run"} & set(audit.rejected), audit.rejected
 
@@ -89,26 +89,29 @@ def test_broker_kill_9_and_restart_lose_nothing(tmp_path: Path) -> None:
     check(audit, min_produced=40)
 
 
-def test_a_90_s_partition_stalls_nobody_and_costs_at_most_one_stale_update(
+def test_a_partition_stalls_nobody_and_costs_at_most_one_stale_update(
     tmp_path: Path,
 ) -> None:
+    # device-04 has a 3 s keepalive, so the broker declares it gone (its Will) 4.5 s into
+    # the 25 s blackhole; the fault benchmark cuts a 15 s-keepalive device for 120 s
     with Trial(tmp_path, devices=4, proxied=("device-04",),
-               coordinator_args=(*COORDINATOR, "--max-versions", "400", "--duration", "130"),
+               coordinator_args=(*COORDINATOR, "--max-versions", "400", "--duration", "80"),
                agent_args=AGENT, compute_seconds=0.3) as trial:
         trial.start_coordinator()
-        trial.start_agents()
+        for device in trial.devices:
+            trial.start_agent(device, *(("--keepalive", "3") if device == "device-04" else ()))
         trial.wait_version(4, 90)
         cut_at = trial.version()
         trial.proxies["device-04"].blackhole()
-        time.sleep(90)
+        time.sleep(25)
         during = trial.version() - cut_at
         trial.proxies["device-04"].heal()
         trial.wait_finished(150)
         audit = trial.audit()
         log = trial.agent_log("device-04")
-    check(audit, min_produced=40)
+    check(audit, min_produced=30)
     # the other three kept the model moving: the silent device was dropped from K at its Will
-    assert during >= 30, during
+    assert during >= 10, during
     # back from the partition, it trained on the newest model only: a stale reject at most
     stale = log.count("rejected: stale")
     assert stale <= 1, stale
@@ -122,11 +125,11 @@ def test_a_flapping_link_loses_nothing(tmp_path: Path) -> None:
         trial.start_coordinator()
         trial.start_agents()
         trial.wait_version(3, 90)
-        flaps = [trial.proxies[d].start_flapping(down=(0.5, 2.0), up=(1.0, 4.0))
+        flaps = [trial.proxies[d].start_flapping(down=(0.3, 1.5), up=(0.5, 2.0))
                  for d in ("device-01", "device-02")]
-        time.sleep(30)
+        time.sleep(18)
         downs = [f.stop() for f in flaps]
         trial.wait_finished(150)
         audit = trial.audit()
     assert min(downs) >= 5
-    check(audit, min_produced=40)
+    check(audit, min_produced=30)
