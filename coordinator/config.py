@@ -109,6 +109,10 @@ class CoordinatorConfig(BrokerTarget):
     # 0: no endpoint. Loopback by default: the metrics name devices and the run's progress
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # the live web dashboard (coordinator.dashboard) on http://dashboard_host:dashboard_port/;
+    # 0: none. Loopback by default, for the same reason as the metrics (and it has no login)
+    dashboard_port: int = 0
+    dashboard_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         Topics(self.prefix)
@@ -138,6 +142,11 @@ class CoordinatorConfig(BrokerTarget):
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(
                 f"metrics_port must be 1-65535, or 0 for no endpoint, got {self.metrics_port}"
+            )
+        if not 0 <= self.dashboard_port <= 65535:
+            raise ValueError(
+                f"dashboard_port must be 1-65535, or 0 for no dashboard, got "
+                f"{self.dashboard_port}"
             )
         if self.min_devices < 0:
             raise ValueError(f"min_devices must not be negative, got {self.min_devices}")

@@ -69,6 +69,7 @@ from fedbus.transport import (
 
 if TYPE_CHECKING:  # imported when a service is made: prometheus_client is a server extra,
     # and the CLI loads this module for `fedbus agent` too (through `fedbus demo`)
+    from coordinator.dashboard import DashboardFeed, DashboardServer
     from coordinator.metrics import CoordinatorMetrics, MetricsServer, SentKind
 
 __all__ = ["CoordinatorService", "RunSummary", "VersionRecord", "build_task", "load_signing_key"]
@@ -205,6 +206,12 @@ class CoordinatorService:
         self.metrics.current_version(self.core.version)
         self.metrics.sync_counters(self.core.counters)
         self._metrics_server: MetricsServer | None = None
+        # the live web dashboard (coordinator.dashboard), served when config.dashboard_port
+        self._dashboard: DashboardFeed | None = None
+        self._dashboard_server: DashboardServer | None = None
+        self._dashboard_due = 0.0
+        self._accepted_at: list[tuple[float, int]] = []  # (monotonic, accepted) samples
+        self.bytes_sent = 0  # every payload published (task, model, receipts)
         # tasks and models someone else published on our topics (an ACL mistake, a replay)
         self.foreign_publications = 0
         self._restore_at: float | None = None  # when to publish ours again (monotonic)
@@ -397,6 +404,79 @@ class CoordinatorService:
             raise
         log.info("metrics: http://%s:%d/metrics", self.config.metrics_host, port)
 
+    def _serve_dashboard(self) -> None:
+        """Start the dashboard if configured (a port that cannot be bound closes the state
+        directory and raises ``ConfigError``)."""
+        port = self.config.dashboard_port
+        if not port:
+            return
+        from coordinator.dashboard import DashboardFeed, serve_dashboard
+
+        feed = DashboardFeed({
+            "run_id": self.task.run_id, "task_id": self.task.task_id,
+            "arch": self.task.model.arch, "mode": self.config.mode,
+            "aggregator": str(self.core.config.spec), "codec": self.task.codec,
+            "eval_data": None if self.config.eval_data is None else self.config.eval_data.name,
+            "state": "running",
+        })
+        for row in self.history():
+            feed.version(row.version, row.seconds, row.accuracy, row.loss,
+                         row.updates_accepted)
+        try:
+            self._dashboard_server = serve_dashboard(feed, self.config.dashboard_host, port)
+        except ConfigError:
+            self._stop_metrics()
+            self.close()
+            raise
+        self._dashboard = feed
+        log.info("dashboard: http://%s:%d/", self.config.dashboard_host,
+                 self._dashboard_server.port)
+
+    @property
+    def dashboard_port(self) -> int | None:
+        """The port the dashboard listens on while the service runs, else None."""
+        server = self._dashboard_server
+        return None if server is None else server.port
+
+    def _dashboard_summary(self) -> dict[str, Any]:
+        """What the dashboard shows besides versions (the caller holds the lock)."""
+        now = time.monotonic()
+        counters = self.core.counters
+        accepted = counters["updates_accepted"]
+        self._accepted_at.append((now, accepted))
+        while len(self._accepted_at) > 2 and self._accepted_at[1][0] <= now - 60:
+            self._accepted_at.pop(0)
+        then, before = self._accepted_at[0]
+        online = self.core.online_devices()
+        return {
+            "version": self.core.version,
+            "accepted": accepted,
+            "rejected": {key[len("rejected_"):]: n for key, n in counters.items()
+                         if key.startswith("rejected_") and n},
+            "bytes_received": counters.get("bytes_received", 0),
+            "bytes_sent": self.bytes_sent,
+            "devices_online": len(online),
+            "updates_per_second": (accepted - before) / (now - then) if now > then else None,
+            "first_update_seconds": None if self.resumed else self._first_update,
+            "fleet": [{"device": d, "state": "online"} for d in sorted(online)],
+        }
+
+    def _dashboard_tick(self, *, force: bool = False) -> None:
+        """Send the dashboard the run's counters, at most once a second."""
+        feed = self._dashboard
+        if feed is None or (not force and time.monotonic() < self._dashboard_due):
+            return
+        self._dashboard_due = time.monotonic() + 1.0
+        with self._lock:
+            summary = self._dashboard_summary()
+        feed.summary(summary)
+
+    def _stop_dashboard(self) -> None:
+        server, self._dashboard_server = self._dashboard_server, None
+        if server is not None:
+            server.stop()
+        self._dashboard = None
+
     def _stop_metrics(self) -> None:
         server, self._metrics_server = self._metrics_server, None
         if server is not None:
@@ -428,6 +508,7 @@ class CoordinatorService:
         what retrying cannot fix (refused credentials, ``connect_timeout``, a model above
         the broker's packet limit, an unwritable state)."""
         self._serve_metrics()
+        self._serve_dashboard()
         self.client.subscribe(
             self.topics.all_updates, qos=1, no_local=True, retain_as_published=True
         )
@@ -475,6 +556,7 @@ class CoordinatorService:
                     self._end_at_max_versions()
                     self._commit()
                     self._carry_out(actions)
+                self._dashboard_tick()
                 stop_reason = self._should_stop()
                 if stop_reason:
                     self._raise_if_failed()  # a failure that asked to stop is an error
@@ -484,6 +566,10 @@ class CoordinatorService:
         finally:
             self.client.stop()
             self._record_made(timeout=0)  # versions made before the network thread stopped
+            if self._dashboard is not None:
+                self._dashboard.run_info(state="ended" if self.core.ended else "stopped")
+                self._dashboard_tick(force=True)
+            self._stop_dashboard()
             self._stop_metrics()
             buffered = self.core.buffered
             if buffered and self.core.ended is None:
@@ -683,6 +769,7 @@ class CoordinatorService:
         self, topic: str, payload: bytes, *, retain: bool = False, kind: SentKind | None = None
     ) -> PublishResult:
         result = self.client.publish(topic, payload, qos=1, retain=retain)
+        self.bytes_sent += len(payload)
         if kind is not None:
             self.metrics.sent(kind, len(payload))
         return result
@@ -819,6 +906,9 @@ class CoordinatorService:
                 self.store.record_evaluation(made.version, accuracy, loss, time.time())
         if self.config.state_dir is not None:
             self._export(made, record)
+        if self._dashboard is not None:
+            self._dashboard.version(record.version, record.seconds, record.accuracy,
+                                    record.loss, record.updates_accepted)
         if self.on_version is not None:
             self.on_version(record)
 

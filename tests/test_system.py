@@ -476,3 +476,60 @@ def test_the_coordinator_serves_prometheus_metrics_during_a_run(
     assert _value(seen, "fedbus_heldout_loss") > 0
     # the endpoint stops with the service
     assert _scrape(port) == {}
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; `make test` installs it
+# where the browser test keeps its screenshot (CI keeps the directory as an artifact)
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def test_the_dashboard_shows_a_new_version_without_a_reload(
+    start_coordinator, start_agent, digits_split
+):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), "Debian's chromium is missing: `make test` installs it"
+    paths, _ = digits_split
+    port = _free_port()
+    coord = start_coordinator(mode="fedbuff", buffer_size=2, max_versions=1000, min_devices=2,
+                              dashboard_port=port)
+    start_agent("dev-a", paths[0], "--compute-seconds", "1")
+    start_agent("dev-b", paths[1], "--compute-seconds", "1")
+    wait_for(lambda: coord.service.dashboard_port == port, 30, "the dashboard to listen")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            loads: list[str] = []
+            page.on("load", lambda p: loads.append(p.url))
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_function(
+                "() => document.getElementById('version').textContent.startsWith('v')"
+                " && document.getElementById('conn').textContent === 'live'", timeout=30_000)
+            first = int(page.inner_text("#version")[1:])
+            # a later version arrives over the event stream: the page is not loaded again
+            page.wait_for_function(
+                "first => parseInt(document.getElementById('version').textContent.slice(1)) "
+                "> first"
+                " && document.querySelectorAll('#acc circle').length >= 2", arg=first,
+                timeout=60_000)
+            page.wait_for_function(
+                "() => document.querySelectorAll('#fleet tbody tr').length === 2",
+                timeout=30_000)
+            fleet = page.inner_text("#fleet")
+            accuracy = float(page.inner_text("#accuracy"))
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        finally:
+            browser.close()
+    assert len(loads) == 1, loads
+    assert "dev-a" in fleet and "dev-b" in fleet
+    assert 0 < accuracy <= 1
+    coord.service.stop()
+    coord.join(timeout=30)
+    assert coord.service.dashboard_port is None  # it stops with the service

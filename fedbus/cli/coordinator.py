@@ -103,6 +103,9 @@ HELPS = {
     "target_accuracy": "Stop once held-out accuracy reaches this (0: never).",
     "metrics_port": "Serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0: off).",
     "metrics_host": "Address the metrics endpoint listens on (default loopback only).",
+    "dashboard_port": "Serve the live web dashboard on http://DASHBOARD_HOST:PORT/ (0: off).",
+    "dashboard_host": "Address the dashboard listens on (default loopback only; it has no "
+    "login: reach it through an SSH tunnel or a proxy that asks for one).",
 }
 
 
