@@ -232,7 +232,7 @@ def test_install_then_the_installed_agent_connects_without_coordinator_modules(
         broker: LocalBroker, tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
-    as_root = os.geteuid() == 0
+    as_root = os.geteuid() == 0 and shutil.which("useradd") is not None
     if as_root:  # the script adds the user with useradd --prefix
         for name in ("passwd", "group", "shadow", "gshadow"):
             (root / "etc" / name).touch()
