@@ -110,6 +110,12 @@ if [ -n "$bundle" ]; then
 elif [ ! -f "$root/etc/fedbus/agent.env" ]; then
     die "--bundle DIR is needed the first time (the device's bundle from \`fedbus devices add\`)"
 fi
+if [ "$with_torch" -eq 1 ]; then
+    case "$(uname -m)" in
+        x86_64|aarch64|arm64) ;;
+        *) die "PyTorch publishes no wheels for $(uname -m): use a 64-bit OS (aarch64), or --no-torch with a torch this Python already has" ;;
+    esac
+fi
 target="$root$venv"
 if [ ! -x "$target/bin/python" ]; then
     command -v "$python" >/dev/null 2>&1 || die "no $python here: install python3 (3.11 or newer) and python3-venv"
