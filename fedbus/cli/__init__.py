@@ -2,20 +2,58 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import click
 
 from fedbus import __version__
 from fedbus.errors import FedbusError
 
-__all__ = ["cli", "main"]
+__all__ = ["COMMANDS", "LazyGroup", "cli", "main"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
+# Every subcommand: its name and where it lives ("module:attribute"). A command's module is
+# imported only when that command runs (or for the list in `fedbus --help`), so `fedbus agent`
+# on a device never imports the coordinator's modules. A new command is one line here.
+COMMANDS: Mapping[str, str] = {
+    "agent": "fedbus.cli.agent:agent",
+    "broker": "fedbus.cli.broker:broker",
+    "certs": "fedbus.cli.certs:certs",
+    "coordinator": "fedbus.cli.coordinator:coordinator",
+    "demo": "fedbus.cli.demo:demo",
+    "devices": "fedbus.cli.devices:devices",
+    "report": "fedbus.cli.report:report",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a subcommand's module when the subcommand is looked up."""
+
+    def __init__(self, *args: Any, lazy_commands: Mapping[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            module, _, attribute = self.lazy_commands[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{self.lazy_commands[cmd_name]} is not a click command")
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
 
 @click.group(
+    cls=LazyGroup,
+    lazy_commands=COMMANDS,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
 )
 @click.version_option(__version__, prog_name="fedbus")
@@ -42,22 +80,6 @@ def cli(log_level: str) -> None:
     """
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-
-
-def _register() -> None:
-    from fedbus.cli.agent import agent
-    from fedbus.cli.broker import broker
-    from fedbus.cli.certs import certs
-    from fedbus.cli.coordinator import coordinator
-    from fedbus.cli.demo import demo
-    from fedbus.cli.devices import devices
-    from fedbus.cli.report import report
-
-    for command in (broker, devices, certs, coordinator, agent, demo, report):
-        cli.add_command(command)
-
-
-_register()
 
 
 def main() -> None:
