@@ -147,7 +147,8 @@ class TrainingGate:
         when the policy cannot work here. (A check command not in ``PATH`` is refused
         when the gate is made.)"""
         policy = self.policy
-        if policy.memory_bytes and self._resident_kib("VmRSS") is None:
+        resident = self._resident_kib("VmRSS")
+        if policy.memory_bytes and resident is None:
             raise ConfigError("max_memory_mib needs /proc/self/status (Linux) to read the "
                               "resident memory")
         if policy.nice is not None:
@@ -155,7 +156,9 @@ class TrainingGate:
         if policy.restricts_when or policy.nice is not None or policy.cpu_share or (
             policy.memory_bytes
         ):
-            log.info("training policy: %s", policy.describe())
+            now = f" (resident memory now {resident // 1024} MiB)" if policy.memory_bytes and (
+                resident is not None) else ""
+            log.info("training policy: %s%s", policy.describe(), now)
 
     # -- between trainings -------------------------------------------------------------
 

@@ -327,6 +327,21 @@ def test_a_real_training_stays_within_its_cpu_share() -> None:
     assert wall >= cpu / share * 0.9
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_the_memory_ceiling_sees_a_peak_that_is_already_freed() -> None:
+    from edge_agent.gate import _status_kib
+
+    now = _status_kib("VmRSS")
+    assert now is not None
+    gate = TrainingGate(TrainingPolicy(memory_bytes=(now + 48 * 1024) * 1024), sleep=time.sleep)
+    assert gate.begin_training() is None  # resets the peak to what is resident now
+    spike = b"\x01" * (96 * MIB)  # written, so resident
+    del spike
+    assert gate.between_batches() is True and gate.over_memory
+    assert gate.interruption is not None and "over the ceiling" in gate.interruption
+    assert gate.begin_training() is None  # the next training starts from a fresh peak
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 def test_nice_applies_to_the_training_thread_only() -> None:
     seen: dict[str, int] = {}
