@@ -4,6 +4,7 @@ and the coordinator service. A pause file keeps the agent from training (connect
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -67,6 +68,15 @@ class OtherDevice:
         self.device.stop()
 
 
+def _thread_nice_values(pid: int) -> set[int]:
+    """The nice value of every thread of process ``pid`` (field 19 of its stat)."""
+    values = set()
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        values.add(int(fields[16]))
+    return values
+
+
 def test_a_pause_file_stops_training_and_removing_it_trains_on_the_newest_model(
     broker: LocalBroker, tmp_path: Path
 ) -> None:
@@ -75,6 +85,8 @@ def test_a_pause_file_stops_training_and_removing_it_trains_on_the_newest_model(
     write_npz(data, x[:200], y[:200])
     pause = tmp_path / "pause"
     pause.touch()
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    nice = min(19, own + 3)  # lower than ours: needs no privilege
     service = CoordinatorService(
         CoordinatorConfig(host=broker.host, port=broker.port, prefix=broker.prefix,
                           task_id="t1", mode="fedasync", epochs=1, batch_size=32,
@@ -89,7 +101,8 @@ def test_a_pause_file_stops_training_and_removing_it_trains_on_the_newest_model(
     agent = Child(
         [sys.executable, "-m", "fedbus", "agent", "--device-id", "dev-a", "--data", str(data),
          "--credentials", str(broker.credentials_file), "--state-dir", str(tmp_path / "a"),
-         "--pause-file", str(pause), "--policy-interval", "0.2"],
+         "--pause-file", str(pause), "--policy-interval", "0.2", "--max-memory-mib", "4000",
+         "--max-cpu-share", "0.9", "--nice", str(nice)],
         log_path=tmp_path / "dev-a.log", name="agent dev-a",
     )
     log = agent.log_path
@@ -104,6 +117,8 @@ def test_a_pause_file_stops_training_and_removing_it_trains_on_the_newest_model(
         assert service.core.counters["updates_accepted"] == 2  # dev-b's only
         assert "trained on" not in log.read_text()
         assert agent.alive and service.core.devices.get("dev-a") == "idle"  # its status
+        # --nice lowered the training thread, not the MQTT network thread
+        assert {own, nice} <= _thread_nice_values(agent.pid), _thread_nice_values(agent.pid)
         pause.unlink()
         wait_for(lambda: "trained on v" in log.read_text(), 20, "training after the pause")
         wait_for(lambda: service.core.counters["updates_accepted"] == 3, 10, "dev-a's update")
@@ -111,6 +126,9 @@ def test_a_pause_file_stops_training_and_removing_it_trains_on_the_newest_model(
         assert "trained on v2" in text and "trained on v0" not in text  # the newest model
         assert text.count("training paused") == 1 and text.count("training resumed") == 1
         assert "Traceback" not in text
+        # the rest of the policy was applied too (a high ceiling and a loose cap: no effect)
+        assert (f"nice {nice}; at most 0.9 of a core; memory ceiling 4000 MiB (resident memory "
+                "now") in text
     finally:
         agent.terminate(10)
         other.close()
