@@ -399,3 +399,13 @@ def test_an_agent_over_its_memory_ceiling_skips_the_version_with_one_error(
     assert len(errors) == 1, errors
     assert errors[0].startswith("skipping v0: resident memory ")
     assert errors[0].endswith("is over the ceiling of 1 MiB (max_memory_mib)")
+
+
+def test_a_refused_nice_value_is_one_line_naming_the_privilege(monkeypatch) -> None:
+    def refuse(which: int, who: int, value: int) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    with pytest.raises(ConfigError, match=r"^cannot set nice -5 \(now -?\d+\): a nice value "
+                       r"below the current one needs root or CAP_SYS_NICE$"):
+        apply_nice(-5)
