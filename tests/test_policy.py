@@ -409,3 +409,39 @@ def test_a_refused_nice_value_is_one_line_naming_the_privilege(monkeypatch) -> N
     with pytest.raises(ConfigError, match=r"^cannot set nice -5 \(now -?\d+\): a nice value "
                        r"below the current one needs root or CAP_SYS_NICE$"):
         apply_nice(-5)
+
+
+def test_a_pause_during_training_stops_it_at_a_batch_and_sends_nothing(
+    tmp_path: Path, caplog
+) -> None:
+    from edge_agent.agent import Agent, LocalData
+    from fedbus.memory_transport import MemoryBroker
+
+    caplog.set_level(logging.INFO)
+    rng = np.random.default_rng(0)
+    data = LocalData(rng.normal(size=(40, 4)).astype(np.float32), rng.integers(0, 2, 40))
+    broker = MemoryBroker()
+    coordinator = Running(broker, mode="fedasync", epochs=1000, batch_size=1)  # seconds
+    pause = tmp_path / "pause"
+    config = AgentConfig(device_id="dev-a", data=tmp_path / "unused.npz",
+                         state_dir=tmp_path / "a", pause_file=pause, policy_interval=0.05)
+    agent = Agent(config, data, password="x", transport_factory=broker.factory)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: coordinator.service.core.devices.get("dev-a") == "training",
+                 what="the training")
+        pause.touch()
+        wait_for(lambda: any("training on v0 stopped" in r.getMessage()
+                             for r in caplog.records), what="the training to stop")
+        wait_for(lambda: coordinator.service.core.devices.get("dev-a") == "idle",
+                 what="status idle")
+        assert agent.stats.updates_published == 0
+        assert agent.stats.last_version is None  # v0 is trained again once allowed
+    finally:
+        agent.stop()
+        thread.join(10)
+        coordinator.stop()
+        broker.close()
+    stopped = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+    assert stopped == [f"training on v0 stopped: pause file {pause} exists"]
