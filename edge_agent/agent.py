@@ -48,7 +48,7 @@ from edge_agent.residual import encode_with_feedback
 from edge_agent.state import STATE_FILE, AgentState, OutboxEntry
 from fedbus.codec_spec import parse_codec
 from fedbus.envelope import DecodeLimits, pack, unpack
-from fedbus.errors import MessageTooLarge, ProtocolError
+from fedbus.errors import ConfigError, MessageTooLarge, ProtocolError
 from fedbus.messages import GlobalModel, Receipt, Status, Task, Update, new_update_id
 from fedbus.signing import SignatureError, Verifier, load_public_key
 from fedbus.topics import Topics
@@ -272,7 +272,11 @@ class Agent:
         self.client.subscribe(self.topics.model, qos=0)
         self.client.subscribe(self.topics.receipt(device), qos=1)
         self.client.start()
-        self._gate.start()  # after the network thread started: only training is niced
+        try:
+            self._gate.start()  # after the network thread started: only training is niced
+        except ConfigError:
+            self._shutdown()
+            raise
         waiting = self.state.outbox()
         self._inherited = {e.update_id for e in waiting}
         log.info(

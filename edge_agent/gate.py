@@ -139,13 +139,17 @@ class TrainingGate:
         self.interruption: str | None = None  # why between_batches() stopped the training
         self.over_memory = False  # ... and whether that was the memory ceiling
         self.last_cpu_share: float | None = None  # CPU / wall time of the last training
-        if policy.check and "/" not in policy.check[0] and shutil.which(policy.check[0]) is None:
-            raise ConfigError(f"train_check: command {policy.check[0]!r} not found in PATH")
+        if policy.check:
+            program = policy.check[0]
+            if "/" not in program and shutil.which(program) is None:
+                raise ConfigError(f"train_check: command {program!r} not found in PATH")
+            if "/" in program and not (os.path.isfile(program) and os.access(program, os.X_OK)):
+                raise ConfigError(f"train_check: {program} is not an executable file")
 
     def start(self) -> None:
         """Apply the nice value to the calling thread and log the policy; ``ConfigError``
-        when the policy cannot work here. (A check command not in ``PATH`` is refused
-        when the gate is made.)"""
+        when the policy cannot work here. (A check command that is not an executable file,
+        or not in ``PATH``, is refused when the gate is made.)"""
         policy = self.policy
         resident = self._resident_kib("VmRSS")
         if policy.memory_bytes and resident is None:

@@ -279,9 +279,17 @@ def test_the_gate_paces_batches_to_the_cpu_share_and_stops_on_pause_or_memory() 
     assert gate.between_batches() is True and gate.over_memory
 
 
-def test_a_check_command_missing_from_path_is_refused_when_the_agent_is_made() -> None:
+def test_a_check_command_that_cannot_run_is_refused_when_the_agent_is_made(
+    tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match="'no-such-check-cmd' not found in PATH"):
         TrainingGate(TrainingPolicy(check=("no-such-check-cmd",)), sleep=time.sleep)
+    script = tmp_path / "check.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    with pytest.raises(ConfigError, match=f"{script} is not an executable file"):
+        TrainingGate(TrainingPolicy(check=(str(script),)), sleep=time.sleep)
+    script.chmod(0o755)
+    TrainingGate(TrainingPolicy(check=(str(script),)), sleep=time.sleep)
 
 
 # -- real commands, CPU time and priority -------------------------------------------------
