@@ -102,7 +102,7 @@ def test_a_pause_file_stops_training_and_removing_it_trains_on_the_newest_model(
         [sys.executable, "-m", "fedbus", "agent", "--device-id", "dev-a", "--data", str(data),
          "--credentials", str(broker.credentials_file), "--state-dir", str(tmp_path / "a"),
          "--pause-file", str(pause), "--policy-interval", "0.2", "--max-memory-mib", "4000",
-         "--max-cpu-share", "0.9", "--nice", str(nice)],
+         "--max-cpu-share", "0.9", "--nice", str(nice), "--max-updates", "1"],
         log_path=tmp_path / "dev-a.log", name="agent dev-a",
     )
     log = agent.log_path
@@ -121,7 +121,8 @@ def test_a_pause_file_stops_training_and_removing_it_trains_on_the_newest_model(
         assert {own, nice} <= _thread_nice_values(agent.pid), _thread_nice_values(agent.pid)
         pause.unlink()
         wait_for(lambda: "trained on v" in log.read_text(), 20, "training after the pause")
-        wait_for(lambda: service.core.counters["updates_accepted"] == 3, 20, "dev-a's update")
+        assert agent.wait(20) == 0  # --max-updates 1: it exits after its update
+        wait_for(lambda: service.core.counters["updates_accepted"] == 3, 10, "dev-a's update")
         text = log.read_text()
         assert "trained on v2" in text and "trained on v0" not in text  # the newest model
         assert text.count("training paused") == 1 and text.count("training resumed") == 1
