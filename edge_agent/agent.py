@@ -312,8 +312,9 @@ class Agent:
                 self._drop_unusable(task)
                 self._resend_if_due(task)
                 self._pump(task)
+                allowed = self._gate.poll().train  # the training policy, said when it changes
                 work = self._next_work(task)
-                if work is None or not self._gate.poll().train:
+                if work is None or not allowed:
                     continue  # nothing new, or paused (the outbox is still sent above)
                 self._train_and_publish(task, work)
                 if on_update is not None:
