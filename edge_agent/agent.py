@@ -42,11 +42,13 @@ from typing import Any
 import numpy as np
 
 from edge_agent.config import AgentConfig
+from edge_agent.gate import TrainingGate
+from edge_agent.policy import Decision
 from edge_agent.residual import encode_with_feedback
 from edge_agent.state import STATE_FILE, AgentState, OutboxEntry
 from fedbus.codec_spec import parse_codec
 from fedbus.envelope import DecodeLimits, pack, unpack
-from fedbus.errors import MessageTooLarge, ProtocolError
+from fedbus.errors import ConfigError, MessageTooLarge, ProtocolError
 from fedbus.messages import GlobalModel, Receipt, Status, Task, Update, new_update_id
 from fedbus.signing import SignatureError, Verifier, load_public_key
 from fedbus.topics import Topics
@@ -157,6 +159,9 @@ class Agent:
         self._verifier: Verifier | None = (
             load_public_key(config.coordinator_key) if config.coordinator_key else None
         )
+        # the device training policy (edge_agent.gate): when and how hard this device trains
+        self._gate = TrainingGate(config.training_policy(), sleep=self._stop.wait,
+                                  on_change=self._on_policy_change)
         self.state = AgentState(config.state_path() / STATE_FILE,
                                 ledger_capacity=config.ledger_size)
         device = config.device_id
@@ -267,6 +272,11 @@ class Agent:
         self.client.subscribe(self.topics.model, qos=0)
         self.client.subscribe(self.topics.receipt(device), qos=1)
         self.client.start()
+        try:
+            self._gate.start()  # after the network thread started: only training is niced
+        except ConfigError:
+            self._shutdown()
+            raise
         waiting = self.state.outbox()
         self._inherited = {e.update_id for e in waiting}
         log.info(
@@ -302,9 +312,10 @@ class Agent:
                 self._drop_unusable(task)
                 self._resend_if_due(task)
                 self._pump(task)
+                allowed = self._gate.poll().train  # the training policy, said when it changes
                 work = self._next_work(task)
-                if work is None:
-                    continue
+                if work is None or not allowed:
+                    continue  # nothing new, or paused (the outbox is still sent above)
                 self._train_and_publish(task, work)
                 if on_update is not None:
                     on_update(self.stats)
@@ -316,6 +327,10 @@ class Agent:
         finally:
             self._shutdown()
         return self.stats
+
+    def _on_policy_change(self, decision: Decision) -> None:
+        if not decision.train and not self._training:
+            self._publish_status("idle")  # paused: connected, not training
 
     def _raise_if_failed(self) -> None:
         if self.client.fatal is not None:
@@ -628,6 +643,9 @@ class Agent:
             self._skip(task, model_msg.version)
             return
         device = self.config.device_id
+        if self._gate.begin_training() is not None:  # already over the memory ceiling
+            self._policy_stopped(task, model_msg.version)
+            return
         self._training = True
         self._publish_status("training")
         seed = (self.config.seed * 1_000_003 + zlib.crc32(device.encode()) + model_msg.version)
@@ -635,7 +653,7 @@ class Agent:
         try:
             result = train_local(
                 model, x, self.data.y, task.train, seed=seed % (2**31),
-                should_stop=self._stop.is_set,
+                should_stop=lambda: self._stop.is_set() or self._gate.between_batches(),
             )
         except FloatingPointError as exc:
             log.error("local training on v%d diverged (%s); skipping it", model_msg.version, exc)
@@ -645,6 +663,11 @@ class Agent:
         except ValueError as exc:  # e.g. local labels the task's model cannot output
             self._training = False
             self._give_up_on(task, str(exc))
+            return
+        self._gate.end_training()
+        if result.stopped and not self._stop.is_set():  # the training policy stopped it
+            self._training = False
+            self._policy_stopped(task, model_msg.version)
             return
         elapsed = time.monotonic() - started
         self._pace(elapsed)
@@ -677,6 +700,17 @@ class Agent:
             result.loss, result.accuracy, _fmt(update.metrics.get("acc_int8")), elapsed,
             len(payload),
         )
+        self._publish_status("idle")
+
+    def _policy_stopped(self, task: Task, version: int) -> None:
+        """The training policy stopped a training (nothing is sent): over the memory ceiling
+        the version is skipped, since training it again would end the same way; after a pause
+        the newest model is trained once training is allowed again."""
+        if self._gate.over_memory:
+            log.error("skipping v%d: %s", version, self._gate.interruption)
+            self._skip(task, version)
+        else:
+            log.info("training on v%d stopped: %s", version, self._gate.interruption)
         self._publish_status("idle")
 
     def _pace(self, elapsed: float) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from edge_agent.policy import TrainingPolicy
 from fedbus.tls import BrokerTarget, check_transport_choice
 from fedbus.topics import DEFAULT_PREFIX, Topics, validate_device_id
 
@@ -59,6 +60,16 @@ class AgentConfig(BrokerTarget):
     outbox_max_bytes: int = 16 * 1024 * 1024
     # updates whose fate the ledger of agent.db keeps (the newest; older rows are deleted)
     ledger_size: int = 1000
+    # -- device training policy (edge_agent.policy; docs/operations.md) --
+    train_window: tuple[str, ...] = ()  # "HH:MM-HH:MM" local time, any of them; (): any time
+    pause_file: Path | None = None  # no training while this path exists
+    train_check: str | None = None  # command; training only while it exits with 0
+    train_check_shell: bool = False  # run train_check by /bin/sh -c (default: no shell)
+    train_check_timeout: float = 10.0  # seconds; slower counts as "no"
+    policy_interval: float = 5.0  # seconds between evaluations of the above
+    nice: int | None = None  # nice value of the training thread; None: as started
+    max_cpu_share: float = 0.0  # most CPU while training, as a share of one core; 0: no cap
+    max_memory_mib: int = 0  # resident memory ceiling while training; 0: none
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
@@ -89,6 +100,16 @@ class AgentConfig(BrokerTarget):
             raise ValueError(f"ledger_size must be at least 1, got {self.ledger_size}")
         if self.outbox_max_updates < 1 or self.outbox_max_bytes < 1:
             raise ValueError("outbox_max_updates and outbox_max_bytes must be at least 1")
+        self.training_policy()  # a malformed policy setting is one line here
+
+    def training_policy(self) -> TrainingPolicy:
+        """The device training policy these settings describe (``ValueError`` if invalid)."""
+        return TrainingPolicy.from_settings(
+            windows=self.train_window, pause_file=self.pause_file, check=self.train_check,
+            check_shell=self.train_check_shell, check_timeout=self.train_check_timeout,
+            interval=self.policy_interval, nice=self.nice, cpu_share=self.max_cpu_share,
+            memory_mib=self.max_memory_mib,
+        )
 
     def state_path(self) -> Path:
         """``state_dir``, or by default ``$XDG_STATE_HOME/fedbus/<device_id>`` (XDG's

@@ -64,7 +64,7 @@ def config_options(
             flag = "--" + field.name.replace("_", "-")
             default = field.default if field.default is not dataclasses.MISSING else None
             extra = f"[env {env_var_name(env_prefix, field.name)}"
-            if default not in (None, "") and field.name != "password":
+            if default not in (None, "", ()) and field.name != "password":
                 extra += f"; default {default}"
             extra += "]"
             hint = _click_type(hints[field.name])

@@ -54,6 +54,23 @@ HELPS = {
     "outbox_max_bytes": "Most bytes of updates kept waiting for their receipts.",
     "ledger_size": "How many of the newest updates the ledger in agent.db keeps the fate of "
     "(accepted, rejected and why, dropped and why).",
+    # device training policy (docs/operations.md, "Device training policy")
+    "train_window": "Train only inside these local-time windows, comma-separated HH:MM-HH:MM "
+    "(e.g. 22:00-06:00,12:00-13:00; may cross midnight). Default: any time.",
+    "pause_file": "Do not train while this file exists (updates already made are still sent).",
+    "train_check": "Train only while this command exits with status 0; run without a shell "
+    "(words split like a shell would), output discarded, every --policy-interval.",
+    "train_check_shell": "Run --train-check through /bin/sh -c (pipes, &&, variables).",
+    "train_check_timeout": "Seconds --train-check may take; a slower one is killed and "
+    "counts as no.",
+    "policy_interval": "Seconds between evaluations of the window, pause file and check "
+    "(also during training, which a pause stops at the next batch).",
+    "nice": "Nice value of the training thread (-20..19; below the current one needs "
+    "CAP_SYS_NICE). Default: as started.",
+    "max_cpu_share": "Most CPU time training may take, as a share of one core (0.5: half a "
+    "core), held by sleeping between batches. 0: no cap.",
+    "max_memory_mib": "Ceiling on resident memory (MiB) while training: over it the training "
+    "stops and that model version is skipped, with an error line. 0: none.",
 }
 
 
