@@ -37,6 +37,7 @@ def cli(log_level: str) -> None:
     Certificates for a real broker:  fedbus certs --dir pki --server-name broker.lan
     On the server:                   fedbus coordinator --credentials c.json --eval-data t.npz
     On each device:                  fedbus agent --device-id device-01 --data data.npz ...
+    Check a device's data first:     fedbus data check data.csv --task run/task.json
 
     Every command has its own --help.
     """
@@ -49,11 +50,12 @@ def _register() -> None:
     from fedbus.cli.broker import broker
     from fedbus.cli.certs import certs
     from fedbus.cli.coordinator import coordinator
+    from fedbus.cli.data import data
     from fedbus.cli.demo import demo
     from fedbus.cli.devices import devices
     from fedbus.cli.report import report
 
-    for command in (broker, devices, certs, coordinator, agent, demo, report):
+    for command in (broker, devices, certs, coordinator, agent, data, demo, report):
         cli.add_command(command)
 
 
