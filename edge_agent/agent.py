@@ -608,6 +608,10 @@ class Agent:
         except (ValueError, TypeError) as exc:
             self._give_up_on(task, str(exc))
             return False
+        from fedbus.data_check import scale_warnings
+
+        for warning in scale_warnings(fit_inputs(self.data.x, shape), task):  # once per task
+            log.warning("local data: %s", warning)
         self._model, self._x, self._y = model, x, y
         return True
 

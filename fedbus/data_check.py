@@ -19,7 +19,7 @@ from fedbus.errors import ConfigError, ProtocolError
 from fedbus.messages import Task
 from fedbus.preprocess import KNOWN_REQUIREMENTS, encode_labels
 
-__all__ = ["RAW_SCALE_LIMIT", "Finding", "check_data", "load_task_file"]
+__all__ = ["RAW_SCALE_LIMIT", "Finding", "check_data", "load_task_file", "scale_warnings"]
 
 # Features whose 99th percentile of |x| exceeds this look unscaled (standardised data and
 # pixels in [0, 1] stay well below it).
@@ -87,12 +87,14 @@ def check_data(x: np.ndarray, y: np.ndarray, task: Task) -> list[Finding]:
         warnings.append("labels: every sample has the same class; training on this device "
                         "alone teaches the model nothing about the others")
     if fitted is not None:
-        warnings.extend(_scale_warnings(fitted, task))
+        warnings.extend(scale_warnings(fitted, task))
     return ([Finding("error", m) for m in errors]
             + [Finding("warning", m) for m in warnings])
 
 
-def _scale_warnings(x: np.ndarray, task: Task) -> list[str]:
+def scale_warnings(x: np.ndarray, task: Task) -> list[str]:
+    """Warnings about the scale of samples ``x``, already in the model's input shape and not
+    yet normalised: against the task's normalisation, or as raw features without one."""
     norm = task.input_norm
     if norm is None:
         top = np.percentile(np.abs(_per_feature(x.astype(np.float64))), 99, axis=1)

@@ -238,3 +238,46 @@ def test_stall_warns_once_per_window_when_nothing_is_accepted():
     mixed = stall.check(561.0)
     assert mixed is not None and "(stale 1, norm 1; last: )" in mixed
     assert StallDetector(0.0).check(1e9) is None
+
+
+# --- the agent prepares its data as the task says ----------------------------------------
+
+
+def test_the_agent_normalises_maps_names_and_stands_aside_for_what_it_cannot_serve(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edge_agent.agent import Agent, LocalData
+    from edge_agent.config import AgentConfig
+    from fedbus.memory_transport import MemoryBroker
+
+    raw = np.array([[10.0, 1000.0], [30.0, 3000.0]], np.float32)
+
+    def agent(labels: list[str], name: str) -> Agent:
+        config = AgentConfig(device_id="dev-a", data=tmp_path / "x.csv",
+                             state_dir=tmp_path / name)
+        return Agent(config, LocalData(raw, np.array(labels)), password="x",
+                     transport_factory=MemoryBroker().factory)
+
+    norm = InputNorm((20.0, 2000.0), (10.0, 1000.0))
+    task = Task(task_id="t", run_id="r", model=ModelSpec("mlp", {"in_features": 2,
+                                                                   "num_classes": 2}),
+                train=TrainSpec(), classes=("benign", "malignant"), input_norm=norm,
+                requires=("input_norm",))
+    ok = agent(["malignant", "benign"], "ok")
+    assert ok._prepare(task)
+    np.testing.assert_array_equal(ok._x, [[-1, -1], [1, 1]])
+    np.testing.assert_array_equal(ok._y, [1, 0])
+    assert "local data:" not in caplog.text
+
+    unknown = agent(["malignant", "cyst"], "unknown")
+    assert not unknown._prepare(task)
+    assert ("cannot take part in task t: label 'cyst' is not one of the task's classes "
+            "(benign, malignant)") in caplog.text
+
+    future = agent(["benign", "benign"], "future")
+    assert not future._prepare(replace(task, requires=("input_norm", "tokens")))
+    assert "it requires tokens, which this agent does not implement" in caplog.text
+
+    unscaled = agent(["benign", "malignant"], "raw")
+    assert unscaled._prepare(replace(task, input_norm=None, requires=()))
+    assert "local data: scale: 2 of 2 features look unscaled" in caplog.text
