@@ -545,6 +545,14 @@ class CoordinatorService:
             self.config.mode, self.core.config.spec, self.task.codec, self.config.model_codec,
             self.config.host, self.config.broker_port(), key_text(self._signing_key),
         )
+        if self.task.classes is not None or self.task.input_norm is not None:
+            norm = self.task.input_norm
+            log.info(
+                "task data: classes %s; input normalisation %s", ", ".join(self.task.classes)
+                if self.task.classes is not None else "none (labels are class indices)",
+                "none" if norm is None else f"of {len(norm.mean)} value(s), applied by every "
+                "device (agents before protocol revision 2.2 ignore it: upgrade them)",
+            )
         privacy = self.core.config.privacy
         if privacy is not None:
             info = privacy_summary(privacy, self.core.version, self.core.config.dp_divisor)

@@ -281,3 +281,32 @@ def test_the_agent_normalises_maps_names_and_stands_aside_for_what_it_cannot_ser
     unscaled = agent(["benign", "malignant"], "raw")
     assert unscaled._prepare(replace(task, input_norm=None, requires=()))
     assert "local data: scale: 2 of 2 features look unscaled" in caplog.text
+
+
+def test_the_normalisation_belongs_to_the_run_and_task_json_shows_it(tmp_path: Path) -> None:
+    from coordinator.service import CoordinatorService
+    from fedbus.errors import StateError
+    from fedbus.memory_transport import MemoryBroker
+
+    eval_csv = tmp_path / "eval.csv"
+    eval_csv.write_text("")  # only its name matters to --normalize auto here
+    x = np.array([[1.0, 100.0], [3.0, 300.0]], np.float32)
+    y = np.array(["no", "yes"])
+
+    def service(**settings) -> CoordinatorService:
+        config = CoordinatorConfig(eval_data=eval_csv, state_dir=tmp_path / "run", **settings)
+        return CoordinatorService(config, password="x", eval_data=(x, y),
+                                  transport_factory=MemoryBroker().factory)
+
+    first = service()
+    first.close()
+    written = load_task_file(tmp_path / "run")
+    assert written.input_norm == InputNorm((2.0, 200.0), (1.0, 100.0))
+    assert written.classes == ("no", "yes") and written.run_id == first.task.run_id
+    again = service(normalize="off")  # asks for none: the run keeps its own
+    again.close()
+    assert again.task.input_norm == written.input_norm
+    other = tmp_path / "norm.json"
+    other.write_text(json.dumps({"mean": [0, 0], "std": [1, 1]}))
+    with pytest.raises(StateError, match="it has another input normalisation"):
+        service(normalize=str(other))
