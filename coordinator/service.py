@@ -45,7 +45,7 @@ from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
 from coordinator.evaluation import Evaluator
 from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
 from coordinator.stall import StallDetector
-from coordinator.store import DB_FILE, HistoryRow, StateLock, Store, archive_run
+from coordinator.store import DB_FILE, TASK_FILE, HistoryRow, StateLock, Store, archive_run
 from fedbus.envelope import pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
 from fedbus.messages import ModelSpec, Task, TrainSpec, new_run_id
@@ -90,7 +90,6 @@ log = logging.getLogger(__name__)
 _STOP_REQUESTED = "stop requested"
 _FINAL_PUBLISH_WAIT = 5.0  # seconds to wait for the broker to take the last messages
 _SIGNING_KEY_FILE = "signing.key"  # in the state directory; its public key in signing.pub
-TASK_FILE = "task.json"  # in the state directory: the run's task, for `fedbus data check`
 # after someone else wrote the task or model topic, publish ours again at most this often
 # (two coordinators on one prefix would otherwise answer each other without end)
 _RESTORE_INTERVAL = 5.0

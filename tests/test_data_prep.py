@@ -310,3 +310,10 @@ def test_the_normalisation_belongs_to_the_run_and_task_json_shows_it(tmp_path: P
     other.write_text(json.dumps({"mean": [0, 0], "std": [1, 1]}))
     with pytest.raises(StateError, match="it has another input normalisation"):
         service(normalize=str(other))
+    config = CoordinatorConfig(eval_data=eval_csv, state_dir=tmp_path / "run",
+                               normalize=str(other))
+    CoordinatorService(config, password="x", eval_data=(x, y), new_run=True,
+                       transport_factory=MemoryBroker().factory).close()
+    assert load_task_file(tmp_path / "run").input_norm == InputNorm((0, 0), (1, 1))
+    old = tmp_path / "run" / "runs" / first.task.run_id / "task.json"
+    assert load_task_file(old).input_norm == written.input_norm  # archived with its run
