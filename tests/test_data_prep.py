@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -317,3 +318,33 @@ def test_the_normalisation_belongs_to_the_run_and_task_json_shows_it(tmp_path: P
     assert load_task_file(tmp_path / "run").input_norm == InputNorm((0, 0), (1, 1))
     old = tmp_path / "run" / "runs" / first.task.run_id / "task.json"
     assert load_task_file(old).input_norm == written.input_norm  # archived with its run
+
+
+def test_the_coordinator_logs_the_stall_warning_once_per_window(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    from inmemory import Running, wait_for
+
+    from edge_agent.agent import Agent, LocalData
+    from edge_agent.config import AgentConfig
+    from fedbus.memory_transport import MemoryBroker
+
+    broker = MemoryBroker()
+    coordinator = Running(broker, mode="fedasync", max_norm=1e-9, norm_multiple=0.0,
+                          stall_window=0.3)  # rejects every update for its norm
+    rng = np.random.default_rng(0)
+    data = LocalData(rng.normal(size=(20, 4)).astype(np.float32), rng.integers(0, 2, 20))
+    config = AgentConfig(device_id="dev-a", data=tmp_path / "x.npz", state_dir=tmp_path / "a",
+                         max_updates=1)
+    Agent(config, data, password="x", transport_factory=broker.factory).run()
+    wait_for(lambda: "no update accepted for" in caplog.text, what="the stall warning")
+    coordinator.service.stop()
+    coordinator.join()
+    broker.close()
+    warnings = [r for r in caplog.records if "no update accepted" in r.getMessage()]
+    for warning in warnings:
+        assert warning.levelname == "WARNING" and warning.name == "coordinator.service"
+        assert "every update of 1 device (1) was rejected for its norm" in warning.getMessage()
+    assert warnings
+    for earlier, later in pairwise(warnings):
+        assert later.created - earlier.created >= 0.3  # not more than once per window
