@@ -11,6 +11,7 @@ from typing import Any, Literal
 from coordinator.core import AggregationConfig
 from coordinator.privacy import PrivacySpec, privacy_from_settings
 from fedbus.codec_spec import parse_codec
+from fedbus.preprocess import parse_classes
 from fedbus.tls import BrokerTarget, check_transport_choice
 from fedbus.topics import DEFAULT_PREFIX, Topics
 
@@ -102,6 +103,16 @@ class CoordinatorConfig(BrokerTarget):
     connect_timeout: float = 0.0
     # evaluation, stopping
     eval_data: Path | None = None
+    # input normalisation carried by the task (fedbus.preprocess): auto (from eval_data when
+    # it is a table: a .csv file or a directory of them), eval (from eval_data, any format),
+    # off, or a JSON file of mean/std (or scale/offset). Fixed for a run, like the model
+    normalize: str = "auto"
+    # class names, comma-separated (labels are then names); "" : from eval_data when its
+    # labels are names (sorted), else none (labels are class indices). Fixed for a run
+    classes: str = ""
+    # warn when no update was accepted for this many seconds while some were rejected
+    # (coordinator.stall); 0: never
+    stall_window: float = 60.0
     max_versions: int = 0  # stop after this many new model versions (0 = never)
     duration: float = 0.0  # stop after this many seconds (0 = never)
     target_accuracy: float = 0.0  # stop once held-out accuracy reaches this (0 = never)
@@ -157,7 +168,16 @@ class CoordinatorConfig(BrokerTarget):
                 f"connect_timeout must be a finite number >= 0, got {self.connect_timeout}"
             )
         self.parsed_model_args()
+        self.class_names()
+        if not (math.isfinite(self.stall_window) and self.stall_window >= 0):
+            raise ValueError(f"stall_window must be a number >= 0, got {self.stall_window}")
         self.aggregation()  # one place checks the aggregation settings
+
+    def class_names(self) -> tuple[str, ...] | None:
+        """``classes`` as names, or None when not given (``ValueError`` if malformed)."""
+        if not self.classes.strip():
+            return None
+        return parse_classes([c.strip() for c in self.classes.split(",")])
 
     def privacy(self) -> PrivacySpec | None:
         """The run's differential privacy, or None (``ValueError`` if inconsistent)."""

@@ -44,10 +44,12 @@ from coordinator.config import CoordinatorConfig
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
 from coordinator.evaluation import Evaluator
 from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
-from coordinator.store import DB_FILE, HistoryRow, StateLock, Store, archive_run
+from coordinator.stall import StallDetector
+from coordinator.store import DB_FILE, TASK_FILE, HistoryRow, StateLock, Store, archive_run
 from fedbus.envelope import pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
 from fedbus.messages import ModelSpec, Task, TrainSpec, new_run_id
+from fedbus.preprocess import InputNorm, compute_input_norm, load_input_norm, parse_classes
 from fedbus.signing import (
     SignatureError,
     ensure_private_key,
@@ -72,7 +74,16 @@ if TYPE_CHECKING:  # imported when a service is made: prometheus_client is a ser
     from coordinator.dashboard import DashboardFeed, DashboardServer
     from coordinator.metrics import CoordinatorMetrics, MetricsServer, SentKind
 
-__all__ = ["CoordinatorService", "RunSummary", "VersionRecord", "build_task", "load_signing_key"]
+__all__ = [
+    "TASK_FILE",
+    "CoordinatorService",
+    "RunSummary",
+    "VersionRecord",
+    "build_task",
+    "load_signing_key",
+    "task_classes",
+    "task_input_norm",
+]
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +131,20 @@ def build_task(
     config: CoordinatorConfig, eval_x: np.ndarray | None, eval_y: np.ndarray | None, *,
     run_id: str, created_at: float,
 ) -> Task:
-    """The task description from the configuration (mlp sizes inferred from eval data)."""
+    """The task description from the configuration (mlp sizes inferred from eval data),
+    with its class names and input normalisation (``task_classes``, ``task_input_norm``)."""
     args = config.parsed_model_args()
+    classes = task_classes(config, eval_y)
     if config.arch == "mlp" and eval_x is not None and eval_y is not None:
         args.setdefault("in_features", int(np.prod(eval_x.shape[1:])))
-        args.setdefault("num_classes", int(eval_y.max()) + 1)
+        args.setdefault("num_classes", len(classes) if classes is not None
+                        else int(np.asarray(eval_y).max()) + 1)
+    if classes is not None and args.get("num_classes", len(classes)) != len(classes):
+        raise ConfigError(
+            f"{len(classes)} class names ({', '.join(classes)}) but the model has "
+            f"num_classes {args['num_classes']}"
+        )
+    norm = task_input_norm(config, eval_x, args)
     return Task(
         task_id=config.task_id,
         run_id=run_id,
@@ -141,13 +161,73 @@ def build_task(
         max_update_bytes=config.max_update_bytes,
         max_staleness=config.aggregation().effective_max_staleness,
         created_at=created_at,
+        classes=classes,
+        input_norm=norm,
+        requires=("input_norm",) if norm is not None else (),
     )
+
+
+def task_classes(config: CoordinatorConfig, eval_y: np.ndarray | None) -> tuple[str, ...] | None:
+    """``--classes``, else the sorted names of the evaluation labels when they are names,
+    else None (labels are class indices)."""
+    given = config.class_names()
+    if given is not None:
+        return given
+    if eval_y is None or np.asarray(eval_y).dtype.kind != "U":
+        return None
+    try:
+        return parse_classes(sorted(set(np.asarray(eval_y).tolist())))
+    except ValueError as exc:
+        raise ConfigError(f"the evaluation data's labels cannot be class names: {exc}") from None
+
+
+def _is_table(path: Path | None) -> bool:
+    """A .csv file, or a directory holding one: the data a user exported from a table."""
+    if path is None:
+        return False
+    path = Path(path)
+    if path.is_dir():
+        return any(p.suffix.lower() == ".csv" for p in path.iterdir())
+    return path.suffix.lower() == ".csv"
+
+
+def task_input_norm(
+    config: CoordinatorConfig, eval_x: np.ndarray | None, args: dict[str, Any]
+) -> InputNorm | None:
+    """The normalisation ``--normalize`` asks for (see ``CoordinatorConfig.normalize``)."""
+    from fedbus.zoo import fit_inputs, input_shape
+
+    mode = config.normalize.strip()
+    if mode in ("off", "") or (mode == "auto" and not _is_table(config.eval_data)):
+        return None
+    if mode in ("auto", "eval") and eval_x is None:
+        if mode == "auto":
+            return None
+        raise ConfigError("--normalize eval needs --eval-data to compute the normalisation from")
+    try:
+        shape = input_shape(config.arch, args)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot build model {config.arch!r}: {exc}") from None
+    try:
+        if mode in ("auto", "eval"):
+            assert eval_x is not None
+            return compute_input_norm(fit_inputs(eval_x, shape))
+        norm = load_input_norm(mode)
+        norm.check_fits(shape)
+        return norm
+    except ValueError as exc:
+        raise ConfigError(f"input normalisation: {exc}") from None
 
 
 def _task_conflicts(stored: Task, wanted: Task) -> list[str]:
     """What the configuration asks for that the stored run cannot become: another task id
     or another network. (Training settings, codec and limits may change on resume.)"""
     conflicts = []
+    if wanted.input_norm is not None and wanted.input_norm != stored.input_norm:
+        conflicts.append("another input normalisation" if stored.input_norm is not None
+                         else "no input normalisation")
+    if wanted.classes is not None and wanted.classes != stored.classes:
+        conflicts.append(f"classes {list(stored.classes or [])} (asked: {list(wanted.classes)})")
     if stored.task_id != wanted.task_id:
         conflicts.append(f"task id {stored.task_id!r} (asked: {wanted.task_id!r})")
     if stored.model.arch != wanted.model.arch:
@@ -195,6 +275,7 @@ class CoordinatorService:
         try:
             self._signing_key = load_signing_key(config)
             self._set_up(config, eval_x, eval_y)
+            self._write_task_file()
         except BaseException:
             self.close()
             raise
@@ -227,6 +308,7 @@ class CoordinatorService:
         # versions made on the network thread, for the calling thread to record
         self._made: queue.SimpleQueue[_Made] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._stall = StallDetector(config.stall_window)  # fed verdicts under self._lock
         self._republish = threading.Event()
         self._task_published = self.resumed  # min_devices: a resumed run publishes at once
         self._waiting_logged = 0.0
@@ -346,8 +428,9 @@ class CoordinatorService:
                 "--new-run, or use another --state-dir"
             )
         changed = _changed_settings(stored, wanted)
-        task = replace(
-            wanted, run_id=snap.run_id, created_at=snap.created_at, model=stored.model
+        task = replace(  # the network, its classes and input normalisation stay the run's
+            wanted, run_id=snap.run_id, created_at=snap.created_at, model=stored.model,
+            classes=stored.classes, input_norm=stored.input_norm, requires=stored.requires,
         )
         if changed:
             for key, (old, new) in changed.items():
@@ -368,6 +451,19 @@ class CoordinatorService:
             "resuming run %s of task %s at version %d with %d accepted update(s) waiting "
             "(state: %s)", snap.run_id, task.task_id, snap.version, self.core.buffered, where,
         )
+
+    def _write_task_file(self) -> None:
+        """``task.json`` in the state directory: the run's task as JSON (its wire fields),
+        for ``fedbus data check --task`` on a device's data. Replaced atomically."""
+        if self.config.state_dir is None:
+            return
+        path = Path(self.config.state_dir) / TASK_FILE
+        tmp = path.with_name(f".{TASK_FILE}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.task.to_wire(), indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise StateError(f"cannot write {path}: {exc}") from None
 
     def close(self) -> None:
         """Close the store and release the state directory (idempotent)."""
@@ -529,6 +625,14 @@ class CoordinatorService:
             self.config.mode, self.core.config.spec, self.task.codec, self.config.model_codec,
             self.config.host, self.config.broker_port(), key_text(self._signing_key),
         )
+        if self.task.classes is not None or self.task.input_norm is not None:
+            norm = self.task.input_norm
+            log.info(
+                "task data: classes %s; input normalisation %s", ", ".join(self.task.classes)
+                if self.task.classes is not None else "none (labels are class indices)",
+                "none" if norm is None else f"of {len(norm.mean)} value(s), applied by every "
+                "device (agents before protocol revision 2.2 ignore it: upgrade them)",
+            )
         privacy = self.core.config.privacy
         if privacy is not None:
             info = privacy_summary(privacy, self.core.version, self.core.config.dp_divisor)
@@ -556,6 +660,9 @@ class CoordinatorService:
                     self._end_at_max_versions()
                     self._commit()
                     self._carry_out(actions)
+                    stalled = self._stall.check(time.monotonic())
+                if stalled:
+                    log.warning("%s", stalled)
                 self._dashboard_tick()
                 stop_reason = self._should_stop()
                 if stop_reason:
@@ -753,6 +860,9 @@ class CoordinatorService:
                 )
                 if receipt.accepted and not receipt.repeat and receipt.staleness is not None:
                     self.metrics.accepted(receipt.staleness)
+                if not receipt.repeat:
+                    self._stall.record(time.monotonic(), action.device_id, receipt.accepted,
+                                       receipt.reason, receipt.detail)
             elif isinstance(action, NewModel):
                 self.metrics.version(action.version, action.sent_at, time.time())
                 self._publish_model()

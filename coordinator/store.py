@@ -77,6 +77,7 @@ __all__ = [
     "FORMAT",
     "NORM_BOUND_FORMAT",
     "PRIVACY_FORMAT",
+    "TASK_FILE",
     "HistoryRow",
     "RunSnapshot",
     "Store",
@@ -104,6 +105,7 @@ NORM_BOUND_FORMAT = 3
 PRIVACY_FORMAT = 4
 FORMAT = PRIVACY_FORMAT
 DB_FILE = "state.db"
+TASK_FILE = "task.json"  # the run's task as JSON, for `fedbus data check` (service)
 LOCK_FILE = "lock"
 
 _SCHEMA = """
@@ -529,7 +531,8 @@ def archive_run(directory: Path, run_id: str) -> Path:
     deleted) so a new run can start there; returns the archive directory."""
     target = Path(directory) / "runs" / run_id
     target.mkdir(parents=True, exist_ok=False)
-    for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", "model.npz", "history.jsonl"):
+    for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", "model.npz", "history.jsonl",
+                 TASK_FILE):
         source = Path(directory) / name
         if source.exists():
             os.replace(source, target / name)

@@ -50,6 +50,7 @@ from fedbus.codec_spec import parse_codec
 from fedbus.envelope import DecodeLimits, pack, unpack
 from fedbus.errors import ConfigError, MessageTooLarge, ProtocolError
 from fedbus.messages import GlobalModel, Receipt, Status, Task, Update, new_update_id
+from fedbus.preprocess import KNOWN_REQUIREMENTS, encode_labels
 from fedbus.signing import SignatureError, Verifier, load_public_key
 from fedbus.topics import Topics
 from fedbus.transport import (
@@ -148,7 +149,10 @@ class Agent:
         self._task: Task | None = None  # the task joined (its run is the current run)
         self._decoded_task_bytes: bytes | None = None
         self._model: Any = None  # torch module for the current task (torch loads lazily)
-        self._x: np.ndarray = data.x  # local inputs shaped for the current task's model
+        # local inputs shaped (and normalised) for the current task's model, and its labels
+        # as class indices (fedbus.preprocess): set by _prepare
+        self._x: np.ndarray = data.x
+        self._y: np.ndarray = data.y
         self._unusable: tuple[str, str] | None = None  # (run, task) this device cannot train
         self._ended_logged: str | None = None
         self._training = False
@@ -595,20 +599,35 @@ class Agent:
         return model
 
     def _prepare(self, task: Task) -> bool:
-        """Build ``task``'s model and fit the local data to its input; False (logged once)
-        when this device cannot take part, e.g. an unknown architecture or data of another
-        shape."""
+        """Build ``task``'s model and fit the local data to it: the input shape, the
+        task's normalisation, its class names (``fedbus.preprocess``). False (logged once)
+        when this device cannot take part, e.g. an unknown architecture, data of another
+        shape, a label outside the task's classes, or a requirement it does not know."""
         from fedbus.zoo import build_model, fit_inputs, input_shape
 
         if self._model is not None:
             return True
+        unknown = [r for r in task.requires if r not in KNOWN_REQUIREMENTS]
+        if unknown:
+            self._give_up_on(task, f"it requires {', '.join(unknown)}, which this agent does "
+                             "not implement (upgrade fedbus)")
+            return False
         try:
             model = build_model(task.model.arch, task.model.args)
-            x = fit_inputs(self.data.x, input_shape(task.model.arch, task.model.args))
+            shape = input_shape(task.model.arch, task.model.args)
+            x = fit_inputs(self.data.x, shape)
+            if task.input_norm is not None:
+                task.input_norm.check_fits(shape)
+                x = task.input_norm.apply(x)
+            y = encode_labels(self.data.y, task.classes)
         except (ValueError, TypeError) as exc:
             self._give_up_on(task, str(exc))
             return False
-        self._model, self._x = model, x
+        from fedbus.data_check import scale_warnings
+
+        for warning in scale_warnings(fit_inputs(self.data.x, shape), task):  # once per task
+            log.warning("local data: %s", warning)
+        self._model, self._x, self._y = model, x, y
         return True
 
     def _give_up_on(self, task: Task, why: str) -> None:
@@ -652,7 +671,7 @@ class Agent:
         started = time.monotonic()
         try:
             result = train_local(
-                model, x, self.data.y, task.train, seed=seed % (2**31),
+                model, x, self._y, task.train, seed=seed % (2**31),
                 should_stop=lambda: self._stop.is_set() or self._gate.between_batches(),
             )
         except FloatingPointError as exc:
@@ -780,7 +799,7 @@ class Agent:
 
         try:
             int8 = export_int8(model, arch=task.model.arch, model_args=task.model.args)
-            metrics["acc_int8"] = int8_accuracy(int8, x, self.data.y)
+            metrics["acc_int8"] = int8_accuracy(int8, x, self._y)
             if self.config.export is not None:
                 int8.save(self.config.export)
         except (ValueError, OSError) as exc:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fedbus.errors import ConfigError
+from fedbus.preprocess import MAX_CLASS_NAME, label_text
 
 __all__ = [
     "DATASETS",
@@ -64,10 +65,13 @@ _MOTIONS_STEPS = 100
 def load_local_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Load ``(x, y)`` from a ``.csv``, an ``.npz`` or a directory of them.
 
-    CSV: an optional header; the column named ``label`` (else the last column) holds the
-    label, every other column is a numeric feature; x is ``[N, F]``. NPZ: arrays ``x`` (any
-    shape ``[N, ...]``, kept) and ``y``. A directory's data files are read in name order and
-    concatenated. x is float32 and finite, y int64 and non-negative.
+    CSV: an optional header (a first row with a non-numeric feature cell); the column named
+    ``label`` (else the last column) holds the label, every other column is a numeric
+    feature; x is ``[N, F]``. NPZ: arrays ``x`` (any shape ``[N, ...]``, kept) and ``y``. A
+    directory's data files are read in name order and concatenated. x is float32 and
+    finite. y is int64 and non-negative when every label is a whole number; otherwise the
+    labels are class names (a str array, stripped; numbers written as text, ``1.0`` as
+    ``1``), which a task's class list turns into indices (``fedbus.preprocess``).
     """
     path = Path(path)
     if path.is_dir():
@@ -86,8 +90,10 @@ def load_local_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                     f"has {shape}"
                 )
         x = np.concatenate([x for x, _ in parts])
-        y = np.concatenate([y for _, y in parts])
-        return x, y
+        labels = [y for _, y in parts]
+        if any(y.dtype.kind == "U" for y in labels):  # names in one file: all are names
+            labels = [_as_names(y) for y in labels]
+        return x, np.concatenate(labels)
     if not path.exists():
         raise ConfigError(f"data file {path}: no such file or directory")
     return _load_file(path)
@@ -119,7 +125,10 @@ def _load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(f"data file {path}: cannot read: {exc}") from None
     label_col = -1
     header: list[str] = []
-    if rows and any(_parse_float(cell) is None for cell in rows[0][1]):
+    first = rows[0][1] if rows else []
+    named = any(cell.strip().lower() == "label" for cell in first)
+    # a header names its columns; a data row may hold a class name only in its label cell
+    if rows and (named or any(_parse_float(cell) is None for cell in first[:-1])):
         header = [cell.strip().lower() for cell in rows[0][1]]
         if "label" in header:
             label_col = header.index("label")
@@ -136,22 +145,28 @@ def _load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if label_col < 0:
         label_col = width - 1
     values = np.empty((len(rows), width), dtype=np.float64)
+    texts: list[str] = []
     for r, (line, row) in enumerate(rows):
         if len(row) != width:
             raise ConfigError(
                 f"data file {path}: line {line} has {len(row)} columns, expected {width}"
             )
+        texts.append(row[label_col].strip())
         for c, cell in enumerate(row):
             value = _parse_float(cell)
             if value is None:
-                raise ConfigError(
-                    f"data file {path}: non-numeric value {cell!r} at line {line}, "
-                    f"column {c + 1}"
-                )
+                if c == label_col % width:
+                    value = math.nan  # a class name: the labels are read as text below
+                else:
+                    raise ConfigError(
+                        f"data file {path}: non-numeric value {cell!r} at line {line}, "
+                        f"column {c + 1}"
+                    )
             values[r, c] = value
-    y = values[:, label_col]
     x = np.delete(values, label_col, axis=1)
-    return _check_features(path, x), y
+    if any(_parse_float(t) is None for t in texts):
+        return _check_features(path, x), np.asarray(texts, dtype=str)
+    return _check_features(path, x), values[:, label_col]
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -168,8 +183,10 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise ConfigError(f"data file {path}: not a readable .npz file: {exc}") from None
-    if x.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
-        raise ConfigError(f"data file {path}: x and y must be numeric arrays")
+    if x.dtype.kind not in "biuf" or y.dtype.kind not in "biufU":
+        raise ConfigError(
+            f"data file {path}: x must be numeric, y numbers or strings"
+        )
     if x.ndim < 2 or y.ndim != 1:
         raise ConfigError(
             f"data file {path}: need x of shape [N, ...] and y of shape [N], got "
@@ -197,6 +214,19 @@ def _check_features(path: Path, x: np.ndarray) -> np.ndarray:
 
 def _check_labels(path: Path, y: np.ndarray) -> np.ndarray:
     y = np.asarray(y)
+    if y.dtype.kind == "U":
+        names = np.char.strip(y)
+        empty = names == ""
+        if empty.any():
+            raise ConfigError(
+                f"data file {path}: label of sample {int(np.argmax(empty)) + 1} is empty"
+            )
+        too_long = np.char.str_len(np.char.encode(names, "utf-8")) > MAX_CLASS_NAME
+        if too_long.any():
+            i = int(np.argmax(too_long))
+            raise ConfigError(f"data file {path}: label of sample {i + 1} is longer than "
+                              f"{MAX_CLASS_NAME} bytes")
+        return names
     if y.dtype.kind == "f":
         bad = ~np.isfinite(y) | (y != np.round(y))
         if bad.any():
@@ -210,6 +240,10 @@ def _check_labels(path: Path, y: np.ndarray) -> np.ndarray:
     if y.max() > np.iinfo(np.int32).max:
         raise ConfigError(f"data file {path}: label {_show(y.max())} is too large")
     return y.astype(np.int64)
+
+
+def _as_names(y: np.ndarray) -> np.ndarray:
+    return y if y.dtype.kind == "U" else np.asarray([label_text(v) for v in y.tolist()], str)
 
 
 def _show(value: np.generic) -> str:

@@ -36,6 +36,7 @@ import msgpack
 from fedbus.codec_spec import COMPRESSIONS, parse_codec
 from fedbus.envelope import PROTOCOL_VERSION, DecodeLimits, read
 from fedbus.errors import ProtocolError
+from fedbus.preprocess import InputNorm, parse_classes
 from fedbus.topics import DEVICE_ID_PATTERN
 from fedbus.update_codec import PackedMap
 from fedbus.wire_reader import FieldReader, Reader, Unread
@@ -221,6 +222,11 @@ class Task:
     an ended task tells agents to stop training, with ``end_reason`` saying why.
     ``max_staleness`` is the coordinator's staleness bound, so an agent can drop an update
     that would only be rejected as ``stale``.
+
+    Revision 2.2: ``classes`` names the classes (labels are then names), ``input_norm`` is
+    the normalisation every device applies to its inputs (``fedbus.preprocess``), and
+    ``requires`` lists what an agent must implement to take part (``input_norm`` whenever
+    the task has one); an agent skips a task requiring something it does not know.
     """
 
     task_id: str
@@ -232,6 +238,9 @@ class Task:
     max_staleness: int = 10
     state: str = "running"
     end_reason: str | None = None
+    classes: tuple[str, ...] | None = None
+    input_norm: InputNorm | None = None
+    requires: tuple[str, ...] = ()
     run_id: str = field(kw_only=True)
 
     @property
@@ -252,6 +261,12 @@ class Task:
             "state": self.state,
             "created_at": self.created_at,
         }
+        if self.requires:
+            wire["requires"] = list(self.requires)
+        if self.classes is not None:
+            wire["classes"] = list(self.classes)
+        if self.input_norm is not None:
+            wire["input_norm"] = self.input_norm.to_wire()
         if self.end_reason is not None:
             wire["end_reason"] = self.end_reason
         return wire
@@ -270,6 +285,22 @@ class Task:
         end_reason = obj.get("end_reason")
         if end_reason is not None and not isinstance(end_reason, str):
             raise ProtocolError("schema", "task: end_reason must be a string or nil")
+        requires = obj.get("requires", [])
+        if not isinstance(requires, list) or len(requires) > 16 or not all(
+            isinstance(r, str) and _ID.match(r) for r in requires
+        ):
+            raise ProtocolError("schema", "task: requires must be an array of at most 16 ids")
+        classes: tuple[str, ...] | None = None
+        input_norm: InputNorm | None = None
+        try:
+            if "classes" in obj:
+                if not isinstance(obj["classes"], list):
+                    raise ValueError("classes must be an array of strings")
+                classes = parse_classes(obj["classes"])
+            if "input_norm" in obj:
+                input_norm = InputNorm.from_wire(obj["input_norm"])
+        except ValueError as exc:
+            raise ProtocolError("schema", f"task: {exc}") from None
         return cls(
             task_id=_get_id(obj, "task_id", "task"),
             run_id=_get_id(obj, "run", "task"),
@@ -281,6 +312,9 @@ class Task:
             state=state,
             end_reason=end_reason,
             created_at=_finite_float(obj, "created_at", "task"),
+            classes=classes,
+            input_norm=input_norm,
+            requires=tuple(requires),
         )
 
 

@@ -25,6 +25,7 @@ COMMANDS: Mapping[str, str] = {
     "broker": "fedbus.cli.broker:broker",
     "certs": "fedbus.cli.certs:certs",
     "coordinator": "fedbus.cli.coordinator:coordinator",
+    "data": "fedbus.cli.data:data",
     "demo": "fedbus.cli.demo:demo",
     "devices": "fedbus.cli.devices:devices",
     "report": "fedbus.cli.report:report",
@@ -75,6 +76,7 @@ def cli(log_level: str) -> None:
     Certificates for a real broker:  fedbus certs --dir pki --server-name broker.lan
     On the server:                   fedbus coordinator --credentials c.json --eval-data t.npz
     On each device:                  fedbus agent --device-id device-01 --data data.npz ...
+    Check a device's data first:     fedbus data check data.csv --task run/task.json
 
     Every command has its own --help.
     """

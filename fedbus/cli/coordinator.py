@@ -88,6 +88,16 @@ HELPS = {
     "than this epsilon (0: no budget).",
     "min_round_updates": "FedAvg: fewest updates that close a round at its deadline.",
     "eval_data": "Held-out data (.csv/.npz/dir) to evaluate every model version.",
+    "normalize": "Input normalisation the task carries; every device applies it before "
+    "training: auto (mean and std of each feature of --eval-data when that is a .csv file "
+    "or a directory of them), eval (the same for any --eval-data), off, or a JSON file "
+    "{\"mean\": [...], \"std\": [...]} (or {\"scale\": [...], \"offset\": [...]}). Fixed "
+    "for a run.",
+    "classes": "Class names, comma-separated, in class-index order: labels are then names "
+    "(e.g. benign,malignant). Default: the sorted names of --eval-data's labels when they "
+    "are names, else none (labels are class indices). Fixed for a run.",
+    "stall_window": "Warn when no update was accepted for this many seconds while some were "
+    "rejected (0: never).",
     "state_dir": "Directory holding the run (state.db, model.npz, history.jsonl) and the "
     "signing key (signing.key, signing.pub). A restart on "
     "it resumes the run where it stopped; empty: keep nothing (memory only).",
