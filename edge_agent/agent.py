@@ -44,10 +44,19 @@ import numpy as np
 from edge_agent.config import AgentConfig
 from edge_agent.residual import encode_with_feedback
 from edge_agent.state import STATE_FILE, AgentState, OutboxEntry
+from fedbus import __version__
 from fedbus.codec_spec import parse_codec
 from fedbus.envelope import DecodeLimits, pack, unpack
 from fedbus.errors import MessageTooLarge, ProtocolError
-from fedbus.messages import GlobalModel, Receipt, Status, Task, Update, new_update_id
+from fedbus.messages import (
+    MAX_STATUS_ERROR,
+    GlobalModel,
+    Receipt,
+    Status,
+    Task,
+    Update,
+    new_update_id,
+)
 from fedbus.signing import SignatureError, Verifier, load_public_key
 from fedbus.topics import Topics
 from fedbus.transport import (
@@ -150,6 +159,9 @@ class Agent:
         self._unusable: tuple[str, str] | None = None  # (run, task) this device cannot train
         self._ended_logged: str | None = None
         self._training = False
+        # the last problem that kept this device from contributing (kind, text), reported
+        # in its status until an update is trained again (protocol 2.3)
+        self._error: tuple[str, str] | None = None
         self._sends: dict[str, PublishResult | None] = {}  # outbox id -> its last publish
         # a reconnect's grace before re-sending; at start, the outbox of an earlier process
         self._resend_due: float | None = 0.0
@@ -239,12 +251,24 @@ class Agent:
 
     def _status(self, state: str) -> bytes:
         task = getattr(self, "_task", None)
+        error = getattr(self, "_error", None)
         return pack(
             Status(
                 self.config.device_id, state, self.stats.last_version, time.time(),
-                run_id=task.run_id if task is not None else None,
+                run_id=task.run_id if task is not None else None, agent=__version__,
+                error=None if error is None else error[1],
+                error_kind=None if error is None else error[0],
             ).to_wire()
         )
+
+    def _report_error(self, kind: str, text: str) -> None:
+        """Tell the operator (through the retained status) why this device is not
+        contributing: ``kind`` one of ``fedbus.messages.ERROR_KINDS``."""
+        text = "".join(c if c.isprintable() else " " for c in text)
+        if len(text.encode()) > MAX_STATUS_ERROR:  # a limit in bytes of UTF-8
+            text = text.encode()[: MAX_STATUS_ERROR - 3].decode(errors="ignore") + "..."
+        self._error = (kind, text)
+        self._publish_status("idle")
 
     def _publish_status(self, state: str) -> None:
         self.client.publish(
@@ -589,17 +613,22 @@ class Agent:
             return True
         try:
             model = build_model(task.model.arch, task.model.args)
+        except (ValueError, TypeError) as exc:
+            self._give_up_on(task, str(exc), "model")
+            return False
+        try:
             x = fit_inputs(self.data.x, input_shape(task.model.arch, task.model.args))
         except (ValueError, TypeError) as exc:
-            self._give_up_on(task, str(exc))
+            self._give_up_on(task, str(exc), "data")
             return False
         self._model, self._x = model, x
         return True
 
-    def _give_up_on(self, task: Task, why: str) -> None:
+    def _give_up_on(self, task: Task, why: str, kind: str) -> None:
         self._unusable = (task.run_id, task.task_id)
         self._model = None
         log.error("cannot take part in task %s: %s; waiting for a new task", task.task_id, why)
+        self._report_error(kind, f"cannot take part in task {task.task_id}: {why}")
 
     def _skip(self, task: Task, version: int) -> None:
         """Mark a version as done without an update (it could not be trained on)."""
@@ -626,6 +655,8 @@ class Agent:
                 model_msg.version, task.task_id, exc,
             )
             self._skip(task, model_msg.version)
+            self._report_error("model", f"model v{model_msg.version} does not fit the task: "
+                                        f"{exc}")
             return
         device = self.config.device_id
         self._training = True
@@ -641,10 +672,18 @@ class Agent:
             log.error("local training on v%d diverged (%s); skipping it", model_msg.version, exc)
             self._training = False
             self._skip(task, model_msg.version)
+            self._report_error("training", f"training on v{model_msg.version} diverged: {exc}")
+            return
+        except MemoryError:
+            log.error("out of memory while training on v%d; skipping it", model_msg.version)
+            self._training = False
+            self._skip(task, model_msg.version)
+            self._report_error("memory", f"out of memory while training on "
+                                         f"v{model_msg.version}")
             return
         except ValueError as exc:  # e.g. local labels the task's model cannot output
             self._training = False
-            self._give_up_on(task, str(exc))
+            self._give_up_on(task, str(exc), "data")
             return
         elapsed = time.monotonic() - started
         self._pace(elapsed)
@@ -662,6 +701,8 @@ class Agent:
                 len(payload), task.max_update_bytes,
             )
             self._skip(task, model_msg.version)
+            self._report_error("update", f"update of {len(payload)} bytes exceeds the "
+                                         f"task's limit of {task.max_update_bytes}")
             return
         entry = OutboxEntry(update.update_id, task.run_id, model_msg.version, payload,
                             feedback=residual is not None)
@@ -677,6 +718,7 @@ class Agent:
             result.loss, result.accuracy, _fmt(update.metrics.get("acc_int8")), elapsed,
             len(payload),
         )
+        self._error = None  # contributing again
         self._publish_status("idle")
 
     def _pace(self, elapsed: float) -> None:

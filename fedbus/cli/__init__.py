@@ -1,4 +1,5 @@
-"""The ``fedbus`` command: broker, devices, certs, coordinator, agent and demo."""
+"""The ``fedbus`` command: broker, devices, certs, coordinator, agent, demo, report and
+status."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def cli(log_level: str) -> None:
     Certificates for a real broker:  fedbus certs --dir pki --server-name broker.lan
     On the server:                   fedbus coordinator --credentials c.json --eval-data t.npz
     On each device:                  fedbus agent --device-id device-01 --data data.npz ...
+    Watch the fleet and the run:     fedbus status --credentials c.json
 
     Every command has its own --help.
     """
@@ -52,8 +54,9 @@ def _register() -> None:
     from fedbus.cli.demo import demo
     from fedbus.cli.devices import devices
     from fedbus.cli.report import report
+    from fedbus.cli.status import status
 
-    for command in (broker, devices, certs, coordinator, agent, demo, report):
+    for command in (broker, devices, certs, coordinator, agent, demo, report, status):
         cli.add_command(command)
 
 
