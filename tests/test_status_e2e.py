@@ -188,3 +188,84 @@ def test_the_static_acl_file_keeps_devices_out_and_the_operator_read_only(
             client.disconnect()
             client.loop_stop()
         terminate(proc, 5.0)
+
+
+def _subscribe_codes(client: mqtt.Client, topic: str) -> list[int]:
+    codes: list[int] = []
+    client.on_subscribe = lambda c, u, mid, rcs, props: codes.extend(r.value for r in rcs)
+    client.subscribe(topic, qos=1)
+    wait_for(lambda: bool(codes), 5, "the SUBACK")
+    return codes
+
+
+def test_operator_bundle_from_the_file_or_made_on_a_running_broker(
+    broker: LocalBroker, mqtt_client: MqttClientFactory, tmp_path: Path,
+) -> None:
+    runner = CliRunner()
+    creds = str(broker.credentials_file)
+    bundle = tmp_path / "op"
+    result = runner.invoke(cli, ["devices", "--credentials", creds, "operator",
+                                 "--bundle", str(bundle)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((bundle / "credentials.json").read_text())
+    assert data["operator"] == {"username": dynsec.OPERATOR_USERNAME,
+                                "password": broker.operator.password}
+    assert "devices" not in data and "coordinator" not in data
+    assert (bundle / "credentials.json").stat().st_mode & 0o777 == 0o600
+    operator = mqtt_client(broker, dynsec.OPERATOR_USERNAME)
+    assert _subscribe_codes(operator, broker.topics.fleet) == [1]
+
+    # a credentials file from before the operator account: the account is made over MQTT
+    with_admin = dict(json.loads(broker.credentials_file.read_text()))
+    del with_admin["operator"]
+    old = broker.workdir / "old-credentials.json"
+    old.write_text(json.dumps(with_admin))
+    answers: list[bytes] = []
+    admin = mqtt_client(broker, dynsec.ADMIN_USERNAME,
+                        on_message=lambda c, u, m: answers.append(m.payload))
+    assert _subscribe_codes(admin, dynsec.RESPONSE_TOPIC) == [1]
+    admin.publish(dynsec.CONTROL_TOPIC, dynsec.encode_commands(
+        [{"command": "deleteClient", "username": dynsec.OPERATOR_USERNAME},
+         {"command": "deleteRole", "rolename": dynsec.OPERATOR_ROLE}], "t"), qos=1)
+    wait_for(lambda: bool(answers), 5, "the plugin's answer")
+    assert dynsec.read_responses(answers[0], "t", 2) is not None
+    fresh = tmp_path / "op2"
+    made = runner.invoke(cli, ["devices", "--credentials", str(old), "operator",
+                               "--bundle", str(fresh)])
+    assert made.exit_code == 0, made.output
+    assert "made the operator account" in made.output
+    password = json.loads((fresh / "credentials.json").read_text())["operator"]["password"]
+    assert password != broker.operator.password
+    again = mqtt_client(broker, dynsec.OPERATOR_USERNAME, password=password,
+                        client_id="op-again")
+    assert _subscribe_codes(again, broker.topics.fleet) == [1]
+    assert _subscribe_codes(again, broker.topics.receipt("dev-a")) == [NOT_AUTHORIZED]
+    # it exists now: a second attempt is refused and leaves no bundle behind
+    refused = runner.invoke(cli, ["devices", "--credentials", str(old), "operator",
+                                  "--bundle", str(tmp_path / "op3")])
+    assert refused.exit_code != 0 and not (tmp_path / "op3").exists()
+
+
+def test_a_broker_directory_from_before_gets_the_operator_at_its_next_start(
+    tmp_path: Path, mqtt_client: MqttClientFactory,
+) -> None:
+    local = LocalBroker(tmp_path / "b", device_ids=["dev-a"])
+    local.start()
+    local.stop()
+    # as revision 2.2 left it: no operator account, role or credentials entry
+    config = json.loads(local.dynsec_file.read_text())
+    config["clients"] = [c for c in config["clients"]
+                         if c["username"] != dynsec.OPERATOR_USERNAME]
+    config["roles"] = [r for r in config["roles"] if r["rolename"] != dynsec.OPERATOR_ROLE]
+    local.dynsec_file.write_text(json.dumps(config))
+    creds = json.loads(local.credentials_file.read_text())
+    del creds["operator"]
+    local.credentials_file.write_text(json.dumps(creds))
+    again = LocalBroker(tmp_path / "b", device_ids=[])
+    again.start()
+    try:
+        password = json.loads(again.credentials_file.read_text())["operator"]["password"]
+        client = mqtt_client(again, dynsec.OPERATOR_USERNAME, password=password)
+        assert _subscribe_codes(client, again.topics.fleet) == [1]
+    finally:
+        again.stop()
