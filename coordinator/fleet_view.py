@@ -91,12 +91,14 @@ def read_fleet(payload: bytes, limits: DecodeLimits = FLEET_LIMITS) -> dict[str,
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} GB"  # pragma: no cover - the loop always returns
+    if n < 1000:
+        return f"{n} B"
+    value, unit = n / 1000, "kB"
+    for bigger in ("MB", "GB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, bigger
+    return f"{value:.1f} {unit}"
 
 
 def seconds_ago(then: float | None, now: float) -> str:
