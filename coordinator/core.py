@@ -145,6 +145,7 @@ __all__ = [
     "Action",
     "AggregationConfig",
     "CoordinatorCore",
+    "Judged",
     "NewModel",
     "SendReceipt",
 ]
@@ -378,6 +379,21 @@ class NewModel:
 Action = SendReceipt | NewModel
 
 
+@dataclass(frozen=True)
+class Judged:
+    """What became of one update message, for fleet statistics (``coordinator.fleet``):
+    ``outcome`` is ``accepted``, ``rejected`` (with its ``reason``) or ``repeated`` (a copy
+    answered with the earlier verdict); ``size`` its bytes; ``metrics`` the device's claimed
+    training metrics (``m``) of an accepted update, else empty."""
+
+    device_id: str
+    outcome: str
+    reason: str | None
+    size: int
+    staleness: int | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
 @dataclass
 class _Round:
     """One FedAvg round (mutable, private to the core)."""
@@ -446,6 +462,8 @@ class CoordinatorCore:
         )
         self._ledger = ledger
         self._journal: list[Record] = []
+        # the judgement of the last on_update (each call judges exactly one message)
+        self.last_judged: Judged | None = None
         self._state = state
         self._version = start_version
         self._shapes = {name: a.shape for name, a in state.items()}
@@ -612,6 +630,7 @@ class CoordinatorCore:
     ) -> list[Action]:
         """An update payload arrived on ``topic_device``'s update topic (``retained``: the
         message carried the retain flag)."""
+        self.last_judged = None
         result = validate_update(
             payload,
             topic_device=topic_device,
@@ -624,6 +643,8 @@ class CoordinatorCore:
             retained=retained,
         )
         if isinstance(result, Repeated):
+            self.last_judged = Judged(topic_device, "repeated", result.verdict.reason,
+                                      result.size, result.verdict.staleness)
             return self._repeat(topic_device, result.verdict)
         self._counters["updates_received"] += 1
         self._counters["bytes_received"] += result.size
@@ -802,6 +823,7 @@ class CoordinatorCore:
         base_version: int | None = None, digest: bytes = b"", size: int | None = None,
     ) -> list[Action]:
         self._counters["updates_rejected"] += 1
+        self.last_judged = Judged(device_id, "rejected", reason, size or 0)
         key = f"rejected_{reason}"
         self._counters[key] = self._counters.get(key, 0) + 1
         _log.warning(
@@ -857,6 +879,8 @@ class CoordinatorCore:
         self._journal.append(NormWindow(self._norms))
         self._counters["updates_accepted"] += 1
         self._counters["bytes_accepted"] += acc.size
+        self.last_judged = Judged(device_id, "accepted", None, acc.size, acc.staleness,
+                                  dict(update.metrics))
         self._sent_at[update.update_id] = update.sent_at
         self._journal.append(Verdict(
             update.update_id, device_id, acc.digest, update.base_version, True, None, detail,

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator.config import CoordinatorConfig
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
 from coordinator.evaluation import Evaluator
+from coordinator.fleet import FleetStats, fleet_snapshot
 from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
 from coordinator.stall import StallDetector
 from coordinator.store import DB_FILE, TASK_FILE, HistoryRow, StateLock, Store, archive_run
@@ -94,6 +95,7 @@ _SIGNING_KEY_FILE = "signing.key"  # in the state directory; its public key in s
 # after someone else wrote the task or model topic, publish ours again at most this often
 # (two coordinators on one prefix would otherwise answer each other without end)
 _RESTORE_INTERVAL = 5.0
+_FLEET_INTERVAL = 2.0  # the fleet snapshot is published at most this often, when it changed
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,12 @@ class CoordinatorService:
         self._waiting_logged = 0.0
         self._started = time.monotonic()
         self._first_update: float | None = None
+        # what operators see (fedbus status): per-device statistics, published retained
+        self.fleet = FleetStats()
+        self._started_wall = time.time()
+        self._fleet_key: tuple[Any, ...] | None = None  # what the last snapshot showed
+        self._fleet_at = -_FLEET_INTERVAL  # when it was published (monotonic)
+        self._fleet_too_large = False
         self.client: Transport = transport_factory(
             ConnectionSettings(
                 host=config.host,
@@ -653,8 +661,10 @@ class CoordinatorService:
                     self._republish.clear()
                     with self._lock:
                         self._publish_task_and_model()
+                        self._fleet_key = None  # the broker may have lost it too
                     self._task_published = True
                 self._record_made(timeout=0.2)
+                self._publish_fleet()
                 with self._lock:  # a buffer timeout or a round deadline may make a version
                     actions = self.core.tick(time.monotonic())
                     self._end_at_max_versions()
@@ -740,8 +750,11 @@ class CoordinatorService:
             self._commit()
             self._carry_out(actions)
             self.task = replace(self.task, state="ended", end_reason=reason)
-            last = [self._publish(self.topics.task, self._task_payload(), retain=True,
-                                  kind="task")]
+            last: list[PublishResult | None] = [
+                self._publish(self.topics.task, self._task_payload(), retain=True, kind="task")
+            ]
+        self._record_made(timeout=0)  # the last version's evaluation, for the snapshot
+        last.append(self._publish_fleet(force=True))
         log.info("run %s ended (%s): told the devices", self.task.run_id, reason)
         deadline = time.monotonic() + _FINAL_PUBLISH_WAIT
         for result in last:
@@ -780,6 +793,8 @@ class CoordinatorService:
             if self._first_update is None:
                 self._first_update = round(now - self._started, 3)
             actions = self.core.on_update(device, msg.payload, now, retained=msg.retain)
+            if self.core.last_judged is not None:
+                self.fleet.on_judged(self.core.last_judged, time.time())
             self._end_at_max_versions()
             self._commit()
             self.metrics.sync_counters(self.core.counters)
@@ -788,10 +803,22 @@ class CoordinatorService:
             self._carry_out(actions)
         elif msg.topic == self.topics.status(device):
             actions = self.core.on_status(device, msg.payload, now)
+            self._log_presence(device, self.fleet.on_status(device, msg.payload, time.time()))
             self._end_at_max_versions()
             self._commit()
             self.metrics.online(len(self.core.online_devices()))
             self._carry_out(actions)
+
+    def _log_presence(self, device: str, change: str | None) -> None:
+        if change == "joined":
+            stats = self.fleet.devices[device]
+            log.info("device %s joined (%s, agent %s, last finished %s)", device, stats.state,
+                     stats.agent or "unknown",
+                     "nothing" if stats.model_version is None else f"v{stats.model_version}")
+        elif change == "left":
+            gone = self.fleet.devices.get(device)
+            log.info("device %s left (%s)", device,
+                     "status cleared" if gone is None else gone.state)
 
     def _check_ours(self, msg: Message) -> None:
         """A live message on the task or model topic (we never get our own: No Local) was
@@ -955,6 +982,46 @@ class CoordinatorService:
     def _publish_task_and_model(self) -> None:
         self._publish(self.topics.task, self._task_payload(), retain=True, kind="task")
         self._publish_model()
+
+    def _run_figures(self) -> dict[str, Any]:
+        """The run's own figures in the fleet snapshot (the caller holds the lock)."""
+        counters = self.core.counters
+        last = self.last_record
+        evaluated = last if last is not None and last.accuracy is not None else None
+        return {
+            "task": self.task.task_id, "run": self.task.run_id, "mode": self.config.mode,
+            "version": self.core.version,
+            "accuracy": None if evaluated is None else evaluated.accuracy,
+            "loss": None if evaluated is None else evaluated.loss,
+            "evaluated_version": None if evaluated is None else evaluated.version,
+            "updates_accepted": counters.get("updates_accepted", 0),
+            "updates_rejected": counters.get("updates_rejected", 0),
+            "bytes_received": counters.get("bytes_received", 0),
+            "bytes_model_published": self.bytes_model_published,
+            "ended": self.core.ended,
+        }
+
+    def _publish_fleet(self, *, force: bool = False) -> PublishResult | None:
+        """Publish the fleet snapshot (retained, for operators) if it changed, at most
+        every 2 s (``force``: now, if it changed). Calling thread."""
+        now = time.monotonic()
+        if not force and now - self._fleet_at < _FLEET_INTERVAL:
+            return None
+        with self._lock:
+            figures = self._run_figures()
+            key = (self.fleet.revision, *figures.values())
+            if key == self._fleet_key:
+                return None
+            payload = pack(fleet_snapshot(self.fleet, figures, now=time.time(),
+                                          started=self._started_wall))
+            self._fleet_key, self._fleet_at = key, now
+            try:
+                return self._publish(self.topics.fleet, payload, retain=True)
+            except MessageTooLarge as exc:
+                if not self._fleet_too_large:
+                    self._fleet_too_large = True
+                    log.warning("the fleet snapshot is not published: %s", exc)
+                return None
 
     def _publish_model(self) -> None:
         payload = self._model_payload()

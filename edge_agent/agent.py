@@ -46,10 +46,19 @@ from edge_agent.gate import TrainingGate
 from edge_agent.policy import Decision
 from edge_agent.residual import encode_with_feedback
 from edge_agent.state import STATE_FILE, AgentState, OutboxEntry
+from fedbus import __version__
 from fedbus.codec_spec import parse_codec
 from fedbus.envelope import DecodeLimits, pack, unpack
 from fedbus.errors import ConfigError, MessageTooLarge, ProtocolError
-from fedbus.messages import GlobalModel, Receipt, Status, Task, Update, new_update_id
+from fedbus.messages import (
+    MAX_STATUS_ERROR,
+    GlobalModel,
+    Receipt,
+    Status,
+    Task,
+    Update,
+    new_update_id,
+)
 from fedbus.preprocess import KNOWN_REQUIREMENTS, encode_labels
 from fedbus.signing import SignatureError, Verifier, load_public_key
 from fedbus.topics import Topics
@@ -156,6 +165,9 @@ class Agent:
         self._unusable: tuple[str, str] | None = None  # (run, task) this device cannot train
         self._ended_logged: str | None = None
         self._training = False
+        # the last problem that kept this device from contributing (kind, text), reported
+        # in its status until an update is trained again (protocol 2.3)
+        self._error: tuple[str, str] | None = None
         self._sends: dict[str, PublishResult | None] = {}  # outbox id -> its last publish
         # a reconnect's grace before re-sending; at start, the outbox of an earlier process
         self._resend_due: float | None = 0.0
@@ -248,12 +260,24 @@ class Agent:
 
     def _status(self, state: str) -> bytes:
         task = getattr(self, "_task", None)
+        error = getattr(self, "_error", None)
         return pack(
             Status(
                 self.config.device_id, state, self.stats.last_version, time.time(),
-                run_id=task.run_id if task is not None else None,
+                run_id=task.run_id if task is not None else None, agent=__version__,
+                error=None if error is None else error[1],
+                error_kind=None if error is None else error[0],
             ).to_wire()
         )
+
+    def _report_error(self, kind: str, text: str) -> None:
+        """Tell the operator (through the retained status) why this device is not
+        contributing: ``kind`` one of ``fedbus.messages.ERROR_KINDS``."""
+        text = "".join(c if c.isprintable() else " " for c in text)
+        if len(text.encode()) > MAX_STATUS_ERROR:  # a limit in bytes of UTF-8
+            text = text.encode()[: MAX_STATUS_ERROR - 3].decode(errors="ignore") + "..."
+        self._error = (kind, text)
+        self._publish_status("idle")
 
     def _publish_status(self, state: str) -> None:
         self.client.publish(
@@ -610,10 +634,14 @@ class Agent:
         unknown = [r for r in task.requires if r not in KNOWN_REQUIREMENTS]
         if unknown:
             self._give_up_on(task, f"it requires {', '.join(unknown)}, which this agent does "
-                             "not implement (upgrade fedbus)")
+                             "not implement (upgrade fedbus)", "model")
             return False
         try:
             model = build_model(task.model.arch, task.model.args)
+        except (ValueError, TypeError) as exc:
+            self._give_up_on(task, str(exc), "model")
+            return False
+        try:
             shape = input_shape(task.model.arch, task.model.args)
             x = fit_inputs(self.data.x, shape)
             if task.input_norm is not None:
@@ -621,7 +649,7 @@ class Agent:
                 x = task.input_norm.apply(x)
             y = encode_labels(self.data.y, task.classes)
         except (ValueError, TypeError) as exc:
-            self._give_up_on(task, str(exc))
+            self._give_up_on(task, str(exc), "data")
             return False
         from fedbus.data_check import scale_warnings
 
@@ -630,10 +658,11 @@ class Agent:
         self._model, self._x, self._y = model, x, y
         return True
 
-    def _give_up_on(self, task: Task, why: str) -> None:
+    def _give_up_on(self, task: Task, why: str, kind: str) -> None:
         self._unusable = (task.run_id, task.task_id)
         self._model = None
         log.error("cannot take part in task %s: %s; waiting for a new task", task.task_id, why)
+        self._report_error(kind, f"cannot take part in task {task.task_id}: {why}")
 
     def _skip(self, task: Task, version: int) -> None:
         """Mark a version as done without an update (it could not be trained on)."""
@@ -660,6 +689,8 @@ class Agent:
                 model_msg.version, task.task_id, exc,
             )
             self._skip(task, model_msg.version)
+            self._report_error("model", f"model v{model_msg.version} does not fit the task: "
+                                        f"{exc}")
             return
         device = self.config.device_id
         if self._gate.begin_training() is not None:  # already over the memory ceiling
@@ -678,10 +709,18 @@ class Agent:
             log.error("local training on v%d diverged (%s); skipping it", model_msg.version, exc)
             self._training = False
             self._skip(task, model_msg.version)
+            self._report_error("training", f"training on v{model_msg.version} diverged: {exc}")
+            return
+        except MemoryError:
+            log.error("out of memory while training on v%d; skipping it", model_msg.version)
+            self._training = False
+            self._skip(task, model_msg.version)
+            self._report_error("memory", f"out of memory while training on "
+                                         f"v{model_msg.version}")
             return
         except ValueError as exc:  # e.g. local labels the task's model cannot output
             self._training = False
-            self._give_up_on(task, str(exc))
+            self._give_up_on(task, str(exc), "data")
             return
         self._gate.end_training()
         if result.stopped and not self._stop.is_set():  # the training policy stopped it
@@ -704,6 +743,8 @@ class Agent:
                 len(payload), task.max_update_bytes,
             )
             self._skip(task, model_msg.version)
+            self._report_error("update", f"update of {len(payload)} bytes exceeds the "
+                                         f"task's limit of {task.max_update_bytes}")
             return
         entry = OutboxEntry(update.update_id, task.run_id, model_msg.version, payload,
                             feedback=residual is not None)
@@ -719,6 +760,7 @@ class Agent:
             result.loss, result.accuracy, _fmt(update.metrics.get("acc_int8")), elapsed,
             len(payload),
         )
+        self._error = None  # contributing again
         self._publish_status("idle")
 
     def _policy_stopped(self, task: Task, version: int) -> None:

@@ -251,8 +251,11 @@ class LocalBroker:
                 self._ports[name] = value
         self.admin = _account(dynsec.ADMIN_USERNAME, known)
         self.coordinator = _account(COORDINATOR_USERNAME, known)
+        # reads the fleet snapshot, task, model and status (fedbus status); writes nothing
+        self.operator = _account(dynsec.OPERATOR_USERNAME, known)
         # the initial devices of an earlier start, then those asked for now
-        earlier = [d for d in known if d not in (dynsec.ADMIN_USERNAME, COORDINATOR_USERNAME)]
+        own = (dynsec.ADMIN_USERNAME, COORDINATOR_USERNAME, dynsec.OPERATOR_USERNAME)
+        earlier = [d for d in known if d not in own]
         self.devices: dict[str, Credentials] = {
             d: _account(d, known) for d in dict.fromkeys([*earlier, *ids])
         }
@@ -366,11 +369,14 @@ class LocalBroker:
         return self._workdir / "bundles"
 
     def credentials(self, username: str) -> Credentials:
-        """The account ``username`` (the admin, the coordinator or an initial device)."""
+        """The account ``username`` (the admin, the coordinator, the operator or an initial
+        device)."""
         if username == COORDINATOR_USERNAME:
             return self.coordinator
         if username == dynsec.ADMIN_USERNAME:
             return self.admin
+        if username == dynsec.OPERATOR_USERNAME:
+            return self.operator
         try:
             return self.devices[username]
         except KeyError:
@@ -499,11 +505,26 @@ class LocalBroker:
                 self._prefix, admin_password=self.admin.password,
                 coordinator_password=self.coordinator.password,
                 devices={d: c.password for d, c in self.devices.items()},
+                operator_password=self.operator.password,
             )
             _write_private(self.dynsec_file, json.dumps(config, indent=2) + "\n")
             # credentials.json first holds these secrets before anything can use them
             self._write_credentials_file()
+        else:
+            self._add_operator()
         self._write_certificates()
+
+    def _add_operator(self) -> None:
+        """A directory made before the operator account existed gets it now, while
+        Mosquitto is stopped (the lock is held): the password first, then the account."""
+        try:
+            config = json.loads(self.dynsec_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {self.dynsec_file}: {exc}") from None
+        updated = dynsec.with_operator(config, self._prefix, self.operator.password)
+        if updated is not None:
+            self._write_credentials_file()
+            _write_private(self.dynsec_file, json.dumps(updated, indent=2) + "\n")
 
     def _write_certificates(self) -> None:
         """The CA (made once, never replaced), a server certificate that names this broker
@@ -652,6 +673,8 @@ class LocalBroker:
             "prefix": self._prefix,
             # the dynamic-security plugin's admin (fedbus devices); no MQTT topic rights
             "admin": _account_json(self.admin),
+            # reads the fleet snapshot, task, model and status (fedbus status)
+            "operator": _account_json(self.operator),
             # the public key devices verify tasks and models with (fedbus.signing)
             "coordinator_key": self.coordinator_key,
             "coordinator": {
@@ -788,8 +811,7 @@ def _previous_passwords(data: dict[str, Any], path: Path) -> dict[str, str]:
         return {}
     try:
         accounts = [data["coordinator"], *data.get("devices", {}).values()]
-        if "admin" in data:
-            accounts.append(data["admin"])
+        accounts += [data[own] for own in ("admin", "operator") if own in data]
         return {str(a["username"]): str(a["password"]) for a in accounts}
     except (KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(

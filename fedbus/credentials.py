@@ -15,6 +15,7 @@ Layout (JSON)::
              "ca_file": "tls/ca.crt"},
      "prefix": "fedbus",
      "admin": {"username": "fedbus-admin", "password": "..."},
+     "operator": {"username": "fedbus-operator", "password": "..."},  # fedbus status
      "coordinator_key": "ed25519:...",  # the public key tasks and models are signed with
      "coordinator": {"username": "coordinator", "password": "...",
                      "cert_file": "tls/clients/coordinator.crt",
@@ -51,6 +52,7 @@ __all__ = [
     "read_credentials",
     "write_bundle",
     "write_new",
+    "write_operator_bundle",
 ]
 
 BUNDLE_FILE = "credentials.json"
@@ -98,7 +100,8 @@ def read_credentials(path: str | Path, username: str) -> BrokerAccess:
         raise ConfigError(f"cannot read credentials file {path}: {exc}") from None
     try:
         accounts = dict(data.get("devices", {}))
-        for own in ("coordinator", "admin"):  # a device's own copy may hold its account only
+        # a device's (or the operator's) own copy may hold its account only
+        for own in ("coordinator", "admin", "operator"):
             if own in data:
                 accounts[data[own]["username"]] = data[own]
         if username not in accounts:
@@ -229,6 +232,33 @@ def write_bundle(directory: Path, address: BrokerAddress, device_id: str, *, ca_
         write_new(directory / f"{device_id}.crt", certificate_pem, 0o644)
     write_new(directory / BUNDLE_FILE, (json.dumps(document, indent=2) + "\n").encode(),
                0o600)
+    return directory
+
+
+def write_operator_bundle(directory: Path, address: BrokerAddress, *, password: str,
+                          ca_pem: bytes) -> Path:
+    """Create the operator's bundle ``directory`` (mode 0700; it must not exist):
+    ``credentials.json`` (0600) with the ``operator`` account only, and ``ca.crt``."""
+    from fedbus.dynsec import OPERATOR_USERNAME
+
+    document: dict[str, Any] = {
+        "bundle": {"version": BUNDLE_VERSION, "operator": OPERATOR_USERNAME},
+        "host": address.host,
+        "port": address.port,
+        "tls": {"port": address.tls_port, "mtls_port": address.mtls_port,
+                "ca_file": _CA_FILE},
+        "prefix": address.prefix,
+        "operator": {"username": OPERATOR_USERNAME, "password": password},
+    }
+    try:
+        directory.mkdir(mode=0o700, parents=False)
+    except FileExistsError:
+        raise ConfigError(
+            f"{directory} already exists; fedbus never overwrites credentials (move it away "
+            "first)"
+        ) from None
+    write_new(directory / _CA_FILE, ca_pem, 0o644)
+    write_new(directory / BUNDLE_FILE, (json.dumps(document, indent=2) + "\n").encode(), 0o600)
     return directory
 
 

@@ -14,6 +14,9 @@ The policy of ``broker_config/fedbus.acl`` expressed as roles:
 - ``fedbus-device-<id>``, one role per device, granted to the account ``<id>`` alone: publish
   its own update topic; publish and receive its own status topic; receive (and subscribe
   exactly to) the task, the model and its own receipts. Nothing else.
+- ``fedbus-operator`` (the account ``fedbus-operator``, for ``fedbus status``): receive and
+  subscribe to the fleet snapshot, the task, the model and every device's status; it
+  publishes nothing.
 
 Anything no role grants is denied (``defaultACLAccess`` all false but ``unsubscribe``).
 Unlike the ACL file, the plugin also checks SUBSCRIBE: a device's subscription to a topic
@@ -49,11 +52,14 @@ __all__ = [
     "CONTROL_TOPIC",
     "COORDINATOR_ROLE",
     "DEVICE_ROLE_PREFIX",
+    "OPERATOR_ROLE",
+    "OPERATOR_USERNAME",
     "PLUGIN_PATHS",
     "RESPONSE_TOPIC",
     "DeviceEntry",
     "DynsecError",
     "add_device_commands",
+    "add_operator_commands",
     "admin_role",
     "check_new_device_id",
     "coordinator_role",
@@ -66,8 +72,10 @@ __all__ = [
     "hash_password",
     "initial_config",
     "list_clients_command",
+    "operator_role",
     "read_responses",
     "remove_device_commands",
+    "with_operator",
 ]
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
@@ -76,6 +84,8 @@ ADMIN_USERNAME = "fedbus-admin"
 ADMIN_ROLE = "fedbus-admin"
 COORDINATOR_ROLE = "fedbus-coordinator"
 DEVICE_ROLE_PREFIX = "fedbus-device-"
+OPERATOR_USERNAME = "fedbus-operator"
+OPERATOR_ROLE = "fedbus-operator"
 # Where Debian and Raspberry Pi OS install the plugin (first match wins).
 PLUGIN_PATHS = (
     "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
@@ -89,7 +99,7 @@ _KEY_BYTES = 64
 # What mosquitto_ctrl uses. The passwords fedbus makes are 192-bit random strings, so the
 # iteration count protects nothing; a higher one would only cost the broker at every login.
 _ITERATIONS = 101
-_RESERVED = {ADMIN_USERNAME, "coordinator"}
+_RESERVED = {ADMIN_USERNAME, "coordinator", OPERATOR_USERNAME}
 
 
 class DynsecError(FedbusError):
@@ -161,6 +171,17 @@ def device_role(prefix: str, device_id: str) -> dict[str, Any]:
     return {"rolename": device_role_name(device_id), "acls": acls}
 
 
+def operator_role(prefix: str) -> dict[str, Any]:
+    """Read what an operator's status view shows: the fleet snapshot, the task, the model
+    and every device's status. Nothing to publish, no update and no receipt."""
+    t = Topics(prefix)
+    acls = []
+    for topic in (t.fleet, t.task, t.model):
+        acls += [_acl("publishClientReceive", topic), _acl("subscribeLiteral", topic)]
+    acls += [_acl("publishClientReceive", t.all_status), _acl("subscribePattern", t.all_status)]
+    return {"rolename": OPERATOR_ROLE, "acls": acls}
+
+
 def check_new_device_id(device_id: str) -> str:
     """``device_id`` if it may name a new device (ValueError otherwise)."""
     validate_device_id(device_id)
@@ -173,9 +194,11 @@ def check_new_device_id(device_id: str) -> str:
 
 
 def initial_config(prefix: str, *, admin_password: str, coordinator_password: str,
-                   devices: Mapping[str, str]) -> dict[str, Any]:
+                   devices: Mapping[str, str],
+                   operator_password: str | None = None) -> dict[str, Any]:
     """The plugin's configuration file before Mosquitto first starts: the admin and the
-    coordinator, and ``devices`` (id -> password) each with its own role."""
+    coordinator, ``devices`` (id -> password) each with its own role, and the operator's
+    role with, given ``operator_password``, its account."""
     def client(username: str, password: str, role: str) -> dict[str, Any]:
         return {"username": username, **hash_password(password),
                 "roles": [{"rolename": role}]}
@@ -187,11 +210,34 @@ def initial_config(prefix: str, *, admin_password: str, coordinator_password: st
                              "subscribe": False, "unsubscribe": True},
         "clients": [client(ADMIN_USERNAME, admin_password, ADMIN_ROLE),
                     client("coordinator", coordinator_password, COORDINATOR_ROLE),
+                    *([] if operator_password is None else
+                      [client(OPERATOR_USERNAME, operator_password, OPERATOR_ROLE)]),
                     *(client(d, p, device_role_name(d)) for d, p in devices.items())],
         "groups": [],
-        "roles": [admin_role(), coordinator_role(prefix),
+        "roles": [admin_role(), coordinator_role(prefix), operator_role(prefix),
                   *(device_role(prefix, d) for d in devices)],
     }
+
+
+def with_operator(config: Mapping[str, Any], prefix: str,
+                  operator_password: str) -> dict[str, Any] | None:
+    """``config`` (the plugin's file, read while the broker is stopped) with the operator's
+    role and account added; None if it has the account already (nothing to change). For
+    broker directories made before the operator account existed."""
+    clients = list(config.get("clients", []))
+    if any(c.get("username") == OPERATOR_USERNAME for c in clients):
+        return None
+    roles = [r for r in config.get("roles", []) if r.get("rolename") != OPERATOR_ROLE]
+    clients.append({"username": OPERATOR_USERNAME, **hash_password(operator_password),
+                    "roles": [{"rolename": OPERATOR_ROLE}]})
+    return {**config, "clients": clients, "roles": [*roles, operator_role(prefix)]}
+
+
+def add_operator_commands(prefix: str, password: str) -> list[dict[str, Any]]:
+    """Create the operator's role and its account on a running broker."""
+    return [{"command": "createRole", **operator_role(prefix)},
+            {"command": "createClient", "username": OPERATOR_USERNAME, "password": password,
+             "roles": [{"rolename": OPERATOR_ROLE}]}]
 
 
 # -- commands ---------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ from fedbus.update_codec import PackedMap
 from fedbus.wire_reader import FieldReader, Reader, Unread
 
 __all__ = [
+    "ERROR_KINDS",
+    "MAX_STATUS_AGENT",
+    "MAX_STATUS_ERROR",
     "RUN_STATES",
     "STATUS_STATES",
     "GlobalModel",
@@ -520,7 +523,25 @@ MODEL_FIELDS: dict[str, FieldReader] = {
 }
 STATUS_FIELDS: dict[str, FieldReader] = {
     "device_id": _LEAF, "state": _LEAF, "run": _LEAF, "model_version": _LEAF, "ts": _LEAF,
+    "agent": _LEAF, "error": _LEAF, "error_kind": _LEAF,
 }
+# status fields of revision 2.3: the agent's version and its last error, in UTF-8 bytes
+MAX_STATUS_AGENT = 64
+MAX_STATUS_ERROR = 200
+ERROR_KINDS = ("data", "model", "training", "memory", "update", "other")
+
+
+def _short_text(obj: dict, key: str, limit: int) -> str | None:
+    """An optional printable string of at most ``limit`` bytes of UTF-8 (nil: absent)."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if (not isinstance(value, str) or len(value.encode()) > limit
+            or not value.isprintable()):
+        raise ProtocolError(
+            "schema", f"status: {key} must be printable text of at most {limit} bytes"
+        )
+    return value
 
 
 def read_update_fields(payload: bytes, limits: DecodeLimits | None = None) -> dict:
@@ -594,16 +615,22 @@ class Receipt:
 class Status:
     """A device's presence, retained on ``<prefix>/status/<device>``; its Will says offline.
 
-    ``run_id`` is the run the device last trained for (nil before it has one)."""
+    ``run_id`` is the run the device last trained for (nil before it has one). Since
+    revision 2.3 (optional, for operators): ``agent``, the device's software version, and
+    ``error``, the last problem that kept it from contributing (``error_kind`` one of
+    ``ERROR_KINDS``; a receiver reads a kind it does not know as ``other``)."""
 
     device_id: str
     state: str
     model_version: int | None = None
     ts: float = field(default_factory=time.time)
     run_id: str | None = None
+    agent: str | None = None
+    error: str | None = None
+    error_kind: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "v": PROTOCOL_VERSION,
             "kind": "status",
             "device_id": self.device_id,
@@ -612,6 +639,12 @@ class Status:
             "model_version": self.model_version,
             "ts": self.ts,
         }
+        if self.agent is not None:
+            wire["agent"] = self.agent
+        if self.error is not None:
+            wire["error"] = self.error
+            wire["error_kind"] = self.error_kind or "other"
+        return wire
 
     @classmethod
     def from_wire(cls, obj: dict) -> Status:
@@ -627,12 +660,18 @@ class Status:
         run = obj.get("run")
         if run is not None and not (isinstance(run, str) and _ID.match(run)):
             raise ProtocolError("schema", "status: run must be an id or nil")
+        agent = _short_text(obj, "agent", MAX_STATUS_AGENT)
+        error = _short_text(obj, "error", MAX_STATUS_ERROR)
+        kind = _short_text(obj, "error_kind", 32)
         return cls(
             device_id=_get_id(obj, "device_id", "status", DEVICE_ID_PATTERN),
             state=state,
             model_version=version,
             ts=_finite_float(obj, "ts", "status"),
             run_id=run,
+            agent=agent,
+            error=error,
+            error_kind=None if error is None else (kind if kind in ERROR_KINDS else "other"),
         )
 
     @classmethod

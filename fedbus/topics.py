@@ -50,6 +50,12 @@ class Topics:
         """Retained current global model; written only by the coordinator."""
         return f"{self.prefix}/model"
 
+    @property
+    def fleet(self) -> str:
+        """Retained fleet snapshot for operators; written only by the coordinator, never
+        readable by a device (protocol revision 2.3)."""
+        return f"{self.prefix}/fleet"
+
     def update(self, device_id: str) -> str:
         """Where ``device_id`` publishes its updates (QoS 1); only that device may write it."""
         return f"{self.prefix}/update/{device_id}"

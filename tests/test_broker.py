@@ -276,6 +276,12 @@ def test_render_acl_replaces_the_prefix_in_rules_only() -> None:
     rules = [x for x in acl.splitlines() if x.startswith(("topic", "pattern"))]
     assert rules == [
         "topic readwrite lab/trial-7/#",
+        "topic read lab/trial-7/fleet",
+        "topic read lab/trial-7/task",
+        "topic read lab/trial-7/model",
+        "topic read lab/trial-7/status/+",
+        "topic deny lab/trial-7/update/fedbus-operator",
+        "topic deny lab/trial-7/status/fedbus-operator",
         "pattern read lab/trial-7/task",
         "pattern read lab/trial-7/model",
         "pattern read lab/trial-7/receipt/%u",

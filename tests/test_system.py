@@ -25,6 +25,7 @@ from prometheus_client.samples import Sample
 from coordinator.aggregation import is_finite
 from coordinator.config import CoordinatorConfig
 from coordinator.service import CoordinatorService, RunSummary
+from fedbus import __version__
 from fedbus.broker import LocalBroker
 from fedbus.datasets import dirichlet_split, load_digits, train_test_split, write_npz
 from fedbus.envelope import pack, unpack
@@ -418,6 +419,13 @@ def test_an_agent_that_cannot_take_part_waits_instead_of_crashing(
     assert agent.alive, log_path.read_text()[-2000:]
     assert coord.counters["updates_received"] == 0
     assert "Traceback" not in log_path.read_text()
+    # its status says why, and the coordinator's fleet view shows it (protocol revision 2.3)
+    fleet = coord.service.fleet.devices
+    wait_for(lambda: "dev-a" in fleet and fleet["dev-a"].error is not None, 10, "the error")
+    device = fleet["dev-a"]
+    assert device.agent == __version__ and device.online
+    assert device.error is not None and device.error["kind"] == "data"
+    assert "the model expects (32,)" in device.error["text"], device.error
 
 
 def _free_port() -> int:

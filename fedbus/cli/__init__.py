@@ -1,4 +1,5 @@
-"""The ``fedbus`` command: broker, devices, certs, coordinator, agent and demo."""
+"""The ``fedbus`` command: broker, devices, certs, coordinator, agent, demo, report and
+status."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ COMMANDS: Mapping[str, str] = {
     "demo": "fedbus.cli.demo:demo",
     "devices": "fedbus.cli.devices:devices",
     "report": "fedbus.cli.report:report",
+    "status": "fedbus.cli.status:status",
 }
 
 
@@ -77,6 +79,7 @@ def cli(log_level: str) -> None:
     On the server:                   fedbus coordinator --credentials c.json --eval-data t.npz
     On each device:                  fedbus agent --device-id device-01 --data data.npz ...
     Check a device's data first:     fedbus data check data.csv --task run/task.json
+    Watch the fleet and the run:     fedbus status --credentials c.json
 
     Every command has its own --help.
     """

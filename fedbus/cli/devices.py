@@ -75,10 +75,11 @@ def init(directory: Path, host: str, tls_port: int, mtls_port: int, ca_file: Pat
 
     Writes, into a new --dir: dynsec.json (install it where the broker's
     plugin_opt_config_file points, owned by the mosquitto user: see
-    deploy/mosquitto/README.md), holding the admin and coordinator accounts and roles;
-    credentials.json (mode 0600) with their passwords, the broker's address and the CA,
-    for `fedbus devices --credentials` and `fedbus coordinator --credentials`; and a copy
-    of the CA. Then add devices with `fedbus devices add` once the broker runs.
+    deploy/mosquitto/README.md), holding the admin, coordinator and operator accounts and
+    roles; credentials.json (mode 0600) with their passwords, the broker's address and the
+    CA, for `fedbus devices --credentials`, `fedbus coordinator --credentials` and `fedbus
+    status --credentials`; and a copy of the CA. Then add devices with `fedbus devices add`
+    once the broker runs.
     """
     import json
 
@@ -95,14 +96,17 @@ def init(directory: Path, host: str, tls_port: int, mtls_port: int, ca_file: Pat
     except OSError as exc:
         raise ConfigError(f"cannot read the CA certificate {ca_file}: {exc}") from None
     admin, coordinator = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    operator = secrets.token_urlsafe(24)
     config = dynsec.initial_config(prefix, admin_password=admin,
-                                   coordinator_password=coordinator, devices={})
+                                   coordinator_password=coordinator, devices={},
+                                   operator_password=operator)
     credentials = {
         "host": host, "port": None,
         "tls": {"port": tls_port, "mtls_port": mtls_port, "ca_file": "ca.crt"},
         "prefix": prefix,
         "admin": {"username": dynsec.ADMIN_USERNAME, "password": admin},
         "coordinator": {"username": "coordinator", "password": coordinator},
+        "operator": {"username": dynsec.OPERATOR_USERNAME, "password": operator},
         "devices": {},
     }
     try:
@@ -204,6 +208,65 @@ def add(obj: tuple[Path, float], device_id: str, certificate: bool, pki_dir: Pat
     click.echo(f"added {device_id} (logs in with {how}); bundle: {target}")
     click.echo("  copy it to the device, then: fedbus agent --credentials <the copied "
                "directory> --data <your data>")
+
+
+@devices.command("operator")
+@click.option(
+    "--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where to write the operator's bundle (a new directory) [default: bundles/"
+    "fedbus-operator beside the credentials file].",
+)
+@click.pass_obj
+def operator(obj: tuple[Path, float], bundle_dir: Path | None) -> None:
+    """Write the operator's credentials bundle, for `fedbus status` on another machine.
+
+    The operator account (fedbus-operator) reads the fleet snapshot, the task, the model
+    and every device's status, and writes nothing. The bundle (mode 0700) holds
+    credentials.json (mode 0600) and ca.crt. A credentials file from before the operator
+    account existed has no password for it: the account is then made on the running broker
+    (over MQTT, as the admin) with a new password that only the bundle holds.
+    """
+    from fedbus import dynsec
+    from fedbus.credentials import BrokerAddress, read_credentials, write_operator_bundle
+    from fedbus.provision import DynsecError
+
+    credentials, timeout = obj
+    admin_access = read_credentials(credentials, dynsec.ADMIN_USERNAME)
+    if admin_access.ca_file is None:
+        raise ConfigError(f"{credentials} names no CA (tls.ca_file): a bundle needs it")
+    try:
+        ca_pem = admin_access.ca_file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the CA certificate {admin_access.ca_file}: {exc}") from None
+    target = bundle_dir or _operator_dir(credentials) / "bundles" / dynsec.OPERATOR_USERNAME
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    address = BrokerAddress(admin_access.host, admin_access.port, admin_access.tls_port,
+                            admin_access.mtls_port, admin_access.prefix,
+                            admin_access.coordinator_key)
+    try:
+        password = read_credentials(credentials, dynsec.OPERATOR_USERNAME).password
+    except ConfigError:
+        password = ""
+    if password:
+        write_operator_bundle(target, address, password=password, ca_pem=ca_pem)
+        click.echo(f"wrote the operator's bundle: {target}")
+    else:
+        password = secrets.token_urlsafe(24)
+        write_operator_bundle(target, address, password=password, ca_pem=ca_pem)
+        try:
+            with _admin(credentials, timeout) as admin:
+                admin.send(dynsec.add_operator_commands(admin_access.prefix, password))
+        except DynsecError as exc:
+            shutil.rmtree(target)  # the broker refused: no account has this password
+            raise ConfigError(
+                f"the broker refused to make the operator account ({exc.error}); if it has "
+                "one already, its password is in the bundle written when it was made"
+            ) from None
+        except BaseException:
+            shutil.rmtree(target)
+            raise
+        click.echo(f"made the operator account on the broker; its bundle: {target}")
+    click.echo("  on the operator's machine: fedbus status --credentials <the copied directory>")
 
 
 @devices.command("disable")
