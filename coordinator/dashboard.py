@@ -36,7 +36,7 @@ from typing import Any
 
 from fedbus.errors import ConfigError
 
-__all__ = ["DashboardFeed", "DashboardServer", "serve_dashboard", "sse_frame"]
+__all__ = ["DashboardFeed", "DashboardServer", "fleet_rows", "serve_dashboard", "sse_frame"]
 
 # version points the page is sent; older ones are thinned (every other one dropped)
 MAX_POINTS = 2000
@@ -53,6 +53,27 @@ def sse_frame(event: str, data: Mapping[str, Any] | list[Any], event_id: int) ->
     """One server-sent event: ``event``, ``id`` and the JSON ``data`` on one line."""
     text = json.dumps(data, separators=(",", ":"), allow_nan=False)
     return f"event: {event}\nid: {event_id}\ndata: {text}\n\n".encode()
+
+
+def fleet_rows(devices: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The page's fleet table from the devices of a fleet snapshot (``coordinator.fleet``):
+    one row per device, in the page's column order; local_accuracy is the device's own int8
+    accuracy on its data (its float accuracy when it sent no int8 one), the error the text
+    of its last reported problem."""
+    rows = []
+    for d in devices:
+        error = d.get("error")
+        accuracy = d.get("acc_int8")
+        rows.append({
+            "device": d["id"], "state": d.get("state") or "unknown",
+            "last_seen": d.get("last_seen"), "agent": d.get("agent"),
+            "model_version": d.get("model_version"), "accepted": d.get("accepted", 0),
+            "rejected": d.get("rejected") or {}, "bytes": d.get("bytes", 0),
+            "mean_staleness": d.get("mean_staleness"), "loss": d.get("loss"),
+            "local_accuracy": accuracy if accuracy is not None else d.get("acc"),
+            "error": None if not error else f"{error.get('kind')}: {error.get('text')}",
+        })
+    return rows
 
 
 class DashboardFeed:

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.config import CoordinatorConfig
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
+from coordinator.dashboard import DashboardFeed, DashboardServer, fleet_rows, serve_dashboard
 from coordinator.evaluation import Evaluator
 from coordinator.fleet import FleetStats, fleet_snapshot
 from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
@@ -72,7 +73,6 @@ from fedbus.transport import (
 
 if TYPE_CHECKING:  # imported when a service is made: prometheus_client is a server extra,
     # and the CLI loads this module for `fedbus agent` too (through `fedbus demo`)
-    from coordinator.dashboard import DashboardFeed, DashboardServer
     from coordinator.metrics import CoordinatorMetrics, MetricsServer, SentKind
 
 __all__ = [
@@ -514,8 +514,6 @@ class CoordinatorService:
         port = self.config.dashboard_port
         if not port:
             return
-        from coordinator.dashboard import DashboardFeed, serve_dashboard
-
         feed = DashboardFeed({
             "run_id": self.task.run_id, "task_id": self.task.task_id,
             "arch": self.task.model.arch, "mode": self.config.mode,
@@ -552,6 +550,8 @@ class CoordinatorService:
             self._accepted_at.pop(0)
         then, before = self._accepted_at[0]
         online = self.core.online_devices()
+        snapshot = fleet_snapshot(self.fleet, self._run_figures(), now=time.time(),
+                                  started=self._started_wall)
         return {
             "version": self.core.version,
             "accepted": accepted,
@@ -562,7 +562,7 @@ class CoordinatorService:
             "devices_online": len(online),
             "updates_per_second": (accepted - before) / (now - then) if now > then else None,
             "first_update_seconds": None if self.resumed else self._first_update,
-            "fleet": [{"device": d, "state": "online"} for d in sorted(online)],
+            "fleet": fleet_rows(snapshot["devices"]),
         }
 
     def _dashboard_tick(self, *, force: bool = False) -> None:

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from coordinator import dashboard
-from coordinator.dashboard import DashboardFeed, serve_dashboard, sse_frame
+from coordinator.dashboard import DashboardFeed, fleet_rows, serve_dashboard, sse_frame
 from fedbus.errors import ConfigError
 
 RUN = {"run_id": "r1", "task_id": "t1", "mode": "fedbuff", "state": "running"}
@@ -139,3 +139,23 @@ def test_a_port_in_use_is_one_clear_error():
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"cannot serve the dashboard on 127.0.0.1:{port}"):
             serve_dashboard(DashboardFeed(RUN), "127.0.0.1", port)
+
+
+def test_fleet_rows_follow_the_fleet_snapshot():
+    from coordinator.fleet import FleetStats, fleet_snapshot
+
+    stats = FleetStats()
+    snap = fleet_snapshot(stats, {}, now=10.0, started=0.0)
+    assert fleet_rows(snap["devices"]) == []
+    rows = fleet_rows([{
+        "id": "dev-1", "state": "idle", "online": True, "last_seen": 9.0, "agent": "0.1.0",
+        "run": "r1", "model_version": 3, "accepted": 2, "rejected": {"norm": 1},
+        "repeated": 0, "bytes": 900, "mean_staleness": 0.5, "loss": 0.3, "acc": 0.8,
+        "acc_int8": None, "error": {"kind": "data", "text": "label 'x' unknown", "ts": 8.0},
+    }])
+    assert rows == [{
+        "device": "dev-1", "state": "idle", "last_seen": 9.0, "agent": "0.1.0",
+        "model_version": 3, "accepted": 2, "rejected": {"norm": 1}, "bytes": 900,
+        "mean_staleness": 0.5, "loss": 0.3, "local_accuracy": 0.8,
+        "error": "data: label 'x' unknown",
+    }]
