@@ -90,6 +90,7 @@ class DemoConfig:
     seed: int = 0
     report: Path = Path("fedbus-report")
     workdir: Path | None = None  # keep broker files, data and logs here (default: temp, removed)
+    dashboard_port: int = 0  # the coordinator's live dashboard on 127.0.0.1 (0: none)
 
     def speed_factors(self) -> list[float]:
         try:
@@ -109,6 +110,9 @@ class DemoConfig:
             )
         if self.devices is not None and not 1 <= self.devices <= 99:
             raise ValueError("devices must be between 1 and 99")
+        if not 0 <= self.dashboard_port <= 65535:
+            raise ValueError(f"dashboard_port must be 1-65535, or 0 for none, got "
+                             f"{self.dashboard_port}")
         self.speed_factors()
         if self.mode not in ("fedbuff", "fedasync", "fedavg"):
             raise ValueError(f"mode must be fedbuff, fedasync or fedavg, got {self.mode!r}")
@@ -320,6 +324,7 @@ def run_demo(
                 duration=cfg.duration,
                 round_deadline=30.0,
                 state_dir=workdir / "run",
+                dashboard_port=cfg.dashboard_port,
             ),
             password=broker.coordinator.password,
             eval_data=eval_data,

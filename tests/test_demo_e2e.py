@@ -163,6 +163,7 @@ def test_demo_settings_come_from_the_dataset():
     ("args", "message"),
     [
         (["--dataset", "cifar"], "dataset must be one of digits, mnist, motions, got 'cifar'"),
+        (["--dashboard-port", "70000"], "dashboard_port must be 1-65535, or 0 for none"),
         (["--dataset", "motions", "--devices", "50"],
          "50 devices are too many for the 40 motions training samples"),
     ],

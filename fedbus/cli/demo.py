@@ -57,6 +57,8 @@ HELPS = {
     + _defaults("test_fraction"),
     "seed": "Seed of the data split, the initial model and local training.",
     "report": "Directory for report.json, report.html and accuracy.png.",
+    "dashboard_port": "Serve the coordinator's live dashboard on http://127.0.0.1:PORT/ while "
+    "the demo runs (0: none).",
     "workdir": "Keep broker files, device data and agent logs here (default: a temporary "
     "directory, removed at the end).",
 }
