@@ -605,3 +605,23 @@ def test_agent_reads_a_password_bundle_from_the_environment(
             AgentConfig, {"data": tmp_path / "d.npz"}, env_prefix=ENV_PREFIX,
             config_file=None, section="agent", username=lambda c: c.device_id,
             identity="device_id")
+
+
+@pytest.mark.broker
+def test_bundle_of_an_existing_account_logs_in_and_is_never_rewritten(
+        broker: LocalBroker, devices: Callable[[ConnectionSettings], Device],
+        devices_cli: Callable[..., tuple[int, str, str]]) -> None:
+    code, out, error = devices_cli("bundle", "dev-a")
+    assert code == 0, error
+    bundle = broker.bundles_dir / "dev-a"
+    assert f"(logs in with its password): {bundle}" in out
+    assert stat.S_IMODE((bundle / "credentials.json").stat().st_mode) == 0o600
+    assert "fedbus-admin" not in (bundle / "credentials.json").read_text()
+    dev_a = devices(settings_for(bundle, "dev-a"))
+    assert dev_a.client.publish(broker.topics.update("dev-a"), b"u").wait(TIMEOUT)
+    before = file_digests(bundle)
+    code, _, error = devices_cli("bundle", "dev-a")
+    assert code != 0 and "already exists" in error
+    assert file_digests(bundle) == before
+    code, _, error = devices_cli("bundle", "nobody")
+    assert code != 0 and "has no account 'nobody'" in error

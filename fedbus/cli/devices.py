@@ -269,6 +269,61 @@ def operator(obj: tuple[Path, float], bundle_dir: Path | None) -> None:
     click.echo("  on the operator's machine: fedbus status --credentials <the copied directory>")
 
 
+@devices.command("bundle")
+@click.argument("device_id")
+@click.option(
+    "--certificate", is_flag=True, default=False,
+    help="Put the device's client certificate and key (made by `fedbus broker` in "
+    "tls/clients/) in the bundle instead of its password: it then logs in on the mutual-TLS "
+    "port.",
+)
+@click.option(
+    "--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where to write the bundle (a new directory) [default: bundles/<id> beside the "
+    "credentials file].",
+)
+@click.pass_obj
+def bundle(obj: tuple[Path, float], device_id: str, certificate: bool,
+           bundle_dir: Path | None) -> None:
+    """Write the credentials bundle of DEVICE_ID, an account the credentials file already
+    holds (the devices `fedbus broker --devices N` made), for the device install.
+
+    Nothing is sent to the broker: the bundle carries the account's existing password (or
+    its client certificate and key), the broker's address, the CA and the coordinator's
+    public key, as `fedbus devices add` writes one. It is never written over an existing
+    directory.
+    """
+    from fedbus.credentials import BrokerAddress, read_credentials, write_bundle
+
+    credentials, _ = obj
+    access = read_credentials(credentials, device_id)
+    if access.ca_file is None:
+        raise ConfigError(f"{credentials} names no CA (tls.ca_file): a bundle needs it")
+    if certificate and (access.cert_file is None or access.key_file is None):
+        raise ConfigError(f"{credentials} holds no client certificate for {device_id}")
+    if certificate and access.mtls_port is None:
+        raise ConfigError(f"{credentials} names no mutual-TLS port (tls.mtls_port)")
+    if not certificate and not access.password:
+        raise ConfigError(f"{credentials} holds no password for {device_id}")
+    try:
+        ca_pem = access.ca_file.read_bytes()
+        cert_pem = access.cert_file.read_bytes() if certificate and access.cert_file else None
+        key_pem = access.key_file.read_bytes() if certificate and access.key_file else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    target = bundle_dir or _operator_dir(credentials) / "bundles" / device_id
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    address = BrokerAddress(access.host, access.port, access.tls_port, access.mtls_port,
+                            access.prefix, access.coordinator_key)
+    write_bundle(target, address, device_id, ca_pem=ca_pem,
+                 password=None if certificate else access.password,
+                 certificate_pem=cert_pem, key_pem=key_pem)
+    how = "its client certificate" if certificate else "its password"
+    click.echo(f"wrote {device_id}'s bundle (logs in with {how}): {target}")
+    click.echo("  copy it to the device, then: fedbus agent --credentials <the copied "
+               "directory> --data <your data>")
+
+
 @devices.command("disable")
 @click.argument("device_id")
 @click.pass_obj
