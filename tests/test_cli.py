@@ -190,3 +190,54 @@ def test_an_empty_state_dir_keeps_nothing_on_disk(tmp_path: Path) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "error: cannot build model" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_json_logs_are_one_object_per_line():
+    import json
+    import logging
+
+    from fedbus.logformat import JsonFormatter
+
+    record = logging.LogRecord("coordinator.service", logging.WARNING, "f.py", 1,
+                               "update %s rejected:\nnorm", ("u1",), None)
+    record.device = "dev-1"  # as logging's extra= puts it
+    record.payload = b"\x00"  # not JSON: its repr
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    obj = json.loads(line)
+    assert obj["level"] == "WARNING" and obj["logger"] == "coordinator.service"
+    assert obj["message"] == "update u1 rejected:\nnorm"
+    assert obj["device"] == "dev-1" and obj["payload"] == "b'\\x00'"
+    assert obj["time"].endswith("+00:00") and isinstance(obj["ts"], float)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    assert "ValueError: boom" in json.loads(JsonFormatter().format(record))["exc"]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_cli_logs_json_when_asked(tmp_path):
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fedbus", "--log-format", "json", "coordinator",
+         "--host", "127.0.0.1", "--port", str(_closed_port()), "--no-tls",
+         "--password", "x", "--state-dir", str(tmp_path / "run"), "--connect-timeout", "1",
+         "--model-args", '{"in_features": 4, "num_classes": 2}'],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("{")]
+    assert lines, result.stderr
+    records = [json.loads(line) for line in lines]
+    assert any(r["logger"] == "fedbus.transport" for r in records)

@@ -68,7 +68,16 @@ class LazyGroup(click.Group):
     envvar="FEDBUS_LOG_LEVEL",
     help="How much to log (env FEDBUS_LOG_LEVEL).",
 )
-def cli(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"], case_sensitive=False),
+    default="text",
+    show_default=True,
+    envvar="FEDBUS_LOG_FORMAT",
+    help="Log lines as text, or as one JSON object per line for log collectors (fields: ts, "
+    "time, level, logger, message, process, exc) (env FEDBUS_LOG_FORMAT).",
+)
+def cli(log_level: str, log_format: str) -> None:
     """fedbus: federated learning for fleets of small devices over MQTT.
 
     \b
@@ -83,7 +92,14 @@ def cli(log_level: str) -> None:
 
     Every command has its own --help.
     """
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format.lower() == "json":
+        from fedbus.logformat import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
