@@ -171,4 +171,7 @@ def test_agent_decodes_a_compressed_model_within_bounds(
     assert "global model v4 does not fit task t1" in caplog.text
     assert "zstd frame declares 209715200 bytes, more than the limit of 50888" in caplog.text
     assert peak < 4 << 20  # the bomb is never expanded
-    assert agent.stats.last_version == 4 and not recorder.published  # skipped, not retried
+    # skipped, not retried: no update is sent, and the device's status says why
+    assert agent.stats.last_version == 4
+    assert [topic for topic, _ in recorder.published] == ["fedbus/status/dev-1"]
+    assert b"does not fit the task" in recorder.published[0][1]
