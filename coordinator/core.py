@@ -95,6 +95,7 @@ from coordinator.aggregator_spec import (
     AggregatorSpec,
     capped_mean,
     parse_aggregator,
+    quorum_reached,
     robust_aggregate,
 )
 from coordinator.journal import (
@@ -919,9 +920,17 @@ class CoordinatorCore:
         actions: list[Action] = [
             self._accept(device_id, acc, f"buffered {count}/{k}", coef, clip)
         ]
-        if count >= k:
+        if self._step_ready(k):
             actions.extend(self._apply_buffer())
         return actions
+
+    def _step_ready(self, k: int) -> bool:
+        """The buffer holds ``k`` updates (``quorum``: ``k`` that agree, or its limit)."""
+        if len(self._buffer_ids) < k:
+            return False
+        if self._kept is None:
+            return True
+        return quorum_reached(self.config.spec, self._kept, k, len(self.online_devices()))
 
     def _prepared(
         self, delta: Mapping[str, np.ndarray], clip: float | None, *, count: bool = True
