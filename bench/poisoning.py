@@ -25,7 +25,9 @@ every update they send:
   ``9 − y``.
 
 Each configuration runs the same number of versions from the same initial model and split,
-and reports held-out accuracy at the end. "Points lost" are percentage points against the
+and reports held-out accuracy at the end. Under ``quorum`` (the default) a full buffer may
+wait for more updates: the loop then visits further devices of the same version, and the
+step it makes may hold up to 2K updates. "Points lost" are percentage points against the
 clean run of the plain mean (the old default).
 """
 
@@ -55,6 +57,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "trimmed:0.2": {"aggregator": "trimmed:0.2", "norm_multiple": 0},
     "krum:1": {"aggregator": "krum:1", "norm_multiple": 0},
     "mean+cap:2, adaptive bound": {"aggregator": "mean+cap:2"},
+    "agree, adaptive bound": {"aggregator": "agree"},  # the default before quorum
     "default": {},
 }
 WORKERS = 2  # runs are independent and seeded: two processes give the same numbers

@@ -3,7 +3,8 @@
 Grammar (lower case, no spaces)::
 
     spec       := part ("+" part)*          at most one of each kind of part
-    aggregator := "mean" | "median" | "agree" | "trimmed:" FRACTION | "krum:" F [":" M]
+    aggregator := "mean" | "median" | "agree" | "quorum" | "trimmed:" FRACTION
+                | "krum:" F [":" M]
     cap        := "cap:" MULTIPLE               the mean only
     clip       := "clip:" BOUND
 
@@ -12,9 +13,25 @@ Grammar (lower case, no spaces)::
   ``floor(0.2 · n)`` values from each end (``0 < FRACTION < 0.5``); ``krum:F[:M]``:
   multi-Krum assuming at most ``F`` hostile updates per step, averaging the ``M`` best
   (default ``n − F``; ``M = 1`` is Krum); ``agree``: the mean of the updates whose inner
-  product with the coordinate-wise median is positive (``robust.agreeing_mean``). See
+  product with the coordinate-wise median is positive (``robust.agreeing_mean``);
+  ``quorum`` (the default for a new run): every update of the step is first shortened to at
+  most 2 × the median norm of the step's updates, then ``agree``'s mean is taken
+  (``quorum_step``); and a FedBuff buffer that is full (K updates) waits for more until K of
+  them agree, up to 2K (``quorum_reached``). See
   ``coordinator.robust``. These count each update once: the claimed sample count plays no
   part.
+
+  Why ``quorum``: measured (BENCHMARKS.md, poisoning), most of what two hostile devices of ten
+  cost ``agree`` is not what it lets through but what it leaves out: each hostile update it
+  drops still took one of the K places of its step, which is then made of three or four
+  honest updates instead of five. Waiting for K agreeing updates gives every step K honest
+  ones while fewer than half are hostile, and a larger buffer gives the median a larger
+  honest majority to agree with. The step's own norm bound matters when hostile updates are
+  kept: the adaptive bound remembers the norms of 64 updates, so late in a run, when honest
+  updates have become shorter, it still lets through updates several times their length
+  (measured: 4 to 5 times on MNIST), and two of those kept in one step outweigh three honest
+  ones. A clean step is unchanged (its K updates agree at once and differ by less than 2× in
+  norm).
 - ``cap:MULTIPLE`` (with the mean): the weight an update's claimed sample count buys is at
   most ``MULTIPLE`` (>= 1) × the lower median of the claims of the updates of its step
   (``robust.cap_sample_counts``), e.g. ``mean+cap:2``; a claim of 2^40 among honest claims
@@ -37,8 +54,10 @@ import numpy as np
 
 from coordinator.aggregation import State, weighted_average
 from coordinator.robust import (
+    AgreeResult,
     agreeing_mean,
     cap_sample_counts,
+    clip_to_median_norm,
     coordinate_median,
     krum_min_updates,
     multi_krum,
@@ -49,19 +68,30 @@ from coordinator.robust import (
 __all__ = [
     "AGGREGATOR_KINDS",
     "DEFAULT_AGGREGATOR",
+    "QUORUM_LIMIT",
+    "QUORUM_NORM_MULTIPLE",
     "AggregatorSpec",
+    "buffer_limit",
     "capped_mean",
     "parse_aggregator",
+    "quorum_reached",
+    "quorum_step",
     "robust_aggregate",
 ]
 
-AGGREGATOR_KINDS: tuple[str, ...] = ("mean", "median", "agree", "trimmed", "krum")
+AGGREGATOR_KINDS: tuple[str, ...] = ("mean", "median", "agree", "quorum", "trimmed", "krum")
 # what a new run uses when no aggregator is asked for (docs/operations.md, "Choosing the
 # defences", and BENCHMARKS.md, poisoning): defined for any number of updates per step, so it
-# fits every mode and buffer size
-DEFAULT_AGGREGATOR = "agree"
+# fits every mode and buffer size (a run started under an older default keeps its own)
+DEFAULT_AGGREGATOR = "quorum"
+# quorum: a full buffer waits for at most this many times K updates
+QUORUM_LIMIT = 2
+# quorum: each update of a step is first shortened to at most this many times the median
+# norm of the step's updates
+QUORUM_NORM_MULTIPLE = 2.0
 _SYNTAX = (
-    "expected mean, median, agree, trimmed:FRACTION or krum:F[:M], optionally +clip:BOUND "
+    "expected mean, median, agree, quorum, trimmed:FRACTION or krum:F[:M], optionally "
+    "+clip:BOUND "
     "(and for the mean +cap:MULTIPLE)"
 )
 
@@ -192,7 +222,7 @@ def parse_aggregator(spec: str) -> AggregatorSpec:
         if kind is not None:
             raise ValueError(f"{spec!r}: more than one aggregator ({kind}, {name})")
         kind = name
-        if name in ("mean", "median", "agree"):
+        if name in ("mean", "median", "agree", "quorum"):
             if args:
                 raise ValueError(f"{spec!r}: {name} takes no argument")
         elif name == "trimmed":
@@ -243,9 +273,44 @@ def robust_aggregate(
         raise ValueError("the mean is not a robust aggregator: use coordinator.aggregation")
     if spec.kind == "agree":
         return agreeing_mean(deltas).aggregate, False
+    if spec.kind == "quorum":
+        return quorum_step(deltas).aggregate, False
     if len(deltas) < spec.min_updates or spec.kind == "median":
         return coordinate_median(deltas), spec.kind != "median"
     if spec.kind == "trimmed":
         return trimmed_mean(deltas, spec.trim), False
     m = None if spec.m is None else min(spec.m, len(deltas) - spec.f)
     return multi_krum(deltas, spec.f, m).aggregate, False
+
+
+def buffer_limit(k: int, online: int) -> int:
+    """The most updates a ``quorum`` buffer of target ``k`` holds before it is applied
+    whatever they agree on: ``QUORUM_LIMIT`` × ``k``, but no more than the ``online`` devices
+    (when known, i.e. > 0; each trains once per version) and never less than ``k``."""
+    if k < 1 or online < 0:
+        raise ValueError(f"need k >= 1 and online >= 0, got k={k}, online={online}")
+    limit = QUORUM_LIMIT * k
+    return max(k, min(limit, online)) if online else limit
+
+
+def quorum_reached(
+    spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]], k: int, online: int
+) -> bool:
+    """Whether a FedBuff buffer holding ``deltas`` (as kept, clipped and staleness-scaled) is
+    ready for a step of target ``k`` (K, or fewer when fewer devices are ``online``; 0:
+    unknown). Every aggregator but ``quorum``: when it holds ``k``. ``quorum``: when ``k`` of
+    them agree (``robust.agreeing_mean``), or it holds ``buffer_limit(k, online)``."""
+    count = len(deltas)
+    if count < k:
+        return False
+    if spec.kind != "quorum" or count >= buffer_limit(k, online):
+        return True
+    return len(quorum_step(deltas).kept) >= k
+
+
+def quorum_step(deltas: Sequence[Mapping[str, np.ndarray]]) -> AgreeResult:
+    """``quorum``'s step: every delta shortened to at most ``QUORUM_NORM_MULTIPLE`` × the
+    median norm of the step (``robust.clip_to_median_norm``), then ``agree``'s mean of those
+    that agree with their coordinate-wise median (``robust.agreeing_mean``)."""
+    clipped, _ = clip_to_median_norm(deltas, QUORUM_NORM_MULTIPLE)
+    return agreeing_mean(clipped)

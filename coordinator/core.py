@@ -27,17 +27,22 @@ Modes:
   ``aggregation.fedbuff_apply`` makes the next version. The target is re-checked when a
   device goes offline too, so a device that vanishes cannot hold the buffer back.
 - ``fedasync``: the same with K = 1.
-- With a robust aggregator (``AggregationConfig.aggregator``: ``median``, ``trimmed:β``,
-  ``krum:F[:M]``; ``coordinator.aggregator_spec``) the buffer keeps the deltas themselves
-  instead of a running sum, each clipped (if the spec has ``+clip:B``) and then scaled by its
-  staleness weight ``w(s)``, at most K model copies. At the step, the robust aggregate ``a``
+- With a robust aggregator (``AggregationConfig.aggregator``: ``quorum``, ``agree``,
+  ``median``, ``trimmed:β``, ``krum:F[:M]``; ``coordinator.aggregator_spec``) the buffer
+  keeps the deltas themselves instead of a running sum, each clipped (if the spec has
+  ``+clip:B``) and then scaled by its staleness weight ``w(s)``, at most K model copies
+  (2K under ``quorum``). At the step, the robust aggregate ``a``
   of those deltas (each counting once, whatever its claimed ``n``) takes the place of the
   mean: ``v ← μ·v + a; θ ← θ + η·v``. A buffer applied with fewer updates than the
   aggregator is defined for (timeout, devices gone offline) uses the coordinate-wise median
   of what it holds (counted as ``robust_fallbacks``). In FedAvg (staleness 0, no momentum)
   a round closes with ``θ ← θ + η·a`` likewise. A capped mean (``mean+cap:C``) keeps the
   deltas the same way and makes ``a`` their mean weighted by the claimed ``n`` capped at
-  ``C`` × the step's lower median claim (``robust.cap_sample_counts``).
+  ``C`` × the step's lower median claim (``robust.cap_sample_counts``). Under ``quorum`` a
+  buffer holding K updates is applied only once K of them agree
+  (``aggregator_spec.quorum_reached``), or when it holds 2K (no more than the devices
+  online), or at the timeout; it is re-checked at every accepted update, from the buffer
+  alone, so a resumed core decides the same.
 - ``fedavg``: synchronous rounds. A round for version v starts with the devices online at
   that moment. While it has no update yet it stays open: devices coming online join it and
   devices going offline leave it; its clock starts when it first has a device. With its
@@ -95,6 +100,7 @@ from coordinator.aggregator_spec import (
     AggregatorSpec,
     capped_mean,
     parse_aggregator,
+    quorum_reached,
     robust_aggregate,
 )
 from coordinator.journal import (
@@ -214,7 +220,7 @@ class AggregationConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        # the defaults: agree and the adaptive bound, or, under differential privacy, whose
+        # the defaults: quorum and the adaptive bound, or, under differential privacy, whose
         # sensitivity argument needs a fixed clip and equal weights, the plain mean without it
         private = self.privacy is not None
         if self.aggregator is None:
@@ -943,9 +949,17 @@ class CoordinatorCore:
         actions: list[Action] = [
             self._accept(device_id, acc, f"buffered {count}/{k}", coef, clip)
         ]
-        if count >= k:
+        if self._step_ready(k):
             actions.extend(self._apply_buffer())
         return actions
+
+    def _step_ready(self, k: int) -> bool:
+        """The buffer holds ``k`` updates (``quorum``: ``k`` that agree, or its limit)."""
+        if len(self._buffer_ids) < k:
+            return False
+        if self._kept is None:
+            return True
+        return quorum_reached(self.config.spec, self._kept, k, len(self.online_devices()))
 
     def _prepared(
         self, delta: Mapping[str, np.ndarray], clip: float | None, *, count: bool = True

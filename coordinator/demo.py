@@ -76,7 +76,7 @@ class DemoConfig:
     max_versions: int | None = None
     duration: float = 180.0  # safety cap in seconds
     buffer_size: int = 4
-    # coordinator.aggregator_spec; None: agree, or mean with differential privacy
+    # coordinator.aggregator_spec; None: quorum, or mean with differential privacy
     aggregator: str | None = None
     # central differential privacy (coordinator.privacy); off while dp_noise is 0 (it also
     # switches the adaptive norm bound off)

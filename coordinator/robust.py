@@ -16,6 +16,8 @@ never a flattened copy of the whole model.
 - ``agreeing_mean``: the mean of the deltas that point the same way as the coordinate-wise
   median (a positive inner product with it); the median itself if none does.
 - ``clip_norm``: scale one delta down to a global L2 norm of at most ``bound``.
+- ``clip_to_median_norm``: scale each delta of a step down to at most a multiple of the
+  median of their norms.
 - ``cap_sample_counts``: the weights a step's claimed sample counts may buy, each at most a
   multiple of the (lower) median claim of the step.
 
@@ -45,6 +47,7 @@ __all__ = [
     "agreeing_mean",
     "cap_sample_counts",
     "clip_norm",
+    "clip_to_median_norm",
     "coordinate_median",
     "krum_min_updates",
     "multi_krum",
@@ -262,6 +265,32 @@ def clip_norm(delta: Mapping[str, np.ndarray], bound: float) -> tuple[State, flo
         else:
             out[name] = (arr.astype(np.float64) * scale).astype(arr.dtype)
     return out, scale
+
+
+def clip_to_median_norm(
+    deltas: Deltas, multiple: float
+) -> tuple[list[State], tuple[float, ...]]:
+    """Each delta scaled down (``clip_norm``) to at most ``multiple`` × the median of the
+    deltas' global L2 norms (the mean of the two middle ones for an even count), and the
+    scales used. A median of 0 (most deltas are zero) gives no bound: copies, scale 1.
+
+    The bound comes from the step itself, so while fewer than half of its deltas are hostile
+    it lies between honest norms, and no delta weighs more than ``multiple`` typical ones in
+    a mean of the step. Honest deltas of one step differ by less than 2× in norm (measured:
+    coordinator.norm_bound), so ``multiple`` 2 leaves them as they are."""
+    if not (isinstance(multiple, int | float) and math.isfinite(multiple) and multiple >= 1):
+        raise ValueError(f"multiple must be finite and >= 1, got {multiple!r}")
+    _checked(deltas)
+    norms = [l2_norm(delta) for delta in deltas]
+    if not all(math.isfinite(n) for n in norms):
+        raise ValueError("a delta holds NaN or infinity")
+    bound = multiple * float(np.median(norms))
+    if bound <= 0:
+        copies = [{name: np.asarray(value).copy() for name, value in delta.items()}
+                  for delta in deltas]
+        return copies, tuple(1.0 for _ in deltas)
+    clipped = [clip_norm(delta, bound) for delta in deltas]
+    return [c[0] for c in clipped], tuple(c[1] for c in clipped)
 
 
 def cap_sample_counts(claims: Sequence[int], multiple: float) -> list[float]:

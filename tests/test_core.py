@@ -717,6 +717,7 @@ def test_journal_records_what_the_store_needs() -> None:
         ("fedavg", "krum:0+clip:1.5"),
         ("fedbuff", "mean+cap:1.5"),
         ("fedavg", "mean+cap:1+clip:1"),
+        ("fedbuff", "quorum"),
     ],
 )
 def test_resume_rebuilds_the_same_model_and_buffer(mode: str, aggregator: str) -> None:
@@ -808,7 +809,7 @@ def test_aggregators_that_fit_are_taken() -> None:
     assert AggregationConfig(aggregator="median", mode="fedasync").spec.kind == "median"
     # FedAvg rounds vary in size: a small round falls back to the median instead
     assert AggregationConfig(aggregator="krum:2:9", mode="fedavg").spec.f == 2
-    assert AggregationConfig().spec.kind == "agree"  # the default defences
+    assert AggregationConfig().spec.kind == "quorum"  # the default defences
 
 
 def test_fedbuff_median_ignores_the_claimed_sample_count() -> None:
@@ -818,6 +819,53 @@ def test_fedbuff_median_ignores_the_claimed_sample_count() -> None:
     assert models(c.on_update("d3", upd("d3", 100.0, n=2**40), now=0.0))
     assert_state(c, 2.0)  # the mean would have been ~100
     assert c.snapshot()["aggregator"] == "median"
+
+
+def test_a_quorum_buffer_waits_for_k_agreeing_updates() -> None:
+    # K = 3: +1, -1, +2 hold only two that agree with their median (+1): wait; +3 makes
+    # the median 1.5 and three agree (1, 2, 3): the step is their mean, 2
+    c = core(buffer_size=3, aggregator="quorum", max_norm=1000.0)
+    for i, value in enumerate((1.0, -1.0, 2.0)):
+        assert not models(c.on_update(f"d{i}", upd(f"d{i}", value), now=0.0))
+    assert c.version == 0 and c.buffered == 3
+    assert models(c.on_update("d3", upd("d3", 3.0), now=0.0))
+    assert_state(c, 2.0)
+    # a clean step is not delayed: three that agree make a version at the third; the 4 is
+    # first shortened to 2 x the step's median norm (that of the 1s): 2 + mean(1, 1, 2)
+    for i, value in enumerate((1.0, 1.0)):
+        assert not models(c.on_update(f"d{i}", upd(f"d{i}", value, base=1), now=1.0))
+    assert models(c.on_update("d2", upd("d2", 4.0, base=1), now=1.0))
+    assert_state(c, 2.0 + 4.0 / 3.0)
+
+
+def axis(i: int) -> dict[str, np.ndarray]:
+    """A unit delta along coordinate ``i`` of the 6: a few of them never agree (their
+    median is 0 at every coordinate)."""
+    flat = np.zeros(6, F32)
+    flat[i] = 1.0
+    return {"w": flat[:4].reshape(2, 2), "b": flat[4:]}
+
+
+def test_a_quorum_buffer_stops_waiting_at_its_limit_and_at_the_online_devices() -> None:
+    # no two agree: applied at 2K = 6 updates, with nothing agreeing -> their median, 0
+    c = core(buffer_size=3, aggregator="quorum")
+    for i in range(5):
+        assert not models(c.on_update(f"d{i}", upd(f"d{i}", delta=axis(i)), now=0.0))
+    assert models(c.on_update("d5", upd("d5", delta=axis(5)), now=0.0))
+    assert c.version == 1 and c.counters["updates_accepted"] == 6
+    assert_state(c, 0.0)
+    # four devices online: no more than four updates can come for a version
+    c = core(buffer_size=3, aggregator="quorum")
+    for i in range(4):
+        c.on_status(f"d{i}", status(f"d{i}", "online"), now=0.0)
+    for i in range(3):
+        assert not models(c.on_update(f"d{i}", upd(f"d{i}", delta=axis(i)), now=0.0))
+    assert models(c.on_update("d3", upd("d3", delta=axis(3)), now=0.0))
+    # the timeout applies a waiting buffer as it does a partial one
+    c = core(buffer_size=3, aggregator="quorum", buffer_timeout=5.0)
+    for i in range(3):
+        c.on_update(f"d{i}", upd(f"d{i}", delta=axis(i)), now=0.0)
+    assert c.version == 0 and models(c.tick(now=5.0))
 
 
 def test_staleness_scales_each_update_before_the_robust_step_and_server_lr_after() -> None:

@@ -315,7 +315,7 @@ def test_inconsistent_privacy_settings_are_refused(kwargs: dict, match: str) -> 
 
 
 def test_without_choices_dp_gets_the_plain_mean_and_no_adaptive_bound() -> None:
-    """DP's sensitivity needs a fixed clip and equal weights: the defaults (agree and the
+    """DP's sensitivity needs a fixed clip and equal weights: the defaults (quorum and the
     adaptive norm bound) give way to the mean and no adaptive bound, when not asked for."""
     private = CoordinatorConfig(dp_noise=1.0, dp_clip=1.0).aggregation()
     assert str(private.spec) == "mean" and private.privacy is not None
@@ -323,7 +323,7 @@ def test_without_choices_dp_gets_the_plain_mean_and_no_adaptive_bound() -> None:
     core = AggregationConfig(privacy=PrivacySpec(1.0, 1.0))
     assert str(core.spec) == "mean" and not core.norm_rule.enabled
     plain = CoordinatorConfig().aggregation()  # without DP the defences stay the default
-    assert str(plain.spec) == "agree" and plain.norm_rule.enabled
+    assert str(plain.spec) == "quorum" and plain.norm_rule.enabled
     assert plain.norm_multiple == 2.0
     # an explicit "off" and an explicit mean are what DP uses anyway
     explicit = CoordinatorConfig(dp_noise=1.0, dp_clip=1.0, aggregator="mean",

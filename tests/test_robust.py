@@ -9,14 +9,18 @@ import pytest
 from coordinator.aggregation import l2_norm
 from coordinator.aggregator_spec import (
     AggregatorSpec,
+    buffer_limit,
     capped_mean,
     parse_aggregator,
+    quorum_reached,
+    quorum_step,
     robust_aggregate,
 )
 from coordinator.robust import (
     agreeing_mean,
     cap_sample_counts,
     clip_norm,
+    clip_to_median_norm,
     coordinate_median,
     krum_min_updates,
     multi_krum,
@@ -404,3 +408,58 @@ def test_agreeing_mean_with_nothing_agreeing_is_the_median() -> None:
     one = agreeing_mean([{"w": np.array([3.0, -4.0], np.float32)}])
     assert one.kept == (0,)
     np.testing.assert_array_equal(one.aggregate["w"], np.array([3.0, -4.0], np.float32))
+
+
+# -- quorum: agree, and a full buffer waits for K that agree ---------------------------------
+
+
+def test_quorum_is_agree_with_a_buffer_that_waits() -> None:
+    spec = parse_aggregator("quorum")
+    assert str(spec) == "quorum" and spec.robust and spec.min_updates == 1
+    assert str(parse_aggregator("quorum+clip:2")) == "quorum+clip:2"
+    with pytest.raises(ValueError, match="quorum takes no argument"):
+        parse_aggregator("quorum:2")
+    # norms sqrt(2), 2, 3 sqrt(2): median 2, bound 4, the third shortened to (-2.83, -2.83);
+    # median (1, 0), inner products 1, 2, -2.83: agree's step over the first two, (1.5, 0.5)
+    deltas = [d([1.0, 1.0]), d([2.0, 0.0]), d([-3.0, -3.0])]
+    agg, fell_back = robust_aggregate(spec, deltas)
+    assert not fell_back
+    np.testing.assert_array_equal(agg["w"], np.array([1.5, 0.5], F32))
+    assert quorum_step(deltas).kept == (0, 1)
+    # a long update that agrees counts as at most twice the median one: norms 1, 1, 10 ->
+    # bound 2 -> mean(1, 1, 2) = 4/3
+    step = quorum_step([d([1.0]), d([1.0]), d([10.0])])
+    assert step.kept == (0, 1, 2)
+    assert step.aggregate["w"][0] == pytest.approx(4.0 / 3.0)
+    # K = 2: two of the three agree -> ready; K = 3: not yet (limit 6)
+    assert quorum_reached(spec, deltas, 2, 0)
+    assert not quorum_reached(spec, deltas, 3, 0)
+    assert not quorum_reached(spec, deltas[:2], 3, 0)  # fewer than K: never
+    # three devices online: no fourth update can come, so three are enough
+    assert quorum_reached(spec, deltas, 3, 3)
+    # any other aggregator: K updates, whatever they agree on
+    assert quorum_reached(parse_aggregator("agree"), deltas, 3, 0)
+
+
+def test_the_quorum_buffer_limit() -> None:
+    assert buffer_limit(5, 0) == 10  # presence unknown: 2K
+    assert buffer_limit(5, 7) == 7  # seven online: at most seven updates per version
+    assert buffer_limit(5, 20) == 10
+    assert buffer_limit(3, 3) == 3  # never below K
+    with pytest.raises(ValueError, match="need k >= 1"):
+        buffer_limit(0, 0)
+
+
+def test_clip_to_median_norm() -> None:
+    # norms 3, 4, 5, 100: median (4 + 5) / 2 = 4.5, x2 = 9: only the last is shortened
+    out, scales = clip_to_median_norm(points(3, 4, -5, 100), 2.0)
+    assert scales == (1.0, 1.0, 1.0, pytest.approx(0.09))
+    assert [float(o["x"][0]) for o in out] == [3.0, 4.0, -5.0, pytest.approx(9.0)]
+    assert out[3]["x"].dtype == F32
+    # most deltas zero: median 0, no bound, copies
+    zeros, scales = clip_to_median_norm(points(0, 0, 7), 2.0)
+    assert scales == (1.0, 1.0, 1.0) and float(zeros[2]["x"][0]) == 7.0
+    with pytest.raises(ValueError, match="multiple must be finite and >= 1"):
+        clip_to_median_norm(points(1), 0.5)
+    with pytest.raises(ValueError, match="no deltas"):
+        clip_to_median_norm([], 2.0)

@@ -281,8 +281,13 @@ def test_a_run_of_the_old_default_resumes_with_it(tmp_path: Path):
     with pytest.raises(StateError, match=r"aggregated with --aggregator mean \(asked: agree\)"):
         _service(state_dir=state, aggregator="agree")
     fresh = _service(state_dir=tmp_path / "new")
-    assert str(fresh.core.config.spec) == DEFAULT_AGGREGATOR == "agree"
+    assert str(fresh.core.config.spec) == DEFAULT_AGGREGATOR == "quorum"
     fresh.close()
+    # a run started under the previous default (agree) keeps it too
+    _service(state_dir=tmp_path / "agree", aggregator="agree").close()
+    again = _service(state_dir=tmp_path / "agree")
+    assert again.resumed and str(again.core.config.spec) == "agree"
+    again.close()
 
 
 def test_one_coordinator_per_state_directory(tmp_path: Path):

@@ -66,9 +66,11 @@ HELPS = {
     "norm_window": "Adaptive norm bound: how many recently accepted norms it is taken from "
     "(default 64).",
     "round_deadline": "FedAvg: seconds to wait for a round's devices.",
-    "aggregator": "How a step combines its updates: agree (the default for a new run, a "
-    "resumed run keeps its own: the mean of the updates on the side of the step's "
-    "coordinate-wise median), median, mean (sample-weighted, trusts the claimed counts), "
+    "aggregator": "How a step combines its updates: quorum (the default for a new run, a "
+    "resumed run keeps its own: agree's step over updates first shortened to 2x the step's "
+    "median norm, and a full FedBuff buffer waits, up to 2K, until K of its updates agree), "
+    "agree (the mean of the updates on the side of the step's coordinate-wise median), "
+    "median, mean (sample-weighted, trusts the claimed counts), "
     "trimmed:FRACTION (dropped from each end) or krum:F[:M] (F hostile updates assumed), "
     "optionally "
     "+clip:BOUND (every update scaled down to that L2 norm first); "

@@ -33,8 +33,8 @@ HELPS = {
     "devices": "Number of simulated devices (each a real `fedbus agent` process). "
     + _defaults("devices"),
     "mode": "Aggregation: fedbuff, fedasync or fedavg (synchronous rounds).",
-    "aggregator": "How a step combines updates: agree (default; mean with --dp-noise), mean, "
-    "median, trimmed:FRACTION or krum:F[:M], optionally +clip:BOUND (see fedbus coordinator "
+    "aggregator": "How a step combines updates: quorum (default; mean with --dp-noise), agree, "
+    "mean, median, trimmed:FRACTION or krum:F[:M], optionally +clip:BOUND (see fedbus coordinator "
     "--help).",
     "dp_noise": "Central differential privacy: noise multiplier sigma (0: off); needs "
     "--dp-clip and --aggregator mean, and switches the adaptive norm bound off (see fedbus "
