@@ -307,3 +307,29 @@ def test_the_service_carries_out_commands_and_a_paused_run_resumes_paused(
     assert task_state() == "ended"
     operator.stop()
     broker.close()
+
+
+def test_a_pause_before_enough_devices_are_online_does_not_publish_the_task() -> None:
+    import time
+
+    from inmemory import TOPICS, Running, wait_for
+
+    from fedbus.memory_transport import MemoryBroker
+
+    broker = MemoryBroker()
+    operator = broker.factory(
+        ConnectionSettings("memory", 0, "fedbus-operator", "fedbus-operator", "x"),
+        on_message=lambda _m: None)
+    operator.start()
+    assert operator.wait_connected(5)
+    running = Running(broker, min_devices=1)
+    try:
+        operator.publish(TOPICS.control, pack(Control("q", "pause", time.time()).to_wire()))
+        wait_for(lambda: running.service.core.paused is not None, what="the pause")
+        time.sleep(0.3)
+        assert broker.retained(TOPICS.task) is None  # still waiting for a device
+        assert running.service.task.state == "paused"  # what goes out once one is online
+    finally:
+        running.stop()
+        operator.stop()
+        broker.close()

@@ -196,6 +196,7 @@ def test_rendering_shows_each_device_and_the_run() -> None:
     assert "held-out accuracy 0.8125" in text
     assert "devices online 1/2" in text
     assert "snapshot 7s ago" in text
+    assert "the run is paused" in text  # RUN is paused (revision 2.5)
     row_a = next(line for line in text.splitlines() if line.startswith("dev-a"))
     for cell in ("idle", "8s ago", "0.1.0", "v3", "1 (stale 1)", "3.0 kB", "1.00", "0.400",
                  "0.750"):
@@ -209,6 +210,14 @@ def test_rendering_an_empty_fleet() -> None:
     console = Console(width=120, record=True, color_system=None)
     console.print(fleet_view(snap, now=5.0))
     assert "no device has been seen yet" in console.export_text()
+    assert "paused" not in fleet_text({**RUN, "state": "running"})
+
+
+def fleet_text(run: dict[str, object]) -> str:
+    snap = read_fleet(pack(fleet_snapshot(FleetStats(), run, now=5.0, started=1.0)))
+    console = Console(width=120, record=True, color_system=None)
+    console.print(fleet_view(snap, now=5.0))
+    return console.export_text()
 
 
 def test_human_units() -> None:
