@@ -29,7 +29,7 @@ after the service's callback has returned, follows the commit. Tables:
 - ``meta``: format, run id, the task (its wire form as JSON), the mode, the aggregator spec, the
   differential-privacy mechanism and the secret key of its noise (hex; it never leaves the
   state directory), state, counters, FedAvg round, the norms of the most recently accepted
-  updates;
+  updates, the operator's pause (its reason, while the run is paused);
 - ``model``: one row, the current version, its tensors and the server momentum;
 - ``pending``: accepted updates not yet applied, in arrival order (the FedBuff buffer or the
   open FedAvg round), with their raw payloads;
