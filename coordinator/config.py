@@ -113,6 +113,9 @@ class CoordinatorConfig(BrokerTarget):
     # warn when no update was accepted for this many seconds while some were rejected
     # (coordinator.stall); 0: never
     stall_window: float = 60.0
+    # "paused": begin paused (no version is made, agents do not train) until the operator
+    # resumes the run (`fedbus run resume`); a run paused before stays paused either way
+    start: str = "running"
     max_versions: int = 0  # stop after this many new model versions (0 = never)
     duration: float = 0.0  # stop after this many seconds (0 = never)
     target_accuracy: float = 0.0  # stop once held-out accuracy reaches this (0 = never)
@@ -161,6 +164,8 @@ class CoordinatorConfig(BrokerTarget):
             )
         if self.min_devices < 0:
             raise ValueError(f"min_devices must not be negative, got {self.min_devices}")
+        if self.start not in ("running", "paused"):
+            raise ValueError(f"start must be running or paused, got {self.start!r}")
         if self.sync not in ("normal", "full"):
             raise ValueError(f"sync must be normal or full, got {self.sync!r}")
         if not (math.isfinite(self.connect_timeout) and self.connect_timeout >= 0):

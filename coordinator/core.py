@@ -8,6 +8,11 @@ it returns, in order:
 - ``NewModel``: a new global version exists; publish ``core.model_message(now)`` retained,
   evaluate it, log it.
 
+The operator may pause the run (``pause``): updates are still judged, and an accepted one
+is kept as usual, but no version is made (no buffer applied, no round closed, ``tick``
+does nothing) until ``unpause``, which applies what became due meanwhile. ``flush`` (the
+end of the run) applies what waits even while paused.
+
 Every input also appends records to the core's journal (``coordinator.journal``): the
 verdict of each update id, accepted updates with their payloads, new versions. The shell
 writes them (``drain_journal()``) to the durable store in one transaction before it carries
@@ -107,6 +112,7 @@ from coordinator.journal import (
     BufferDropped,
     Ledger,
     NormWindow,
+    PauseChanged,
     Pending,
     Record,
     RoundFixed,
@@ -503,6 +509,8 @@ class CoordinatorCore:
         )
         self._devices: dict[str, str] = {}
         self._ended: str | None = None
+        # the operator's pause (its reason) or None: no new version is made while paused
+        self._paused: str | None = None
         self._counters: dict[str, int] = dict.fromkeys(
             [
                 "updates_received",
@@ -547,13 +555,14 @@ class CoordinatorCore:
         model_codec: str | CodecSpec = "fp32",
         noise_secret: bytes | None = None,
         norms: Sequence[float] = (),
+        paused: str | None = None,
     ) -> CoordinatorCore:
         """A core at a stored state: ``pending`` (accepted, not yet applied updates, in
         arrival order) are decoded again and put back exactly where they were, the FedBuff
         running sum re-added in the same order with the same weights (the same bytes), each
         clipped to the adaptive bound it was clipped to when accepted. ``norms``: the stored
         window of accepted norms, so the next decisions are those the stopped core would
-        have made."""
+        have made. ``paused``: the stored pause's reason (a paused run resumes paused)."""
         core = cls(
             task, state, config, ledger=ledger, start_version=version,
             model_codec=model_codec, velocity=velocity, counters=counters,
@@ -561,6 +570,7 @@ class CoordinatorCore:
         )
         core._norms = tuple(float(v) for v in norms)[-core._norm_rule.window:]
         core._ended = ended
+        core._paused = paused
         rnd = core._round
         if rnd is not None and round_fixed is not None:
             rnd.number = round_fixed.number
@@ -618,6 +628,11 @@ class CoordinatorCore:
     def ended(self) -> str | None:
         """Why the run ended, or None while it goes on."""
         return self._ended
+
+    @property
+    def paused(self) -> str | None:
+        """The reason the run is paused, or None while it goes on."""
+        return self._paused
 
     @property
     def buffered(self) -> int:
@@ -719,7 +734,10 @@ class CoordinatorCore:
 
     def tick(self, now: float) -> list[Action]:
         """Time passes: applies a FedBuff buffer past its timeout; closes or restarts a
-        FedAvg round whose deadline has passed."""
+        FedAvg round whose deadline has passed. Nothing while the run is paused: a buffer
+        or a round that became due is applied when it resumes."""
+        if self._paused is not None:
+            return []
         timeout = self.config.buffer_timeout
         since = self._buffer_since
         if self._buffer_ids and since is not None and timeout > 0 and now >= since + timeout:
@@ -757,10 +775,42 @@ class CoordinatorCore:
     def flush(self, now: float) -> list[Action]:
         """Apply what waits: the FedBuff buffer however full, or a FedAvg round that has at
         least one update. Used when the run ends, so no update that got an "accepted"
-        receipt is left out."""
-        if self._round is not None:
-            return self._close_round(now) if self._round.reported else []
-        return self._apply_buffer() if self._buffer_ids else []
+        receipt is left out (a pause does not hold it back: the run ends)."""
+        paused, self._paused = self._paused, None
+        try:
+            if self._round is not None:
+                return self._close_round(now) if self._round.reported else []
+            return self._apply_buffer() if self._buffer_ids else []
+        finally:
+            self._paused = paused
+
+    def pause(self, reason: str) -> bool:
+        """The operator pauses the run: updates are still judged and an accepted one is
+        kept (buffered or in the round), but no new version is made until ``unpause``.
+        False (nothing changes) if the run is paused already or has ended."""
+        if self._paused is not None or self._ended is not None:
+            return False
+        self._paused = reason
+        self._journal.append(PauseChanged(True, reason))
+        return True
+
+    def unpause(self, now: float) -> list[Action] | None:
+        """The operator resumes a paused run: what became due meanwhile is applied now (a
+        full buffer, a round every online participant has reported to); the buffer timeout
+        and the round deadline then apply as before. None if the run was not paused (or
+        has ended)."""
+        if self._paused is None or self._ended is not None:
+            return None
+        self._paused = None
+        self._journal.append(PauseChanged(False))
+        rnd = self._round
+        if rnd is not None:
+            if rnd.reported and not rnd.waiting:
+                return self._close_round(now)
+            return []
+        if self._buffer_ids and len(self._buffer_ids) >= self._buffer_target():
+            return self._apply_buffer()
+        return []
 
     def end(self, reason: str) -> None:
         """The run is over: later updates are rejected as ``run_ended``."""
@@ -810,6 +860,7 @@ class CoordinatorCore:
             "devices_known": len(self._devices),
             "devices_online": len(self.online_devices()),
             "ended": self._ended,
+            "paused": self._paused,
             "counters": dict(self._counters),
             "round": round_info,
             "norm_bound": decide_norm(
@@ -1057,7 +1108,10 @@ class CoordinatorCore:
         )
 
     def _may_step(self) -> bool:
-        """False once the epsilon budget allows no further step: what waits stays unapplied."""
+        """False while the run is paused, and once the epsilon budget allows no further
+        step: what waits stays unapplied."""
+        if self._paused is not None:
+            return False
         if self._max_steps is None or self._version < self._max_steps:
             return True
         waiting = self.buffered

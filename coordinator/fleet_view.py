@@ -33,6 +33,7 @@ _RUN_FIELDS: dict[str, tuple[type, ...]] = {
     "updates_accepted": (int,), "updates_rejected": (int,), "bytes_received": (int,),
     "bytes_model_published": (int,), "ended": (str,), "updates_per_second": _NUMBER,
     "devices_known": (int,), "devices_online": (int,), "started_at": _NUMBER,
+    "state": (str,), "control": (dict,),  # revision 2.5
 }
 _DEVICE_FIELDS: dict[str, tuple[type, ...]] = {
     "id": (str,), "state": (str,), "online": (bool,), "last_seen": _NUMBER,
@@ -144,6 +145,9 @@ def _run_line(run: Mapping[str, Any], ts: float, now: float) -> Text:
     if run["ended"]:
         text.append("\nthe run has ended: ", style="yellow")
         text.append(run["ended"])
+    elif run["state"] == "paused":
+        text.append("\nthe run is paused: ", style="yellow")
+        text.append("no new version until `fedbus run resume`")
     text.append(f"\nsnapshot {seconds_ago(ts, now)}", style="dim")
     return text
 

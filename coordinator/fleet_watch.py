@@ -1,4 +1,4 @@
-"""``fedbus status``'s side of the wire: the thin MQTT shell that receives the
+"""``fedbus status``'s and ``fedbus run``'s side of the wire: the thin MQTT shell that receives the
 coordinator's retained fleet snapshot as the operator account.
 
 The operator account (``fedbus-operator``) may read the fleet snapshot, the task, the model
@@ -14,7 +14,13 @@ import time
 
 from fedbus.errors import ConnectTimeout, FedbusError
 from fedbus.topics import Topics
-from fedbus.transport import ConnectionSettings, Message, MqttClient, TransportFactory
+from fedbus.transport import (
+    ConnectionSettings,
+    Message,
+    MqttClient,
+    PublishResult,
+    TransportFactory,
+)
 
 __all__ = ["FleetWatcher", "NoSnapshot"]
 
@@ -73,6 +79,11 @@ class FleetWatcher:
                 "operator account (`fedbus devices operator`)?"
             )
         return payload
+
+    def publish(self, topic: str, payload: bytes) -> PublishResult:
+        """Publish ``payload`` (QoS 1, not retained): the run commands of ``fedbus run``
+        (revision 2.5), which only the operator account may write."""
+        return self._client.publish(topic, payload, qos=1, retain=False)
 
     def fatal(self) -> FedbusError | None:
         return self._client.fatal

@@ -20,6 +20,8 @@ The records:
   transaction.
 - :class:`RoundFixed`: a FedAvg round's participants, fixed by its first update.
 - :class:`RunEnded`: the run is over (``max_versions``, target accuracy, duration).
+- :class:`PauseChanged`: the operator paused the run (no new version until it resumes)
+  or resumed it.
 - :class:`NormWindow`: the norms of the most recently accepted updates, from which the
   adaptive norm bound is decided (``coordinator.norm_bound``); rewritten with every
   accepted update, so a resumed run decides as the stopped one would have.
@@ -113,13 +115,24 @@ class RunEnded:
 
 
 @dataclass(frozen=True)
+class PauseChanged:
+    """The run was paused (``paused``, with the operator's ``reason``) or resumed."""
+
+    paused: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class NormWindow:
     """The L2 norms of the most recently accepted updates, oldest first."""
 
     norms: tuple[float, ...]
 
 
-Record = Verdict | Pending | VersionMade | BufferDropped | RoundFixed | RunEnded | NormWindow
+Record = (
+    Verdict | Pending | VersionMade | BufferDropped | RoundFixed | RunEnded | NormWindow
+    | PauseChanged
+)
 
 
 class Ledger(Protocol):

@@ -41,6 +41,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.config import CoordinatorConfig
+from coordinator.control import ControlDecision, Malformed, judge_control, run_state
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
 from coordinator.dashboard import DashboardFeed, DashboardServer, fleet_rows, serve_dashboard
 from coordinator.evaluation import Evaluator
@@ -322,6 +323,11 @@ class CoordinatorService:
         self._fleet_key: tuple[Any, ...] | None = None  # what the last snapshot showed
         self._fleet_at = -_FLEET_INTERVAL  # when it was published (monotonic)
         self._fleet_too_large = False
+        # the operator's commands (revision 2.5): the last one answered (for the fleet
+        # snapshot), a stop asked for (its end reason), and malformed ones ignored
+        self._control: dict[str, Any] | None = None
+        self._stop_command: str | None = None
+        self.control_ignored = 0
         self.client: Transport = transport_factory(
             ConnectionSettings(
                 host=config.host,
@@ -396,6 +402,17 @@ class CoordinatorService:
         )
         where = config.state_dir if config.state_dir is not None else "memory only"
         log.info("new run %s of task %s (state: %s)", self.task.run_id, self.task.task_id, where)
+        self._start_paused()
+
+    def _start_paused(self) -> None:
+        """``start = "paused"``: the run begins (or goes on) paused until the operator
+        resumes it."""
+        if self.config.start == "paused" and self.core.pause("started paused"):
+            self._commit()
+        if self.core.paused is not None:
+            self.task = replace(self.task, state="paused")
+            log.info("the run is paused (%s): no version is made and agents do not train "
+                     "until `fedbus run resume`", self.core.paused)
 
     def _resume(self, wanted: Task) -> None:
         snap = self.store.load()
@@ -439,6 +456,7 @@ class CoordinatorService:
         task = replace(  # the network, its classes and input normalisation stay the run's
             wanted, run_id=snap.run_id, created_at=snap.created_at, model=stored.model,
             classes=stored.classes, input_norm=stored.input_norm, requires=stored.requires,
+            state="paused" if snap.paused is not None else "running",
         )
         if changed:
             for key, (old, new) in changed.items():
@@ -452,13 +470,14 @@ class CoordinatorService:
             state=snap.state, velocity=snap.velocity, counters=snap.counters,
             pending=snap.pending, round_fixed=snap.round, ended=None,
             now=time.monotonic(), model_codec=self.config.model_codec,
-            noise_secret=snap.noise_secret, norms=snap.norms,
+            noise_secret=snap.noise_secret, norms=snap.norms, paused=snap.paused,
         )
         self._check_model_fits(self.config.max_message_bytes)
         log.info(
             "resuming run %s of task %s at version %d with %d accepted update(s) waiting "
             "(state: %s)", snap.run_id, task.task_id, snap.version, self.core.buffered, where,
         )
+        self._start_paused()
 
     def _write_task_file(self) -> None:
         """``task.json`` in the state directory: the run's task as JSON (its wire fields),
@@ -519,7 +538,7 @@ class CoordinatorService:
             "arch": self.task.model.arch, "mode": self.config.mode,
             "aggregator": str(self.core.config.spec), "codec": self.task.codec,
             "eval_data": None if self.config.eval_data is None else self.config.eval_data.name,
-            "state": "running",
+            "state": self.task.state,
         })
         for row in self.history():
             feed.version(row.version, row.seconds, row.accuracy, row.loss,
@@ -617,6 +636,9 @@ class CoordinatorService:
             self.topics.all_updates, qos=1, no_local=True, retain_as_published=True
         )
         self.client.subscribe(self.topics.all_status, qos=1)
+        # the operator's commands (revision 2.5): never retained, so a stale one is not
+        # replayed to us; No Local, as we never send one
+        self.client.subscribe(self.topics.control, qos=1, no_local=True)
         # our own topics, to notice what someone else publishes there (not our own: No Local)
         for topic in (self.topics.task, self.topics.model):
             self.client.subscribe(topic, qos=0, no_local=True)
@@ -783,6 +805,9 @@ class CoordinatorService:
         if msg.topic in (self.topics.task, self.topics.model):
             self._check_ours(msg)
             return
+        if msg.topic == self.topics.control:
+            self._on_control(msg)
+            return
         device = self.topics.device_of(msg.topic)
         if device is None:
             return
@@ -808,6 +833,44 @@ class CoordinatorService:
             self._commit()
             self.metrics.online(len(self.core.online_devices()))
             self._carry_out(actions)
+
+    def _on_control(self, msg: Message) -> None:
+        """An operator's command (the caller holds the lock): judged (``coordinator.control``),
+        carried out, and answered in the fleet snapshot, published at once."""
+        state = run_state(ended=self.core.ended is not None or self._stop_command is not None,
+                          paused=self.core.paused is not None)
+        decision = judge_control(msg.payload, retained=msg.retain, now=time.time(),
+                                 state=state)
+        if isinstance(decision, Malformed):
+            self.control_ignored += 1
+            log.warning("ignored a message on %s: %s", msg.topic, decision.detail)
+            return
+        log.info("operator: %s (request %s%s): %s, %s", decision.command, decision.request_id,
+                 f", reason {decision.reason!r}" if decision.reason else "", decision.outcome,
+                 decision.detail)
+        if decision.change:
+            self._carry_out_control(decision)
+        self._control = decision.answer(time.time())
+        self._fleet_at = -_FLEET_INTERVAL  # the answer goes out with the next loop
+
+    def _carry_out_control(self, decision: ControlDecision) -> None:
+        """Pause, resume or stop the run (the caller holds the lock)."""
+        if decision.command == "stop":
+            self._stop_command = decision.end_reason  # the calling thread ends the run
+            return
+        actions: list[Action] = []
+        if decision.command == "pause":
+            self.core.pause(decision.reason or "paused by operator")
+            self.task = replace(self.task, state="paused")
+        else:
+            actions = self.core.unpause(time.monotonic()) or []
+            self.task = replace(self.task, state="running")
+        self._commit()
+        if self._task_published:  # else it goes out, in this state, once enough devices are on
+            self._publish(self.topics.task, self._task_payload(), retain=True, kind="task")
+        self._carry_out(actions)
+        if self._dashboard is not None:
+            self._dashboard.run_info(state=self.task.state)
 
     def _log_presence(self, device: str, change: str | None) -> None:
         if change == "joined":
@@ -953,6 +1016,8 @@ class CoordinatorService:
         ended = self.core.ended  # the core ends a run itself when its privacy budget is spent
         if ended is not None:
             return ended
+        if self._stop_command is not None:
+            return self._stop_command
         if self._reached_max_versions():
             return f"reached {cfg.max_versions} model versions"
         if cfg.duration and time.monotonic() - self._started >= cfg.duration:
@@ -999,6 +1064,9 @@ class CoordinatorService:
             "bytes_received": counters.get("bytes_received", 0),
             "bytes_model_published": self.bytes_model_published,
             "ended": self.core.ended,
+            "state": run_state(ended=self.core.ended is not None,
+                               paused=self.core.paused is not None),
+            "control": self._control,
         }
 
     def _publish_fleet(self, *, force: bool = False) -> PublishResult | None:

@@ -29,7 +29,7 @@ after the service's callback has returned, follows the commit. Tables:
 - ``meta``: format, run id, the task (its wire form as JSON), the mode, the aggregator spec, the
   differential-privacy mechanism and the secret key of its noise (hex; it never leaves the
   state directory), state, counters, FedAvg round, the norms of the most recently accepted
-  updates;
+  updates, the operator's pause (its reason, while the run is paused);
 - ``model``: one row, the current version, its tensors and the server momentum;
 - ``pending``: accepted updates not yet applied, in arrival order (the FedBuff buffer or the
   open FedAvg round), with their raw payloads;
@@ -61,6 +61,7 @@ import numpy as np
 from coordinator.journal import (
     BufferDropped,
     NormWindow,
+    PauseChanged,
     Pending,
     Record,
     RoundFixed,
@@ -76,6 +77,7 @@ __all__ = [
     "DB_FILE",
     "FORMAT",
     "NORM_BOUND_FORMAT",
+    "PAUSE_FORMAT",
     "PRIVACY_FORMAT",
     "TASK_FILE",
     "HistoryRow",
@@ -101,9 +103,14 @@ log = logging.getLogger(__name__)
 # 4, so a fedbus that knows nothing of DP (format 3 or older) refuses to resume them
 # (without their noise). A DP run never uses the adaptive bound, and a run is never lowered:
 # raising to NORM_BOUND_FORMAT leaves a format-4 run at 4.
+# 5: the operator's pause (meta "paused", its reason; the stored task's state "paused").
+# A run is raised to 5 by the first pause, so a fedbus that knows nothing of pausing
+# refuses it rather than resume a paused run as running; older formats need no change (no
+# "paused" key: the run goes on).
 NORM_BOUND_FORMAT = 3
 PRIVACY_FORMAT = 4
-FORMAT = PRIVACY_FORMAT
+PAUSE_FORMAT = 5
+FORMAT = PAUSE_FORMAT
 DB_FILE = "state.db"
 TASK_FILE = "task.json"  # the run's task as JSON, for `fedbus data check` (service)
 LOCK_FILE = "lock"
@@ -202,6 +209,7 @@ class RunSnapshot:
     privacy: str | None = None  # PrivacySpec.mechanism of a run with differential privacy
     noise_secret: bytes | None = None  # the key of its noise
     norms: tuple[float, ...] = ()  # norms of the most recently accepted updates
+    paused: str | None = None  # the operator's reason while the run is paused
 
 
 class Store:
@@ -321,6 +329,7 @@ class Store:
             privacy=self._meta("privacy"),
             noise_secret=None if secret is None else bytes.fromhex(secret),
             norms=tuple(float(v) for v in json.loads(self._meta("norms") or "[]")),
+            paused=self._meta("paused"),
         )
 
     # -- the ledger (read while judging) ---------------------------------------------------
@@ -360,6 +369,9 @@ class Store:
             )
             if uses_bound and int(self._meta("format") or FORMAT) < NORM_BOUND_FORMAT:
                 self._set_meta("format", str(NORM_BOUND_FORMAT))
+            paused = any(isinstance(r, PauseChanged) and r.paused for r in records)
+            if paused and int(self._meta("format") or FORMAT) < PAUSE_FORMAT:
+                self._set_meta("format", str(PAUSE_FORMAT))
 
     def record_evaluation(
         self, version: int, accuracy: float | None, loss: float | None, at: float
@@ -411,6 +423,14 @@ class Store:
             }))
         elif isinstance(record, NormWindow):
             self._set_meta("norms", json.dumps(list(record.norms)))
+        elif isinstance(record, PauseChanged):
+            if record.paused:
+                self._set_meta("paused", record.reason)
+            else:
+                db.execute("DELETE FROM meta WHERE key = 'paused'")
+            task = json.loads(self._meta("task") or "{}")
+            task["state"] = "paused" if record.paused else "running"
+            self._set_meta("task", json.dumps(task))
         elif isinstance(record, RunEnded):
             self._set_meta("ended", record.reason)
             task = json.loads(self._meta("task") or "{}")

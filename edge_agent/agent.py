@@ -21,7 +21,8 @@ What the agent guarantees (protocol v2, docs/protocol.md section 9):
   refused by the broker, over the outbox's bounds, of a run that ended or was replaced)
   is dropped with a log line; for a top-k task its content goes back into the residual;
 - a task whose ``state`` is ``ended`` stops training: the agent waits for a new run, or
-  exits (``on_run_end = "exit"``);
+  exits (``on_run_end = "exit"``); one whose ``state`` is ``paused`` (revision 2.5) holds
+  training back until the run resumes (connected, ``idle``, the outbox still sent);
 - with the coordinator's public key (``coordinator_key``) it acts only on a task or model
   that carries the coordinator's valid signature for its topic (``fedbus.signing``); any
   other is ignored with one log line and counted (``AgentStats.bad_signatures``), never
@@ -164,6 +165,7 @@ class Agent:
         self._y: np.ndarray = data.y
         self._unusable: tuple[str, str] | None = None  # (run, task) this device cannot train
         self._ended_logged: str | None = None
+        self._paused_logged: str | None = None  # the run whose pause was said (rev 2.5)
         self._training = False
         # the last problem that kept this device from contributing (kind, text), reported
         # in its status until an update is trained again (protocol 2.3)
@@ -247,7 +249,9 @@ class Agent:
         self._wake.set()
 
     def _on_connect(self, session_present: bool) -> None:
-        state = "training" if self._training else "online"
+        task = self._task
+        state = ("training" if self._training
+                 else "idle" if task is not None and task.paused else "online")
         self.client.publish(
             self.topics.status(self.config.device_id), self._status(state), retain=True
         )
@@ -340,6 +344,8 @@ class Agent:
                 self._drop_unusable(task)
                 self._resend_if_due(task)
                 self._pump(task)
+                if self._run_paused(task):
+                    continue  # the operator paused the run: connected, idle, outbox flowing
                 allowed = self._gate.poll().train  # the training policy, said when it changes
                 work = self._next_work(task)
                 if work is None or not allowed:
@@ -423,6 +429,23 @@ class Agent:
             "task %s, run %s (%s): %s %s", task.task_id, task.run_id, state, task.model.arch,
             task.model.args,
         )
+
+    def _run_paused(self, task: Task) -> bool:
+        """True while the operator has paused ``task``'s run (revision 2.5): no training;
+        the agent stays connected, keeps sending its outbox and keeping the newest model,
+        and says ``idle`` once. When the run resumes it trains on the newest model."""
+        if task.paused:
+            if self._paused_logged != task.run_id:
+                self._paused_logged = task.run_id
+                log.info("run %s is paused by the operator: not training until it resumes",
+                         task.run_id)
+                if not self._training:
+                    self._publish_status("idle")
+            return True
+        if self._paused_logged == task.run_id:
+            self._paused_logged = None
+            log.info("run %s resumed", task.run_id)
+        return False
 
     def _on_run_ended(self, task: Task) -> bool:
         """The run is over: say so once, give up what waits for receipts; True to exit.

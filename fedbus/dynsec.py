@@ -14,9 +14,10 @@ The policy of ``broker_config/fedbus.acl`` expressed as roles:
 - ``fedbus-device-<id>``, one role per device, granted to the account ``<id>`` alone: publish
   its own update topic; publish and receive its own status topic; receive (and subscribe
   exactly to) the task, the model and its own receipts. Nothing else.
-- ``fedbus-operator`` (the account ``fedbus-operator``, for ``fedbus status``): receive and
-  subscribe to the fleet snapshot, the task, the model and every device's status; it
-  publishes nothing.
+- ``fedbus-operator`` (the account ``fedbus-operator``, for ``fedbus status`` and
+  ``fedbus run``): receive and subscribe to the fleet snapshot, the task, the model and
+  every device's status; publish the run commands (``<prefix>/control``, revision 2.5),
+  nothing else.
 
 Anything no role grants is denied (``defaultACLAccess`` all false but ``unsubscribe``).
 Unlike the ACL file, the plugin also checks SUBSCRIBE: a device's subscription to a topic
@@ -173,9 +174,10 @@ def device_role(prefix: str, device_id: str) -> dict[str, Any]:
 
 def operator_role(prefix: str) -> dict[str, Any]:
     """Read what an operator's status view shows: the fleet snapshot, the task, the model
-    and every device's status. Nothing to publish, no update and no receipt."""
+    and every device's status; publish the run commands (revision 2.5). No update and no
+    receipt."""
     t = Topics(prefix)
-    acls = []
+    acls = [_acl("publishClientSend", t.control)]
     for topic in (t.fleet, t.task, t.model):
         acls += [_acl("publishClientReceive", topic), _acl("subscribeLiteral", topic)]
     acls += [_acl("publishClientReceive", t.all_status), _acl("subscribePattern", t.all_status)]
@@ -222,15 +224,19 @@ def initial_config(prefix: str, *, admin_password: str, coordinator_password: st
 def with_operator(config: Mapping[str, Any], prefix: str,
                   operator_password: str) -> dict[str, Any] | None:
     """``config`` (the plugin's file, read while the broker is stopped) with the operator's
-    role and account added; None if it has the account already (nothing to change). For
-    broker directories made before the operator account existed."""
+    role and account added, or its role brought up to date (revision 2.5 lets it publish
+    the run commands); None if both are as they should be (nothing to change). For broker
+    directories made before the operator account existed, or before revision 2.5."""
     clients = list(config.get("clients", []))
-    if any(c.get("username") == OPERATOR_USERNAME for c in clients):
+    role = operator_role(prefix)
+    has_account = any(c.get("username") == OPERATOR_USERNAME for c in clients)
+    if has_account and role in config.get("roles", []):
         return None
     roles = [r for r in config.get("roles", []) if r.get("rolename") != OPERATOR_ROLE]
-    clients.append({"username": OPERATOR_USERNAME, **hash_password(operator_password),
-                    "roles": [{"rolename": OPERATOR_ROLE}]})
-    return {**config, "clients": clients, "roles": [*roles, operator_role(prefix)]}
+    if not has_account:
+        clients.append({"username": OPERATOR_USERNAME, **hash_password(operator_password),
+                        "roles": [{"rolename": OPERATOR_ROLE}]})
+    return {**config, "clients": clients, "roles": [*roles, role]}
 
 
 def add_operator_commands(prefix: str, password: str) -> list[dict[str, Any]]:

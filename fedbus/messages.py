@@ -42,11 +42,14 @@ from fedbus.update_codec import PackedMap
 from fedbus.wire_reader import FieldReader, Reader, Unread
 
 __all__ = [
+    "CONTROL_COMMANDS",
+    "CONTROL_LIMITS",
     "ERROR_KINDS",
     "MAX_STATUS_AGENT",
     "MAX_STATUS_ERROR",
     "RUN_STATES",
     "STATUS_STATES",
+    "Control",
     "GlobalModel",
     "ModelSpec",
     "Receipt",
@@ -61,7 +64,7 @@ __all__ = [
 
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 STATUS_STATES = ("online", "training", "idle", "offline")
-RUN_STATES = ("running", "ended")
+RUN_STATES = ("running", "paused", "ended")  # "paused": revision 2.5
 _FLOAT32_MAX = 3.4028234663852886e38  # largest finite float32
 
 
@@ -249,6 +252,11 @@ class Task:
     @property
     def ended(self) -> bool:
         return self.state == "ended"
+
+    @property
+    def paused(self) -> bool:
+        """Revision 2.5: the operator paused the run; agents stay connected and idle."""
+        return self.state == "paused"
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -678,3 +686,60 @@ class Status:
     def read(cls, payload: bytes, limits: DecodeLimits | None = None) -> Status:
         """Decode and check a status payload by schema (``envelope.read``)."""
         return cls.from_wire(read(payload, "status", STATUS_FIELDS, limits))
+
+
+# revision 2.5: the operator's run control, on <prefix>/control (docs/protocol.md 7.8)
+CONTROL_COMMANDS = ("pause", "resume", "stop")
+MAX_CONTROL_REASON = 200  # bytes of UTF-8
+CONTROL_LIMITS = DecodeLimits(
+    max_bytes=1024, max_bin_len=0, max_str_len=256, max_array_len=0, max_map_len=16
+)
+CONTROL_FIELDS: dict[str, FieldReader] = {
+    "id": _LEAF, "command": _LEAF, "ts": _LEAF, "reason": _LEAF,
+}
+
+
+@dataclass(frozen=True)
+class Control:
+    """An operator's command to the coordinator (revision 2.5), published (QoS 1, never
+    retained) on ``<prefix>/control``, which only the operator account may write.
+
+    ``command`` is one of ``CONTROL_COMMANDS``; ``request_id`` (wire ``id``) is the
+    sender's name for this request, which the coordinator's answer (the fleet snapshot's
+    ``run.control``) repeats; ``ts`` is when it was sent (wall-clock seconds); ``reason``
+    is free text for the log and the ended task's ``end_reason``."""
+
+    request_id: str
+    command: str
+    ts: float
+    reason: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "kind": "control",
+            "id": self.request_id,
+            "command": self.command,
+            "ts": self.ts,
+        }
+        if self.reason is not None:
+            wire["reason"] = self.reason
+        return wire
+
+    @classmethod
+    def from_wire(cls, obj: dict) -> Control:
+        _check_kind(obj, "control")
+        command = _get(obj, "command", str, "control")
+        if command not in CONTROL_COMMANDS:
+            raise ProtocolError("schema", f"control: unknown command {command!r}")
+        return cls(
+            request_id=_get_id(obj, "id", "control"),
+            command=command,
+            ts=_finite_float(obj, "ts", "control"),
+            reason=_short_text(obj, "reason", MAX_CONTROL_REASON),
+        )
+
+    @classmethod
+    def read(cls, payload: bytes, limits: DecodeLimits = CONTROL_LIMITS) -> Control:
+        """Decode and check a control payload by schema (``envelope.read``)."""
+        return cls.from_wire(read(payload, "control", CONTROL_FIELDS, limits))

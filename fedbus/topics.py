@@ -56,6 +56,12 @@ class Topics:
         readable by a device (protocol revision 2.3)."""
         return f"{self.prefix}/fleet"
 
+    @property
+    def control(self) -> str:
+        """The operator's run commands (pause, resume, stop; not retained, QoS 1); written
+        only by the operator account, read only by the coordinator (revision 2.5)."""
+        return f"{self.prefix}/control"
+
     def update(self, device_id: str) -> str:
         """Where ``device_id`` publishes its updates (QoS 1); only that device may write it."""
         return f"{self.prefix}/update/{device_id}"

@@ -276,6 +276,7 @@ def test_render_acl_replaces_the_prefix_in_rules_only() -> None:
     rules = [x for x in acl.splitlines() if x.startswith(("topic", "pattern"))]
     assert rules == [
         "topic readwrite lab/trial-7/#",
+        "topic write lab/trial-7/control",
         "topic read lab/trial-7/fleet",
         "topic read lab/trial-7/task",
         "topic read lab/trial-7/model",

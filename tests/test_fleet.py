@@ -30,7 +30,9 @@ from fedbus.transport import ConnectionSettings, Message
 
 RUN = {"task": "t", "run": "r1", "mode": "fedbuff", "version": 3, "accuracy": 0.8125,
        "loss": 0.5, "evaluated_version": 3, "updates_accepted": 2, "updates_rejected": 1,
-       "bytes_received": 3000, "bytes_model_published": 4000, "ended": None}
+       "bytes_received": 3000, "bytes_model_published": 4000, "ended": None,
+       "state": "paused", "control": {"id": "q1", "command": "pause", "outcome": "done",
+                                      "detail": "paused", "ts": 1000.5}}
 
 
 def _status(device: str, state: str, **kw: Any) -> bytes:
@@ -194,6 +196,7 @@ def test_rendering_shows_each_device_and_the_run() -> None:
     assert "held-out accuracy 0.8125" in text
     assert "devices online 1/2" in text
     assert "snapshot 7s ago" in text
+    assert "the run is paused" in text  # RUN is paused (revision 2.5)
     row_a = next(line for line in text.splitlines() if line.startswith("dev-a"))
     for cell in ("idle", "8s ago", "0.1.0", "v3", "1 (stale 1)", "3.0 kB", "1.00", "0.400",
                  "0.750"):
@@ -207,6 +210,14 @@ def test_rendering_an_empty_fleet() -> None:
     console = Console(width=120, record=True, color_system=None)
     console.print(fleet_view(snap, now=5.0))
     assert "no device has been seen yet" in console.export_text()
+    assert "paused" not in fleet_text({**RUN, "state": "running"})
+
+
+def fleet_text(run: dict[str, object]) -> str:
+    snap = read_fleet(pack(fleet_snapshot(FleetStats(), run, now=5.0, started=1.0)))
+    console = Console(width=120, record=True, color_system=None)
+    console.print(fleet_view(snap, now=5.0))
+    return console.export_text()
 
 
 def test_human_units() -> None:
@@ -220,10 +231,11 @@ def test_human_units() -> None:
 # -- who may read and write it ----------------------------------------------------------------
 
 
-def test_operator_role_reads_and_never_writes() -> None:
+def test_operator_role_reads_and_writes_only_the_run_commands() -> None:
     role = dynsec.operator_role("lab/t7")
     rows = {(a["acltype"], a["topic"]) for a in role["acls"]}
     assert rows == {
+        ("publishClientSend", "lab/t7/control"),  # revision 2.5: fedbus run
         ("publishClientReceive", "lab/t7/fleet"), ("subscribeLiteral", "lab/t7/fleet"),
         ("publishClientReceive", "lab/t7/task"), ("subscribeLiteral", "lab/t7/task"),
         ("publishClientReceive", "lab/t7/model"), ("subscribeLiteral", "lab/t7/model"),
@@ -239,6 +251,10 @@ def test_no_device_role_or_pattern_grants_the_fleet_topic() -> None:
     lines = [line.split() for line in ACL_FILE.read_text().splitlines()
              if line and not line.startswith("#")]
     assert not any(words[0] == "pattern" and "fleet" in words[-1] for words in lines)
+    # nor the run commands (revision 2.5): only the operator's section names them
+    assert not any("control" in a["topic"] for a in role["acls"])
+    assert [words for words in lines if "fedbus/control" in words[-1]] == [
+        ["topic", "write", "fedbus/control"]]
 
 
 def test_an_old_broker_directory_gets_the_operator_once() -> None:
@@ -251,6 +267,15 @@ def test_an_old_broker_directory_gets_the_operator_once() -> None:
     assert operator["roles"] == [{"rolename": dynsec.OPERATOR_ROLE}]
     assert [r["rolename"] for r in new["roles"]].count(dynsec.OPERATOR_ROLE) == 1
     assert dynsec.with_operator(new, "fedbus", "op") is None
+    # a directory of revision 2.3: the account is there, its role lacks the run commands
+    older_role = {**dynsec.operator_role("fedbus")}
+    older_role["acls"] = [a for a in older_role["acls"] if a["acltype"] != "publishClientSend"]
+    v23 = {**new, "roles": [r if r["rolename"] != dynsec.OPERATOR_ROLE else older_role
+                            for r in new["roles"]]}
+    updated = dynsec.with_operator(v23, "fedbus", "other")
+    assert updated is not None and updated["clients"] == new["clients"]  # password kept
+    assert dynsec.operator_role("fedbus") in updated["roles"]
+    assert [r["rolename"] for r in updated["roles"]].count(dynsec.OPERATOR_ROLE) == 1
 
 
 # -- the coordinator's side ------------------------------------------------------------------

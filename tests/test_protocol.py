@@ -331,7 +331,8 @@ def test_v2_fields_round_trip_and_are_checked():
     back = Task.from_wire(_wire(task))
     assert back == task and back.ended
     obj = task.to_wire()
-    assert _reason(Task.from_wire, {**obj, "state": "paused"}) == "schema"
+    assert Task.from_wire({**obj, "state": "paused"}).paused  # revision 2.5
+    assert _reason(Task.from_wire, {**obj, "state": "sleeping"}) == "schema"
     assert _reason(Task.from_wire, {**obj, "run": "has space"}) == "schema"
     assert _reason(Task.from_wire, {k: v for k, v in obj.items() if k != "run"}) == "schema"
     assert _reason(Task.from_wire, {**obj, "end_reason": 7}) == "schema"

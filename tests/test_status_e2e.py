@@ -2,7 +2,8 @@
 coordinator service on it, a device client, and the CLI as a subprocess with the operator's
 credentials (over TLS, as the credentials file says). Devices must not read the fleet
 snapshot: refused in the SUBACK by the dynamic-security plugin, silently not delivered by the
-static ACL file; the operator account writes nothing."""
+static ACL file; the operator account writes nothing but the run commands (revision 2.5),
+which no device may write."""
 
 from __future__ import annotations
 
@@ -183,6 +184,19 @@ def test_the_static_acl_file_keeps_devices_out_and_the_operator_read_only(
         assert refused == [NOT_AUTHORIZED] * 4
         assert sorted(seen) == ["fedbus/fleet", "fedbus/status/dev-a"]  # no update
         assert device_got == []
+        # the run commands (revision 2.5): the operator may send them, a device may not
+        coordinator.on_message = lambda c, u, m: commands.append(m.payload)
+        commands: list[bytes] = []
+        coordinator.subscribe("fedbus/control", qos=1)
+        time.sleep(0.2)
+        device.on_publish = lambda c, u, mid, code, props: device_acks.append(code.value)
+        device_acks: list[int] = []
+        device.publish("fedbus/control", b"forged", qos=1)
+        operator.publish("fedbus/control", b"command", qos=1)
+        wait_for(lambda: len(refused) == 5 and bool(device_acks) and bool(commands), 5,
+                 "the answers to the run commands")
+        assert refused[-1] == 0 and device_acks == [NOT_AUTHORIZED]
+        assert commands == [b"command"]
     finally:
         for client in clients:
             client.disconnect()

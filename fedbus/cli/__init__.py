@@ -30,6 +30,7 @@ COMMANDS: Mapping[str, str] = {
     "demo": "fedbus.cli.demo:demo",
     "devices": "fedbus.cli.devices:devices",
     "report": "fedbus.cli.report:report",
+    "run": "fedbus.cli.run:run",
     "status": "fedbus.cli.status:status",
 }
 
@@ -89,6 +90,7 @@ def cli(log_level: str, log_format: str) -> None:
     On each device:                  fedbus agent --device-id device-01 --data data.npz ...
     Check a device's data first:     fedbus data check data.csv --task run/task.json
     Watch the fleet and the run:     fedbus status --credentials c.json
+    Pause, resume or stop the run:   fedbus run pause --credentials c.json
 
     Every command has its own --help.
     """

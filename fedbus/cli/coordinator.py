@@ -110,6 +110,8 @@ HELPS = {
     "full also an operating-system crash or power cut (one fsync per update).",
     "connect_timeout": "Exit with an error after this many seconds without a broker "
     "connection (0: retry forever).",
+    "start": "running, or paused: begin paused (no model version is made and agents do not "
+    "train) until `fedbus run resume`. A run paused before stays paused either way.",
     "max_versions": "Stop after this many model versions (0: never).",
     "duration": "Stop after this many seconds (0: never).",
     "target_accuracy": "Stop once held-out accuracy reaches this (0: never).",
@@ -146,7 +148,8 @@ def coordinator(config_file: Path | None, new_run: bool, **flags: Any) -> None:
     Ctrl-C or SIGTERM stops this process; started again on the same --state-dir it resumes
     the same run at the same version, with the updates it had accepted. The run ends at
     --max-versions, --duration or --target-accuracy: the coordinator then applies what it
-    holds, tells the devices the run has ended, and exits.
+    holds, tells the devices the run has ended, and exits. The operator pauses, resumes
+    and stops the run from anywhere with `fedbus run pause|resume|stop`.
 
     \b
     Example, against a broker started with `fedbus broker --dir ./trial`:
