@@ -166,6 +166,9 @@ _log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("fedbuff", "fedasync", "fedavg")
 ONLINE_STATES: tuple[str, ...] = ("online", "training", "idle")
+# a status whose error has one of these kinds says the device cannot take part in the task
+# (its data or the model do not fit): online, but not counted on for a step or a round
+ASIDE_ERROR_KINDS: tuple[str, ...] = ("data", "model")
 # reject reasons validate_update decides before it reads the ledger, and "duplicate"
 _JUDGED_BEFORE_LOOKUP = frozenset(
     {"device_mismatch", "retained", "wrong_run", "wrong_task", "duplicate"}
@@ -508,6 +511,7 @@ class CoordinatorCore:
             None if velocity is None else _frozen(velocity)
         )
         self._devices: dict[str, str] = {}
+        self._aside: set[str] = set()  # online devices whose status says they cannot take part
         self._ended: str | None = None
         # the operator's pause (its reason) or None: no new version is made while paused
         self._paused: str | None = None
@@ -624,6 +628,11 @@ class CoordinatorCore:
         """Devices whose last state is online, training or idle."""
         return {d for d, s in self._devices.items() if s in ONLINE_STATES}
 
+    def contributing_devices(self) -> set[str]:
+        """Online devices, except those whose status reports that they cannot take part in
+        the task (an error of kind data or model): the ones a step or a round counts on."""
+        return self.online_devices() - self._aside
+
     @property
     def ended(self) -> str | None:
         """Why the run ended, or None while it goes on."""
@@ -713,21 +722,28 @@ class CoordinatorCore:
             if status.device_id != device_id:
                 return self._bad_status(device_id, f"status names device {status.device_id!r}")
             state = status.state
+            if status.error is not None and status.error_kind in ASIDE_ERROR_KINDS:
+                self._aside.add(device_id)
+            else:
+                self._aside.discard(device_id)
         if state is None:
             self._devices.pop(device_id, None)
+            self._aside.discard(device_id)
         else:
             self._devices[device_id] = state
+        contributes = state in ONLINE_STATES and device_id not in self._aside
         if self._round is None:
-            if state in ONLINE_STATES or not self._buffer_ids:
+            if contributes or not self._buffer_ids:
                 return []
             if len(self._buffer_ids) >= self._buffer_target():
                 _log.info(
-                    "device %s went offline: applying the buffer of %d update(s) now",
-                    device_id, len(self._buffer_ids),
+                    "device %s %s: applying the buffer of %d update(s) now", device_id,
+                    "cannot take part" if state in ONLINE_STATES else "went offline",
+                    len(self._buffer_ids),
                 )
                 return self._apply_buffer()
             return []
-        if state in ONLINE_STATES:
+        if contributes:
             self._round_device_online(device_id, now)
             return []
         return self._round_device_offline(device_id, now)
@@ -963,7 +979,7 @@ class CoordinatorCore:
         """K, but never more than the devices known to be online: each agent trains once per
         version, so a smaller fleet could otherwise fill the buffer only through the timeout.
         With no presence known (no status messages), K as configured."""
-        online = len(self.online_devices())
+        online = len(self.contributing_devices())
         k = self.config.effective_buffer_size
         if online:
             return min(k, online)
@@ -1010,7 +1026,8 @@ class CoordinatorCore:
             return False
         if self._kept is None:
             return True
-        return quorum_reached(self.config.spec, self._kept, k, len(self.online_devices()))
+        return quorum_reached(self.config.spec, self._kept, k,
+                              len(self.contributing_devices()))
 
     def _prepared(
         self, delta: Mapping[str, np.ndarray], clip: float | None, *, count: bool = True
@@ -1270,7 +1287,7 @@ class CoordinatorCore:
             actions.append(self._publish(
                 new_state, f"fedavg: round {rnd.number}, {len(deltas)} update(s)", ids
             ))
-        online = self.online_devices()
+        online = self.contributing_devices()
         self._round = _Round(
             number=rnd.number + 1,
             version=self._version,

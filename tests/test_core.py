@@ -967,3 +967,39 @@ def test_a_capped_mean_bounds_what_a_claimed_sample_count_buys() -> None:
     c.on_update("d1", upd("d1", 1.0, base=1, n=10), now=1.0)
     c.on_update("d4", upd("d4", 4.0, base=0, n=10), now=1.0)
     assert_state(c, (1.0 + 4.0 / math.sqrt(2.0)) / 2)
+
+
+def aside_status(device: str, kind: str = "data") -> bytes:
+    return pack(Status(device, "idle", ts=0.0, error="cannot take part in task task1: label "
+                       "'x' is not one of the task's classes", error_kind=kind).to_wire())
+
+
+def test_a_device_that_cannot_take_part_is_not_waited_for() -> None:
+    # K = 3 and three devices online; d3's data do not fit the task: a step is made of
+    # the two updates that can come, instead of waiting for the buffer timeout
+    c = core(buffer_size=3, aggregator="mean")
+    for d in ("d1", "d2", "d3"):
+        c.on_status(d, status(d, "online"), now=0.0)
+    assert c.on_status("d3", aside_status("d3"), now=0.5) == []
+    assert c.online_devices() == {"d1", "d2", "d3"}
+    assert c.contributing_devices() == {"d1", "d2"}
+    assert not models(c.on_update("d1", upd("d1", 1.0), now=1.0))
+    assert models(c.on_update("d2", upd("d2", 3.0), now=2.0))
+    assert_state(c, 2.0)
+    # a training failure is not a reason to stand aside; a status without an error ends it
+    c.on_status("d3", aside_status("d3", kind="training"), now=3.0)
+    assert c.contributing_devices() == {"d1", "d2", "d3"}
+    c.on_status("d3", aside_status("d3"), now=3.5)
+    c.on_status("d3", status("d3", "training"), now=4.0)
+    assert c.contributing_devices() == {"d1", "d2", "d3"}
+
+
+def test_a_buffer_waiting_for_a_device_that_stands_aside_is_applied() -> None:
+    c = core(buffer_size=3, aggregator="mean")
+    for d in ("d1", "d2", "d3"):
+        c.on_status(d, status(d, "online"), now=0.0)
+    c.on_update("d1", upd("d1", 1.0), now=1.0)
+    c.on_update("d2", upd("d2", 3.0), now=2.0)
+    assert c.version == 0  # waits for d3 ...
+    assert models(c.on_status("d3", aside_status("d3", kind="model"), now=3.0))  # ... no more
+    assert c.version == 1
