@@ -18,8 +18,8 @@ STAMP := $(VENV)/.fedbus-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile scripts/ensure-mosquitto.sh
-	bash scripts/ensure-mosquitto.sh
+$(STAMP): pyproject.toml Makefile scripts/ensure-package.sh
+	bash scripts/ensure-package.sh mosquitto mosquitto mosquitto_passwd mosquitto_ctrl
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# Pinned CPU build first: an unpinned torch pulls gigabytes of CUDA packages.
@@ -42,7 +42,7 @@ typecheck: setup
 # Debian's chromium, for the dashboard's test in a real headless browser (about a minute to
 # install, once).
 browser:
-	bash scripts/ensure-chromium.sh
+	bash scripts/ensure-package.sh chromium chromium
 
 # pytest exits 5 when it collected no tests; make treats any non-zero exit as failure.
 test: setup browser lint typecheck

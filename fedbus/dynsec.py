@@ -230,13 +230,21 @@ def with_operator(config: Mapping[str, Any], prefix: str,
     clients = list(config.get("clients", []))
     role = operator_role(prefix)
     has_account = any(c.get("username") == OPERATOR_USERNAME for c in clients)
-    if has_account and role in config.get("roles", []):
+    stored = [r for r in config.get("roles", []) if r.get("rolename") == OPERATOR_ROLE]
+    if has_account and stored and _acl_set(stored[0]) == _acl_set(role):
         return None
     roles = [r for r in config.get("roles", []) if r.get("rolename") != OPERATOR_ROLE]
     if not has_account:
         clients.append({"username": OPERATOR_USERNAME, **hash_password(operator_password),
                         "roles": [{"rolename": OPERATOR_ROLE}]})
     return {**config, "clients": clients, "roles": [*roles, role]}
+
+
+def _acl_set(role: Mapping[str, Any]) -> set[tuple[Any, Any, Any]]:
+    """A role's rules as a set: Mosquitto saves them in its own order, with its own keys
+    (a priority) beside ours, so two equal roles need not be equal dicts."""
+    return {(a.get("acltype"), a.get("topic"), a.get("allow", True))
+            for a in role.get("acls", [])}
 
 
 def add_operator_commands(prefix: str, password: str) -> list[dict[str, Any]]:

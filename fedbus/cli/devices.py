@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from fedbus.credentials import BrokerAccess, BrokerAddress
 from fedbus.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ def add(obj: tuple[Path, float], device_id: str, certificate: bool, pki_dir: Pat
     (kept, with a message, if the broker's answer never comes).
     """
     from fedbus import dynsec, pki
-    from fedbus.credentials import BrokerAddress, read_credentials, write_bundle
+    from fedbus.credentials import read_credentials, write_bundle
 
     credentials, timeout = obj
     try:
@@ -160,17 +161,9 @@ def add(obj: tuple[Path, float], device_id: str, certificate: bool, pki_dir: Pat
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     access = read_credentials(credentials, dynsec.ADMIN_USERNAME)
-    if access.ca_file is None:
-        raise ConfigError(f"{credentials} names no CA (tls.ca_file): a bundle needs it")
-    try:
-        ca_pem = access.ca_file.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the CA certificate {access.ca_file}: {exc}") from None
     base = _operator_dir(credentials)
     target = bundle_dir or base / "bundles" / device_id
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    address = BrokerAddress(access.host, access.port, access.tls_port, access.mtls_port,
-                            access.prefix, access.coordinator_key)
+    address, ca_pem = _bundle_base(credentials, access, target)
     if certificate:
         if access.mtls_port is None:
             raise ConfigError(f"{credentials} names no mutual-TLS port (tls.mtls_port)")
@@ -227,22 +220,13 @@ def operator(obj: tuple[Path, float], bundle_dir: Path | None) -> None:
     (over MQTT, as the admin) with a new password that only the bundle holds.
     """
     from fedbus import dynsec
-    from fedbus.credentials import BrokerAddress, read_credentials, write_operator_bundle
+    from fedbus.credentials import read_credentials, write_operator_bundle
     from fedbus.provision import DynsecError
 
     credentials, timeout = obj
     admin_access = read_credentials(credentials, dynsec.ADMIN_USERNAME)
-    if admin_access.ca_file is None:
-        raise ConfigError(f"{credentials} names no CA (tls.ca_file): a bundle needs it")
-    try:
-        ca_pem = admin_access.ca_file.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the CA certificate {admin_access.ca_file}: {exc}") from None
     target = bundle_dir or _operator_dir(credentials) / "bundles" / dynsec.OPERATOR_USERNAME
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    address = BrokerAddress(admin_access.host, admin_access.port, admin_access.tls_port,
-                            admin_access.mtls_port, admin_access.prefix,
-                            admin_access.coordinator_key)
+    address, ca_pem = _bundle_base(credentials, admin_access, target)
     try:
         password = read_credentials(credentials, dynsec.OPERATOR_USERNAME).password
     except ConfigError:
@@ -293,12 +277,10 @@ def bundle(obj: tuple[Path, float], device_id: str, certificate: bool,
     public key, as `fedbus devices add` writes one. It is never written over an existing
     directory.
     """
-    from fedbus.credentials import BrokerAddress, read_credentials, write_bundle
+    from fedbus.credentials import read_credentials, write_bundle
 
     credentials, _ = obj
     access = read_credentials(credentials, device_id)
-    if access.ca_file is None:
-        raise ConfigError(f"{credentials} names no CA (tls.ca_file): a bundle needs it")
     if certificate and (access.cert_file is None or access.key_file is None):
         raise ConfigError(f"{credentials} holds no client certificate for {device_id}")
     if certificate and access.mtls_port is None:
@@ -306,15 +288,12 @@ def bundle(obj: tuple[Path, float], device_id: str, certificate: bool,
     if not certificate and not access.password:
         raise ConfigError(f"{credentials} holds no password for {device_id}")
     try:
-        ca_pem = access.ca_file.read_bytes()
         cert_pem = access.cert_file.read_bytes() if certificate and access.cert_file else None
         key_pem = access.key_file.read_bytes() if certificate and access.key_file else None
     except OSError as exc:
         raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
     target = bundle_dir or _operator_dir(credentials) / "bundles" / device_id
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    address = BrokerAddress(access.host, access.port, access.tls_port, access.mtls_port,
-                            access.prefix, access.coordinator_key)
+    address, ca_pem = _bundle_base(credentials, access, target)
     write_bundle(target, address, device_id, ca_pem=ca_pem,
                  password=None if certificate else access.password,
                  certificate_pem=cert_pem, key_pem=key_pem)
@@ -369,6 +348,22 @@ def list_(obj: tuple[Path, float]) -> None:
     width = max(len(e.device_id) for e in entries)
     for entry in entries:
         click.echo(f"{entry.device_id:<{width}}  {'enabled' if entry.enabled else 'disabled'}")
+
+
+def _bundle_base(credentials: Path, access: BrokerAccess,
+                 target: Path) -> tuple[BrokerAddress, bytes]:
+    """What every bundle holds besides its account: the broker's address (from ``access``)
+    and the CA certificate; makes ``target``'s parent (0700)."""
+    if access.ca_file is None:
+        raise ConfigError(f"{credentials} names no CA (tls.ca_file): a bundle needs it")
+    try:
+        ca_pem = access.ca_file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the CA certificate {access.ca_file}: {exc}") from None
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    address = BrokerAddress(access.host, access.port, access.tls_port, access.mtls_port,
+                            access.prefix, access.coordinator_key)
+    return address, ca_pem
 
 
 def _operator_dir(credentials: Path) -> Path:
