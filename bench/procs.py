@@ -81,6 +81,7 @@ def coordinator(a: dict[str, Any]) -> None:
                                                                           4 * 1024 * 1024),
         state_dir=Path(a["state_dir"]) if a.get("state_dir") else None,
         signing_key=read_credentials(a["credentials"], "coordinator").signing_key_file,
+        **a.get("config", {}),  # any further CoordinatorConfig settings (bench.flood)
     )
     service = CoordinatorService(config, password=_password(a["credentials"], "coordinator"))
     records = accepted_recorder(service, clock=time.time if a.get("wall_clock") else

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from coordinator.admission import AdmissionPolicy
 from coordinator.core import AggregationConfig
 from coordinator.privacy import PrivacySpec, privacy_from_settings
 from fedbus.codec_spec import parse_codec
@@ -100,6 +101,12 @@ class CoordinatorConfig(BrokerTarget):
     sync: Literal["normal", "full"] = "normal"
     # exit with an error after this many seconds without a broker connection (0: retry forever)
     connect_timeout: float = 0.0
+    # per-device admission (coordinator.admission): the share of the CPU time the
+    # coordinator spends handling messages that one device may use sustained, and the
+    # seconds of it a quiet device may use at once; a device over it gets rate_limited
+    # receipts. 0 share: off
+    device_share: float = 0.02
+    device_burst: float = 0.25
     # evaluation, stopping
     eval_data: Path | None = None
     max_versions: int = 0  # stop after this many new model versions (0 = never)
@@ -148,7 +155,12 @@ class CoordinatorConfig(BrokerTarget):
                 f"connect_timeout must be a finite number >= 0, got {self.connect_timeout}"
             )
         self.parsed_model_args()
+        self.admission()
         self.aggregation()  # one place checks the aggregation settings
+
+    def admission(self) -> AdmissionPolicy:
+        """The per-device admission policy (``ValueError`` if out of range)."""
+        return AdmissionPolicy(share=self.device_share, burst=self.device_burst)
 
     def privacy(self) -> PrivacySpec | None:
         """The run's differential privacy, or None (``ValueError`` if inconsistent)."""

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.admission import Admission
 from coordinator.config import CoordinatorConfig
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
 from coordinator.evaluation import Evaluator
@@ -47,7 +48,7 @@ from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
 from coordinator.store import DB_FILE, HistoryRow, StateLock, Store, archive_run
 from fedbus.envelope import pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
-from fedbus.messages import ModelSpec, Task, TrainSpec, new_run_id
+from fedbus.messages import ModelSpec, Receipt, Task, TrainSpec, new_run_id, peek_update_id
 from fedbus.signing import (
     SignatureError,
     ensure_private_key,
@@ -82,6 +83,7 @@ _SIGNING_KEY_FILE = "signing.key"  # in the state directory; its public key in s
 # after someone else wrote the task or model topic, publish ours again at most this often
 # (two coordinators on one prefix would otherwise answer each other without end)
 _RESTORE_INTERVAL = 5.0
+_FLOOD_LOG_INTERVAL = 60.0  # seconds between warnings about a device still over its share
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,14 @@ class CoordinatorService:
         # ticks or is read, while its journal is committed and its publishes are queued
         self._lock = threading.Lock()
         self._fatal: FedbusError | None = None  # set on the network thread, raised by run()
+        # per-device fairness (network thread): refusals are this process's counts
+        self._admission = Admission(config.admission())
+        self._rate_limited = dict.fromkeys(
+            ("updates_rate_limited", "status_rate_limited", "bytes_rate_limited"), 0
+        )
+        self._flooding: dict[str, list[Any]] = {}  # device -> [since, refused, bytes]
+        # (thread, its CPU time) when the last message was handled
+        self._cpu_mark: tuple[int | None, float] = (None, 0.0)
         # versions made on the network thread, for the calling thread to record
         self._made: queue.SimpleQueue[_Made] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -415,11 +425,12 @@ class CoordinatorService:
             )
 
     def counters(self) -> dict[str, int]:
-        """The core's counters plus this shell's: ``bytes_model_published`` and
-        ``foreign_publications``."""
+        """The core's counters plus this shell's: ``bytes_model_published``,
+        ``foreign_publications`` and the messages refused unjudged (``updates_rate_limited``,
+        ``status_rate_limited``, ``bytes_rate_limited``; counts of this process)."""
         with self._lock:
             return {**self.core.counters, "bytes_model_published": self.bytes_model_published,
-                    "foreign_publications": self.foreign_publications}
+                    "foreign_publications": self.foreign_publications, **self._rate_limited}
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -570,10 +581,28 @@ class CoordinatorService:
                 log.critical("%s; stopping without acknowledging the message", self._fatal)
                 self.client.abort()
                 self._stop.set()
+            finally:
+                self._cpu_mark = (threading.get_ident(), time.thread_time())
+
+    def _cpu_since_last_message(self) -> float:
+        """CPU time this thread spent since it last finished handling a message: reading
+        this one off the socket and decoding its packet (paho), and small writes (0 when
+        unknown: the first message, or a network thread started anew)."""
+        thread, mark = self._cpu_mark
+        if thread != threading.get_ident():
+            return 0.0
+        return max(0.0, time.thread_time() - mark)
 
     def _dispatch(self, msg: Message) -> None:
         """Judge one message, commit the core's journal, then carry out its actions (the
-        caller holds the lock)."""
+        caller holds the lock).
+
+        Fairness (``coordinator.admission``): a device over its share of this thread's CPU
+        time has its message refused before anything of it is read. Every message of a
+        device is charged to it, refused or not: the CPU time spent since the previous
+        message (receiving this one) plus handling it. So a device that keeps sending while
+        it is refused stays refused, and a well-behaved one is admitted again after the
+        ``retry_after`` it was told."""
         if msg.topic in (self.topics.task, self.topics.model):
             self._check_ours(msg)
             return
@@ -584,21 +613,94 @@ class CoordinatorService:
         if msg.topic == self.topics.update(device):
             if msg.retain and not msg.payload:
                 return  # a cleared retained update (empty payload): nothing to judge
-            if self._first_update is None:
-                self._first_update = round(now - self._started, 3)
-            actions = self.core.on_update(device, msg.payload, now, retained=msg.retain)
-            self._end_at_max_versions()
-            self._commit()
-            self.metrics.sync_counters(self.core.counters)
-            if msg.retain:  # the broker would replay it to every new subscriber: clear it
-                self._publish(msg.topic, b"", retain=True)
-            self._carry_out(actions)
+            handle = self._on_update
         elif msg.topic == self.topics.status(device):
-            actions = self.core.on_status(device, msg.payload, now)
-            self._end_at_max_versions()
-            self._commit()
-            self.metrics.online(len(self.core.online_devices()))
-            self._carry_out(actions)
+            handle = self._on_status
+        else:
+            return
+        received = self._cpu_since_last_message()
+        started = time.thread_time()
+        decision = self._admission.admit(device, now)
+        if decision.admitted:
+            if device in self._flooding:
+                self._flood_ended(device)
+            handle(device, msg, now)
+        else:
+            self._refuse(device, msg, decision.retry_after, now)
+        cost = received + time.thread_time() - started
+        self._admission.charge(device, cost, time.monotonic())
+
+    def _on_update(self, device: str, msg: Message, now: float) -> None:
+        if self._first_update is None:
+            self._first_update = round(now - self._started, 3)
+        actions = self.core.on_update(device, msg.payload, now, retained=msg.retain)
+        self._end_at_max_versions()
+        self._commit()
+        self.metrics.sync_counters(self.core.counters)
+        if msg.retain:  # the broker would replay it to every new subscriber: clear it
+            self._publish(msg.topic, b"", retain=True)
+        self._carry_out(actions)
+
+    def _on_status(self, device: str, msg: Message, now: float) -> None:
+        actions = self.core.on_status(device, msg.payload, now)
+        self._end_at_max_versions()
+        self._commit()
+        self.metrics.online(len(self.core.online_devices()))
+        self._carry_out(actions)
+
+    def _refuse(self, device: str, msg: Message, retry_after: float, now: float) -> None:
+        """Refuse a message of a device over its share, unjudged: nothing is decoded or
+        remembered (a re-send is judged as if new). An update whose id can be read off its
+        first bytes gets a ``rate_limited`` receipt naming ``retry_after``; a retained one
+        is cleared, as a judged one would be."""
+        update = msg.topic == self.topics.update(device)
+        self._rate_limited["updates_rate_limited" if update else "status_rate_limited"] += 1
+        self._rate_limited["bytes_rate_limited"] += len(msg.payload)
+        self.metrics.refused("update" if update else "status")
+        self._log_refusal(device, len(msg.payload), retry_after, now)
+        if not update:
+            return
+        if msg.retain:
+            self._publish(msg.topic, b"", retain=True)
+        update_id = peek_update_id(msg.payload)
+        if update_id is None:
+            return
+        receipt = Receipt(
+            update_id=update_id, run_id=self.task.run_id, accepted=False,
+            reason="rate_limited",
+            detail=f"device {device} is over its share of the coordinator's time "
+            f"(--device-share {self._admission.policy.share:g}): send it again in "
+            f"{retry_after:.3g} s",
+            model_version=self.core.version, retry_after=retry_after,
+        )
+        self._publish(self.topics.receipt(device), pack(receipt.to_wire()), kind="receipt")
+
+    def _log_refusal(self, device: str, size: int, retry_after: float, now: float) -> None:
+        """A warning when a device starts being refused, then one a minute while it goes on
+        (a flood must not flood the log too); every refusal at debug level."""
+        log.debug("refused a message of %s unjudged (rate_limited, %d bytes): again in %.3g s",
+                  device, size, retry_after)
+        seen = self._flooding.get(device)
+        if seen is None:
+            log.warning(
+                "device %s is over its share of the coordinator's time (--device-share %g, "
+                "--device-burst %g s): refusing its messages unjudged (rate_limited) for "
+                "%.3g s", device, self._admission.policy.share, self._admission.policy.burst,
+                retry_after,
+            )
+            self._flooding[device] = [now, 1, size]
+            return
+        seen[1] += 1
+        seen[2] += size
+        if now - seen[0] >= _FLOOD_LOG_INTERVAL:
+            log.warning("device %s is still over its share: %d message(s), %d bytes refused "
+                        "unjudged in the last %.0f s", device, seen[1], seen[2], now - seen[0])
+            self._flooding[device] = [now, 0, 0]
+
+    def _flood_ended(self, device: str) -> None:
+        since, count, size = self._flooding.pop(device)
+        log.info("device %s is within its share again (%d message(s), %d bytes refused since "
+                 "%.0f s ago)", device, count, size, time.monotonic() - since)
 
     def _check_ours(self, msg: Message) -> None:
         """A live message on the task or model topic (we never get our own: No Local) was

@@ -52,6 +52,7 @@ __all__ = [
     "Update",
     "new_run_id",
     "new_update_id",
+    "peek_update_id",
     "read_update_fields",
 ]
 
@@ -489,6 +490,29 @@ STATUS_FIELDS: dict[str, FieldReader] = {
 }
 
 
+PEEK_BYTES = 4096  # peek_update_id reads no further into a payload than this
+
+
+def peek_update_id(payload: bytes) -> str | None:
+    """The ``update_id`` of an update payload, read off its first ``PEEK_BYTES`` bytes
+    only, or None: the id is not a key of the top-level map before that point (an agent
+    writes it third, section 7.3), not a valid id, or what precedes it is not msgpack.
+    Costs the same whatever the payload's size: what a refusal before any decoding can
+    afford (a rate-limited update's receipt, ``coordinator.admission``)."""
+    try:
+        reader = Reader(memoryview(payload)[:PEEK_BYTES], max_str_len=PEEK_BYTES,
+                        max_bin_len=PEEK_BYTES)
+        for _ in range(reader.map_header(64)):
+            if reader.key() != "update_id":
+                reader.skip()
+                continue
+            value = reader.leaf()
+            return value if isinstance(value, str) and _ID.match(value) else None
+    except ProtocolError:  # not msgpack, or the id is not within the first bytes
+        return None
+    return None
+
+
 def read_update_fields(payload: bytes, limits: DecodeLimits | None = None) -> dict:
     """The fields of an update payload that ``Update.from_wire`` checks, read by schema;
     the rest of the payload is skipped. ``ProtocolError`` for ``too_large``, ``malformed``
@@ -513,6 +537,8 @@ class Receipt:
     staleness: int | None = None
     repeat: bool = False
     run_id: str = field(kw_only=True)
+    # rate_limited only: seconds after which the coordinator will take the update again
+    retry_after: float | None = field(default=None, kw_only=True)
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -528,6 +554,8 @@ class Receipt:
         }
         if self.repeat:
             wire["repeat"] = True
+        if self.retry_after is not None:
+            wire["retry_after"] = float(self.retry_after)
         return wire
 
     @classmethod
@@ -536,6 +564,12 @@ class Receipt:
         reason = obj.get("reason")
         staleness = obj.get("staleness")
         repeat = obj.get("repeat", False)
+        retry_after = obj.get("retry_after")
+        if retry_after is not None and not (
+            isinstance(retry_after, int | float) and not isinstance(retry_after, bool)
+            and math.isfinite(retry_after) and retry_after >= 0
+        ):
+            raise ProtocolError("schema", "receipt: retry_after must be a number >= 0 or nil")
         if reason is not None and not isinstance(reason, str):
             raise ProtocolError("schema", "receipt: reason must be a string or nil")
         if staleness is not None and (
@@ -553,6 +587,7 @@ class Receipt:
             model_version=_nonneg_int(obj, "model_version", "receipt"),
             staleness=staleness,
             repeat=repeat,
+            retry_after=None if retry_after is None else float(retry_after),
         )
 
 
