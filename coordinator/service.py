@@ -17,6 +17,12 @@ A restart on the same state directory resumes the run: the same run id, version,
 bytes and buffer. A state directory holding another task, or a run that has ended, is
 refused; ``new_run=True`` moves the old run aside and starts a new one.
 
+Fairness: because messages are judged one at a time in arrival order, each device has a
+budget of the network thread's CPU time (``coordinator.admission``, ``--device-share``); a
+device that has used it up has its messages refused before they are decoded, an update with a
+``rate_limited`` receipt that says when to send it again (docs/protocol.md 10.3). Nothing of a
+refused message is stored, and it is acknowledged at once.
+
 Two threads share the work. The transport's network thread handles each message as it
 arrives (judging a message on another thread cost more than judging it: BENCHMARKS.md,
 ingest). The calling thread records versions (evaluation, history, model export,

@@ -233,3 +233,33 @@ def test_a_device_credentials_file_needs_only_its_own_account(tmp_path: Path) ->
                                 "devices": {"dev-a": {"username": "dev-a", "password": "p"}}}))
     access = read_credentials(path, "dev-a")
     assert (access.host, access.port, access.password) == ("h", 1883, "p")
+
+
+def test_a_rate_limited_update_stays_in_the_outbox_and_waits(tmp_path: Path) -> None:
+    import time
+
+    from fedbus.messages import Receipt
+
+    agent = _agent(tmp_path)
+    task = _task()
+    agent._task_bytes = pack(task.to_wire())
+    for uid in ("u1", "u2"):
+        agent.state.record_trained("r1", 0 if uid == "u1" else 1,
+                                   OutboxEntry(uid, "r1", 0 if uid == "u1" else 1, b"x", False))
+    before = time.monotonic()
+    agent._settle(Receipt("u1", False, "rate_limited", "later", 0, run_id="r1",
+                          retry_after=30.0))
+    assert [e.update_id for e in agent.state.outbox()] == ["u1", "u2"]  # nothing settled
+    assert agent.stats.receipts_rate_limited == 1 and agent.stats.receipts_rejected == 0
+    assert "u1" in agent._sends and agent._sends["u1"] is None  # to be sent again
+    assert before + 30.0 <= agent._hold_until <= time.monotonic() + 36.0
+    agent._resend_due = None  # no reconnect grace running: only the hold stops the pump
+    agent._pump(task)
+    assert agent._sends == {"u1": None}  # held: nothing was published
+    agent._hold_until = 0.0
+    agent._pump(task)  # the hold is over: the oldest goes again
+    assert agent._sends["u1"] is not None
+    # any other rejection settles the update, as before
+    agent._settle(Receipt("u2", False, "stale", "old", 0, run_id="r1"))
+    assert [e.update_id for e in agent.state.outbox()] == ["u1"]
+    assert ledger(tmp_path)["u2"] == "rejected"

@@ -42,13 +42,32 @@ def _update(service: CoordinatorService, uid: str, device: str = "dev-a", base: 
 
 
 def test_every_message_is_judged_as_it_arrives():
-    service = _service()
+    service = _service(device_share=0.0)  # per-device admission off
     topic = service.topics.update("dev-a")
     for i in range(2500):
         service._on_message(Message(topic, b"\x00not msgpack %d" % i, False))
     counters = service.core.counters
     assert counters["updates_received"] == 2500
     assert counters["rejected_malformed"] == 2500
+
+
+def test_a_device_over_its_share_is_refused_unjudged_and_another_is_still_judged():
+    service = _service(device_share=0.01, device_burst=0.002)
+    flood, other = service.topics.update("dev-a"), service.topics.update("dev-b")
+    for i in range(500):
+        service._on_message(Message(flood, b"\x00not msgpack %d" % i, False))
+    judged = service.core.counters["updates_received"]
+    counters = service.counters()
+    assert 0 < judged < 500
+    assert counters["updates_rate_limited"] == 500 - judged
+    assert counters["bytes_rate_limited"] > 0
+    service._on_message(Message(other, b"\x00not msgpack", False))
+    assert service.core.counters["updates_received"] == judged + 1
+    # a status message of a device over its share (here: after a message that took 1 s of
+    # CPU) is refused too, without a receipt
+    service._admission.charge("dev-a", 1.0, time.monotonic())
+    service._on_message(Message(service.topics.status("dev-a"), b"", False))
+    assert service.counters()["status_rate_limited"] == 1
 
 
 def test_only_the_newest_of_waiting_versions_is_evaluated():
