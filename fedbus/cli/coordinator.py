@@ -101,10 +101,10 @@ HELPS = {
     "device_share": "Fairness: the share (0-1) of the CPU time the coordinator spends handling "
     "messages that one device may use, sustained; a device over it (a flood) gets its "
     "messages refused unjudged, updates with a rate_limited receipt saying when to send "
-    "again, so it cannot delay the others. 0: off. Default 0.02 (an agent sending one small "
-    "update every few seconds uses under 0.1%).",
+    "again, so it cannot delay the others. 0: off. An agent sending one small update every "
+    "few seconds uses under 0.1%.",
     "device_burst": "Fairness: seconds of CPU time a device that has been quiet may use at "
-    "once before --device-share applies (default 0.25).",
+    "once before --device-share applies.",
     "max_versions": "Stop after this many model versions (0: never).",
     "duration": "Stop after this many seconds (0: never).",
     "target_accuracy": "Stop once held-out accuracy reaches this (0: never).",
