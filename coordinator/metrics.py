@@ -42,9 +42,9 @@ class CoordinatorMetrics:
             ["outcome", "reason"], registry=r,
         )
         self.rate_limited = Counter(
-            "fedbus_rate_limited_messages", "Messages refused unjudged because their device "
-            "was over its share of the coordinator's time (--device-share), by topic (update, "
-            "status); counted by this process.", ["topic"], registry=r,
+            "fedbus_updates_rate_limited", "Updates refused unjudged (rate_limited) because "
+            "their device was over its share of the coordinator's time (--device-share); "
+            "counted by this process.", registry=r,
         )
         self.model_version = Gauge(
             "fedbus_model_version", "The current global model version.", registry=r
@@ -134,9 +134,9 @@ class CoordinatorMetrics:
     def sent(self, kind: SentKind, nbytes: int) -> None:
         self.bytes_sent.labels(kind=kind).inc(nbytes)
 
-    def refused(self, topic: Literal["update", "status"]) -> None:
-        """A message was refused unjudged (rate_limited)."""
-        self.rate_limited.labels(topic=topic).inc()
+    def refused(self) -> None:
+        """An update was refused unjudged (rate_limited)."""
+        self.rate_limited.inc()
 
     def online(self, devices: int) -> None:
         self.devices_online.set(devices)

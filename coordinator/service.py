@@ -19,9 +19,9 @@ refused; ``new_run=True`` moves the old run aside and starts a new one.
 
 Fairness: because messages are judged one at a time in arrival order, each device has a
 budget of the network thread's CPU time (``coordinator.admission``, ``--device-share``); a
-device that has used it up has its messages refused before they are decoded, an update with a
-``rate_limited`` receipt that says when to send it again (docs/protocol.md 10.3). Nothing of a
-refused message is stored, and it is acknowledged at once.
+device that has used it up has its updates refused before they are decoded, with a
+``rate_limited`` receipt that says when to send again (docs/protocol.md 10.3). Nothing of a
+refused update is stored, and it is acknowledged at once.
 
 Two threads share the work. The transport's network thread handles each message as it
 arrives (judging a message on another thread cost more than judging it: BENCHMARKS.md,
@@ -228,7 +228,7 @@ class CoordinatorService:
         # per-device fairness (network thread): refusals are this process's counts
         self._admission = Admission(config.admission())
         self._rate_limited = dict.fromkeys(
-            ("updates_rate_limited", "status_rate_limited", "bytes_rate_limited"), 0
+            ("updates_rate_limited", "bytes_rate_limited"), 0
         )
         self._flooding: dict[str, list[Any]] = {}  # device -> [since, refused, bytes]
         # (thread, its CPU time) when the last message was handled
@@ -432,8 +432,8 @@ class CoordinatorService:
 
     def counters(self) -> dict[str, int]:
         """The core's counters plus this shell's: ``bytes_model_published``,
-        ``foreign_publications`` and the messages refused unjudged (``updates_rate_limited``,
-        ``status_rate_limited``, ``bytes_rate_limited``; counts of this process)."""
+        ``foreign_publications`` and the updates refused unjudged (``updates_rate_limited``,
+        ``bytes_rate_limited``; counts of this process)."""
         with self._lock:
             return {**self.core.counters, "bytes_model_published": self.bytes_model_published,
                     "foreign_publications": self.foreign_publications, **self._rate_limited}
@@ -604,11 +604,11 @@ class CoordinatorService:
         caller holds the lock).
 
         Fairness (``coordinator.admission``): a device over its share of this thread's CPU
-        time has its message refused before anything of it is read. Every message of a
-        device is charged to it, refused or not: the CPU time spent since the previous
-        message (receiving this one) plus handling it. So a device that keeps sending while
-        it is refused stays refused, and a well-behaved one is admitted again after the
-        ``retry_after`` it was told."""
+        time has its updates refused before anything of them is read. Every message of a
+        device (its status messages too) is charged to it, refused or not: the CPU time
+        spent since the previous message (receiving this one) plus handling it. So a device
+        that keeps sending while it is refused stays refused, and a well-behaved one is
+        admitted again after the ``retry_after`` it was told."""
         if msg.topic in (self.topics.task, self.topics.model):
             self._check_ours(msg)
             return
@@ -626,9 +626,11 @@ class CoordinatorService:
             return
         received = self._cpu_since_last_message()
         started = time.thread_time()
+        # a status message is always read (it is small, bounded by its decode limits, and
+        # presence must follow the device's Will), but charged like an update
         decision = self._admission.admit(device, now)
-        if decision.admitted:
-            if device in self._flooding:
+        if decision.admitted or handle == self._on_status:
+            if decision.admitted and device in self._flooding:
                 self._flood_ended(device)
             handle(device, msg, now)
         else:
@@ -655,17 +657,14 @@ class CoordinatorService:
         self._carry_out(actions)
 
     def _refuse(self, device: str, msg: Message, retry_after: float, now: float) -> None:
-        """Refuse a message of a device over its share, unjudged: nothing is decoded or
-        remembered (a re-send is judged as if new). An update whose id can be read off its
-        first bytes gets a ``rate_limited`` receipt naming ``retry_after``; a retained one
-        is cleared, as a judged one would be."""
-        update = msg.topic == self.topics.update(device)
-        self._rate_limited["updates_rate_limited" if update else "status_rate_limited"] += 1
+        """Refuse an update of a device over its share, unjudged: nothing is decoded or
+        remembered (a re-send is judged as if new). If its id can be read off its first
+        bytes it gets a ``rate_limited`` receipt naming ``retry_after``; a retained one is
+        cleared, as a judged one would be."""
+        self._rate_limited["updates_rate_limited"] += 1
         self._rate_limited["bytes_rate_limited"] += len(msg.payload)
-        self.metrics.refused("update" if update else "status")
+        self.metrics.refused()
         self._log_refusal(device, len(msg.payload), retry_after, now)
-        if not update:
-            return
         if msg.retain:
             self._publish(msg.topic, b"", retain=True)
         update_id = peek_update_id(msg.payload)
@@ -684,13 +683,13 @@ class CoordinatorService:
     def _log_refusal(self, device: str, size: int, retry_after: float, now: float) -> None:
         """A warning when a device starts being refused, then one a minute while it goes on
         (a flood must not flood the log too); every refusal at debug level."""
-        log.debug("refused a message of %s unjudged (rate_limited, %d bytes): again in %.3g s",
+        log.debug("refused an update of %s unjudged (rate_limited, %d bytes): again in %.3g s",
                   device, size, retry_after)
         seen = self._flooding.get(device)
         if seen is None:
             log.warning(
                 "device %s is over its share of the coordinator's time (--device-share %g, "
-                "--device-burst %g s): refusing its messages unjudged (rate_limited) for "
+                "--device-burst %g s): refusing its updates unjudged (rate_limited) for "
                 "%.3g s", device, self._admission.policy.share, self._admission.policy.burst,
                 retry_after,
             )
@@ -699,13 +698,13 @@ class CoordinatorService:
         seen[1] += 1
         seen[2] += size
         if now - seen[0] >= _FLOOD_LOG_INTERVAL:
-            log.warning("device %s is still over its share: %d message(s), %d bytes refused "
+            log.warning("device %s is still over its share: %d update(s), %d bytes refused "
                         "unjudged in the last %.0f s", device, seen[1], seen[2], now - seen[0])
             self._flooding[device] = [now, 0, 0]
 
     def _flood_ended(self, device: str) -> None:
         since, count, size = self._flooding.pop(device)
-        log.info("device %s is within its share again (%d message(s), %d bytes refused since "
+        log.info("device %s is within its share again (%d update(s), %d bytes refused since "
                  "%.0f s ago)", device, count, size, time.monotonic() - since)
 
     def _check_ours(self, msg: Message) -> None:

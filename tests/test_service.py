@@ -64,10 +64,12 @@ def test_a_device_over_its_share_is_refused_unjudged_and_another_is_still_judged
     service._on_message(Message(other, b"\x00not msgpack", False))
     assert service.core.counters["updates_received"] == judged + 1
     # a status message of a device over its share (here: after a message that took 1 s of
-    # CPU) is refused too, without a receipt
+    # CPU) is still read, so presence follows the device's Will
     service._admission.charge("dev-a", 1.0, time.monotonic())
+    refused = service.counters()["updates_rate_limited"]
     service._on_message(Message(service.topics.status("dev-a"), b"", False))
-    assert service.counters()["status_rate_limited"] == 1
+    assert service.core.counters["status_received"] == 1
+    assert service.counters()["updates_rate_limited"] == refused
 
 
 def test_only_the_newest_of_waiting_versions_is_evaluated():

@@ -100,8 +100,8 @@ HELPS = {
     "connection (0: retry forever).",
     "device_share": "Fairness: the share (0-1) of the CPU time the coordinator spends handling "
     "messages that one device may use, sustained; a device over it (a flood) gets its "
-    "messages refused unjudged, updates with a rate_limited receipt saying when to send "
-    "again, so it cannot delay the others. 0: off. An agent sending one small update every "
+    "updates refused unjudged, with a rate_limited receipt saying when to send again, so it "
+    "cannot delay the others. 0: off. An agent sending one small update every "
     "few seconds uses under 0.1%.",
     "device_burst": "Fairness: seconds of CPU time a device that has been quiet may use at "
     "once before --device-share applies.",
