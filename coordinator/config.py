@@ -52,7 +52,9 @@ class CoordinatorConfig(BrokerTarget):
     qat: bool = True
     codec: str = "int8"  # codec spec of the updates (fedbus.codec_spec)
     model_codec: str = "fp32"  # codec spec of the model broadcast: fp32|fp16, optionally +zstd
-    max_update_bytes: int = 4 * 1024 * 1024
+    # None (not given): derived from the model for a new run (coordinator.limits), the
+    # recorded value for a resumed one
+    max_update_bytes: int | None = None
     # the broker's max_packet_size (broker_config/mosquitto.conf): fedbus does not split
     # messages yet, so the model message must fit in one packet
     max_message_bytes: int = 8 * 1024 * 1024
@@ -140,6 +142,11 @@ class CoordinatorConfig(BrokerTarget):
             self.host, self.tls, insecure_plaintext=self.insecure_plaintext,
             ca_file=self.tls_ca, cert_file=self.tls_cert, key_file=self.tls_key,
         )
+        if self.max_update_bytes is not None and self.max_update_bytes < 1:
+            raise ValueError(
+                f"max_update_bytes must be at least 1 (leave it out to derive it from the "
+                f"model), got {self.max_update_bytes}"
+            )
         if self.max_versions < 0 or self.duration < 0:
             raise ValueError("max_versions and duration must not be negative")
         if not 0 <= self.metrics_port <= 65535:

@@ -50,6 +50,7 @@ from coordinator.admission import Admission
 from coordinator.config import CoordinatorConfig
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
 from coordinator.evaluation import Evaluator
+from coordinator.limits import default_max_update_bytes, receive_packet_limit
 from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
 from coordinator.store import DB_FILE, HistoryRow, StateLock, Store, archive_run
 from fedbus.envelope import pack
@@ -127,7 +128,9 @@ def build_task(
     config: CoordinatorConfig, eval_x: np.ndarray | None, eval_y: np.ndarray | None, *,
     run_id: str, created_at: float,
 ) -> Task:
-    """The task description from the configuration (mlp sizes inferred from eval data)."""
+    """The task description from the configuration (mlp sizes inferred from eval data).
+    Without ``config.max_update_bytes`` its ``max_update_bytes`` is ``Task``'s default, a
+    placeholder until the model is known (``CoordinatorService`` derives it)."""
     args = config.parsed_model_args()
     if config.arch == "mlp" and eval_x is not None and eval_y is not None:
         args.setdefault("in_features", int(np.prod(eval_x.shape[1:])))
@@ -145,7 +148,8 @@ def build_task(
             qat=config.qat,
         ),
         codec=config.codec,
-        max_update_bytes=config.max_update_bytes,
+        max_update_bytes=(Task.max_update_bytes if config.max_update_bytes is None
+                          else config.max_update_bytes),
         max_staleness=config.aggregation().effective_max_staleness,
         created_at=created_at,
     )
@@ -241,6 +245,11 @@ class CoordinatorService:
         self._waiting_logged = 0.0
         self._started = time.monotonic()
         self._first_update: float | None = None
+        # the largest packet the broker may send us (MQTT v5 Maximum Packet Size): a larger
+        # one is dropped by the broker and never costs this process a byte
+        self.receive_limit = receive_packet_limit(
+            self.task.max_update_bytes, self._shapes(), config.max_message_bytes
+        )
         self.client: Transport = transport_factory(
             ConnectionSettings(
                 host=config.host,
@@ -250,6 +259,7 @@ class CoordinatorService:
                 username=config.username,
                 password=password,
                 max_packet_size=config.max_message_bytes,
+                receive_max_packet_size=self.receive_limit,
             ),
             on_message=self._on_message,
             on_connect=lambda _present: self._republish.set(),
@@ -286,7 +296,7 @@ class CoordinatorService:
     ) -> None:
         import torch
 
-        from fedbus.zoo import build_model, get_state
+        from fedbus.zoo import build_model, get_state, state_shapes
 
         wanted = build_task(config, eval_x, eval_y, run_id="pending", created_at=0.0)
         if self.store.has_run:
@@ -299,6 +309,9 @@ class CoordinatorService:
             model = build_model(self.task.model.arch, self.task.model.args)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"cannot build model {self.task.model.arch!r}: {exc}") from None
+        if config.max_update_bytes is None:  # not given: what this model needs
+            derived = default_max_update_bytes(state_shapes(model), config.max_message_bytes)
+            self.task = replace(self.task, max_update_bytes=derived)
         aggregation = config.aggregation()
         privacy = aggregation.privacy
         secret = None if privacy is None else new_noise_secret()
@@ -354,6 +367,16 @@ class CoordinatorService:
                 f"it with --aggregator {snap.aggregator}, start a new run there with "
                 "--new-run, or use another --state-dir"
             )
+        if self.config.max_update_bytes is None:  # not given: the run keeps its own
+            wanted = replace(wanted, max_update_bytes=stored.max_update_bytes)
+            shapes = {name: tuple(a.shape) for name, a in snap.state.items()}
+            derived = default_max_update_bytes(shapes, self.config.max_message_bytes)
+            if derived != stored.max_update_bytes:
+                log.info(
+                    "resumed run %s keeps its max_update_bytes of %d; derived from the model "
+                    "it would be %d (--max-update-bytes %d to take that)", snap.run_id,
+                    stored.max_update_bytes, derived, derived,
+                )
         changed = _changed_settings(stored, wanted)
         task = replace(
             wanted, run_id=snap.run_id, created_at=snap.created_at, model=stored.model
@@ -377,6 +400,10 @@ class CoordinatorService:
             "resuming run %s of task %s at version %d with %d accepted update(s) waiting "
             "(state: %s)", snap.run_id, task.task_id, snap.version, self.core.buffered, where,
         )
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """The model's tensor shapes (those of every update's delta)."""
+        return {name: tuple(a.shape) for name, a in self.core.state.items()}
 
     def close(self) -> None:
         """Close the store and release the state directory (idempotent)."""
@@ -465,6 +492,9 @@ class CoordinatorService:
             self.config.mode, self.core.config.spec, self.task.codec, self.config.model_codec,
             self.config.host, self.config.broker_port(), key_text(self._signing_key),
         )
+        log.info("updates of up to %d bytes are judged; the broker is asked for no packet "
+                 "over %d bytes (larger ones are dropped for us by the broker)",
+                 self.task.max_update_bytes, self.receive_limit)
         privacy = self.core.config.privacy
         if privacy is not None:
             info = privacy_summary(privacy, self.core.version, self.core.config.dp_divisor)

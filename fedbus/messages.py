@@ -28,6 +28,7 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,12 +38,13 @@ from fedbus.codec_spec import COMPRESSIONS, parse_codec
 from fedbus.envelope import PROTOCOL_VERSION, DecodeLimits, read
 from fedbus.errors import ProtocolError
 from fedbus.topics import DEVICE_ID_PATTERN
-from fedbus.update_codec import PackedMap
+from fedbus.update_codec import PackedMap, delta_wire_bound
 from fedbus.wire_reader import FieldReader, Reader, Unread
 
 __all__ = [
     "RUN_STATES",
     "STATUS_STATES",
+    "UPDATE_FIELDS_BOUND",
     "GlobalModel",
     "ModelSpec",
     "Receipt",
@@ -54,6 +56,7 @@ __all__ = [
     "new_update_id",
     "peek_update_id",
     "read_update_fields",
+    "update_size_bound",
 ]
 
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -476,6 +479,34 @@ def _read_delta(reader: Reader) -> Any:
 
 
 _MAX_METRICS = 32
+
+
+def _fields_bound() -> int:
+    """Most bytes the fields of an update other than ``delta`` take within this module's
+    checks and the coordinator's decode limits (docs/protocol.md 4.2, 7.3): a map16 header,
+    the eleven keys, ``v`` and ``kind``, four ids of at most 64 ASCII characters (str8),
+    ``base``, ``n`` and ``ts`` as 9-byte numbers, and ``m`` with its most entries, 32, each
+    a name of 4,096 bytes (str16) and a float64."""
+    keys = ("v", "kind", "update_id", "dev", "run", "task", "base", "n", "m", "delta", "ts")
+    ids = 4 * (2 + 64)
+    numbers = 3 * 9
+    metrics = 3 + _MAX_METRICS * (3 + 4096 + 9)
+    return (3 + sum(len(msgpack.packb(k)) for k in keys) + len(msgpack.packb(PROTOCOL_VERSION))
+            + len(msgpack.packb("update")) + ids + numbers + metrics)
+
+
+UPDATE_FIELDS_BOUND = _fields_bound()  # 131,809 bytes, almost all of it the metrics
+
+
+def update_size_bound(expected_shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Most bytes an honest update payload for a model of these tensor shapes can take,
+    whatever its codec (fp32, fp16, int8, int4, topk:F:V, each with or without +zstd) and
+    metrics: ``update_codec.delta_wire_bound`` plus ``UPDATE_FIELDS_BOUND``. No update
+    that passes the coordinator's checks for this model is longer (tests/test_limits.py
+    measures it against the encoders)."""
+    return delta_wire_bound(expected_shapes) + UPDATE_FIELDS_BOUND
+
+
 _LEAF: FieldReader = Reader.leaf
 UPDATE_FIELDS: dict[str, FieldReader] = {
     "update_id": _LEAF, "dev": _LEAF, "run": _LEAF, "task": _LEAF, "base": _LEAF,

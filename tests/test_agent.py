@@ -152,6 +152,23 @@ def test_agents_stop_when_the_run_ends(broker: MemoryBroker, tmp_path: Path) -> 
     assert stats is not None and stats.updates_published >= 2
 
 
+def test_an_update_over_the_tasks_limit_is_not_sent(
+    broker: MemoryBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over task.max_update_bytes an update would be refused (or, over the coordinator's
+    Maximum Packet Size, dropped by the broker without a word): it is logged and skipped."""
+    coordinator = Running(broker, mode="fedasync", codec="fp32", max_update_bytes=200)
+    agent = AgentThread(broker, tmp_path / "a")
+    try:
+        wait_for(lambda: "exceeds the task's limit of 200; not sent" in caplog.text)
+    finally:
+        stats = agent.stop()
+        coordinator.stop()
+    assert stats is not None and stats.updates_published == 0
+    assert not any(p.topic == TOPICS.update("dev-a") for p in broker.published)
+    assert coordinator.service.core.counters["updates_received"] == 0
+
+
 # -- decisions in isolation ---------------------------------------------------------------
 
 

@@ -352,3 +352,47 @@ def test_a_version_made_by_the_clock_is_stored_before_it_is_published(
     stored = running.service.store.load()  # the service holds the store: read it as it is
     assert stored.version == 1 and stored.pending == ()
     running.stop()
+
+
+# -- how large a message the coordinator takes (coordinator.limits) -------------------------
+
+
+def test_max_update_bytes_follows_the_model_unless_given():
+    from coordinator.limits import PACKET_HEADROOM, default_max_update_bytes
+
+    derived = _service()
+    shapes = {name: a.shape for name, a in derived.core.state.items()}
+    assert derived.task.max_update_bytes == default_max_update_bytes(shapes, 8 << 20)
+    assert derived.receive_limit == derived.task.max_update_bytes + PACKET_HEADROOM
+    assert derived.client.settings.receive_max_packet_size == derived.receive_limit
+    given = _service(max_update_bytes=4 << 20)
+    assert given.task.max_update_bytes == 4 << 20
+    assert given.receive_limit == (4 << 20) + PACKET_HEADROOM
+    with pytest.raises(ValueError, match="max_update_bytes must be at least 1"):
+        CoordinatorConfig(max_update_bytes=0)
+
+
+def test_a_resumed_run_keeps_its_recorded_max_update_bytes(tmp_path: Path):
+    state = tmp_path / "run"
+    _service(state_dir=state, max_update_bytes=4 << 20).close()  # e.g. the old default
+    kept = _service(state_dir=state)
+    assert kept.resumed and kept.task.max_update_bytes == 4 << 20
+    kept.close()
+    _service(state_dir=state, max_update_bytes=123_456).close()  # given: it wins, recorded
+    again = _service(state_dir=state)
+    assert again.task.max_update_bytes == 123_456
+    assert Task.from_wire(again.store.load().task).max_update_bytes == 123_456
+    again.close()
+
+
+def test_a_message_over_the_receive_limit_never_reaches_the_coordinator(broker: MemoryBroker):
+    running = Running(broker, buffer_size=1)
+    service = running.service
+    dev = Device(broker)
+    try:
+        big = b"\x00" * service.receive_limit  # its packet is over the limit
+        dev.client.publish(TOPICS.update("dev-a"), big)
+        assert dev.send(_update(service, "u1")).accepted  # the next one is judged
+        assert service.core.counters["updates_received"] == 1
+    finally:
+        running.stop()

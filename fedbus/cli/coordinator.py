@@ -39,8 +39,12 @@ HELPS = {
     "topk:FRACTION[:fp32|fp16|int8|int4] (share of values kept, and their codec; "
     "default int8), each optionally +zstd; e.g. int4+zstd, topk:0.05:int8+zstd.",
     "model_codec": "Codec of the global model broadcast: fp32 or fp16, optionally +zstd.",
-    "max_update_bytes": "Largest update accepted, in bytes.",
-    "max_message_bytes": "The broker's max_packet_size: the model message must fit in it.",
+    "max_update_bytes": "Largest update accepted, in bytes. Default: derived from the model "
+    "(twice the largest update any codec can make of it, plus room for metrics; the demo "
+    "mlp gets 299,783), at most the broker's packet limit; a resumed run keeps its own.",
+    "max_message_bytes": "The broker's max_packet_size: the model message must fit in it. "
+    "The coordinator asks the broker for no packet larger than it needs (its largest "
+    "update or model message, plus 1 KiB).",
     "seed": "Seed of the initial model.",
     "min_devices": "Publish the task only once this many devices are online (0: at once), "
     "so training starts with the whole fleet, not with the first device to connect.",
