@@ -11,9 +11,13 @@ version and a fresh update id so that it is judged, not answered from the ledger
 The honest devices send for ``warm-up + 2 x seconds``; the flooder sends during the second
 half. The baseline is the honest devices' p99 receipt latency in the first half (no flood),
 ours their p99 while the flood runs, in the same run. Aim (issue 8): ours <= 2 x baseline.
-Each run is made four times, alternating: the coordinator with per-device admission switched
-off (``--device-share 0``: every message judged in arrival order, as before admission existed)
-and with its defaults, each under 20 and under 5 hostile messages a second.
+The hostile payloads are built to the task's ``max_update_bytes`` (the worst case that
+still reaches the coordinator: the broker drops anything larger for it, coordinator.limits).
+Each run is made four times, alternating: the coordinator with its defaults (the limit
+derived from the model, 299,783 bytes here) under 20 and under 5 hostile messages a second,
+with per-device admission switched off (``--device-share 0``: every message judged in
+arrival order), and with the old fixed limit (``--max-update-bytes 4194304``, 4 MiB
+payloads).
 
 ``python -m bench.flood ROLE JSON`` runs the ``honest`` and ``flooder`` roles.
 """
@@ -37,7 +41,7 @@ FLOODER = "flooder-1"
 HONEST_RATE = 2.0  # updates per second per honest device (an agent: one per local training)
 FLOOD_RATE = 20.0  # hostile messages per second (the issue's figure)
 # the payloads of bench.hostile that cost the coordinator most against the demo model
-# (python -m bench.decode_worst) and are all about max_update_bytes (4 MiB) long
+# (python -m bench.decode_worst, at 4 MiB), built to fill the task's max_update_bytes
 FLOOD_SHAPES = ("empty_arrays_in_delta", "empty_maps_unknown_key", "tiny_tensors")
 SECONDS = 20.0
 WARMUP = 3.0
@@ -205,7 +209,7 @@ def flooder(a: dict[str, Any]) -> None:
     PUBACK failures and receipts by verdict."""
     from bench import hostile
 
-    payloads = [hostile.SHAPES[s]()[0] for s in a["shapes"]]
+    payloads = [hostile.SHAPES[s](a["size"])[0] for s in a["shapes"]]
     clock = _Clock()
     verdicts: dict[str, int] = {}
     failures: list[str] = []
@@ -260,8 +264,19 @@ def _summ(latencies: list[float]) -> dict[str, Any]:
             "p99_ms": percentile(latencies, 99), "max_ms": max(latencies, default=None)}
 
 
+def update_limit(max_update_bytes: int | None) -> int:
+    """The task's max_update_bytes: as given, else as the coordinator derives it for the
+    demo model and the shipped broker's 8 MiB packet limit."""
+    from bench import hostile
+    from coordinator.limits import default_max_update_bytes
+
+    if max_update_bytes is not None:
+        return max_update_bytes
+    return default_max_update_bytes(hostile.DEMO_MODEL, 8 * 1024 * 1024)
+
+
 def _one(ctx: BenchContext, broker: BenchBroker, i: int, template: str, seconds: float,
-         admission: dict[str, Any], rate: float) -> dict[str, Any]:
+         admission: dict[str, Any], rate: float, limit: int | None) -> dict[str, Any]:
     from bench.ingest import _consumer_args
 
     run_dir = ctx.path("flood", f"run-{i}", "x").parent
@@ -272,7 +287,7 @@ def _one(ctx: BenchContext, broker: BenchBroker, i: int, template: str, seconds:
         broker, str(run_dir / "coordinator.json"), str(run_dir / "ready"), task_id=task_id,
         model_args=MODEL_ARGS, mode="fedasync", k=1, max_versions=0, duration=total + 120,
         max_staleness=1000, idle_stop=1e9, state_dir=str(run_dir / "state"),
-        config=admission,
+        config=admission, max_update_bytes=limit,
     ), log_path=run_dir / "coordinator.log")
     coord.wait_for_file(run_dir / "ready", 60, "coordinator")
     common = {"host": broker.host, "port": broker.port, "prefix": broker.prefix,
@@ -284,6 +299,7 @@ def _one(ctx: BenchContext, broker: BenchBroker, i: int, template: str, seconds:
         "out": str(run_dir / "honest.json")})], log_path=run_dir / "honest.log", name="honest")
     flood_p = ctx.start([sys.executable, "-m", "bench.flood", "flooder", json.dumps({
         **common, "device": FLOODER, "shapes": list(FLOOD_SHAPES), "rate": rate,
+        "size": update_limit(limit),
         "seconds": seconds, "delay": WARMUP + seconds, "ready": str(run_dir / "flood.ready"),
         "out": str(run_dir / "flood.json")})], log_path=run_dir / "flooder.log", name="flooder")
     honest_p.wait_for_file(run_dir / "honest.ready", 60, "honest")
@@ -308,21 +324,22 @@ def _one(ctx: BenchContext, broker: BenchBroker, i: int, template: str, seconds:
         "baseline": _summ(base), "flood": _summ(under),
         "honest_verdicts": honest_verdicts, "honest_unanswered": h["unanswered"],
         "flooder": {k: f[k] for k in ("sent", "planned", "puback_failures", "receipts")},
-        "flooder_payload_bytes": f["payload_bytes"],
+        "flooder_payload_bytes": f["payload_bytes"], "max_update_bytes": update_limit(limit),
         "coordinator_counters": {k: v for k, v in counters.items()
                                  if k.startswith(("rejected_", "updates_", "rate_limited"))},
     }
 
 
-# what each run compares: the coordinator with per-device admission switched off (every
-# message judged in arrival order, as before it existed) and with its defaults
-# (coordinator settings, hostile messages per second); at the issue's 20 a second and at 5
-# a second, where receiving 4 MiB messages takes less of the thread
-SIDES: dict[str, tuple[dict[str, Any], float]] = {
-    "admission off": ({"device_share": 0.0}, FLOOD_RATE),
-    "default": ({}, FLOOD_RATE),
-    "admission off, 5/s": ({"device_share": 0.0}, 5.0),
-    "default, 5/s": ({}, 5.0),
+OLD_LIMIT = 4 * 1024 * 1024  # the fixed default max_update_bytes before it followed the model
+# what each run compares (coordinator settings, hostile messages per second, the
+# --max-update-bytes given, None: derived from the model): the defaults at the issue's 20 a
+# second and at 5; per-device admission switched off (every message judged in arrival
+# order, as before it existed); the old fixed 4 MiB limit, as a run recorded before keeps it
+SIDES: dict[str, tuple[dict[str, Any], float, int | None]] = {
+    "default": ({}, FLOOD_RATE, None),
+    "admission off": ({"device_share": 0.0}, FLOOD_RATE, None),
+    "default, 4 MiB limit": ({}, FLOOD_RATE, OLD_LIMIT),
+    "default, 5/s": ({}, 5.0, None),
 }
 
 
@@ -347,10 +364,11 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in SIDES}
     with BenchBroker(ctx, "flood", (*HONEST, FLOODER)) as broker:
         for i in range(runs):
-            for j, (name, (config, rate)) in enumerate(SIDES.items()):
+            for j, (name, (config, rate, limit)) in enumerate(SIDES.items()):
                 results[name].append(guarded(
-                    lambda i=i, j=j, config=config, rate=rate: _one(
-                        ctx, broker, len(SIDES) * i + j, template, seconds, config, rate)))
+                    lambda i=i, j=j, config=config, rate=rate, limit=limit: _one(
+                        ctx, broker, len(SIDES) * i + j, template, seconds, config, rate,
+                        limit)))
     sides = {name: _side(rs) for name, rs in results.items()}
     ours = sides["default"]
     if ours["p99_flood"] is None:
@@ -376,7 +394,10 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                    "seconds_per_phase": seconds, "warmup_seconds": WARMUP, "runs": runs,
                    "parameters": params, "model_args": MODEL_ARGS,
                    "honest_payload_bytes": payload_bytes, "mode": "fedasync (K=1)",
-                   "sides": {k: {"config": c, "flood_rate": r} for k, (c, r) in SIDES.items()}},
+                   "sides": {k: {"config": c, "flood_rate": r,
+                                 "max_update_bytes": update_limit(m),
+                                 "max_update_bytes_given": m}
+                             for k, (c, r, m) in SIDES.items()}},
         "details": {"runs": results},
     }
 

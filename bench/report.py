@@ -320,9 +320,10 @@ def _privacy(b: dict[str, Any]) -> str:
 def _flood(b: dict[str, Any]) -> str:
     p = b["params"]
     sides = b["sides"]
-    compare = [[name, _num(sd["p50_calm"]), _num(sd["p99_calm"]), _num(sd["p50_flood"]),
-                _num(sd["p99_flood"]), _ratio(ratio(sd["p99_flood"], sd["p99_calm"])),
-                _runs(sd["ratio_runs"])]
+    limits = {name: side.get("max_update_bytes") for name, side in p["sides"].items()}
+    compare = [[name, _num(limits.get(name)), _num(sd["p50_calm"]), _num(sd["p99_calm"]),
+                _num(sd["p50_flood"]), _num(sd["p99_flood"]),
+                _ratio(ratio(sd["p99_flood"], sd["p99_calm"])), _runs(sd["ratio_runs"])]
                for name, sd in sides.items()]
     per_run = []
     for name, runs in b["details"]["runs"].items():
@@ -345,15 +346,19 @@ def _flood(b: dict[str, Any]) -> str:
         f"publishing a valid int8 update ({p['honest_payload_bytes']:,} bytes) "
         f"{p['honest_rate_per_device']:g} times a second and timing publish -> receipt; one "
         f"flooder publishing {p['flood_rate']:g} hostile payloads a second "
-        f"({', '.join(p['flood_shapes'])} of bench/hostile.py, about 4 MiB each, readdressed "
+        f"({', '.join(p['flood_shapes'])} of bench/hostile.py, built to fill the task's "
+        f"`max_update_bytes`, readdressed "
         f"to the current run and version) during the second {p['seconds_per_phase']:g} s of "
         f"the honest devices' {2 * p['seconds_per_phase']:g} s (after "
         f"{p['warmup_seconds']:g} s warm-up). Baseline: the first half of the same run (no "
-        f"flood). {p['runs']} runs per side, alternating: the coordinator with per-device "
-        f"admission off (`--device-share 0`, every message judged in arrival order) and with "
-        f"its defaults; the sides marked 5/s flood at 5 messages a second instead.", "",
-        _table(["coordinator", "p50 calm (ms)", "p99 calm (ms)", "p50 flood (ms)",
-                "p99 flood (ms)", "p99 flood / calm", "per run"], compare), "",
+        f"flood). {p['runs']} runs per side, alternating: the coordinator with its defaults "
+        f"(`max_update_bytes` derived from the model), with per-device admission off "
+        f"(`--device-share 0`, every message judged in arrival order), with the old fixed "
+        f"limit (`--max-update-bytes 4194304`); the side marked 5/s floods at 5 messages a "
+        f"second instead.", "",
+        _table(["coordinator", "max_update_bytes", "p50 calm (ms)", "p99 calm (ms)",
+                "p50 flood (ms)", "p99 flood (ms)", "p99 flood / calm", "per run"], compare),
+        "",
         _table(["coordinator", "run", "p99 calm (ms)", "p99 flood (ms)", "max flood (ms)",
                 "honest unanswered", "honest verdicts", "flooder sent", "flooder receipts",
                 "refused unjudged"], per_run),

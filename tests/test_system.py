@@ -334,10 +334,13 @@ def test_a_flooding_device_is_refused_while_the_others_are_still_judged(
     """Issue 8: one device publishing 1 MiB updates back to back, expensive to read (a
     million empty maps under an unknown key), goes over its share of the coordinator's time
     and is refused unjudged with rate_limited receipts; another device's updates, sent
-    meanwhile, are still judged and accepted."""
+    meanwhile, are still judged and accepted. (With the limit derived from this model, about
+    240 KB, the broker would drop these messages for the coordinator: the old fixed 4 MiB
+    limit, as a run recorded with it keeps, lets them through to be refused.)"""
     coord = start_coordinator(
         evaluate=False, mode="fedasync", device_share=0.01, device_burst=0.01,
         model_args='{"in_features": 64, "hidden": [16], "num_classes": 10}',
+        max_update_bytes=4 << 20,
     )
     flooder, honest = device("dev-b"), device("dev-a")
     zero = _zero_like_model(honest)
