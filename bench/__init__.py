@@ -8,7 +8,8 @@ Modules: ``harness`` (processes, broker, environment, statistics, the agent flee
 ``procs`` (the child processes: coordinator, bare subscriber, publisher, probes), one
 module per benchmark (``ingest``, ``latency``, ``codecs``, ``tta``, ``footprint``,
 ``decode_worst`` with the payloads of ``hostile``, ``poisoning``, ``privacy``: accuracy
-against epsilon in an in-process simulation) and
+against epsilon in an in-process simulation, ``flood``: honest receipt latency while one
+device floods) and
 ``report`` (results.json to the tables of BENCHMARKS.md).
 """
 
@@ -22,6 +23,7 @@ BENCHMARKS: tuple[str, ...] = (
     "decode_worst",
     "poisoning",
     "privacy",
+    "flood",
 )
 
 __all__ = ["BENCHMARKS"]

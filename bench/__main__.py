@@ -36,6 +36,7 @@ _MODULES = {
     "decode_worst": "decode_worst",
     "poisoning": "poisoning",
     "privacy": "privacy",
+    "flood": "flood",
 }
 
 
@@ -52,7 +53,7 @@ def _runner(name: str):
 # Order: the fleet of agents with equal speeds serves ``bytes`` and then the first profile
 # of ``time_to_accuracy`` without being restarted.
 ORDER = ("ingest_25k", "ingest_1m", "latency", "footprint", "bytes", "time_to_accuracy",
-         "decode_worst", "poisoning", "privacy")
+         "decode_worst", "poisoning", "privacy", "flood")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

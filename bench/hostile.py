@@ -1,11 +1,11 @@
 """Hostile update payloads: the worst shapes we know for the coordinator's decoder.
 
 Each builder returns ``(payload, expected_shapes)``: the bytes a device could send (at most
-``MAX_UPDATE_BYTES``, the default ``max_update_bytes``) and the model they are sent
-against. Every payload is fresh, for the right run, task and device, so it reaches the
-tensor decoding; none of them is a valid update. The builders need only msgpack, numpy
-and zstandard (no fedbus), so the same payloads can be measured against older code
-(``python -m bench.decode_worst``).
+``size`` bytes, ``MAX_UPDATE_BYTES`` unless given: the builders that fill a message take
+it, the others are smaller anyway) and the model they are sent against. Every payload is
+fresh, for the right run, task and device, so it reaches the tensor decoding; none of them
+is a valid update. The builders need only msgpack, numpy and zstandard (no fedbus), so the
+same payloads can be measured against older code (``python -m bench.decode_worst``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import zstandard
 __all__ = ["BIG_MODEL", "DEMO_MODEL", "DEVICE", "MAX_UPDATE_BYTES", "RUN", "SHAPES", "TASK",
            "VERSION"]
 
+# the fixed default max_update_bytes before it followed the model (coordinator.limits)
 MAX_UPDATE_BYTES = 4 * 1024 * 1024
 # the demo's mlp 64-[64]-10 (docs/protocol.md section 8.3), 4,814 elements
 DEMO_MODEL: dict[str, tuple[int, ...]] = {
@@ -76,20 +77,20 @@ def _filler(budget: int, item: bytes) -> bytes:
     return b"\xdc" + count.to_bytes(2, "big") + inner * count
 
 
-def _room(*parts: bytes) -> int:
-    return MAX_UPDATE_BYTES - sum(len(p) for p in parts) - 512
+def _room(size: int, *parts: bytes) -> int:
+    return max(0, size - sum(len(p) for p in parts) - 512)
 
 
-def empty_maps_unknown_key() -> tuple[bytes, dict]:
+def empty_maps_unknown_key(size: int = MAX_UPDATE_BYTES) -> tuple[bytes, dict]:
     """The issue's shape: millions of empty maps (one byte each) under an unknown key."""
     delta = _map(_good_delta(DEMO_MODEL))
-    return envelope(delta, ("x", _filler(_room(delta), b"\x80"))), DEMO_MODEL
+    return envelope(delta, ("x", _filler(_room(size, delta), b"\x80"))), DEMO_MODEL
 
 
-def empty_arrays_in_delta() -> tuple[bytes, dict]:
+def empty_arrays_in_delta(size: int = MAX_UPDATE_BYTES) -> tuple[bytes, dict]:
     """Millions of empty arrays under an unknown key of a tensor entry inside the delta."""
     good = _good_delta(DEMO_MODEL)
-    room = _room(_map(good))
+    room = _room(size, _map(good))
     name, entry = good[2]
     # the entry is a fixmap: one more key, "x", holding the filler
     good[2] = (name, bytes([entry[0] + 1]) + entry[1:] + _packb("x") + _filler(room, b"\x90"))
@@ -108,13 +109,13 @@ def deep_nesting() -> tuple[bytes, dict]:
     return envelope(_map(_good_delta(DEMO_MODEL)), ("x", b"\x91" * 100_000 + b"\x00")), DEMO_MODEL
 
 
-def tiny_tensors() -> tuple[bytes, dict]:
+def tiny_tensors(size: int = MAX_UPDATE_BYTES) -> tuple[bytes, dict]:
     """Small tensor maps by the hundred thousand under an unknown key."""
     item = _packb({"dtype": "int8", "shape": [1], "data": b"\x00"})
     per = 4096
     inner = b"\xdc" + per.to_bytes(2, "big") + item * per
     delta = _map(_good_delta(DEMO_MODEL))
-    count = _room(delta) // len(inner)
+    count = _room(size, delta) // len(inner)
     return envelope(delta, ("x", b"\xdc" + count.to_bytes(2, "big") + inner * count)), DEMO_MODEL
 
 
@@ -124,17 +125,17 @@ def many_entries() -> tuple[bytes, dict]:
     return envelope(_map(entries)), DEMO_MODEL
 
 
-def extra_tensor() -> tuple[bytes, dict]:
+def extra_tensor(size: int = MAX_UPDATE_BYTES) -> tuple[bytes, dict]:
     """The issue's second shape: the model's tensors plus one large tensor it does not have."""
     good = _good_delta(DEMO_MODEL)
-    room = _room(_map(good))
+    room = _room(size, _map(good))
     return envelope(_map([*good, ("extra", _int8_entry((room - 200,)))])), DEMO_MODEL
 
 
-def wrong_shape() -> tuple[bytes, dict]:
+def wrong_shape(size: int = MAX_UPDATE_BYTES) -> tuple[bytes, dict]:
     """A model tensor sent with a much larger shape than the model's."""
     good = _good_delta(DEMO_MODEL)
-    room = _room(_map(good))
+    room = _room(size, _map(good))
     good[2] = (good[2][0], _int8_entry((1000, (room - 8192) // 1000)))
     return envelope(_map(good)), DEMO_MODEL
 
@@ -164,10 +165,10 @@ def zstd_bomb() -> tuple[bytes, dict]:
     return envelope(_packb(frame)), BIG_MODEL
 
 
-def duplicate_keys() -> tuple[bytes, dict]:
+def duplicate_keys(size: int = MAX_UPDATE_BYTES) -> tuple[bytes, dict]:
     """The model's tensors, with one of them repeated 1,000 times in the same map."""
     good = _good_delta(DEMO_MODEL)
-    room = _room(_map(good))
+    room = _room(size, _map(good))
     big = _int8_entry((64, 64))
     copies = [("fc0.weight", big)] * min(1000, room // (len(big) + 16) - 1)
     return envelope(_map([*good, *copies][:1024])), DEMO_MODEL
@@ -191,7 +192,7 @@ def unknown_keys() -> tuple[bytes, dict]:
     return envelope(_map(entries)), DEMO_MODEL
 
 
-SHAPES: dict[str, Callable[[], tuple[bytes, dict]]] = {
+SHAPES: dict[str, Callable[..., tuple[bytes, dict]]] = {
     "empty_maps_unknown_key": empty_maps_unknown_key,
     "empty_arrays_in_delta": empty_arrays_in_delta,
     "declared_lengths": declared_lengths,

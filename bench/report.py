@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.harness import ratio
+
 __all__ = ["render_sections", "update_markdown"]
 
 
@@ -315,6 +317,54 @@ def _privacy(b: dict[str, Any]) -> str:
     ])
 
 
+def _flood(b: dict[str, Any]) -> str:
+    p = b["params"]
+    sides = b["sides"]
+    limits = {name: side.get("max_update_bytes") for name, side in p["sides"].items()}
+    compare = [[name, _num(limits.get(name)), _num(sd["p50_calm"]), _num(sd["p99_calm"]),
+                _num(sd["p50_flood"]), _num(sd["p99_flood"]),
+                _ratio(ratio(sd["p99_flood"], sd["p99_calm"])), _runs(sd["ratio_runs"])]
+               for name, sd in sides.items()]
+    per_run = []
+    for name, runs in b["details"]["runs"].items():
+        for i, r in enumerate(runs):
+            if r.get("error"):
+                per_run.append([name, str(i + 1), "failed", "", "", "", "", "", "", ""])
+                continue
+            limited = r["coordinator_counters"].get("updates_rate_limited")
+            per_run.append([
+                name, str(i + 1), _num(r["baseline"]["p99_ms"]), _num(r["flood"]["p99_ms"]),
+                _num(r["flood"]["max_ms"]), str(r["honest_unanswered"]),
+                ", ".join(f"{k} {v}" for k, v in sorted(r["honest_verdicts"].items())),
+                f"{r['flooder']['sent']} of {r['flooder']['planned']}",
+                ", ".join(f"{k} {v}" for k, v in sorted(r["flooder"]["receipts"].items()))
+                or "none", "–" if limited is None else str(limited)])
+    return "\n".join([
+        _stamp(b), "", _table(HEAD, [_head(b, "honest p99 under flood (ms), default")]), "",
+        f"Real Mosquitto, a real coordinator process (FedAsync, mlp {p['model_args']}, "
+        f"{p['parameters']:,} parameters), {p['honest_devices']} honest devices each "
+        f"publishing a valid int8 update ({p['honest_payload_bytes']:,} bytes) "
+        f"{p['honest_rate_per_device']:g} times a second and timing publish -> receipt; one "
+        f"flooder publishing {p['flood_rate']:g} hostile payloads a second "
+        f"({', '.join(p['flood_shapes'])} of bench/hostile.py, built to fill the task's "
+        f"`max_update_bytes`, readdressed "
+        f"to the current run and version) during the second {p['seconds_per_phase']:g} s of "
+        f"the honest devices' {2 * p['seconds_per_phase']:g} s (after "
+        f"{p['warmup_seconds']:g} s warm-up). Baseline: the first half of the same run (no "
+        f"flood). {p['runs']} runs per side, alternating: the coordinator with its defaults "
+        f"(`max_update_bytes` derived from the model), with per-device admission off "
+        f"(`--device-share 0`, every message judged in arrival order), with the old fixed "
+        f"limit (`--max-update-bytes 4194304`); the side marked 5/s floods at 5 messages a "
+        f"second instead.", "",
+        _table(["coordinator", "max_update_bytes", "p50 calm (ms)", "p99 calm (ms)",
+                "p50 flood (ms)", "p99 flood (ms)", "p99 flood / calm", "per run"], compare),
+        "",
+        _table(["coordinator", "run", "p99 calm (ms)", "p99 flood (ms)", "max flood (ms)",
+                "honest unanswered", "honest verdicts", "flooder sent", "flooder receipts",
+                "refused unjudged"], per_run),
+    ])
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "ingest_25k": _ingest,
     "ingest_1m": _ingest,
@@ -325,6 +375,7 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "decode_worst": _decode_worst,
     "poisoning": _poisoning,
     "privacy": _privacy,
+    "flood": _flood,
 }
 
 
@@ -349,6 +400,7 @@ RATIO_MEANS = {
     "decode_worst": "ours / unpackb (lower is better)",
     "poisoning": "default defences / plain mean, worst points lost (lower is better)",
     "privacy": "accuracy with DP (σ = 1) / without (higher is better)",
+    "flood": "honest p99 under a flood / without (lower is better)",
 }
 
 

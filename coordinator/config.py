@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from coordinator.admission import AdmissionPolicy
 from coordinator.core import AggregationConfig
 from coordinator.privacy import PrivacySpec, privacy_from_settings
 from fedbus.codec_spec import parse_codec
@@ -52,7 +53,9 @@ class CoordinatorConfig(BrokerTarget):
     qat: bool = True
     codec: str = "int8"  # codec spec of the updates (fedbus.codec_spec)
     model_codec: str = "fp32"  # codec spec of the model broadcast: fp32|fp16, optionally +zstd
-    max_update_bytes: int = 4 * 1024 * 1024
+    # None (not given): derived from the model for a new run (coordinator.limits), the
+    # recorded value for a resumed one
+    max_update_bytes: int | None = None
     # the broker's max_packet_size (broker_config/mosquitto.conf): fedbus does not split
     # messages yet, so the model message must fit in one packet
     max_message_bytes: int = 8 * 1024 * 1024
@@ -101,6 +104,12 @@ class CoordinatorConfig(BrokerTarget):
     sync: Literal["normal", "full"] = "normal"
     # exit with an error after this many seconds without a broker connection (0: retry forever)
     connect_timeout: float = 0.0
+    # per-device admission (coordinator.admission): the share of the CPU time the
+    # coordinator spends handling messages that one device may use sustained, and the
+    # seconds of it a quiet device may use at once; a device over it gets rate_limited
+    # receipts. 0 share: off
+    device_share: float = 0.02
+    device_burst: float = 0.25
     # evaluation, stopping
     eval_data: Path | None = None
     # input normalisation carried by the task (fedbus.preprocess): auto (from eval_data when
@@ -151,6 +160,11 @@ class CoordinatorConfig(BrokerTarget):
             self.host, self.tls, insecure_plaintext=self.insecure_plaintext,
             ca_file=self.tls_ca, cert_file=self.tls_cert, key_file=self.tls_key,
         )
+        if self.max_update_bytes is not None and self.max_update_bytes < 1:
+            raise ValueError(
+                f"max_update_bytes must be at least 1 (leave it out to derive it from the "
+                f"model), got {self.max_update_bytes}"
+            )
         if self.max_versions < 0 or self.duration < 0:
             raise ValueError("max_versions and duration must not be negative")
         if not 0 <= self.metrics_port <= 65535:
@@ -176,6 +190,7 @@ class CoordinatorConfig(BrokerTarget):
         self.class_names()
         if not (math.isfinite(self.stall_window) and self.stall_window >= 0):
             raise ValueError(f"stall_window must be a number >= 0, got {self.stall_window}")
+        self.admission()
         self.aggregation()  # one place checks the aggregation settings
 
     def class_names(self) -> tuple[str, ...] | None:
@@ -183,6 +198,10 @@ class CoordinatorConfig(BrokerTarget):
         if not self.classes.strip():
             return None
         return parse_classes([c.strip() for c in self.classes.split(",")])
+
+    def admission(self) -> AdmissionPolicy:
+        """The per-device admission policy (``ValueError`` if out of range)."""
+        return AdmissionPolicy(share=self.device_share, burst=self.device_burst)
 
     def privacy(self) -> PrivacySpec | None:
         """The run's differential privacy, or None (``ValueError`` if inconsistent)."""

@@ -41,6 +41,11 @@ class CoordinatorMetrics:
             "the run, a resumed run starting from its stored counts.",
             ["outcome", "reason"], registry=r,
         )
+        self.rate_limited = Counter(
+            "fedbus_updates_rate_limited", "Updates refused unjudged (rate_limited) because "
+            "their device was over its share of the coordinator's time (--device-share); "
+            "counted by this process.", registry=r,
+        )
         self.model_version = Gauge(
             "fedbus_model_version", "The current global model version.", registry=r
         )
@@ -128,6 +133,10 @@ class CoordinatorMetrics:
 
     def sent(self, kind: SentKind, nbytes: int) -> None:
         self.bytes_sent.labels(kind=kind).inc(nbytes)
+
+    def refused(self) -> None:
+        """An update was refused unjudged (rate_limited)."""
+        self.rate_limited.inc()
 
     def online(self, devices: int) -> None:
         self.devices_online.set(devices)

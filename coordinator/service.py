@@ -17,6 +17,12 @@ A restart on the same state directory resumes the run: the same run id, version,
 bytes and buffer. A state directory holding another task, or a run that has ended, is
 refused; ``new_run=True`` moves the old run aside and starts a new one.
 
+Fairness: because messages are judged one at a time in arrival order, each device has a
+budget of the network thread's CPU time (``coordinator.admission``, ``--device-share``); a
+device that has used it up has its updates refused before they are decoded, with a
+``rate_limited`` receipt that says when to send again (docs/protocol.md 10.3). Nothing of a
+refused update is stored, and it is acknowledged at once.
+
 Two threads share the work. The transport's network thread handles each message as it
 arrives (judging a message on another thread cost more than judging it: BENCHMARKS.md,
 ingest). The calling thread records versions (evaluation, history, model export,
@@ -40,18 +46,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.admission import Admission
 from coordinator.config import CoordinatorConfig
 from coordinator.control import ControlDecision, Malformed, judge_control, run_state
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
 from coordinator.dashboard import DashboardFeed, DashboardServer, fleet_rows, serve_dashboard
 from coordinator.evaluation import Evaluator
 from coordinator.fleet import FleetStats, fleet_snapshot
+from coordinator.limits import default_max_update_bytes, receive_packet_limit
 from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
 from coordinator.stall import StallDetector
 from coordinator.store import DB_FILE, TASK_FILE, HistoryRow, StateLock, Store, archive_run
 from fedbus.envelope import pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
-from fedbus.messages import ModelSpec, Task, TrainSpec, new_run_id
+from fedbus.messages import ModelSpec, Receipt, Task, TrainSpec, new_run_id, peek_update_id
 from fedbus.preprocess import InputNorm, compute_input_norm, load_input_norm, parse_classes
 from fedbus.signing import (
     SignatureError,
@@ -97,6 +105,7 @@ _SIGNING_KEY_FILE = "signing.key"  # in the state directory; its public key in s
 # (two coordinators on one prefix would otherwise answer each other without end)
 _RESTORE_INTERVAL = 5.0
 _FLEET_INTERVAL = 2.0  # the fleet snapshot is published at most this often, when it changed
+_FLOOD_LOG_INTERVAL = 60.0  # seconds between warnings about a device still over its share
 
 
 @dataclass(frozen=True)
@@ -135,7 +144,9 @@ def build_task(
     run_id: str, created_at: float,
 ) -> Task:
     """The task description from the configuration (mlp sizes inferred from eval data),
-    with its class names and input normalisation (``task_classes``, ``task_input_norm``)."""
+    with its class names and input normalisation (``task_classes``, ``task_input_norm``).
+    Without ``config.max_update_bytes`` its ``max_update_bytes`` is ``Task``'s default, a
+    placeholder until the model is known (``CoordinatorService`` derives it)."""
     args = config.parsed_model_args()
     classes = task_classes(config, eval_y)
     if config.arch == "mlp" and eval_x is not None and eval_y is not None:
@@ -161,7 +172,8 @@ def build_task(
             qat=config.qat,
         ),
         codec=config.codec,
-        max_update_bytes=config.max_update_bytes,
+        max_update_bytes=(Task.max_update_bytes if config.max_update_bytes is None
+                          else config.max_update_bytes),
         max_staleness=config.aggregation().effective_max_staleness,
         created_at=created_at,
         classes=classes,
@@ -308,6 +320,14 @@ class CoordinatorService:
         # ticks or is read, while its journal is committed and its publishes are queued
         self._lock = threading.Lock()
         self._fatal: FedbusError | None = None  # set on the network thread, raised by run()
+        # per-device fairness (network thread): refusals are this process's counts
+        self._admission = Admission(config.admission())
+        self._rate_limited = dict.fromkeys(
+            ("updates_rate_limited", "bytes_rate_limited"), 0
+        )
+        self._flooding: dict[str, list[Any]] = {}  # device -> [since, refused, bytes]
+        # (thread, its CPU time) when the last message was handled
+        self._cpu_mark: tuple[int | None, float] = (None, 0.0)
         # versions made on the network thread, for the calling thread to record
         self._made: queue.SimpleQueue[_Made] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -328,6 +348,11 @@ class CoordinatorService:
         self._control: dict[str, Any] | None = None
         self._stop_command: str | None = None
         self.control_ignored = 0
+        # the largest packet the broker may send us (MQTT v5 Maximum Packet Size): a larger
+        # one is dropped by the broker and never costs this process a byte
+        self.receive_limit = receive_packet_limit(
+            self.task.max_update_bytes, self._shapes(), config.max_message_bytes
+        )
         self.client: Transport = transport_factory(
             ConnectionSettings(
                 host=config.host,
@@ -337,6 +362,7 @@ class CoordinatorService:
                 username=config.username,
                 password=password,
                 max_packet_size=config.max_message_bytes,
+                receive_max_packet_size=self.receive_limit,
             ),
             on_message=self._on_message,
             on_connect=lambda _present: self._republish.set(),
@@ -373,7 +399,7 @@ class CoordinatorService:
     ) -> None:
         import torch
 
-        from fedbus.zoo import build_model, get_state
+        from fedbus.zoo import build_model, get_state, state_shapes
 
         wanted = build_task(config, eval_x, eval_y, run_id="pending", created_at=0.0)
         if self.store.has_run:
@@ -386,6 +412,9 @@ class CoordinatorService:
             model = build_model(self.task.model.arch, self.task.model.args)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"cannot build model {self.task.model.arch!r}: {exc}") from None
+        if config.max_update_bytes is None:  # not given: what this model needs
+            derived = default_max_update_bytes(state_shapes(model), config.max_message_bytes)
+            self.task = replace(self.task, max_update_bytes=derived)
         aggregation = config.aggregation()
         privacy = aggregation.privacy
         secret = None if privacy is None else new_noise_secret()
@@ -452,6 +481,16 @@ class CoordinatorService:
                 f"it with --aggregator {snap.aggregator}, start a new run there with "
                 "--new-run, or use another --state-dir"
             )
+        if self.config.max_update_bytes is None:  # not given: the run keeps its own
+            wanted = replace(wanted, max_update_bytes=stored.max_update_bytes)
+            shapes = {name: tuple(a.shape) for name, a in snap.state.items()}
+            derived = default_max_update_bytes(shapes, self.config.max_message_bytes)
+            if derived != stored.max_update_bytes:
+                log.info(
+                    "resumed run %s keeps its max_update_bytes of %d; derived from the model "
+                    "it would be %d (--max-update-bytes %d to take that)", snap.run_id,
+                    stored.max_update_bytes, derived, derived,
+                )
         changed = _changed_settings(stored, wanted)
         task = replace(  # the network, its classes and input normalisation stay the run's
             wanted, run_id=snap.run_id, created_at=snap.created_at, model=stored.model,
@@ -491,6 +530,10 @@ class CoordinatorService:
             os.replace(tmp, path)
         except OSError as exc:
             raise StateError(f"cannot write {path}: {exc}") from None
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """The model's tensor shapes (those of every update's delta)."""
+        return {name: tuple(a.shape) for name, a in self.core.state.items()}
 
     def close(self) -> None:
         """Close the store and release the state directory (idempotent)."""
@@ -618,11 +661,12 @@ class CoordinatorService:
             )
 
     def counters(self) -> dict[str, int]:
-        """The core's counters plus this shell's: ``bytes_model_published`` and
-        ``foreign_publications``."""
+        """The core's counters plus this shell's: ``bytes_model_published``,
+        ``foreign_publications`` and the updates refused unjudged (``updates_rate_limited``,
+        ``bytes_rate_limited``; counts of this process)."""
         with self._lock:
             return {**self.core.counters, "bytes_model_published": self.bytes_model_published,
-                    "foreign_publications": self.foreign_publications}
+                    "foreign_publications": self.foreign_publications, **self._rate_limited}
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -663,6 +707,9 @@ class CoordinatorService:
                 "none" if norm is None else f"of {len(norm.mean)} value(s), applied by every "
                 "device (agents before protocol revision 2.2 ignore it: upgrade them)",
             )
+        log.info("updates of up to %d bytes are judged; the broker is asked for no packet "
+                 "over %d bytes (larger ones are dropped for us by the broker)",
+                 self.task.max_update_bytes, self.receive_limit)
         privacy = self.core.config.privacy
         if privacy is not None:
             info = privacy_summary(privacy, self.core.version, self.core.config.dp_divisor)
@@ -798,10 +845,28 @@ class CoordinatorService:
                 log.critical("%s; stopping without acknowledging the message", self._fatal)
                 self.client.abort()
                 self._stop.set()
+            finally:
+                self._cpu_mark = (threading.get_ident(), time.thread_time())
+
+    def _cpu_since_last_message(self) -> float:
+        """CPU time this thread spent since it last finished handling a message: reading
+        this one off the socket and decoding its packet (paho), and small writes (0 when
+        unknown: the first message, or a network thread started anew)."""
+        thread, mark = self._cpu_mark
+        if thread != threading.get_ident():
+            return 0.0
+        return max(0.0, time.thread_time() - mark)
 
     def _dispatch(self, msg: Message) -> None:
         """Judge one message, commit the core's journal, then carry out its actions (the
-        caller holds the lock)."""
+        caller holds the lock).
+
+        Fairness (``coordinator.admission``): a device over its share of this thread's CPU
+        time has its updates refused before anything of them is read. Every message of a
+        device (its status messages too) is charged to it, refused or not: the CPU time
+        spent since the previous message (receiving this one) plus handling it. So a device
+        that keeps sending while it is refused stays refused, and a well-behaved one is
+        admitted again after the ``retry_after`` it was told."""
         if msg.topic in (self.topics.task, self.topics.model):
             self._check_ours(msg)
             return
@@ -815,24 +880,96 @@ class CoordinatorService:
         if msg.topic == self.topics.update(device):
             if msg.retain and not msg.payload:
                 return  # a cleared retained update (empty payload): nothing to judge
-            if self._first_update is None:
-                self._first_update = round(now - self._started, 3)
-            actions = self.core.on_update(device, msg.payload, now, retained=msg.retain)
-            if self.core.last_judged is not None:
-                self.fleet.on_judged(self.core.last_judged, time.time())
-            self._end_at_max_versions()
-            self._commit()
-            self.metrics.sync_counters(self.core.counters)
-            if msg.retain:  # the broker would replay it to every new subscriber: clear it
-                self._publish(msg.topic, b"", retain=True)
-            self._carry_out(actions)
+            handle = self._on_update
         elif msg.topic == self.topics.status(device):
-            actions = self.core.on_status(device, msg.payload, now)
-            self._log_presence(device, self.fleet.on_status(device, msg.payload, time.time()))
-            self._end_at_max_versions()
-            self._commit()
-            self.metrics.online(len(self.core.online_devices()))
-            self._carry_out(actions)
+            handle = self._on_status
+        else:
+            return
+        received = self._cpu_since_last_message()
+        started = time.thread_time()
+        # a status message is always read (it is small, bounded by its decode limits, and
+        # presence must follow the device's Will), but charged like an update
+        decision = self._admission.admit(device, now)
+        if decision.admitted or handle == self._on_status:
+            if decision.admitted and device in self._flooding:
+                self._flood_ended(device)
+            handle(device, msg, now)
+        else:
+            self._refuse(device, msg, decision.retry_after, now)
+        cost = received + time.thread_time() - started
+        self._admission.charge(device, cost, time.monotonic())
+
+    def _on_update(self, device: str, msg: Message, now: float) -> None:
+        if self._first_update is None:
+            self._first_update = round(now - self._started, 3)
+        actions = self.core.on_update(device, msg.payload, now, retained=msg.retain)
+        if self.core.last_judged is not None:
+            self.fleet.on_judged(self.core.last_judged, time.time())
+        self._end_at_max_versions()
+        self._commit()
+        self.metrics.sync_counters(self.core.counters)
+        if msg.retain:  # the broker would replay it to every new subscriber: clear it
+            self._publish(msg.topic, b"", retain=True)
+        self._carry_out(actions)
+
+    def _on_status(self, device: str, msg: Message, now: float) -> None:
+        actions = self.core.on_status(device, msg.payload, now)
+        self._log_presence(device, self.fleet.on_status(device, msg.payload, time.time()))
+        self._end_at_max_versions()
+        self._commit()
+        self.metrics.online(len(self.core.online_devices()))
+        self._carry_out(actions)
+
+    def _refuse(self, device: str, msg: Message, retry_after: float, now: float) -> None:
+        """Refuse an update of a device over its share, unjudged: nothing is decoded or
+        remembered (a re-send is judged as if new). If its id can be read off its first
+        bytes it gets a ``rate_limited`` receipt naming ``retry_after``; a retained one is
+        cleared, as a judged one would be."""
+        self._rate_limited["updates_rate_limited"] += 1
+        self._rate_limited["bytes_rate_limited"] += len(msg.payload)
+        self.metrics.refused()
+        self._log_refusal(device, len(msg.payload), retry_after, now)
+        if msg.retain:
+            self._publish(msg.topic, b"", retain=True)
+        update_id = peek_update_id(msg.payload)
+        if update_id is None:
+            return
+        receipt = Receipt(
+            update_id=update_id, run_id=self.task.run_id, accepted=False,
+            reason="rate_limited",
+            detail=f"device {device} is over its share of the coordinator's time "
+            f"(--device-share {self._admission.policy.share:g}): send it again in "
+            f"{retry_after:.3g} s",
+            model_version=self.core.version, retry_after=retry_after,
+        )
+        self._publish(self.topics.receipt(device), pack(receipt.to_wire()), kind="receipt")
+
+    def _log_refusal(self, device: str, size: int, retry_after: float, now: float) -> None:
+        """A warning when a device starts being refused, then one a minute while it goes on
+        (a flood must not flood the log too); every refusal at debug level."""
+        log.debug("refused an update of %s unjudged (rate_limited, %d bytes): again in %.3g s",
+                  device, size, retry_after)
+        seen = self._flooding.get(device)
+        if seen is None:
+            log.warning(
+                "device %s is over its share of the coordinator's time (--device-share %g, "
+                "--device-burst %g s): refusing its updates unjudged (rate_limited) for "
+                "%.3g s", device, self._admission.policy.share, self._admission.policy.burst,
+                retry_after,
+            )
+            self._flooding[device] = [now, 1, size]
+            return
+        seen[1] += 1
+        seen[2] += size
+        if now - seen[0] >= _FLOOD_LOG_INTERVAL:
+            log.warning("device %s is still over its share: %d update(s), %d bytes refused "
+                        "unjudged in the last %.0f s", device, seen[1], seen[2], now - seen[0])
+            self._flooding[device] = [now, 0, 0]
+
+    def _flood_ended(self, device: str) -> None:
+        since, count, size = self._flooding.pop(device)
+        log.info("device %s is within its share again (%d update(s), %d bytes refused since "
+                 "%.0f s ago)", device, count, size, time.monotonic() - since)
 
     def _on_control(self, msg: Message) -> None:
         """An operator's command (the caller holds the lock): judged (``coordinator.control``),

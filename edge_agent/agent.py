@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 import zlib
@@ -75,7 +76,7 @@ from fedbus.transport import (
 )
 from fedbus.update_codec import decode_update_delta, encode_update_delta
 
-__all__ = ["Agent", "AgentStats", "LocalData", "pacing_delay"]
+__all__ = ["Agent", "AgentStats", "LocalData", "pacing_delay", "rate_limit_hold"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,20 @@ _RESEND_GRACE = 2.0
 # rejections after which the content of a top-k update is not worth sending again: the
 # coordinator applied it (a repeat), or the same work is already in
 _NO_FEEDBACK = ("duplicate_work",)
+# a rate_limited receipt (protocol revision 2.4): wait what it says, at least and at most
+_RATE_LIMIT_MIN = 1.0
+_RATE_LIMIT_MAX = 300.0
+_RATE_LIMIT_DEFAULT = 10.0  # a receipt without retry_after
+_RATE_LIMIT_JITTER = 0.2  # up to 20% more, so devices refused together do not return together
+
+
+def rate_limit_hold(retry_after: float | None, jitter: float) -> float:
+    """Seconds to hold the outbox after a ``rate_limited`` receipt: the coordinator's
+    ``retry_after`` (10 s when it gave none) kept within 1 s and 5 min, stretched by up to
+    20% (``jitter`` in [0, 1))."""
+    wait = _RATE_LIMIT_DEFAULT if retry_after is None else retry_after
+    wait = min(max(wait, _RATE_LIMIT_MIN), _RATE_LIMIT_MAX)
+    return wait * (1.0 + _RATE_LIMIT_JITTER * min(max(jitter, 0.0), 1.0))
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,7 @@ class AgentStats:
     updates_dropped: int = 0
     receipts_accepted: int = 0
     receipts_rejected: int = 0
+    receipts_rate_limited: int = 0  # refused unjudged; the update stays and goes again
     bytes_uploaded: int = 0
     last_version: int | None = None
     train_seconds: float = 0.0
@@ -174,6 +190,7 @@ class Agent:
         # a reconnect's grace before re-sending; at start, the outbox of an earlier process
         self._resend_due: float | None = 0.0
         self._inherited: set[str] = set()  # outbox entries an earlier process made
+        self._hold_until = 0.0  # monotonic: send nothing before (a rate_limited receipt)
         self._verifier: Verifier | None = (
             load_public_key(config.coordinator_key) if config.coordinator_key else None
         )
@@ -488,6 +505,9 @@ class Agent:
         if entry is None:
             log.debug("receipt for %s, which is no longer in the outbox", uid)
             return
+        if not receipt.accepted and receipt.reason == "rate_limited":
+            self._hold_for_rate_limit(entry, receipt)
+            return
         self._sends.pop(uid, None)
         if receipt.accepted:
             self.state.settle(uid, "accepted", receipt.detail)
@@ -508,6 +528,17 @@ class Agent:
                         receipt.run_id)
         feedback = reason not in _NO_FEEDBACK
         self._give_back(entry, "rejected", f"{reason}: {receipt.detail}", feedback)
+
+    def _hold_for_rate_limit(self, entry: OutboxEntry, receipt: Receipt) -> None:
+        """The coordinator refused the update unjudged because this device sent more than
+        its share: it stays in the outbox, and nothing is sent before the hold is over."""
+        self.stats.receipts_rate_limited += 1
+        self._sends[entry.update_id] = None  # to be sent again
+        hold = rate_limit_hold(receipt.retry_after, random.random())
+        self._hold_until = max(self._hold_until, time.monotonic() + hold)
+        log.warning("update %s refused unjudged: this device is over its share of the "
+                    "coordinator's time (%s); sending again in %.1f s", entry.update_id,
+                    receipt.detail, hold)
 
     def _drop(self, entry: OutboxEntry, why: str, task: Task | None) -> None:
         self._sends.pop(entry.update_id, None)
@@ -585,6 +616,8 @@ class Agent:
         outbox, where the staleness check still applies before they go."""
         if self._resend_due is not None:
             return  # a reconnect's grace is running
+        if time.monotonic() < self._hold_until:
+            return  # the coordinator rate-limited this device (the loop looks every second)
         for entry in self.state.outbox(task.run_id):
             if any(r is not None and not r.done for r in self._sends.values()):
                 return

@@ -33,6 +33,9 @@ What the broker does, as Mosquitto 2.0 does it with fedbus's policy (``broker_co
 - the Last Will goes out when a connection ends without a DISCONNECT (``stop(disconnect=
   False)``, ``abort()``, :meth:`MemoryBroker.drop`, :meth:`MemoryBroker.set_down`), not on
   ``stop()``;
+- a message whose PUBLISH packet is larger than the Maximum Packet Size a client announced
+  (``ConnectionSettings.receive_max_packet_size``) is dropped for that client, as Mosquitto
+  does (the publisher's PUBACK is not affected);
 - a packet larger than the broker's ``max_packet_size`` (only possible for a message queued
   before the first CONNACK announced the limit) makes it drop the connection, and paho
   re-sends the message after every reconnect: the fake keeps this trap.
@@ -726,6 +729,10 @@ class MemoryTransport:
                         continue
                     if conn.session.queue:
                         delivery = conn.session.queue[0]
+                        if self._too_large_for_us(delivery):
+                            conn.session.queue.popleft()  # dropped for this client only
+                            delivery = None
+                            continue
                         if delivery.qos == 0:  # at most once: gone whatever happens next
                             conn.session.queue.popleft()
                         break
@@ -742,6 +749,21 @@ class MemoryTransport:
                     if conn is not None and delivery is not None and delivery.qos > 0:
                         self._acknowledge(conn, delivery)
                     cond.notify_all()
+
+    def _too_large_for_us(self, delivery: _Delivery) -> bool:
+        """The broker must not send a packet above our CONNECT's Maximum Packet Size: it
+        drops the message for this client (Mosquitto logs "Dropping too large outgoing
+        PUBLISH"), whose session never sees it."""
+        limit = self.settings.receive_max_packet_size
+        if limit is None:
+            return False
+        size = publish_packet_size(delivery.topic, len(delivery.payload), delivery.qos)
+        if size <= limit:
+            return False
+        log.info("memory broker: dropping a PUBLISH of %d bytes on %s for %s (over its "
+                 "maximum packet size of %d)", size, delivery.topic, self.settings.client_id,
+                 limit)
+        return True
 
     def _acknowledge(self, conn: _Connection, delivery: _Delivery) -> None:
         """The PUBACK for ``delivery``: only if its connection is still up."""

@@ -28,6 +28,7 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,7 @@ from fedbus.envelope import PROTOCOL_VERSION, DecodeLimits, read
 from fedbus.errors import ProtocolError
 from fedbus.preprocess import InputNorm, parse_classes
 from fedbus.topics import DEVICE_ID_PATTERN
-from fedbus.update_codec import PackedMap
+from fedbus.update_codec import PackedMap, delta_wire_bound
 from fedbus.wire_reader import FieldReader, Reader, Unread
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "RUN_STATES",
     "STATUS_STATES",
     "Control",
+    "UPDATE_FIELDS_BOUND",
     "GlobalModel",
     "ModelSpec",
     "Receipt",
@@ -59,7 +61,9 @@ __all__ = [
     "Update",
     "new_run_id",
     "new_update_id",
+    "peek_update_id",
     "read_update_fields",
+    "update_size_bound",
 ]
 
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -520,6 +524,34 @@ def _read_delta(reader: Reader) -> Any:
 
 
 _MAX_METRICS = 32
+
+
+def _fields_bound() -> int:
+    """Most bytes the fields of an update other than ``delta`` take within this module's
+    checks and the coordinator's decode limits (docs/protocol.md 4.2, 7.3): a map16 header,
+    the eleven keys, ``v`` and ``kind``, four ids of at most 64 ASCII characters (str8),
+    ``base``, ``n`` and ``ts`` as 9-byte numbers, and ``m`` with its most entries, 32, each
+    a name of 4,096 bytes (str16) and a float64."""
+    keys = ("v", "kind", "update_id", "dev", "run", "task", "base", "n", "m", "delta", "ts")
+    ids = 4 * (2 + 64)
+    numbers = 3 * 9
+    metrics = 3 + _MAX_METRICS * (3 + 4096 + 9)
+    return (3 + sum(len(msgpack.packb(k)) for k in keys) + len(msgpack.packb(PROTOCOL_VERSION))
+            + len(msgpack.packb("update")) + ids + numbers + metrics)
+
+
+UPDATE_FIELDS_BOUND = _fields_bound()  # 131,809 bytes, almost all of it the metrics
+
+
+def update_size_bound(expected_shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Most bytes an honest update payload for a model of these tensor shapes can take,
+    whatever its codec (fp32, fp16, int8, int4, topk:F:V, each with or without +zstd) and
+    metrics: ``update_codec.delta_wire_bound`` plus ``UPDATE_FIELDS_BOUND``. No update
+    that passes the coordinator's checks for this model is longer (tests/test_limits.py
+    measures it against the encoders)."""
+    return delta_wire_bound(expected_shapes) + UPDATE_FIELDS_BOUND
+
+
 _LEAF: FieldReader = Reader.leaf
 UPDATE_FIELDS: dict[str, FieldReader] = {
     "update_id": _LEAF, "dev": _LEAF, "run": _LEAF, "task": _LEAF, "base": _LEAF,
@@ -552,6 +584,29 @@ def _short_text(obj: dict, key: str, limit: int) -> str | None:
     return value
 
 
+PEEK_BYTES = 4096  # peek_update_id reads no further into a payload than this
+
+
+def peek_update_id(payload: bytes) -> str | None:
+    """The ``update_id`` of an update payload, read off its first ``PEEK_BYTES`` bytes
+    only, or None: the id is not a key of the top-level map before that point (an agent
+    writes it third, section 7.3), not a valid id, or what precedes it is not msgpack.
+    Costs the same whatever the payload's size: what a refusal before any decoding can
+    afford (a rate-limited update's receipt, ``coordinator.admission``)."""
+    try:
+        reader = Reader(memoryview(payload)[:PEEK_BYTES], max_str_len=PEEK_BYTES,
+                        max_bin_len=PEEK_BYTES)
+        for _ in range(reader.map_header(64)):
+            if reader.key() != "update_id":
+                reader.skip()
+                continue
+            value = reader.leaf()
+            return value if isinstance(value, str) and _ID.match(value) else None
+    except ProtocolError:  # not msgpack, or the id is not within the first bytes
+        return None
+    return None
+
+
 def read_update_fields(payload: bytes, limits: DecodeLimits | None = None) -> dict:
     """The fields of an update payload that ``Update.from_wire`` checks, read by schema;
     the rest of the payload is skipped. ``ProtocolError`` for ``too_large``, ``malformed``
@@ -576,6 +631,8 @@ class Receipt:
     staleness: int | None = None
     repeat: bool = False
     run_id: str = field(kw_only=True)
+    # rate_limited only: seconds after which the coordinator will take the update again
+    retry_after: float | None = field(default=None, kw_only=True)
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -591,6 +648,8 @@ class Receipt:
         }
         if self.repeat:
             wire["repeat"] = True
+        if self.retry_after is not None:
+            wire["retry_after"] = float(self.retry_after)
         return wire
 
     @classmethod
@@ -599,6 +658,12 @@ class Receipt:
         reason = obj.get("reason")
         staleness = obj.get("staleness")
         repeat = obj.get("repeat", False)
+        retry_after = obj.get("retry_after")
+        if retry_after is not None and not (
+            isinstance(retry_after, int | float) and not isinstance(retry_after, bool)
+            and math.isfinite(retry_after) and retry_after >= 0
+        ):
+            raise ProtocolError("schema", "receipt: retry_after must be a number >= 0 or nil")
         if reason is not None and not isinstance(reason, str):
             raise ProtocolError("schema", "receipt: reason must be a string or nil")
         if staleness is not None and (
@@ -616,6 +681,7 @@ class Receipt:
             model_version=_nonneg_int(obj, "model_version", "receipt"),
             staleness=staleness,
             repeat=repeat,
+            retry_after=None if retry_after is None else float(retry_after),
         )
 
 

@@ -109,6 +109,10 @@ class ConnectionSettings:
     connack_timeout: float = 10.0
     # assumed until the broker's CONNACK announces its own (the shipped broker: 8 MiB)
     max_packet_size: int = 8 * 1024 * 1024
+    # the Maximum Packet Size of our CONNECT: the broker must not send us a larger packet
+    # (MQTT v5 3.1.2.25; Mosquitto drops such a message for this client only and logs it).
+    # None: no limit announced (the broker's own applies)
+    receive_max_packet_size: int | None = None
     # None: plain MQTT. With a client certificate the password may be empty (the broker
     # takes the certificate's common name as the username).
     tls: TlsSettings | None = None
@@ -351,6 +355,8 @@ class MqttClient:
         """Begin connecting in the background; never raises because the broker is down."""
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry
+        if self.settings.receive_max_packet_size is not None:
+            props.MaximumPacketSize = self.settings.receive_max_packet_size
         self._disconnected_since = time.monotonic()
         self._client.connect_async(
             self.settings.host,

@@ -96,6 +96,7 @@ __all__ = [
     "decode_delta",
     "decode_update_delta",
     "decompressed_bound",
+    "delta_wire_bound",
     "encode_delta",
     "encode_update_delta",
 ]
@@ -688,6 +689,16 @@ def decompressed_bound(expected_shapes: Mapping[str, tuple[int, ...]]) -> int:
     for name, shape in expected_shapes.items():
         total += _BYTES_PER_ELEMENT * math.prod(shape) + _BYTES_PER_TENSOR + len(name)
     return total
+
+
+def delta_wire_bound(expected_shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Most bytes the ``delta`` value of an honest message for these tensors can take, with
+    any codec: the packed entry map (``decompressed_bound``), or that map zstd-compressed.
+    zstd never makes its input longer than its compress bound (``n + n/256 + 64``, headers
+    included, for ``n`` bytes of input that do not compress at all); 128 bytes more for the
+    frame header and 5 for the msgpack bin header around the frame."""
+    inner = decompressed_bound(expected_shapes)
+    return inner + inner // 256 + 128 + 5
 
 
 def _decompress(blob: bytes | memoryview, cap: int) -> bytes:

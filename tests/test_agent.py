@@ -152,6 +152,23 @@ def test_agents_stop_when_the_run_ends(broker: MemoryBroker, tmp_path: Path) -> 
     assert stats is not None and stats.updates_published >= 2
 
 
+def test_an_update_over_the_tasks_limit_is_not_sent(
+    broker: MemoryBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over task.max_update_bytes an update would be refused (or, over the coordinator's
+    Maximum Packet Size, dropped by the broker without a word): it is logged and skipped."""
+    coordinator = Running(broker, mode="fedasync", codec="fp32", max_update_bytes=200)
+    agent = AgentThread(broker, tmp_path / "a")
+    try:
+        wait_for(lambda: "exceeds the task's limit of 200; not sent" in caplog.text)
+    finally:
+        stats = agent.stop()
+        coordinator.stop()
+    assert stats is not None and stats.updates_published == 0
+    assert not any(p.topic == TOPICS.update("dev-a") for p in broker.published)
+    assert coordinator.service.core.counters["updates_received"] == 0
+
+
 # -- decisions in isolation ---------------------------------------------------------------
 
 
@@ -233,3 +250,33 @@ def test_a_device_credentials_file_needs_only_its_own_account(tmp_path: Path) ->
                                 "devices": {"dev-a": {"username": "dev-a", "password": "p"}}}))
     access = read_credentials(path, "dev-a")
     assert (access.host, access.port, access.password) == ("h", 1883, "p")
+
+
+def test_a_rate_limited_update_stays_in_the_outbox_and_waits(tmp_path: Path) -> None:
+    import time
+
+    from fedbus.messages import Receipt
+
+    agent = _agent(tmp_path)
+    task = _task()
+    agent._task_bytes = pack(task.to_wire())
+    for uid in ("u1", "u2"):
+        agent.state.record_trained("r1", 0 if uid == "u1" else 1,
+                                   OutboxEntry(uid, "r1", 0 if uid == "u1" else 1, b"x", False))
+    before = time.monotonic()
+    agent._settle(Receipt("u1", False, "rate_limited", "later", 0, run_id="r1",
+                          retry_after=30.0))
+    assert [e.update_id for e in agent.state.outbox()] == ["u1", "u2"]  # nothing settled
+    assert agent.stats.receipts_rate_limited == 1 and agent.stats.receipts_rejected == 0
+    assert "u1" in agent._sends and agent._sends["u1"] is None  # to be sent again
+    assert before + 30.0 <= agent._hold_until <= time.monotonic() + 36.0
+    agent._resend_due = None  # no reconnect grace running: only the hold stops the pump
+    agent._pump(task)
+    assert agent._sends == {"u1": None}  # held: nothing was published
+    agent._hold_until = 0.0
+    agent._pump(task)  # the hold is over: the oldest goes again
+    assert agent._sends["u1"] is not None
+    # any other rejection settles the update, as before
+    agent._settle(Receipt("u2", False, "stale", "old", 0, run_id="r1"))
+    assert [e.update_id for e in agent.state.outbox()] == ["u1"]
+    assert ledger(tmp_path)["u2"] == "rejected"

@@ -42,13 +42,34 @@ def _update(service: CoordinatorService, uid: str, device: str = "dev-a", base: 
 
 
 def test_every_message_is_judged_as_it_arrives():
-    service = _service()
+    service = _service(device_share=0.0)  # per-device admission off
     topic = service.topics.update("dev-a")
     for i in range(2500):
         service._on_message(Message(topic, b"\x00not msgpack %d" % i, False))
     counters = service.core.counters
     assert counters["updates_received"] == 2500
     assert counters["rejected_malformed"] == 2500
+
+
+def test_a_device_over_its_share_is_refused_unjudged_and_another_is_still_judged():
+    service = _service(device_share=0.01, device_burst=0.002)
+    flood, other = service.topics.update("dev-a"), service.topics.update("dev-b")
+    for i in range(500):
+        service._on_message(Message(flood, b"\x00not msgpack %d" % i, False))
+    judged = service.core.counters["updates_received"]
+    counters = service.counters()
+    assert 0 < judged < 500
+    assert counters["updates_rate_limited"] == 500 - judged
+    assert counters["bytes_rate_limited"] > 0
+    service._on_message(Message(other, b"\x00not msgpack", False))
+    assert service.core.counters["updates_received"] == judged + 1
+    # a status message of a device over its share (here: after a message that took 1 s of
+    # CPU) is still read, so presence follows the device's Will
+    service._admission.charge("dev-a", 1.0, time.monotonic())
+    refused = service.counters()["updates_rate_limited"]
+    service._on_message(Message(service.topics.status("dev-a"), b"", False))
+    assert service.core.counters["status_received"] == 1
+    assert service.counters()["updates_rate_limited"] == refused
 
 
 def test_only_the_newest_of_waiting_versions_is_evaluated():
@@ -336,3 +357,47 @@ def test_a_version_made_by_the_clock_is_stored_before_it_is_published(
     stored = running.service.store.load()  # the service holds the store: read it as it is
     assert stored.version == 1 and stored.pending == ()
     running.stop()
+
+
+# -- how large a message the coordinator takes (coordinator.limits) -------------------------
+
+
+def test_max_update_bytes_follows_the_model_unless_given():
+    from coordinator.limits import PACKET_HEADROOM, default_max_update_bytes
+
+    derived = _service()
+    shapes = {name: a.shape for name, a in derived.core.state.items()}
+    assert derived.task.max_update_bytes == default_max_update_bytes(shapes, 8 << 20)
+    assert derived.receive_limit == derived.task.max_update_bytes + PACKET_HEADROOM
+    assert derived.client.settings.receive_max_packet_size == derived.receive_limit
+    given = _service(max_update_bytes=4 << 20)
+    assert given.task.max_update_bytes == 4 << 20
+    assert given.receive_limit == (4 << 20) + PACKET_HEADROOM
+    with pytest.raises(ValueError, match="max_update_bytes must be at least 1"):
+        CoordinatorConfig(max_update_bytes=0)
+
+
+def test_a_resumed_run_keeps_its_recorded_max_update_bytes(tmp_path: Path):
+    state = tmp_path / "run"
+    _service(state_dir=state, max_update_bytes=4 << 20).close()  # e.g. the old default
+    kept = _service(state_dir=state)
+    assert kept.resumed and kept.task.max_update_bytes == 4 << 20
+    kept.close()
+    _service(state_dir=state, max_update_bytes=123_456).close()  # given: it wins, recorded
+    again = _service(state_dir=state)
+    assert again.task.max_update_bytes == 123_456
+    assert Task.from_wire(again.store.load().task).max_update_bytes == 123_456
+    again.close()
+
+
+def test_a_message_over_the_receive_limit_never_reaches_the_coordinator(broker: MemoryBroker):
+    running = Running(broker, buffer_size=1)
+    service = running.service
+    dev = Device(broker)
+    try:
+        big = b"\x00" * service.receive_limit  # its packet is over the limit
+        dev.client.publish(TOPICS.update("dev-a"), big)
+        assert dev.send(_update(service, "u1")).accepted  # the next one is judged
+        assert service.core.counters["updates_received"] == 1
+    finally:
+        running.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import subprocess
 import sys
@@ -14,7 +15,13 @@ import pytest
 
 from fedbus.broker import LocalBroker, find_free_port
 from fedbus.errors import BrokerUnreachable, ConnectTimeout, MessageTooLarge, NotMqtt
-from fedbus.transport import ConnectionSettings, MqttClient, connect_timeout_error
+from fedbus.transport import (
+    ConnectionSettings,
+    Message,
+    MqttClient,
+    connect_timeout_error,
+    publish_packet_size,
+)
 
 
 def _client(port: int, **settings: object) -> MqttClient:
@@ -121,6 +128,60 @@ def test_a_message_above_the_brokers_packet_limit_is_refused_before_sending(
         assert client.connected  # nothing was sent: the broker did not drop us
     finally:
         client.stop()
+
+
+@pytest.mark.broker
+def test_the_broker_drops_a_message_over_our_maximum_packet_size_and_delivers_the_next(
+    broker: LocalBroker, mqtt_client
+) -> None:
+    """MQTT v5 3.1.2.25: the Maximum Packet Size of our CONNECT binds the broker. Mosquitto
+    2.0.11 drops a larger message for us alone (and logs it), keeps the connection, and
+    delivers what follows; the sender's PUBACK says success all the same. Mosquitto leaves
+    the fixed header's first byte out of its count: a packet 1 byte over still comes."""
+    limit = 2000
+    got: queue.Queue[Message] = queue.Queue()
+    coordinator = MqttClient(
+        ConnectionSettings(broker.host, broker.port, "coordinator", "coordinator",
+                           broker.coordinator.password, receive_max_packet_size=limit),
+        on_message=got.put,
+    )
+    topic = f"{broker.prefix}/update/dev-a"
+    coordinator.subscribe(f"{broker.prefix}/update/+", qos=1, no_local=True)
+    coordinator.start()
+    acks: dict[int, object] = {}
+    device = mqtt_client(broker, "dev-a")
+    device.on_publish = lambda _c, _u, mid, reason, _p: acks.__setitem__(mid, reason)
+    try:
+        assert coordinator.wait_connected(5)
+        # the largest payload within the limit
+        fits = max(n for n in range(limit) if publish_packet_size(topic, n) <= limit)
+        assert publish_packet_size(topic, fits) == limit
+        probe = b"probe"
+        deadline = time.monotonic() + 5  # until the subscription is in place
+        while time.monotonic() < deadline:
+            device.publish(topic, probe, qos=1)
+            try:
+                got.get(timeout=0.2)
+                break
+            except queue.Empty:
+                continue
+        time.sleep(0.2)
+        while not got.empty():  # late copies of the probe
+            assert got.get().payload == probe
+        sent = {size: device.publish(topic, bytes([size % 251]) * size, qos=1).mid
+                for size in (fits, fits + 2, 100 * limit, 10)}
+        received = []
+        while not received or len(received[-1]) != 10:
+            received.append(got.get(timeout=5).payload)
+        assert [len(p) for p in received] == [fits, 10]  # the two over the limit: dropped
+        deadline = time.monotonic() + 5
+        while len(acks) < len(sent) + 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert all(not acks[mid].is_failure for mid in sent.values())  # type: ignore[attr-defined]
+        assert coordinator.connected and coordinator.connects == 1
+        assert "Dropping too large outgoing PUBLISH for coordinator" in broker.log_file.read_text()
+    finally:
+        coordinator.stop()
 
 
 def test_connect_timeout_makes_the_cli_exit_with_one_line(tmp_path) -> None:

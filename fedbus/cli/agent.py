@@ -117,6 +117,9 @@ def agent(config_file: Path | None, **flags: Any) -> None:
         cfg.device_id, stats.updates_published, stats.receipts_accepted,
         stats.receipts_rejected, stats.bytes_uploaded,
     )
+    if stats.receipts_rate_limited:
+        log.warning("%d update(s) refused unjudged as rate_limited: this device sent more "
+                    "than its share of the coordinator's time", stats.receipts_rate_limited)
     if stats.bad_signatures:
         log.warning("%d task or model message(s) ignored: not signed by the coordinator",
                     stats.bad_signatures)

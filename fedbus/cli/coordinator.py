@@ -39,8 +39,12 @@ HELPS = {
     "topk:FRACTION[:fp32|fp16|int8|int4] (share of values kept, and their codec; "
     "default int8), each optionally +zstd; e.g. int4+zstd, topk:0.05:int8+zstd.",
     "model_codec": "Codec of the global model broadcast: fp32 or fp16, optionally +zstd.",
-    "max_update_bytes": "Largest update accepted, in bytes.",
-    "max_message_bytes": "The broker's max_packet_size: the model message must fit in it.",
+    "max_update_bytes": "Largest update accepted, in bytes. Default: derived from the model "
+    "(twice the largest update any codec can make of it, plus room for metrics; the demo "
+    "mlp gets 299,783), at most the broker's packet limit; a resumed run keeps its own.",
+    "max_message_bytes": "The broker's max_packet_size: the model message must fit in it. "
+    "The coordinator asks the broker for no packet larger than it needs (its largest "
+    "update or model message, plus 1 KiB).",
     "seed": "Seed of the initial model.",
     "min_devices": "Publish the task only once this many devices are online (0: at once), "
     "so training starts with the whole fleet, not with the first device to connect.",
@@ -112,6 +116,13 @@ HELPS = {
     "connection (0: retry forever).",
     "start": "running, or paused: begin paused (no model version is made and agents do not "
     "train) until `fedbus run resume`. A run paused before stays paused either way.",
+    "device_share": "Fairness: the share (0-1) of the CPU time the coordinator spends handling "
+    "messages that one device may use, sustained; a device over it (a flood) gets its "
+    "updates refused unjudged, with a rate_limited receipt saying when to send again, so it "
+    "cannot delay the others. 0: off. An agent sending one small update every "
+    "few seconds uses under 0.1%.",
+    "device_burst": "Fairness: seconds of CPU time a device that has been quiet may use at "
+    "once before --device-share applies.",
     "max_versions": "Stop after this many model versions (0: never).",
     "duration": "Stop after this many seconds (0: never).",
     "target_accuracy": "Stop once held-out accuracy reaches this (0: never).",
