@@ -32,7 +32,9 @@ def _service(**overrides: Any) -> CoordinatorService:
 
 
 def _update(service: CoordinatorService, uid: str, device: str = "dev-a", base: int = 0,
-            value: float = 0.0, run: str | None = None) -> bytes:
+            value: float = 0.001, run: str | None = None) -> bytes:
+    # not zero: under the default aggregator (quorum) a step waits until K updates agree
+    # with their median, and an all-zero update points nowhere
     delta = {name: np.full_like(a, value) for name, a in service.core.state.items()}
     return pack(Update(uid, device, service.task.task_id, base, 5, encode_delta(delta, "fp32"),
                        run_id=run or service.task.run_id).to_wire())
