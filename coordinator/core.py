@@ -84,7 +84,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -596,8 +596,12 @@ class CoordinatorCore:
         return core
 
     def _decode_stored(self, entry: Pending) -> dict[str, np.ndarray]:
-        """An accepted update's delta, decoded again from its stored payload."""
-        update = Update.read(entry.payload, self._limits.decode)
+        """An accepted update's delta, decoded again from its stored payload (without the
+        unknown-bytes budget: an update accepted before it existed stays readable)."""
+        assert self._limits.decode is not None
+        update = Update.read(
+            entry.payload, replace(self._limits.decode, max_unknown_bytes=None)
+        )
         return decode_update_delta(
             update.delta, update.compression, expected_shapes=self._shapes
         )

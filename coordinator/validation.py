@@ -6,7 +6,8 @@ at the first failure, in this order:
 1. ``too_large``      payload longer than ``max_update_bytes``
 2. ``malformed``      not msgpack, or msgpack over the decode limits; the envelope is read by
    schema (``Update.read``): only its known fields are built, unknown values are skipped
-   unread, and the ``delta`` is left packed (a view of the payload) without being parsed
+   unread (at most ``MAX_UNKNOWN_BYTES`` of unknown keys and values in the envelope), and
+   the ``delta`` is left packed (a view of the payload) without being parsed
 3. ``schema``         not a v2 ``update`` envelope with well-typed fields
 4. ``device_mismatch`` the update's ``dev`` is not the device of the topic (the broker ACL
    guarantees who may write a topic, so the topic is the identity)
@@ -27,7 +28,8 @@ at the first failure, in this order:
    tensor is decompressed, parsed or decoded)
 11. ``too_large`` / ``malformed``  a zstd delta that does not decompress within
    ``decompressed_bound(expected_shapes)`` bytes or is not one zstd frame; a delta (inline
-   or decompressed) that is not msgpack within the same limits
+   or decompressed) that is not msgpack within the same limits (its unknown keys and
+   values too: at most ``MAX_UNKNOWN_BYTES`` in all the delta's maps)
 12. ``shape``          tensor names differ from the global model's (a delta with more entries
    than the model has tensors is refused from its map header; an entry the model lacks is
    skipped unread)
@@ -67,6 +69,7 @@ from fedbus.envelope import DecodeLimits
 from fedbus.errors import ProtocolError
 from fedbus.messages import Update, read_update_fields
 from fedbus.update_codec import decode_update_delta
+from fedbus.wire_reader import MAX_UNKNOWN_BYTES
 
 __all__ = [
     "REJECT_REASONS",
@@ -110,7 +113,9 @@ class ValidationLimits:
     """Bounds for one update.
 
     ``decode`` left as None becomes ``DecodeLimits`` whose ``max_bytes`` and ``max_bin_len``
-    are ``max_update_bytes`` (so after construction it is always set).
+    are ``max_update_bytes`` and whose ``max_unknown_bytes`` is ``MAX_UNKNOWN_BYTES`` (so
+    after construction it is always set). The same unknown-bytes budget applies to the
+    delta, separately.
     """
 
     max_update_bytes: int
@@ -129,7 +134,8 @@ class ValidationLimits:
             object.__setattr__(
                 self,
                 "decode",
-                DecodeLimits(max_bytes=self.max_update_bytes, max_bin_len=self.max_update_bytes),
+                DecodeLimits(max_bytes=self.max_update_bytes, max_bin_len=self.max_update_bytes,
+                             max_unknown_bytes=MAX_UNKNOWN_BYTES),
             )
 
 
@@ -279,6 +285,7 @@ def validate_update(
         delta = decode_update_delta(
             update.delta, update.compression, expected_shapes=expected_shapes,
             max_bin_len=limits.decode.max_bin_len,
+            max_unknown_bytes=limits.decode.max_unknown_bytes,
         )
         # One pass: a finite norm means every value is finite (l2_norm); only a non-finite
         # norm needs the second look that tells NaN/infinity from a mere overflow.

@@ -36,6 +36,9 @@ class DecodeLimits:
     max_str_len: int = 4096
     max_array_len: int = 4096  # e.g. a shape, a list of metrics
     max_map_len: int = 1024  # e.g. tensors in one model
+    # bytes of unknown keys and values skipped in one envelope read by schema (``read``);
+    # None: no budget (docs/protocol.md 4.2: the coordinator's updates have one)
+    max_unknown_bytes: int | None = None
 
 
 def pack(message: dict[str, Any]) -> bytes:
@@ -80,7 +83,8 @@ def read(
 ) -> dict:
     """Decode one envelope by schema: only ``v``, ``kind`` and ``fields`` (each read by its
     reader) are built; the values of other keys are skipped unread. At most
-    ``min(limits.max_map_len, wire_reader.MAX_FIELDS)`` keys.
+    ``min(limits.max_map_len, wire_reader.MAX_FIELDS)`` keys, and unknown keys and values of
+    at most ``limits.max_unknown_bytes`` bytes in all (when set).
 
     Raises ``ProtocolError`` like ``unpack``: ``too_large``, then ``malformed`` (not one
     msgpack value, over a limit, a repeated key), then ``schema``. Type errors inside
@@ -92,7 +96,8 @@ def read(
         raise ProtocolError(
             "too_large", f"payload of {len(payload)} bytes exceeds limit {limits.max_bytes}"
         )
-    reader = Reader(payload, max_str_len=limits.max_str_len, max_bin_len=limits.max_bin_len)
+    reader = Reader(payload, max_str_len=limits.max_str_len, max_bin_len=limits.max_bin_len,
+                    max_unknown_bytes=limits.max_unknown_bytes)
     shape, _ = reader.peek()
     if shape != "map":
         reader.skip()  # not msgpack at all is malformed, before it is the wrong shape

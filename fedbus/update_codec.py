@@ -594,10 +594,13 @@ def _read_entries(
     data: bytes | memoryview,
     expected: Mapping[str, tuple[int, ...]] | None,
     max_bin_len: int,
+    max_unknown_bytes: int | None = None,
 ) -> dict[str, Any]:
     """The entries of a packed map, by schema; with ``expected``, names are checked as
-    they are read and an entry whose name is not the model's is skipped unread."""
-    reader = Reader(data, max_str_len=_MAX_STR, max_bin_len=max_bin_len)
+    they are read and an entry whose name is not the model's is skipped unread. Unknown
+    keys of the entries, tensor and values maps take at most ``max_unknown_bytes`` in all."""
+    reader = Reader(data, max_str_len=_MAX_STR, max_bin_len=max_bin_len,
+                    max_unknown_bytes=max_unknown_bytes)
     kind, n = reader.peek()
     if kind != "map":
         reader.skip()
@@ -634,8 +637,9 @@ def _decode_packed(
     data: bytes | memoryview,
     expected: Mapping[str, tuple[int, ...]] | None,
     max_bin_len: int,
+    max_unknown_bytes: int | None = None,
 ) -> dict[str, np.ndarray]:
-    entries = _read_entries(data, expected, max_bin_len)
+    entries = _read_entries(data, expected, max_bin_len, max_unknown_bytes)
     plans: dict[str, Plan] = {}
     budget = MAX_DENSE_ELEMENTS
     for name, entry in entries.items():
@@ -732,6 +736,7 @@ def decode_update_delta(
     expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
     max_decompressed: int | None = None,
     max_bin_len: int | None = None,
+    max_unknown_bytes: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode a message's delta (or model tensors) as ``encode_update_delta`` made it.
 
@@ -739,7 +744,9 @@ def decode_update_delta(
     ``delta`` is a bin holding one zstd frame of a packed entry map, decompressed to at
     most ``max_decompressed`` bytes (default: ``decompressed_bound(expected_shapes)``,
     else ``MAX_DECOMPRESSED_BYTES``). ``max_bin_len`` caps one bin of an inline map (the
-    receiver's decode limit; default: no cap beyond the map's own length). Raises
+    receiver's decode limit; default: no cap beyond the map's own length).
+    ``max_unknown_bytes`` caps the unknown keys and values of all its entries together
+    (``malformed`` over it, before anything is converted; default: no cap). Raises
     ``ProtocolError``: ``schema`` for a mismatch of ``compression`` and the type of
     ``delta``, ``too_large``/``malformed`` for a frame over the bound or corrupt, then
     whatever ``decode_delta`` raises.
@@ -747,7 +754,7 @@ def decode_update_delta(
     if compression is None:
         if isinstance(delta, PackedMap):
             cap = len(delta.data) if max_bin_len is None else max_bin_len
-            return _decode_packed(delta.data, expected_shapes, cap)
+            return _decode_packed(delta.data, expected_shapes, cap, max_unknown_bytes)
         if not isinstance(delta, dict):
             raise ProtocolError("schema", "an uncompressed delta must be a map")
         return decode_delta(delta, expected_shapes=expected_shapes)
@@ -762,4 +769,4 @@ def decode_update_delta(
             else decompressed_bound(expected_shapes)
         )
     raw = _decompress(delta, max_decompressed)
-    return _decode_packed(raw, expected_shapes, len(raw))
+    return _decode_packed(raw, expected_shapes, len(raw), max_unknown_bytes)

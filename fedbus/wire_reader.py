@@ -33,6 +33,7 @@ from fedbus.errors import ProtocolError
 __all__ = [
     "MAX_FIELDS",
     "MAX_NESTING",
+    "MAX_UNKNOWN_BYTES",
     "FieldReader",
     "Reader",
     "Unread",
@@ -41,6 +42,9 @@ __all__ = [
 
 MAX_FIELDS = 64  # keys of one map read field by field (envelope, entry, tensor)
 MAX_NESTING = 1024  # containers within one skipped value: msgpack-python's own stack
+# bytes of unknown keys and their values one reader with a budget skips in all (the
+# coordinator's update envelope, and separately its delta): extension fields are small
+MAX_UNKNOWN_BYTES = 4096
 
 _MSGPACK_ERRORS = (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
                    msgpack.StackError, msgpack.OutOfData, UnicodeDecodeError)
@@ -77,7 +81,11 @@ def _kind(b: int) -> str:
 class Reader:
     """A cursor over one msgpack payload (bytes or a memoryview of bytes)."""
 
-    def __init__(self, data: bytes | memoryview, *, max_str_len: int, max_bin_len: int) -> None:
+    def __init__(self, data: bytes | memoryview, *, max_str_len: int, max_bin_len: int,
+                 max_unknown_bytes: int | None = None) -> None:
+        """``max_unknown_bytes``: most bytes of unknown keys and their values that
+        ``read_fields`` skips with this reader, over every map it reads (None: no budget);
+        more is ``malformed``."""
         self._view = memoryview(data).cast("B") if isinstance(data, memoryview) else (
             memoryview(data))
         self._size = len(self._view)
@@ -91,6 +99,18 @@ class Reader:
             max_array_len=0, max_map_len=0, max_ext_len=0,
         )
         self._unpacker.feed(self._view)  # one copy: msgpack has no zero-copy input
+        self._max_unknown = max_unknown_bytes
+        self.unknown_bytes = 0  # skipped by read_fields as unknown keys and their values
+
+    def charge_unknown(self, nbytes: int) -> None:
+        """Count ``nbytes`` of unknown keys and values against the reader's budget."""
+        self.unknown_bytes += nbytes
+        if self._max_unknown is not None and self.unknown_bytes > self._max_unknown:
+            raise ProtocolError(
+                "malformed",
+                f"unknown keys and values take more than {self._max_unknown} bytes "
+                f"(at least {self.unknown_bytes})",
+            )
 
     def _header(self) -> tuple[str, int, int]:
         """The next value's kind, its length (containers, str, bin; else 0) and the size
@@ -210,14 +230,17 @@ def read_fields(
     reader: Reader, fields: Mapping[str, FieldReader], *, limit: int = MAX_FIELDS
 ) -> dict[str, Any]:
     """Read a map (the next value) keeping only the keys of ``fields``, each read by its
-    reader; other keys' values are skipped. A key that repeats a key read here is
-    ``malformed`` (which occurrence counts would otherwise depend on the decoder)."""
+    reader; other keys' values are skipped, and their bytes (key included) charged to the
+    reader's unknown-bytes budget. A key that repeats a key read here is ``malformed``
+    (which occurrence counts would otherwise depend on the decoder)."""
     out: dict[str, Any] = {}
     for _ in range(reader.map_header(limit)):
+        start = reader.tell()
         key = reader.key()
         read = fields.get(key) if key is not None else None
         if read is None:
             reader.skip()
+            reader.charge_unknown(reader.tell() - start)
             continue
         if key in out:
             raise ProtocolError("malformed", f"key {key!r} appears twice in one map")

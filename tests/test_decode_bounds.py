@@ -20,6 +20,7 @@ from fedbus.envelope import DecodeLimits
 from fedbus.errors import ProtocolError
 from fedbus.messages import Status, Update
 from fedbus.update_codec import PackedMap, decode_update_delta, decompressed_bound
+from fedbus.wire_reader import MAX_UNKNOWN_BYTES
 
 OVERHEAD = 64 * 1024  # fixed costs of one decode: the reader, a few dicts, numpy headers
 LIMITS = ValidationLimits(max_update_bytes=hostile.MAX_UPDATE_BYTES, max_norm=100.0,
@@ -63,14 +64,15 @@ def peak_of(fn: Callable[[], Any]) -> tuple[Any, int]:
         tracemalloc.stop()
 
 
-# The verdict on each worst shape of bench.hostile. Two are accepted: their filler is the
-# value of an unknown key, which every v2 reader ignores (skipped unread, ~20 ms for 4 MB).
+# The verdict on each worst shape of bench.hostile. Three pad a valid update with the value
+# of an unknown key, which every v2 reader ignores; they were accepted until the unknown
+# keys of an update had a budget (wire_reader.MAX_UNKNOWN_BYTES, docs/protocol.md 4.2).
 VERDICTS = {
-    "empty_maps_unknown_key": "accepted",
-    "empty_arrays_in_delta": "accepted",
+    "empty_maps_unknown_key": "malformed",
+    "empty_arrays_in_delta": "malformed",
     "declared_lengths": "malformed",
     "deep_nesting": "malformed",
-    "tiny_tensors": "accepted",
+    "tiny_tensors": "malformed",
     "many_entries": "shape",
     "extra_tensor": "shape",
     "wrong_shape": "shape",
@@ -102,7 +104,8 @@ def test_the_issue_shape_costs_little_more_than_its_size() -> None:
     # 4 MB of one-byte empty maps cost 290 MiB when msgpack built them; skipped, about 1x
     payload, model = hostile.empty_maps_unknown_key()
     result, peak = peak_of(lambda: judge(payload, model))
-    assert isinstance(result, Accepted)
+    assert isinstance(result, Rejected) and result.reason == "malformed", result
+    assert "unknown keys" in result.detail
     assert peak <= 2 * len(payload)
 
 
@@ -215,6 +218,70 @@ def test_maps_read_field_by_field_hold_at_most_64_keys() -> None:
     entry = {**_int8((10,)), **{f"x{i}": 0 for i in range(62)}}  # 3 + 62 = 65 keys
     assert _reason(decode_update_delta, PackedMap(msgpack.packb({"a": entry})), None) == (
         "malformed")
+
+
+# -- the budget of unknown keys ----------------------------------------------------------
+
+SMALL = {"w": (10,)}
+
+
+def _with_unknown(fill: int, *, in_delta: bool = False) -> bytes:
+    """A valid update whose envelope (or delta entry) has one more key, "x", whose key and
+    value take ``fill`` bytes in all (a bin)."""
+    value = bytes(fill - 2 - (2 if fill - 2 <= 257 else 3))  # "x" takes 2 bytes, a bin head 2-3
+    extra = msgpack.packb("x") + msgpack.packb(value)
+    assert len(extra) == fill
+    entry = msgpack.packb(_int8((10,)))
+    if in_delta:
+        entry = bytes([entry[0] + 1]) + entry[1:] + extra
+    wire = msgpack.packb({k: v for k, v in _update_map().items() if k != "delta"})
+    head = bytes([wire[0] + 1 + (0 if in_delta else 1)])
+    return (head + wire[1:] + msgpack.packb("delta") + b"\x81\xa1w" + entry
+            + (b"" if in_delta else extra))
+
+
+@pytest.mark.parametrize("in_delta", [False, True])
+def test_unknown_keys_of_an_update_have_a_budget(in_delta: bool) -> None:
+    limits = ValidationLimits(max_update_bytes=64 * 1024, max_norm=100.0, max_staleness=10)
+    assert limits.decode is not None and limits.decode.max_unknown_bytes == MAX_UNKNOWN_BYTES
+
+    def verdict(payload: bytes) -> Accepted | Rejected | Any:
+        return validate_update(payload, topic_device="dev1", run_id="r1", task_id="task1",
+                               expected_shapes=SMALL, current_version=5, limits=limits,
+                               ledger=NoLedger())
+
+    assert isinstance(verdict(_with_unknown(MAX_UNKNOWN_BYTES, in_delta=in_delta)), Accepted)
+    over = verdict(_with_unknown(MAX_UNKNOWN_BYTES + 1, in_delta=in_delta))
+    assert isinstance(over, Rejected) and over.reason == "malformed", over
+    assert "unknown keys" in over.detail
+    # an envelope over its budget is refused while it is read (no id, no receipt); a delta
+    # over it at check 11, with the update's id for the receipt, before any conversion
+    assert over.update_id == ("u-1" if in_delta else None)
+    # without a budget (what a stored, already accepted update is read with) both decode
+    unlimited = ValidationLimits(64 * 1024, 100.0, 10,
+                                 decode=DecodeLimits(max_bytes=64 * 1024, max_bin_len=64 * 1024))
+    assert isinstance(validate_update(
+        _with_unknown(MAX_UNKNOWN_BYTES + 1, in_delta=in_delta), topic_device="dev1",
+        run_id="r1", task_id="task1", expected_shapes=SMALL, current_version=5,
+        limits=unlimited, ledger=NoLedger()), Accepted)
+
+
+def test_the_budget_is_spent_across_keys_and_maps() -> None:
+    # many small unknown keys add up: 40 of 110 bytes each in one envelope
+    wire = _update_map(delta={"w": _int8((10,))}, **{f"x{i:02}": bytes(104) for i in range(40)})
+    payload = msgpack.packb(wire)
+    limits = DecodeLimits(max_unknown_bytes=MAX_UNKNOWN_BYTES)
+    assert Update.read(payload).update_id == "u-1"
+    assert _reason(Update.read, payload, limits) == "malformed"
+    # in a delta the entries, tensor and values maps share one budget
+    entry = _int8((10,))
+    entry["t"]["x"] = bytes(1500)
+    entry["s"]["x"] = bytes(1500)
+    entry["x"] = bytes(1500)
+    packed = PackedMap(msgpack.packb({"w": entry}))
+    assert decode_update_delta(packed, None)["w"].shape == (10,)
+    assert _reason(decode_update_delta, packed, None,
+                   max_unknown_bytes=MAX_UNKNOWN_BYTES) == "malformed"
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from coordinator.validation import (
     REJECT_REASONS,
     Accepted,
     Rejected,
+    Repeated,
     ValidationLimits,
     validate_update,
 )
@@ -24,6 +25,7 @@ from fedbus.errors import ProtocolError
 from fedbus.messages import Status, Update
 from fedbus.tensors import DTYPES, decode_tensor, encode_tensor
 from fedbus.update_codec import PackedMap, decode_update_delta, encode_update_delta
+from fedbus.wire_reader import MAX_UNKNOWN_BYTES
 
 # the reasons a decoder may give (docs/protocol.md sections 4.2, 5 and 6)
 DECODE_REASONS = {"too_large", "malformed", "schema", "dtype", "shape"}
@@ -135,6 +137,48 @@ def test_mutated_updates_are_judged_never_raised(update: Update, delta: dict, sp
         assert result.reason in REJECT_REASONS
     else:
         assert {n: a.shape for n, a in result.delta.items()} == SHAPES
+
+
+@SETTINGS
+@given(updates(), deltas(), st.sampled_from(SPECS), st.integers(0, 2 * MAX_UNKNOWN_BYTES))
+def test_unknown_keys_within_the_budget_and_only_those_pass(
+    update: Update, delta: dict, spec: str, pad: int
+) -> None:
+    """What the Python agent sends carries no unknown key at all (accepted with a budget
+    of 0), and one unknown key is accepted exactly when key and value fit the budget."""
+    wire, compression = encode_update_delta(delta, spec, rng=np.random.default_rng(0))
+    sent = Update(**{**update.__dict__, "delta": wire, "compression": compression,
+                     "device_id": "dev1", "task_id": "t", "run_id": "r", "base_version": 0})
+    payload = sent.pack()
+    extra = msgpack.packb("ext") + msgpack.packb(bytes(pad))
+    assert payload[0] == 0x8B  # a fixmap of the 11 fields: one more key still fits
+    padded = bytes([payload[0] + 1]) + payload[1:] + extra
+
+    def judge(data: bytes, budget: int) -> Accepted | Rejected:
+        limits = ValidationLimits(
+            max_update_bytes=1 << 16, max_norm=1e9, max_staleness=10,
+            decode=DecodeLimits(max_bytes=1 << 16, max_bin_len=1 << 16,
+                                max_unknown_bytes=budget))
+
+        class Ledger:
+            def verdict(self, _uid: str) -> None:
+                return None
+
+            def work(self, _dev: str, _base: int) -> None:
+                return None
+
+        result = validate_update(data, topic_device="dev1", run_id="r", task_id="t",
+                                 expected_shapes=SHAPES, current_version=0, limits=limits,
+                                 ledger=Ledger())
+        assert not isinstance(result, Repeated)
+        return result
+
+    assert isinstance(judge(payload, 0), Accepted)
+    result = judge(padded, MAX_UNKNOWN_BYTES)
+    if len(extra) <= MAX_UNKNOWN_BYTES:
+        assert isinstance(result, Accepted), result
+    else:
+        assert isinstance(result, Rejected) and result.reason == "malformed", result
 
 
 # -- tensors -----------------------------------------------------------------------------
