@@ -119,6 +119,9 @@ class CoordinatorConfig(BrokerTarget):
     max_versions: int = 0  # stop after this many new model versions (0 = never)
     duration: float = 0.0  # stop after this many seconds (0 = never)
     target_accuracy: float = 0.0  # stop once held-out accuracy reaches this (0 = never)
+    # ... and held: for this many seconds after a version reached it, at least 90% of the
+    # versions evaluated reached it too (coordinator.target_hold); 0: stop at the first hit
+    target_hold: float = 20.0
     # Prometheus metrics (coordinator.metrics) on http://metrics_host:metrics_port/metrics;
     # 0: no endpoint. Loopback by default: the metrics name devices and the run's progress
     metrics_port: int = 0
@@ -176,6 +179,9 @@ class CoordinatorConfig(BrokerTarget):
         self.class_names()
         if not (math.isfinite(self.stall_window) and self.stall_window >= 0):
             raise ValueError(f"stall_window must be a number >= 0, got {self.stall_window}")
+        if not (math.isfinite(self.target_hold) and self.target_hold >= 0):
+            raise ValueError(f"target_hold must be a number of seconds >= 0, got "
+                             f"{self.target_hold}")
         self.aggregation()  # one place checks the aggregation settings
 
     def class_names(self) -> tuple[str, ...] | None:
