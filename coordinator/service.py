@@ -140,6 +140,8 @@ class RunSummary:
     # the evaluated version of highest held-out accuracy (model_best.npz), None if none
     best_version: int | None = None
     best_accuracy: float | None = None
+    # when this process stopped, in the history's seconds (since the run was created)
+    stopped_seconds: float | None = None
 
 
 def build_task(
@@ -759,6 +761,7 @@ class CoordinatorService:
             privacy=self._privacy_summary(),
             best_version=None if self.best is None else self.best[0],
             best_accuracy=None if self.best is None else self.best[1],
+            stopped_seconds=round(time.time() - self.task.created_at, 3),
         )
 
     def _privacy_summary(self) -> dict[str, Any] | None:

@@ -87,3 +87,19 @@ def test_bad_settings_are_refused():
         TargetWatch(0.9, -1.0)
     with pytest.raises(ValueError, match="fraction"):
         TargetWatch(0.9, 1.0, fraction=0.0)
+
+
+def test_the_benchmark_times_a_stable_target_with_the_same_rule():
+    from bench.tta import _stable_tta, _tta
+
+    history = [{"version": e.version, "seconds": e.at + 5.0, "accuracy": e.accuracy}
+               for e in SPIKE_THEN_STABLE]
+    history.insert(3, {"version": 99, "seconds": 9.5, "accuracy": None})  # not evaluated
+    run = {"first_update_seconds": 5.0, "history": history}
+    assert _tta(run, 0.93) == 2.0  # the spike
+    # the history ends at t=31: no window of v10 (t=22) has closed
+    assert _stable_tta(run, 0.93, 20.0) is None
+    assert _stable_tta(run, 0.93, 10.0) is None  # decided at t=32, after the end
+    history.append({"version": 14, "seconds": 37.0, "accuracy": None})  # the run went on
+    assert _stable_tta(run, 0.93, 10.0) == 22.0
+    assert _stable_tta(run, 0.93, 0.0) == 2.0  # hold 0: the first hit
