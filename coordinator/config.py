@@ -156,6 +156,9 @@ class CoordinatorConfig(BrokerTarget):
         )
         if self.max_versions < 0 or self.duration < 0:
             raise ValueError("max_versions and duration must not be negative")
+        if not (math.isfinite(self.target_hold) and self.target_hold >= 0):
+            raise ValueError(f"target_hold must be a number of seconds >= 0, got "
+                             f"{self.target_hold}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(
                 f"metrics_port must be 1-65535, or 0 for no endpoint, got {self.metrics_port}"
@@ -179,9 +182,6 @@ class CoordinatorConfig(BrokerTarget):
         self.class_names()
         if not (math.isfinite(self.stall_window) and self.stall_window >= 0):
             raise ValueError(f"stall_window must be a number >= 0, got {self.stall_window}")
-        if not (math.isfinite(self.target_hold) and self.target_hold >= 0):
-            raise ValueError(f"target_hold must be a number of seconds >= 0, got "
-                             f"{self.target_hold}")
         self.aggregation()  # one place checks the aggregation settings
 
     def class_names(self) -> tuple[str, ...] | None:
