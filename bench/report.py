@@ -214,6 +214,30 @@ def _tta(b: dict[str, Any]) -> str:
                   "", _table(["profile", "async s", "sync s", "sync/async",
                               f"versions to {par['target_accuracy']:g}, async / sync"],
                              late_rows), ""]
+    stable_rows = []
+    for name, p in b["profiles"].items():
+        for first, key in (("", "stable_target"), ("late_", "late_stable_target")):
+            st = p.get(key)
+            if not st:
+                continue
+            n_asy, n_syn = len(p["ours"]["runs"]), len(p["baseline"]["runs"])
+            hit = (p["ours"]["median"], p["baseline"]["median"]) if not first else (
+                p["late_target"]["async_median"], p["late_target"]["sync_median"])
+            stable_rows.append([
+                name, f"{st['target']:g}", f"{_num(hit[0])} / {_num(hit[1])}",
+                f"{_num(st['async_median'])} ({st['async_held']}/{n_asy})",
+                f"{_num(st['sync_median'])} ({st['sync_held']}/{n_syn})",
+                _ratio(st.get("ratio"))])
+    if stable_rows:
+        lines += [f"Time to a stable target, beside the first hit: to the first version from "
+                  f"which the target held (at least {100 * par['hold_fraction']:g}% of the "
+                  f"versions evaluated in the following {par['hold_seconds']:g} s reached it "
+                  f"too, the rule of `fedbus coordinator --target-hold`); (held/runs) beside "
+                  f"each median, a run whose target did not hold before it ended counts as "
+                  f"{par['cap_seconds']:g} s. Each run went on until "
+                  f"{par['late_target_accuracy']:g} held, or to the cap.", "",
+                  _table(["profile", "target", "first hit async / sync s", "stable async s",
+                          "stable sync s", "sync/async (stable)"], stable_rows), ""]
     for name, p in b["profiles"].items():
         lines.append(f"- {name}: async runs {_runs(p['ours']['runs'])} s; sync runs "
                      f"{_runs(p['baseline']['runs'])} s; speeds {p['speeds']}; samples per "

@@ -128,6 +128,9 @@ class CoordinatorConfig(BrokerTarget):
     max_versions: int = 0  # stop after this many new model versions (0 = never)
     duration: float = 0.0  # stop after this many seconds (0 = never)
     target_accuracy: float = 0.0  # stop once held-out accuracy reaches this (0 = never)
+    # ... and held: for this many seconds after a version reached it, at least 90% of the
+    # versions evaluated reached it too (coordinator.target_hold); 0: stop at the first hit
+    target_hold: float = 20.0
     # Prometheus metrics (coordinator.metrics) on http://metrics_host:metrics_port/metrics;
     # 0: no endpoint. Loopback by default: the metrics name devices and the run's progress
     metrics_port: int = 0
@@ -167,6 +170,9 @@ class CoordinatorConfig(BrokerTarget):
             )
         if self.max_versions < 0 or self.duration < 0:
             raise ValueError("max_versions and duration must not be negative")
+        if not (math.isfinite(self.target_hold) and self.target_hold >= 0):
+            raise ValueError(f"target_hold must be a number of seconds >= 0, got "
+                             f"{self.target_hold}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(
                 f"metrics_port must be 1-65535, or 0 for no endpoint, got {self.metrics_port}"

@@ -54,7 +54,9 @@ def report_dict(summary: RunSummary, extra: dict[str, Any] | None = None) -> dic
         "aggregator": summary.aggregator,
         "task_id": summary.task_id,
         "final_accuracy": summary.final_accuracy,
-        "best_accuracy": max(accuracies) if accuracies else None,
+        "best_accuracy": summary.best_accuracy if summary.best_accuracy is not None else (
+            max(accuracies) if accuracies else None),
+        "best_version": summary.best_version,
         "model_versions": summary.final_version,
         "updates_received": counters.get("updates_received", 0),
         "updates_accepted": accepted,

@@ -187,6 +187,11 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _at_version(value: Any, version: Any) -> Any:
+    """``0.93 (version 41)``, or the value alone when its version is unknown."""
+    return value if value is None or version is None else f"{value} (version {version})"
+
+
 def render_html(report: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
     """One self-contained HTML page: summary, plots (inline PNG), per-device table."""
     task = report.get("task") or {}
@@ -195,8 +200,9 @@ def render_html(report: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
         ("data set", task.get("dataset") or "not recorded"), ("model", task.get("arch")),
         ("codec", task.get("codec")), ("mode", task.get("mode")),
         ("aggregator", task.get("aggregator")), ("versions", report.get("model_versions")),
-        ("final accuracy", report.get("final_accuracy")),
-        ("best accuracy", report.get("best_accuracy")),
+        ("final accuracy", _at_version(report.get("final_accuracy"),
+                                        report.get("final_version"))),
+        ("best accuracy", _at_version(report.get("best_accuracy"), report.get("best_version"))),
         ("start-up before version 1 (s)", report.get("startup_seconds")),
         ("last version at (s)", report.get("last_version_seconds")),
         ("updates accepted", report.get("updates_accepted")),

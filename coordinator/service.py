@@ -56,7 +56,16 @@ from coordinator.fleet import FleetStats, fleet_snapshot
 from coordinator.limits import default_max_update_bytes, receive_packet_limit
 from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
 from coordinator.stall import StallDetector
-from coordinator.store import DB_FILE, TASK_FILE, HistoryRow, StateLock, Store, archive_run
+from coordinator.store import (
+    BEST_MODEL_FILE,
+    DB_FILE,
+    TASK_FILE,
+    HistoryRow,
+    StateLock,
+    Store,
+    archive_run,
+)
+from coordinator.target_hold import Evaluated, TargetWatch
 from fedbus.envelope import pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
 from fedbus.messages import ModelSpec, Receipt, Task, TrainSpec, new_run_id, peek_update_id
@@ -137,6 +146,11 @@ class RunSummary:
     aggregator: str = "mean"  # the canonical --aggregator spec
     # differential privacy: coordinator.privacy.privacy_summary at the stop (None: off)
     privacy: dict[str, Any] | None = None
+    # the evaluated version of highest held-out accuracy (model_best.npz), None if none
+    best_version: int | None = None
+    best_accuracy: float | None = None
+    # when this process stopped, in the history's seconds (since the run was created)
+    stopped_seconds: float | None = None
 
 
 def build_task(
@@ -316,6 +330,16 @@ class CoordinatorService:
         if eval_x is not None and eval_y is not None:
             self.evaluator = Evaluator(self.task, eval_x, eval_y)
         self.last_record: VersionRecord | None = None
+        # the best evaluated version and its accuracy, derived from the stored evaluations
+        # (a resumed run knows it); its model is model_best.npz in the state directory
+        self.best: tuple[int, float] | None = self.store.best_evaluated()
+        # --target-accuracy: when the target held (coordinator.target_hold); wall-clock
+        # times, like the stored evaluations a resumed run starts from
+        self._target: TargetWatch | None = None
+        if config.target_accuracy:
+            self._target = TargetWatch(config.target_accuracy, config.target_hold)
+            since = time.time() - config.target_hold
+            self._target.add(Evaluated(t, v, a) for t, v, a in self.store.evaluations(since))
         # the core is used by both threads; the lock is held only while it judges a message,
         # ticks or is read, while its journal is committed and its publishes are queued
         self._lock = threading.Lock()
@@ -782,6 +806,9 @@ class CoordinatorService:
             buffered=buffered,
             aggregator=str(self.core.config.spec),
             privacy=self._privacy_summary(),
+            best_version=None if self.best is None else self.best[0],
+            best_accuracy=None if self.best is None else self.best[1],
+            stopped_seconds=round(time.time() - self.task.created_at, 3),
         )
 
     def _privacy_summary(self) -> dict[str, Any] | None:
@@ -1159,11 +1186,13 @@ class CoordinatorService:
             return f"reached {cfg.max_versions} model versions"
         if cfg.duration and time.monotonic() - self._started >= cfg.duration:
             return f"ran for {cfg.duration:g} s"
-        last = self.last_record
-        if cfg.target_accuracy and last is not None and last.accuracy is not None and (
-            last.accuracy >= cfg.target_accuracy
-        ):
-            return f"reached accuracy {last.accuracy:.3f}"
+        if self._target is not None:
+            held = self._target.decide(time.time())
+            for missed in self._target.missed:
+                log.info("%s", missed.describe())
+            self._target.missed.clear()
+            if held is not None:
+                return held.describe()
         return ""
 
     def _reached_max_versions(self) -> bool:
@@ -1283,27 +1312,35 @@ class CoordinatorService:
         else:
             log.info("model v%d (%d updates accepted%s)", record.version,
                      record.updates_accepted, spent)
+        evaluated_at = time.time()
         with self._lock:
             if evaluate:
-                self.store.record_evaluation(made.version, accuracy, loss, time.time())
+                self.store.record_evaluation(made.version, accuracy, loss, evaluated_at)
+        best = accuracy is not None and (self.best is None or accuracy > self.best[1])
+        if accuracy is not None:
+            if best:
+                self.best = (made.version, accuracy)
+            if self._target is not None:
+                self._target.add([Evaluated(evaluated_at, made.version, accuracy)])
         if self.config.state_dir is not None:
-            self._export(made, record)
+            self._export(made, record, best=best)
         if self._dashboard is not None:
             self._dashboard.version(record.version, record.seconds, record.accuracy,
                                     record.loss, record.updates_accepted)
         if self.on_version is not None:
             self.on_version(record)
 
-    def _export(self, made: _Made, record: VersionRecord) -> None:
-        """``model.npz`` (replaced atomically) and a line of ``history.jsonl`` (appended)
-        in the state directory, for people and tools; the store is the record."""
+    def _export(self, made: _Made, record: VersionRecord, *, best: bool = False) -> None:
+        """``model.npz`` (replaced atomically), with ``best`` also ``model_best.npz`` (the
+        best evaluated version: older versions' tensors are not kept, so it is written
+        when evaluated), and a line of ``history.jsonl`` (appended) in the state
+        directory, for people and tools; the store is the record."""
         directory = Path(self.config.state_dir)  # type: ignore[arg-type]
-        tmp = directory / "model.npz.tmp"
         try:
-            with open(tmp, "wb") as fh:
-                arrays: dict[str, Any] = {"__version__": np.array(made.version), **made.state}
-                np.savez(fh, **arrays)
-            os.replace(tmp, directory / "model.npz")
+            _write_model(directory / "model.npz", made.version, made.state, None)
+            if best:
+                _write_model(directory / BEST_MODEL_FILE, made.version, made.state,
+                             record.accuracy)
             line = {"run": self.task.run_id, **record.__dict__}
             with open(directory / "history.jsonl", "a") as fh:
                 fh.write(json.dumps(line) + "\n")
@@ -1344,6 +1381,19 @@ def load_signing_key(config: CoordinatorConfig) -> Ed25519PrivateKey:
                 f"with that key, or another --state-dir"
             )
     return key
+
+
+def _write_model(path: Path, version: int, state: dict[str, np.ndarray],
+                 accuracy: float | None) -> None:
+    """An exported model (``np.load``-able): its tensors, ``__version__`` and, when given,
+    ``__accuracy__``; written beside and renamed, so a reader never sees half."""
+    tmp = path.with_name(path.name + ".tmp")
+    arrays: dict[str, Any] = {"__version__": np.array(version), **state}
+    if accuracy is not None:
+        arrays["__accuracy__"] = np.array(accuracy)
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
 
 
 def _version_record(

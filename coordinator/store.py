@@ -5,6 +5,7 @@ Layout of a state directory::
     state.db, state.db-wal, state.db-shm   the run (this module)
     lock                                   held (flock) by the coordinator using it
     model.npz                              the current global model, for people and tools
+    model_best.npz                         the best evaluated version's model (service)
     history.jsonl                          one line per version, appended
     runs/<run id>/                         earlier runs, moved aside by --new-run
 
@@ -74,6 +75,7 @@ from fedbus.sqlite_store import open_database, transaction
 from fedbus.tensor_map import pack_tensors, unpack_tensors
 
 __all__ = [
+    "BEST_MODEL_FILE",
     "DB_FILE",
     "FORMAT",
     "NORM_BOUND_FORMAT",
@@ -114,6 +116,9 @@ FORMAT = PAUSE_FORMAT
 DB_FILE = "state.db"
 TASK_FILE = "task.json"  # the run's task as JSON, for `fedbus data check` (service)
 LOCK_FILE = "lock"
+# the best evaluated version's model (service); its version and accuracy come from the
+# ``evaluations`` table (``best_evaluated``), so the best survives a restart unchanged
+BEST_MODEL_FILE = "model_best.npz"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -487,6 +492,25 @@ class Store:
         row = self._db.execute("SELECT MAX(version) FROM evaluations").fetchone()
         return None if row[0] is None else int(row[0])
 
+    def best_evaluated(self) -> tuple[int, float] | None:
+        """The version of highest held-out accuracy so far (the earliest on a tie) and its
+        accuracy; None before the first evaluation with an accuracy."""
+        row = self._db.execute(
+            "SELECT version, accuracy FROM evaluations WHERE accuracy IS NOT NULL "
+            "ORDER BY accuracy DESC, version ASC LIMIT 1"
+        ).fetchone()
+        return None if row is None else (int(row[0]), float(row[1]))
+
+    def evaluations(self, since: float = 0.0) -> list[tuple[float, int, float]]:
+        """``(evaluated_at, version, accuracy)`` of the evaluations with an accuracy made at
+        or after ``since`` (wall clock), in time order."""
+        rows = self._db.execute(
+            "SELECT evaluated_at, version, accuracy FROM evaluations "
+            "WHERE accuracy IS NOT NULL AND evaluated_at >= ? ORDER BY evaluated_at, version",
+            (since,),
+        )
+        return [(float(t), int(v), float(a)) for t, v, a in rows]
+
     def verdict_counts(self) -> dict[str, int]:
         """Remembered verdicts by outcome (``accepted`` or the reason), for reports."""
         rows = self._db.execute(
@@ -551,8 +575,8 @@ def archive_run(directory: Path, run_id: str) -> Path:
     deleted) so a new run can start there; returns the archive directory."""
     target = Path(directory) / "runs" / run_id
     target.mkdir(parents=True, exist_ok=False)
-    for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", "model.npz", "history.jsonl",
-                 TASK_FILE):
+    for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", "model.npz", BEST_MODEL_FILE,
+                 "history.jsonl", TASK_FILE):
         source = Path(directory) / name
         if source.exists():
             os.replace(source, target / name)

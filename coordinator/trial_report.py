@@ -130,6 +130,8 @@ def build_report(
     rows = _versions(versions, verdicts, created_at)
     made = [r for r in rows if r["version"] >= 1]
     evaluated = [r for r in rows if r["accuracy"] is not None]
+    # the best evaluated version, the earliest on a tie (as the coordinator's model_best.npz)
+    best = max(evaluated, key=lambda r: (r["accuracy"], -r["version"]), default=None)
     devices = _devices(verdicts)
     rejected: dict[str, int] = {}
     for dev in devices.values():
@@ -147,7 +149,9 @@ def build_report(
         "startup_seconds": made[0]["seconds"] if made else None,
         "last_version_seconds": rows[-1]["seconds"] if rows else None,
         "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
-        "best_accuracy": max(r["accuracy"] for r in evaluated) if evaluated else None,
+        "final_version": evaluated[-1]["version"] if evaluated else None,
+        "best_accuracy": None if best is None else best["accuracy"],
+        "best_version": None if best is None else best["version"],
         "verdicts_remembered": len(verdicts),
         "updates_accepted": sum(d["accepted"] for d in devices.values()),
         "updates_rejected": sum(d["rejected"] for d in devices.values()),

@@ -52,7 +52,7 @@ def test_raw_tabular_data_with_class_names_trains_after_a_data_check(
             [*fedbus, "coordinator", "--credentials", str(broker.credentials_file),
              "--eval-data", str(tmp_path / "eval.csv"), "--state-dir", str(state),
              "--task-id", "bc", "--lr", "0.05", "--epochs", "2", "--buffer-size", "1",
-             "--target-accuracy", "0.9", "--duration", "60"],
+             "--target-accuracy", "0.9", "--target-hold", "0", "--duration", "60"],
             log_path=tmp_path / "coordinator.log"))
         coordinator.wait_for_file(state / "task.json", 30, "the coordinator's task file")
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -83,6 +84,12 @@ def check_report_of_a_finished_run(state: Path, out: Path, demo: dict) -> None:
     assert sorted(report["per_device"]) == sorted(demo["per_device"])
     assert sum(d["accepted"] for d in report["per_device"].values()) == 20
     assert report["task"]["mode"] == "fedavg" and report["task"]["codec"] == demo["codec"]
+    # the best evaluated version: the same in both reports, and exported beside the last
+    assert (report["best_version"], report["best_accuracy"]) == (
+        demo["best_version"], demo["best_accuracy"])
+    with np.load(state / "model_best.npz") as best:
+        assert int(best["__version__"]) == demo["best_version"]
+        assert float(best["__accuracy__"]) == demo["best_accuracy"]
     assert _self_contained((out / "report.html").read_text())
     # a directory without a run: one line, exit code non-zero
     empty = subprocess.run(

@@ -341,6 +341,52 @@ def test_history_is_appended_and_the_model_exported(broker: MemoryBroker, tmp_pa
     assert received.version == 3 and decoded.keys() == running.service.core.state.keys()
 
 
+def test_the_best_version_is_exported_and_the_target_must_hold(
+    broker: MemoryBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    state = tmp_path / "run"
+    # mean: quorum would wait for agreeing updates (these deltas are all zero)
+    running = Running(broker, state_dir=state, buffer_size=1, aggregator="mean",
+                      target_accuracy=0.9, target_hold=2.0)  # margin for a loaded machine
+    service = running.service
+    # v1 spikes to the target and falls back; v3 reaches it and v4 stays there
+    accuracy = {1: 0.95, 2: 0.5, 3: 0.92, 4: 0.91}
+
+    class Evaluator:
+        def evaluate(self, _state: dict) -> tuple[float, float]:
+            return 0.1, accuracy.get(service.core.version, 0.1)  # one version at a time
+
+    service.evaluator = Evaluator()  # type: ignore[assignment]
+    dev = Device(broker)
+
+    def version(v: int) -> None:
+        assert dev.send(_update(service, f"u{v}", base=v - 1)).accepted
+        # exported (the history line comes after the models): versions 0 to v
+        wait_for(lambda: (state / "history.jsonl").exists()
+                 and len((state / "history.jsonl").read_text().splitlines()) == v + 1)
+
+    with caplog.at_level("INFO", logger="coordinator.service"):
+        version(1)
+        with np.load(state / "model_best.npz") as best:
+            assert int(best["__version__"]) == 1 and float(best["__accuracy__"]) == 0.95
+        version(2)
+        time.sleep(2.3)  # v1's seconds pass: only v2, below the target, was evaluated
+        assert running.thread.is_alive()
+        assert "reached accuracy 0.950 (v1): target 0.9 not held: only 0% of 1 version" in (
+            caplog.text)
+        version(3)
+        version(4)
+        summary = running.join(timeout=5)
+    assert summary is not None and summary.stop_reason == (
+        "reached accuracy 0.920 (v3): target 0.9 held by 100% of 1 version over 2 s")
+    assert (summary.final_version, summary.final_accuracy) == (4, 0.91)
+    assert (summary.best_version, summary.best_accuracy) == (1, 0.95)
+    with np.load(state / "model_best.npz") as best, np.load(state / "model.npz") as last:
+        assert int(best["__version__"]) == 1 and int(last["__version__"]) == 4
+        assert best.keys() - last.keys() == {"__accuracy__"}
+    assert sorted(p.name for p in state.glob("*.tmp")) == []
+
+
 def test_memory_transport_is_a_transport() -> None:
     # the service and the agent accept any factory with MqttClient's signature
     transport = MemoryBroker().factory(

@@ -172,6 +172,18 @@ def test_accepted_updates_wait_in_order_until_a_version_applies_them(tmp_path: P
     assert store.history()[1].accuracy == 0.9 and store.last_evaluated() == 1
 
 
+def test_the_best_evaluation_is_derived_from_the_stored_ones(tmp_path: Path) -> None:
+    store = new_store(tmp_path / DB_FILE)
+    assert store.best_evaluated() is None and store.evaluations() == []
+    store.record_evaluation(0, None, None, 1.0)  # no evaluation data: no accuracy
+    for version, accuracy, at in ((1, 0.90, 2.0), (2, 0.95, 3.0), (3, 0.95, 4.0), (4, 0.80, 5.0)):
+        store.record_evaluation(version, accuracy, 0.1, at)
+    store.close()
+    store = Store(tmp_path / DB_FILE)  # a resumed run knows it, with no new format
+    assert store.best_evaluated() == (2, 0.95)  # the earliest of a tie
+    assert store.evaluations(since=4.0) == [(4.0, 3, 0.95), (5.0, 4, 0.80)]
+
+
 def test_a_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
     store = new_store(tmp_path / DB_FILE)
     with pytest.raises(StateError, match="does not follow"):

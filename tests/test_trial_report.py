@@ -72,6 +72,16 @@ def test_versions_time_from_the_first_version_and_bytes_before_each():
     assert report["task"]["codec"] == "int8" and report["task"]["dataset"] == "digits"
 
 
+def test_the_best_version_is_reported_beside_the_final_one():
+    rows = [*VERSIONS, VersionRow(3, T0 + 35.0, 2, 0.95, 0.2),
+            VersionRow(4, T0 + 36.0, 2, 0.91, 0.3)]
+    report = build_report(META, rows, VERDICTS)
+    assert (report["final_version"], report["final_accuracy"]) == (4, 0.91)
+    assert (report["best_version"], report["best_accuracy"]) == (2, 0.95)  # earliest of a tie
+    page = render_html(report, {})
+    assert "0.91 (version 4)" in page and "0.95 (version 2)" in page
+
+
 def test_unknown_sizes_stay_unknown():
     rows = [VerdictRow("d", True, None, 0, 0, None)]
     report = build_report(META, VERSIONS, rows)

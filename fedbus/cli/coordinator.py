@@ -104,7 +104,8 @@ HELPS = {
     "are names, else none (labels are class indices). Fixed for a run.",
     "stall_window": "Warn when no update was accepted for this many seconds while some were "
     "rejected (0: never).",
-    "state_dir": "Directory holding the run (state.db, model.npz, history.jsonl) and the "
+    "state_dir": "Directory holding the run (state.db, model.npz, model_best.npz, "
+    "history.jsonl) and the "
     "signing key (signing.key, signing.pub). A restart on "
     "it resumes the run where it stopped; empty: keep nothing (memory only).",
     "signing_key": "Ed25519 private key (PEM) to sign tasks and models with, copied into a "
@@ -125,7 +126,12 @@ HELPS = {
     "once before --device-share applies.",
     "max_versions": "Stop after this many model versions (0: never).",
     "duration": "Stop after this many seconds (0: never).",
-    "target_accuracy": "Stop once held-out accuracy reaches this (0: never).",
+    "target_accuracy": "Stop once held-out accuracy reaches this and held (see "
+    "--target-hold; 0: never).",
+    "target_hold": "Seconds the target must hold: a version reached --target-accuracy and, "
+    "of the versions evaluated in the following SECONDS, at least 90% reached it too "
+    "(versions not evaluated, when they come faster than evaluation, do not count; none "
+    "evaluated counts as held). 0: stop at the first version that reaches it.",
     "metrics_port": "Serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0: off).",
     "metrics_host": "Address the metrics endpoint listens on (default loopback only).",
     "dashboard_port": "Serve the live web dashboard on http://DASHBOARD_HOST:PORT/ (0: off).",
@@ -158,9 +164,11 @@ def coordinator(config_file: Path | None, new_run: bool, **flags: Any) -> None:
 
     Ctrl-C or SIGTERM stops this process; started again on the same --state-dir it resumes
     the same run at the same version, with the updates it had accepted. The run ends at
-    --max-versions, --duration or --target-accuracy: the coordinator then applies what it
-    holds, tells the devices the run has ended, and exits. The operator pauses, resumes
-    and stops the run from anywhere with `fedbus run pause|resume|stop`.
+    --max-versions, --duration or --target-accuracy (once it held for --target-hold
+    seconds): the coordinator then applies what it holds, tells the devices the run has
+    ended, and exits. The operator pauses, resumes and stops the run from anywhere with
+    `fedbus run pause|resume|stop`. The state directory keeps the last model (model.npz)
+    and the best evaluated one (model_best.npz).
 
     \b
     Example, against a broker started with `fedbus broker --dir ./trial`:
@@ -182,9 +190,11 @@ def coordinator(config_file: Path | None, new_run: bool, **flags: Any) -> None:
     summary = service.run()
     counters = summary.counters
     log.info(
-        "done (%s): %d versions, final accuracy %s, %d updates accepted, %d rejected",
+        "done (%s): %d versions, final accuracy %s, best %s, %d updates accepted, %d rejected",
         summary.stop_reason, summary.final_version,
         "n/a" if summary.final_accuracy is None else f"{summary.final_accuracy:.4f}",
+        "n/a" if summary.best_accuracy is None else
+        f"{summary.best_accuracy:.4f} (v{summary.best_version})",
         counters.get("updates_accepted", 0), counters.get("updates_rejected", 0),
     )
     if summary.privacy is not None:

@@ -110,6 +110,8 @@ def demo(**flags: Any) -> None:
         "\n".join([
             "",
             f"  final held-out accuracy  {acc:.4f}" if acc is not None else "  no evaluation",
+            *([f"  best held-out accuracy   {r['best_accuracy']:.4f} (version "
+               f"{r['best_version']})"] if r.get("best_accuracy") is not None else []),
             f"  model versions           {r['model_versions']}",
             f"  updates accepted         {r['updates_accepted']}"
             f" (rejected {r['updates_rejected']})",

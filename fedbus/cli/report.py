@@ -28,7 +28,8 @@ def report(run_dir: Path, out: Path | None, dataset: str | None) -> None:
     written = write_files(out if out is not None else Path("fedbus-report"), trial)
     click.echo(
         f"run {trial['run_id']}: {trial['model_versions']} versions, final accuracy "
-        f"{trial['final_accuracy']}, {len(trial['per_device'])} devices"
+        f"{trial['final_accuracy']}, best {trial['best_accuracy']} (version "
+        f"{trial['best_version']}), {len(trial['per_device'])} devices"
     )
     for path in written:
         click.echo(f"wrote {path}")
