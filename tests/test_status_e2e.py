@@ -67,8 +67,8 @@ def test_status_shows_the_fleet_to_the_operator_and_not_to_devices(
         wait_for(lambda: service.client.connected, what="the coordinator connected")
         device = mqtt_client(broker, "dev-a")
         status = Status("dev-a", "idle", 0, time.time(), run_id=service.task.run_id,
-                        agent="0.1.0-test", error="labels 0-9, the model has 2 classes",
-                        error_kind="data")
+                        agent="0.1.0-test", error="out of memory in the last training",
+                        error_kind="memory")
         device.publish(topics.status("dev-a"), pack(status.to_wire()), qos=1, retain=True)
         device.publish(topics.update("dev-a"), _update(service, "u-1"), qos=1)
         device.publish(topics.update("dev-a"), b"\xc1", qos=1)
@@ -104,15 +104,15 @@ def test_status_shows_the_fleet_to_the_operator_and_not_to_devices(
             "dev-a", "idle", True, "0.1.0-test", 0)
         assert (a["accepted"], a["rejected"], a["mean_staleness"]) == (1, {"malformed": 1}, 0)
         assert (a["loss"], a["acc_int8"]) == (0.5, 0.75)
-        assert a["bytes"] > 1 and a["error"]["kind"] == "data"
-        assert a["error"]["text"] == "labels 0-9, the model has 2 classes"
+        assert a["bytes"] > 1 and a["error"]["kind"] == "memory"
+        assert a["error"]["text"] == "out of memory in the last training"
 
         # the text table, in-process
         result = CliRunner().invoke(cli, ["status", "--credentials",
                                           str(broker.credentials_file), "--once"])
         assert result.exit_code == 0, result.output
         row = next(line for line in result.output.splitlines() if line.startswith("dev-a"))
-        assert "1 (malformed 1)" in row and "0.1.0-test" in row and "data: labels" in row
+        assert "1 (malformed 1)" in row and "0.1.0-test" in row and "memory: out of memory" in row
         time.sleep(0.2)
         assert got == []
     finally:
