@@ -194,11 +194,7 @@ def bundle_document(address: BrokerAddress, device_id: str, *, password: str | N
         account.update(cert_file=f"{device_id}.crt", key_file=f"{device_id}.key")
     document: dict[str, Any] = {
         "bundle": {"version": BUNDLE_VERSION, "device": device_id},
-        "host": address.host,
-        "port": address.port,
-        "tls": {"port": address.tls_port, "mtls_port": address.mtls_port,
-                "ca_file": _CA_FILE},
-        "prefix": address.prefix,
+        **_broker_fields(address),
         "coordinator": {"username": "coordinator"},
         "devices": {device_id: account},
     }
@@ -217,15 +213,7 @@ def write_bundle(directory: Path, address: BrokerAddress, device_id: str, *, ca_
     if certificate != (key_pem is not None):
         raise ValueError("a client certificate needs its key, and a key its certificate")
     document = bundle_document(address, device_id, password=password, certificate=certificate)
-    try:
-        directory.mkdir(mode=0o700, parents=False)
-    except FileExistsError:
-        raise ConfigError(
-            f"{directory} already exists; fedbus never overwrites credentials (move it away "
-            "first)"
-        ) from None
-    except FileNotFoundError:
-        raise ConfigError(f"cannot create {directory}: its parent does not exist") from None
+    _new_bundle_dir(directory)
     write_new(directory / _CA_FILE, ca_pem, 0o644)
     if certificate_pem is not None and key_pem is not None:
         write_new(directory / f"{device_id}.key", key_pem, 0o600)
@@ -243,13 +231,28 @@ def write_operator_bundle(directory: Path, address: BrokerAddress, *, password: 
 
     document: dict[str, Any] = {
         "bundle": {"version": BUNDLE_VERSION, "operator": OPERATOR_USERNAME},
+        **_broker_fields(address),
+        "operator": {"username": OPERATOR_USERNAME, "password": password},
+    }
+    _new_bundle_dir(directory)
+    write_new(directory / _CA_FILE, ca_pem, 0o644)
+    write_new(directory / BUNDLE_FILE, (json.dumps(document, indent=2) + "\n").encode(), 0o600)
+    return directory
+
+
+def _broker_fields(address: BrokerAddress) -> dict[str, Any]:
+    """What every bundle says of the broker: host, ports (the CA beside the file), prefix."""
+    return {
         "host": address.host,
         "port": address.port,
         "tls": {"port": address.tls_port, "mtls_port": address.mtls_port,
                 "ca_file": _CA_FILE},
         "prefix": address.prefix,
-        "operator": {"username": OPERATOR_USERNAME, "password": password},
     }
+
+
+def _new_bundle_dir(directory: Path) -> None:
+    """Make a bundle's directory (0700); an existing one is never written into."""
     try:
         directory.mkdir(mode=0o700, parents=False)
     except FileExistsError:
@@ -257,9 +260,8 @@ def write_operator_bundle(directory: Path, address: BrokerAddress, *, password: 
             f"{directory} already exists; fedbus never overwrites credentials (move it away "
             "first)"
         ) from None
-    write_new(directory / _CA_FILE, ca_pem, 0o644)
-    write_new(directory / BUNDLE_FILE, (json.dumps(document, indent=2) + "\n").encode(), 0o600)
-    return directory
+    except FileNotFoundError:
+        raise ConfigError(f"cannot create {directory}: its parent does not exist") from None
 
 
 def write_new(path: Path, data: bytes, mode: int) -> None:
