@@ -45,8 +45,11 @@ browser:
 	bash scripts/ensure-package.sh chromium chromium
 
 # pytest exits 5 when it collected no tests; make treats any non-zero exit as failure.
+# Two workers (pytest-xdist): most of the long tests wait on real processes (cut links,
+# restarts, device periods), so a second worker fills that time. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 test: setup browser lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Ours against a baseline, alternating runs on this machine; writes bench/results.json
 # and the tables of BENCHMARKS.md. `python -m bench --help` for --quick, --only, --runs.
