@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+from coordinator.chunk_store import ChunkStore
 from fedbus.chunks import ChunkLimits, Dropped, Reassembler, read_chunk
 from fedbus.errors import ProtocolError
 
-__all__ = ["ChunkIntake", "chunk_limits"]
+__all__ = ["ChunkIntake", "Completed", "chunk_limits"]
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +43,27 @@ def chunk_limits(max_update_bytes: int, per_device: int, total: int,
                        max_total_bytes=total, timeout=timeout)
 
 
-class ChunkIntake:
-    """Partial updates of every device, and what became of their chunks."""
+@dataclass(frozen=True)
+class Completed:
+    """A whole update of ``device``, reassembled from the chunks of ``id``."""
 
-    def __init__(self, limits: ChunkLimits, max_chunk_bytes: int) -> None:
+    device: str
+    id: str
+    payload: bytes
+
+
+class ChunkIntake:
+    """Partial updates of every device, and what became of their chunks. With a
+    ``ChunkStore`` every chunk held is written before ``add`` returns (so before its
+    PUBACK), and a completed update's chunks stay there until ``done`` (after its verdict
+    is committed): a crash in between makes ``restore`` hand the update in again, to be
+    answered as a repeat."""
+
+    def __init__(self, limits: ChunkLimits, max_chunk_bytes: int,
+                 store: ChunkStore | None = None) -> None:
         self.reassembler = Reassembler(limits)
         self.max_chunk_bytes = max_chunk_bytes
+        self.store = store or ChunkStore(None)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._warned: dict[tuple[str, str], float] = {}
 
@@ -58,8 +75,31 @@ class ChunkIntake:
         else:
             log.debug(text, *args)
 
-    def add(self, device: str, payload: bytes, now: float) -> bytes | None:
-        """Take one chunk message of ``device``; the whole update once it is complete."""
+    def restore(self, now: float) -> list[Completed]:
+        """Take back the chunks kept by a process that stopped; the updates they complete
+        (judged already if the process stopped after its verdict: then a repeat)."""
+        completed = []
+        for device, payload in self.store.load():
+            chunk = read_chunk(payload, max(self.max_chunk_bytes, len(payload)))
+            outcome = self.reassembler.add(device, chunk, now)
+            self._dropped(outcome.dropped, now)
+            if outcome.status == "complete" and outcome.payload is not None:
+                completed.append(Completed(device, chunk.id, outcome.payload))
+            elif outcome.status == "rejected":
+                self.store.delete(device, chunk.id)
+        if completed or self.reassembler.total_held:
+            log.info("took back %d partial update(s) (%d bytes) and %d complete one(s) from "
+                     "the state directory", len(self.reassembler.partials()),
+                     self.reassembler.total_held, len(completed))
+        return completed
+
+    def done(self, completed: Completed) -> None:
+        """``completed`` was judged and its verdict committed: forget its chunks."""
+        self.store.delete(completed.device, completed.id)
+
+    def add(self, device: str, payload: bytes, now: float) -> Completed | None:
+        """Take one chunk message of ``device``; the whole update once it is complete
+        (call ``done`` once it is judged)."""
         self.counters["chunks_received"] += 1
         try:
             chunk = read_chunk(payload, self.max_chunk_bytes)
@@ -70,6 +110,8 @@ class ChunkIntake:
             return None
         outcome = self.reassembler.add(device, chunk, now)
         self._dropped(outcome.dropped, now)
+        if outcome.status in ("stored", "complete"):
+            self.store.put(device, chunk.id, chunk.index, payload)
         if outcome.status == "duplicate":
             self.counters["chunks_duplicate"] += 1
         elif outcome.status == "rejected":
@@ -81,7 +123,8 @@ class ChunkIntake:
             self.counters["chunked_updates"] += 1
             log.debug("update %s of %s reassembled from %d chunks (%d bytes)", chunk.id,
                       device, chunk.count, chunk.size)
-            return outcome.payload
+            assert outcome.payload is not None
+            return Completed(device, chunk.id, outcome.payload)
         return None
 
     def expire(self, now: float) -> None:
@@ -90,6 +133,7 @@ class ChunkIntake:
 
     def _dropped(self, dropped: Iterable[Dropped], now: float) -> None:
         for gone in dropped:
+            self.store.delete(gone.sender, gone.id)
             key = ("chunked_updates_timed_out" if gone.reason == "timeout"
                    else "chunked_updates_dropped")
             self.counters[key] += 1

@@ -47,7 +47,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.admission import Admission
-from coordinator.chunk_intake import ChunkIntake, chunk_limits
+from coordinator.chunk_intake import ChunkIntake, Completed, chunk_limits
+from coordinator.chunk_store import CHUNKS_FILE, ChunkStore
 from coordinator.config import CoordinatorConfig
 from coordinator.control import ControlDecision, Malformed, judge_control, run_state
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
@@ -381,11 +382,16 @@ class CoordinatorService:
             self.task.max_update_bytes, self._shapes(), config.max_message_bytes
         )
         # chunked updates (revision 2.6): partial ones, bounded per device and in all
+        # ... kept durably beside the run (chunks.db), so a PUBACK never loses a chunk
+        chunk_file = None if config.state_dir is None else Path(config.state_dir) / CHUNKS_FILE
         self._chunks = ChunkIntake(
             chunk_limits(self.task.max_update_bytes, config.chunk_memory_per_device,
                          config.chunk_memory, config.chunk_timeout),
             max_chunk_bytes=self.receive_limit,
+            store=ChunkStore(chunk_file, sync=config.sync),
         )
+        if new_run:  # partial updates of the run moved aside
+            self._chunks.store.clear()
         # chunk topics of the model that may still hold a retained chunk (None: unknown,
         # as after a start: every topic a chunk of this model could have used)
         self._model_chunk_topics: int | None = None
@@ -577,6 +583,9 @@ class CoordinatorService:
         store = getattr(self, "store", None)
         if store is not None:
             store.close()
+        chunks = getattr(self, "_chunks", None)
+        if chunks is not None:
+            chunks.store.close()
         if self._lock_file is not None:
             self._lock_file.release()
             self._lock_file = None
@@ -732,6 +741,9 @@ class CoordinatorService:
             self._record_missing()
         else:
             self._record(_Made(self.core.version, self.core.state, 0, 0.0))
+        with self._lock:  # partial updates a stopped process held (revision 2.6)
+            for completed in self._chunks.restore(time.monotonic()):
+                self._judge_chunked(completed, time.monotonic())
         self.client.start()
         log.info(
             "coordinator: task %s run %s (%s %s), mode %s, aggregator %s, codec %s, model "
@@ -945,17 +957,25 @@ class CoordinatorService:
         self._admission.charge(device, cost, time.monotonic())
 
     def _on_update(self, device: str, msg: Message, now: float) -> None:
-        payload: bytes | None = msg.payload
         if is_chunk(msg.payload):  # revision 2.6: judged once the update is whole
             if msg.retain:  # never part of an update; the broker would replay it forever
                 self._chunks.counters["chunks_refused"] += 1
                 log.warning("refused a retained chunk on %s; clearing it", msg.topic)
                 self._publish(msg.topic, b"", retain=True)
                 return
-            payload = self._chunks.add(device, msg.payload, now)
-            if payload is None:
-                return
-        assert payload is not None
+            completed = self._chunks.add(device, msg.payload, now)
+            if completed is not None:
+                self._judge_chunked(completed, now)
+            return
+        self._judge_update(device, msg, msg.payload, now)
+
+    def _judge_chunked(self, completed: Completed, now: float) -> None:
+        topic = self.topics.update(completed.device)
+        self._judge_update(completed.device, Message(topic, completed.payload, False),
+                           completed.payload, now)
+        self._chunks.done(completed)  # after its verdict is committed
+
+    def _judge_update(self, device: str, msg: Message, payload: bytes, now: float) -> None:
         if self._first_update is None:
             self._first_update = round(now - self._started, 3)
         actions = self.core.on_update(device, payload, now, retained=msg.retain)

@@ -200,3 +200,24 @@ def test_device_roles_of_an_older_broker_directory_are_brought_up_to_date() -> N
     updated = dynsec.with_device_roles(older, "fedbus")
     assert updated is not None and updated["clients"] == config["clients"]
     assert updated["roles"] == config["roles"]
+
+
+def test_partial_updates_survive_a_coordinator_restart(tmp_path: Path) -> None:
+    """Every chunk held is durable before its PUBACK: a restarted coordinator resumes the
+    partial update instead of losing the chunks the broker will not deliver again."""
+    first = _service(state_dir=tmp_path / "run", buffer_size=4)
+    topic = first.topics.update("dev-a")
+    chunks = split(_update(first, "u-7"), 100, "u-7")
+    for c in chunks[:4]:
+        first._on_message(Message(topic, c, False))
+    first.close()  # stopped as a crash would leave it: those chunks were acknowledged
+    broker = MemoryBroker()
+    running = Running(broker, state_dir=tmp_path / "run", buffer_size=4)
+    service = running.service
+    wait_for(lambda: service._chunks.reassembler.held("dev-a") > 0, what="the restore")
+    for c in chunks[4:]:
+        service._on_message(Message(topic, c, False))
+    assert service.counters()["updates_accepted"] == 1
+    assert service._chunks.store.load() == []  # judged: its chunks are forgotten
+    service.stop()
+    running.join()
