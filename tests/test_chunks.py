@@ -261,3 +261,20 @@ def test_limits_are_checked() -> None:
         ChunkLimits(1, 1, 1, timeout=0)
     with pytest.raises(ValueError, match="max_sender_bytes"):
         ChunkLimits(1, 0, 1)
+
+
+def test_publish_group_is_one_publish_of_several() -> None:
+    from fedbus.transport import PublishGroup, PublishResult
+
+    a, b = PublishResult("t", 10), PublishResult("t", 5)
+    group = PublishGroup("t", [a, b])
+    assert group.size == 15 and not group.done and group.reason is None
+    a._resolve(True, "Success", 0)
+    assert not group.done and not group.wait(0.01)
+    b._resolve(False, "Not authorized", 0x87)  # one refused chunk refuses the message
+    assert group.done and not group.ok
+    assert (group.reason, group.reason_code) == ("Not authorized", 0x87)
+    c, d = PublishResult("t", 1), PublishResult("t", 1)
+    for r in (c, d):
+        r._resolve(True, "Success", 0)
+    assert PublishGroup("t", [c, d]).wait(0.01)
