@@ -136,9 +136,19 @@ def _peek(payload: bytes, key: str) -> object:
     return None
 
 
+# what the Python senders write first: a map, then "v": 2 and "kind" (the fast path of
+# is_chunk, which every update the coordinator receives goes through)
+_V_KIND = b"\xa1v\x02\xa4kind"
+_CHUNK_STR = b"\xa5chunk"
+
+
 def is_chunk(payload: bytes) -> bool:
     """True if ``payload`` is a map whose ``kind`` is ``chunk`` within its first 4,096
     bytes (whatever else it holds: ``read_chunk`` judges that)."""
+    start = 1 if payload[:1] and 0x80 <= payload[0] <= 0x8F else 3 if payload[:1] == b"\xde" else 0
+    if start and payload[start : start + len(_V_KIND)] == _V_KIND:
+        at = start + len(_V_KIND)
+        return payload[at : at + len(_CHUNK_STR)] == _CHUNK_STR
     return _peek(payload, "kind") == CHUNK_KIND
 
 

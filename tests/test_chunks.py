@@ -65,7 +65,10 @@ def test_split_exact_bytes_of_one_chunk() -> None:
     assert first == expected
     assert is_chunk(first) and peek_chunk_id(first) == "m1"
     assert not is_chunk(msgpack.packb({"v": 2, "kind": "update", "update_id": "x"}))
-    assert not is_chunk(b"\xc1 not msgpack")
+    assert not is_chunk(b"\xc1 not msgpack") and not is_chunk(b"")
+    # kind later than the Python senders write it: read off the first 4,096 bytes instead
+    assert is_chunk(msgpack.packb({"id": "m1", "kind": "chunk"}))
+    assert not is_chunk(msgpack.packb({"pad": "x" * 5000, "kind": "chunk"}))
 
 
 def test_split_refuses_what_cannot_be_chunked() -> None:
