@@ -207,7 +207,8 @@ class LocalBroker:
     ``plaintext``: open the plain MQTT listener (``port``); None opens it only when ``host``
     is loopback. ``tls_names``: DNS names and IP addresses devices use to reach this broker,
     written into its server certificate besides loopback (and ``host`` when it is a specific
-    address).
+    address). ``max_packet_size``: replaces the shipped policy's 8 MiB (tests use it to play
+    a broker with a small limit, such as Mosquitto 2.1's default of 2,000,000 bytes).
     """
 
     def __init__(
@@ -522,7 +523,8 @@ class LocalBroker:
 
     def _add_operator(self) -> None:
         """A directory made before the operator account existed gets it now, while
-        Mosquitto is stopped (the lock is held): the password first, then the account."""
+        Mosquitto is stopped (the lock is held): the password first, then the account. The
+        device roles of a directory made before revision 2.6 get the model's chunk topics."""
         try:
             config = json.loads(self.dynsec_file.read_text())
         except (OSError, ValueError) as exc:
