@@ -56,9 +56,16 @@ class CoordinatorConfig(BrokerTarget):
     # None (not given): derived from the model for a new run (coordinator.limits), the
     # recorded value for a resumed one
     max_update_bytes: int | None = None
-    # the broker's max_packet_size (broker_config/mosquitto.conf): fedbus does not split
-    # messages yet, so the model message must fit in one packet
+    # the broker's max_packet_size (broker_config/mosquitto.conf), assumed until the
+    # broker's CONNACK announces its own; a model or update larger than the packet limit
+    # travels in chunks (protocol revision 2.6)
     max_message_bytes: int = 8 * 1024 * 1024
+    # chunked updates (revision 2.6, coordinator.chunk_intake): bytes one device's partial
+    # updates may hold (0: twice max_update_bytes plus 64 KiB), bytes all of them may hold,
+    # and seconds without a new chunk after which a partial update is dropped
+    chunk_memory_per_device: int = 0
+    chunk_memory: int = 256 * 1024 * 1024
+    chunk_timeout: float = 60.0
     seed: int = 0
     # publish the task only once this many devices are online (0: at once), so the first
     # versions are not made from whichever device happened to connect first
@@ -168,6 +175,12 @@ class CoordinatorConfig(BrokerTarget):
                 f"max_update_bytes must be at least 1 (leave it out to derive it from the "
                 f"model), got {self.max_update_bytes}"
             )
+        if self.chunk_memory_per_device < 0 or self.chunk_memory < 1:
+            raise ValueError("chunk_memory must be at least 1 byte and chunk_memory_per_device "
+                             "0 (derived) or more")
+        if not (math.isfinite(self.chunk_timeout) and self.chunk_timeout > 0):
+            raise ValueError(f"chunk_timeout must be a number of seconds > 0, got "
+                             f"{self.chunk_timeout}")
         if self.max_versions < 0 or self.duration < 0:
             raise ValueError("max_versions and duration must not be negative")
         if not (math.isfinite(self.target_hold) and self.target_hold >= 0):

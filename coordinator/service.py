@@ -47,13 +47,15 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.admission import Admission
+from coordinator.chunk_intake import ChunkIntake, Completed, chunk_limits
+from coordinator.chunk_store import CHUNKS_FILE, ChunkStore
 from coordinator.config import CoordinatorConfig
 from coordinator.control import ControlDecision, Malformed, judge_control, run_state
 from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
 from coordinator.dashboard import DashboardFeed, DashboardServer, fleet_rows, serve_dashboard
 from coordinator.evaluation import Evaluator
 from coordinator.fleet import FleetStats, fleet_snapshot
-from coordinator.limits import default_max_update_bytes, receive_packet_limit
+from coordinator.limits import default_max_update_bytes, model_size_bound, receive_packet_limit
 from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
 from coordinator.stall import StallDetector
 from coordinator.store import (
@@ -66,7 +68,8 @@ from coordinator.store import (
     archive_run,
 )
 from coordinator.target_hold import Evaluated, TargetWatch
-from fedbus.envelope import pack
+from fedbus.chunks import chunk_data_size, is_chunk, peek_chunk_id, split
+from fedbus.envelope import DecodeLimits, pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
 from fedbus.messages import ModelSpec, Receipt, Task, TrainSpec, new_run_id, peek_update_id
 from fedbus.preprocess import InputNorm, compute_input_norm, load_input_norm, parse_classes
@@ -87,6 +90,7 @@ from fedbus.transport import (
     Transport,
     TransportFactory,
     connect_timeout_error,
+    publish_packet_size,
 )
 
 if TYPE_CHECKING:  # imported when a service is made: prometheus_client is a server extra,
@@ -377,6 +381,21 @@ class CoordinatorService:
         self.receive_limit = receive_packet_limit(
             self.task.max_update_bytes, self._shapes(), config.max_message_bytes
         )
+        # chunked updates (revision 2.6): partial ones, bounded per device and in all
+        # ... kept durably beside the run (chunks.db), so a PUBACK never loses a chunk
+        chunk_file = None if config.state_dir is None else Path(config.state_dir) / CHUNKS_FILE
+        self._chunks = ChunkIntake(
+            chunk_limits(self.task.max_update_bytes, config.chunk_memory_per_device,
+                         config.chunk_memory, config.chunk_timeout),
+            max_chunk_bytes=self.receive_limit,
+            store=ChunkStore(chunk_file, sync=config.sync),
+        )
+        if new_run:  # partial updates of the run moved aside
+            self._chunks.store.clear()
+        # chunk topics of the model that may still hold a retained chunk (None: unknown,
+        # as after a start: every topic a chunk of this model could have used)
+        self._model_chunk_topics: int | None = None
+        self._model_chunking_logged = False
         self.client: Transport = transport_factory(
             ConnectionSettings(
                 host=config.host,
@@ -564,6 +583,9 @@ class CoordinatorService:
         store = getattr(self, "store", None)
         if store is not None:
             store.close()
+        chunks = getattr(self, "_chunks", None)
+        if chunks is not None:
+            chunks.store.close()
         if self._lock_file is not None:
             self._lock_file.release()
             self._lock_file = None
@@ -673,16 +695,19 @@ class CoordinatorService:
             server.stop()
 
     def _check_model_fits(self, limit: int) -> None:
-        """Refuse to start with a model the broker would not carry (it would disconnect us
-        on every attempt to publish it)."""
+        """Say when the model goes in chunks (revision 2.6), and when it is larger than
+        agents take by default (their --max-model-bytes)."""
         size = len(self._model_payload())
         headroom = 1024  # topic name, properties and fixed header of the PUBLISH packet
         if size + headroom > limit:
-            raise ConfigError(
-                f"the {self.task.model.arch} model message takes {size:,} bytes, more than the "
-                f"broker's packet limit of {limit:,} allows; fedbus cannot split messages "
-                "yet: use a smaller model, or --model-codec fp16+zstd"
-            )
+            log.info("the %s model message takes %s bytes, more than the packet limit of %s: "
+                     "it is published in chunks (agents of protocol revision 2.6 and later)",
+                     self.task.model.arch, f"{size:,}", f"{limit:,}")
+        agents = DecodeLimits().max_bytes
+        if size > agents:
+            log.warning("the model message takes %s bytes: agents refuse a model over their "
+                        "--max-model-bytes (default %s); start them with a larger one",
+                        f"{size:,}", f"{agents:,}")
 
     def counters(self) -> dict[str, int]:
         """The core's counters plus this shell's: ``bytes_model_published``,
@@ -690,7 +715,8 @@ class CoordinatorService:
         ``bytes_rate_limited``; counts of this process)."""
         with self._lock:
             return {**self.core.counters, "bytes_model_published": self.bytes_model_published,
-                    "foreign_publications": self.foreign_publications, **self._rate_limited}
+                    "foreign_publications": self.foreign_publications, **self._rate_limited,
+                    **self._chunks.counters}
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -715,6 +741,9 @@ class CoordinatorService:
             self._record_missing()
         else:
             self._record(_Made(self.core.version, self.core.state, 0, 0.0))
+        with self._lock:  # partial updates a stopped process held (revision 2.6)
+            for completed in self._chunks.restore(time.monotonic()):
+                self._judge_chunked(completed, time.monotonic())
         self.client.start()
         log.info(
             "coordinator: task %s run %s (%s %s), mode %s, aggregator %s, codec %s, model "
@@ -759,6 +788,7 @@ class CoordinatorService:
                 self._record_made(timeout=0.2)
                 self._publish_fleet()
                 with self._lock:  # a buffer timeout or a round deadline may make a version
+                    self._chunks.expire(time.monotonic())
                     actions = self.core.tick(time.monotonic())
                     self._end_at_max_versions()
                     self._commit()
@@ -927,9 +957,28 @@ class CoordinatorService:
         self._admission.charge(device, cost, time.monotonic())
 
     def _on_update(self, device: str, msg: Message, now: float) -> None:
+        if is_chunk(msg.payload):  # revision 2.6: judged once the update is whole
+            if msg.retain:  # never part of an update; the broker would replay it forever
+                self._chunks.counters["chunks_refused"] += 1
+                log.warning("refused a retained chunk on %s; clearing it", msg.topic)
+                self._publish(msg.topic, b"", retain=True)
+                return
+            completed = self._chunks.add(device, msg.payload, now)
+            if completed is not None:
+                self._judge_chunked(completed, now)
+            return
+        self._judge_update(device, msg, msg.payload, now)
+
+    def _judge_chunked(self, completed: Completed, now: float) -> None:
+        topic = self.topics.update(completed.device)
+        self._judge_update(completed.device, Message(topic, completed.payload, False),
+                           completed.payload, now)
+        self._chunks.done(completed)  # after its verdict is committed
+
+    def _judge_update(self, device: str, msg: Message, payload: bytes, now: float) -> None:
         if self._first_update is None:
             self._first_update = round(now - self._started, 3)
-        actions = self.core.on_update(device, msg.payload, now, retained=msg.retain)
+        actions = self.core.on_update(device, payload, now, retained=msg.retain)
         if self.core.last_judged is not None:
             self.fleet.on_judged(self.core.last_judged, time.time())
         self._end_at_max_versions()
@@ -958,7 +1007,10 @@ class CoordinatorService:
         self._log_refusal(device, len(msg.payload), retry_after, now)
         if msg.retain:
             self._publish(msg.topic, b"", retain=True)
-        update_id = peek_update_id(msg.payload)
+        # a chunk of an update names the update's id (revision 2.6): the device sends the
+        # whole update again after retry_after, and its chunks complete what is held
+        update_id = (peek_chunk_id(msg.payload) if is_chunk(msg.payload)
+                     else peek_update_id(msg.payload))
         if update_id is None:
             return
         receipt = Receipt(
@@ -1260,16 +1312,45 @@ class CoordinatorService:
     def _publish_model(self) -> None:
         payload = self._model_payload()
         try:
-            self._publish(self.topics.model, payload, retain=True, kind="model")
-        except MessageTooLarge as exc:
-            self._fatal = exc
+            self._publish_model_payload(payload)
+        except (MessageTooLarge, ValueError) as exc:
+            self._fatal = exc if isinstance(exc, MessageTooLarge) else ConfigError(
+                f"the model message of {len(payload):,} bytes cannot be published within the "
+                f"broker's packet limit of {self.client.max_packet_size:,} bytes: {exc}")
             log.error(
-                "%s: the broker would drop our connection on every attempt; use a smaller "
-                "model or --model-codec fp16+zstd, or raise the broker's max_packet_size", exc,
+                "%s: use a smaller model or --model-codec fp16+zstd, or raise the broker's "
+                "max_packet_size", self._fatal,
             )
             self._stop.set()
             return
         self.bytes_model_published += len(payload)
+
+    def _publish_model_payload(self, payload: bytes) -> None:
+        """Publish the model retained: whole if it fits the broker's packet limit, else in
+        chunks (revision 2.6), chunk 0 on the model topic, the others on their own topics,
+        then clear the chunk topics an earlier model used beyond this one's."""
+        limit = self.client.max_packet_size
+        topic = self.topics.model
+        longest = self.topics.model_chunk(65_534)
+        data = chunk_data_size(limit, longest)
+        if publish_packet_size(topic, len(payload)) <= limit:
+            chunks = [payload]
+        else:
+            chunks = split(payload, data, new_run_id())
+            if not self._model_chunking_logged:
+                self._model_chunking_logged = True
+                log.info("the model message (%d bytes) goes in %d chunks of at most %d bytes "
+                         "(packet limit %d)", len(payload), len(chunks), data, limit)
+        for i in range(1, len(chunks)):  # chunk 0 last: the model topic names what is whole
+            self._publish(self.topics.model_chunk(i), chunks[i], retain=True, kind="model")
+        self._publish(topic, chunks[0], retain=True, kind="model")
+        held = self._model_chunk_topics
+        if held is None:  # after a start: any topic a chunk of this model may have used
+            held = -(-model_size_bound(self._shapes()) // data)
+        for i in range(len(chunks), held):
+            self._publish(self.topics.model_chunk(i), b"", retain=True)
+        self._model_chunk_topics = len(chunks)
+        self.bytes_model_published += sum(len(c) for c in chunks) - len(payload)
 
     def _record_missing(self) -> None:
         """On resume: evaluate the current version if no evaluation of it was recorded."""

@@ -49,6 +49,7 @@ from edge_agent.policy import Decision
 from edge_agent.residual import encode_with_feedback
 from edge_agent.state import STATE_FILE, AgentState, OutboxEntry
 from fedbus import __version__
+from fedbus.chunks import ChunkLimits, Reassembler, chunk_data_size, is_chunk, read_chunk, split
 from fedbus.codec_spec import parse_codec
 from fedbus.envelope import DecodeLimits, pack, unpack
 from fedbus.errors import ConfigError, MessageTooLarge, ProtocolError
@@ -68,11 +69,13 @@ from fedbus.transport import (
     ConnectionSettings,
     Message,
     MqttClient,
+    PublishGroup,
     PublishResult,
     Transport,
     TransportFactory,
     Will,
     connect_timeout_error,
+    publish_packet_size,
 )
 from fedbus.update_codec import decode_update_delta, encode_update_delta
 
@@ -92,6 +95,9 @@ _RATE_LIMIT_MIN = 1.0
 _RATE_LIMIT_MAX = 300.0
 _RATE_LIMIT_DEFAULT = 10.0  # a receipt without retry_after
 _RATE_LIMIT_JITTER = 0.2  # up to 20% more, so devices refused together do not return together
+# a chunked model (revision 2.6) whose chunks stop coming for this long is given up (logged),
+# and the model topics are subscribed to again: the broker re-sends the retained chunks
+CHUNK_TIMEOUT = 30.0
 
 
 def rate_limit_hold(retry_after: float | None, jitter: float) -> float:
@@ -125,6 +131,11 @@ class AgentStats:
     rejections: dict[str, int] = field(default_factory=dict)
     # tasks and models ignored because their signature was missing or did not verify
     bad_signatures: int = 0
+    # chunked messages (protocol revision 2.6)
+    models_chunked: int = 0  # models received in chunks and reassembled
+    model_chunks_refused: int = 0  # chunks malformed, conflicting or over the limits
+    model_chunk_timeouts: int = 0  # partial models given up for want of a chunk
+    updates_chunked: int = 0  # sends of an update that went in chunks
 
 
 def pacing_delay(elapsed: float, slowdown: float, compute_seconds: float) -> float:
@@ -170,6 +181,14 @@ class Agent:
         self._model_msg: GlobalModel | None = None  # the newest of its run
         self._models_since_connect = 0
         self._receipts: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        # a chunked model being reassembled (network thread; the agent thread expires it)
+        self._chunk_lock = threading.Lock()
+        self._model_chunks = Reassembler(ChunkLimits(
+            max_message_bytes=config.max_model_bytes,
+            max_sender_bytes=2 * config.max_model_bytes + 64 * 1024,
+            max_total_bytes=2 * config.max_model_bytes + 64 * 1024,
+            timeout=CHUNK_TIMEOUT,
+        ))
         self._connected_at: float | None = None  # monotonic, set by each (re)connect
         # agent thread only
         self._task: Task | None = None  # the task joined (its run is the current run)
@@ -186,7 +205,8 @@ class Agent:
         # the last problem that kept this device from contributing (kind, text), reported
         # in its status until an update is trained again (protocol 2.3)
         self._error: tuple[str, str] | None = None
-        self._sends: dict[str, PublishResult | None] = {}  # outbox id -> its last publish
+        # outbox id -> its last publish (several, for an update sent in chunks)
+        self._sends: dict[str, PublishResult | PublishGroup | None] = {}
         # a reconnect's grace before re-sending; at start, the outbox of an earlier process
         self._resend_due: float | None = 0.0
         self._inherited: set[str] = set()  # outbox entries an earlier process made
@@ -223,10 +243,15 @@ class Agent:
             with self._lock:
                 self._task_bytes = msg.payload
             self._wake.set()
-        elif msg.topic == self.topics.model:
-            if self._signed_by_coordinator(msg.topic, msg.payload,
-                                           self.config.max_model_bytes):
-                self._keep_newest_model(msg.payload)
+        elif msg.topic == self.topics.model or self.topics.is_model_chunk(msg.topic):
+            payload: bytes | None = msg.payload
+            if is_chunk(msg.payload):
+                payload = self._model_chunk(msg.payload)
+            elif msg.topic != self.topics.model:
+                return  # a cleared chunk topic (empty), or something that is no chunk
+            if payload is not None and self._signed_by_coordinator(
+                    self.topics.model, payload, self.config.max_model_bytes):
+                self._keep_newest_model(payload)
         elif msg.topic == self.topics.receipt(self.config.device_id):
             self._receipts.put(msg.payload)
             self._wake.set()
@@ -246,6 +271,48 @@ class Agent:
             log.warning("ignoring a message on %s: %s", topic, exc)
             return False
         return True
+
+    def _model_chunk(self, payload: bytes) -> bytes | None:
+        """Take one chunk of a chunked model (revision 2.6); the whole model message once
+        every chunk of it is there (its SHA-256 checked; its signature is checked next, as
+        for a model that came whole). Partial models of earlier publications are then
+        given up: the coordinator publishes the chunks of one model after the other."""
+        with self._chunk_lock:
+            try:
+                chunk = read_chunk(payload, self.config.max_model_bytes)
+            except ProtocolError as exc:
+                self.stats.model_chunks_refused += 1
+                log.warning("ignoring a model chunk: %s", exc)
+                return None
+            outcome = self._model_chunks.add("coordinator", chunk, time.monotonic())
+            if outcome.status == "rejected":
+                self.stats.model_chunks_refused += 1
+                log.warning("ignoring chunk %d of %d of model %s: %s (%s)", chunk.index,
+                            chunk.count, chunk.id, outcome.reason, outcome.detail)
+            for gone in outcome.dropped:
+                log.warning("gave up the chunked model %s (%d of %d chunks): %s (%s)",
+                            gone.id, gone.received, gone.count, gone.reason, gone.detail)
+            if outcome.status != "complete":
+                return None
+            self.stats.models_chunked += 1
+            for gone in self._model_chunks.drop_sender("coordinator", "superseded", ""):
+                log.debug("gave up the partial model %s: a later one is whole", gone.id)
+            log.debug("model reassembled from %d chunks (%d bytes)", chunk.count, chunk.size)
+            return outcome.payload
+
+    def _expire_model_chunks(self) -> None:
+        """Give up a chunked model whose chunks stopped coming (the agent receives models at
+        QoS 0: the broker may drop one) and subscribe to the model topics again, so the
+        broker sends the retained model, every chunk of it, once more."""
+        with self._chunk_lock:
+            gone = self._model_chunks.expire(time.monotonic())
+        for partial in gone:
+            self.stats.model_chunk_timeouts += 1
+            log.warning("gave up the chunked model %s: %s; asking the broker for the "
+                        "retained model again", partial.id, partial.detail)
+        if gone:
+            self.client.subscribe(self.topics.model, qos=0)
+            self.client.subscribe(self.topics.model_chunks, qos=0)
 
     def _keep_newest_model(self, payload: bytes) -> None:
         """Keep a model only if it is the newest seen for its run (the tensors stay
@@ -319,6 +386,8 @@ class Agent:
         self.client.subscribe(self.topics.task, qos=1)
         # QoS 0: no model versions are queued while away; the retained one comes on connect
         self.client.subscribe(self.topics.model, qos=0)
+        # chunks 1 and up of a model larger than the broker's packet limit (revision 2.6)
+        self.client.subscribe(self.topics.model_chunks, qos=0)
         self.client.subscribe(self.topics.receipt(device), qos=1)
         self.client.start()
         try:
@@ -349,6 +418,7 @@ class Agent:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 self._raise_if_failed()
+                self._expire_model_chunks()
                 task = self._current_task()
                 self._handle_receipts()
                 self._reap_acks()
@@ -630,11 +700,20 @@ class Agent:
                 result.wait(2.0)
 
     def _send(self, entry: OutboxEntry, *, resend: bool = False) -> None:
+        topic = self.topics.update(self.config.device_id)
+        limit = self.client.max_packet_size
+        result: PublishResult | PublishGroup
         try:
-            result = self.client.publish(
-                self.topics.update(self.config.device_id), entry.payload, qos=1
-            )
-        except MessageTooLarge as exc:
+            if publish_packet_size(topic, len(entry.payload)) <= limit:
+                result = self.client.publish(topic, entry.payload, qos=1)
+            else:  # revision 2.6: in chunks named by the update's id, the same on a re-send
+                chunks = split(entry.payload, chunk_data_size(limit, topic), entry.update_id)
+                result = PublishGroup(topic, [self.client.publish(topic, c, qos=1)
+                                              for c in chunks])
+                self.stats.updates_chunked += 1
+                log.debug("update %s goes in %d chunks (packet limit %d)", entry.update_id,
+                          len(chunks), limit)
+        except (MessageTooLarge, ValueError) as exc:
             self._drop(entry, str(exc), self._task)
             return
         self._sends[entry.update_id] = result
@@ -648,7 +727,7 @@ class Agent:
         for uid, result in list(self._sends.items()):
             if result is None or not result.done or getattr(result, "_counted", False):
                 continue
-            result._counted = True  # type: ignore[attr-defined]
+            result._counted = True  # type: ignore[union-attr]
             if result.ok:
                 self.stats.updates_acknowledged += 1
                 continue

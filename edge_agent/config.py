@@ -47,7 +47,9 @@ class AgentConfig(BrokerTarget):
     compute_seconds: float = 0.0
     export: Path | None = None  # write the int8 model here (.npz) after every training
     max_updates: int = 0  # stop after this many published updates (0 = run until stopped)
-    max_model_bytes: int = 8 * 1024 * 1024  # the broker's max_packet_size
+    # largest model message taken, whole or in chunks (revision 2.6); also the packet limit
+    # assumed until the broker's CONNACK announces its own
+    max_model_bytes: int = 8 * 1024 * 1024
     # State kept across restarts (outbox, last version trained, top-k residual): agent.db in
     # this directory; None: see state_path()
     state_dir: Path | None = None
@@ -76,6 +78,9 @@ class AgentConfig(BrokerTarget):
         Topics(self.prefix)
         if self.port is not None and not 1 <= self.port <= 65535:
             raise ValueError(f"port must be 1-65535, got {self.port}")
+        if self.max_model_bytes < 1024:
+            raise ValueError(f"max_model_bytes must be at least 1024, got "
+                             f"{self.max_model_bytes}")
         check_transport_choice(
             self.host, self.tls, insecure_plaintext=self.insecure_plaintext,
             ca_file=self.tls_ca, cert_file=self.tls_cert, key_file=self.tls_key,

@@ -91,6 +91,7 @@ _POLL_INTERVAL = 0.02
 _READY_MARKER = re.compile(r"mosquitto version \S+ running")
 _PORT_IN_USE = "Address already in use"
 _DNS_NAME = re.compile(r"[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+_MAX_PACKET_LINE = re.compile(r"^max_packet_size[ \t]+[0-9]+[ \t]*$", re.MULTILINE)
 _ACL_TOPIC_START = re.compile(
     r"^((?:topic|pattern)[ \t]+(?:(?:read|write|readwrite|deny)[ \t]+)?)fedbus(?=/|[ \t]*$)",
     re.MULTILINE,
@@ -206,7 +207,8 @@ class LocalBroker:
     ``plaintext``: open the plain MQTT listener (``port``); None opens it only when ``host``
     is loopback. ``tls_names``: DNS names and IP addresses devices use to reach this broker,
     written into its server certificate besides loopback (and ``host`` when it is a specific
-    address).
+    address). ``max_packet_size``: replaces the shipped policy's 8 MiB (tests use it to play
+    a broker with a small limit, such as Mosquitto 2.1's default of 2,000,000 bytes).
     """
 
     def __init__(
@@ -222,8 +224,13 @@ class LocalBroker:
         mtls_port: int = 0,
         plaintext: bool | None = None,
         tls_names: Sequence[str] = (),
+        max_packet_size: int | None = None,
     ) -> None:
         self._workdir = _checked_workdir(Path(workdir))
+        if max_packet_size is not None and not 20 <= max_packet_size <= 268_435_455:
+            raise ConfigError(f"invalid max_packet_size {max_packet_size}: use 20-268435455")
+        # None: the shipped policy's (8 MiB); e.g. 2,000,000, Mosquitto 2.1's default
+        self._max_packet_size = max_packet_size
         self._host = _checked_host(host)
         self._prefix = _checked_prefix(prefix)
         for name, value in (("port", port), ("tls_port", tls_port), ("mtls_port", mtls_port)):
@@ -516,7 +523,8 @@ class LocalBroker:
 
     def _add_operator(self) -> None:
         """A directory made before the operator account existed gets it now, while
-        Mosquitto is stopped (the lock is held): the password first, then the account."""
+        Mosquitto is stopped (the lock is held): the password first, then the account. The
+        device roles of a directory made before revision 2.6 get the model's chunk topics."""
         try:
             config = json.loads(self.dynsec_file.read_text())
         except (OSError, ValueError) as exc:
@@ -524,7 +532,9 @@ class LocalBroker:
         updated = dynsec.with_operator(config, self._prefix, self.operator.password)
         if updated is not None:
             self._write_credentials_file()
-            _write_private(self.dynsec_file, json.dumps(updated, indent=2) + "\n")
+        roles = dynsec.with_device_roles(updated or config, self._prefix)
+        if updated is not None or roles is not None:
+            _write_private(self.dynsec_file, json.dumps(roles or updated, indent=2) + "\n")
 
     def _write_certificates(self) -> None:
         """The CA (made once, never replaced), a server certificate that names this broker
@@ -560,8 +570,13 @@ class LocalBroker:
         )
 
     def _config_text(self, plugin: Path) -> str:
+        policy = POLICY_FILE.read_text()
+        if self._max_packet_size is not None:
+            policy, found = _MAX_PACKET_LINE.subn(f"max_packet_size {self._max_packet_size}",
+                                                  policy)
+            assert found == 1, "the shipped policy sets max_packet_size once"
         return render_config(
-            POLICY_FILE.read_text(),
+            policy,
             LISTENER_POLICY_FILE.read_text(),
             host=self._host,
             port=self._ports["plain"] if self._plaintext else None,

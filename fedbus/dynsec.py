@@ -76,6 +76,7 @@ __all__ = [
     "operator_role",
     "read_responses",
     "remove_device_commands",
+    "with_device_roles",
     "with_operator",
 ]
 
@@ -169,6 +170,9 @@ def device_role(prefix: str, device_id: str) -> dict[str, Any]:
             _acl("publishClientSend", t.status(device_id))]
     for topic in (t.task, t.model, t.receipt(device_id), t.status(device_id)):
         acls += [_acl("publishClientReceive", topic), _acl("subscribeLiteral", topic)]
+    # the chunks of a model over the broker's packet limit (revision 2.6)
+    acls += [_acl("publishClientReceive", t.model_chunks),
+             _acl("subscribePattern", t.model_chunks)]
     return {"rolename": device_role_name(device_id), "acls": acls}
 
 
@@ -180,7 +184,8 @@ def operator_role(prefix: str) -> dict[str, Any]:
     acls = [_acl("publishClientSend", t.control)]
     for topic in (t.fleet, t.task, t.model):
         acls += [_acl("publishClientReceive", topic), _acl("subscribeLiteral", topic)]
-    acls += [_acl("publishClientReceive", t.all_status), _acl("subscribePattern", t.all_status)]
+    for pattern in (t.model_chunks, t.all_status):
+        acls += [_acl("publishClientReceive", pattern), _acl("subscribePattern", pattern)]
     return {"rolename": OPERATOR_ROLE, "acls": acls}
 
 
@@ -238,6 +243,26 @@ def with_operator(config: Mapping[str, Any], prefix: str,
         clients.append({"username": OPERATOR_USERNAME, **hash_password(operator_password),
                         "roles": [{"rolename": OPERATOR_ROLE}]})
     return {**config, "clients": clients, "roles": [*roles, role]}
+
+
+def with_device_roles(config: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:
+    """``config`` with every device role brought up to date (revision 2.6 lets a device
+    read the chunks of a model), or None if they all are. A role keeps its name, so a
+    device whose role was taken away (disabled) stays without it."""
+    roles = list(config.get("roles", []))
+    changed = False
+    for i, role in enumerate(roles):
+        name = role.get("rolename", "")
+        if not isinstance(name, str) or not name.startswith(DEVICE_ROLE_PREFIX):
+            continue
+        try:
+            wanted = device_role(prefix, name[len(DEVICE_ROLE_PREFIX):])
+        except ValueError:
+            continue
+        if _acl_set(role) != _acl_set(wanted):
+            roles[i] = {**role, "acls": wanted["acls"]}
+            changed = True
+    return {**config, "roles": roles} if changed else None
 
 
 def _acl_set(role: Mapping[str, Any]) -> set[tuple[Any, Any, Any]]:

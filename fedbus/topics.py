@@ -51,6 +51,22 @@ class Topics:
         return f"{self.prefix}/model"
 
     @property
+    def model_chunks(self) -> str:
+        """Filter of the topics holding chunks 1 and up of a chunked model (revision 2.6;
+        chunk 0 is on ``model``)."""
+        return f"{self.prefix}/model/chunk/+"
+
+    def model_chunk(self, index: int) -> str:
+        """Where chunk ``index`` of a chunked model is retained: chunk 0 on ``model`` (so
+        that topic always holds the newest publication), the others on their own topic."""
+        return self.model if index == 0 else f"{self.prefix}/model/chunk/{index}"
+
+    def is_model_chunk(self, topic: str) -> bool:
+        """Whether ``topic`` is one of the model's chunk topics (``model_chunks``)."""
+        head = f"{self.prefix}/model/chunk/"
+        return topic.startswith(head) and topic[len(head):].isdigit()
+
+    @property
     def fleet(self) -> str:
         """Retained fleet snapshot for operators; written only by the coordinator, never
         readable by a device (protocol revision 2.3)."""

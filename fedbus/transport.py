@@ -66,6 +66,7 @@ __all__ = [
     "ConnectionSettings",
     "Message",
     "MqttClient",
+    "PublishGroup",
     "PublishResult",
     "Transport",
     "TransportFactory",
@@ -159,6 +160,48 @@ class PublishResult:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until acknowledged; True only if the broker accepted the message."""
         self._done.wait(timeout)
+        return self.ok
+
+
+class PublishGroup:
+    """The fate of several publishes taken as one (the chunks of a message, protocol
+    revision 2.6): done when every one is, ok only if every one was accepted; ``reason``
+    and ``reason_code`` are those of the first that failed."""
+
+    def __init__(self, topic: str, results: list[PublishResult]) -> None:
+        self.topic = topic
+        self.results = results
+        self.size = sum(r.size for r in results)
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.results)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def _first_failure(self) -> PublishResult | None:
+        return next((r for r in self.results if r.done and not r.ok), None)
+
+    @property
+    def reason(self) -> str | None:
+        failed = self._first_failure()
+        return failed.reason if failed is not None else (
+            self.results[-1].reason if self.done else None)
+
+    @property
+    def reason_code(self) -> int | None:
+        failed = self._first_failure()
+        return failed.reason_code if failed is not None else (
+            self.results[-1].reason_code if self.done else None)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every publish is acknowledged; True only if all were accepted."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for result in self.results:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            result.wait(left)
         return self.ok
 
 

@@ -280,11 +280,13 @@ def test_render_acl_replaces_the_prefix_in_rules_only() -> None:
         "topic read lab/trial-7/fleet",
         "topic read lab/trial-7/task",
         "topic read lab/trial-7/model",
+        "topic read lab/trial-7/model/chunk/+",
         "topic read lab/trial-7/status/+",
         "topic deny lab/trial-7/update/fedbus-operator",
         "topic deny lab/trial-7/status/fedbus-operator",
         "pattern read lab/trial-7/task",
         "pattern read lab/trial-7/model",
+        "pattern read lab/trial-7/model/chunk/+",
         "pattern read lab/trial-7/receipt/%u",
         "pattern write lab/trial-7/update/%u",
         "pattern readwrite lab/trial-7/status/%u",
@@ -487,13 +489,17 @@ def test_device_cannot_overwrite_task_or_model(broker: LocalBroker,
     coordinator = Publisher(mqtt_client(broker, "coordinator"))
     coordinator.ok(topics.task, b"task-1", retain=True)
     coordinator.ok(topics.model, b"model-v1", retain=True)
+    coordinator.ok(topics.model_chunk(1), b"chunk-1", retain=True)  # revision 2.6
     dev_a = Publisher(mqtt_client(broker, "dev-a"))
     assert dev_a.publish(topics.model, b"evil", retain=True).value == NOT_AUTHORIZED
     assert dev_a.publish(topics.task, b"evil", retain=True).value == NOT_AUTHORIZED
+    assert dev_a.publish(topics.model_chunk(1), b"evil", retain=True).value == NOT_AUTHORIZED
 
-    inbox = listen(mqtt_client(broker, "dev-b"), topics.model, topics.task)
-    retained = {m.topic: (m.payload, m.retain) for m in (inbox.get(), inbox.get())}
-    assert retained == {topics.model: (b"model-v1", True), topics.task: (b"task-1", True)}
+    inbox = listen(mqtt_client(broker, "dev-b"), topics.model, topics.task,
+                   topics.model_chunks)
+    retained = {m.topic: (m.payload, m.retain) for m in (inbox.get(), inbox.get(), inbox.get())}
+    assert retained == {topics.model: (b"model-v1", True), topics.task: (b"task-1", True),
+                        topics.model_chunk(1): (b"chunk-1", True)}
 
 
 @pytest.mark.broker

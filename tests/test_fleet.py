@@ -239,6 +239,8 @@ def test_operator_role_reads_and_writes_only_the_run_commands() -> None:
         ("publishClientReceive", "lab/t7/fleet"), ("subscribeLiteral", "lab/t7/fleet"),
         ("publishClientReceive", "lab/t7/task"), ("subscribeLiteral", "lab/t7/task"),
         ("publishClientReceive", "lab/t7/model"), ("subscribeLiteral", "lab/t7/model"),
+        ("publishClientReceive", "lab/t7/model/chunk/+"),  # revision 2.6
+        ("subscribePattern", "lab/t7/model/chunk/+"),
         ("publishClientReceive", "lab/t7/status/+"), ("subscribePattern", "lab/t7/status/+"),
     }
     with pytest.raises(ValueError, match="reserved"):

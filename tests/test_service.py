@@ -17,7 +17,7 @@ from coordinator.aggregator_spec import DEFAULT_AGGREGATOR
 from coordinator.config import CoordinatorConfig
 from coordinator.service import CoordinatorService
 from fedbus.envelope import pack, unpack
-from fedbus.errors import ConnectRefused, ConnectTimeout, MessageTooLarge, StateError
+from fedbus.errors import ConnectRefused, ConnectTimeout, StateError
 from fedbus.memory_transport import MemoryBroker, MemoryTransport
 from fedbus.messages import Task, Update
 from fedbus.transport import ConnectionSettings, Message
@@ -151,15 +151,6 @@ def test_connect_timeout_gives_up_with_the_last_cause(broker: MemoryBroker):
     assert isinstance(running.error, ConnectTimeout)
     assert running.error.seconds == 1.0 and running.error.last_error is not None
     assert time.monotonic() - started < 8
-
-
-def test_a_model_above_the_brokers_limit_is_fatal(broker: MemoryBroker):
-    small = MemoryBroker(max_packet_size=600)
-    running = Running(small, wait=False)
-    running.join()
-    assert isinstance(running.error, MessageTooLarge)
-    assert running.error.limit == 600 and running.error.size > 600
-    small.close()
 
 
 def test_the_model_is_republished_after_a_reconnect(broker: MemoryBroker):

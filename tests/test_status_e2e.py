@@ -197,6 +197,14 @@ def test_the_static_acl_file_keeps_devices_out_and_the_operator_read_only(
                  "the answers to the run commands")
         assert refused[-1] == 0 and device_acks == [NOT_AUTHORIZED]
         assert commands == [b"command"]
+        # the chunks of a model (revision 2.6): a device reads them and writes none
+        device.subscribe("fedbus/model/chunk/+", qos=1)
+        time.sleep(0.2)
+        coordinator.publish("fedbus/model/chunk/1", b"chunk", qos=1, retain=True)
+        device.publish("fedbus/model/chunk/2", b"forged", qos=1)
+        wait_for(lambda: len(device_acks) == 2 and "fedbus/model/chunk/1" in device_got, 5,
+                 "the device's chunk and its refused publish")
+        assert device_acks[-1] == NOT_AUTHORIZED and device_got == ["fedbus/model/chunk/1"]
     finally:
         for client in clients:
             client.disconnect()

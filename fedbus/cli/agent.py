@@ -43,6 +43,9 @@ HELPS = {
     "export": "After every local training, save the int8 model here (.npz, runs without "
     "torch via fedbus.export.Int8Model).",
     "max_updates": "Stop after publishing this many updates (0: run until stopped).",
+    "max_model_bytes": "Largest model message taken, whole or reassembled from chunks "
+    "(protocol revision 2.6); also the packet limit assumed until the broker's CONNACK "
+    "announces its own.",
     "state_dir": "Directory for state kept across restarts (agent.db: the outbox of updates "
     "waiting for receipts, the last version trained on, the top-k residual). Default: "
     "$XDG_STATE_HOME/fedbus/<device-id>, i.e. ~/.local/state/fedbus/<device-id>.",

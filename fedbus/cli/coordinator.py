@@ -42,9 +42,15 @@ HELPS = {
     "max_update_bytes": "Largest update accepted, in bytes. Default: derived from the model "
     "(twice the largest update any codec can make of it, plus room for metrics; the demo "
     "mlp gets 299,783), at most the broker's packet limit; a resumed run keeps its own.",
-    "max_message_bytes": "The broker's max_packet_size: the model message must fit in it. "
-    "The coordinator asks the broker for no packet larger than it needs (its largest "
-    "update or model message, plus 1 KiB).",
+    "max_message_bytes": "The broker's max_packet_size, assumed until its CONNACK announces "
+    "its own; a larger model goes in chunks. The coordinator asks the broker for no packet "
+    "larger than it needs (its largest update or model message, plus 1 KiB).",
+    "chunk_memory_per_device": "Chunked updates: most bytes one device's partial updates may "
+    "hold (0: twice --max-update-bytes plus 64 KiB); a chunk over it is refused and its "
+    "partial update dropped.",
+    "chunk_memory": "Chunked updates: most bytes all partial updates may hold together.",
+    "chunk_timeout": "Chunked updates: seconds without a new chunk after which a partial "
+    "update is dropped (logged and counted).",
     "seed": "Seed of the initial model.",
     "min_devices": "Publish the task only once this many devices are online (0: at once), "
     "so training starts with the whole fleet, not with the first device to connect.",
