@@ -87,6 +87,8 @@ _SMALL = DecodeLimits(max_bytes=64 * 1024, max_bin_len=1024)
 # after a reconnect, wait this long for the retained model before re-sending the outbox,
 # so an update that became too stale during the outage is dropped, not sent to be rejected
 _RESEND_GRACE = 2.0
+# stopping on max_updates: how long the last updates may take to leave
+_FLUSH_SECONDS = 10.0
 # rejections after which the content of a top-k update is not worth sending again: the
 # coordinator applied it (a repeat), or the same work is already in
 _NO_FEEDBACK = ("duplicate_work",)
@@ -444,10 +446,24 @@ class Agent:
                     self.stats.updates_published >= self.config.max_updates
                 ):
                     log.info("published %d updates; stopping", self.stats.updates_published)
+                    self._flush(task, timeout=_FLUSH_SECONDS)
                     break
         finally:
             self._shutdown()
         return self.stats
+
+    def _flush(self, task: Task, *, timeout: float) -> None:
+        """Before stopping on ``max_updates``: give the outbox its chance to go out. A
+        reconnect's grace can hold back the update just trained; without this the process
+        would stop with it unsent (it would wait for the next start)."""
+        deadline = time.monotonic() + timeout
+        while self.client.connected and time.monotonic() < deadline:
+            self._resend_if_due(task)
+            self._pump(task)
+            sends = [self._sends.get(e.update_id) for e in self.state.outbox(task.run_id)]
+            if all(r is not None and r.done for r in sends):
+                return
+            time.sleep(0.05)
 
     def _on_policy_change(self, decision: Decision) -> None:
         if not decision.train and not self._training:
