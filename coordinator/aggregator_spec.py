@@ -68,6 +68,7 @@ from coordinator.robust import (
 __all__ = [
     "AGGREGATOR_KINDS",
     "DEFAULT_AGGREGATOR",
+    "QUORUM_AGREEMENT",
     "QUORUM_LIMIT",
     "QUORUM_NORM_MULTIPLE",
     "AggregatorSpec",
@@ -89,6 +90,9 @@ QUORUM_LIMIT = 2
 # quorum: each update of a step is first shortened to at most this many times the median
 # norm of the step's updates
 QUORUM_NORM_MULTIPLE = 2.0
+# quorum: an update agrees when its cosine with the step's median is positive and at least
+# this fraction of the step's median cosine (robust.relative_agreement)
+QUORUM_AGREEMENT = 0.5
 _SYNTAX = (
     "expected mean, median, agree, quorum, trimmed:FRACTION or krum:F[:M], optionally "
     "+clip:BOUND "
@@ -310,7 +314,9 @@ def quorum_reached(
 
 def quorum_step(deltas: Sequence[Mapping[str, np.ndarray]]) -> AgreeResult:
     """``quorum``'s step: every delta shortened to at most ``QUORUM_NORM_MULTIPLE`` × the
-    median norm of the step (``robust.clip_to_median_norm``), then ``agree``'s mean of those
-    that agree with their coordinate-wise median (``robust.agreeing_mean``)."""
+    median norm of the step (``robust.clip_to_median_norm``), then the mean of those that
+    agree with their coordinate-wise median: a positive inner product, and a cosine with it
+    of at least ``QUORUM_AGREEMENT`` × the step's median cosine (``robust.agreeing_mean``
+    with ``relative``)."""
     clipped, _ = clip_to_median_norm(deltas, QUORUM_NORM_MULTIPLE)
-    return agreeing_mean(clipped)
+    return agreeing_mean(clipped, QUORUM_AGREEMENT)
