@@ -15,9 +15,10 @@ Grammar (lower case, no spaces)::
   (default ``n − F``; ``M = 1`` is Krum); ``agree``: the mean of the updates whose inner
   product with the coordinate-wise median is positive (``robust.agreeing_mean``);
   ``quorum`` (the default for a new run): every update of the step is first shortened to at
-  most 2 × the median norm of the step's updates, then ``agree``'s mean is taken
-  (``quorum_step``); and a FedBuff buffer that is full (K updates) waits for more until K of
-  them agree, up to 2K (``quorum_reached``). See
+  most 2 × the median norm of the step's updates, then ``agree``'s mean is taken over the
+  updates whose cosine with the median is also at least half the step's median cosine
+  (``robust.relative_agreement``; ``quorum_step``); and a FedBuff buffer that is full
+  (K updates) waits for more until K of them agree, up to 2K (``quorum_reached``). See
   ``coordinator.robust``. These count each update once: the claimed sample count plays no
   part.
 
