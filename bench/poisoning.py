@@ -71,7 +71,7 @@ class Sizes:
     attacks: tuple[str, ...] = ATTACKS
 
 
-FULL = Sizes({"digits": 30, "mnist": 12}, (0, 1))
+FULL = Sizes({"digits": 30, "mnist": 12}, (0, 1, 2))
 # a smoke run: the shape of the results, not a measurement
 QUICK = Sizes({"digits": 1, "mnist": 1}, (0,), ("mean", "default"), ("none", "inflate"))
 

@@ -15,9 +15,10 @@ Grammar (lower case, no spaces)::
   (default ``n − F``; ``M = 1`` is Krum); ``agree``: the mean of the updates whose inner
   product with the coordinate-wise median is positive (``robust.agreeing_mean``);
   ``quorum`` (the default for a new run): every update of the step is first shortened to at
-  most 2 × the median norm of the step's updates, then ``agree``'s mean is taken
-  (``quorum_step``); and a FedBuff buffer that is full (K updates) waits for more until K of
-  them agree, up to 2K (``quorum_reached``). See
+  most 2 × the median norm of the step's updates, then ``agree``'s mean is taken over the
+  updates whose cosine with the median is also at least half the step's median cosine
+  (``robust.relative_agreement``; ``quorum_step``); and a FedBuff buffer that is full
+  (K updates) waits for more until K of them agree, up to 2K (``quorum_reached``). See
   ``coordinator.robust``. These count each update once: the claimed sample count plays no
   part.
 
@@ -68,6 +69,7 @@ from coordinator.robust import (
 __all__ = [
     "AGGREGATOR_KINDS",
     "DEFAULT_AGGREGATOR",
+    "QUORUM_AGREEMENT",
     "QUORUM_LIMIT",
     "QUORUM_NORM_MULTIPLE",
     "AggregatorSpec",
@@ -89,6 +91,9 @@ QUORUM_LIMIT = 2
 # quorum: each update of a step is first shortened to at most this many times the median
 # norm of the step's updates
 QUORUM_NORM_MULTIPLE = 2.0
+# quorum: an update agrees when its cosine with the step's median is positive and at least
+# this fraction of the step's median cosine (robust.relative_agreement)
+QUORUM_AGREEMENT = 0.5
 _SYNTAX = (
     "expected mean, median, agree, quorum, trimmed:FRACTION or krum:F[:M], optionally "
     "+clip:BOUND "
@@ -310,7 +315,9 @@ def quorum_reached(
 
 def quorum_step(deltas: Sequence[Mapping[str, np.ndarray]]) -> AgreeResult:
     """``quorum``'s step: every delta shortened to at most ``QUORUM_NORM_MULTIPLE`` × the
-    median norm of the step (``robust.clip_to_median_norm``), then ``agree``'s mean of those
-    that agree with their coordinate-wise median (``robust.agreeing_mean``)."""
+    median norm of the step (``robust.clip_to_median_norm``), then the mean of those that
+    agree with their coordinate-wise median: a positive inner product, and a cosine with it
+    of at least ``QUORUM_AGREEMENT`` × the step's median cosine (``robust.agreeing_mean``
+    with ``relative``)."""
     clipped, _ = clip_to_median_norm(deltas, QUORUM_NORM_MULTIPLE)
-    return agreeing_mean(clipped)
+    return agreeing_mean(clipped, QUORUM_AGREEMENT)

@@ -107,6 +107,11 @@ class CoordinatorConfig(BrokerTarget):
     # Ed25519 private key (PEM) adopted as the state directory's signing key when it has
     # none yet (fedbus.signing); None: from --credentials, else a new key is made there
     signing_key: Path | None = None
+    # revision 2.8: refuse every update that is not signed by its device's key (reason
+    # "signature"); the keys come from device_keys, read again whenever it changes. None:
+    # signing/devices.pub beside --credentials
+    require_signed_updates: bool = False
+    device_keys: Path | None = None
     # SQLite synchronous mode: normal survives a process crash, full also a power cut
     sync: Literal["normal", "full"] = "normal"
     # exit with an error after this many seconds without a broker connection (0: retry forever)

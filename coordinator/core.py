@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -472,6 +472,9 @@ class CoordinatorCore:
             raise ValueError("initial_state holds NaN or infinity")
         self.task = task
         self.config = config
+        # revision 2.8: when set (by the service, when it requires signed updates), why an
+        # update payload from a device is not signed by that device's registered key
+        self.update_signatures: Callable[[str, bytes], str | None] | None = None
         self.model_codec = (
             model_codec if isinstance(model_codec, CodecSpec) else parse_codec(model_codec)
         )
@@ -675,6 +678,7 @@ class CoordinatorCore:
             limits=self._limits,
             ledger=self._ledger,
             retained=retained,
+            signature_check=self.update_signatures,
         )
         if isinstance(result, Repeated):
             self.last_judged = Judged(topic_device, "repeated", result.verdict.reason,

@@ -74,11 +74,13 @@ from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
 from fedbus.messages import ModelSpec, Receipt, Task, TrainSpec, new_run_id, peek_update_id
 from fedbus.preprocess import InputNorm, compute_input_norm, load_input_norm, parse_classes
 from fedbus.signing import (
+    DeviceKeyFile,
     SignatureError,
     ensure_private_key,
     key_text,
     load_private_key,
     sign_message,
+    update_signature_problem,
     verify_message,
 )
 from fedbus.topics import Topics
@@ -308,6 +310,7 @@ class CoordinatorService:
         try:
             self._signing_key = load_signing_key(config)
             self._set_up(config, eval_x, eval_y)
+            self._require_signed_updates(config)
             self._write_task_file()
         except BaseException:
             self.close()
@@ -475,6 +478,23 @@ class CoordinatorService:
         where = config.state_dir if config.state_dir is not None else "memory only"
         log.info("new run %s of task %s (state: %s)", self.task.run_id, self.task.task_id, where)
         self._start_paused()
+
+    def _require_signed_updates(self, config: CoordinatorConfig) -> None:
+        """Revision 2.8: with ``require_signed_updates`` every update must carry a valid
+        signature by its device's key from the device-key file (read again when it
+        changes); the core refuses the others as ``signature``."""
+        keys = _device_key_file(config)
+        if keys is None:
+            return
+        topics = self.topics
+
+        def problem(device_id: str, payload: bytes) -> str | None:
+            return update_signature_problem(keys.keys(), topics.update(device_id), device_id,
+                                            payload)
+
+        self.core.update_signatures = problem
+        log.info("signed updates required: device keys from %s (%d known now)", keys.path,
+                 len(keys.keys()))
 
     def _start_paused(self) -> None:
         """``start = "paused"``: the run begins (or goes on) paused until the operator
@@ -1433,6 +1453,17 @@ class CoordinatorService:
         with self._lock:
             rows = self.store.history()
         return [_version_record(r, self.task.created_at, self._epsilon(r.version)) for r in rows]
+
+
+def _device_key_file(config: CoordinatorConfig) -> DeviceKeyFile | None:
+    """The device-key file when signed updates are required (``ConfigError`` when none is
+    named); None when they are not."""
+    if not config.require_signed_updates:
+        return None
+    if config.device_keys is None:
+        raise ConfigError("--require-signed-updates needs the device-key file: give "
+                          "--device-keys or --credentials")
+    return DeviceKeyFile(config.device_keys)
 
 
 def load_signing_key(config: CoordinatorConfig) -> Ed25519PrivateKey:

@@ -11,6 +11,9 @@ at the first failure, in this order:
 3. ``schema``         not a v2 ``update`` envelope with well-typed fields
 4. ``device_mismatch`` the update's ``dev`` is not the device of the topic (the broker ACL
    guarantees who may write a topic, so the topic is the identity)
+4a. ``signature``    only when signed updates are required (revision 2.8): the payload
+   does not carry a valid Ed25519 signature by the key registered for the topic's device
+   (``signature_check``; docs/protocol.md section 11.10)
 5. ``retained``       the message came with the retain flag: a device never publishes an
    update retained, and the broker would hand a retained copy to every new subscriber
 6. ``wrong_run``      the update was made for another run of the coordinator (the receipt
@@ -58,7 +61,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +89,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "malformed",
     "schema",
     "device_mismatch",
+    "signature",
     "dtype",
     "shape",
     "non_finite",
@@ -203,8 +207,13 @@ def validate_update(
     limits: ValidationLimits,
     ledger: Ledger,
     retained: bool = False,
+    signature_check: Callable[[str, bytes], str | None] | None = None,
 ) -> Accepted | Rejected | Repeated:
-    """Check one raw update payload; never raises, whatever the bytes (see module doc)."""
+    """Check one raw update payload; never raises, whatever the bytes (see module doc).
+
+    ``signature_check(topic_device, payload)``, when given, says why the payload is not
+    signed by that device's key (None: it is); the coordinator gives it only when it
+    requires signed updates."""
     try:
         size = len(payload)
     except Exception as exc:  # not even a bytes-like object
@@ -237,6 +246,10 @@ def validate_update(
                 f"update names device {update.device_id!r} but came on the topic of "
                 f"{topic_device!r}",
             )
+        if signature_check is not None:
+            problem = signature_check(topic_device, payload)
+            if problem is not None:
+                return reject("signature", problem)
         if retained:
             return reject(
                 "retained", "updates must not be published with the retain flag (the broker "

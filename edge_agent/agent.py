@@ -63,7 +63,14 @@ from fedbus.messages import (
     new_update_id,
 )
 from fedbus.preprocess import KNOWN_REQUIREMENTS, encode_labels
-from fedbus.signing import SignatureError, Verifier, load_public_key
+from fedbus.signing import (
+    SignatureError,
+    Verifier,
+    key_text,
+    load_private_key,
+    load_public_key,
+    sign_message,
+)
 from fedbus.topics import Topics
 from fedbus.transport import (
     ConnectionSettings,
@@ -213,6 +220,10 @@ class Agent:
         self._resend_due: float | None = 0.0
         self._inherited: set[str] = set()  # outbox entries an earlier process made
         self._hold_until = 0.0  # monotonic: send nothing before (a rate_limited receipt)
+        # revision 2.8: this device's key; every update is signed on its update topic
+        self._signer = (
+            load_private_key(config.signing_key) if config.signing_key is not None else None
+        )
         self._verifier: Verifier | None = (
             load_public_key(config.coordinator_key) if config.coordinator_key else None
         )
@@ -412,6 +423,9 @@ class Agent:
         else:
             log.info("tasks and models must be signed by the coordinator's key %s",
                      self._verifier)
+        if self._signer is not None:
+            log.info("updates are signed with this device's key %s (protocol revision 2.8)",
+                     key_text(self._signer))
         from edge_agent.train import warm_up
 
         log.debug("torch warm-up took %.2f s", warm_up())
@@ -888,6 +902,9 @@ class Agent:
         delta = {name: new_state[name] - base[name] for name in base}
         update, residual = self._encode(task, model_msg, delta, shapes, seed, result, elapsed)
         payload = update.pack()  # compact: metric values as float32
+        if self._signer is not None:
+            payload = sign_message(self._signer, self.topics.update(self.config.device_id),
+                                   payload)
         if len(payload) > task.max_update_bytes:
             log.error(
                 "update of %d bytes exceeds the task's limit of %d; not sent",

@@ -36,6 +36,9 @@ class AgentConfig(BrokerTarget):
     # the coordinator's Ed25519 public key ("ed25519:..." or a file holding it or a PEM
     # public key): tasks and models must carry its signature. None: accepted unsigned
     coordinator_key: str | None = None
+    # this device's Ed25519 private key (PKCS#8 PEM): every update is signed with it
+    # (protocol revision 2.8). None: updates are sent unsigned
+    signing_key: Path | None = None
     prefix: str = DEFAULT_PREFIX
     # seconds; Mosquitto declares a silent device gone (and sends its Will) after 1.5 x this
     keepalive: int = 15

@@ -41,10 +41,12 @@ from pathlib import Path
 from typing import Any
 
 from fedbus.errors import ConfigError
+from fedbus.signing import DEVICE_KEYS_FILE
 
 __all__ = [
     "BUNDLE_FILE",
     "BUNDLE_VERSION",
+    "SIGNING_KEY_FILE",
     "BrokerAccess",
     "BrokerAddress",
     "bundle_device",
@@ -58,6 +60,8 @@ __all__ = [
 BUNDLE_FILE = "credentials.json"
 BUNDLE_VERSION = 1
 _CA_FILE = "ca.crt"
+# a device's Ed25519 key for signing its updates (revision 2.8), in its bundle
+SIGNING_KEY_FILE = "signing.key"
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,9 @@ class BrokerAccess:
     cert_file: Path | None = None  # this account's client certificate, if issued
     key_file: Path | None = None
     coordinator_key: str | None = None  # the coordinator's public key, "ed25519:..."
-    signing_key_file: Path | None = None  # this account's signing key (the coordinator's)
+    signing_key_file: Path | None = None  # this account's Ed25519 signing key
+    # the device-key file beside the credentials file (revision 2.8; it may not exist)
+    device_keys_file: Path | None = None
 
     def port_for(self, *, tls: bool, client_certificate: bool) -> int:
         """The port to connect to: plain, TLS (password) or mutual TLS."""
@@ -123,6 +129,7 @@ def read_credentials(path: str | Path, username: str) -> BrokerAccess:
             key_file=_path(base, account.get("key_file")),
             coordinator_key=_text(data.get("coordinator_key")),
             signing_key_file=_path(base, account.get("signing_key_file")),
+            device_keys_file=base / DEVICE_KEYS_FILE,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"credentials file {path} is not in the expected format: {exc}") from None
@@ -181,9 +188,10 @@ class BrokerAddress:
 
 
 def bundle_document(address: BrokerAddress, device_id: str, *, password: str | None,
-                    certificate: bool) -> dict[str, Any]:
+                    certificate: bool, signing_key: bool = False) -> dict[str, Any]:
     """The ``credentials.json`` of a bundle: the broker, the device's account (its
-    ``password``, or with ``certificate`` the files ``<id>.crt`` and ``<id>.key`` beside it)
+    ``password``, or with ``certificate`` the files ``<id>.crt`` and ``<id>.key`` beside it;
+    with ``signing_key`` its update-signing key ``signing.key`` beside it, revision 2.8)
     and the coordinator's username. Pure."""
     if (password is None) == (not certificate):
         raise ValueError("a bundle holds a password or a certificate, exactly one of them")
@@ -192,6 +200,8 @@ def bundle_document(address: BrokerAddress, device_id: str, *, password: str | N
         account["password"] = password
     else:
         account.update(cert_file=f"{device_id}.crt", key_file=f"{device_id}.key")
+    if signing_key:
+        account["signing_key_file"] = SIGNING_KEY_FILE
     document: dict[str, Any] = {
         "bundle": {"version": BUNDLE_VERSION, "device": device_id},
         **_broker_fields(address),
@@ -205,16 +215,20 @@ def bundle_document(address: BrokerAddress, device_id: str, *, password: str | N
 
 def write_bundle(directory: Path, address: BrokerAddress, device_id: str, *, ca_pem: bytes,
                  password: str | None = None, certificate_pem: bytes | None = None,
-                 key_pem: bytes | None = None) -> Path:
+                 key_pem: bytes | None = None, signing_key_pem: bytes | None = None) -> Path:
     """Create the bundle ``directory`` (mode 0700; it must not exist): ``credentials.json``
-    (0600), ``ca.crt`` and, for a certificate login, ``<id>.crt`` and ``<id>.key`` (0600).
+    (0600), ``ca.crt``, for a certificate login ``<id>.crt`` and ``<id>.key`` (0600), and
+    with ``signing_key_pem`` the device's update-signing key ``signing.key`` (0600).
     Nothing is ever overwritten. Returns the directory."""
     certificate = certificate_pem is not None
     if certificate != (key_pem is not None):
         raise ValueError("a client certificate needs its key, and a key its certificate")
-    document = bundle_document(address, device_id, password=password, certificate=certificate)
+    document = bundle_document(address, device_id, password=password, certificate=certificate,
+                               signing_key=signing_key_pem is not None)
     _new_bundle_dir(directory)
     write_new(directory / _CA_FILE, ca_pem, 0o644)
+    if signing_key_pem is not None:
+        write_new(directory / SIGNING_KEY_FILE, signing_key_pem, 0o600)
     if certificate_pem is not None and key_pem is not None:
         write_new(directory / f"{device_id}.key", key_pem, 0o600)
         write_new(directory / f"{device_id}.crt", certificate_pem, 0o644)

@@ -18,6 +18,10 @@ A public key travels as text: ``ed25519:`` followed by the 32 bytes of the raw p
 PEM (SubjectPublicKeyInfo) is accepted too. Private keys are PKCS#8 PEM files, mode 0600,
 written once and never overwritten.
 
+Revision 2.8 (section 11.10): a device may sign its updates the same way, with its own key,
+on its update topic ``<prefix>/update/<device>``. The coordinator learns the devices' public
+keys from the device-key file (``parse_device_keys``), never from a message.
+
 The functions over bytes are pure; ``ensure_private_key`` and ``load_public_key`` do the
 file work.
 """
@@ -25,7 +29,9 @@ file work.
 from __future__ import annotations
 
 import base64
+import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,23 +47,32 @@ from fedbus.errors import ConfigError, ProtocolError
 from fedbus.wire_reader import MAX_FIELDS, Reader
 
 __all__ = [
+    "DEVICE_KEYS_FILE",
     "DOMAIN",
     "KEY_PREFIX",
     "SIGNATURE_FIELD",
     "SIGNATURE_LENGTH",
+    "DeviceKeyFile",
     "SignatureError",
     "Verifier",
     "add_signature",
+    "device_keys_text",
     "ensure_private_key",
     "key_text",
     "load_private_key",
     "load_public_key",
+    "parse_device_keys",
     "parse_public_key",
+    "private_key_pem",
+    "register_device_key",
     "sign_message",
     "signed_bytes",
     "split_signature",
+    "update_signature_problem",
     "verify_message",
 ]
+
+_log = logging.getLogger(__name__)
 
 DOMAIN = b"fedbus-sig-v1\x00"
 SIGNATURE_FIELD = "sig"
@@ -216,7 +231,8 @@ def load_public_key(value: str) -> Verifier:
         raise ConfigError(f"{source} is not an Ed25519 public key: {exc}") from None
 
 
-def _private_pem(key: Ed25519PrivateKey) -> bytes:
+def private_key_pem(key: Ed25519PrivateKey) -> bytes:
+    """``key`` as an unencrypted PKCS#8 PEM file's bytes."""
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
@@ -250,7 +266,7 @@ def ensure_private_key(path: Path, *, adopt: Path | None = None) -> Ed25519Priva
         except OSError as exc:
             raise ConfigError(f"cannot write the signing key {path}: {exc}") from None
         with os.fdopen(fd, "wb") as fh:
-            fh.write(_private_pem(key))
+            fh.write(private_key_pem(key))
             fh.flush()
             os.fsync(fh.fileno())
     public = path.with_suffix(".pub")
@@ -263,3 +279,131 @@ def ensure_private_key(path: Path, *, adopt: Path | None = None) -> Ed25519Priva
     except OSError as exc:
         raise ConfigError(f"cannot write the public key {public}: {exc}") from None
     return key
+
+
+# -- device-signed updates (revision 2.8) ------------------------------------------------
+
+# the device-key file beside the operator's credentials file (docs/protocol.md section 11.10)
+DEVICE_KEYS_FILE = "signing/devices.pub"
+
+
+def parse_device_keys(text: str) -> dict[str, Ed25519PublicKey]:
+    """The device keys of a device-key file: one ``<device-id> ed25519:<43 chars>`` per line
+    (any run of spaces or tabs between the two), blank lines and lines starting with ``#``
+    ignored. ``ValueError`` naming the line for anything else: a line that is not two words,
+    an invalid device id or key, a device listed twice."""
+    from fedbus.topics import validate_device_id
+
+    keys: dict[str, Ed25519PublicKey] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        words = line.split()
+        if len(words) != 2:
+            raise ValueError(f"line {number}: expected '<device-id> {KEY_PREFIX}<key>'")
+        device, key = words
+        try:
+            validate_device_id(device)
+        except ValueError as exc:
+            raise ValueError(f"line {number}: {exc}") from None
+        if device in keys:
+            raise ValueError(f"line {number}: device {device!r} is listed twice")
+        if not key.startswith(KEY_PREFIX):
+            raise ValueError(f"line {number}: the key must be {KEY_PREFIX}<base64url>")
+        try:
+            keys[device] = parse_public_key(key)
+        except ValueError as exc:
+            raise ValueError(f"line {number}: {exc}") from None
+    return keys
+
+
+def device_keys_text(keys: dict[str, Ed25519PublicKey]) -> str:
+    """A device-key file holding ``keys``, sorted by device id (``parse_device_keys`` reads
+    it back)."""
+    lines = ["# fedbus device keys: <device-id> <Ed25519 public key>; written by "
+             "`fedbus devices`, read live by the coordinator"]
+    lines += [f"{device} {key_text(keys[device])}" for device in sorted(keys)]
+    return "\n".join(lines) + "\n"
+
+
+def update_signature_problem(
+    keys: Mapping[str, Ed25519PublicKey], topic: str, device_id: str, payload: bytes
+) -> str | None:
+    """Why an update received on ``topic`` (the update topic of ``device_id``) is not
+    signed by ``device_id``'s key in ``keys``; None when it is. The key comes from ``keys``
+    only, never from the message."""
+    key = keys.get(device_id)
+    if key is None:
+        return f"no key is registered for device {device_id!r}; updates must be signed"
+    try:
+        verify_message(key, topic, payload)
+    except SignatureError as exc:
+        if exc.reason == "invalid":
+            return f"invalid signature: not signed by {device_id}'s key {key_text(key)}"
+        return f"{exc.reason} signature: {exc.detail}"
+    return None
+
+
+class DeviceKeyFile:
+    """The device-key file as the coordinator reads it: read again whenever it changes
+    (its size, modification time or inode; checked at every call, one ``stat``), so a key
+    registered by ``fedbus devices`` counts from the next update on, without a restart.
+
+    A missing file holds no key. A file that cannot be read or parsed keeps the keys read
+    before (an error is logged once per change of the file): a half-edited file never
+    drops every device at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[int, int, int] | None = None
+        self._keys: dict[str, Ed25519PublicKey] = {}
+
+    def keys(self) -> Mapping[str, Ed25519PublicKey]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self._seen != (0, 0, 0):
+                if self._seen is not None:
+                    _log.warning("the device-key file %s is gone: no device key is known",
+                                 self.path)
+                self._seen, self._keys = (0, 0, 0), {}
+            return self._keys
+        except OSError as exc:
+            _log.error("cannot read the device-key file %s: %s", self.path, exc)
+            return self._keys
+        seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if seen == self._seen:
+            return self._keys
+        self._seen = seen
+        try:
+            self._keys = parse_device_keys(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            _log.error("the device-key file %s is unusable, keeping the %d key(s) read "
+                       "before: %s", self.path, len(self._keys), exc)
+            return self._keys
+        _log.info("device keys: %d device(s) in %s", len(self._keys), self.path)
+        return self._keys
+
+
+def register_device_key(path: Path, device_id: str, key: Ed25519PublicKey | None) -> None:
+    """Set (or with ``key`` None, remove) ``device_id``'s entry of the device-key file
+    ``path``, keeping the others; written to a temporary file and renamed, so a reader sees
+    the old file or the new one, never half of one. ``ConfigError`` when the file is
+    unusable."""
+    try:
+        keys = parse_device_keys(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"cannot use the device-key file {path}: {exc}") from None
+    if key is None:
+        if keys.pop(device_id, None) is None:
+            return
+    else:
+        keys[device_id] = key
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(device_keys_text(keys), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the device-key file {path}: {exc}") from None

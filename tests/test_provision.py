@@ -44,6 +44,7 @@ from fedbus.dynsec import DynsecError
 from fedbus.errors import ConfigError, ConnectRefused
 from fedbus.processes import Child, ChildGroup
 from fedbus.provision import DynsecAdmin, admin_settings
+from fedbus.signing import DEVICE_KEYS_FILE, key_text, load_private_key, parse_device_keys
 from fedbus.tls import TlsSettings
 from fedbus.transport import ConnectionSettings, Message, MqttClient
 
@@ -522,8 +523,9 @@ def test_a_second_start_on_a_live_directory_changes_nothing(
 
 def test_a_device_added_mid_run_gets_an_update_accepted(broker: LocalBroker,
                                                          tmp_path: Path) -> None:
-    """Real processes: a coordinator waiting for devices, then `fedbus devices add`, then an
-    agent given nothing but the bundle."""
+    """Real processes: a coordinator waiting for devices and requiring signed updates, then
+    `fedbus devices add` (which registers the device's key in the file the coordinator
+    reads live), then an agent given nothing but the bundle, signing with its key."""
     x, y = load_digits()
     write_npz(tmp_path / "newbie.npz", x[:200], y[:200])
     write_npz(tmp_path / "test.npz", x[-300:], y[-300:])
@@ -533,7 +535,7 @@ def test_a_device_added_mid_run_gets_an_update_accepted(broker: LocalBroker,
             [sys.executable, "-m", "fedbus", "coordinator", "--credentials",
              str(broker.credentials_file), "--state-dir", str(tmp_path / "run"),
              "--buffer-size", "1", "--min-devices", "1", "--epochs", "1",
-             "--max-versions", "1", "--duration", "60",
+             "--max-versions", "1", "--duration", "60", "--require-signed-updates",
              "--eval-data", str(tmp_path / "test.npz")],
             log_path=coordinator_log, name="coordinator",
         ))
@@ -557,7 +559,14 @@ def test_a_device_added_mid_run_gets_an_update_accepted(broker: LocalBroker,
     # the bundle carries the coordinator's public key, and the agent verified with it
     bundle = json.loads((broker.bundles_dir / "newbie" / "credentials.json").read_text())
     assert bundle["coordinator_key"] == broker.coordinator_key
-    assert "signing_key_file" not in json.dumps(bundle)
+    assert bundle["coordinator"] == {"username": "coordinator"}  # never its signing key
+    assert bundle["devices"]["newbie"]["signing_key_file"] == "signing.key"
+    key = load_private_key(broker.bundles_dir / "newbie" / "signing.key")
+    registered = (broker.credentials_file.parent / "signing" / "devices.pub").read_text()
+    assert f"newbie {key_text(key)}" in registered
+    assert "signed updates required: device keys from" in coordinator_log.read_text()
+    assert ": signature (" not in coordinator_log.read_text()  # every update was signed
+    assert f"updates are signed with this device's key {key_text(key)}" in agent_log
     assert f"signed by the coordinator's key {broker.coordinator_key}" in agent_log
     assert re.search(r"done: \d+ updates published, [1-9]\d* accepted", agent_log), agent_log
 
@@ -619,7 +628,12 @@ def test_bundle_of_an_existing_account_logs_in_and_is_never_rewritten(
     bundle = broker.bundles_dir / "dev-a"
     assert f"(logs in with its password): {bundle}" in out
     assert stat.S_IMODE((bundle / "credentials.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((bundle / "signing.key").stat().st_mode) == 0o600
     assert "fedbus-admin" not in (bundle / "credentials.json").read_text()
+    key = load_private_key(bundle / "signing.key")
+    assert f"its update-signing key {key_text(key)} is registered" in out
+    keys = parse_device_keys((broker.credentials_file.parent / DEVICE_KEYS_FILE).read_text())
+    assert key_text(keys["dev-a"]) == key_text(key)
     dev_a = devices(settings_for(bundle, "dev-a"))
     assert dev_a.client.publish(broker.topics.update("dev-a"), b"u").wait(TIMEOUT)
     before = file_digests(bundle)

@@ -24,6 +24,7 @@ from coordinator.robust import (
     coordinate_median,
     krum_min_updates,
     multi_krum,
+    relative_agreement,
     trim_count,
     trimmed_mean,
     trimmed_min_updates,
@@ -408,6 +409,37 @@ def test_agreeing_mean_with_nothing_agreeing_is_the_median() -> None:
     one = agreeing_mean([{"w": np.array([3.0, -4.0], np.float32)}])
     assert one.kept == (0,)
     np.testing.assert_array_equal(one.aggregate["w"], np.array([3.0, -4.0], np.float32))
+
+
+def test_relative_agreement_keeps_what_agrees_half_as_much_as_the_typical_delta() -> None:
+    # median cosine 0.6 (of 0.2, 0.6, 0.8): floor 0.3, so 0.2 goes
+    assert relative_agreement([0.2, 0.6, 0.8], 0.5) == (1, 2)
+    # even count: median (0.4 + 0.6) / 2 = 0.5, floor 0.25; the floor itself is kept
+    assert relative_agreement([0.25, 0.4, 0.6, -0.1], 0.5) == (0, 1, 2)
+    # fraction 0: every positive one; a median at or below 0 gives no floor but 0
+    assert relative_agreement([0.01, 0.6, -0.3], 0.0) == (0, 1)
+    assert relative_agreement([0.1, -0.2, -0.3], 0.5) == (0,)
+    assert relative_agreement([], 0.5) == ()
+    with pytest.raises(ValueError, match="fraction"):
+        relative_agreement([0.5], 1.5)
+    with pytest.raises(ValueError, match="NaN"):
+        relative_agreement([float("nan")], 0.5)
+
+
+def test_agreeing_mean_relative_drops_a_delta_that_barely_agrees() -> None:
+    # median per coordinate (1, 1); cosines: (1, 1) -> 1, (1, 2) -> 3/sqrt(10) = 0.949,
+    # (3, -2) -> 1/sqrt(26) = 0.196. Median cosine 0.949, floor 0.474: the third goes,
+    # though its inner product (1) is positive, so plain agree keeps it
+    deltas = [d([1.0, 1.0]), d([1.0, 2.0]), d([3.0, -2.0])]
+    plain = agreeing_mean(deltas)
+    assert plain.kept == (0, 1, 2)
+    result = agreeing_mean(deltas, 0.5)
+    assert result.kept == (0, 1)
+    assert result.cosines == pytest.approx((1.0, 3 / np.sqrt(10), 1 / np.sqrt(26)))
+    np.testing.assert_array_equal(result.aggregate["w"], np.array([1.0, 1.5], F32))
+    # quorum's step uses the relative rule (norms 1.41, 2.24, 3.61: median 2.24, bound 4.47,
+    # nothing shortened)
+    assert quorum_step(deltas).kept == (0, 1)
 
 
 # -- quorum: agree, and a full buffer waits for K that agree ---------------------------------

@@ -159,6 +159,8 @@ def load_process_config(
             filled["coordinator_key"] = access.coordinator_key
         if "signing_key" in names and access.signing_key_file and not given("signing_key"):
             filled["signing_key"] = access.signing_key_file
+        if "device_keys" in names and access.device_keys_file and not given("device_keys"):
+            filled["device_keys"] = access.device_keys_file
         cfg = load(filled)
         password = password or access.password
     cert = cfg.tls_cert  # type: ignore[attr-defined]

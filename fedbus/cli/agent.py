@@ -32,6 +32,10 @@ HELPS = {
     "a PEM public key): tasks and models without its valid signature are ignored. Default: "
     "the credentials file's coordinator_key; with neither, tasks and models are accepted "
     "unsigned (a warning at start-up).",
+    "signing_key": "This device's Ed25519 private key (PEM): every update is signed with it "
+    "(protocol revision 2.8), for a coordinator that requires signed updates. Default: the "
+    "bundle's signing.key (from `fedbus devices add` or `bundle`); with none, updates are "
+    "sent unsigned.",
     "prefix": "Topic prefix shared with the coordinator.",
     "keepalive": "MQTT keepalive in seconds; the broker declares a silent device offline after "
     "1.5 times this.",
@@ -110,6 +114,10 @@ def agent(config_file: Path | None, **flags: Any) -> None:
         from fedbus.signing import load_public_key
 
         load_public_key(cfg.coordinator_key)
+    if cfg.signing_key is not None:
+        from fedbus.signing import load_private_key
+
+        load_private_key(cfg.signing_key)
     x, y = load_local_data(cfg.data)
     runner = Agent(cfg, LocalData(x, y), password=password)
     for sig in (signal.SIGINT, signal.SIGTERM):

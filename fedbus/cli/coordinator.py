@@ -114,6 +114,11 @@ HELPS = {
     "history.jsonl) and the "
     "signing key (signing.key, signing.pub). A restart on "
     "it resumes the run where it stopped; empty: keep nothing (memory only).",
+    "require_signed_updates": "Refuse every update that is not signed with its device's own "
+    "key (protocol revision 2.8; receipt reason signature): devices need a key, made by "
+    "`fedbus devices add` or `bundle`.",
+    "device_keys": "The device-key file (<device-id> ed25519:<key> per line), read again "
+    "whenever it changes. Default: signing/devices.pub beside --credentials.",
     "signing_key": "Ed25519 private key (PEM) to sign tasks and models with, copied into a "
     "state directory that has no signing.key yet (then ignored). Default: the credentials "
     "file's signing key; with neither, a new key is made in the state directory.",

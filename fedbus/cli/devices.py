@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedbus.credentials import BrokerAccess, BrokerAddress
 from fedbus.errors import ConfigError
+from fedbus.signing import DEVICE_KEYS_FILE, key_text, private_key_pem, register_device_key
 
 if TYPE_CHECKING:
     from fedbus.provision import DynsecAdmin
@@ -164,6 +166,7 @@ def add(obj: tuple[Path, float], device_id: str, certificate: bool, pki_dir: Pat
     base = _operator_dir(credentials)
     target = bundle_dir or base / "bundles" / device_id
     address, ca_pem = _bundle_base(credentials, access, target)
+    signer = Ed25519PrivateKey.generate()  # the device's update-signing key (revision 2.8)
     if certificate:
         if access.mtls_port is None:
             raise ConfigError(f"{credentials} names no mutual-TLS port (tls.mtls_port)")
@@ -172,10 +175,12 @@ def add(obj: tuple[Path, float], device_id: str, certificate: bool, pki_dir: Pat
                                               now=_now())
         password = None
         write_bundle(target, address, device_id, ca_pem=ca_pem,
-                     certificate_pem=issued.certificate_pem, key_pem=issued.key_pem)
+                     certificate_pem=issued.certificate_pem, key_pem=issued.key_pem,
+                     signing_key_pem=private_key_pem(signer))
     else:
         password = secrets.token_urlsafe(24)
-        write_bundle(target, address, device_id, ca_pem=ca_pem, password=password)
+        write_bundle(target, address, device_id, ca_pem=ca_pem, password=password,
+                     signing_key_pem=private_key_pem(signer))
     from fedbus.provision import AdminError, DynsecError
 
     admin = _admin(credentials, timeout)
@@ -197,6 +202,7 @@ def add(obj: tuple[Path, float], device_id: str, certificate: bool, pki_dir: Pat
         ) from None
     finally:
         admin.close()
+    _register_key(credentials, device_id, signer)
     how = "its client certificate" if certificate else "its password"
     click.echo(f"added {device_id} (logs in with {how}); bundle: {target}")
     click.echo("  copy it to the device, then: fedbus agent --credentials <the copied "
@@ -275,7 +281,8 @@ def bundle(obj: tuple[Path, float], device_id: str, certificate: bool,
     Nothing is sent to the broker: the bundle carries the account's existing password (or
     its client certificate and key), the broker's address, the CA and the coordinator's
     public key, as `fedbus devices add` writes one. It is never written over an existing
-    directory.
+    directory. It also holds a new update-signing key (signing.key), registered in
+    signing/devices.pub beside the credentials file in place of any earlier bundle's.
     """
     from fedbus.credentials import read_credentials, write_bundle
 
@@ -294,9 +301,12 @@ def bundle(obj: tuple[Path, float], device_id: str, certificate: bool,
         raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
     target = bundle_dir or _operator_dir(credentials) / "bundles" / device_id
     address, ca_pem = _bundle_base(credentials, access, target)
+    signer = Ed25519PrivateKey.generate()
     write_bundle(target, address, device_id, ca_pem=ca_pem,
                  password=None if certificate else access.password,
-                 certificate_pem=cert_pem, key_pem=key_pem)
+                 certificate_pem=cert_pem, key_pem=key_pem,
+                 signing_key_pem=private_key_pem(signer))
+    _register_key(credentials, device_id, signer)
     how = "its client certificate" if certificate else "its password"
     click.echo(f"wrote {device_id}'s bundle (logs in with {how}): {target}")
     click.echo("  copy it to the device, then: fedbus agent --credentials <the copied "
@@ -331,6 +341,7 @@ def remove(obj: tuple[Path, float], device_id: str) -> None:
     """Delete DEVICE_ID's account: it is disconnected now and refused from then on."""
     with _admin(*obj) as admin:
         admin.remove_device(device_id)
+    register_device_key(_operator_dir(obj[0]) / DEVICE_KEYS_FILE, device_id, None)
     bundle = _operator_dir(obj[0]) / "bundles" / device_id
     note = f"; its bundle {bundle} no longer logs in" if bundle.exists() else ""
     click.echo(f"removed {device_id}{note}")
@@ -364,6 +375,14 @@ def _bundle_base(credentials: Path, access: BrokerAccess,
     address = BrokerAddress(access.host, access.port, access.tls_port, access.mtls_port,
                             access.prefix, access.coordinator_key)
     return address, ca_pem
+
+
+def _register_key(credentials: Path, device_id: str, key: Ed25519PrivateKey) -> None:
+    """Put the public half of ``device_id``'s update-signing key in the device-key file
+    that the coordinator reads (revision 2.8), replacing an earlier one."""
+    path = _operator_dir(credentials) / DEVICE_KEYS_FILE
+    register_device_key(path, device_id, key.public_key())
+    click.echo(f"  its update-signing key {key_text(key)} is registered in {path}")
 
 
 def _operator_dir(credentials: Path) -> Path:
