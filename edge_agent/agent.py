@@ -851,7 +851,7 @@ class Agent:
         rng = np.random.default_rng(seed)
         spec = parse_codec(task.codec)  # the task parsed it already: cannot fail here
         residual: dict[str, np.ndarray] | None = None
-        if spec.is_topk:  # error feedback: what top-k left out so far goes in now
+        if spec.error_feedback:  # what top-k or sparse left out so far goes in now
             previous = self.state.residual(task.run_id, shapes)
             wire, compression, residual = encode_with_feedback(delta, previous, spec, rng=rng)
         else:

@@ -12,7 +12,8 @@ Tensor payloads are left encoded by ``from_wire``; the receiver decodes them wit
 ``Update.delta`` and ``GlobalModel.tensors`` are an entry map, or a bin holding the
 zstd-compressed packed entry map (``fedbus.update_codec``). A model says so in its optional
 ``compression`` field (left out when uncompressed). An update has no such field: the msgpack
-type of its delta decides (a map is plain, a bin is one zstd frame), and
+type of its delta decides (a map is plain, a bin is one zstd frame or, from revision 2.7, a
+``sparse`` delta, told apart by its first byte: ``update_codec.bin_format``), and
 ``Update.compression`` is derived from it.
 
 The update is the one message every device sends after every training run, so it has a
@@ -39,7 +40,7 @@ from fedbus.envelope import PROTOCOL_VERSION, DecodeLimits, read
 from fedbus.errors import ProtocolError
 from fedbus.preprocess import InputNorm, parse_classes
 from fedbus.topics import DEVICE_ID_PATTERN
-from fedbus.update_codec import PackedMap, delta_wire_bound
+from fedbus.update_codec import DELTA_FORMATS, PackedMap, bin_format, delta_wire_bound
 from fedbus.wire_reader import FieldReader, Reader, Unread
 
 __all__ = [
@@ -418,7 +419,10 @@ class Update:
         if isinstance(delta, PackedMap):  # as read off the wire: the map itself again
             delta = msgpack.unpackb(delta.data, raw=False)
         if compressed != (self.compression is not None) or (
-            self.compression is not None and self.compression not in COMPRESSIONS
+            self.compression is not None and (
+                self.compression not in DELTA_FORMATS
+                or self.compression != bin_format(delta)
+            )
         ):
             raise ValueError(
                 f"update {self.update_id}: compression {self.compression!r} does not match "
@@ -483,7 +487,7 @@ class Update:
             delta=delta,
             metrics={k: float(v) for k, v in metrics.items()},
             sent_at=_finite_float(obj, "ts", "update"),
-            compression="zstd" if isinstance(delta, bytes) else None,
+            compression=bin_format(delta) if isinstance(delta, bytes) else None,
         )
 
     @classmethod
