@@ -17,6 +17,11 @@ What the agent guarantees (protocol v2, docs/protocol.md section 9):
 - it subscribes to the model with QoS 0: the broker queues no model versions for it while
   it is away, and the retained model (the newest) arrives on every reconnect, so a device
   back from a partition trains on the newest model, not on a backlog;
+- it follows model deltas (protocol revision 2.7): once it has rebuilt a version from the
+  retained ``model_delta`` of the version it holds (checked bit for bit against the
+  delta's digest), it unsubscribes from the whole model and receives only deltas; a delta
+  it cannot apply (another base, a missed version, a digest that does not match)
+  subscribes it to the whole model again, until the next delta applies;
 - an outbox entry that can no longer be accepted (older than the task's ``max_staleness``,
   refused by the broker, over the outbox's bounds, of a run that ended or was replaced)
   is dropped with a log line; for a top-k task its content goes back into the residual;
@@ -55,12 +60,14 @@ from fedbus.errors import ConfigError, MessageTooLarge, ProtocolError
 from fedbus.messages import (
     MAX_STATUS_ERROR,
     GlobalModel,
+    ModelDelta,
     Receipt,
     Status,
     Task,
     Update,
     new_update_id,
 )
+from fedbus.model_delta import apply_model_delta
 from fedbus.preprocess import KNOWN_REQUIREMENTS, encode_labels
 from fedbus.signing import SignatureError, Verifier, load_public_key
 from fedbus.topics import Topics
@@ -125,6 +132,10 @@ class AgentStats:
     rejections: dict[str, int] = field(default_factory=dict)
     # tasks and models ignored because their signature was missing or did not verify
     bad_signatures: int = 0
+    # models received whole, and versions rebuilt from a model delta (revision 2.7)
+    models_received: int = 0
+    model_deltas_applied: int = 0
+    bytes_models: int = 0  # model and model_delta payloads received, both
 
 
 def pacing_delay(elapsed: float, slowdown: float, compute_seconds: float) -> float:
@@ -168,6 +179,10 @@ class Agent:
         # written by the network thread, read by the agent thread (under _lock)
         self._task_bytes: bytes | None = None
         self._model_msg: GlobalModel | None = None  # the newest of its run
+        # (run, version, float32 tensors) of _model_msg once decoded for a model delta, and
+        # whether the agent is subscribed to the whole model (else it follows the deltas)
+        self._held: tuple[str, int, dict[str, np.ndarray]] | None = None
+        self._whole_model = True
         self._models_since_connect = 0
         self._receipts: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._connected_at: float | None = None  # monotonic, set by each (re)connect
@@ -224,9 +239,17 @@ class Agent:
                 self._task_bytes = msg.payload
             self._wake.set()
         elif msg.topic == self.topics.model:
+            with self._lock:
+                self.stats.bytes_models += len(msg.payload)
             if self._signed_by_coordinator(msg.topic, msg.payload,
                                            self.config.max_model_bytes):
                 self._keep_newest_model(msg.payload)
+        elif msg.topic == self.topics.model_delta:
+            with self._lock:
+                self.stats.bytes_models += len(msg.payload)
+            if self._signed_by_coordinator(msg.topic, msg.payload,
+                                           self.config.max_model_bytes):
+                self._follow_delta(msg.payload)
         elif msg.topic == self.topics.receipt(self.config.device_id):
             self._receipts.put(msg.payload)
             self._wake.set()
@@ -262,8 +285,58 @@ class Agent:
             held = self._model_msg
             if held is None or held.run_id != model.run_id or model.version > held.version:
                 self._model_msg = model
+                self._held = None
             self._models_since_connect += 1
+            self.stats.models_received += 1
         self._wake.set()
+
+    def _follow_delta(self, payload: bytes) -> None:
+        """Rebuild the next version from a model delta if it applies to the model held;
+        otherwise make sure the whole model comes (network thread)."""
+        limits = DecodeLimits(
+            max_bytes=self.config.max_model_bytes, max_bin_len=self.config.max_model_bytes
+        )
+        try:
+            delta = ModelDelta.read(payload, limits)
+        except ProtocolError as exc:
+            log.warning("ignoring malformed model delta: %s", exc)
+            return
+        with self._lock:
+            held, cached = self._model_msg, self._held
+        if held is not None and held.run_id == delta.run_id and delta.version <= held.version:
+            return  # a retained copy of what the agent holds already
+        if held is None or held.run_id != delta.run_id or delta.base != held.version:
+            self._want_whole_model("the model delta is not for the version held")
+            return
+        try:
+            if cached is None or cached[:2] != (held.run_id, held.version):
+                base = decode_update_delta(held.tensors, held.compression)
+            else:
+                base = cached[2]
+            tensors = apply_model_delta(base, delta.delta, delta.sha)
+        except ProtocolError as exc:
+            self._want_whole_model(f"model delta v{delta.version} does not apply: {exc}")
+            return
+        wire, _ = encode_update_delta(tensors, "fp32")  # exact: what training decodes
+        model = GlobalModel(task_id=delta.task_id, version=delta.version, tensors=wire,
+                            created_at=delta.created_at, run_id=delta.run_id)
+        with self._lock:
+            if self._model_msg is not held:  # a whole model came meanwhile
+                return
+            self._model_msg, self._held = model, (delta.run_id, delta.version, tensors)
+            self.stats.model_deltas_applied += 1
+            whole, self._whole_model = self._whole_model, False
+        if whole:
+            log.info("following model deltas from v%d on", delta.version)
+            self.client.unsubscribe(self.topics.model)
+        self._wake.set()
+
+    def _want_whole_model(self, why: str) -> None:
+        with self._lock:
+            whole, self._whole_model = self._whole_model, True
+        if not whole:
+            log.info("subscribing to the whole model again: %s", why)
+            self.client.subscribe(self.topics.model, qos=0)
 
     def _on_connect(self, session_present: bool) -> None:
         task = self._task
@@ -319,6 +392,9 @@ class Agent:
         self.client.subscribe(self.topics.task, qos=1)
         # QoS 0: no model versions are queued while away; the retained one comes on connect
         self.client.subscribe(self.topics.model, qos=0)
+        # revision 2.7: the change from the previous version, retained; once one applies,
+        # the whole model is unsubscribed (_follow_delta)
+        self.client.subscribe(self.topics.model_delta, qos=0)
         self.client.subscribe(self.topics.receipt(device), qos=1)
         self.client.start()
         try:

@@ -38,6 +38,7 @@ import msgpack
 from fedbus.codec_spec import COMPRESSIONS, parse_codec
 from fedbus.envelope import PROTOCOL_VERSION, DecodeLimits, read
 from fedbus.errors import ProtocolError
+from fedbus.model_delta import SHA_BYTES
 from fedbus.preprocess import InputNorm, parse_classes
 from fedbus.topics import DEVICE_ID_PATTERN
 from fedbus.update_codec import DELTA_FORMATS, PackedMap, bin_format, delta_wire_bound
@@ -54,6 +55,7 @@ __all__ = [
     "UPDATE_FIELDS_BOUND",
     "Control",
     "GlobalModel",
+    "ModelDelta",
     "ModelSpec",
     "Receipt",
     "Status",
@@ -389,6 +391,59 @@ class GlobalModel:
 
 
 @dataclass(frozen=True)
+class ModelDelta:
+    """What turns version ``base`` of a run's model into version ``version`` (revision 2.7),
+    retained on ``<prefix>/model_delta``: ``delta`` is the zstd frame of
+    ``fedbus.model_delta`` and ``sha`` the digest of the model it rebuilds."""
+
+    task_id: str
+    base: int
+    version: int
+    delta: bytes
+    sha: bytes
+    created_at: float = 0.0
+    run_id: str = field(kw_only=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "kind": "model_delta",
+            "task_id": self.task_id,
+            "run": self.run_id,
+            "base": self.base,
+            "version": self.version,
+            "delta": self.delta,
+            "sha": self.sha,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: dict) -> ModelDelta:
+        _check_kind(obj, "model_delta")
+        base = _nonneg_int(obj, "base", "model_delta")
+        version = _nonneg_int(obj, "version", "model_delta")
+        if version != base + 1:
+            raise ProtocolError("schema", "model_delta: version must be base + 1")
+        sha = bytes(_get(obj, "sha", (bytes, memoryview), "model_delta"))
+        if len(sha) != SHA_BYTES:
+            raise ProtocolError("schema", f"model_delta: sha must be {SHA_BYTES} bytes")
+        return cls(
+            task_id=_get_id(obj, "task_id", "model_delta"),
+            run_id=_get_id(obj, "run", "model_delta"),
+            base=base,
+            version=version,
+            delta=bytes(_get(obj, "delta", (bytes, memoryview), "model_delta")),
+            sha=sha,
+            created_at=_finite_float(obj, "created_at", "model_delta"),
+        )
+
+    @classmethod
+    def read(cls, payload: bytes, limits: DecodeLimits | None = None) -> ModelDelta:
+        """Decode and check a model delta payload by schema (``envelope.read``)."""
+        return cls.from_wire(read(payload, "model_delta", MODEL_DELTA_FIELDS, limits))
+
+
+@dataclass(frozen=True)
 class Update:
     """One device's contribution: an encoded delta against global version ``base_version``
     of run ``run_id``.
@@ -564,6 +619,10 @@ UPDATE_FIELDS: dict[str, FieldReader] = {
 MODEL_FIELDS: dict[str, FieldReader] = {
     "task_id": _LEAF, "run": _LEAF, "version": _LEAF, "tensors": _read_delta,
     "created_at": _LEAF, "compression": _LEAF,
+}
+MODEL_DELTA_FIELDS: dict[str, FieldReader] = {
+    "task_id": _LEAF, "run": _LEAF, "base": _LEAF, "version": _LEAF, "delta": _LEAF,
+    "sha": _LEAF, "created_at": _LEAF,
 }
 STATUS_FIELDS: dict[str, FieldReader] = {
     "device_id": _LEAF, "state": _LEAF, "run": _LEAF, "model_version": _LEAF, "ts": _LEAF,

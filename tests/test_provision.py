@@ -76,6 +76,8 @@ def test_device_role_is_the_acl_file_for_one_device() -> None:
         ("publishClientSend", "lab/t7/status/dev-a"),
         ("publishClientReceive", "lab/t7/task"), ("subscribeLiteral", "lab/t7/task"),
         ("publishClientReceive", "lab/t7/model"), ("subscribeLiteral", "lab/t7/model"),
+        ("publishClientReceive", "lab/t7/model_delta"),
+        ("subscribeLiteral", "lab/t7/model_delta"),
         ("publishClientReceive", "lab/t7/receipt/dev-a"),
         ("subscribeLiteral", "lab/t7/receipt/dev-a"),
         ("publishClientReceive", "lab/t7/status/dev-a"),
