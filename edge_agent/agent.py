@@ -746,7 +746,10 @@ class Agent:
         with self._lock:
             model = self._model_msg
         if model is None or model.run_id != task.run_id or model.task_id != task.task_id:
-            return None  # the model of this run has not arrived yet
+            # the model of this run has not arrived yet: a new run's first model comes only
+            # whole, so an agent following the deltas of the previous run subscribes again
+            self._want_whole_model(f"run {task.run_id} has no model here yet")
+            return None
         if self._unusable == (task.run_id, task.task_id):
             return None  # this device cannot take part; wait for another run
         last = self.state.last_version(task.run_id)
