@@ -9,7 +9,7 @@ Grammar (the task's ``codec`` field and the coordinator's ``--codec``/``--model-
     SVALUES  := "sign" | "int4" | "int8"                   (default sign)
     FRACTION := a decimal number in (0, 1], e.g. 0.1, 0.05, 1e-3
 
-Examples: ``int8``, ``int4+zstd``, ``topk:0.01:int8+zstd``, ``sparse:0.008:sign``,
+Examples: ``int8``, ``int4+zstd``, ``topk:0.01:int8+zstd``, ``sparse:0.007:sign``,
 ``sparse:0.01:int4``. ``sparse`` (``fedbus.sparse_delta``) is already entropy-coded and
 takes no ``+zstd``. Specs are case-sensitive and contain no spaces. ``str(spec)`` is the
 canonical form (the values codec always written, the fraction as Python's shortest float

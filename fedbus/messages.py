@@ -605,9 +605,10 @@ UPDATE_FIELDS_BOUND = _fields_bound()  # 131,809 bytes, almost all of it the met
 def update_size_bound(expected_shapes: Mapping[str, tuple[int, ...]]) -> int:
     """Most bytes an honest update payload for a model of these tensor shapes can take,
     whatever its codec (fp32, fp16, int8, int4, topk:F:V, each with or without +zstd, and
-    sparse:F:V, at most about 1.3 bytes per element) and metrics: ``update_codec.delta_wire_bound`` plus ``UPDATE_FIELDS_BOUND``. No update
-    that passes the coordinator's checks for this model is longer (tests/test_limits.py
-    measures it against the encoders)."""
+    sparse:F:V, at most about 1.3 bytes per element) and metrics:
+    ``update_codec.delta_wire_bound`` plus ``UPDATE_FIELDS_BOUND``. No update that passes
+    the coordinator's checks for this model is longer (tests/test_limits.py measures it
+    against the encoders)."""
     return delta_wire_bound(expected_shapes) + UPDATE_FIELDS_BOUND
 
 

@@ -593,11 +593,11 @@ def test_an_agent_follows_model_deltas_instead_of_whole_models(start_coordinator
     model; every later version it trains on is rebuilt from a delta, checked bit for bit
     against the delta's digest (a mismatch would subscribe it to the whole model again)."""
     paths, _ = digits_split
-    coord = start_coordinator(mode="fedasync", max_versions=3)
+    coord = start_coordinator(mode="fedasync", max_versions=2)
     agent = start_agent("dev-a", paths[0])
     summary = coord.join(timeout=60)
-    assert summary.final_version == 3
-    assert summary.counters["updates_accepted"] >= 3
+    assert summary.final_version == 2  # the update on v1 was trained on the rebuilt v1
+    assert summary.counters["updates_accepted"] >= 2
     assert coord.service.bytes_model_delta_published > 0
     assert agent.terminate(15) == 0
     log = agent.log_path.read_text()
