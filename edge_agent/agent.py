@@ -304,7 +304,10 @@ class Agent:
         with self._lock:
             held, cached = self._model_msg, self._held
         if held is not None and held.run_id == delta.run_id and delta.version <= held.version:
-            return  # a retained copy of what the agent holds already
+            with self._lock:  # a retained copy of what the agent holds: it is current
+                self._models_since_connect += 1
+            self._wake.set()
+            return
         if held is None or held.run_id != delta.run_id or delta.base != held.version:
             self._want_whole_model("the model delta is not for the version held")
             return
@@ -325,6 +328,7 @@ class Agent:
                 return
             self._model_msg, self._held = model, (delta.run_id, delta.version, tensors)
             self.stats.model_deltas_applied += 1
+            self._models_since_connect += 1
             whole, self._whole_model = self._whole_model, False
         if whole:
             log.info("following model deltas from v%d on", delta.version)
