@@ -1,8 +1,9 @@
 """The edge agent: waits for a task and a model, trains locally, publishes its delta.
 
 Threads: the transport's network thread only keeps the newest task bytes and the newest
-model of the run (by version, so a stale retained copy never replaces a newer one), queues
-receipts, and wakes the agent; the calling thread decodes, trains, publishes and owns the
+model of the run (by version, so a stale retained copy never replaces a newer one; a model
+delta is applied there, one decompression and one XOR over the model), queues receipts, and
+wakes the agent; the calling thread decodes, trains, publishes and owns the
 durable state (``edge_agent.state``), so a long training never starves the keepalive.
 
 What the agent guarantees (protocol v2, docs/protocol.md section 9):
