@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="runs per side for the timing benchmarks (default: each its own)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write results.json and BENCHMARKS.md here instead of the repo")
+    parser.add_argument("--codecs", nargs="+", default=None, metavar="SPEC",
+                        help="bytes benchmark: only these codec specs (fp32 is always run)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the scratch directory (logs of every process)")
     return parser.parse_args(argv)
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     selected = [n for n in ORDER if not args.only or n in args.only]
     workdir = Path(tempfile.mkdtemp(prefix="fedbus-bench-"))
-    ctx = BenchContext(quick=args.quick, runs=args.runs, workdir=workdir)
+    ctx = BenchContext(quick=args.quick, runs=args.runs, workdir=workdir, codecs=args.codecs)
     benchmarks = _load_previous(results_path, args.quick)
     failed: list[str] = []
     started = time.monotonic()

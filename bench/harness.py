@@ -101,6 +101,7 @@ class BenchContext:
     children: ChildGroup = field(default_factory=ChildGroup)
     broker_configs: dict[str, str] = field(default_factory=dict)
     fleets: FleetPool | None = None
+    codecs: list[str] | None = None  # --codecs: the bytes benchmark's specs (None: discovered)
 
     def pairs(self, full: int, quick: int = 1) -> int:
         if self.runs is not None:
@@ -506,6 +507,8 @@ def _run_record(summary: Any, records: list[tuple], t0: float,
         "rejected": {k[len("rejected_"):]: v for k, v in counters.items()
                      if k.startswith("rejected_") and v},
         "bytes_per_update": (counters.get("bytes_accepted", 0) / accepted) if accepted else None,
+        "bytes_model_published": counters.get("bytes_model_published", 0),
+        "bytes_model_delta_published": counters.get("bytes_model_delta_published", 0),
         "history": history,
         "accepted_at": per_device,
     }

@@ -171,7 +171,32 @@ def _bytes(b: dict[str, Any]) -> str:
         _table(["codec", "bytes/update (runs)", "bytes, same delta", "vs torch.save",
                 "accuracy", "accuracy per seed", "points lost vs fp32", "within bar?"],
                codec_rows),
+        *_both_directions(b),
     ])
+
+
+def _both_directions(b: dict[str, Any]) -> list[str]:
+    """Bytes per device per version, up and down, for the runs that measured the model
+    delta (revision 2.7)."""
+    rows = []
+    for spec, c in b["codecs"].items():
+        whole, delta = c.get("model_bytes_per_version"), c.get("delta_bytes_per_version")
+        if whole is None or delta is None:
+            continue
+        up = c["bytes_per_update"]["median"]
+        default = spec == b["params"].get("default_codec")
+        rows.append([f"`{spec}`" + (" (default)" if default else ""), _num(up), _num(whole),
+                     _num(delta), _num(None if up is None else up + whole),
+                     _num(None if up is None else up + delta)])
+    if not rows:
+        return []
+    return ["", "Bytes per device per version, both directions (median over the runs; in "
+            "synchronous FedAvg every device sends one update and receives one model per "
+            "version). Down: the whole model as every device received it before revision 2.7 "
+            "(default `--model-codec fp32`), and the model delta a device that follows the "
+            "deltas receives instead (revision 2.7; it receives one whole model when it joins).",
+            "", _table(["codec", "up: update", "down: whole model", "down: model delta",
+                        "total, whole model", "total, model delta"], rows)]
 
 
 def _tta(b: dict[str, Any]) -> str:

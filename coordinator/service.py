@@ -71,7 +71,17 @@ from coordinator.target_hold import Evaluated, TargetWatch
 from fedbus.chunks import chunk_data_size, is_chunk, peek_chunk_id, split
 from fedbus.envelope import DecodeLimits, pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
-from fedbus.messages import ModelSpec, Receipt, Task, TrainSpec, new_run_id, peek_update_id
+from fedbus.messages import (
+    GlobalModel,
+    ModelDelta,
+    ModelSpec,
+    Receipt,
+    Task,
+    TrainSpec,
+    new_run_id,
+    peek_update_id,
+)
+from fedbus.model_delta import encode_model_delta, model_digest
 from fedbus.preprocess import InputNorm, compute_input_norm, load_input_norm, parse_classes
 from fedbus.signing import (
     DeviceKeyFile,
@@ -316,6 +326,9 @@ class CoordinatorService:
             self.close()
             raise
         self.bytes_model_published = 0  # every model payload sent, re-publishes included
+        self.bytes_model_delta_published = 0  # every model_delta payload (revision 2.7)
+        # the last model published: (run, version, its tensors as the devices decode them)
+        self._released: tuple[str, int, dict[str, np.ndarray]] | None = None
         # Prometheus metrics (served over HTTP by run() when config.metrics_port is set)
         from coordinator.metrics import CoordinatorMetrics
 
@@ -735,6 +748,7 @@ class CoordinatorService:
         ``bytes_rate_limited``; counts of this process)."""
         with self._lock:
             return {**self.core.counters, "bytes_model_published": self.bytes_model_published,
+                    "bytes_model_delta_published": self.bytes_model_delta_published,
                     "foreign_publications": self.foreign_publications, **self._rate_limited,
                     **self._chunks.counters}
 
@@ -1329,9 +1343,36 @@ class CoordinatorService:
                     log.warning("the fleet snapshot is not published: %s", exc)
                 return None
 
+    def _model_delta_payload(self, message: GlobalModel) -> bytes | None:
+        """The signed ``model_delta`` from the previously published version to
+        ``message``'s (revision 2.7), or None when that was not the version before it (the
+        first model of a run, a re-publish of the same version)."""
+        from fedbus.update_codec import decode_update_delta
+
+        shapes = {name: a.shape for name, a in self.core.state.items()}
+        released = decode_update_delta(message.tensors, message.compression,
+                                       expected_shapes=shapes)
+        before, self._released = self._released, (message.run_id, message.version, released)
+        if before is None or before[:2] != (message.run_id, message.version - 1):
+            return None
+        delta = ModelDelta(
+            task_id=message.task_id, run_id=message.run_id, base=message.version - 1,
+            version=message.version, delta=encode_model_delta(before[2], released),
+            sha=model_digest(released), created_at=message.created_at,
+        )
+        return self._signed(self.topics.model_delta, delta.to_wire())
+
     def _publish_model(self) -> None:
-        payload = self._model_payload()
+        message = self.core.model_message(time.time())
+        payload = self._signed(self.topics.model, message.to_wire())
+        delta = self._model_delta_payload(message)
         try:
+            if delta is not None and publish_packet_size(
+                    self.topics.model_delta, len(delta)) <= self.client.max_packet_size:
+                # first: a device following the deltas needs only this (a delta over the
+                # packet limit is not sent: devices then take the chunked whole model)
+                self._publish(self.topics.model_delta, delta, retain=True)
+                self.bytes_model_delta_published += len(delta)
             self._publish_model_payload(payload)
         except (MessageTooLarge, ValueError) as exc:
             self._fatal = exc if isinstance(exc, MessageTooLarge) else ConfigError(

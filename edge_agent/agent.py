@@ -1,8 +1,9 @@
 """The edge agent: waits for a task and a model, trains locally, publishes its delta.
 
 Threads: the transport's network thread only keeps the newest task bytes and the newest
-model of the run (by version, so a stale retained copy never replaces a newer one), queues
-receipts, and wakes the agent; the calling thread decodes, trains, publishes and owns the
+model of the run (by version, so a stale retained copy never replaces a newer one; a model
+delta is applied there, one decompression and one XOR over the model), queues receipts, and
+wakes the agent; the calling thread decodes, trains, publishes and owns the
 durable state (``edge_agent.state``), so a long training never starves the keepalive.
 
 What the agent guarantees (protocol v2, docs/protocol.md section 9):
@@ -17,6 +18,11 @@ What the agent guarantees (protocol v2, docs/protocol.md section 9):
 - it subscribes to the model with QoS 0: the broker queues no model versions for it while
   it is away, and the retained model (the newest) arrives on every reconnect, so a device
   back from a partition trains on the newest model, not on a backlog;
+- it follows model deltas (protocol revision 2.7): once it has rebuilt a version from the
+  retained ``model_delta`` of the version it holds (checked bit for bit against the
+  delta's digest), it unsubscribes from the whole model and receives only deltas; a delta
+  it cannot apply (another base, a missed version, a digest that does not match)
+  subscribes it to the whole model again, until the next delta applies;
 - an outbox entry that can no longer be accepted (older than the task's ``max_staleness``,
   refused by the broker, over the outbox's bounds, of a run that ended or was replaced)
   is dropped with a log line; for a top-k task its content goes back into the residual;
@@ -56,12 +62,14 @@ from fedbus.errors import ConfigError, MessageTooLarge, ProtocolError
 from fedbus.messages import (
     MAX_STATUS_ERROR,
     GlobalModel,
+    ModelDelta,
     Receipt,
     Status,
     Task,
     Update,
     new_update_id,
 )
+from fedbus.model_delta import apply_model_delta
 from fedbus.preprocess import KNOWN_REQUIREMENTS, encode_labels
 from fedbus.signing import (
     SignatureError,
@@ -145,6 +153,10 @@ class AgentStats:
     model_chunks_refused: int = 0  # chunks malformed, conflicting or over the limits
     model_chunk_timeouts: int = 0  # partial models given up for want of a chunk
     updates_chunked: int = 0  # sends of an update that went in chunks
+    # models received whole, and versions rebuilt from a model delta (revision 2.7)
+    models_received: int = 0
+    model_deltas_applied: int = 0
+    bytes_models: int = 0  # model and model_delta payloads received, both
 
 
 def pacing_delay(elapsed: float, slowdown: float, compute_seconds: float) -> float:
@@ -188,6 +200,10 @@ class Agent:
         # written by the network thread, read by the agent thread (under _lock)
         self._task_bytes: bytes | None = None
         self._model_msg: GlobalModel | None = None  # the newest of its run
+        # (run, version, float32 tensors) of _model_msg once decoded for a model delta, and
+        # whether the agent is subscribed to the whole model (else it follows the deltas)
+        self._held: tuple[str, int, dict[str, np.ndarray]] | None = None
+        self._whole_model = True
         self._models_since_connect = 0
         self._receipts: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         # a chunked model being reassembled (network thread; the agent thread expires it)
@@ -257,6 +273,8 @@ class Agent:
                 self._task_bytes = msg.payload
             self._wake.set()
         elif msg.topic == self.topics.model or self.topics.is_model_chunk(msg.topic):
+            with self._lock:
+                self.stats.bytes_models += len(msg.payload)
             payload: bytes | None = msg.payload
             if is_chunk(msg.payload):
                 payload = self._model_chunk(msg.payload)
@@ -265,6 +283,12 @@ class Agent:
             if payload is not None and self._signed_by_coordinator(
                     self.topics.model, payload, self.config.max_model_bytes):
                 self._keep_newest_model(payload)
+        elif msg.topic == self.topics.model_delta:
+            with self._lock:
+                self.stats.bytes_models += len(msg.payload)
+            if self._signed_by_coordinator(msg.topic, msg.payload,
+                                           self.config.max_model_bytes):
+                self._follow_delta(msg.payload)
         elif msg.topic == self.topics.receipt(self.config.device_id):
             self._receipts.put(msg.payload)
             self._wake.set()
@@ -342,8 +366,64 @@ class Agent:
             held = self._model_msg
             if held is None or held.run_id != model.run_id or model.version > held.version:
                 self._model_msg = model
+                self._held = None
             self._models_since_connect += 1
+            self.stats.models_received += 1
         self._wake.set()
+
+    def _follow_delta(self, payload: bytes) -> None:
+        """Rebuild the next version from a model delta if it applies to the model held;
+        otherwise make sure the whole model comes (network thread)."""
+        limits = DecodeLimits(
+            max_bytes=self.config.max_model_bytes, max_bin_len=self.config.max_model_bytes
+        )
+        try:
+            delta = ModelDelta.read(payload, limits)
+        except ProtocolError as exc:
+            log.warning("ignoring malformed model delta: %s", exc)
+            return
+        with self._lock:
+            held, cached = self._model_msg, self._held
+        if held is not None and held.run_id == delta.run_id and delta.version <= held.version:
+            with self._lock:  # a retained copy of what the agent holds: it is current
+                self._models_since_connect += 1
+            self._wake.set()
+            return
+        if held is None or held.run_id != delta.run_id or delta.base != held.version:
+            self._want_whole_model("the model delta is not for the version held")
+            return
+        try:
+            if cached is None or cached[:2] != (held.run_id, held.version):
+                base = decode_update_delta(held.tensors, held.compression)
+            else:
+                base = cached[2]
+            tensors = apply_model_delta(base, delta.delta, delta.sha)
+        except ProtocolError as exc:
+            self._want_whole_model(f"model delta v{delta.version} does not apply: {exc}")
+            return
+        wire, _ = encode_update_delta(tensors, "fp32")  # exact: what training decodes
+        model = GlobalModel(task_id=delta.task_id, version=delta.version, tensors=wire,
+                            created_at=delta.created_at, run_id=delta.run_id)
+        with self._lock:
+            if self._model_msg is not held:  # a whole model came meanwhile
+                return
+            self._model_msg, self._held = model, (delta.run_id, delta.version, tensors)
+            self.stats.model_deltas_applied += 1
+            self._models_since_connect += 1
+            whole, self._whole_model = self._whole_model, False
+        if whole:
+            log.info("following model deltas from v%d on", delta.version)
+            self.client.unsubscribe(self.topics.model)
+            self.client.unsubscribe(self.topics.model_chunks)
+        self._wake.set()
+
+    def _want_whole_model(self, why: str) -> None:
+        with self._lock:
+            whole, self._whole_model = self._whole_model, True
+        if not whole:
+            log.info("subscribing to the whole model again: %s", why)
+            self.client.subscribe(self.topics.model_chunks, qos=0)
+            self.client.subscribe(self.topics.model, qos=0)
 
     def _on_connect(self, session_present: bool) -> None:
         task = self._task
@@ -401,6 +481,9 @@ class Agent:
         self.client.subscribe(self.topics.model, qos=0)
         # chunks 1 and up of a model larger than the broker's packet limit (revision 2.6)
         self.client.subscribe(self.topics.model_chunks, qos=0)
+        # revision 2.7: the change from the previous version, retained; once one applies,
+        # the whole model is unsubscribed (_follow_delta)
+        self.client.subscribe(self.topics.model_delta, qos=0)
         self.client.subscribe(self.topics.receipt(device), qos=1)
         self.client.start()
         try:
@@ -779,7 +862,10 @@ class Agent:
         with self._lock:
             model = self._model_msg
         if model is None or model.run_id != task.run_id or model.task_id != task.task_id:
-            return None  # the model of this run has not arrived yet
+            # the model of this run has not arrived yet: a new run's first model comes only
+            # whole, so an agent following the deltas of the previous run subscribes again
+            self._want_whole_model(f"run {task.run_id} has no model here yet")
+            return None
         if self._unusable == (task.run_id, task.task_id):
             return None  # this device cannot take part; wait for another run
         last = self.state.last_version(task.run_id)
@@ -963,7 +1049,7 @@ class Agent:
         rng = np.random.default_rng(seed)
         spec = parse_codec(task.codec)  # the task parsed it already: cannot fail here
         residual: dict[str, np.ndarray] | None = None
-        if spec.is_topk:  # error feedback: what top-k left out so far goes in now
+        if spec.error_feedback:  # what top-k or sparse left out so far goes in now
             previous = self.state.residual(task.run_id, shapes)
             wire, compression, residual = encode_with_feedback(delta, previous, spec, rng=rng)
         else:

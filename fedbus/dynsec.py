@@ -13,7 +13,8 @@ The policy of ``broker_config/fedbus.acl`` expressed as roles:
   unsubscribe anything under ``<prefix>/``;
 - ``fedbus-device-<id>``, one role per device, granted to the account ``<id>`` alone: publish
   its own update topic; publish and receive its own status topic; receive (and subscribe
-  exactly to) the task, the model and its own receipts. Nothing else.
+  exactly to) the task, the model, the model delta (revision 2.7) and its own receipts.
+  Nothing else.
 - ``fedbus-operator`` (the account ``fedbus-operator``, for ``fedbus status`` and
   ``fedbus run``): receive and subscribe to the fleet snapshot, the task, the model and
   every device's status; publish the run commands (``<prefix>/control``, revision 2.5),
@@ -168,7 +169,7 @@ def device_role(prefix: str, device_id: str) -> dict[str, Any]:
     t = Topics(prefix)
     acls = [_acl("publishClientSend", t.update(device_id)),
             _acl("publishClientSend", t.status(device_id))]
-    for topic in (t.task, t.model, t.receipt(device_id), t.status(device_id)):
+    for topic in (t.task, t.model, t.model_delta, t.receipt(device_id), t.status(device_id)):
         acls += [_acl("publishClientReceive", topic), _acl("subscribeLiteral", topic)]
     # the chunks of a model over the broker's packet limit (revision 2.6)
     acls += [_acl("publishClientReceive", t.model_chunks),
@@ -230,15 +231,28 @@ def with_operator(config: Mapping[str, Any], prefix: str,
                   operator_password: str) -> dict[str, Any] | None:
     """``config`` (the plugin's file, read while the broker is stopped) with the operator's
     role and account added, or its role brought up to date (revision 2.5 lets it publish
-    the run commands); None if both are as they should be (nothing to change). For broker
-    directories made before the operator account existed, or before revision 2.5."""
+    the run commands), and every device's role brought up to date (revision 2.7 lets it
+    read the model delta); None if all are as they should be (nothing to change). For
+    broker directories made before the operator account existed, or before those
+    revisions."""
     clients = list(config.get("clients", []))
     role = operator_role(prefix)
     has_account = any(c.get("username") == OPERATOR_USERNAME for c in clients)
     stored = [r for r in config.get("roles", []) if r.get("rolename") == OPERATOR_ROLE]
-    if has_account and stored and _acl_set(stored[0]) == _acl_set(role):
-        return None
     roles = [r for r in config.get("roles", []) if r.get("rolename") != OPERATOR_ROLE]
+    devices_current = True
+    for i, r in enumerate(roles):
+        name = str(r.get("rolename", ""))
+        if not name.startswith(DEVICE_ROLE_PREFIX):
+            continue
+        try:
+            want = device_role(prefix, name[len(DEVICE_ROLE_PREFIX):])
+        except ValueError:
+            continue  # not a role fedbus made
+        if _acl_set(r) != _acl_set(want):
+            roles[i], devices_current = want, False
+    if has_account and stored and _acl_set(stored[0]) == _acl_set(role) and devices_current:
+        return None
     if not has_account:
         clients.append({"username": OPERATOR_USERNAME, **hash_password(operator_password),
                         "roles": [{"rolename": OPERATOR_ROLE}]})

@@ -619,6 +619,13 @@ class MemoryTransport:
             if self._conn is not None:
                 self._broker._subscribe(self._conn, topic_filter, options)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Drop a subscription now (if connected) and for later reconnects."""
+        with self._broker._cond:
+            self._subscriptions.pop(topic_filter, None)
+            if self._conn is not None:
+                self._conn.session.subscriptions.pop(topic_filter, None)
+
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> PublishResult:

@@ -12,7 +12,8 @@ Tensor payloads are left encoded by ``from_wire``; the receiver decodes them wit
 ``Update.delta`` and ``GlobalModel.tensors`` are an entry map, or a bin holding the
 zstd-compressed packed entry map (``fedbus.update_codec``). A model says so in its optional
 ``compression`` field (left out when uncompressed). An update has no such field: the msgpack
-type of its delta decides (a map is plain, a bin is one zstd frame), and
+type of its delta decides (a map is plain, a bin is one zstd frame or, from revision 2.7, a
+``sparse`` delta, told apart by its first byte: ``update_codec.bin_format``), and
 ``Update.compression`` is derived from it.
 
 The update is the one message every device sends after every training run, so it has a
@@ -37,9 +38,10 @@ import msgpack
 from fedbus.codec_spec import COMPRESSIONS, parse_codec
 from fedbus.envelope import PROTOCOL_VERSION, DecodeLimits, read
 from fedbus.errors import ProtocolError
+from fedbus.model_delta import SHA_BYTES
 from fedbus.preprocess import InputNorm, parse_classes
 from fedbus.topics import DEVICE_ID_PATTERN
-from fedbus.update_codec import PackedMap, delta_wire_bound
+from fedbus.update_codec import DELTA_FORMATS, PackedMap, bin_format, delta_wire_bound
 from fedbus.wire_reader import FieldReader, Reader, Unread
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "UPDATE_FIELDS_BOUND",
     "Control",
     "GlobalModel",
+    "ModelDelta",
     "ModelSpec",
     "Receipt",
     "Status",
@@ -388,6 +391,59 @@ class GlobalModel:
 
 
 @dataclass(frozen=True)
+class ModelDelta:
+    """What turns version ``base`` of a run's model into version ``version`` (revision 2.7),
+    retained on ``<prefix>/model_delta``: ``delta`` is the zstd frame of
+    ``fedbus.model_delta`` and ``sha`` the digest of the model it rebuilds."""
+
+    task_id: str
+    base: int
+    version: int
+    delta: bytes
+    sha: bytes
+    created_at: float = 0.0
+    run_id: str = field(kw_only=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "kind": "model_delta",
+            "task_id": self.task_id,
+            "run": self.run_id,
+            "base": self.base,
+            "version": self.version,
+            "delta": self.delta,
+            "sha": self.sha,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: dict) -> ModelDelta:
+        _check_kind(obj, "model_delta")
+        base = _nonneg_int(obj, "base", "model_delta")
+        version = _nonneg_int(obj, "version", "model_delta")
+        if version != base + 1:
+            raise ProtocolError("schema", "model_delta: version must be base + 1")
+        sha = bytes(_get(obj, "sha", (bytes, memoryview), "model_delta"))
+        if len(sha) != SHA_BYTES:
+            raise ProtocolError("schema", f"model_delta: sha must be {SHA_BYTES} bytes")
+        return cls(
+            task_id=_get_id(obj, "task_id", "model_delta"),
+            run_id=_get_id(obj, "run", "model_delta"),
+            base=base,
+            version=version,
+            delta=bytes(_get(obj, "delta", (bytes, memoryview), "model_delta")),
+            sha=sha,
+            created_at=_finite_float(obj, "created_at", "model_delta"),
+        )
+
+    @classmethod
+    def read(cls, payload: bytes, limits: DecodeLimits | None = None) -> ModelDelta:
+        """Decode and check a model delta payload by schema (``envelope.read``)."""
+        return cls.from_wire(read(payload, "model_delta", MODEL_DELTA_FIELDS, limits))
+
+
+@dataclass(frozen=True)
 class Update:
     """One device's contribution: an encoded delta against global version ``base_version``
     of run ``run_id``.
@@ -418,7 +474,10 @@ class Update:
         if isinstance(delta, PackedMap):  # as read off the wire: the map itself again
             delta = msgpack.unpackb(delta.data, raw=False)
         if compressed != (self.compression is not None) or (
-            self.compression is not None and self.compression not in COMPRESSIONS
+            self.compression is not None and (
+                self.compression not in DELTA_FORMATS
+                or self.compression != bin_format(delta)
+            )
         ):
             raise ValueError(
                 f"update {self.update_id}: compression {self.compression!r} does not match "
@@ -483,7 +542,7 @@ class Update:
             delta=delta,
             metrics={k: float(v) for k, v in metrics.items()},
             sent_at=_finite_float(obj, "ts", "update"),
-            compression="zstd" if isinstance(delta, bytes) else None,
+            compression=bin_format(delta) if isinstance(delta, bytes) else None,
         )
 
     @classmethod
@@ -545,10 +604,11 @@ UPDATE_FIELDS_BOUND = _fields_bound()  # 131,809 bytes, almost all of it the met
 
 def update_size_bound(expected_shapes: Mapping[str, tuple[int, ...]]) -> int:
     """Most bytes an honest update payload for a model of these tensor shapes can take,
-    whatever its codec (fp32, fp16, int8, int4, topk:F:V, each with or without +zstd) and
-    metrics: ``update_codec.delta_wire_bound`` plus ``UPDATE_FIELDS_BOUND``. No update
-    that passes the coordinator's checks for this model is longer (tests/test_limits.py
-    measures it against the encoders)."""
+    whatever its codec (fp32, fp16, int8, int4, topk:F:V, each with or without +zstd, and
+    sparse:F:V, at most about 1.3 bytes per element) and metrics:
+    ``update_codec.delta_wire_bound`` plus ``UPDATE_FIELDS_BOUND``. No update that passes
+    the coordinator's checks for this model is longer (tests/test_limits.py measures it
+    against the encoders)."""
     return delta_wire_bound(expected_shapes) + UPDATE_FIELDS_BOUND
 
 
@@ -560,6 +620,10 @@ UPDATE_FIELDS: dict[str, FieldReader] = {
 MODEL_FIELDS: dict[str, FieldReader] = {
     "task_id": _LEAF, "run": _LEAF, "version": _LEAF, "tensors": _read_delta,
     "created_at": _LEAF, "compression": _LEAF,
+}
+MODEL_DELTA_FIELDS: dict[str, FieldReader] = {
+    "task_id": _LEAF, "run": _LEAF, "base": _LEAF, "version": _LEAF, "delta": _LEAF,
+    "sha": _LEAF, "created_at": _LEAF,
 }
 STATUS_FIELDS: dict[str, FieldReader] = {
     "device_id": _LEAF, "state": _LEAF, "run": _LEAF, "model_version": _LEAF, "ts": _LEAF,

@@ -67,6 +67,12 @@ class Topics:
         return topic.startswith(head) and topic[len(head):].isdigit()
 
     @property
+    def model_delta(self) -> str:
+        """Retained change from the previous model version to the current one (revision
+        2.7); written only by the coordinator."""
+        return f"{self.prefix}/model_delta"
+
+    @property
     def fleet(self) -> str:
         """Retained fleet snapshot for operators; written only by the coordinator, never
         readable by a device (protocol revision 2.3)."""

@@ -239,6 +239,8 @@ class Transport(Protocol):
         self, topic_filter: str, qos: int = 1, *, no_local: bool = False,
         retain_as_published: bool = False,
     ) -> None: ...
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Drop a subscription now (if connected) and for every later reconnect."""
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> PublishResult: ...
@@ -474,6 +476,13 @@ class MqttClient:
             self._subscriptions[topic_filter] = options
         if self.connected:
             self._client.subscribe(topic_filter, options=options)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Drop a subscription now (if connected) and for every later reconnect."""
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+        if self.connected:
+            self._client.unsubscribe(topic_filter)
 
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False

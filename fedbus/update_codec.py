@@ -83,16 +83,19 @@ import zstandard
 
 from fedbus.codec_spec import COMPRESSIONS, VALUE_CODECS, CodecSpec, parse_codec
 from fedbus.errors import ProtocolError
+from fedbus.sparse_delta import decode_sparse, encode_sparse, is_sparse
 from fedbus.tensors import MAX_ELEMENTS, MAX_NDIM, decode_tensor, encode_tensor
 from fedbus.wire_reader import FieldReader, Reader, Unread, read_fields
 
 __all__ = [
     "CODECS",
+    "DELTA_FORMATS",
     "MAX_DECOMPRESSED_BYTES",
     "MAX_DENSE_ELEMENTS",
     "ZSTD_LEVEL",
     "ZSTD_MAX_WINDOW",
     "PackedMap",
+    "bin_format",
     "decode_delta",
     "decode_update_delta",
     "decompressed_bound",
@@ -102,6 +105,7 @@ __all__ = [
 ]
 
 CODECS: tuple[str, ...] = VALUE_CODECS  # the plain (dense) codec names
+DELTA_FORMATS: tuple[str, ...] = (*COMPRESSIONS, "sparse")  # what a bin delta can be
 MAX_DENSE_ELEMENTS = MAX_ELEMENTS  # decoded elements of one whole map, all tensors together
 MAX_DECOMPRESSED_BYTES = 64 * 1024 * 1024  # zstd output cap when no shapes are known
 ZSTD_LEVEL = 3
@@ -252,8 +256,8 @@ def encode_delta(
     ``stochastic=False`` for round-to-nearest. Raises ``ValueError`` for a bad spec.
     """
     spec = _as_spec(codec)
-    if spec.zstd:
-        raise ValueError(f"{spec}: +zstd applies to a whole update; use encode_update_delta")
+    if spec.zstd or spec.base == "sparse":
+        raise ValueError(f"{spec}: a whole-update format; use encode_update_delta")
     quantized = {spec.base, spec.values} & {"int8", "int4"}
     if quantized and stochastic and rng is None:
         rng = np.random.default_rng()
@@ -275,9 +279,17 @@ def encode_update_delta(
     """Encode a delta as it travels in a message: ``(wire_delta, compression)``.
 
     Without ``+zstd`` that is ``(entry map, None)``; with it, ``(zstd frame of the packed
-    map, "zstd")``. Put them in ``Update(delta=..., compression=...)`` (or ``GlobalModel``).
+    map, "zstd")``; for ``sparse``, ``(sparse bin, "sparse")`` (``fedbus.sparse_delta``).
+    Put them in ``Update(delta=..., compression=...)`` (or, but for sparse, ``GlobalModel``).
     """
     spec = _as_spec(codec)
+    if spec.base == "sparse":
+        assert spec.fraction is not None and spec.values is not None
+        if stochastic and rng is None and spec.values != "sign":
+            rng = np.random.default_rng()
+        arrays = {name: np.asarray(value, dtype=np.float32) for name, value in delta.items()}
+        return encode_sparse(arrays, spec.fraction, spec.values,
+                             rng if stochastic else None), "sparse"
     encoded = encode_delta(delta, replace(spec, zstd=False), rng=rng, stochastic=stochastic)
     if not spec.zstd:
         return encoded, None
@@ -705,6 +717,12 @@ def delta_wire_bound(expected_shapes: Mapping[str, tuple[int, ...]]) -> int:
     return inner + inner // 256 + 128 + 5
 
 
+def bin_format(data: bytes | memoryview) -> str:
+    """What a delta bin is: ``"sparse"`` if its first byte is a sparse values-codec byte
+    (0x01-0x03), else ``"zstd"`` (a zstd frame starts with 0x28)."""
+    return "sparse" if is_sparse(data) else "zstd"
+
+
 def _decompress(blob: bytes | memoryview, cap: int) -> bytes:
     """One zstd frame, at most ``cap`` bytes out: never more than ``cap`` of output buffer,
     and at most ``ZSTD_MAX_WINDOW`` of window."""
@@ -740,7 +758,9 @@ def decode_update_delta(
 ) -> dict[str, np.ndarray]:
     """Decode a message's delta (or model tensors) as ``encode_update_delta`` made it.
 
-    ``compression`` None: ``delta`` is an entry map (a dict or a ``PackedMap``). ``"zstd"``:
+    ``compression`` None: ``delta`` is an entry map (a dict or a ``PackedMap``).
+    ``"sparse"``: ``delta`` is a sparse bin (``fedbus.sparse_delta``; needs
+    ``expected_shapes``). ``"zstd"``:
     ``delta`` is a bin holding one zstd frame of a packed entry map, decompressed to at
     most ``max_decompressed`` bytes (default: ``decompressed_bound(expected_shapes)``,
     else ``MAX_DECOMPRESSED_BYTES``). ``max_bin_len`` caps one bin of an inline map (the
@@ -758,10 +778,14 @@ def decode_update_delta(
         if not isinstance(delta, dict):
             raise ProtocolError("schema", "an uncompressed delta must be a map")
         return decode_delta(delta, expected_shapes=expected_shapes)
-    if compression not in COMPRESSIONS:
+    if compression not in DELTA_FORMATS:
         raise ProtocolError("schema", f"unknown compression {compression!r}")
     if not _is_bin(delta):
         raise ProtocolError("schema", f"a {compression} delta must be binary")
+    if compression == "sparse":
+        if expected_shapes is None:
+            raise ProtocolError("schema", "a sparse delta is decoded against a model's shapes")
+        return decode_sparse(delta, expected_shapes)
     if max_decompressed is None:
         max_decompressed = (
             MAX_DECOMPRESSED_BYTES

@@ -280,3 +280,48 @@ def test_a_rate_limited_update_stays_in_the_outbox_and_waits(tmp_path: Path) -> 
     agent._settle(Receipt("u2", False, "stale", "old", 0, run_id="r1"))
     assert [e.update_id for e in agent.state.outbox()] == ["u1"]
     assert ledger(tmp_path)["u2"] == "rejected"
+
+
+def test_the_agent_follows_model_deltas_and_falls_back_to_the_whole_model(
+    tmp_path: Path,
+) -> None:
+    """Revision 2.7, the decisions alone: a delta of the held version + 1 is applied (and the
+    whole model unsubscribed); one it cannot apply (a missed version, a digest that does not
+    match) subscribes to the whole model again; an old one is ignored."""
+    from fedbus.messages import ModelDelta
+    from fedbus.model_delta import encode_model_delta, model_digest
+    from fedbus.transport import Message
+
+    agent = _agent(tmp_path)
+    subscribed: list[str] = []
+    agent.client.subscribe = lambda topic, qos=1, **_: subscribed.append(f"+{topic}")  # type: ignore[method-assign]
+    agent.client.unsubscribe = lambda topic: subscribed.append(f"-{topic}")  # type: ignore[method-assign]
+    v0 = {"w": np.array([1.0, 2.0], np.float32), "b": np.zeros(3, np.float32)}
+    v1 = {"w": np.array([1.0, 3.0], np.float32), "b": np.array([0, 0.5, 0], np.float32)}
+    v2 = {"w": np.array([-0.0, 3.0], np.float32), "b": np.array([0, 0.5, 1], np.float32)}
+    model = GlobalModel("t1", 0, encode_delta(v0, "fp16"), run_id="r1")
+    agent._on_message(Message(TOPICS.model, pack(model.to_wire()), True))
+
+    def delta(base: dict, new: dict, version: int, sha: bytes | None = None) -> Message:
+        d = ModelDelta("t1", version - 1, version, encode_model_delta(base, new),
+                       sha or model_digest(new), run_id="r1")
+        return Message(TOPICS.model_delta, pack(d.to_wire()), False)
+
+    agent._on_message(delta(v0, v1, 1))
+    held = agent._model_msg
+    assert held is not None and held.version == 1
+    got = decode_update_delta(held.tensors, held.compression)
+    assert all(got[k].tobytes() == v1[k].tobytes() for k in v1)  # bit for bit
+    assert subscribed == [f"-{TOPICS.model}"] and agent.stats.model_deltas_applied == 1
+    agent._on_message(delta(v0, v1, 1))  # the retained copy again: nothing happens
+    assert agent._model_msg is held and subscribed == [f"-{TOPICS.model}"]
+    agent._on_message(delta(v1, v2, 3))  # version 2 was missed
+    assert agent._model_msg is held and subscribed[-1] == f"+{TOPICS.model}"
+    agent._on_message(Message(TOPICS.model, pack(
+        GlobalModel("t1", 2, encode_delta(v2, "fp32"), run_id="r1").to_wire()), True))
+    agent._on_message(delta(v2, v1, 3, sha=model_digest(v2)))  # not what it claims to make
+    held = agent._model_msg
+    assert held is not None and held.version == 2 and agent.stats.model_deltas_applied == 1
+    agent._on_message(delta(v2, v1, 3))
+    assert agent._model_msg is not None and agent._model_msg.version == 3
+    assert subscribed[-1] == f"-{TOPICS.model}" and agent.stats.model_deltas_applied == 2

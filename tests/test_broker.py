@@ -287,6 +287,7 @@ def test_render_acl_replaces_the_prefix_in_rules_only() -> None:
         "pattern read lab/trial-7/task",
         "pattern read lab/trial-7/model",
         "pattern read lab/trial-7/model/chunk/+",
+        "pattern read lab/trial-7/model_delta",
         "pattern read lab/trial-7/receipt/%u",
         "pattern write lab/trial-7/update/%u",
         "pattern readwrite lab/trial-7/status/%u",

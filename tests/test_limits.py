@@ -20,7 +20,8 @@ from fedbus.update_codec import decompressed_bound, delta_wire_bound, encode_upd
 
 VALUES = ("fp32", "fp16", "int8", "int4")
 CODECS = [*VALUES, *(f"topk:{f}:{v}" for f in (1.0, 0.5, 0.1, 0.001) for v in VALUES)]
-SPECS = [*CODECS, *(f"{c}+zstd" for c in CODECS)]
+SPECS = [*CODECS, *(f"{c}+zstd" for c in CODECS),
+         *(f"sparse:{f}:{v}" for f in (1.0, 0.01) for v in ("sign", "int4", "int8"))]
 MIB = 1024 * 1024
 
 

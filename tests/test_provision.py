@@ -80,6 +80,8 @@ def test_device_role_is_the_acl_file_for_one_device() -> None:
         # the chunks of a model over the broker's packet limit (revision 2.6)
         ("publishClientReceive", "lab/t7/model/chunk/+"),
         ("subscribePattern", "lab/t7/model/chunk/+"),
+        ("publishClientReceive", "lab/t7/model_delta"),
+        ("subscribeLiteral", "lab/t7/model_delta"),
         ("publishClientReceive", "lab/t7/receipt/dev-a"),
         ("subscribeLiteral", "lab/t7/receipt/dev-a"),
         ("publishClientReceive", "lab/t7/status/dev-a"),

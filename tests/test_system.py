@@ -585,3 +585,21 @@ def test_the_dashboard_shows_a_new_version_without_a_reload(
     coord.service.stop()
     coord.join(timeout=30)
     assert coord.service.dashboard_port is None  # it stops with the service
+
+
+def test_an_agent_follows_model_deltas_instead_of_whole_models(start_coordinator, start_agent,
+                                                               digits_split):
+    """Revision 2.7: after the first delta applies, the agent unsubscribes from the whole
+    model; every later version it trains on is rebuilt from a delta, checked bit for bit
+    against the delta's digest (a mismatch would subscribe it to the whole model again)."""
+    paths, _ = digits_split
+    coord = start_coordinator(mode="fedasync", max_versions=2)
+    agent = start_agent("dev-a", paths[0])
+    summary = coord.join(timeout=60)
+    assert summary.final_version == 2  # the update on v1 was trained on the rebuilt v1
+    assert summary.counters["updates_accepted"] >= 2
+    assert coord.service.bytes_model_delta_published > 0
+    assert agent.terminate(15) == 0
+    log = agent.log_path.read_text()
+    assert "following model deltas from v1 on" in log, log
+    assert "whole model again" not in log and "Traceback" not in log
