@@ -312,9 +312,11 @@ def test_the_agent_follows_model_deltas_and_falls_back_to_the_whole_model(
     assert held is not None and held.version == 1
     got = decode_update_delta(held.tensors, held.compression)
     assert all(got[k].tobytes() == v1[k].tobytes() for k in v1)  # bit for bit
-    assert subscribed == [f"-{TOPICS.model}"] and agent.stats.model_deltas_applied == 1
+    # the whole model is left, with its chunk topics (revision 2.6)
+    left = [f"-{TOPICS.model}", f"-{TOPICS.model_chunks}"]
+    assert subscribed == left and agent.stats.model_deltas_applied == 1
     agent._on_message(delta(v0, v1, 1))  # the retained copy again: nothing happens
-    assert agent._model_msg is held and subscribed == [f"-{TOPICS.model}"]
+    assert agent._model_msg is held and subscribed == left
     agent._on_message(delta(v1, v2, 3))  # version 2 was missed
     assert agent._model_msg is held and subscribed[-1] == f"+{TOPICS.model}"
     agent._on_message(Message(TOPICS.model, pack(
@@ -324,4 +326,4 @@ def test_the_agent_follows_model_deltas_and_falls_back_to_the_whole_model(
     assert held is not None and held.version == 2 and agent.stats.model_deltas_applied == 1
     agent._on_message(delta(v2, v1, 3))
     assert agent._model_msg is not None and agent._model_msg.version == 3
-    assert subscribed[-1] == f"-{TOPICS.model}" and agent.stats.model_deltas_applied == 2
+    assert subscribed[-2:] == left and agent.stats.model_deltas_applied == 2
