@@ -288,6 +288,20 @@ def robust_aggregate(
     return multi_krum(deltas, spec.f, m).aggregate, False
 
 
+def sparse_codec_warning(spec: AggregatorSpec, codec: str) -> str | None:
+    """Why ``codec`` and ``spec`` work against each other, or None. A coordinate-wise median
+    of sparse updates (``topk``, ``sparse``) is zero almost everywhere, so ``quorum`` and
+    ``agree`` find few updates that agree with it and throw most of each step away (about
+    ten points of accuracy lost on digits, BENCHMARKS.md)."""
+    sparse = codec.split(":", 1)[0] in ("topk", "sparse")
+    if sparse and spec.kind in ("quorum", "agree"):
+        return (f"codec {codec} sends sparse updates, and the {spec.kind} aggregator keeps "
+                "only updates that agree with the step's coordinate-wise median, which is "
+                "mostly zero for them: expect most updates to be left out; with sparse "
+                "updates use --aggregator mean (or mean+cap:C), see docs/operations.md")
+    return None
+
+
 def buffer_limit(k: int, online: int) -> int:
     """The most updates a ``quorum`` buffer of target ``k`` holds before it is applied
     whatever they agree on: ``QUORUM_LIMIT`` × ``k``, but no more than the ``online`` devices

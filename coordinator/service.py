@@ -47,6 +47,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.admission import Admission
+from coordinator.aggregator_spec import sparse_codec_warning
 from coordinator.chunk_intake import ChunkIntake, Completed, chunk_limits
 from coordinator.chunk_store import CHUNKS_FILE, ChunkStore
 from coordinator.config import CoordinatorConfig
@@ -786,6 +787,9 @@ class CoordinatorService:
             self.config.mode, self.core.config.spec, self.task.codec, self.config.model_codec,
             self.config.host, self.config.broker_port(), key_text(self._signing_key),
         )
+        conflict = sparse_codec_warning(self.core.config.spec, self.task.codec)
+        if conflict is not None:
+            log.warning("%s", conflict)
         if self.task.classes is not None or self.task.input_norm is not None:
             norm = self.task.input_norm
             log.info(

@@ -15,6 +15,7 @@ from coordinator.aggregator_spec import (
     quorum_reached,
     quorum_step,
     robust_aggregate,
+    sparse_codec_warning,
 )
 from coordinator.robust import (
     agreeing_mean,
@@ -495,3 +496,20 @@ def test_clip_to_median_norm() -> None:
         clip_to_median_norm(points(1), 0.5)
     with pytest.raises(ValueError, match="no deltas"):
         clip_to_median_norm([], 2.0)
+
+
+@pytest.mark.parametrize(("aggregator", "codec", "warned"), [
+    ("quorum", "sparse:0.007:sign", True),
+    ("agree", "topk:0.01:int8+zstd", True),
+    ("quorum", "int8", False),
+    ("mean", "sparse:0.007:sign", False),
+    ("mean+cap:4", "topk:0.01:int8", False),
+    ("median", "sparse:0.01", False),
+])
+def test_sparse_updates_under_an_agreement_aggregator_are_warned_of(
+    aggregator: str, codec: str, warned: bool
+) -> None:
+    text = sparse_codec_warning(parse_aggregator(aggregator), codec)
+    assert (text is not None) == warned
+    if text is not None:
+        assert codec in text and "--aggregator mean" in text
