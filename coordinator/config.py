@@ -69,7 +69,13 @@ class CoordinatorConfig(BrokerTarget):
     buffer_timeout: float = 60.0
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    server_optimizer: str = "sgd"  # coordinator.server_opt: sgd, adam, yogi
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
     staleness: str = "sqrt"
+    staleness_a: float = 0.5  # exponent of poly, slope of hinge (coordinator.staleness)
+    staleness_b: int = 4  # hinge: full weight up to this staleness
     max_staleness: int = 10
     max_norm: float = 100.0
     # the adaptive norm bound (coordinator.norm_bound); norm_multiple 0 switches it off.
@@ -233,7 +239,13 @@ class CoordinatorConfig(BrokerTarget):
             buffer_timeout=self.buffer_timeout,
             server_lr=self.server_lr,
             server_momentum=self.server_momentum,
+            server_optimizer=self.server_optimizer,
+            server_beta1=self.server_beta1,
+            server_beta2=self.server_beta2,
+            server_tau=self.server_tau,
             staleness=self.staleness,
+            staleness_a=self.staleness_a,
+            staleness_b=self.staleness_b,
             max_staleness=self.max_staleness,
             max_norm=self.max_norm,
             norm_multiple=self.norm_multiple,

@@ -122,6 +122,11 @@ def assert_state(c: Any, value: float) -> None:
         {"server_momentum": 1.0},
         {"server_momentum": -0.5},
         {"mode": "fedavg", "server_momentum": 0.9},
+        {"server_optimizer": "rmsprop"},
+        {"mode": "fedavg", "server_optimizer": "adam"},
+        {"server_optimizer": "yogi", "server_momentum": 0.5},
+        {"server_optimizer": "adam", "server_beta1": 1.0},
+        {"server_optimizer": "adam", "server_tau": 0.0},
         {"staleness": "linear"},
         {"staleness_a": -1.0},
         {"staleness_b": -1},
@@ -232,6 +237,20 @@ def test_server_lr_and_momentum() -> None:
     c.on_update("d1", upd("d1", 2.0, base=1), now=0.0)
     # v = 0.5*2 + 2 = 3, state = 1 + 0.5*3 = 2.5
     assert_state(c, 2.5)
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "quorum"])
+def test_fedadam_steps_carry_their_moments(aggregator: str) -> None:
+    # beta1 0.5, beta2 0.75, tau 0.5, lr 1; one update of 1.0 per step (fedasync)
+    c = core(mode="fedasync", server_optimizer="adam", server_lr=1.0, server_beta1=0.5,
+             server_beta2=0.75, server_tau=0.5, aggregator=aggregator)
+    c.on_update("d1", upd("d1", 1.0, base=0), now=0.0)
+    # m = 0.5, v = 0.75 * 0.25 + 0.25 = 0.4375: step 0.5 / (sqrt(0.4375) + 0.5)
+    first = 0.5 / (math.sqrt(0.4375) + 0.5)
+    assert_state(c, first)
+    c.on_update("d1", upd("d1", 1.0, base=1), now=0.0)
+    # m = 0.25 + 0.5 = 0.75, v = 0.75 * 0.4375 + 0.25 = 0.578125
+    assert_state(c, first + 0.75 / (math.sqrt(0.578125) + 0.5))
 
 
 def test_a_copy_of_an_accepted_update_gets_its_verdict_again() -> None:
