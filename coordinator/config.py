@@ -73,10 +73,10 @@ class CoordinatorConfig(BrokerTarget):
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
-    staleness: str = "sqrt"
-    staleness_a: float = 0.5  # exponent of poly, slope of hinge (coordinator.staleness)
+    staleness: str = "poly"  # with staleness_a 1: weight 1 / (1 + s) (coordinator.staleness)
+    staleness_a: float = 1.0  # exponent of poly, slope of hinge
     staleness_b: int = 4  # hinge: full weight up to this staleness
-    max_staleness: int = 10
+    max_staleness: int = 50
     max_norm: float = 100.0
     # the adaptive norm bound (coordinator.norm_bound); norm_multiple 0 switches it off.
     # None (not given): the core's defaults (2, 4, 64, 4), and off under differential

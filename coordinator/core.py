@@ -210,10 +210,13 @@ class AggregationConfig:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
-    staleness: str = "sqrt"  # a kind of coordinator.staleness
-    staleness_a: float = 0.5  # exponent of "poly", slope of "hinge"
+    # a kind of coordinator.staleness; the default poly with a = 1 weighs 1 / (1 + s)
+    # (chosen by measurement: BENCHMARKS.md, "Staying at the target")
+    staleness: str = "poly"
+    staleness_a: float = 1.0  # exponent of "poly", slope of "hinge"
     staleness_b: int = 4  # "hinge": full weight up to this staleness
-    max_staleness: int = 10  # fedavg always uses 0
+    # the hard bound; with the default weights an update 50 versions behind weighs 1/51
+    max_staleness: int = 50  # fedavg always uses 0
     max_norm: float = 100.0  # the fixed ceiling: anything above it is rejected
     # the adaptive norm bound (coordinator.norm_bound): clip above norm_multiple x the median
     # norm of the last norm_window accepted updates, reject above norm_reject x that bound;

@@ -79,10 +79,12 @@ class Durable:
 
 
 def core(**config: Any) -> Any:
-    """A core with the plain mean and no adaptive norm bound unless asked (the expected
-    values of most tests here are worked out for the mean of the deltas as sent)."""
+    """A core with the plain mean, no adaptive norm bound and 1/sqrt(1+s) staleness weights
+    unless asked (the expected values of most tests here are worked out for the mean of the
+    deltas as sent, and for the weights that were the default before poly a = 1)."""
     start = config.pop("initial", initial())
     config.setdefault("aggregator", "mean")
+    config.setdefault("staleness", "sqrt")
     config.setdefault("norm_multiple", 0)
     store = Store(None)
     c = CoordinatorCore(TASK, start, AggregationConfig(**config), ledger=store)
@@ -227,6 +229,15 @@ def test_staleness_weighting_affects_the_step() -> None:
     # sqrt: 2 + 3 / sqrt(1 + 2) = 2 + sqrt(3); constant: 2 + 3 = 5
     assert results["sqrt"] == pytest.approx(2 + math.sqrt(3), rel=1e-6)
     assert results["constant"] == pytest.approx(5.0)
+
+
+def test_the_default_staleness_weight_is_one_over_one_plus_s() -> None:
+    assert (AggregationConfig().staleness, AggregationConfig().staleness_a) == ("poly", 1.0)
+    c = core(mode="fedasync", staleness=AggregationConfig().staleness, staleness_a=1.0)
+    c.on_update("d1", upd("d1", 1.0, base=0), now=0.0)  # fresh: weight 1 -> 1
+    c.on_update("d2", upd("d2", 1.0, base=0), now=0.0)  # 1 behind: weight 1/2 -> 1.5
+    c.on_update("d3", upd("d3", 3.0, base=0), now=0.0)  # 2 behind: weight 1/3 -> 2.5
+    assert_state(c, 2.5)
 
 
 def test_server_lr_and_momentum() -> None:
