@@ -411,7 +411,7 @@ RATIO_MEANS = {
     "ingest_1m": "ours / bare (higher is better)",
     "latency": "ours p50 / bare p50 (lower is better)",
     "bytes": "torch.save / ours (higher is better)",
-    "time_to_accuracy": "sync / async under 1:2:4 (higher is better)",
+    "time_to_accuracy": "sync / async to a stable target under 1:2:4 (higher is better)",
     "footprint": "agent / bare (lower is better)",
     "decode_worst": "ours / unpackb (lower is better)",
     "poisoning": "default defences / plain mean, worst points lost (lower is better)",

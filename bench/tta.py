@@ -269,7 +269,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         met = head["ratio"] >= AIM_SPEEDUP and (
             equal is None or (equal["ratio"] is not None and equal["ratio"] >= 1.0))
     return {
-        "unit": "s to target",
+        "unit": "s to a stable target",
         "ours": head["ours"],
         "baseline": head["baseline"],
         "ratio": head["ratio"],
