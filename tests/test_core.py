@@ -264,6 +264,33 @@ def test_fedadam_steps_carry_their_moments(aggregator: str) -> None:
     assert_state(c, first + 0.75 / (math.sqrt(0.578125) + 0.5))
 
 
+def test_a_resumed_core_keeps_its_adam_moments() -> None:
+    settings = {"mode": "fedasync", "server_optimizer": "adam", "server_lr": 1.0,
+                "server_beta1": 0.5, "server_beta2": 0.75, "server_tau": 0.5}
+    c = core(**settings)
+    c.on_update("d1", upd("d1", 1.0, base=0), now=0.0)
+    snap = c.store.load()
+    assert sorted(snap.velocity) == ["m:b", "m:w", "v:b", "v:w"]
+    again = CoordinatorCore.resume(
+        TASK, c.core.config, ledger=c.store, version=snap.version, state=snap.state,
+        velocity=snap.velocity, counters=snap.counters, pending=snap.pending,
+        round_fixed=snap.round, ended=snap.ended, now=1.0, norms=snap.norms,
+    )
+    again.on_update("d1", upd("d1", 1.0, base=1), now=2.0)
+    # the second step of test_fedadam_steps_carry_their_moments: the moments were kept
+    first = 0.5 / (math.sqrt(0.4375) + 0.5)
+    assert_state(again, first + 0.75 / (math.sqrt(0.578125) + 0.5))
+    # resumed as sgd, the moments are not a velocity: it starts afresh (plain step)
+    sgd = CoordinatorCore.resume(
+        TASK, AggregationConfig(mode="fedasync", aggregator="mean", norm_multiple=0),
+        ledger=c.store, version=snap.version, state=snap.state, velocity=snap.velocity,
+        counters=snap.counters, pending=snap.pending, round_fixed=snap.round,
+        ended=snap.ended, now=1.0, norms=snap.norms,
+    )
+    sgd.on_update("d1", upd("d1", 1.0, base=1), now=2.0)
+    assert_state(sgd, first + 1.0)
+
+
 def test_a_copy_of_an_accepted_update_gets_its_verdict_again() -> None:
     c = core(buffer_size=4)
     payload = upd("d1", uid="dup")

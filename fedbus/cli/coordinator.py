@@ -64,7 +64,8 @@ HELPS = {
     "b versions, then 1/(a(s-b)+1)) or constant.",
     "staleness_a": "Staleness weighting: the exponent a of poly, the slope a of hinge.",
     "staleness_b": "Staleness weighting: hinge keeps full weight up to b versions behind.",
-    "max_staleness": "Reject updates more than this many versions behind.",
+    "max_staleness": "Reject updates more than this many versions behind (a hard bound: "
+    "below it an update counts with its staleness weight, so a slow device is heard).",
     "max_norm": "Fixed ceiling: reject updates whose L2 norm exceeds it, whatever the "
     "adaptive bound says.",
     "norm_multiple": "Adaptive norm bound: clip updates above this multiple of the median L2 "
