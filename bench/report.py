@@ -200,78 +200,70 @@ def _both_directions(b: dict[str, Any]) -> list[str]:
 
 
 def _tta(b: dict[str, Any]) -> str:
-    rows = [_head(b, "seconds to target, 1:2:4 (median)")]
-    prow = []
-    late_rows = []
+    par = b["params"]
+    target = par["target_accuracy"]
+    rows = [_head(b, f"seconds to a stable {target:g}, 1:2:4 (median)")]
+    prow, late_rows, share_rows = [], [], []
     for name, p in b["profiles"].items():
         m = p["measured_updates_per_s"]
-        lt = p.get("late_target") or {}
-        vt = p.get("versions_to_target") or {}
-        late_rows.append([
-            name, f"{_num(lt.get('async_median'))} ({lt.get('async_reached')}/"
-            f"{len(p['ours']['runs'])})", f"{_num(lt.get('sync_median'))} "
-            f"({lt.get('sync_reached')}/{len(p['baseline']['runs'])})", _ratio(lt.get("ratio")),
-            f"{_num(vt.get('async'))} / {_num(vt.get('sync'))}"])
+        fh = p["first_hit"]
+        n_asy, n_syn = len(p["ours"]["runs"]), len(p["baseline"]["runs"])
         prow.append([
-            name, f"{_num(p['ours']['median'])} ({p['ours']['reached']}/"
-            f"{len(p['ours']['runs'])})", f"{_num(p['baseline']['median'])} "
-            f"({p['baseline']['reached']}/{len(p['baseline']['runs'])})", _ratio(p["ratio"]),
-            _ratio(p["ideal"]), _ratio(p.get("ideal_with_data_sizes")),
-            _ratio(p.get("effective_ideal")), _ratio(m.get("ratio")),
+            name, f"{_num(p['ours']['median'])} ({p['ours']['reached']}/{n_asy})",
+            f"{_num(p['baseline']['median'])} ({p['baseline']['reached']}/{n_syn})",
+            _ratio(p["ratio"]),
+            f"{_num(fh['async_median'])} / {_num(fh['sync_median'])}", _ratio(fh["ratio"]),
+            _ratio(p["ideal"]), _ratio(p.get("effective_ideal")), _ratio(m.get("ratio")),
             f"{_num(m.get('async'))} / {_num(m.get('sync'))}",
         ])
-    par = b["params"]
+        lt, st = p["late_target"], p["late_stable_target"]
+        vt = p.get("versions_to_target") or {}
+        late_rows.append([
+            name, f"{_num(lt['async_median'])} / {_num(lt['sync_median'])}",
+            f"{_num(st['async_median'])} ({st['async_held']}/{n_asy})",
+            f"{_num(st['sync_median'])} ({st['sync_held']}/{n_syn})", _ratio(st.get("ratio")),
+            f"{_num(vt.get('async'))} / {_num(vt.get('sync'))}"])
+        shares = p.get("device_shares") or {}
+        share_rows.append([
+            name, _runs(p.get("async_rejected_stale", [])),
+            " · ".join(f"{100 * (v['update_share'] or 0):.0f}/{100 * v['data_share']:.0f}"
+                       for v in shares.values())])
     lines = [_stamp(b), "", _table(HEAD, rows), "",
-             f"Target held-out accuracy {par['target_accuracy']:g}; {par['async']} against "
-             f"{par['sync']}; seeds {par['seeds']}; a run that does not reach the target "
-             f"within {par['cap_seconds']:g} s counts as {par['cap_seconds']:g} s. "
-             "(reached/runs) beside each median. "
+             f"Headline: seconds to a stable {target:g} held-out accuracy, i.e. to the first "
+             f"version from which {target:g} held (at least {100 * par['hold_fraction']:g}% of "
+             f"the versions evaluated in the following {par['hold_seconds']:g} s reached it "
+             f"too, the rule of `fedbus coordinator --target-hold`); the first hit beside it. "
+             f"{par['async']} against {par['sync']}; seeds {par['seeds']} "
+             f"({len(par['seeds'])} per side and profile); (held/runs) beside each median; a "
+             f"run whose target was not reached, or did not hold, within "
+             f"{par['cap_seconds']:g} s counts as {par['cap_seconds']:g} s. "
              + (f"Each update of a device takes its slowdown × {par['compute_seconds']:g} s "
                 "(`--compute-seconds`), whatever its data size."
                 if par.get("compute_seconds") else
                 "The slowdown stretches each agent's own training time."), "",
-             _table(["profile", "async s", "sync s", "sync/async", "ideal",
-                     "ideal × data sizes", "effective ideal", "measured updates/s ratio",
-                     "updates/s async / sync"], prow), ""]
-    if par.get("late_target_accuracy"):
-        lines += [f"The same runs, on to {par['late_target_accuracy']:g} held-out accuracy "
-                  f"(and the versions each mode needed to reach {par['target_accuracy']:g}):",
-                  "", _table(["profile", "async s", "sync s", "sync/async",
-                              f"versions to {par['target_accuracy']:g}, async / sync"],
-                             late_rows), ""]
-    stable_rows = []
+             _table(["profile", "stable async s", "stable sync s", "sync/async (stable)",
+                     "first hit async / sync s", "sync/async (first hit)", "ideal",
+                     "effective ideal", "measured updates/s ratio",
+                     "updates/s async / sync"], prow), "",
+             f"The same runs, on to {par['late_target_accuracy']:g} (each run went on until "
+             f"{par['late_target_accuracy']:g} held, or to the cap), and the versions each "
+             f"mode needed to first reach {target:g}:", "",
+             _table(["profile", "first hit async / sync s", "stable async s",
+                     "stable sync s", "sync/async (stable)",
+                     f"versions to {target:g}, async / sync"], late_rows), "",
+             "No device shut out: each device's share of the updates the asynchronous runs "
+             "accepted (and so applied, with its staleness weight; median over the seeds) "
+             "against its share of the training data, in percent, device-01 first, and the "
+             "updates rejected as stale in each async run:", "",
+             _table(["profile", "stale rejects per run", "update % / data % per device"],
+                    share_rows), ""]
     for name, p in b["profiles"].items():
-        for first, key in (("", "stable_target"), ("late_", "late_stable_target")):
-            st = p.get(key)
-            if not st:
-                continue
-            n_asy, n_syn = len(p["ours"]["runs"]), len(p["baseline"]["runs"])
-            hit = (p["ours"]["median"], p["baseline"]["median"]) if not first else (
-                p["late_target"]["async_median"], p["late_target"]["sync_median"])
-            stable_rows.append([
-                name, f"{st['target']:g}", f"{_num(hit[0])} / {_num(hit[1])}",
-                f"{_num(st['async_median'])} ({st['async_held']}/{n_asy})",
-                f"{_num(st['sync_median'])} ({st['sync_held']}/{n_syn})",
-                _ratio(st.get("ratio"))])
-    if stable_rows:
-        lines += [f"Time to a stable target, beside the first hit: to the first version from "
-                  f"which the target held (at least {100 * par['hold_fraction']:g}% of the "
-                  f"versions evaluated in the following {par['hold_seconds']:g} s reached it "
-                  f"too, the rule of `fedbus coordinator --target-hold`); (held/runs) beside "
-                  f"each median, a run whose target did not hold before it ended counts as "
-                  f"{par['cap_seconds']:g} s. Each run went on until "
-                  f"{par['late_target_accuracy']:g} held, or to the cap.", "",
-                  _table(["profile", "target", "first hit async / sync s", "stable async s",
-                          "stable sync s", "sync/async (stable)"], stable_rows), ""]
-    for name, p in b["profiles"].items():
-        lines.append(f"- {name}: async runs {_runs(p['ours']['runs'])} s; sync runs "
-                     f"{_runs(p['baseline']['runs'])} s; speeds {p['speeds']}; samples per "
-                     f"device {list(p['samples_per_device'].values())}; measured relative "
+        lines.append(f"- {name}: stable async runs {_runs(p['ours']['runs'])} s; stable sync "
+                     f"runs {_runs(p['baseline']['runs'])} s; speeds {p['speeds']}; samples "
+                     f"per device {list(p['samples_per_device'].values())}; measured relative "
                      f"slowness per device (async) "
-                     f"{list(p['effective_relative_speed'].values())}"
-                     + (f"; agents whose training overran the simulated period: "
-                        f"{p['agents_overrunning_period']}"
-                        if "agents_overrunning_period" in p else ""))
+                     f"{list(p['effective_relative_speed'].values())}; agents whose training "
+                     f"overran the simulated period: {p.get('agents_overrunning_period')}")
     return "\n".join(lines)
 
 
@@ -444,7 +436,7 @@ RATIO_MEANS = {
     "ingest_1m": "ours / bare (higher is better)",
     "latency": "ours p50 / bare p50 (lower is better)",
     "bytes": "torch.save / ours (higher is better)",
-    "time_to_accuracy": "sync / async under 1:2:4 (higher is better)",
+    "time_to_accuracy": "sync / async to a stable target under 1:2:4 (higher is better)",
     "footprint": "agent / bare (lower is better)",
     "decode_worst": "ours / unpackb (lower is better)",
     "poisoning": "default defences / plain mean, worst points lost (lower is better)",

@@ -5,16 +5,18 @@ A fleet of real agents (``harness.Fleet``: the demo's split, one ``fedbus agent`
 device with ``--slowdown`` and ``--compute-seconds COMPUTE_SECONDS``, so that an update of
 device ``i`` takes ``s_i x COMPUTE_SECONDS`` whatever its data size) serves every run of a
 profile; each run is a new task. Time is
-counted from the first update the coordinator receives (agent start-up excluded) to the
-first version whose held-out accuracy reaches ``TARGET``. Runs alternate async, sync per seed.
+counted from the first update the coordinator receives (agent start-up excluded). Runs
+alternate async, sync per seed.
 
-Beside the first hit: the time to a *stable* target, i.e. to the first version that reaches
-it and from which it held (at least 90% of the versions evaluated in the following
+The headline is the time to a *stable* target: to the first version that reaches it and
+from which it held (at least 90% of the versions evaluated in the following
 ``HOLD_SECONDS`` reached it too; ``coordinator.target_hold.first_held``, the rule
 ``--target-hold`` stops a coordinator by, applied to the run's history with the versions'
-times). Each run goes on to ``LATE_TARGET`` held for ``HOLD_SECONDS`` (the coordinator's
+times); the time to the first version that reaches it (the first hit) is beside it. Each
+run goes on to ``LATE_TARGET`` held for ``HOLD_SECONDS`` (the coordinator's
 ``--target-hold``), or to the cap; a run whose target did not hold before it ended counts
-as the cap, like a run that never reached it.
+as the cap, like a run that never reached it. Beside them, each device's share of the
+accepted async updates against its share of the data (no device shut out).
 
 Beside each profile: the ideal, i.e. how many more updates per second asynchronous
 aggregation receives than synchronous rounds when device ``i`` needs ``s_i`` time units per
@@ -56,7 +58,9 @@ QUICK_COMPUTE_SECONDS = 0.2
 # equal speeds sync 2.70, K=4 3.08, K=6 2.68, K=8 3.63. Only K=6 was no slower than sync
 # under equal speeds and still more than 1.8x faster under 1:2:4.
 BUFFER_SHARE = 0.6
-AIM_SPEEDUP = 1.8
+# Issue 10: on *stable* targets (the headline is the time to a stable TARGET), async at least
+# 2x faster than sync under 1:2:4 and no slower under equal speeds.
+AIM_SPEEDUP = 2.0
 
 
 def ideal_ratio(speeds: list[float]) -> float:
@@ -86,6 +90,20 @@ def _stable_tta(run: dict[str, Any], target: float, hold: float) -> float | None
     end = run.get("stopped_seconds") or run["history"][-1]["seconds"]
     held = first_held(evaluated, target, hold, now=end)
     return None if held is None else round(max(0.0, held.candidate.at - first), 3)
+
+
+def device_shares(run: dict[str, Any], samples: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Each device's share of the updates accepted in the run against its share of the
+    training data. An accepted update is applied (a run ends by applying what its buffer
+    holds), with its staleness weight."""
+    accepted = {d: len(ts) for d, ts in run["accepted_at"].items()}
+    total_updates = sum(accepted.values())
+    total_samples = sum(samples.values())
+    return {d: {"updates": accepted.get(d, 0),
+                "update_share": round(accepted.get(d, 0) / total_updates, 4)
+                if total_updates else None,
+                "data_share": round(n / total_samples, 4) if total_samples else None}
+            for d, n in samples.items()}
 
 
 def _rates(run: dict[str, Any]) -> tuple[float | None, dict[str, float]]:
@@ -148,11 +166,16 @@ def _profile(ctx: BenchContext, name: str, speeds: list[float], seeds: tuple[int
                           target_accuracy=late, target_hold=hold, duration=cap,
                           buffer_size=k)
             r["seed"] = seed
-            runs[mode].append(_compact(r, target, late, cap, hold))
-    asy = summarize([r["value"] for r in runs["fedbuff"]], f"FedBuff K={k}",
-                    reached=sum(r["reached"] for r in runs["fedbuff"]))
-    syn = summarize([r["value"] for r in runs["fedavg"]], "FedAvg (synchronous rounds)",
-                    reached=sum(r["reached"] for r in runs["fedavg"]))
+            compact = _compact(r, target, late, cap, hold)
+            compact["device_shares"] = device_shares(r, fleet.samples)
+            runs[mode].append(compact)
+    # the headline: time to a stable TARGET (first hit beside it, "first_hit")
+    asy = summarize([r["stable_value"] for r in runs["fedbuff"]], f"FedBuff K={k}",
+                    reached=sum(r["stable_tta_seconds"] is not None for r in runs["fedbuff"]))
+    syn = summarize([r["stable_value"] for r in runs["fedavg"]], "FedAvg (synchronous rounds)",
+                    reached=sum(r["stable_tta_seconds"] is not None for r in runs["fedavg"]))
+    first_asy = median(r["value"] for r in runs["fedbuff"])
+    first_syn = median(r["value"] for r in runs["fedavg"])
     # Effective ideal: the per-device rates the async runs actually achieved.
     effective = []
     for r in runs["fedbuff"]:
@@ -175,10 +198,26 @@ def _profile(ctx: BenchContext, name: str, speeds: list[float], seeds: tuple[int
         return {"async_median": asy_s, "sync_median": syn_s, "ratio": ratio(syn_s, asy_s),
                 "async_held": sum(r[seconds] is not None for r in runs["fedbuff"]),
                 "sync_held": sum(r[seconds] is not None for r in runs["fedavg"])}
+    shares: dict[str, dict[str, Any]] = {}
+    for r in runs["fedbuff"]:
+        for d, v in r["device_shares"].items():
+            entry = shares.setdefault(d, {"data_share": v["data_share"], "update_shares": []})
+            entry["update_shares"].append(v["update_share"])
+    for entry in shares.values():
+        entry["update_share"] = median(entry["update_shares"])
+    stale = [r["rejected"].get("stale", 0) for r in runs["fedbuff"]]
     return {
         "ours": asy,
         "baseline": syn,
         "ratio": ratio(syn["median"], asy["median"]),
+        "first_hit": {"async_median": first_asy, "sync_median": first_syn,
+                      "ratio": ratio(first_syn, first_asy),
+                      "async_reached": sum(r["reached"] for r in runs["fedbuff"]),
+                      "sync_reached": sum(r["reached"] for r in runs["fedavg"])},
+        # each device's share of the accepted (and so applied) async updates, median over
+        # the seeds, against its share of the training data; updates rejected as stale
+        "device_shares": shares,
+        "async_rejected_stale": stale,
         "late_target": {
             "target": late, "async_median": late_asy, "sync_median": late_syn,
             "ratio": ratio(late_syn, late_asy),
@@ -230,12 +269,14 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         met = head["ratio"] >= AIM_SPEEDUP and (
             equal is None or (equal["ratio"] is not None and equal["ratio"] >= 1.0))
     return {
-        "unit": "s to target",
+        "unit": "s to a stable target",
         "ours": head["ours"],
         "baseline": head["baseline"],
         "ratio": head["ratio"],
-        "ratio_definition": "sync time / async time under 1:2:4 (other profiles beside it)",
-        "aim": f">= {AIM_SPEEDUP:g}x faster than sync under 1:2:4, no slower under equal speeds",
+        "ratio_definition": "sync time / async time to a stable target under 1:2:4 (other "
+                            "profiles beside it)",
+        "aim": f"stable target >= {AIM_SPEEDUP:g}x faster than sync under 1:2:4, no slower "
+               "under equal speeds",
         "aim_met": met,
         "profiles": profiles,
         "params": {"target_accuracy": target, "late_target_accuracy": late,

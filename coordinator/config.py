@@ -76,8 +76,14 @@ class CoordinatorConfig(BrokerTarget):
     buffer_timeout: float = 60.0
     server_lr: float = 1.0
     server_momentum: float = 0.0
-    staleness: str = "sqrt"
-    max_staleness: int = 10
+    server_optimizer: str = "sgd"  # coordinator.server_opt: sgd, adam, yogi
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    staleness: str = "poly"  # with staleness_a 1: weight 1 / (1 + s) (coordinator.staleness)
+    staleness_a: float = 1.0  # exponent of poly, slope of hinge
+    staleness_b: int = 4  # hinge: full weight up to this staleness
+    max_staleness: int = 50
     max_norm: float = 100.0
     # the adaptive norm bound (coordinator.norm_bound); norm_multiple 0 switches it off.
     # None (not given): the core's defaults (2, 4, 64, 4), and off under differential
@@ -251,7 +257,13 @@ class CoordinatorConfig(BrokerTarget):
             buffer_timeout=self.buffer_timeout,
             server_lr=self.server_lr,
             server_momentum=self.server_momentum,
+            server_optimizer=self.server_optimizer,
+            server_beta1=self.server_beta1,
+            server_beta2=self.server_beta2,
+            server_tau=self.server_tau,
             staleness=self.staleness,
+            staleness_a=self.staleness_a,
+            staleness_b=self.staleness_b,
             max_staleness=self.max_staleness,
             max_norm=self.max_norm,
             norm_multiple=self.norm_multiple,

@@ -135,6 +135,7 @@ from coordinator.privacy import (
     privatize,
 )
 from coordinator.robust import clip_norm
+from coordinator.server_opt import SERVER_OPTIMIZERS, adaptive_step, fits_moments
 from coordinator.staleness import STALENESS_KINDS, staleness_weight
 from coordinator.validation import (
     REJECT_REASONS,
@@ -201,11 +202,21 @@ class AggregationConfig:
     # active devices than K cannot stall the model (0 disables the timeout)
     buffer_timeout: float = 60.0
     server_lr: float = 1.0
-    server_momentum: float = 0.0  # fedbuff/fedasync only
-    staleness: str = "sqrt"  # a kind of coordinator.staleness
-    staleness_a: float = 0.5  # exponent of "poly", slope of "hinge"
+    server_momentum: float = 0.0  # fedbuff/fedasync only; sgd only
+    # how a step's aggregate moves the model (coordinator.server_opt): sgd (server_lr and
+    # server_momentum), or adam/yogi (FedAdam/FedYogi: server_lr, the betas and tau);
+    # fedbuff/fedasync only
+    server_optimizer: str = "sgd"
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    # a kind of coordinator.staleness; the default poly with a = 1 weighs 1 / (1 + s)
+    # (chosen by measurement: BENCHMARKS.md, "Staying at the target")
+    staleness: str = "poly"
+    staleness_a: float = 1.0  # exponent of "poly", slope of "hinge"
     staleness_b: int = 4  # "hinge": full weight up to this staleness
-    max_staleness: int = 10  # fedavg always uses 0
+    # the hard bound; with the default weights an update 50 versions behind weighs 1/51
+    max_staleness: int = 50  # fedavg always uses 0
     max_norm: float = 100.0  # the fixed ceiling: anything above it is rejected
     # the adaptive norm bound (coordinator.norm_bound): clip above norm_multiple x the median
     # norm of the last norm_window accepted updates, reject above norm_reject x that bound;
@@ -258,6 +269,7 @@ class AggregationConfig:
             raise ValueError(f"server_momentum must be in [0, 1), got {m!r}")
         if self.mode == "fedavg" and m != 0:
             raise ValueError("server_momentum is not supported in fedavg mode; set it to 0")
+        self._check_server_optimizer()
         if self.staleness not in STALENESS_KINDS:
             raise ValueError(
                 f"staleness must be one of {', '.join(STALENESS_KINDS)}, got {self.staleness!r}"
@@ -280,6 +292,31 @@ class AggregationConfig:
             )
         self._check_aggregator_fits()
         self._check_privacy_fits()
+
+    def _check_server_optimizer(self) -> None:
+        kind = self.server_optimizer
+        if kind not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, "
+                             f"got {kind!r}")
+        for label, beta in (("server_beta1", self.server_beta1),
+                            ("server_beta2", self.server_beta2)):
+            if not (isinstance(beta, int | float) and math.isfinite(beta) and 0 <= beta < 1):
+                raise ValueError(f"{label} must be in [0, 1), got {beta!r}")
+        if not _is_pos(self.server_tau):
+            raise ValueError(f"server_tau must be finite and > 0, got {self.server_tau!r}")
+        if kind == "sgd":
+            return
+        if self.mode == "fedavg":
+            raise ValueError(f"server_optimizer {kind} is not supported in fedavg mode; "
+                             "use sgd")
+        if self.server_momentum != 0:
+            raise ValueError(f"server_momentum is for the sgd server optimizer; {kind} has "
+                             "its own (server_beta1): set server_momentum to 0")
+
+    @property
+    def keeps_server_state(self) -> bool:
+        """Steps carry optimizer state (sgd momentum, adam or yogi moments) to the next."""
+        return self.server_momentum > 0 or self.server_optimizer != "sgd"
 
     def _check_privacy_fits(self) -> None:
         """DP's noise is calibrated to a sum of equally weighted, clipped updates: only the
@@ -510,6 +547,10 @@ class CoordinatorCore:
         self._buffer_devices: set[str] = set()
         self._max_steps = None if config.privacy is None else config.privacy.max_steps()
         self._buffer_since: float | None = None  # when the oldest buffered update arrived
+        if velocity is not None and not self._fits_server_state(state, velocity):
+            _log.warning("the stored server optimizer state does not fit --server-optimizer "
+                         "%s: it starts afresh", config.server_optimizer)
+            velocity = None
         self._velocity: dict[str, np.ndarray] | None = (
             None if velocity is None else _frozen(velocity)
         )
@@ -1085,12 +1126,9 @@ class CoordinatorCore:
         claims, self._kept_n = self._kept_n, []
         try:
             if cfg.privacy is not None:
-                new_state, velocity = server_step(
-                    self._state, self._privatized(self._buffer.total()),
-                    server_lr=cfg.server_lr, momentum=cfg.server_momentum,
-                    velocity=self._velocity,
-                )
-            elif kept is None:
+                new_state, velocity = self._server_update(
+                    self._privatized(self._buffer.total()))
+            elif kept is None and cfg.server_optimizer == "sgd":
                 new_state, velocity = fedbuff_apply(
                     self._state,
                     self._buffer,
@@ -1098,15 +1136,14 @@ class CoordinatorCore:
                     momentum=cfg.server_momentum,
                     velocity=self._velocity,
                 )
+            elif kept is None:
+                new_state, velocity = self._server_update(self._buffer.mean())
             else:
                 aggregate = (
                     self._robust(kept, f"the buffer at version {self._version}")
                     if cfg.spec.robust else capped_mean(cfg.spec, kept, claims)
                 )
-                new_state, velocity = server_step(
-                    self._state, aggregate, server_lr=cfg.server_lr,
-                    momentum=cfg.server_momentum, velocity=self._velocity,
-                )
+                new_state, velocity = self._server_update(aggregate)
         except AggregationError as exc:
             self._counters["aggregation_failed"] += 1
             self._journal.append(BufferDropped(ids, str(exc)))
@@ -1118,9 +1155,41 @@ class CoordinatorCore:
             return []
         finally:
             self._buffer.clear()
-        if cfg.server_momentum > 0:
+        if cfg.keeps_server_state:
             self._velocity = _frozen(velocity, copy=False)
         return [self._publish(new_state, f"{cfg.mode}: {count} update(s)", ids)]
+
+    @staticmethod
+    def _fits_server_state(state: Mapping[str, np.ndarray],
+                           velocity: Mapping[str, np.ndarray]) -> bool:
+        """A stored velocity (sgd: the model's names) or moments (adam, yogi) of this model;
+        whichever optimizer the run now uses decides whether it is used (see __init__)."""
+        if fits_moments(state, velocity):
+            return True
+        return set(velocity) == set(state) and all(
+            np.shape(velocity[n]) == np.shape(a) for n, a in state.items())
+
+    def _server_update(self, aggregate: Mapping[str, np.ndarray]) -> tuple[State, State]:
+        """The server optimizer's step from a step's ``aggregate``: ``(new_state, its new
+        velocity or moments)``; ``AggregationError`` if the model would not be finite."""
+        cfg = self.config
+        if cfg.server_optimizer == "sgd":
+            velocity = self._velocity
+            if velocity is not None and fits_moments(self._state, velocity):
+                velocity = None
+            return server_step(self._state, aggregate, server_lr=cfg.server_lr,
+                               momentum=cfg.server_momentum, velocity=velocity)
+        moments = self._velocity
+        if moments is not None and not fits_moments(self._state, moments):
+            moments = None  # a momentum velocity of an earlier sgd run: start afresh
+        new_state, new_moments = adaptive_step(
+            self._state, aggregate, kind=cfg.server_optimizer, server_lr=cfg.server_lr,
+            beta1=cfg.server_beta1, beta2=cfg.server_beta2, tau=cfg.server_tau,
+            moments=moments)
+        if not (is_finite(new_moments) and is_finite(new_state)):
+            raise AggregationError(
+                f"{cfg.server_optimizer} step produced a non-finite model; model kept")
+        return new_state, new_moments
 
     def _privatized(self, total: Mapping[str, np.ndarray]) -> State:
         """The DP step's aggregate from the sum of its weighted, clipped updates: divided by

@@ -5,8 +5,9 @@ trained on and the model its update is applied to (0 = fresh). Each function map
 weight in ``(0, 1]`` that multiplies the update (Xie et al., *Asynchronous Federated
 Optimization*; Nguyen et al., *Federated Learning with Buffered Asynchronous Aggregation*):
 
-- ``sqrt`` (default): ``1 / sqrt(1 + s)``
-- ``poly``: ``(1 + s) ** -a``
+- ``sqrt``: ``1 / sqrt(1 + s)`` (this function's default, and the coordinator's until issue 10)
+- ``poly``: ``(1 + s) ** -a``; the coordinator's default is ``poly`` with ``a = 1``,
+  ``1 / (1 + s)`` (``core.AggregationConfig``; chosen by measurement, docs/operations.md)
 - ``constant``: ``1`` (no down-weighting)
 - ``hinge``: ``1`` for ``s <= b``, else ``1 / (a * (s - b) + 1)``
 """

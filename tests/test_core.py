@@ -79,10 +79,12 @@ class Durable:
 
 
 def core(**config: Any) -> Any:
-    """A core with the plain mean and no adaptive norm bound unless asked (the expected
-    values of most tests here are worked out for the mean of the deltas as sent)."""
+    """A core with the plain mean, no adaptive norm bound and 1/sqrt(1+s) staleness weights
+    unless asked (the expected values of most tests here are worked out for the mean of the
+    deltas as sent, and for the weights that were the default before poly a = 1)."""
     start = config.pop("initial", initial())
     config.setdefault("aggregator", "mean")
+    config.setdefault("staleness", "sqrt")
     config.setdefault("norm_multiple", 0)
     store = Store(None)
     c = CoordinatorCore(TASK, start, AggregationConfig(**config), ledger=store)
@@ -122,6 +124,11 @@ def assert_state(c: Any, value: float) -> None:
         {"server_momentum": 1.0},
         {"server_momentum": -0.5},
         {"mode": "fedavg", "server_momentum": 0.9},
+        {"server_optimizer": "rmsprop"},
+        {"mode": "fedavg", "server_optimizer": "adam"},
+        {"server_optimizer": "yogi", "server_momentum": 0.5},
+        {"server_optimizer": "adam", "server_beta1": 1.0},
+        {"server_optimizer": "adam", "server_tau": 0.0},
         {"staleness": "linear"},
         {"staleness_a": -1.0},
         {"staleness_b": -1},
@@ -224,6 +231,15 @@ def test_staleness_weighting_affects_the_step() -> None:
     assert results["constant"] == pytest.approx(5.0)
 
 
+def test_the_default_staleness_weight_is_one_over_one_plus_s() -> None:
+    assert (AggregationConfig().staleness, AggregationConfig().staleness_a) == ("poly", 1.0)
+    c = core(mode="fedasync", staleness=AggregationConfig().staleness, staleness_a=1.0)
+    c.on_update("d1", upd("d1", 1.0, base=0), now=0.0)  # fresh: weight 1 -> 1
+    c.on_update("d2", upd("d2", 1.0, base=0), now=0.0)  # 1 behind: weight 1/2 -> 1.5
+    c.on_update("d3", upd("d3", 3.0, base=0), now=0.0)  # 2 behind: weight 1/3 -> 2.5
+    assert_state(c, 2.5)
+
+
 def test_server_lr_and_momentum() -> None:
     c = core(mode="fedasync", server_lr=0.5, server_momentum=0.5)
     c.on_update("d1", upd("d1", 2.0, base=0), now=0.0)
@@ -232,6 +248,47 @@ def test_server_lr_and_momentum() -> None:
     c.on_update("d1", upd("d1", 2.0, base=1), now=0.0)
     # v = 0.5*2 + 2 = 3, state = 1 + 0.5*3 = 2.5
     assert_state(c, 2.5)
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "quorum"])
+def test_fedadam_steps_carry_their_moments(aggregator: str) -> None:
+    # beta1 0.5, beta2 0.75, tau 0.5, lr 1; one update of 1.0 per step (fedasync)
+    c = core(mode="fedasync", server_optimizer="adam", server_lr=1.0, server_beta1=0.5,
+             server_beta2=0.75, server_tau=0.5, aggregator=aggregator)
+    c.on_update("d1", upd("d1", 1.0, base=0), now=0.0)
+    # m = 0.5, v = 0.75 * 0.25 + 0.25 = 0.4375: step 0.5 / (sqrt(0.4375) + 0.5)
+    first = 0.5 / (math.sqrt(0.4375) + 0.5)
+    assert_state(c, first)
+    c.on_update("d1", upd("d1", 1.0, base=1), now=0.0)
+    # m = 0.25 + 0.5 = 0.75, v = 0.75 * 0.4375 + 0.25 = 0.578125
+    assert_state(c, first + 0.75 / (math.sqrt(0.578125) + 0.5))
+
+
+def test_a_resumed_core_keeps_its_adam_moments() -> None:
+    settings = {"mode": "fedasync", "server_optimizer": "adam", "server_lr": 1.0,
+                "server_beta1": 0.5, "server_beta2": 0.75, "server_tau": 0.5}
+    c = core(**settings)
+    c.on_update("d1", upd("d1", 1.0, base=0), now=0.0)
+    snap = c.store.load()
+    assert sorted(snap.velocity) == ["m:b", "m:w", "v:b", "v:w"]
+    again = CoordinatorCore.resume(
+        TASK, c.core.config, ledger=c.store, version=snap.version, state=snap.state,
+        velocity=snap.velocity, counters=snap.counters, pending=snap.pending,
+        round_fixed=snap.round, ended=snap.ended, now=1.0, norms=snap.norms,
+    )
+    again.on_update("d1", upd("d1", 1.0, base=1), now=2.0)
+    # the second step of test_fedadam_steps_carry_their_moments: the moments were kept
+    first = 0.5 / (math.sqrt(0.4375) + 0.5)
+    assert_state(again, first + 0.75 / (math.sqrt(0.578125) + 0.5))
+    # resumed as sgd, the moments are not a velocity: it starts afresh (plain step)
+    sgd = CoordinatorCore.resume(
+        TASK, AggregationConfig(mode="fedasync", aggregator="mean", norm_multiple=0),
+        ledger=c.store, version=snap.version, state=snap.state, velocity=snap.velocity,
+        counters=snap.counters, pending=snap.pending, round_fixed=snap.round,
+        ended=snap.ended, now=1.0, norms=snap.norms,
+    )
+    sgd.on_update("d1", upd("d1", 1.0, base=1), now=2.0)
+    assert_state(sgd, first + 1.0)
 
 
 def test_a_copy_of_an_accepted_update_gets_its_verdict_again() -> None:

@@ -193,13 +193,14 @@ def test_a_fedbuff_step_ignores_claims_clips_weighs_by_staleness_and_adds_the_no
     for name, value in c.state.items():
         want = (0.1 + clipped + 0.2) / 3 + noise[name]
         np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6)
-    # a stale update: its weight 1/sqrt(2) scales it down (never up); a partial buffer is
-    # still divided by K = 3
+    # a stale update: its weight (the default 1/(1+s): 1/2) scales it down (never up); a
+    # partial buffer is still divided by K = 3
     c.on_update("d4", upd("d4", 0.3, base=0), now=1.0)
     before = c.state
     c.flush(now=2.0)
     noise = expected_noise(2, 3, 0.5, 1.0)
-    w = staleness_weight(1, "sqrt")
+    w = staleness_weight(1, "poly", a=1.0)
+    assert w == 0.5
     for name, value in c.state.items():
         np.testing.assert_allclose(value, before[name] + w * 0.3 / 3 + noise[name], rtol=1e-5,
                                    atol=1e-6)

@@ -103,3 +103,19 @@ def test_the_benchmark_times_a_stable_target_with_the_same_rule():
     history.append({"version": 14, "seconds": 37.0, "accuracy": None})  # the run went on
     assert _stable_tta(run, 0.93, 10.0) == 22.0
     assert _stable_tta(run, 0.93, 0.0) == 2.0  # hold 0: the first hit
+
+
+def test_the_benchmark_reports_each_devices_share_of_updates_against_its_data():
+    from bench.stability import held_share
+    from bench.tta import device_shares
+
+    run = {"accepted_at": {"d1": [1.0, 2.0, 3.0], "d2": [2.5], "d3": []}}
+    shares = device_shares(run, {"d1": 50, "d2": 30, "d3": 20})
+    assert shares["d1"] == {"updates": 3, "update_share": 0.75, "data_share": 0.5}
+    assert shares["d2"] == {"updates": 1, "update_share": 0.25, "data_share": 0.3}
+    assert shares["d3"] == {"updates": 0, "update_share": 0.0, "data_share": 0.2}  # shut out
+    history = [{"seconds": s, "accuracy": a} for s, a in
+               [(1.0, 0.5), (2.0, 0.93), (3.0, 0.92), (4.0, None), (5.0, 0.95), (30.0, 0.1)]]
+    # after the first hit at t=2: t=3 (below), t=5 (above); t=4 unevaluated, t=30 too late
+    assert held_share({"history": history}, 0.93, 20.0) == 0.5
+    assert held_share({"history": history}, 0.99, 20.0) is None

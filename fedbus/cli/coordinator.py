@@ -59,9 +59,19 @@ HELPS = {
     "buffer_timeout": "FedBuff: apply fewer than K updates once the oldest has waited this "
     "many seconds (0: never), so a small or sleepy fleet cannot stall the model.",
     "server_lr": "Server learning rate applied to the aggregated change.",
-    "server_momentum": "Server momentum (0 disables it).",
-    "staleness": "Staleness weighting: sqrt (1/sqrt(1+s)), poly, hinge or constant.",
-    "max_staleness": "Reject updates more than this many versions behind.",
+    "server_momentum": "Server momentum of the sgd server optimizer (0 disables it).",
+    "server_optimizer": "How each step's aggregate moves the model: sgd (server_lr x the "
+    "aggregate, with --server-momentum), adam or yogi (FedAdam, FedYogi: per-coordinate "
+    "steps of about --server-lr, e.g. 0.01; fedbuff and fedasync only).",
+    "server_beta1": "adam/yogi: decay of the first moment (the aggregate's running mean).",
+    "server_beta2": "adam/yogi: decay of the second moment (the aggregate's running square).",
+    "server_tau": "adam/yogi: added to the root of the second moment (the adaptivity).",
+    "staleness": "Staleness weighting: sqrt (1/sqrt(1+s)), poly ((1+s)^-a), hinge (1 up to "
+    "b versions, then 1/(a(s-b)+1)) or constant.",
+    "staleness_a": "Staleness weighting: the exponent a of poly, the slope a of hinge.",
+    "staleness_b": "Staleness weighting: hinge keeps full weight up to b versions behind.",
+    "max_staleness": "Reject updates more than this many versions behind (a hard bound: "
+    "below it an update counts with its staleness weight, so a slow device is heard).",
     "max_norm": "Fixed ceiling: reject updates whose L2 norm exceeds it, whatever the "
     "adaptive bound says.",
     "norm_multiple": "Adaptive norm bound: clip updates above this multiple of the median L2 "
