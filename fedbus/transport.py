@@ -286,6 +286,20 @@ class _Paho(mqtt.Client):
         self._owner._tcp_connected()
         return rc
 
+    def _packet_handle(self) -> mqtt.MQTTErrorCode:
+        """Handle one received packet, then send at once what handling it queued (the
+        answers our ``on_message`` published, paho's PUBACK of the message).
+
+        paho's network thread otherwise reads up to as many packets as it has messages
+        in flight before it writes anything, so a receipt waited behind the reading and
+        judging of whatever else had arrived: under one device's flood, another device's
+        receipt queued behind the flood (bench/flood.py). The write happens here on the
+        network thread, between packets, outside every paho callback."""
+        rc = super()._packet_handle()
+        if rc == mqtt.MQTT_ERR_SUCCESS and self.want_write():
+            self.loop_write()
+        return rc
+
 
 class MqttClient:
     """A durable MQTT v5 session with automatic reconnect: the real :class:`Transport`."""
