@@ -394,8 +394,8 @@ def _revoke(credentials: Path, device_id: str, pki_dir: Path | None, *,
     crl = directory / revocation.CRL_FILE
     if reload_broker(base) is not None:
         return f"\n  {count} {what} in {crl}; the broker re-read it (no session dropped)"
-    return (f"\n  {count} {what} in {crl}; reload the broker (systemctl reload mosquitto) "
-            "for its TLS handshake to follow")
+    return (f"\n  {count} {what} in {crl}; install it where the broker's crlfile points and "
+            "reload the broker (systemctl reload mosquitto) for its TLS handshake to follow")
 
 
 @devices.command("list")
