@@ -92,6 +92,16 @@ def test_what_handling_a_packet_queued_is_sent_before_the_next_packet_is_read(
     assert calls == ["handle", "write"]
 
 
+def test_small_packets_are_not_held_back_by_nagle() -> None:
+    from fedbus.transport import _no_delay
+
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(
+            server.getsockname()) as sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        _no_delay(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 def test_a_closed_port_is_named_on_every_attempt(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     client = _client(find_free_port())
