@@ -783,7 +783,13 @@ def reload_broker(workdir: Path, *, timeout: float = 5.0) -> int | None:
                           "not mosquitto")
     log_file = workdir / "mosquitto.log"
     start = log_file.stat().st_size if log_file.exists() else 0
-    os.kill(pid, signal.SIGHUP)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        raise BrokerError(f"not allowed to signal mosquitto (pid {pid}) to re-read its "
+                          "revocation list: run this as the broker's user") from None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), log_file.open("rb") as fh:

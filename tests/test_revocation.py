@@ -85,6 +85,14 @@ def test_disable_holds_remove_is_final_and_enable_lifts_only_a_hold(tmp_path: Pa
     assert _listed(tmp_path, ca)[1] == {c: False, b: False}
 
 
+def test_reloading_a_directory_where_no_broker_runs_does_nothing(tmp_path: Path) -> None:
+    from fedbus.broker import LOCK_FILE, reload_broker
+
+    assert reload_broker(tmp_path) is None  # no lock file
+    (tmp_path / LOCK_FILE).write_text(f"{os.getpid()}\n")  # a lock file nobody holds
+    assert reload_broker(tmp_path) is None
+
+
 def _handshake(broker: LocalBroker, username: str) -> bytes | OSError:
     """The first bytes the mutual-TLS listener answers to a CONNECT made with
     ``username``'s certificate, or the error that ended the TLS handshake."""
