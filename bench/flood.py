@@ -25,6 +25,7 @@ payloads).
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 import time
@@ -115,6 +116,10 @@ class _Device:
         client.on_subscribe = on_subscribe
         client.on_message = on_message
         client.connect(a["host"], a["port"], keepalive=30, clean_start=True)
+        # small packets leave at once, as a fedbus agent's do (fedbus.transport)
+        sock = client.socket()
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.loop_start()
         self.client = client
         self.update_topic = f"{prefix}/update/{device}"

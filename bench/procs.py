@@ -69,7 +69,7 @@ def coordinator(a: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     from bench.harness import accepted_recorder
     from coordinator.config import CoordinatorConfig
-    from coordinator.service import CoordinatorService
+    from coordinator.service import CoordinatorService, freeze_heap
     from fedbus.credentials import read_credentials
 
     config = CoordinatorConfig(
@@ -116,6 +116,7 @@ def coordinator(a: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     threading.Thread(target=announce, daemon=True).start()
     threading.Thread(target=idle_stop, daemon=True).start()
+    freeze_heap()  # as fedbus coordinator does
     cpu0 = time.process_time()
     summary = service.run()
     history = [(r.version, r.seconds) for r in summary.history]

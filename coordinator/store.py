@@ -71,7 +71,7 @@ from coordinator.journal import (
     VersionMade,
 )
 from fedbus.errors import StateError
-from fedbus.sqlite_store import open_database, transaction
+from fedbus.sqlite_store import Checkpointer, open_database, transaction
 from fedbus.tensor_map import pack_tensors, unpack_tensors
 
 __all__ = [
@@ -218,18 +218,27 @@ class RunSnapshot:
 
 
 class Store:
-    """One run's durable state. Not thread-safe: the service serialises all calls."""
+    """One run's durable state. Not thread-safe: the service serialises all calls but
+    ``checkpoint``."""
 
     def __init__(
-        self, path: Path | None, *, sync: str = "normal", verdict_capacity: int = 200_000
+        self, path: Path | None, *, sync: str = "normal", verdict_capacity: int = 200_000,
+        own_checkpoints: bool = False,
     ) -> None:
         """``path``: the SQLite file, or None for a private in-memory database (nothing
-        survives the process: tests, benchmarks, library use without a state directory)."""
+        survives the process: tests, benchmarks, library use without a state directory).
+
+        ``own_checkpoints``: no commit ever copies the log into the database file; the
+        owner calls ``checkpoint`` from another thread instead (the service: its calling
+        thread, so that the network thread never waits for the checkpoint's fsyncs)."""
         if verdict_capacity < 1:
             raise ValueError(f"verdict_capacity must be >= 1, got {verdict_capacity}")
         self.path = path
         self.verdict_capacity = verdict_capacity
-        self._db = open_database(path, sync=sync)  # the service's lock serialises calls
+        # the service's lock serialises calls
+        self._db = open_database(path, sync=sync, autocheckpoint=not own_checkpoints)
+        self._checkpointer = (Checkpointer(path) if own_checkpoints and path is not None
+                              else None)
         self._db.executescript(_SCHEMA)
         fmt = self._meta("format")
         if fmt is not None and int(fmt) > FORMAT:
@@ -247,7 +256,16 @@ class Store:
         self._seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM verdicts").fetchone()[0]
 
     def close(self) -> None:
-        self._db.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+        self._db.close()  # the last connection to close checkpoints what is left
+
+    def checkpoint(self) -> None:
+        """Copy the log into the database file (with ``own_checkpoints``; else nothing).
+        Safe to call while another thread commits: it has its own connection and never
+        waits for the writer."""
+        if self._checkpointer is not None:
+            self._checkpointer.run()
 
     # -- run -----------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -58,7 +59,7 @@ from broker_config import (
     POLICY_FILE,
     TLS_POLICY_FILE,
 )
-from fedbus import dynsec, pki, signing
+from fedbus import dynsec, pki, revocation, signing
 from fedbus.errors import ConfigError, FedbusError
 from fedbus.processes import terminate
 from fedbus.tls import is_loopback
@@ -73,6 +74,7 @@ __all__ = [
     "TlsListeners",
     "default_device_ids",
     "find_free_port",
+    "reload_broker",
     "render_acl",
     "render_config",
 ]
@@ -117,6 +119,7 @@ class TlsListeners:
     key_file: Path
     tls_policy: str  # the shipped tls.conf
     mtls_policy: str  # the shipped mtls.conf
+    crl_file: Path | None = None  # revoked client certificates (mutual TLS only)
 
 
 @dataclass(frozen=True)
@@ -179,13 +182,15 @@ def render_config(
         lines += ["# plain MQTT", f"listener {port} {host}", listener_policy.strip("\n"), ""]
     if tls is not None:
         files = [f"cafile {tls.ca_file}", f"certfile {tls.cert_file}", f"keyfile {tls.key_file}"]
-        for title, listen_port, tls_policy in (
-            ("TLS, password login", tls.port, tls.tls_policy),
+        crl = [] if tls.crl_file is None else [f"crlfile {tls.crl_file}"]
+        for title, listen_port, tls_policy, extra in (
+            ("TLS, password login", tls.port, tls.tls_policy, []),
             ("mutual TLS, the certificate's common name is the username", tls.mtls_port,
-             tls.mtls_policy),
+             tls.mtls_policy, crl),
         ):
             lines += [f"# {title}", f"listener {listen_port} {host}",
-                      listener_policy.strip("\n"), tls_policy.strip("\n"), *files, ""]
+                      listener_policy.strip("\n"), tls_policy.strip("\n"), *files, *extra,
+                      ""]
     lines += [
         f"plugin {plugin}",
         f"plugin_opt_config_file {dynsec_file}",
@@ -556,7 +561,9 @@ class LocalBroker:
             if not (cert.exists() and key.exists()):
                 for path in (cert, key):
                     path.unlink(missing_ok=True)
-                pki.issue_client_certificate(ca, username, cert, key, now=now)
+                pki.issue_client_certificate(ca, username, cert, key, now=now,
+                                             register=self.tls_dir)
+        revocation.ensure_crl(self.tls_dir, now=now)
 
     def _tls_listeners(self) -> TlsListeners:
         return TlsListeners(
@@ -567,6 +574,7 @@ class LocalBroker:
             key_file=self.tls_dir / "server.key",
             tls_policy=TLS_POLICY_FILE.read_text(),
             mtls_policy=MTLS_POLICY_FILE.read_text(),
+            crl_file=self.tls_dir / revocation.CRL_FILE,
         )
 
     def _config_text(self, plugin: Path) -> str:
@@ -752,6 +760,60 @@ def _find_executable(name: str) -> str:
     if found is None:
         raise ConfigError(f"{Path(name).name} not found: {_INSTALL_HINT}")
     return found
+
+
+_RELOADED_MARKER = "Reloading config."
+
+
+def reload_broker(workdir: Path, *, timeout: float = 5.0) -> int | None:
+    """Have the mosquitto of a ``LocalBroker`` directory (``fedbus broker --dir``) read its
+    certificates and revocation list again (SIGHUP), and wait until it logged the reload.
+
+    Returns its PID, or None when no broker runs on ``workdir``. Mosquitto 2.0.11 keeps
+    every session over a SIGHUP and re-reads its plugin's file (which the plugin saves on
+    every change), so nobody is disconnected (tests/test_revocation.py)."""
+    workdir = Path(workdir)
+    try:
+        fd = os.open(workdir / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # nobody holds the lock: no broker runs here
+        except BlockingIOError:
+            pass
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    if not text.isdigit():
+        return None
+    pid = int(text)
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        comm = "mosquitto"  # no /proc: trust the lock, which only mosquitto holds
+    if not comm.startswith("mosquitto"):
+        raise BrokerError(f"{workdir / LOCK_FILE} names pid {pid}, which is {comm!r}, "
+                          "not mosquitto")
+    log_file = workdir / "mosquitto.log"
+    start = log_file.stat().st_size if log_file.exists() else 0
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        raise BrokerError(f"not allowed to signal mosquitto (pid {pid}) to re-read its "
+                          "revocation list: run this as the broker's user") from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), log_file.open("rb") as fh:
+            fh.seek(start)
+            if _RELOADED_MARKER.encode() in fh.read():
+                return pid
+        time.sleep(_POLL_INTERVAL)
+    raise BrokerError(f"mosquitto (pid {pid}) did not log a reload within {timeout:g} s; "
+                      f"see {log_file}")
 
 
 def _find_plugin() -> Path:

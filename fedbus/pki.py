@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,14 +54,19 @@ __all__ = [
     "ensure_ca",
     "issue_client_certificate",
     "issue_server_certificate",
+    "issued_serials",
     "load_ca",
     "new_key",
+    "record_issued",
     "server_certificate_covers",
     "write_issued",
 ]
 
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
+# the register of client certificates the CA issued: one JSON line each (serial number,
+# identity), appended; what fedbus.revocation revokes a device's certificates by
+ISSUED_FILE = "issued.jsonl"
 # Validity in days. The CA outlives its certificates; a leaf can be re-issued at any time
 # from the CA without touching the devices' trust (they trust the CA, not the leaf).
 CA_DAYS = 10 * 365
@@ -367,10 +373,41 @@ def issue_server_certificate(
 
 def issue_client_certificate(
     ca: CertificateAuthority, identity: str, cert_path: Path, key_path: Path, *,
-    days: int = CLIENT_DAYS, now: dt.datetime | None = None,
+    days: int = CLIENT_DAYS, now: dt.datetime | None = None, register: Path | None = None,
 ) -> IssuedCertificate:
     """Issue a client certificate for ``identity`` with a new key and write it (the files
-    must not exist)."""
+    must not exist); ``register``: the CA's directory, whose register notes it."""
     issued = build_client_certificate(ca, new_key(), identity, now=now or _utcnow(), days=days)
     write_issued(issued, cert_path, key_path)
+    if register is not None:
+        record_issued(register, issued.certificate_pem)
     return issued
+
+
+def record_issued(directory: Path, certificate_pem: bytes) -> None:
+    """Note a client certificate the CA in ``directory`` issued in its register."""
+    cert = x509.load_pem_x509_certificate(certificate_pem)
+    line = json.dumps({"serial": format(cert.serial_number, "x"),
+                       "identity": certificate_identity(certificate_pem)})
+    fd = os.open(directory / ISSUED_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    with os.fdopen(fd, "a") as fh:
+        fh.write(line + "\n")
+
+
+def issued_serials(directory: Path, identity: str) -> list[int]:
+    """Serial numbers of the client certificates the register lists for ``identity``."""
+    try:
+        text = (directory / ISSUED_FILE).read_text()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ConfigError(f"cannot read {directory / ISSUED_FILE}: {exc}") from None
+    found = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+            if entry["identity"] == identity:
+                found.append(int(entry["serial"], 16))
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line
+    return found

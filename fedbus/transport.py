@@ -313,6 +313,16 @@ def _observed_socket_class(owner: MqttClient) -> type[ssl.SSLSocket]:
     return ObservedSSLSocket
 
 
+def _no_delay(sock: Any) -> None:
+    """Send small packets at once (TCP_NODELAY), as the shipped broker does
+    (``set_tcp_nodelay true``). paho leaves Nagle's algorithm on, which holds a small
+    write (a PUBACK, a receipt, an update of a few KB) until the peer acknowledges the
+    previous one, and Linux delays acknowledgements by up to 40 ms."""
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):  # not TCP (a Unix socket)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class _Paho(mqtt.Client):
     """paho's client, telling its owner why a connection attempt failed (paho's own
     ``on_connect_fail`` callback is given no cause)."""
@@ -329,6 +339,21 @@ class _Paho(mqtt.Client):
             self._owner._attempt_failed(exc)
             raise
         self._owner._tcp_connected()
+        _no_delay(self.socket())
+        return rc
+
+    def _packet_handle(self) -> mqtt.MQTTErrorCode:
+        """Handle one received packet, then send at once what handling it queued (the
+        answers our ``on_message`` published, paho's PUBACK of the message).
+
+        paho's network thread otherwise reads up to as many packets as it has messages
+        in flight before it writes anything, so a receipt waited behind the reading and
+        judging of whatever else had arrived: under one device's flood, another device's
+        receipt queued behind the flood (bench/flood.py). The write happens here on the
+        network thread, between packets, outside every paho callback."""
+        rc = super()._packet_handle()
+        if rc == mqtt.MQTT_ERR_SUCCESS and self.want_write():
+            self.loop_write()
         return rc
 
 

@@ -378,9 +378,11 @@ def test_a_removed_certificate_connects_but_can_do_nothing(
         broker: LocalBroker, admin: DynsecAdmin,
         devices: Callable[[ConnectionSettings], Device],
         devices_cli: Callable[..., tuple[int, str, str]]) -> None:
-    """Mosquitto 2.0.11 never asks the plugin about a certificate login: the CONNACK
-    succeeds. Rights come only from the device's own role, which disable and remove take
-    away, so the certificate can then neither publish nor subscribe."""
+    """The account layer alone (the plugin, as ``DynsecAdmin`` changes it, without the
+    revocation list `fedbus devices` also updates: tests/test_revocation.py). Mosquitto
+    2.0.11 never asks the plugin about a certificate login: the CONNACK succeeds. Rights
+    come only from the device's own role, which disable and remove take away, so the
+    certificate can then neither publish nor subscribe."""
     code, _, error = devices_cli("add", "cert-dev", "--certificate")
     assert code == 0, error
     bundle = broker.bundles_dir / "cert-dev"

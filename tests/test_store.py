@@ -244,6 +244,25 @@ def test_wal_mode_and_sync_setting(tmp_path: Path) -> None:
         Store(None, sync="sometimes")
 
 
+def test_with_own_checkpoints_no_commit_copies_the_log_and_checkpoint_does(
+        tmp_path: Path) -> None:
+    path = tmp_path / DB_FILE
+    store = new_store(path, own_checkpoints=True)
+    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    for i in range(1, 4):
+        store.commit([verdict(f"u{i}"), made(i)], {"updates_accepted": i})
+    # the database file alone (as a crash of the OS with synchronous=NORMAL could leave
+    # it): the commits are all still in the log
+    before, after = tmp_path / "before.db", tmp_path / "after.db"
+    before.write_bytes(path.read_bytes())
+    assert not Store(before).has_run
+    store.checkpoint()
+    after.write_bytes(path.read_bytes())
+    assert Store(after).load().version == 3
+    store.close()
+    assert Store(path).load().version == 3
+
+
 def test_the_lock_is_held_by_one_process(tmp_path: Path) -> None:
     lock = StateLock(tmp_path)
     lock.acquire()

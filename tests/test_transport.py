@@ -73,6 +73,35 @@ def fake_server() -> Iterator[callable]:
         sock.close()
 
 
+def test_what_handling_a_packet_queued_is_sent_before_the_next_packet_is_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import paho.mqtt.client as mqtt
+
+    from fedbus.transport import _Paho
+
+    calls: list[str] = []
+    # raises if paho no longer has the method our override extends
+    monkeypatch.setattr(mqtt.Client, "_packet_handle",
+                        lambda self: calls.append("handle") or mqtt.MQTT_ERR_SUCCESS)
+    monkeypatch.setattr(mqtt.Client, "want_write", lambda self: True)
+    monkeypatch.setattr(mqtt.Client, "loop_write",
+                        lambda self: calls.append("write") or mqtt.MQTT_ERR_SUCCESS)
+    client = _Paho(_client(1), callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                   protocol=mqtt.MQTTv5)
+    assert client._packet_handle() == mqtt.MQTT_ERR_SUCCESS
+    assert calls == ["handle", "write"]
+
+
+def test_small_packets_are_not_held_back_by_nagle() -> None:
+    from fedbus.transport import _no_delay
+
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(
+            server.getsockname()) as sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        _no_delay(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 def test_a_closed_port_is_named_on_every_attempt(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     client = _client(find_free_port())

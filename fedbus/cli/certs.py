@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from fedbus import pki
+from fedbus import pki, revocation
 from fedbus.errors import FedbusError
 from fedbus.topics import validate_device_id
 
@@ -84,10 +84,13 @@ def certs(directory: Path, server_names: Sequence[str], devices: Sequence[str], 
             cert = directory / "clients" / f"{device}.crt"
             key = directory / "clients" / f"{device}.key"
             if _free(cert, key, renew):
-                pki.issue_client_certificate(ca, device, cert, key, days=days)
+                pki.issue_client_certificate(ca, device, cert, key, days=days,
+                                             register=directory)
                 click.echo(f"issued {cert} and {key.name} for {device}")
             else:
                 click.echo(f"kept {cert} (exists; --renew to issue it again)")
+        crl = revocation.ensure_crl(directory)
+        click.echo(f"revocation list {crl} (the broker's crlfile on the mutual-TLS listener)")
     except (FedbusError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 

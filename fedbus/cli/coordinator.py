@@ -196,7 +196,7 @@ def coordinator(config_file: Path | None, new_run: bool, **flags: Any) -> None:
       fedbus coordinator --credentials ./trial/credentials.json \\
                          --eval-data ./test.npz --state-dir ./run
     """
-    from coordinator.service import CoordinatorService
+    from coordinator.service import CoordinatorService, freeze_heap
     from fedbus.datasets import load_local_data
 
     cfg, password = load_process_config(
@@ -208,6 +208,7 @@ def coordinator(config_file: Path | None, new_run: bool, **flags: Any) -> None:
     service = CoordinatorService(cfg, password=password, eval_data=eval_data, new_run=new_run)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop())
+    freeze_heap()
     summary = service.run()
     counters = summary.counters
     log.info(

@@ -177,6 +177,8 @@ def add(obj: tuple[Path, float], device_id: str, certificate: bool, pki_dir: Pat
         write_bundle(target, address, device_id, ca_pem=ca_pem,
                      certificate_pem=issued.certificate_pem, key_pem=issued.key_pem,
                      signing_key_pem=private_key_pem(signer))
+        # so that `disable` and `remove` can revoke it
+        pki.record_issued(pki_dir or base / "tls", issued.certificate_pem)
     else:
         password = secrets.token_urlsafe(24)
         write_bundle(target, address, device_id, ca_pem=ca_pem, password=password,
@@ -313,38 +315,98 @@ def bundle(obj: tuple[Path, float], device_id: str, certificate: bool,
                "directory> --data <your data>")
 
 
+_PKI_OPTION = click.option(
+    "--pki", "pki_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Directory of the CA (ca.crt, ca.key, crl.pem) whose revocation list the broker's "
+    "mutual-TLS listener reads [default: tls/ beside the credentials file, where `fedbus "
+    "broker` keeps it].",
+)
+
+
 @devices.command("disable")
 @click.argument("device_id")
+@_PKI_OPTION
 @click.pass_obj
-def disable(obj: tuple[Path, float], device_id: str) -> None:
-    """Disconnect DEVICE_ID now and refuse it until `enable`; its account and bundle stay."""
+def disable(obj: tuple[Path, float], device_id: str, pki_dir: Path | None) -> None:
+    """Disconnect DEVICE_ID now and refuse it until `enable`; its account and bundle stay.
+
+    Its client certificates are put on hold in the CA's revocation list, and a broker
+    that `fedbus broker` runs re-reads it (SIGHUP, no session dropped), so the
+    certificate is refused at the TLS handshake; a system Mosquitto needs `systemctl
+    reload mosquitto`.
+    """
     with _admin(*obj) as admin:
+        note = _revoke(obj[0], device_id, pki_dir, hold=True)
         admin.disable_device(device_id)
     click.echo(f"disabled {device_id} (disconnected; `fedbus devices enable {device_id}` "
-               "lets it back in)")
+               f"lets it back in){note}")
 
 
 @devices.command("enable")
 @click.argument("device_id")
+@_PKI_OPTION
 @click.pass_obj
-def enable(obj: tuple[Path, float], device_id: str) -> None:
-    """Let a disabled DEVICE_ID log in again with its old credentials."""
+def enable(obj: tuple[Path, float], device_id: str, pki_dir: Path | None) -> None:
+    """Let a disabled DEVICE_ID log in again with its old credentials (its certificates
+    leave the revocation list; those of a removed device never do)."""
     with _admin(*obj) as admin:
+        note = _revoke(obj[0], device_id, pki_dir, hold=None)
         admin.enable_device(device_id)
-    click.echo(f"enabled {device_id}")
+    click.echo(f"enabled {device_id}{note}")
 
 
 @devices.command("remove")
 @click.argument("device_id")
+@_PKI_OPTION
 @click.pass_obj
-def remove(obj: tuple[Path, float], device_id: str) -> None:
-    """Delete DEVICE_ID's account: it is disconnected now and refused from then on."""
+def remove(obj: tuple[Path, float], device_id: str, pki_dir: Path | None) -> None:
+    """Delete DEVICE_ID's account: it is disconnected now and refused from then on.
+
+    Its client certificates are revoked for good in the CA's revocation list (refused at
+    the TLS handshake once the broker re-read it: see `disable`)."""
     with _admin(*obj) as admin:
+        note = _revoke(obj[0], device_id, pki_dir, hold=False)
         admin.remove_device(device_id)
     register_device_key(_operator_dir(obj[0]) / DEVICE_KEYS_FILE, device_id, None)
     bundle = _operator_dir(obj[0]) / "bundles" / device_id
-    note = f"; its bundle {bundle} no longer logs in" if bundle.exists() else ""
-    click.echo(f"removed {device_id}{note}")
+    gone = f"; its bundle {bundle} no longer logs in" if bundle.exists() else ""
+    click.echo(f"removed {device_id}{gone}{note}")
+
+
+def _revoke(credentials: Path, device_id: str, pki_dir: Path | None, *,
+            hold: bool | None) -> str:
+    """Revoke (``hold`` True: until enabled; False: for good) or let back in (None)
+    DEVICE_ID's client certificates in the CA's revocation list, then have a local
+    broker re-read it. Done before the account changes, so that the device, once
+    disconnected, meets the new list when it reconnects. Returns a note for the output."""
+    from fedbus import revocation
+    from fedbus.broker import reload_broker
+
+    base = _operator_dir(credentials)
+    directory = pki_dir or base / "tls"
+    if not (directory / "ca.key").exists():
+        if pki_dir is not None:
+            raise ConfigError(f"{directory} holds no CA key (ca.key): cannot revoke "
+                              "certificates with it")
+        return (f"\n  {directory} holds no CA key: client certificates were not revoked "
+                "(give --pki with the CA's directory if this device has one)")
+    known = [base / "tls" / "clients" / f"{device_id}.crt",
+             base / "bundles" / device_id / f"{device_id}.crt"]
+    certificates = [p.read_bytes() for p in known if p.is_file()]
+    if hold is None:
+        serials = revocation.lift_hold(directory, device_id, certificates=certificates)
+    else:
+        serials = revocation.revoke(directory, device_id, hold=hold,
+                                    certificates=certificates)
+    if not serials:
+        return ""
+    what = "let back in" if hold is None else "on hold" if hold else "revoked"
+    count = f"{len(serials)} client certificate{'s' if len(serials) > 1 else ''}"
+    crl = directory / revocation.CRL_FILE
+    if reload_broker(base) is not None:
+        return f"\n  {count} {what} in {crl}; the broker re-read it (no session dropped)"
+    return (f"\n  {count} {what} in {crl}; install it where the broker's crlfile points and "
+            "reload the broker (systemctl reload mosquitto) for its TLS handshake to follow")
 
 
 @devices.command("list")
