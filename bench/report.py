@@ -389,6 +389,48 @@ def _flood(b: dict[str, Any]) -> str:
     ])
 
 
+def _fleet(b: dict[str, Any]) -> str:
+    head = ["devices", "model subscription", "K / max staleness", "judged/s", "accepted",
+            "rejected", "publish→aggregated p50 / p99 (s)", "receipt p50 / p99 (s)",
+            "coordinator CPU ms/update", "broker CPU ms/update", "coordinator / broker RSS (MiB)",
+            "models per update", f"accuracy after {b['updates']:,} applied",
+            "sim late p50 / p99 (s)"]
+    rows = []
+    curves = []
+    for name, r in b["runs"].items():
+        if r.get("error"):
+            rows.append([name, "failed: " + r["error"][:80]] + [""] * (len(head) - 2))
+            continue
+        applied, acc = r["accuracy_after"]
+        rows.append([
+            f"{r['devices']:,}", r["mode"], f"{r['buffer_size']} / {r['max_staleness']}",
+            _num(r["ingest_per_s"]), _num(r["accepted"]),
+            ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())) or "none",
+            f"{_num(r['aggregated_p50_s'])} / {_num(r['aggregated_p99_s'])}",
+            f"{_num(r['receipt_p50_s'])} / {_num(r['receipt_p99_s'])}",
+            _num(r["coordinator_cpu_ms_per_update"]), _num(r["broker_cpu_ms_per_update"]),
+            f"{_num(r['coordinator_rss_mib'])} / {_num(r['broker_rss_mib'])}",
+            _num(r["models_per_update"]), f"{_num(acc)} ({applied:,})",
+            f"{_num(r['sim_late_p50_s'])} / {_num(r['sim_late_p99_s'])}"])
+        points = ", ".join(f"{n:,}: {_num(a)}" for _t, n, a in r["accuracy_curve"])
+        curves.append(f"- {r['devices']:,} devices, {r['mode']}: {points}")
+    return "\n".join([
+        _stamp(b), "", _table(HEAD, [_head(b, "coordinator CPU per update, largest fleet")]), "",
+        f"Virtual devices of `bench/fleet_sim.py` (one process, one event loop, each device its "
+        f"own MQTT connection, account, session, shard of 32 digits samples and speed "
+        f"{':'.join(_num(s) for s in b['speeds'])}) against a real Mosquitto and a real "
+        f"`fedbus coordinator` (FedBuff, int8 updates, evaluating every version). The fleet "
+        f"offers {_num(b['rate'])} updates/s at every size (each device trains every N/"
+        f"{_num(b['rate'])} s on average); K ≈ √N and the staleness limit follow the fleet "
+        f"(bench/fleet.py `fleet_settings`). CPU per update: /proc CPU time between the first "
+        f"publish and the last receipt, over the updates judged. Sim late: how late the "
+        f"simulator's publishes left against their schedule (the driver's own lateness, "
+        f"included in the latencies).", "",
+        _table(head, rows), "", "Held-out accuracy against applied updates:", "",
+        *curves,
+    ])
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "ingest_25k": _ingest,
     "ingest_1m": _ingest,
@@ -400,6 +442,7 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "poisoning": _poisoning,
     "privacy": _privacy,
     "flood": _flood,
+    "fleet": _fleet,
 }
 
 
@@ -425,6 +468,7 @@ RATIO_MEANS = {
     "poisoning": "default defences / plain mean, worst points lost (lower is better)",
     "privacy": "accuracy with DP (σ = 1) / without (higher is better)",
     "flood": "honest p99 under a flood / without (lower is better)",
+    "fleet": "coordinator CPU per update, largest fleet / smallest (lower is better)",
 }
 
 
