@@ -169,6 +169,7 @@ class Agent:
         self._task_bytes: bytes | None = None
         self._model_msg: GlobalModel | None = None  # the newest of its run
         self._models_since_connect = 0
+        self._models_followed = False  # subscribed to the model topic (agent thread)
         self._receipts: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._connected_at: float | None = None  # monotonic, set by each (re)connect
         # agent thread only
@@ -317,8 +318,9 @@ class Agent:
         torch.set_num_threads(self.config.threads)
         device = self.config.device_id
         self.client.subscribe(self.topics.task, qos=1)
-        # QoS 0: no model versions are queued while away; the retained one comes on connect
-        self.client.subscribe(self.topics.model, qos=0)
+        # QoS 0: no model versions are queued while away; the retained one comes on connect.
+        # Only between trainings (revision 2.9): dropped while training, taken again after.
+        self._follow_models(True)
         self.client.subscribe(self.topics.receipt(device), qos=1)
         self.client.start()
         try:
@@ -367,7 +369,13 @@ class Agent:
                 work = self._next_work(task)
                 if work is None or not allowed:
                     continue  # nothing new, or paused (the outbox is still sent above)
-                self._train_and_publish(task, work)
+                # revision 2.9: no model deliveries while training; subscribing again
+                # afterwards brings the retained model, the newest, at once
+                self._follow_models(False)
+                try:
+                    self._train_and_publish(task, work)
+                finally:
+                    self._follow_models(True)
                 if on_update is not None:
                     on_update(self.stats)
                 if self.config.max_updates and (
@@ -378,6 +386,16 @@ class Agent:
         finally:
             self._shutdown()
         return self.stats
+
+    def _follow_models(self, on: bool) -> None:
+        """Subscribe to the model topic (QoS 0), or unsubscribe from it (protocol 9.1)."""
+        if on == self._models_followed:
+            return
+        self._models_followed = on
+        if on:
+            self.client.subscribe(self.topics.model, qos=0)
+        else:
+            self.client.unsubscribe(self.topics.model)
 
     def _on_policy_change(self, decision: Decision) -> None:
         if not decision.train and not self._training:

@@ -196,6 +196,8 @@ class Transport(Protocol):
         self, topic_filter: str, qos: int = 1, *, no_local: bool = False,
         retain_as_published: bool = False,
     ) -> None: ...
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Drop the subscription now if connected, and do not renew it after a reconnect."""
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> PublishResult: ...
@@ -431,6 +433,13 @@ class MqttClient:
             self._subscriptions[topic_filter] = options
         if self.connected:
             self._client.subscribe(topic_filter, options=options)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Unsubscribe now if connected, and no longer subscribe after a reconnect."""
+        with self._lock:
+            known = self._subscriptions.pop(topic_filter, None) is not None
+        if known and self.connected:
+            self._client.unsubscribe(topic_filter)
 
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
