@@ -40,6 +40,7 @@ import signal
 import sys
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ log = logging.getLogger("bench.fleet_sim")
 SESSION_EXPIRY = 604800  # seconds, as the agent (protocol section 2.3)
 KEEPALIVE = 60  # seconds; the agent's default is 15 s, longer here keeps PINGREQs off the loop
 MODES = ("always", "on-demand")
+TRAIN_SLICE = 0.03  # seconds of training per loop turn, so connections are served between
 
 
 # -- pure parts -----------------------------------------------------------------------------
@@ -138,6 +140,7 @@ class Device:
     models_received: int = 0
     updates: int = 0
     first_compute: float | None = None  # the compute time of its first update
+    queued: float | None = None  # when it started a training still in the training queue
 
 
 @dataclass
@@ -173,6 +176,7 @@ class FleetSim:
         self.pool_x, self.pool_y = x, y
         self.sel = selectors.DefaultSelector()
         self.timers: list[_Timer] = []
+        self.train_queue: deque[Device] = deque()
         self.seq = itertools.count()
         self.counters = Counters()
         self.records: dict[str, UpdateRecord] = {}
@@ -370,6 +374,7 @@ class FleetSim:
         if task.ended:
             if not dev.done:
                 dev.done = True
+                dev.pending = None  # an ended run takes nothing more (section 9.2)
                 self._status(dev, "idle")
                 if self.ended_at is None:
                     self.ended_at = time.time()
@@ -423,25 +428,42 @@ class FleetSim:
         self._maybe_train(dev)
 
     def _maybe_train(self, dev: Device) -> None:
+        """Start a training if the device may: as the agent, it drops its model subscription
+        (on-demand) and says ``training`` at once; the CPU work waits in the training queue,
+        which the loop works through a slice at a time, so that a version reaching many
+        waiting devices at once does not stall every connection. Its compute time runs from
+        now: the time spent queued shows as lateness."""
         task, model = self.task, dev.model
-        if (not dev.ready or dev.pending is not None or dev.done or not dev.connected
-                or task is None or task.ended or task.paused or model is None
-                or model.run_id != task.run_id or model.task_id != task.task_id
-                or model.version <= dev.last_trained or dev.run != task.run_id):
+        if (not dev.ready or dev.pending is not None or dev.queued or dev.done
+                or not dev.connected or task is None or task.ended or task.paused
+                or model is None or model.run_id != task.run_id
+                or model.task_id != task.task_id or model.version <= dev.last_trained
+                or dev.run != task.run_id):
             return
         if self.mode == "on-demand":
             self._unsubscribe_model(dev)
         self._status(dev, "training")
-        t0 = time.monotonic()
-        cpu0 = time.process_time()
-        payload, update_id = self._train(dev, task, model)
-        self.counters.train_cpu_seconds += time.process_time() - cpu0
-        self.counters.trainings += 1
-        compute = dev.compute if dev.first_compute is None else dev.first_compute
-        dev.first_compute = None
-        dev.pending = (t0 + compute, payload, update_id, model.version)
-        dev.model = None if self.mode == "on-demand" else dev.model
-        self.at(t0 + compute, functools.partial(self._publish, dev))
+        dev.queued = time.monotonic()
+        self.train_queue.append(dev)
+
+    def _run_trainings(self, budget: float) -> None:
+        """Train queued devices for about ``budget`` seconds."""
+        end = time.monotonic() + budget
+        while self.train_queue and time.monotonic() < end:
+            dev = self.train_queue.popleft()
+            started, dev.queued = dev.queued, None
+            task, model = self.task, dev.model
+            if dev.done or task is None or task.ended or model is None or started is None:
+                continue
+            cpu0 = time.process_time()
+            payload, update_id = self._train(dev, task, model)
+            self.counters.train_cpu_seconds += time.process_time() - cpu0
+            self.counters.trainings += 1
+            compute = dev.compute if dev.first_compute is None else dev.first_compute
+            dev.first_compute = None
+            dev.pending = (started + compute, payload, update_id, model.version)
+            dev.model = None if self.mode == "on-demand" else dev.model
+            self.at(started + compute, functools.partial(self._publish, dev))
 
     def _prepared(self, task: Any, dev: Device) -> np.ndarray:
         from fedbus.zoo import fit_inputs, input_shape
@@ -537,9 +559,12 @@ class FleetSim:
             if now >= deadline:
                 log.warning("duration reached before the run ended")
                 break
-            if self.ended_at is not None and all(d.pending is None for d in self.devices):
+            if self.ended_at is not None and all(d.pending is None or d.done
+                                                 for d in self.devices):
                 break
             wake = min(next_misc, self.timers[0].due if self.timers else now + 0.5)
+            if self.train_queue:
+                wake = now
             turn = time.monotonic()
             for key, events in self.sel.select(max(0.0, min(wake - now, 0.5))):
                 client = key.data.client
@@ -550,6 +575,7 @@ class FleetSim:
             now = time.monotonic()
             while self.timers and self.timers[0].due <= now:
                 heapq.heappop(self.timers).action()
+            self._run_trainings(TRAIN_SLICE)
             if now >= next_misc:
                 for dev in self.devices:
                     if dev.client is not None:
