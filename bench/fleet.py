@@ -37,8 +37,8 @@ from bench.harness import BenchContext, percentile, ratio, summarize
 
 log = logging.getLogger("bench.fleet")
 
-RATE = 30.0  # updates per second offered by the whole fleet, at every size
-UPDATES = 900  # applied updates per run, the same at every size
+RATE = 15.0  # updates per second offered by the whole fleet, at every size
+UPDATES = 600  # applied updates per run, the same at every size
 SPEEDS = (1.0, 2.0, 4.0)
 
 

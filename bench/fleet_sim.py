@@ -40,7 +40,6 @@ import signal
 import sys
 import time
 import zlib
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +105,8 @@ class Counters:
     connect_failures: int = 0
     models_received: int = 0
     models_ignored: int = 0  # bad signature, malformed, other run
+    models_while_training: int = 0  # on-demand: sent before the broker had the UNSUBSCRIBE
+    models_after_unsuback: int = 0  # on-demand: after the broker confirmed it (must be 0)
     tasks_received: int = 0
     receipts: int = 0
     receipts_rate_limited: int = 0
@@ -131,6 +132,7 @@ class Device:
     y: np.ndarray
     connected: bool = False
     model_subscribed: bool = False
+    unsubscribed: bool = False  # the broker confirmed the model UNSUBSCRIBE (UNSUBACK)
     ready: bool = False  # idle and allowed to train (its start time has come)
     model: Any = None  # the newest GlobalModel of its run it holds
     last_trained: int = -1
@@ -176,12 +178,13 @@ class FleetSim:
         self.pool_x, self.pool_y = x, y
         self.sel = selectors.DefaultSelector()
         self.timers: list[_Timer] = []
-        self.train_queue: deque[Device] = deque()
+        # (publish due, seq, device, the model it took): trained in order of due time
+        self.train_queue: list[tuple[float, int, Device, Any]] = []
         self.seq = itertools.count()
         self.counters = Counters()
         self.records: dict[str, UpdateRecord] = {}
         self.lateness: list[float] = []
-        self.loop_stalls: list[float] = []  # seconds each loop turn took beyond 50 ms
+        self.loop_stalls: list[float] = []  # loop turns whose work took over 50 ms (seconds)
         self.task: Any = None
         self._task_payload: bytes | None = None
         self._model_cache: tuple[bytes, Any] | None = None  # (payload, GlobalModel or None)
@@ -229,6 +232,7 @@ class FleetSim:
         client.on_disconnect = lambda _c, _u, _f, reason, _p: self._on_disconnect(dev, reason)
         client.on_message = lambda _c, _u, msg: self._on_message(dev, msg)
         client.on_publish = lambda _c, _u, mid, reason, _p: self._on_publish(dev, reason)
+        client.on_unsubscribe = lambda _c, _u, _mid, _r, _p: self._on_unsuback(dev)
         client._fleet_props = props  # type: ignore[attr-defined]
         return client
 
@@ -295,7 +299,12 @@ class FleetSim:
             self.counters.publish_refused += 1
             log.error("%s: publish refused (%s)", dev.device_id, reason)
 
+    def _on_unsuback(self, dev: Device) -> None:
+        if not dev.model_subscribed:  # not subscribed again meanwhile
+            dev.unsubscribed = True
+
     def _subscribe_model(self, dev: Device) -> None:
+        dev.unsubscribed = False
         if not dev.model_subscribed and dev.connected:
             dev.client.subscribe(self.topics.model, qos=0)
             dev.model_subscribed = True
@@ -384,6 +393,10 @@ class FleetSim:
     def _on_model(self, dev: Device, payload: bytes) -> None:
         self.counters.models_received += 1
         dev.models_received += 1
+        if dev.pending is not None or dev.queued is not None:
+            self.counters.models_while_training += 1
+        if dev.unsubscribed:
+            self.counters.models_after_unsuback += 1
         model = self._read_model(payload)
         if model is None or (dev.run is not None and model.run_id != dev.run):
             self.counters.models_ignored += 1
@@ -428,11 +441,12 @@ class FleetSim:
         self._maybe_train(dev)
 
     def _maybe_train(self, dev: Device) -> None:
-        """Start a training if the device may: as the agent, it drops its model subscription
-        (on-demand) and says ``training`` at once; the CPU work waits in the training queue,
-        which the loop works through a slice at a time, so that a version reaching many
-        waiting devices at once does not stall every connection. Its compute time runs from
-        now: the time spent queued shows as lateness."""
+        """Start a training if the device may: as the agent, it takes its newest model, drops
+        its model subscription (on-demand) and says ``training`` at once; the CPU work waits
+        in the training queue, which the loop works through a slice at a time in order of
+        when the updates are due, so that many devices starting together do not stall every
+        connection. The compute time runs from now: a training done after its update was due
+        shows as lateness."""
         task, model = self.task, dev.model
         if (not dev.ready or dev.pending is not None or dev.queued or dev.done
                 or not dev.connected or task is None or task.ended or task.paused
@@ -443,27 +457,29 @@ class FleetSim:
         if self.mode == "on-demand":
             self._unsubscribe_model(dev)
         self._status(dev, "training")
-        dev.queued = time.monotonic()
-        self.train_queue.append(dev)
+        now = time.monotonic()
+        compute = dev.compute if dev.first_compute is None else dev.first_compute
+        dev.first_compute = None
+        dev.queued = now
+        heapq.heappush(self.train_queue, (now + compute, next(self.seq), dev, model))
 
     def _run_trainings(self, budget: float) -> None:
         """Train queued devices for about ``budget`` seconds."""
         end = time.monotonic() + budget
         while self.train_queue and time.monotonic() < end:
-            dev = self.train_queue.popleft()
-            started, dev.queued = dev.queued, None
-            task, model = self.task, dev.model
-            if dev.done or task is None or task.ended or model is None or started is None:
+            due, _seq, dev, model = heapq.heappop(self.train_queue)
+            dev.queued = None
+            task = self.task
+            if dev.done or task is None or task.ended:
                 continue
             cpu0 = time.process_time()
             payload, update_id = self._train(dev, task, model)
             self.counters.train_cpu_seconds += time.process_time() - cpu0
             self.counters.trainings += 1
-            compute = dev.compute if dev.first_compute is None else dev.first_compute
-            dev.first_compute = None
-            dev.pending = (started + compute, payload, update_id, model.version)
-            dev.model = None if self.mode == "on-demand" else dev.model
-            self.at(started + compute, functools.partial(self._publish, dev))
+            dev.pending = (due, payload, update_id, model.version)
+            if self.mode == "on-demand":
+                dev.model = None
+            self.at(due, functools.partial(self._publish, dev))
 
     def _prepared(self, task: Any, dev: Device) -> np.ndarray:
         from fedbus.zoo import fit_inputs, input_shape
@@ -546,12 +562,11 @@ class FleetSim:
         rng = np.random.default_rng(self.args.seed)
         begin = start + spread + 1.0
         for dev in self.devices:
-            # as if the fleet had been running: the first trainings start over half a
-            # period (twice the steady rate) and take a random part of a compute time, so
-            # the first updates arrive at about the steady rate from the beginning
+            # every device starts at once on the first model, and its first training takes a
+            # random part of its compute time: updates arrive at the steady rate from the
+            # beginning, and the training queue works in order of when updates are due
             dev.first_compute = float(rng.uniform(0, dev.compute))
-            self.at(begin + float(rng.uniform(0, dev.compute / 2)),
-                    functools.partial(self._start, dev))
+            self.at(begin, functools.partial(self._start, dev))
         deadline = start + self.args.duration
         next_misc = start + 1.0
         while not self.stop_requested:
@@ -565,8 +580,9 @@ class FleetSim:
             wake = min(next_misc, self.timers[0].due if self.timers else now + 0.5)
             if self.train_queue:
                 wake = now
-            turn = time.monotonic()
-            for key, events in self.sel.select(max(0.0, min(wake - now, 0.5))):
+            ready = self.sel.select(max(0.0, min(wake - now, 0.5)))
+            turn = time.monotonic()  # a turn's work, without the wait in select
+            for key, events in ready:
                 client = key.data.client
                 if events & selectors.EVENT_READ:
                     client.loop_read(10)
