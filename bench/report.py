@@ -393,7 +393,7 @@ def _fleet(b: dict[str, Any]) -> str:
     head = ["devices", "model subscription", "K / max staleness", "judged/s", "accepted",
             "rejected", "publish→aggregated p50 / p99 (s)", "receipt p50 / p99 (s)",
             "coordinator CPU ms/update", "broker CPU ms/update", "coordinator / broker RSS (MiB)",
-            "models per update", f"accuracy after {b['updates']:,} applied",
+            "models per training / per update sent", f"accuracy after {b['updates']:,} applied",
             "sim late p50 / p99 (s)"]
     rows = []
     curves = []
@@ -410,7 +410,8 @@ def _fleet(b: dict[str, Any]) -> str:
             f"{_num(r['receipt_p50_s'])} / {_num(r['receipt_p99_s'])}",
             _num(r["coordinator_cpu_ms_per_update"]), _num(r["broker_cpu_ms_per_update"]),
             f"{_num(r['coordinator_rss_mib'])} / {_num(r['broker_rss_mib'])}",
-            _num(r["models_per_update"]), f"{_num(acc)} ({applied:,})",
+            f"{_num(r.get('models_per_training'))} / {_num(r['models_per_update'])}",
+            f"{_num(acc)} ({applied:,})",
             f"{_num(r['sim_late_p50_s'])} / {_num(r['sim_late_p99_s'])}"])
         points = ", ".join(f"{n:,}: {_num(a)}" for _t, n, a in r["accuracy_curve"])
         curves.append(f"- {r['devices']:,} devices, {r['mode']}: {points}")

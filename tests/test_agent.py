@@ -302,7 +302,7 @@ def test_no_model_reaches_the_agent_while_it_trains(broker: MemoryBroker, tmp_pa
 
     assert other.publish(TOPICS.task, pack(task.to_wire()), retain=True).wait(5)
     publish_model(0)
-    agent = AgentThread(broker, tmp_path / "a", max_updates=2, compute_seconds=1.0)
+    agent = AgentThread(broker, tmp_path / "a", max_updates=2, compute_seconds=0.8)
     wait_for(lambda: agent.agent._training, what="the first training")
     for version in range(1, 6):  # five versions while the agent trains on v0
         publish_model(version)
