@@ -38,7 +38,7 @@ from bench.harness import BenchContext, percentile, ratio, summarize
 log = logging.getLogger("bench.fleet")
 
 RATE = 15.0  # updates per second offered by the whole fleet, at every size
-UPDATES = 600  # applied updates per run, the same at every size
+UPDATES = 1200  # applied updates per run, the same at every size
 SPEEDS = (1.0, 2.0, 4.0)
 
 
@@ -140,17 +140,20 @@ def interpolate(points: list[tuple[float, float]], t: float) -> float | None:
 # -- what a run measured ------------------------------------------------------------------------
 
 
-def aggregated_latencies(updates: dict[str, dict[str, Any]],
-                         made_at: dict[int, float]) -> list[float]:
-    """Seconds from each accepted update's publish to the making of the version that folded
-    it in (the receipt's ``model_version`` + 1; FedBuff folds a buffered update into the next
-    version). Updates whose version was never made (the run ended first) are left out."""
+def folded_latencies(updates: dict[str, dict[str, Any]],
+                     verdicts: dict[str, tuple[bool, str | None, int | None]],
+                     made_at: dict[int, float], t0: float, t1: float) -> list[float]:
+    """Seconds from the publish of each update sent between ``t0`` and ``t1`` to the making
+    of the version the coordinator folded it into (its verdict's ``applied_version``; wall
+    clocks of one machine). Updates never folded in are left out."""
     out = []
-    for u in updates.values():
-        if u["accepted"] and u["judged_version"] is not None:
-            made = made_at.get(u["judged_version"] + 1)
-            if made is not None:
-                out.append(made - u["published_at"])
+    for update_id, u in updates.items():
+        verdict = verdicts.get(update_id)
+        if verdict is None or not t0 <= u["published_at"] <= t1:
+            continue
+        made = made_at.get(verdict[2]) if verdict[2] is not None else None
+        if made is not None:
+            out.append(made - u["published_at"])
     return out
 
 
@@ -178,6 +181,17 @@ def _read_history(state_db: Path) -> list[tuple[int, float, int, float | None]]:
     finally:
         db.close()
     return [(int(v), float(t), int(n), None if a is None else float(a)) for v, t, n, a in rows]
+
+
+def _read_verdicts(state_db: Path) -> dict[str, tuple[bool, str | None, int | None]]:
+    """update id -> (accepted, reason, the version it was folded into)."""
+    db = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute(
+            "SELECT update_id, accepted, reason, applied_version FROM verdicts").fetchall()
+    finally:
+        db.close()
+    return {u: (bool(a), r, None if v is None else int(v)) for u, a, r, v in rows}
 
 
 def _write_data(root: Path) -> tuple[Path, Path]:
@@ -213,7 +227,7 @@ def run_size(ctx: BenchContext, devices: int, *, mode: str, rate: float, updates
              tag: str = "") -> dict[str, Any]:
     """One run of ``devices`` virtual devices; the measured numbers."""
     from fedbus.broker import LocalBroker, default_device_ids
-    from fedbus.processes import ChildGroup
+    from fedbus.processes import ChildError, ChildGroup
 
     s = fleet_settings(devices, rate, updates)
     root = ctx.workdir / f"fleet-{devices}{tag}"
@@ -246,44 +260,60 @@ def run_size(ctx: BenchContext, devices: int, *, mode: str, rate: float, updates
                  "--duration", str(_budget(s, updates, rate)),
                  "--out", str(out)],
                 log_path=root / "sim.log", name="fleet_sim", group=group)
-            sim.wait(_budget(s, updates, rate) + 60, "the fleet simulator")
-            coordinator.wait(30, "the coordinator to end its run")
-        if sim.returncode != 0:
+            coordinator.wait(_budget(s, updates, rate), "the coordinator to end its run")
+            try:  # the simulator stops once its devices are told the run ended
+                sim.wait(20, "the fleet simulator")
+            except ChildError:  # a device never told: SIGTERM, and it writes what it has
+                log.warning("the simulator did not see the run end; stopping it")
+                sim.terminate(60)
+        if sim.returncode not in (0, -15):
             raise RuntimeError(f"fleet_sim exited with {sim.returncode}: {sim.log_tail()}")
         result = json.loads(out.read_text())
     finally:
         group.stop_all(10.0)
         broker.stop()
+    (root / "samples.json").write_text(json.dumps(sampler.samples))
     history = _read_history(root / "run" / "state.db")
-    return summarize_run(s, mode, result, history, sampler, setup_seconds, updates)
+    verdicts = _read_verdicts(root / "run" / "state.db")
+    return summarize_run(s, mode, result, history, verdicts, sampler, setup_seconds, updates)
 
 
 def summarize_run(s: FleetSettings, mode: str, sim: dict[str, Any],
-                  history: list[tuple[int, float, int, float | None]], sampler: Sampler,
-                  setup_seconds: float, updates_wanted: int) -> dict[str, Any]:
+                  history: list[tuple[int, float, int, float | None]],
+                  verdicts: dict[str, tuple[bool, str | None, int | None]],
+                  samples: Sampler, setup_seconds: float,
+                  updates_wanted: int) -> dict[str, Any]:
+    """What one run measured. The coordinator's own records (its verdicts and version
+    history in state.db) say what was judged and when it was folded in, so nothing depends on
+    receipts reaching the simulator. The steady window runs from version 1 to the last
+    version: the start-up burst (every device's ``online`` and ``training`` status at once)
+    stays out of ingest, CPU per update and latency."""
     updates = sim["updates"]
-    judged = [u for u in updates.values() if u["receipt_at"] is not None]
-    if not judged:
-        raise RuntimeError("no update was judged")
-    t0 = min(u["published_at"] for u in updates.values())
-    t1 = max(u["receipt_at"] for u in judged)
+    if len(history) < 3:
+        raise RuntimeError(f"only {len(history) - 1} versions were made")
     made_at = {v: t for v, t, _n, _a in history}
-    lat = aggregated_latencies(updates, made_at)
-    receipt_lat = [u["receipt_at"] - u["published_at"] for u in judged]
-    accepted = sum(1 for u in judged if u["accepted"])
+    t_first = min(u["published_at"] for u in updates.values())
+    t0, t1 = made_at[1], history[-1][1]
+    steady = [u for u in updates.values() if t0 <= u["published_at"] <= t1]
+    judged = [verdicts[k] for k, u in updates.items()
+              if k in verdicts and t0 <= u["published_at"] <= t1]
+    applied_in_window = sum(n for v, _t, n, _a in history if v >= 2)
+    lat = folded_latencies(updates, verdicts, made_at, t0, t1)
+    with_receipt = [u for u in steady if u["receipt_at"] is not None]
+    receipt_lat = [u["receipt_at"] - u["published_at"] for u in with_receipt]
     reasons: dict[str, int] = {}
-    for u in judged:
-        if not u["accepted"]:
-            reasons[u["reason"]] = reasons.get(u["reason"], 0) + 1
-    coord_cpu = sampler.cpu_between("coordinator", t0, t1)
-    broker_cpu = sampler.cpu_between("broker", t0, t1)
-    applied_total = sum(n for _v, _t, n, _a in history)
+    for accepted, reason, _applied in verdicts.values():
+        if not accepted:
+            reasons[reason or "?"] = reasons.get(reason or "?", 0) + 1
+    coord_cpu = samples.cpu_between("coordinator", t0, t1)
+    broker_cpu = samples.cpu_between("broker", t0, t1)
+    per_update = max(1, applied_in_window)
     curve = []
     total = 0
     for _v, t, n, acc in history:
         total += n
         if acc is not None:
-            curve.append((round(t - t0, 1), total, round(acc, 4)))
+            curve.append((round(t - t_first, 1), total, round(acc, 4)))
     step = max(1, len(curve) // 12)
     c = sim["counters"]
     late = sim["lateness"]
@@ -291,23 +321,29 @@ def summarize_run(s: FleetSettings, mode: str, sim: dict[str, Any],
         "devices": s.devices, "mode": mode, "buffer_size": s.buffer_size,
         "max_staleness": s.max_staleness, "mean_compute_seconds": round(s.period, 2),
         "broker_setup_seconds": round(setup_seconds, 1),
-        "published": c["updates_published"], "judged": len(judged), "accepted": accepted,
-        "rejected": reasons, "applied": applied_total, "versions": len(history),
+        "published": c["updates_published"], "judged": len(verdicts),
+        "accepted": sum(1 for a, _r, _v in verdicts.values() if a),
+        "rejected": reasons, "applied": sum(n for _v, _t, n, _a in history),
+        "versions": len(history) - 1,
+        "first_version_after_s": round(t0 - t_first, 1),
         "window_seconds": round(t1 - t0, 1),
-        "ingest_per_s": round(len(judged) / (t1 - t0), 1),
+        "ingest_per_s": round(applied_in_window / (t1 - t0), 1),
+        "judged_in_window": len(judged),
         "aggregated_p50_s": percentile(lat, 50), "aggregated_p99_s": percentile(lat, 99),
+        "receipts_in_window": f"{len(with_receipt)} of {len(steady)}",
         "receipt_p50_s": percentile(receipt_lat, 50),
         "receipt_p99_s": percentile(receipt_lat, 99),
         "coordinator_cpu_ms_per_update": None if coord_cpu is None
-        else round(1000 * coord_cpu / len(judged), 3),
+        else round(1000 * coord_cpu / per_update, 3),
         "broker_cpu_ms_per_update": None if broker_cpu is None
-        else round(1000 * broker_cpu / len(judged), 3),
-        "coordinator_rss_mib": sampler.peak_rss("coordinator"),
-        "broker_rss_mib": sampler.peak_rss("broker"),
+        else round(1000 * broker_cpu / per_update, 3),
+        "coordinator_rss_mib": samples.peak_rss("coordinator"),
+        "broker_rss_mib": samples.peak_rss("broker"),
         "models_per_update": round(c["models_received"] / max(1, c["updates_published"]), 2),
         "trainings": c["trainings"],
         "models_per_training": round(c["models_received"] / max(1, c["trainings"]), 2),
         "models_while_training": c.get("models_while_training"),
+        "run_end_seen": sim["ended_at"] is not None,
         "accuracy_after": accuracy_after(history, updates_wanted),
         "accuracy_curve": curve[::step] + ([curve[-1]] if curve and len(curve) % step else []),
         "sim_late_p50_s": percentile(late, 50), "sim_late_p99_s": percentile(late, 99),
@@ -331,8 +367,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     for mode in ("on-demand", "always"):
         for n in sizes:
-            if mode == "always" and n != sizes[0] and n != sizes[-1]:
-                continue  # the baseline of model traffic: smallest and largest fleet
+            if mode == "always" and n == sizes[-1]:
+                continue  # the baseline of model traffic: the two smaller fleets
             log.info("fleet: %d devices, model subscription %s", n, mode)
             try:
                 runs[f"{mode}-{n}"] = run_size(ctx, n, mode=mode, rate=rate,

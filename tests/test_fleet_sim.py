@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.fleet import accuracy_after, aggregated_latencies, fleet_settings, interpolate
+from bench.fleet import accuracy_after, fleet_settings, folded_latencies, interpolate
 from bench.fleet_sim import FleetSim, compute_seconds, parse_args, shard_indices, training_seed
 
 
@@ -54,13 +54,17 @@ def test_interpolate_between_samples() -> None:
     assert interpolate(points, 5.0) is None
 
 
-def test_aggregated_latency_is_to_the_next_version() -> None:
+def test_latency_runs_to_the_version_an_update_was_folded_into() -> None:
     updates = {
-        "a": {"accepted": True, "judged_version": 2, "published_at": 10.0},
-        "b": {"accepted": False, "judged_version": 2, "published_at": 10.0},
-        "c": {"accepted": True, "judged_version": 5, "published_at": 11.0},  # never made
+        "a": {"published_at": 10.0},
+        "b": {"published_at": 10.0},  # rejected: never folded in
+        "c": {"published_at": 11.0},  # folded into a version not recorded
+        "d": {"published_at": 30.0},  # outside the window
+        "e": {"published_at": 12.0},  # no verdict
     }
-    assert aggregated_latencies(updates, {3: 12.5}) == [2.5]
+    verdicts = {"a": (True, None, 3), "b": (False, "stale", None), "c": (True, None, 9),
+                "d": (True, None, 3)}
+    assert folded_latencies(updates, verdicts, {3: 12.5}, 0.0, 20.0) == [2.5]
 
 
 def test_accuracy_after_counts_applied_updates() -> None:
