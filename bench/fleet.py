@@ -2,8 +2,9 @@
 real Mosquitto (``fedbus.broker.LocalBroker``, every device its own account and ACL) and the
 real coordinator (``fedbus coordinator``, FedBuff, int8 updates, evaluating every version).
 
-The offered load is the same at every size: each device's compute time per update is chosen
-so that the fleet offers ``RATE`` updates per second, so what changes with the size is the
+The offered load is the same at every size: compute times per update average N/``RATE``
+seconds over the fleet (with speeds 1:2:4, about 1.36 × ``RATE`` updates per second in all,
+since the fast devices send more often), so what changes with the size is the
 number of connections, sessions and model deliveries the broker and the coordinator carry, and
 the cost per update shows what the fleet itself costs. The coordinator's buffer size and
 staleness limit follow the fleet (``fleet_settings``): with N devices each training once every
@@ -37,7 +38,7 @@ from bench.harness import BenchContext, percentile, ratio, summarize
 
 log = logging.getLogger("bench.fleet")
 
-RATE = 15.0  # updates per second offered by the whole fleet, at every size
+RATE = 15.0  # N/RATE: the mean compute seconds per update of a fleet of N, at every size
 UPDATES = 1200  # applied updates per run, the same at every size
 SPEEDS = (1.0, 2.0, 4.0)
 

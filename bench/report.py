@@ -389,8 +389,16 @@ def _flood(b: dict[str, Any]) -> str:
     ])
 
 
+def _offered(speeds: list[float]) -> float:
+    """Updates per second per unit of ``rate`` when compute times follow ``speeds`` scaled to
+    an arithmetic mean of N/rate: the sum of 1/c over devices is N/rate times this."""
+    mean = sum(speeds) / len(speeds)
+    return sum(mean / s for s in speeds) / len(speeds)
+
+
 def _fleet(b: dict[str, Any]) -> str:
-    head = ["devices", "model subscription", "K / max staleness", "judged/s", "accepted",
+    head = ["devices", "model subscription", "K / max staleness", "first version (s)",
+            "applied/s (steady)", "accepted",
             "rejected", "publish→aggregated p50 / p99 (s)", "receipt p50 / p99 (s)",
             "coordinator CPU ms/update", "broker CPU ms/update", "coordinator / broker RSS (MiB)",
             "models per training / per update sent", f"accuracy after {b['updates']:,} applied",
@@ -404,7 +412,7 @@ def _fleet(b: dict[str, Any]) -> str:
         applied, acc = r["accuracy_after"]
         rows.append([
             f"{r['devices']:,}", r["mode"], f"{r['buffer_size']} / {r['max_staleness']}",
-            _num(r["ingest_per_s"]), _num(r["accepted"]),
+            _num(r.get("first_version_after_s")), _num(r["ingest_per_s"]), _num(r["accepted"]),
             ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())) or "none",
             f"{_num(r['aggregated_p50_s'])} / {_num(r['aggregated_p99_s'])}",
             f"{_num(r['receipt_p50_s'])} / {_num(r['receipt_p99_s'])}",
@@ -420,13 +428,19 @@ def _fleet(b: dict[str, Any]) -> str:
         f"Virtual devices of `bench/fleet_sim.py` (one process, one event loop, each device its "
         f"own MQTT connection, account, session, shard of 32 digits samples and speed "
         f"{':'.join(_num(s) for s in b['speeds'])}) against a real Mosquitto and a real "
-        f"`fedbus coordinator` (FedBuff, int8 updates, evaluating every version). The fleet "
-        f"offers {_num(b['rate'])} updates/s at every size (each device trains every N/"
-        f"{_num(b['rate'])} s on average); K ≈ √N and the staleness limit follow the fleet "
-        f"(bench/fleet.py `fleet_settings`). CPU per update: /proc CPU time between the first "
-        f"publish and the last receipt, over the updates judged. Sim late: how late the "
-        f"simulator's publishes left against their schedule (the driver's own lateness, "
-        f"included in the latencies).", "",
+        f"`fedbus coordinator` (FedBuff, int8 updates, evaluating every version). Compute "
+        f"times average N/{_num(b['rate'])} s over the fleet at every size (with these speeds "
+        f"the fleet offers about {_num(b['rate'] * _offered(b['speeds']))} updates/s); K ≈ √N "
+        f"and the staleness limit follow the fleet "
+        f"(bench/fleet.py `fleet_settings`). Steady window: from version 1 to the last "
+        f"version (the start-up burst of every device's `online` and `training` status stays "
+        f"out); first version: seconds from the first publish to version 1. Applied/s, CPU per "
+        f"update (/proc CPU time over the window, per update applied in it) and publish→"
+        f"aggregated (publish to the making of the version the coordinator's verdict says it "
+        f"was folded into) come from the coordinator's own records; receipts are as the "
+        f"simulator saw them. Models per training: models delivered to the simulator per "
+        f"local training. Sim late: how late the simulator's publishes left against their "
+        f"schedule (the driver's own lateness, included in the latencies).", "",
         _table(head, rows), "", "Held-out accuracy against applied updates:", "",
         *curves,
     ])
