@@ -16,7 +16,9 @@ What the agent guarantees (protocol v2, docs/protocol.md section 9):
   a model older than the newest it has seen;
 - it subscribes to the model with QoS 0: the broker queues no model versions for it while
   it is away, and the retained model (the newest) arrives on every reconnect, so a device
-  back from a partition trains on the newest model, not on a backlog;
+  back from a partition trains on the newest model, not on a backlog; and only between
+  trainings (protocol revision 2.9): the versions made while it trains are never sent to it,
+  and subscribing again afterwards brings the newest;
 - an outbox entry that can no longer be accepted (older than the task's ``max_staleness``,
   refused by the broker, over the outbox's bounds, of a run that ended or was replaced)
   is dropped with a log line; for a top-k task its content goes back into the residual;
