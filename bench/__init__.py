@@ -9,7 +9,8 @@ Modules: ``harness`` (processes, broker, environment, statistics, the agent flee
 module per benchmark (``ingest``, ``latency``, ``codecs``, ``tta``, ``footprint``,
 ``decode_worst`` with the payloads of ``hostile``, ``poisoning``, ``privacy``: accuracy
 against epsilon in an in-process simulation, ``flood``: honest receipt latency while one
-device floods) and
+device floods, ``fleet``: 100 to 5,000 virtual devices of ``fleet_sim`` against the real
+broker and coordinator) and
 ``report`` (results.json to the tables of BENCHMARKS.md).
 """
 
@@ -24,6 +25,7 @@ BENCHMARKS: tuple[str, ...] = (
     "poisoning",
     "privacy",
     "flood",
+    "fleet",
 )
 
 __all__ = ["BENCHMARKS"]

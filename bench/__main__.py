@@ -37,6 +37,7 @@ _MODULES = {
     "poisoning": "poisoning",
     "privacy": "privacy",
     "flood": "flood",
+    "fleet": "fleet",
 }
 
 
@@ -53,7 +54,7 @@ def _runner(name: str):
 # Order: the fleet of agents with equal speeds serves ``bytes`` and then the first profile
 # of ``time_to_accuracy`` without being restarted.
 ORDER = ("ingest_25k", "ingest_1m", "latency", "footprint", "bytes", "time_to_accuracy",
-         "decode_worst", "poisoning", "privacy", "flood")
+         "decode_worst", "poisoning", "privacy", "flood", "fleet")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -406,6 +406,63 @@ def _flood(b: dict[str, Any]) -> str:
     ])
 
 
+def _offered(speeds: list[float]) -> float:
+    """Updates per second per unit of ``rate`` when compute times follow ``speeds`` scaled to
+    an arithmetic mean of N/rate: the sum of 1/c over devices is N/rate times this."""
+    mean = sum(speeds) / len(speeds)
+    return sum(mean / s for s in speeds) / len(speeds)
+
+
+def _fleet(b: dict[str, Any]) -> str:
+    head = ["devices", "model subscription", "K / max staleness", "first version (s)",
+            "applied/s (steady)", "accepted",
+            "rejected", "publish→aggregated p50 / p99 (s)", "receipt p50 / p99 (s)",
+            "coordinator CPU ms/update", "broker CPU ms/update", "coordinator / broker RSS (MiB)",
+            "models per training / per update sent", f"accuracy after {b['updates']:,} applied",
+            "sim late p50 / p99 (s)"]
+    rows = []
+    curves = []
+    for name, r in b["runs"].items():
+        if r.get("error"):
+            rows.append([name, "failed: " + r["error"][:80]] + [""] * (len(head) - 2))
+            continue
+        applied, acc = r["accuracy_after"]
+        rows.append([
+            f"{r['devices']:,}", r["mode"], f"{r['buffer_size']} / {r['max_staleness']}",
+            _num(r.get("first_version_after_s")), _num(r["ingest_per_s"]), _num(r["accepted"]),
+            ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())) or "none",
+            f"{_num(r['aggregated_p50_s'])} / {_num(r['aggregated_p99_s'])}",
+            f"{_num(r['receipt_p50_s'])} / {_num(r['receipt_p99_s'])}",
+            _num(r["coordinator_cpu_ms_per_update"]), _num(r["broker_cpu_ms_per_update"]),
+            f"{_num(r['coordinator_rss_mib'])} / {_num(r['broker_rss_mib'])}",
+            f"{_num(r.get('models_per_training'))} / {_num(r['models_per_update'])}",
+            f"{_num(acc)} ({applied:,})",
+            f"{_num(r['sim_late_p50_s'])} / {_num(r['sim_late_p99_s'])}"])
+        points = ", ".join(f"{n:,}: {_num(a)}" for _t, n, a in r["accuracy_curve"])
+        curves.append(f"- {r['devices']:,} devices, {r['mode']}: {points}")
+    return "\n".join([
+        _stamp(b), "", _table(HEAD, [_head(b, "coordinator CPU per update, largest fleet")]), "",
+        f"Virtual devices of `bench/fleet_sim.py` (one process, one event loop, each device its "
+        f"own MQTT connection, account, session, shard of 32 digits samples and speed "
+        f"{':'.join(_num(s) for s in b['speeds'])}) against a real Mosquitto and a real "
+        f"`fedbus coordinator` (FedBuff, int8 updates, evaluating every version). Compute "
+        f"times average N/{_num(b['rate'])} s over the fleet at every size (with these speeds "
+        f"the fleet offers about {_num(b['rate'] * _offered(b['speeds']))} updates/s); K ≈ √N "
+        f"and the staleness limit follow the fleet "
+        f"(bench/fleet.py `fleet_settings`). Steady window: from version 1 to the last "
+        f"version (the start-up burst of every device's `online` and `training` status stays "
+        f"out); first version: seconds from the first publish to version 1. Applied/s, CPU per "
+        f"update (/proc CPU time over the window, per update applied in it) and publish→"
+        f"aggregated (publish to the making of the version the coordinator's verdict says it "
+        f"was folded into) come from the coordinator's own records; receipts are as the "
+        f"simulator saw them. Models per training: models delivered to the simulator per "
+        f"local training. Sim late: how late the simulator's publishes left against their "
+        f"schedule (the driver's own lateness, included in the latencies).", "",
+        _table(head, rows), "", "Held-out accuracy against applied updates:", "",
+        *curves,
+    ])
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "ingest_25k": _ingest,
     "ingest_1m": _ingest,
@@ -417,6 +474,7 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "poisoning": _poisoning,
     "privacy": _privacy,
     "flood": _flood,
+    "fleet": _fleet,
 }
 
 
@@ -442,6 +500,7 @@ RATIO_MEANS = {
     "poisoning": "default defences / plain mean, worst points lost (lower is better)",
     "privacy": "accuracy with DP (σ = 1) / without (higher is better)",
     "flood": "honest p99 under a flood / without (lower is better)",
+    "fleet": "coordinator CPU per update, largest fleet / smallest (lower is better)",
 }
 
 

@@ -556,6 +556,9 @@ class CoordinatorCore:
         )
         self._devices: dict[str, str] = {}
         self._aside: set[str] = set()  # online devices whose status says they cannot take part
+        # devices whose last state is online, training or idle: kept as statuses arrive, so
+        # that counting them costs nothing per update however large the fleet
+        self._online: set[str] = set()
         self._ended: str | None = None
         # the operator's pause (its reason) or None: no new version is made while paused
         self._paused: str | None = None
@@ -674,7 +677,16 @@ class CoordinatorCore:
 
     def online_devices(self) -> set[str]:
         """Devices whose last state is online, training or idle."""
-        return {d for d, s in self._devices.items() if s in ONLINE_STATES}
+        return set(self._online)
+
+    def online_count(self) -> int:
+        """How many devices are online (``len(online_devices())`` without the copy)."""
+        return len(self._online)
+
+    def contributing_count(self) -> int:
+        """How many devices contribute (``len(contributing_devices())``, without building
+        the set: per update, with thousands of devices)."""
+        return len(self._online) - len(self._aside & self._online)
 
     def contributing_devices(self) -> set[str]:
         """Online devices, except those whose status reports that they cannot take part in
@@ -778,8 +790,13 @@ class CoordinatorCore:
         if state is None:
             self._devices.pop(device_id, None)
             self._aside.discard(device_id)
+            self._online.discard(device_id)
         else:
             self._devices[device_id] = state
+            if state in ONLINE_STATES:
+                self._online.add(device_id)
+            else:
+                self._online.discard(device_id)
         contributes = state in ONLINE_STATES and device_id not in self._aside
         if self._round is None:
             if contributes or not self._buffer_ids:
@@ -923,7 +940,7 @@ class CoordinatorCore:
             "buffered": len(self._buffer_ids),
             "buffer_size": self.config.effective_buffer_size,
             "devices_known": len(self._devices),
-            "devices_online": len(self.online_devices()),
+            "devices_online": self.online_count(),
             "ended": self._ended,
             "paused": self._paused,
             "counters": dict(self._counters),
@@ -1028,7 +1045,7 @@ class CoordinatorCore:
         """K, but never more than the devices known to be online: each agent trains once per
         version, so a smaller fleet could otherwise fill the buffer only through the timeout.
         With no presence known (no status messages), K as configured."""
-        online = len(self.contributing_devices())
+        online = self.contributing_count()
         k = self.config.effective_buffer_size
         if online:
             return min(k, online)
@@ -1076,7 +1093,7 @@ class CoordinatorCore:
         if self._kept is None:
             return True
         return quorum_reached(self.config.spec, self._kept, k,
-                              len(self.contributing_devices()))
+                              self.contributing_count())
 
     def _prepared(
         self, delta: Mapping[str, np.ndarray], clip: float | None, *, count: bool = True

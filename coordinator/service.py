@@ -1048,7 +1048,7 @@ class CoordinatorService:
         self._log_presence(device, self.fleet.on_status(device, msg.payload, time.time()))
         self._end_at_max_versions()
         self._commit()
-        self.metrics.online(len(self.core.online_devices()))
+        self.metrics.online(self.core.online_count())
         self._carry_out(actions)
 
     def _refuse(self, device: str, msg: Message, retry_after: float, now: float) -> None:
@@ -1254,7 +1254,7 @@ class CoordinatorService:
         if self._task_published or need == 0:
             return True
         with self._lock:
-            online = len(self.core.online_devices())
+            online = self.core.online_count()
         if online >= need:
             log.info("%d of %d devices online: publishing the task", online, need)
             return True

@@ -17,7 +17,9 @@ What the agent guarantees (protocol v2, docs/protocol.md section 9):
   a model older than the newest it has seen;
 - it subscribes to the model with QoS 0: the broker queues no model versions for it while
   it is away, and the retained model (the newest) arrives on every reconnect, so a device
-  back from a partition trains on the newest model, not on a backlog;
+  back from a partition trains on the newest model, not on a backlog; and only between
+  trainings (protocol revision 2.9): the versions made while it trains are never sent to it,
+  and subscribing again afterwards brings the newest;
 - it follows model deltas (protocol revision 2.7): once it has rebuilt a version from the
   retained ``model_delta`` of the version it holds (checked bit for bit against the
   delta's digest), it unsubscribes from the whole model and receives only deltas; a delta
@@ -205,6 +207,11 @@ class Agent:
         self._held: tuple[str, int, dict[str, np.ndarray]] | None = None
         self._whole_model = True
         self._models_since_connect = 0
+        # revision 2.9: whether the model topics are followed (between trainings), and the
+        # model topics subscribed to now (_sync_model_subscriptions)
+        self._models_followed = False
+        self._model_subscribed: list[str] = []
+        self._subscription_lock = threading.Lock()
         self._receipts: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         # a chunked model being reassembled (network thread; the agent thread expires it)
         self._chunk_lock = threading.Lock()
@@ -347,9 +354,11 @@ class Agent:
             self.stats.model_chunk_timeouts += 1
             log.warning("gave up the chunked model %s: %s; asking the broker for the "
                         "retained model again", partial.id, partial.detail)
-        if gone:
-            self.client.subscribe(self.topics.model, qos=0)
-            self.client.subscribe(self.topics.model_chunks, qos=0)
+        if gone:  # subscribing again to what it follows: the retained chunks come again
+            with self._subscription_lock:
+                for topic in self._model_subscribed:
+                    if topic != self.topics.model_delta:
+                        self.client.subscribe(topic, qos=0)
 
     def _keep_newest_model(self, payload: bytes) -> None:
         """Keep a model only if it is the newest seen for its run (the tensors stay
@@ -413,8 +422,7 @@ class Agent:
             whole, self._whole_model = self._whole_model, False
         if whole:
             log.info("following model deltas from v%d on", delta.version)
-            self.client.unsubscribe(self.topics.model)
-            self.client.unsubscribe(self.topics.model_chunks)
+            self._sync_model_subscriptions()
         self._wake.set()
 
     def _want_whole_model(self, why: str) -> None:
@@ -422,8 +430,7 @@ class Agent:
             whole, self._whole_model = self._whole_model, True
         if not whole:
             log.info("subscribing to the whole model again: %s", why)
-            self.client.subscribe(self.topics.model_chunks, qos=0)
-            self.client.subscribe(self.topics.model, qos=0)
+            self._sync_model_subscriptions()
 
     def _on_connect(self, session_present: bool) -> None:
         task = self._task
@@ -477,13 +484,11 @@ class Agent:
         torch.set_num_threads(self.config.threads)
         device = self.config.device_id
         self.client.subscribe(self.topics.task, qos=1)
-        # QoS 0: no model versions are queued while away; the retained one comes on connect
-        self.client.subscribe(self.topics.model, qos=0)
-        # chunks 1 and up of a model larger than the broker's packet limit (revision 2.6)
-        self.client.subscribe(self.topics.model_chunks, qos=0)
-        # revision 2.7: the change from the previous version, retained; once one applies,
-        # the whole model is unsubscribed (_follow_delta)
-        self.client.subscribe(self.topics.model_delta, qos=0)
+        # QoS 0: no model versions are queued while away; the retained one comes on connect.
+        # Only between trainings (revision 2.9): dropped while training, taken again after;
+        # the deltas (revision 2.7) always, the whole model (and its chunk topics, revision
+        # 2.6) until a delta applies (_model_topics)
+        self._follow_models(True)
         self.client.subscribe(self.topics.receipt(device), qos=1)
         self.client.start()
         try:
@@ -536,7 +541,13 @@ class Agent:
                 work = self._next_work(task)
                 if work is None or not allowed:
                     continue  # nothing new, or paused (the outbox is still sent above)
-                self._train_and_publish(task, work)
+                # revision 2.9: no model deliveries while training; subscribing again
+                # afterwards brings the retained model, the newest, at once
+                self._follow_models(False)
+                try:
+                    self._train_and_publish(task, work)
+                finally:
+                    self._follow_models(True)
                 if on_update is not None:
                     on_update(self.stats)
                 if self.config.max_updates and (
@@ -561,6 +572,35 @@ class Agent:
             if all(r is not None and r.done for r in sends):
                 return
             time.sleep(0.05)
+
+    def _follow_models(self, on: bool) -> None:
+        """Take the model topics between trainings, drop them while training (revision 2.9,
+        protocol 9.1)."""
+        self._models_followed = on
+        self._sync_model_subscriptions()
+
+    def _model_topics(self) -> list[str]:
+        """The model topics to be subscribed to now, in the order to subscribe: none while
+        training (revision 2.9); else the model deltas (revision 2.7) and, unless the agent
+        follows them, the whole model's chunk topics (revision 2.6) and the model itself."""
+        if not self._models_followed:
+            return []
+        topics = [self.topics.model_delta]
+        if self._whole_model:
+            topics += [self.topics.model_chunks, self.topics.model]
+        return topics
+
+    def _sync_model_subscriptions(self) -> None:
+        """Subscribe and unsubscribe (QoS 0) so that the model topics are ``_model_topics``
+        (either thread: the agent thread around a training, the network thread when a delta
+        applies or does not)."""
+        with self._subscription_lock:
+            want = self._model_topics()
+            for topic in [t for t in reversed(self._model_subscribed) if t not in want]:
+                self.client.unsubscribe(topic)
+            for topic in [t for t in want if t not in self._model_subscribed]:
+                self.client.subscribe(topic, qos=0)
+            self._model_subscribed = want
 
     def _on_policy_change(self, decision: Decision) -> None:
         if not decision.train and not self._training:

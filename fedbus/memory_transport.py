@@ -420,6 +420,9 @@ class MemoryBroker:
                 session.queue.append(_Delivery(topic, payload, min(qos, options.qos), True))
         self._cond.notify_all()
 
+    def _unsubscribe(self, conn: _Connection, topic_filter: str) -> None:
+        conn.session.subscriptions.pop(topic_filter, None)
+
     def _receive(self, conn: _Connection, out: _Outgoing) -> int | None:
         """One PUBLISH from ``conn``: the PUBACK reason code, or None when no PUBACK
         comes back (lost on purpose, or the connection is gone)."""
@@ -620,11 +623,12 @@ class MemoryTransport:
                 self._broker._subscribe(self._conn, topic_filter, options)
 
     def unsubscribe(self, topic_filter: str) -> None:
-        """Drop a subscription now (if connected) and for later reconnects."""
+        """Unsubscribe now if connected (what is already queued for the session may still
+        arrive, as from a real broker), and no longer subscribe after a reconnect."""
         with self._broker._cond:
             self._subscriptions.pop(topic_filter, None)
             if self._conn is not None:
-                self._conn.session.subscriptions.pop(topic_filter, None)
+                self._broker._unsubscribe(self._conn, topic_filter)
 
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False

@@ -240,7 +240,7 @@ class Transport(Protocol):
         retain_as_published: bool = False,
     ) -> None: ...
     def unsubscribe(self, topic_filter: str) -> None:
-        """Drop a subscription now (if connected) and for every later reconnect."""
+        """Drop the subscription now if connected, and do not renew it after a reconnect."""
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> PublishResult: ...
@@ -503,10 +503,10 @@ class MqttClient:
             self._client.subscribe(topic_filter, options=options)
 
     def unsubscribe(self, topic_filter: str) -> None:
-        """Drop a subscription now (if connected) and for every later reconnect."""
+        """Unsubscribe now if connected, and no longer subscribe after a reconnect."""
         with self._lock:
-            self._subscriptions.pop(topic_filter, None)
-        if self.connected:
+            known = self._subscriptions.pop(topic_filter, None) is not None
+        if known and self.connected:
             self._client.unsubscribe(topic_filter)
 
     def publish(

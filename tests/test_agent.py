@@ -296,6 +296,10 @@ def test_the_agent_follows_model_deltas_and_falls_back_to_the_whole_model(
     subscribed: list[str] = []
     agent.client.subscribe = lambda topic, qos=1, **_: subscribed.append(f"+{topic}")  # type: ignore[method-assign]
     agent.client.unsubscribe = lambda topic: subscribed.append(f"-{topic}")  # type: ignore[method-assign]
+    agent._follow_models(True)  # between trainings: the deltas, the whole model's topics
+    assert subscribed == [f"+{TOPICS.model_delta}", f"+{TOPICS.model_chunks}",
+                          f"+{TOPICS.model}"]
+    subscribed.clear()
     v0 = {"w": np.array([1.0, 2.0], np.float32), "b": np.zeros(3, np.float32)}
     v1 = {"w": np.array([1.0, 3.0], np.float32), "b": np.array([0, 0.5, 0], np.float32)}
     v2 = {"w": np.array([-0.0, 3.0], np.float32), "b": np.array([0, 0.5, 1], np.float32)}
@@ -327,3 +331,44 @@ def test_the_agent_follows_model_deltas_and_falls_back_to_the_whole_model(
     agent._on_message(delta(v2, v1, 3))
     assert agent._model_msg is not None and agent._model_msg.version == 3
     assert subscribed[-2:] == left and agent.stats.model_deltas_applied == 2
+
+
+def test_no_model_reaches_the_agent_while_it_trains(broker: MemoryBroker, tmp_path: Path) -> None:
+    """Protocol revision 2.9: the model subscription is dropped while training and taken
+    again afterwards, so the versions made meanwhile are not delivered; the retained one,
+    the newest, comes with the new subscription."""
+    from fedbus.transport import ConnectionSettings
+    from fedbus.zoo import build_model, get_state
+
+    task = _task()
+    state = encode_delta(get_state(build_model(task.model.arch, task.model.args)), "fp32")
+    other = broker.factory(ConnectionSettings(host="memory", port=1, client_id="op",
+                                              username="op", password="x"),
+                           on_message=lambda _m: None)
+    other.start()
+
+    def publish_model(version: int) -> None:
+        model = GlobalModel(task.task_id, version, state, run_id=task.run_id)
+        assert other.publish(TOPICS.model, pack(model.to_wire()), retain=True).wait(5)
+
+    assert other.publish(TOPICS.task, pack(task.to_wire()), retain=True).wait(5)
+    publish_model(0)
+    agent = AgentThread(broker, tmp_path / "a", max_updates=2, compute_seconds=0.8)
+    wait_for(lambda: agent.agent._training, what="the first training")
+    for version in range(1, 6):  # five versions while the agent trains on v0
+        publish_model(version)
+    agent.join()
+    other.stop()
+    bases = sorted(r.base_version for r in _ledger_rows(tmp_path / "a"))
+    assert bases == [0, 5]  # trained on v0, then on the newest, v5
+    assert agent.agent._models_since_connect == 2  # v0 and v5, none of v1-v4
+
+
+def _ledger_rows(state: Path) -> list[Any]:
+    from edge_agent.state import STATE_FILE, AgentState
+
+    store = AgentState(state / STATE_FILE)
+    try:
+        return store.ledger()
+    finally:
+        store.close()

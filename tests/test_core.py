@@ -459,6 +459,9 @@ def test_presence_from_status() -> None:
     c.on_status("d1", b"", now=1.0)  # retained status cleared
     assert "d1" not in c.devices
     assert c.snapshot()["devices_online"] == 1
+    c.on_status("d2", status("d2", "offline"), now=2.0)  # kept as statuses come, not counted
+    c.on_status("d3", status("d3", "idle"), now=2.0)
+    assert c.online_devices() == {"d3"} and c.online_count() == c.contributing_count() == 1
 
 
 @pytest.mark.parametrize(
