@@ -59,6 +59,7 @@ from broker_config import (
     POLICY_FILE,
     TLS_POLICY_FILE,
 )
+from fedbus import bridge as bridges
 from fedbus import dynsec, pki, revocation, signing
 from fedbus.errors import ConfigError, FedbusError
 from fedbus.processes import terminate
@@ -94,6 +95,7 @@ _READY_MARKER = re.compile(r"mosquitto version \S+ running")
 _PORT_IN_USE = "Address already in use"
 _DNS_NAME = re.compile(r"[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 _MAX_PACKET_LINE = re.compile(r"^max_packet_size[ \t]+[0-9]+[ \t]*$", re.MULTILINE)
+_RETAIN_SOURCE_LINE = re.compile(r"^check_retain_source[ \t]+true[ \t]*$", re.MULTILINE)
 _ACL_TOPIC_START = re.compile(
     r"^((?:topic|pattern)[ \t]+(?:(?:read|write|readwrite|deny)[ \t]+)?)fedbus(?=/|[ \t]*$)",
     re.MULTILINE,
@@ -168,6 +170,7 @@ def render_config(
     log_file: Path,
     run_as: str | None = None,
     tls: TlsListeners | None = None,
+    bridge: str | None = None,
 ) -> str:
     """``policy`` (the shipped mosquitto.conf) followed by the lines of one instance.
 
@@ -175,7 +178,9 @@ def render_config(
     line, because Mosquitto applies those settings to the listener defined before them; on
     the TLS listeners, the shipped tls.conf or mtls.conf and the certificate files follow.
     ``port`` None: no plain MQTT listener. Accounts and access control come from the
-    dynamic-security ``plugin`` and its ``dynsec_file``.
+    dynamic-security ``plugin`` and its ``dynsec_file``. ``bridge``: a bridge section
+    (``fedbus.bridge.render_bridge``), put last, since every line after its ``connection``
+    line belongs to it.
     """
     lines = ["# --- This instance (written by fedbus.broker.LocalBroker) ---"]
     if port is not None:
@@ -200,6 +205,9 @@ def render_config(
     ]
     if run_as is not None:
         lines.append(f"user {run_as}")
+    if bridge is not None:
+        lines += ["", "# --- The bridge to the root broker (fedbus.bridge) ---",
+                  bridge.strip("\n")]
     return policy.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -214,6 +222,13 @@ class LocalBroker:
     written into its server certificate besides loopback (and ``host`` when it is a specific
     address). ``max_packet_size``: replaces the shipped policy's 8 MiB (tests use it to play
     a broker with a small limit, such as Mosquitto 2.1's default of 2,000,000 bytes).
+
+    A root broker of regional ones (``fedbus.bridge``): ``bridge_regions`` makes an account
+    ``fedbus-bridge-<region>`` for each, with a client certificate, and writes its bundle to
+    ``bridges/<region>/``. A regional broker: ``bridge`` is the bundle the root wrote, and
+    ``bridge_address`` (host, port) the address this broker reaches the root at, when not
+    the bundle's; it bridges with the bundle's client certificate, and its credentials
+    file (and so its device bundles) carry the root coordinator's public key.
     """
 
     def __init__(
@@ -230,6 +245,9 @@ class LocalBroker:
         plaintext: bool | None = None,
         tls_names: Sequence[str] = (),
         max_packet_size: int | None = None,
+        bridge_regions: Sequence[str] = (),
+        bridge: bridges.BridgeBundle | None = None,
+        bridge_address: tuple[str, int] | None = None,
     ) -> None:
         self._workdir = _checked_workdir(Path(workdir))
         if max_packet_size is not None and not 20 <= max_packet_size <= 268_435_455:
@@ -267,11 +285,20 @@ class LocalBroker:
         self.operator = _account(dynsec.OPERATOR_USERNAME, known)
         # the initial devices of an earlier start, then those asked for now
         own = (dynsec.ADMIN_USERNAME, COORDINATOR_USERNAME, dynsec.OPERATOR_USERNAME)
-        earlier = [d for d in known if d not in own]
+        earlier = [d for d in known
+                   if d not in own and not d.startswith(bridges.BRIDGE_USERNAME_PREFIX)]
         self.devices: dict[str, Credentials] = {
             d: _account(d, known) for d in dict.fromkeys([*earlier, *ids])
         }
         self._asked = ids
+        regions = [bridges.check_region(r) for r in bridge_regions]
+        if isinstance(bridge_regions, str) or len(set(regions)) != len(regions):
+            raise ConfigError("bridge_regions must be a list of distinct region names")
+        self.bridges: dict[str, Credentials] = {
+            r: _account(bridges.bridge_username(r), known) for r in regions
+        }
+        self._bridge = bridge
+        self._bridge_spec = None if bridge is None else bridge.spec(bridge_address)
 
     # -- properties -----------------------------------------------------------------------
 
@@ -380,6 +407,15 @@ class LocalBroker:
         """Where ``fedbus devices add`` writes the credentials bundle of each device."""
         return self._workdir / "bundles"
 
+    @property
+    def bridge_spec(self) -> bridges.BridgeSpec | None:
+        """The bridge of a regional broker to its root (None for any other broker)."""
+        return self._bridge_spec
+
+    def bridge_bundle_dir(self, region: str) -> Path:
+        """Where the bundle of ``region``'s bridge is written (a root broker)."""
+        return self._workdir / "bridges" / bridges.check_region(region)
+
     def credentials(self, username: str) -> Credentials:
         """The account ``username`` (the admin, the coordinator, the operator or an initial
         device)."""
@@ -389,6 +425,9 @@ class LocalBroker:
             return self.admin
         if username == dynsec.OPERATOR_USERNAME:
             return self.operator
+        for account in self.bridges.values():
+            if account.username == username:
+                return account
         try:
             return self.devices[username]
         except KeyError:
@@ -417,6 +456,7 @@ class LocalBroker:
             else:
                 self._launch(mosquitto, plugin, timeout)
             self._write_credentials_file()
+            self._write_bridge_bundles()
         except BaseException:
             self.stop()
             raise
@@ -524,6 +564,7 @@ class LocalBroker:
             self._write_credentials_file()
         else:
             self._add_operator()
+        self._add_bridges()
         self._write_certificates()
 
     def _add_operator(self) -> None:
@@ -541,6 +582,39 @@ class LocalBroker:
         if updated is not None or roles is not None:
             _write_private(self.dynsec_file, json.dumps(roles or updated, indent=2) + "\n")
 
+    def _add_bridges(self) -> None:
+        """The bridges' accounts and roles, added while Mosquitto is stopped (the lock is
+        held): the passwords go into credentials.json first."""
+        if not self.bridges:
+            return
+        try:
+            config = json.loads(self.dynsec_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {self.dynsec_file}: {exc}") from None
+        updated = bridges.with_bridge_accounts(
+            config, self._prefix, {r: c.password for r, c in self.bridges.items()})
+        if updated is not None:
+            self._write_credentials_file()
+            _write_private(self.dynsec_file, json.dumps(updated, indent=2) + "\n")
+
+    def _write_bridge_bundles(self) -> None:
+        """``bridges/<region>/``: bridge.json, the CA and the bridge's client certificate."""
+        for region, account in self.bridges.items():
+            directory = self.bridge_bundle_dir(region)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            cert, key = self.client_certificate(account.username)
+            for src, name in ((self.ca_file, pki.CA_CERT_FILE), (cert, "bridge.crt"),
+                              (key, "bridge.key")):
+                _write_private(directory / name, src.read_text())
+            bundle = bridges.BridgeBundle(
+                region=region, host=self.client_host, tls_port=self._ports["tls"] or None,
+                mtls_port=self._ports["mtls"] or None, prefix=self._prefix,
+                ca_file=directory / pki.CA_CERT_FILE, username=account.username,
+                password=account.password, cert_file=directory / "bridge.crt",
+                key_file=directory / "bridge.key", coordinator_key=self.coordinator_key)
+            _write_private(directory / bridges.BRIDGE_BUNDLE_FILE, json.dumps(
+                bridges.bundle_document(bundle, directory), indent=2) + "\n")
+
     def _write_certificates(self) -> None:
         """The CA (made once, never replaced), a server certificate that names this broker
         (issued again when it is missing, expires within 30 days or lacks a name), and a
@@ -556,7 +630,8 @@ class LocalBroker:
             pki.issue_server_certificate(ca, self._tls_names, cert, key, now=now)
         clients = self.tls_dir / "clients"
         clients.mkdir(mode=0o700, exist_ok=True)
-        for username in [self.coordinator.username, *self.devices]:
+        for username in [self.coordinator.username, *self.devices,
+                         *(c.username for c in self.bridges.values())]:
             cert, key = self.client_certificate(username)
             if not (cert.exists() and key.exists()):
                 for path in (cert, key):
@@ -583,6 +658,13 @@ class LocalBroker:
             policy, found = _MAX_PACKET_LINE.subn(f"max_packet_size {self._max_packet_size}",
                                                   policy)
             assert found == 1, "the shipped policy sets max_packet_size once"
+        if self._bridge_spec is not None:
+            # Mosquitto 2.0.11 checks a retained message's source against the ACL before
+            # handing it out; the bridge's local side has no username, so the dynamic-
+            # security plugin refuses it and the retained task and model that came over the
+            # bridge would never reach a device that subscribes later.
+            policy, found = _RETAIN_SOURCE_LINE.subn("check_retain_source false", policy)
+            assert found == 1, "the shipped policy sets check_retain_source once"
         return render_config(
             policy,
             LISTENER_POLICY_FILE.read_text(),
@@ -596,6 +678,8 @@ class LocalBroker:
             # these files; it stays the current user when told to be that user.
             run_as=pwd.getpwuid(os.geteuid()).pw_name if os.geteuid() == 0 else None,
             tls=self._tls_listeners(),
+            bridge=None if self._bridge_spec is None else bridges.render_bridge(
+                self._bridge_spec),
         )
 
     def _launch_on_free_ports(self, mosquitto: str, plugin: Path, timeout: float) -> None:
@@ -698,14 +782,19 @@ class LocalBroker:
             "admin": _account_json(self.admin),
             # reads the fleet snapshot, task, model and status (fedbus status)
             "operator": _account_json(self.operator),
-            # the public key devices verify tasks and models with (fedbus.signing)
-            "coordinator_key": self.coordinator_key,
+            # the public key devices verify tasks and models with (fedbus.signing); on a
+            # regional broker, the root coordinator's
+            "coordinator_key": (self._bridge.coordinator_key
+                                if self._bridge is not None and self._bridge.coordinator_key
+                                else self.coordinator_key),
             "coordinator": {
                 **entry(self.coordinator),
                 "signing_key_file": str(self.signing_key_file.relative_to(self._workdir)),
             },
             "devices": {d: entry(c) for d, c in self.devices.items()},
         }
+        if self.bridges:  # a root broker: the accounts of its regional bridges
+            data["bridges"] = {r: entry(c) for r, c in self.bridges.items()}
         text = json.dumps(data, indent=2) + "\n"
         with contextlib.suppress(OSError):
             if self.credentials_file.read_text() == text:
@@ -889,6 +978,7 @@ def _previous_passwords(data: dict[str, Any], path: Path) -> dict[str, str]:
     try:
         accounts = [data["coordinator"], *data.get("devices", {}).values()]
         accounts += [data[own] for own in ("admin", "operator") if own in data]
+        accounts += list(data.get("bridges", {}).values())
         return {str(a["username"]): str(a["password"]) for a in accounts}
     except (KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(

@@ -103,6 +103,7 @@ _KEY_BYTES = 64
 # iteration count protects nothing; a higher one would only cost the broker at every login.
 _ITERATIONS = 101
 _RESERVED = {ADMIN_USERNAME, "coordinator", OPERATOR_USERNAME}
+_BRIDGE_PREFIX = "fedbus-bridge-"  # fedbus.bridge.BRIDGE_USERNAME_PREFIX
 
 
 class DynsecError(FedbusError):
@@ -195,6 +196,9 @@ def check_new_device_id(device_id: str) -> str:
     validate_device_id(device_id)
     if device_id in _RESERVED:
         raise ValueError(f"{device_id!r} is reserved for fedbus's own accounts")
+    if device_id.startswith(_BRIDGE_PREFIX):
+        raise ValueError(f"{device_id!r}: names starting with {_BRIDGE_PREFIX!r} are "
+                         "reserved for the accounts of regional bridges")
     return device_id
 
 
@@ -375,7 +379,7 @@ def devices_from_list(response: Mapping[str, Any]) -> list[DeviceEntry]:
         out = []
         for client in clients:
             username = str(client["username"])
-            if username in _RESERVED:
+            if username in _RESERVED or username.startswith(_BRIDGE_PREFIX):
                 continue
             roles = {str(r["rolename"]) for r in client.get("roles", [])}
             enabled = not client.get("disabled", False) and device_role_name(username) in roles

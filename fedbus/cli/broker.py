@@ -11,6 +11,7 @@ from types import FrameType
 
 import click
 
+from fedbus.bridge import parse_address, read_bridge_bundle
 from fedbus.broker import DYNSEC_FILE, LocalBroker, default_device_ids
 from fedbus.errors import FedbusError
 from fedbus.topics import DEFAULT_PREFIX
@@ -76,9 +77,26 @@ _HEALTH_CHECK_SECONDS = 0.5
     "--prefix", default=DEFAULT_PREFIX, show_default=True,
     help="Topic prefix; the coordinator and the agents must use the same one.",
 )
+@click.option(
+    "--bridge-region", "bridge_regions", multiple=True, metavar="REGION",
+    help="Root broker of regional ones: make an account for REGION's bridge and write its "
+    "bundle to --dir/bridges/REGION (repeatable). See docs/operations.md.",
+)
+@click.option(
+    "--bridge-bundle", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Regional broker: bridge to the root broker with this bundle (the root's "
+    "--dir/bridges/REGION, copied here). Devices connect here; their updates and statuses go "
+    "to the root, the task, models and receipts come back.",
+)
+@click.option(
+    "--bridge-to", default=None, metavar="HOST:PORT",
+    help="With --bridge-bundle: the root broker's mutual-TLS address as this broker reaches "
+    "it [default: the bundle's]. HOST must be a name in the root's certificate.",
+)
 def broker(port: int, tls_port: int, mtls_port: int, host: str, tls_names: Sequence[str],
            insecure_plaintext: bool, num_devices: int | None, device_ids: Sequence[str],
-           workdir: Path, prefix: str) -> None:
+           workdir: Path, prefix: str, bridge_regions: Sequence[str],
+           bridge_bundle: Path | None, bridge_to: str | None) -> None:
     """Run a local Mosquitto broker with the fedbus access policy.
 
     It creates an account for the coordinator and one per device, each with a random
@@ -114,10 +132,21 @@ def broker(port: int, tls_port: int, mtls_port: int, host: str, tls_names: Seque
     else:  # a directory in use keeps what it has; a new one gets the default fleet
         ids = [] if (workdir / DYNSEC_FILE).exists() else default_device_ids(8)
     try:
+        if bridge_to is not None and bridge_bundle is None:
+            raise click.ClickException("--bridge-to needs --bridge-bundle")
+        if bridge_bundle is not None and bridge_regions:
+            raise click.ClickException("a regional broker (--bridge-bundle) has no regions "
+                                       "of its own (--bridge-region): bridge one level only")
+        bundle = None if bridge_bundle is None else read_bridge_bundle(bridge_bundle)
+        if bundle is not None and prefix != DEFAULT_PREFIX and prefix != bundle.prefix:
+            raise click.ClickException(f"--prefix {prefix} differs from the root broker's "
+                                       f"{bundle.prefix} in the bridge bundle")
         local = LocalBroker(
-            workdir, device_ids=ids, port=port, host=host, prefix=prefix, tls_port=tls_port,
+            workdir, device_ids=ids, port=port, host=host,
+            prefix=bundle.prefix if bundle is not None else prefix, tls_port=tls_port,
             mtls_port=mtls_port, plaintext=True if insecure_plaintext else None,
-            tls_names=tls_names,
+            tls_names=tls_names, bridge_regions=bridge_regions, bridge=bundle,
+            bridge_address=None if bridge_to is None else parse_address(bridge_to),
         )
         local.start()
     except FedbusError as exc:
@@ -159,6 +188,16 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
+def _bridge_lines(local: LocalBroker) -> list[str]:
+    lines = [f"  bridge bundle: {local.bridge_bundle_dir(r)}  (for the region's broker: "
+             f"fedbus broker --bridge-bundle DIR)" for r in local.bridges]
+    spec = local.bridge_spec
+    if spec is not None:
+        lines.append(f"  bridged to:    {spec.host}:{spec.port} as {spec.username} (region "
+                     f"{spec.region}; the coordinator runs there)")
+    return lines
+
+
 def _summary(local: LocalBroker) -> str:
     devices = list(local.devices) or ["<device-id>"]
     shown = devices[0] if len(devices) == 1 else f"{devices[0]} .. {devices[-1]}"
@@ -175,6 +214,7 @@ def _summary(local: LocalBroker) -> str:
         f"  accounts:      coordinator and {len(local.devices)} initial device(s): {shown}",
         f"  credentials:   {creds}  (passwords: keep this file private)",
         f"  broker log:    {local.log_file}",
+        *_bridge_lines(local),
         "",
         "Point the coordinator and the agents at the credentials file, for example:",
         f"  fedbus coordinator --credentials {creds}",
