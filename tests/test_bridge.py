@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from fedbus.bridge import (
 )
 from fedbus.dynsec import check_new_device_id
 from fedbus.errors import ConfigError
+from tests.conftest import MqttClientFactory
 
 
 def test_bridge_section_with_a_certificate() -> None:
@@ -113,7 +115,9 @@ def test_cli_refuses_a_missing_bundle(tmp_path: Path) -> None:
     assert out.stderr.strip().count("\n") == 0 and "bridge.json not found" in out.stderr
 
 
-def test_coordinator_on_the_root_and_devices_on_two_bridged_regions(tmp_path: Path) -> None:
+def test_coordinator_on_the_root_and_devices_on_two_bridged_regions(
+    tmp_path: Path, mqtt_client: MqttClientFactory,
+) -> None:
     from bench.fleet_sim import FleetSim, parse_args
     from coordinator.config import CoordinatorConfig
     from coordinator.service import CoordinatorService
@@ -175,6 +179,20 @@ def test_coordinator_on_the_root_and_devices_on_two_bridged_regions(tmp_path: Pa
         for t in runs:
             t.join(10)
         print(f"bridged run: {time.monotonic() - start:.1f} s")
+        # the devices' retained statuses reached the root retained, through both bridges
+        # (a status the devices send while they stop may also arrive live, unretained)
+        retained: set[str] = set()
+
+        def on_status(_c: object, _u: object, m: Any) -> None:
+            if m.retain:
+                retained.add(m.topic.rsplit("/", 1)[1])
+
+        mqtt_client(root, "fedbus-operator", on_message=on_status).subscribe(
+            "fedbus/status/+", 1)
+        deadline = time.monotonic() + 5
+        while len(retained) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert retained == {"eu-01", "eu-02", "us-01", "us-02"}
     finally:
         if service is not None:
             service.stop()
