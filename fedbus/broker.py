@@ -293,7 +293,7 @@ class LocalBroker:
         self._asked = ids
         regions = [bridges.check_region(r) for r in bridge_regions]
         if isinstance(bridge_regions, str) or len(set(regions)) != len(regions):
-            raise ConfigError("bridge_regions must be a list of distinct region names")
+            raise ConfigError(f"duplicate or malformed bridge regions: {list(bridge_regions)}")
         self.bridges: dict[str, Credentials] = {
             r: _account(bridges.bridge_username(r), known) for r in regions
         }
