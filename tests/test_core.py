@@ -1063,3 +1063,33 @@ def test_a_buffer_waiting_for_a_device_that_stands_aside_is_applied() -> None:
     assert c.version == 0  # waits for d3 ...
     assert models(c.on_status("d3", aside_status("d3", kind="model"), now=3.0))  # ... no more
     assert c.version == 1
+
+
+def test_fleet_scaling_weighs_staleness_in_units_of_the_fleet() -> None:
+    results = {}
+    for scaling in (False, True):
+        c = core(buffer_size=4, staleness="poly", staleness_a=1.0, fleet_scaling=scaling)
+        online(c, *(f"d{i}" for i in range(16)))  # fleet scaling: K 4, unit 16 // 8 = 2
+        for i in range(4):
+            c.on_update(f"d{i}", upd(f"d{i}", 1.0, base=0), now=0.0)
+        assert c.version == 1
+        for i in range(4, 8):  # one version behind
+            c.on_update(f"d{i}", upd(f"d{i}", 3.0, base=0), now=0.0)
+        assert c.version == 2
+        results[scaling] = float(c.state["w"][0, 0])
+    # fixed: 1 + 3 / (1 + 1) = 2.5; scaled: 1 + 3 / (1 + 1/2) = 3
+    assert results == {False: pytest.approx(2.5), True: pytest.approx(3.0)}
+
+
+def test_fleet_scaling_limit_and_k_follow_the_devices_online() -> None:
+    c = core(buffer_size=1, max_staleness=1, fleet_scaling=True)
+    c.on_update("d1", upd("d1", base=0), now=0.0)  # nobody online: K 1, limit 1
+    c.on_update("d1", upd("d1", base=1), now=0.0)
+    assert c.version == 2
+    r = only_receipt(c.on_update("d2", upd("d2", base=0), now=0.0))
+    assert (r.receipt.accepted, r.receipt.reason) == (False, "stale")
+    online(c, "a", "b", "c", "d")  # 4 online: K ceil(sqrt 4) = 2, limit ceil(4·4/2) = 8
+    r = only_receipt(c.on_update("d3", upd("d3", base=0), now=0.0))
+    assert r.receipt.accepted and r.receipt.staleness == 2
+    assert c.version == 2 and c.snapshot()["buffered"] == 1  # 1 of K = 2
+    assert models(c.on_update("d4", upd("d4", base=2), now=0.0))
