@@ -40,11 +40,13 @@ def test_training_seed_is_the_agents() -> None:
 
 def test_fleet_settings_follow_the_fleet() -> None:
     s = fleet_settings(100, rate=40.0, updates=1200)
-    # K = sqrt(100) = 10; slowest speed 4 over a mean of 7/3 -> 12/7; 2 * 12/7 * 100/10 = 34.3
-    assert (s.period, s.buffer_size, s.max_staleness, s.max_versions) == (2.5, 10, 35, 120)
+    # the coordinator's fleet scaling: K = sqrt(100) = 10, unit 100 // 20 = 5, limit 50
+    # (4 · 100 / 10 = 40 is below the floor); 1200 / 10 versions
+    assert (s.period, s.buffer_size, s.staleness_unit, s.max_staleness, s.max_versions) == (
+        2.5, 10, 5, 50, 120)
     big = fleet_settings(5000, rate=40.0, updates=1200)
     assert big.buffer_size == 71 and big.max_versions == 17  # ceil(sqrt 5000), ceil(1200/71)
-    assert fleet_settings(4).buffer_size == 4 and fleet_settings(4).max_staleness == 10
+    assert fleet_settings(4).buffer_size == 4 and fleet_settings(4).max_staleness == 50
 
 
 def test_interpolate_between_samples() -> None:
