@@ -7,7 +7,7 @@ seconds over the fleet (with speeds 1:2:4, about 1.36 × ``RATE`` updates per se
 since the fast devices send more often), so what changes with the size is the
 number of connections, sessions and model deliveries the broker and the coordinator carry, and
 the cost per update shows what the fleet itself costs. The coordinator runs with
-``--fleet-scaling``: its buffer size, staleness weights and staleness limit follow the devices
+``--fleet-scaling``: its buffer size and staleness limit follow the devices
 it counts online (``coordinator.fleet_scale``; with N devices each training once every
 N/RATE seconds, an update is about N/K versions old when it arrives).
 
@@ -49,14 +49,13 @@ class FleetSettings:
     devices: int
     period: float  # mean compute seconds per device and update
     buffer_size: int  # K, as the coordinator's fleet scaling sets it for the whole fleet
-    staleness_unit: int
     max_staleness: int
     max_versions: int
 
 
 def fleet_settings(devices: int, rate: float = RATE, updates: int = UPDATES) -> FleetSettings:
     """The run for ``devices``: each device trains every ``devices / rate`` seconds on
-    average; K, the staleness unit and limit are what the coordinator's fleet scaling (the
+    average; K and the staleness limit are what the coordinator's fleet scaling (the
     default floors) sets once the whole fleet is online; enough versions to apply
     ``updates`` at that K."""
     from coordinator.fleet_scale import fleet_scale
@@ -65,8 +64,8 @@ def fleet_settings(devices: int, rate: float = RATE, updates: int = UPDATES) -> 
         raise ValueError("need devices >= 1, rate > 0, updates >= 1")
     scale = fleet_scale(devices, 4, 50)
     k = scale.buffer_size
-    return FleetSettings(devices, devices / rate, k, scale.staleness_unit,
-                         scale.max_staleness, math.ceil(updates / k))
+    return FleetSettings(devices, devices / rate, k, scale.max_staleness,
+                         math.ceil(updates / k))
 
 
 # -- /proc sampling ---------------------------------------------------------------------------
@@ -121,9 +120,14 @@ class Sampler:
             self._stop.wait(self.interval)
 
     def cpu_between(self, name: str, t0: float, t1: float) -> float | None:
-        """CPU seconds of ``name`` between wall times ``t0`` and ``t1`` (interpolated)."""
+        """CPU seconds of ``name`` between wall times ``t0`` and ``t1`` (interpolated). A
+        process that exited less than two intervals after ``t1`` (the coordinator ends
+        right after its last version) counts up to its last sample, missing at most that
+        much of its CPU."""
         points = [(s["t"], s[f"{name}_cpu"]) for s in self.samples
                   if s[f"{name}_cpu"] is not None]
+        if points and points[-1][0] < t1 <= points[-1][0] + 2 * self.interval:
+            t1 = points[-1][0]
         a, b = interpolate(points, t0), interpolate(points, t1)
         return None if a is None or b is None else b - a
 
@@ -252,7 +256,8 @@ def run_size(ctx: BenchContext, devices: int, *, mode: str, rate: float, updates
             log_path=root / "coordinator.log", name="coordinator", group=group)
         _wait_ready(coordinator, root / "coordinator.log")
         out = root / "sim.json"
-        with Sampler({"coordinator": coordinator.pid, "broker": broker.pid or 0}) as sampler:
+        with Sampler({"coordinator": coordinator.pid, "broker": broker.pid or 0},
+                     interval=0.25) as sampler:
             sim = ctx.start(
                 [sys.executable, "-m", "bench.fleet_sim",  # as nice as the coordinator
                  "--credentials", str(broker.credentials_file), "--devices", str(devices),
@@ -321,7 +326,6 @@ def summarize_run(s: FleetSettings, mode: str, sim: dict[str, Any],
     late = sim["lateness"]
     return {
         "devices": s.devices, "mode": mode, "buffer_size": s.buffer_size,
-        "staleness_unit": s.staleness_unit,
         "max_staleness": s.max_staleness, "mean_compute_seconds": round(s.period, 2),
         "broker_setup_seconds": round(setup_seconds, 1),
         "published": c["updates_published"], "judged": len(verdicts),

@@ -218,7 +218,7 @@ class AggregationConfig:
     staleness_b: int = 4  # "hinge": full weight up to this staleness
     # the hard bound; with the default weights an update 50 versions behind weighs 1/51
     max_staleness: int = 50  # fedavg always uses 0
-    # fedbuff: K, the staleness unit and the limit follow the contributing devices
+    # fedbuff: K and the staleness limit follow the contributing devices
     # (coordinator.fleet_scale), buffer_size and max_staleness being their floors; the task
     # announces fleet_scale.STALENESS_CAP as its bound
     fleet_scaling: bool = False
@@ -430,11 +430,11 @@ class AggregationConfig:
         return STALENESS_CAP if self.fleet_scaling else self.max_staleness
 
     def scaled(self, devices: int) -> FleetScale:
-        """K, the staleness unit and the staleness limit in force with ``devices``
+        """K and the staleness limit in force with ``devices``
         contributing: ``coordinator.fleet_scale`` with fleet scaling, else fixed."""
         if self.fleet_scaling:
             return fleet_scale(devices, self.buffer_size, self.max_staleness)
-        return FleetScale(self.effective_buffer_size, 1, self.effective_max_staleness)
+        return FleetScale(self.effective_buffer_size, self.effective_max_staleness)
 
 
 @dataclass(frozen=True)
@@ -1096,9 +1096,8 @@ class CoordinatorCore:
         cfg = self.config
         if not self._buffer_ids:
             self._buffer_since = now
-        unit = cfg.scaled(self.contributing_count()).staleness_unit if cfg.fleet_scaling else 1
         weight = staleness_weight(
-            acc.staleness, cfg.staleness, a=cfg.staleness_a, b=cfg.staleness_b, unit=unit
+            acc.staleness, cfg.staleness, a=cfg.staleness_a, b=cfg.staleness_b
         )
         n = acc.update.num_samples
         if cfg.privacy is not None and device_id in self._buffer_devices:

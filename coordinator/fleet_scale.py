@@ -1,26 +1,23 @@
-"""Buffer size, staleness unit and staleness limit that follow the fleet (issue 10).
+"""Buffer size and staleness limit that follow the fleet (issue 10).
 
 With ``N`` devices contributing, each training once per period, and a step every ``K``
 updates, the fleet makes about ``N / K`` versions while one device trains: an update is
-about ``N / K`` versions old when it arrives, however fresh its device. Weighed by
-``w(s)`` with ``s`` in versions, a larger fleet would have its every update down-weighted
-(``1/(1+s)``: about ``K / N``) and, since the FedBuff mean divides by the claimed samples
-and not by the weights, every step shortened by as much; and a fixed staleness limit would
-reject the slow devices outright. Fleet scaling (``--fleet-scaling``) measures staleness in
-units of the staleness the fleet's size alone makes, so an update as old as its fleet makes
-it weighs the same in a fleet of 10 and of 5,000:
+about ``N / K`` versions old when it arrives, however fresh its device, and the slowest
+device of a 1:4 fleet about twice that. A fixed ``K`` makes that age grow as ``N`` and a
+fixed staleness limit shuts a large fleet's slow devices out. Fleet scaling
+(``--fleet-scaling``) follows the fleet instead:
 
 - ``K = max(K₀, ⌈√N⌉)`` (``K₀``: ``--buffer-size``), so steps and staleness both grow as
   ``√N`` rather than one of them as ``N``;
-- the staleness unit ``u = max(1, ⌊N / (2K)⌋)``: the weight of an update ``s`` versions old
-  is ``w(s / u)``; at the typical ``s ≈ N / K`` that is ``w(2)``, at every size;
 - the limit ``max(L₀, ⌈4N / K⌉)`` (``L₀``: ``--max-staleness``): twice the age of the
-  slowest device of a 1:4 fleet (about 2 N / K), never above ``STALENESS_CAP``, the bound
-  the task announces.
+  slowest device of a 1:4 fleet, never above ``STALENESS_CAP``, the bound the task
+  announces.
 
-For ``N < 4K₀`` (up to 15 devices with the default ``K₀ = 4``, ``L₀ = 50``) this is exactly
-the fixed setting: ``K₀``, unit 1, ``L₀``. Pure functions; the core calls ``fleet_scale`` with the
-number of devices it counts as contributing.
+The staleness weights stay ``w(s)`` in plain versions: weighing staleness in units of the
+fleet's own (``N / 2K`` versions) was measured and made things worse at 100 and 5,000 devices
+(BENCHMARKS.md, "Fleet"). For ``N ≤ 16`` with the defaults (``K₀ = 4``, ``L₀ = 50``) this is
+exactly the fixed setting. Pure; the core calls ``fleet_scale`` with the number of devices
+it counts as contributing.
 """
 
 from __future__ import annotations
@@ -39,7 +36,6 @@ STALENESS_CAP = 1000
 @dataclass(frozen=True)
 class FleetScale:
     buffer_size: int  # K
-    staleness_unit: int  # u: staleness is weighed as s / u
     max_staleness: int  # the limit in force
 
 
@@ -54,6 +50,5 @@ def fleet_scale(devices: int, buffer_size: int, max_staleness: int) -> FleetScal
     if not 0 <= max_staleness <= STALENESS_CAP:
         raise ValueError(f"max_staleness must be in [0, {STALENESS_CAP}], got {max_staleness}")
     k = max(buffer_size, math.isqrt(devices - 1) + 1 if devices > 0 else 0)
-    unit = max(1, devices // (2 * k))
     limit = min(STALENESS_CAP, max(max_staleness, -(-4 * devices // k)))
-    return FleetScale(k, unit, limit)
+    return FleetScale(k, limit)

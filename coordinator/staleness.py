@@ -22,15 +22,12 @@ __all__ = ["STALENESS_KINDS", "staleness_weight"]
 STALENESS_KINDS: tuple[str, ...] = ("sqrt", "poly", "constant", "hinge")
 
 
-def staleness_weight(staleness: int, kind: str = "sqrt", *, a: float = 0.5, b: int = 4,
-                     unit: int = 1) -> float:
+def staleness_weight(staleness: int, kind: str = "sqrt", *, a: float = 0.5, b: int = 4) -> float:
     """Weight in ``(0, 1]`` of an update that is ``staleness`` versions old.
 
     ``a`` is the exponent of ``poly`` and the slope of ``hinge``; ``b`` is the staleness up
-    to which ``hinge`` keeps full weight. ``unit`` is how many versions count as one
-    (``coordinator.fleet_scale``): the weight is that of ``staleness / unit``. Raises
-    ``ValueError`` for an unknown ``kind``, a negative or non-integer ``staleness`` or
-    ``unit`` below 1, or a negative/non-finite ``a`` or ``b``.
+    to which ``hinge`` keeps full weight. Raises ``ValueError`` for an unknown ``kind``, a
+    negative or non-integer ``staleness`` or a negative/non-finite ``a`` or ``b``.
     """
     try:
         s = operator.index(staleness)
@@ -40,20 +37,17 @@ def staleness_weight(staleness: int, kind: str = "sqrt", *, a: float = 0.5, b: i
         raise ValueError("staleness must be an integer, got a bool")
     if s < 0:
         raise ValueError(f"staleness must be >= 0, got {s}")
-    if isinstance(unit, bool) or not isinstance(unit, int) or unit < 1:
-        raise ValueError(f"staleness unit must be an integer >= 1, got {unit!r}")
     if kind not in STALENESS_KINDS:
         raise ValueError(f"unknown staleness kind {kind!r}; known: {', '.join(STALENESS_KINDS)}")
     if not (math.isfinite(a) and a >= 0):
         raise ValueError(f"staleness parameter a must be finite and >= 0, got {a!r}")
     if not (math.isfinite(b) and b >= 0):
         raise ValueError(f"staleness parameter b must be finite and >= 0, got {b!r}")
-    x = s / unit
     if kind == "sqrt":
-        return 1.0 / math.sqrt(1.0 + x)
+        return 1.0 / math.sqrt(1.0 + s)
     if kind == "poly":
-        return float((1.0 + x) ** -a)
+        return float((1.0 + s) ** -a)
     if kind == "constant":
         return 1.0
     # hinge
-    return 1.0 if x <= b else 1.0 / (a * (x - b) + 1.0)
+    return 1.0 if s <= b else 1.0 / (a * (s - b) + 1.0)

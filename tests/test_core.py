@@ -1065,22 +1065,6 @@ def test_a_buffer_waiting_for_a_device_that_stands_aside_is_applied() -> None:
     assert c.version == 1
 
 
-def test_fleet_scaling_weighs_staleness_in_units_of_the_fleet() -> None:
-    results = {}
-    for scaling in (False, True):
-        c = core(buffer_size=4, staleness="poly", staleness_a=1.0, fleet_scaling=scaling)
-        online(c, *(f"d{i}" for i in range(16)))  # fleet scaling: K 4, unit 16 // 8 = 2
-        for i in range(4):
-            c.on_update(f"d{i}", upd(f"d{i}", 1.0, base=0), now=0.0)
-        assert c.version == 1
-        for i in range(4, 8):  # one version behind
-            c.on_update(f"d{i}", upd(f"d{i}", 3.0, base=0), now=0.0)
-        assert c.version == 2
-        results[scaling] = float(c.state["w"][0, 0])
-    # fixed: 1 + 3 / (1 + 1) = 2.5; scaled: 1 + 3 / (1 + 1/2) = 3
-    assert results == {False: pytest.approx(2.5), True: pytest.approx(3.0)}
-
-
 def test_fleet_scaling_limit_and_k_follow_the_devices_online() -> None:
     c = core(buffer_size=1, max_staleness=1, fleet_scaling=True)
     c.on_update("d1", upd("d1", base=0), now=0.0)  # nobody online: K 1, limit 1
