@@ -14,10 +14,10 @@ fixed staleness limit shuts a large fleet's slow devices out. Fleet scaling
   announces.
 
 The staleness weights stay ``w(s)`` in plain versions: weighing staleness in units of the
-fleet's own (``N / 2K`` versions) was measured and made things worse at 100 and 5,000 devices
-(BENCHMARKS.md, "Fleet"). For ``N ≤ 16`` with the defaults (``K₀ = 4``, ``L₀ = 50``) this is
-exactly the fixed setting. Pure; the core calls ``fleet_scale`` with the number of devices
-it counts as contributing.
+fleet's own (``N / 2K`` versions) was measured; it learned faster at 100 and 1,000 devices but
+was unstable (BENCHMARKS.md, "Fleet"). For ``N ≤ 16`` with the defaults (``K₀ = 4``,
+``L₀ = 50``) this is exactly the fixed setting. Pure; the core calls ``fleet_scale`` with the
+number of devices it counts as contributing.
 """
 
 from __future__ import annotations
