@@ -6,9 +6,10 @@ The offered load is the same at every size: compute times per update average N/`
 seconds over the fleet (with speeds 1:2:4, about 1.36 × ``RATE`` updates per second in all,
 since the fast devices send more often), so what changes with the size is the
 number of connections, sessions and model deliveries the broker and the coordinator carry, and
-the cost per update shows what the fleet itself costs. The coordinator's buffer size and
-staleness limit follow the fleet (``fleet_settings``): with N devices each training once every
-N/RATE seconds, an update is about N/K versions old when it arrives.
+the cost per update shows what the fleet itself costs. The coordinator runs with
+``--fleet-scaling``: its buffer size and staleness limit follow the devices
+it counts online (``coordinator.fleet_scale``; with N devices each training once every
+N/RATE seconds, an update is about N/K versions old when it arrives).
 
 Measured at each size: updates judged per second, publish-to-aggregated latency (the update's
 publish by the simulator to the coordinator's record of the version that folded it in: wall
@@ -47,24 +48,24 @@ SPEEDS = (1.0, 2.0, 4.0)
 class FleetSettings:
     devices: int
     period: float  # mean compute seconds per device and update
-    buffer_size: int
+    buffer_size: int  # K, as the coordinator's fleet scaling sets it for the whole fleet
     max_staleness: int
     max_versions: int
 
 
-def fleet_settings(devices: int, rate: float = RATE, updates: int = UPDATES,
-                   speeds: tuple[float, ...] = SPEEDS) -> FleetSettings:
+def fleet_settings(devices: int, rate: float = RATE, updates: int = UPDATES) -> FleetSettings:
     """The run for ``devices``: each device trains every ``devices / rate`` seconds on
-    average; the buffer is about √N (so versions and staleness both grow as √N rather than
-    one of them as N); the staleness limit covers the slowest device (its compute time over
-    the mean, times N/K versions per mean period) with a margin of 2×; enough versions to
-    apply ``updates``."""
+    average; K and the staleness limit are what the coordinator's fleet scaling (the
+    default floors) sets once the whole fleet is online; enough versions to apply
+    ``updates`` at that K."""
+    from coordinator.fleet_scale import fleet_scale
+
     if devices < 1 or rate <= 0 or updates < 1:
         raise ValueError("need devices >= 1, rate > 0, updates >= 1")
-    k = max(4, math.ceil(math.sqrt(devices)))
-    slowest = max(speeds) / (sum(speeds) / len(speeds))
-    staleness = max(10, math.ceil(2 * slowest * devices / k))
-    return FleetSettings(devices, devices / rate, k, staleness, math.ceil(updates / k))
+    scale = fleet_scale(devices, 4, 50)
+    k = scale.buffer_size
+    return FleetSettings(devices, devices / rate, k, scale.max_staleness,
+                         math.ceil(updates / k))
 
 
 # -- /proc sampling ---------------------------------------------------------------------------
@@ -119,9 +120,14 @@ class Sampler:
             self._stop.wait(self.interval)
 
     def cpu_between(self, name: str, t0: float, t1: float) -> float | None:
-        """CPU seconds of ``name`` between wall times ``t0`` and ``t1`` (interpolated)."""
+        """CPU seconds of ``name`` between wall times ``t0`` and ``t1`` (interpolated). A
+        process that exited less than two intervals after ``t1`` (the coordinator ends
+        right after its last version) counts up to its last sample, missing at most that
+        much of its CPU."""
         points = [(s["t"], s[f"{name}_cpu"]) for s in self.samples
                   if s[f"{name}_cpu"] is not None]
+        if points and points[-1][0] < t1 <= points[-1][0] + 2 * self.interval:
+            t1 = points[-1][0]
         a, b = interpolate(points, t0), interpolate(points, t1)
         return None if a is None or b is None else b - a
 
@@ -246,12 +252,12 @@ def run_size(ctx: BenchContext, devices: int, *, mode: str, rate: float, updates
              "-m", "fedbus", "coordinator",
              "--credentials", str(broker.credentials_file), "--state-dir", str(root / "run"),
              "--eval-data", str(held_out), "--task-id", "fleet", "--seed", "0",
-             "--buffer-size", str(s.buffer_size), "--max-staleness", str(s.max_staleness),
-             "--max-versions", str(s.max_versions), "--codec", "int8"],
+             "--fleet-scaling", "--max-versions", str(s.max_versions), "--codec", "int8"],
             log_path=root / "coordinator.log", name="coordinator", group=group)
         _wait_ready(coordinator, root / "coordinator.log")
         out = root / "sim.json"
-        with Sampler({"coordinator": coordinator.pid, "broker": broker.pid or 0}) as sampler:
+        with Sampler({"coordinator": coordinator.pid, "broker": broker.pid or 0},
+                     interval=0.25) as sampler:
             sim = ctx.start(
                 [sys.executable, "-m", "bench.fleet_sim",  # as nice as the coordinator
                  "--credentials", str(broker.credentials_file), "--devices", str(devices),

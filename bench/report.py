@@ -428,7 +428,8 @@ def _fleet(b: dict[str, Any]) -> str:
             continue
         applied, acc = r["accuracy_after"]
         rows.append([
-            f"{r['devices']:,}", r["mode"], f"{r['buffer_size']} / {r['max_staleness']}",
+            f"{r['devices']:,}", r["mode"],
+            f"{r['buffer_size']} / {r['max_staleness']}",
             _num(r.get("first_version_after_s")), _num(r["ingest_per_s"]), _num(r["accepted"]),
             ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())) or "none",
             f"{_num(r['aggregated_p50_s'])} / {_num(r['aggregated_p99_s'])}",
@@ -447,9 +448,10 @@ def _fleet(b: dict[str, Any]) -> str:
         f"{':'.join(_num(s) for s in b['speeds'])}) against a real Mosquitto and a real "
         f"`fedbus coordinator` (FedBuff, int8 updates, evaluating every version). Compute "
         f"times average N/{_num(b['rate'])} s over the fleet at every size (with these speeds "
-        f"the fleet offers about {_num(b['rate'] * _offered(b['speeds']))} updates/s); K ≈ √N "
-        f"and the staleness limit follow the fleet "
-        f"(bench/fleet.py `fleet_settings`). Steady window: from version 1 to the last "
+        f"the fleet offers about {_num(b['rate'] * _offered(b['speeds']))} updates/s); the "
+        f"coordinator runs with `--fleet-scaling`: K and the staleness limit follow "
+        f"the devices online (coordinator/fleet_scale.py; the table gives them for the "
+        f"whole fleet). Steady window: from version 1 to the last "
         f"version (the start-up burst of every device's `online` and `training` status stays "
         f"out); first version: seconds from the first publish to version 1. Applied/s, CPU per "
         f"update (/proc CPU time over the window, per update applied in it) and publish→"

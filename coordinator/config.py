@@ -84,6 +84,8 @@ class CoordinatorConfig(BrokerTarget):
     staleness_a: float = 1.0  # exponent of poly, slope of hinge
     staleness_b: int = 4  # hinge: full weight up to this staleness
     max_staleness: int = 50
+    # K, staleness weights and limit follow the fleet (coordinator.fleet_scale)
+    fleet_scaling: bool = False
     max_norm: float = 100.0
     # the adaptive norm bound (coordinator.norm_bound); norm_multiple 0 switches it off.
     # None (not given): the core's defaults (2, 4, 64, 4), and off under differential
@@ -265,6 +267,7 @@ class CoordinatorConfig(BrokerTarget):
             staleness_a=self.staleness_a,
             staleness_b=self.staleness_b,
             max_staleness=self.max_staleness,
+            fleet_scaling=self.fleet_scaling,
             max_norm=self.max_norm,
             norm_multiple=self.norm_multiple,
             norm_reject=_CORE.norm_reject if self.norm_reject is None else self.norm_reject,

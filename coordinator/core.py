@@ -108,6 +108,7 @@ from coordinator.aggregator_spec import (
     quorum_reached,
     robust_aggregate,
 )
+from coordinator.fleet_scale import STALENESS_CAP, FleetScale, fleet_scale
 from coordinator.journal import (
     BufferDropped,
     Ledger,
@@ -217,6 +218,10 @@ class AggregationConfig:
     staleness_b: int = 4  # "hinge": full weight up to this staleness
     # the hard bound; with the default weights an update 50 versions behind weighs 1/51
     max_staleness: int = 50  # fedavg always uses 0
+    # fedbuff: K and the staleness limit follow the contributing devices
+    # (coordinator.fleet_scale), buffer_size and max_staleness being their floors; the task
+    # announces fleet_scale.STALENESS_CAP as its bound
+    fleet_scaling: bool = False
     max_norm: float = 100.0  # the fixed ceiling: anything above it is rejected
     # the adaptive norm bound (coordinator.norm_bound): clip above norm_multiple x the median
     # norm of the last norm_window accepted updates, reject above norm_reject x that bound;
@@ -281,6 +286,7 @@ class AggregationConfig:
             raise ValueError(f"staleness_b must be an integer >= 0, got {self.staleness_b!r}")
         if not (_is_int(self.max_staleness) and self.max_staleness >= 0):
             raise ValueError(f"max_staleness must be an integer >= 0, got {self.max_staleness!r}")
+        self._check_fleet_scaling()
         if not _is_pos(self.max_norm):
             raise ValueError(f"max_norm must be finite and > 0, got {self.max_norm!r}")
         self.norm_rule  # noqa: B018 - checks the adaptive bound's settings
@@ -292,6 +298,18 @@ class AggregationConfig:
             )
         self._check_aggregator_fits()
         self._check_privacy_fits()
+
+    def _check_fleet_scaling(self) -> None:
+        if not self.fleet_scaling:
+            return
+        if self.mode != "fedbuff":
+            raise ValueError(f"fleet scaling needs fedbuff mode, not {self.mode}")
+        if self.privacy is not None:
+            raise ValueError("fleet scaling cannot be used with differential privacy "
+                             "(its noise is scaled by a fixed K)")
+        if self.max_staleness > STALENESS_CAP:
+            raise ValueError(f"with fleet scaling max_staleness (its floor) must be at most "
+                             f"{STALENESS_CAP}, got {self.max_staleness}")
 
     def _check_server_optimizer(self) -> None:
         kind = self.server_optimizer
@@ -405,8 +423,18 @@ class AggregationConfig:
 
     @property
     def effective_max_staleness(self) -> int:
-        """Staleness bound actually used: 0 for fedavg, ``max_staleness`` otherwise."""
-        return 0 if self.mode == "fedavg" else self.max_staleness
+        """Staleness bound the task announces: 0 for fedavg, ``STALENESS_CAP`` with fleet
+        scaling (the limit in force follows the fleet below it), else ``max_staleness``."""
+        if self.mode == "fedavg":
+            return 0
+        return STALENESS_CAP if self.fleet_scaling else self.max_staleness
+
+    def scaled(self, devices: int) -> FleetScale:
+        """K and the staleness limit in force with ``devices``
+        contributing: ``coordinator.fleet_scale`` with fleet scaling, else fixed."""
+        if self.fleet_scaling:
+            return fleet_scale(devices, self.buffer_size, self.max_staleness)
+        return FleetScale(self.effective_buffer_size, self.effective_max_staleness)
 
 
 @dataclass(frozen=True)
@@ -721,6 +749,8 @@ class CoordinatorCore:
         """An update payload arrived on ``topic_device``'s update topic (``retained``: the
         message carried the retain flag)."""
         self.last_judged = None
+        if self.config.fleet_scaling:
+            self._follow_fleet()
         result = validate_update(
             payload,
             topic_device=topic_device,
@@ -1041,12 +1071,18 @@ class CoordinatorCore:
         )
         return SendReceipt(device_id, receipt)
 
+    def _follow_fleet(self) -> None:
+        """The staleness limit in force, from the devices contributing now."""
+        limit = self.config.scaled(self.contributing_count()).max_staleness
+        if limit != self._limits.max_staleness:
+            self._limits = replace(self._limits, max_staleness=limit)
+
     def _buffer_target(self) -> int:
         """K, but never more than the devices known to be online: each agent trains once per
         version, so a smaller fleet could otherwise fill the buffer only through the timeout.
         With no presence known (no status messages), K as configured."""
         online = self.contributing_count()
-        k = self.config.effective_buffer_size
+        k = self.config.scaled(online).buffer_size
         if online:
             return min(k, online)
         # every known device is offline: nothing more will come, apply what is there;

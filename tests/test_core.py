@@ -1063,3 +1063,17 @@ def test_a_buffer_waiting_for_a_device_that_stands_aside_is_applied() -> None:
     assert c.version == 0  # waits for d3 ...
     assert models(c.on_status("d3", aside_status("d3", kind="model"), now=3.0))  # ... no more
     assert c.version == 1
+
+
+def test_fleet_scaling_limit_and_k_follow_the_devices_online() -> None:
+    c = core(buffer_size=1, max_staleness=1, fleet_scaling=True)
+    c.on_update("d1", upd("d1", base=0), now=0.0)  # nobody online: K 1, limit 1
+    c.on_update("d1", upd("d1", base=1), now=0.0)
+    assert c.version == 2
+    r = only_receipt(c.on_update("d2", upd("d2", base=0), now=0.0))
+    assert (r.receipt.accepted, r.receipt.reason) == (False, "stale")
+    online(c, "a", "b", "c", "d")  # 4 online: K ceil(sqrt 4) = 2, limit ceil(4·4/2) = 8
+    r = only_receipt(c.on_update("d3", upd("d3", base=0), now=0.0))
+    assert r.receipt.accepted and r.receipt.staleness == 2
+    assert c.version == 2 and c.snapshot()["buffered"] == 1  # 1 of K = 2
+    assert models(c.on_update("d4", upd("d4", base=2), now=0.0))

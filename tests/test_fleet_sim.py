@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.fleet import accuracy_after, fleet_settings, folded_latencies, interpolate
+from bench.fleet import (
+    Sampler,
+    accuracy_after,
+    fleet_settings,
+    folded_latencies,
+    interpolate,
+)
 from bench.fleet_sim import FleetSim, compute_seconds, parse_args, shard_indices, training_seed
 
 
@@ -40,11 +46,12 @@ def test_training_seed_is_the_agents() -> None:
 
 def test_fleet_settings_follow_the_fleet() -> None:
     s = fleet_settings(100, rate=40.0, updates=1200)
-    # K = sqrt(100) = 10; slowest speed 4 over a mean of 7/3 -> 12/7; 2 * 12/7 * 100/10 = 34.3
-    assert (s.period, s.buffer_size, s.max_staleness, s.max_versions) == (2.5, 10, 35, 120)
+    # the coordinator's fleet scaling: K = sqrt(100) = 10, limit 50 (4 · 100 / 10 = 40 is
+    # below the floor); 1200 / 10 versions
+    assert (s.period, s.buffer_size, s.max_staleness, s.max_versions) == (2.5, 10, 50, 120)
     big = fleet_settings(5000, rate=40.0, updates=1200)
     assert big.buffer_size == 71 and big.max_versions == 17  # ceil(sqrt 5000), ceil(1200/71)
-    assert fleet_settings(4).buffer_size == 4 and fleet_settings(4).max_staleness == 10
+    assert fleet_settings(4).buffer_size == 4 and fleet_settings(4).max_staleness == 50
 
 
 def test_interpolate_between_samples() -> None:
@@ -123,3 +130,11 @@ def test_twenty_virtual_devices_against_the_real_broker_and_coordinator(
     # and once the broker has confirmed it, no model reaches the device
     assert counters["unsubscribes"] >= counters["trainings"]  # some queued when it ended
     assert counters["models_after_unsuback"] == 0
+
+
+def test_cpu_of_a_process_that_ended_just_after_the_window() -> None:
+    s = Sampler({"c": 1}, interval=0.25)
+    s.samples = [{"t": 0.0, "c_cpu": 0.0}, {"t": 1.0, "c_cpu": 2.0}, {"t": 1.25, "c_cpu": None}]
+    assert s.cpu_between("c", 0.5, 0.75) == pytest.approx(0.5)
+    assert s.cpu_between("c", 0.5, 1.4) == pytest.approx(1.0)  # up to its last sample
+    assert s.cpu_between("c", 0.5, 1.6) is None  # more than two intervals after it

@@ -72,6 +72,10 @@ HELPS = {
     "staleness_b": "Staleness weighting: hinge keeps full weight up to b versions behind.",
     "max_staleness": "Reject updates more than this many versions behind (a hard bound: "
     "below it an update counts with its staleness weight, so a slow device is heard).",
+    "fleet_scaling": "FedBuff: K and the staleness limit follow the devices online "
+    "(K = max(--buffer-size, ceil(sqrt N)); limit max(--max-staleness, 4N/K), at most 1000, "
+    "the bound the task announces). Off: the fixed settings; for up to 16 devices both are "
+    "the same.",
     "max_norm": "Fixed ceiling: reject updates whose L2 norm exceeds it, whatever the "
     "adaptive bound says.",
     "norm_multiple": "Adaptive norm bound: clip updates above this multiple of the median L2 "
