@@ -56,6 +56,7 @@ import numpy as np
 from coordinator.aggregation import State, weighted_average
 from coordinator.robust import (
     AgreeResult,
+    agreeing_indices,
     agreeing_mean,
     cap_sample_counts,
     clip_to_median_norm,
@@ -324,7 +325,8 @@ def quorum_reached(
         return False
     if spec.kind != "quorum" or count >= buffer_limit(k, online):
         return True
-    return len(quorum_step(deltas).kept) >= k
+    clipped, _ = clip_to_median_norm(deltas, QUORUM_NORM_MULTIPLE)
+    return len(agreeing_indices(clipped, QUORUM_AGREEMENT)) >= k
 
 
 def quorum_step(deltas: Sequence[Mapping[str, np.ndarray]]) -> AgreeResult:
