@@ -56,10 +56,10 @@ import numpy as np
 from coordinator.aggregation import State, weighted_average
 from coordinator.robust import (
     AgreeResult,
-    agreeing_indices,
     agreeing_mean,
     cap_sample_counts,
     clip_to_median_norm,
+    clipped_agreeing_indices,
     coordinate_median,
     krum_min_updates,
     multi_krum,
@@ -325,8 +325,7 @@ def quorum_reached(
         return False
     if spec.kind != "quorum" or count >= buffer_limit(k, online):
         return True
-    clipped, _ = clip_to_median_norm(deltas, QUORUM_NORM_MULTIPLE)
-    return len(agreeing_indices(clipped, QUORUM_AGREEMENT)) >= k
+    return len(clipped_agreeing_indices(deltas, QUORUM_NORM_MULTIPLE, QUORUM_AGREEMENT)) >= k
 
 
 def quorum_step(deltas: Sequence[Mapping[str, np.ndarray]]) -> AgreeResult:

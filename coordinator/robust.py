@@ -51,6 +51,7 @@ __all__ = [
     "cap_sample_counts",
     "clip_norm",
     "clip_to_median_norm",
+    "clipped_agreeing_indices",
     "column_median",
     "coordinate_median",
     "krum_min_updates",
@@ -298,6 +299,33 @@ def agreeing_indices(deltas: Deltas, relative: float = 0.0) -> tuple[int, ...]:
     stacks = {name: _stack(deltas, name) for name in dtypes}
     return _agreement(deltas, dtypes, stacks, relative)[1]
 
+
+
+def clipped_agreeing_indices(deltas: Deltas, multiple: float, relative: float) -> tuple[int, ...]:
+    """``agreeing_indices(clip_to_median_norm(deltas, multiple)[0], relative)``, the same
+    indices from the same float64 values, without copying the deltas that need no
+    shortening and with each tensor stacked once (``quorum``'s readiness check)."""
+    if not (isinstance(multiple, int | float) and math.isfinite(multiple) and multiple >= 1):
+        raise ValueError(f"multiple must be finite and >= 1, got {multiple!r}")
+    dtypes = _checked(deltas)
+    norms = [l2_norm(delta) for delta in deltas]
+    if not all(math.isfinite(n) for n in norms):
+        raise ValueError("a delta holds NaN or infinity")
+    bound = multiple * float(np.median(norms))
+    scales = [1.0 if bound <= 0 or norm <= bound else bound / norm for norm in norms]
+    stacks = {}
+    for name in dtypes:
+        rows = []
+        for delta, scale in zip(deltas, scales, strict=True):
+            arr = np.asarray(delta[name])
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise ValueError(f"tensor {name!r} has dtype {arr.dtype}, expected a floating "
+                                 "dtype")
+            if scale != 1.0:  # as clip_norm shortens it: scaled in float64, kept in its dtype
+                arr = (arr.astype(np.float64) * scale).astype(arr.dtype)
+            rows.append(np.asarray(arr, dtype=np.float64).reshape(-1))
+        stacks[name] = np.stack(rows)
+    return _agreement(deltas, dtypes, stacks, relative)[1]
 
 def _agreement(
     deltas: Deltas, dtypes: Mapping[str, np.dtype], stacks: Mapping[str, np.ndarray],

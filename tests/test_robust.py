@@ -25,6 +25,7 @@ from coordinator.robust import (
     cap_sample_counts,
     clip_norm,
     clip_to_median_norm,
+    clipped_agreeing_indices,
     column_median,
     coordinate_median,
     krum_min_updates,
@@ -517,13 +518,16 @@ def test_quorum_check_keeps_what_its_step_keeps(count: int) -> None:
     deltas = []
     for i in range(count):
         sign = -1.0 if i % 4 == 3 else 1.0  # a quarter push the other way
-        flat = (sign * honest * rng.uniform(0.5, 4.0)
+        length = 10.0 if i % 3 == 1 else rng.uniform(0.5, 4.0)  # a third get shortened
+        flat = (sign * honest * length
                 + rng.standard_normal(40).astype(F32) * 0.8).astype(F32)
         deltas.append({"w": flat[:30].reshape(5, 6), "b": flat[30:]})
     kept = quorum_step(deltas).kept
     assert 0 < len(kept) < count
-    clipped, _ = clip_to_median_norm(deltas, 2.0)
+    clipped, scales = clip_to_median_norm(deltas, 2.0)
+    assert min(scales) < 1.0
     assert agreeing_indices(clipped, 0.5) == kept
+    assert clipped_agreeing_indices(deltas, 2.0, 0.5) == kept
     spec = parse_aggregator("quorum")
     assert quorum_reached(spec, deltas, len(kept), 0)
     if len(kept) < count:  # one more than agree: only a buffer at its limit is ready
