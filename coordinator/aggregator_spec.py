@@ -59,6 +59,7 @@ from coordinator.robust import (
     agreeing_mean,
     cap_sample_counts,
     clip_to_median_norm,
+    clipped_agreeing_indices,
     coordinate_median,
     krum_min_updates,
     multi_krum,
@@ -324,7 +325,7 @@ def quorum_reached(
         return False
     if spec.kind != "quorum" or count >= buffer_limit(k, online):
         return True
-    return len(quorum_step(deltas).kept) >= k
+    return len(clipped_agreeing_indices(deltas, QUORUM_NORM_MULTIPLE, QUORUM_AGREEMENT)) >= k
 
 
 def quorum_step(deltas: Sequence[Mapping[str, np.ndarray]]) -> AgreeResult:

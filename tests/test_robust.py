@@ -3,6 +3,8 @@ by hand in the comments."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -18,10 +20,13 @@ from coordinator.aggregator_spec import (
     sparse_codec_warning,
 )
 from coordinator.robust import (
+    agreeing_indices,
     agreeing_mean,
     cap_sample_counts,
     clip_norm,
     clip_to_median_norm,
+    clipped_agreeing_indices,
+    column_median,
     coordinate_median,
     krum_min_updates,
     multi_krum,
@@ -88,6 +93,23 @@ def test_median_resists_one_outlier_of_any_size() -> None:
     # (-1e30, 0.9, 1.0, 1.1) -> 0.95
     np.testing.assert_allclose(out["w"], [1.05, 0.95], rtol=1e-6)
 
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 10, 31, 32, 64])
+def test_column_median_is_numpys_median_to_the_bit(rows: int) -> None:
+    rng = np.random.default_rng(rows)
+    stack = rng.standard_normal((rows, 257)) * rng.choice([1e-30, 1.0, 1e30], size=(rows, 1))
+    stack[:, :20] = rng.integers(-2, 3, size=(rows, 20))  # ties, zeros of both signs
+    stack[:, 20:25] = -0.0
+    expected = np.median(stack, axis=0)
+    got = column_median(stack)
+    assert got.dtype == np.float64 and got.shape == (257,)
+    assert got.tobytes() == expected.tobytes()
+
+
+def test_column_median_of_no_rows_is_refused() -> None:
+    with pytest.raises(ValueError, match="no rows"):
+        column_median(np.zeros((0, 3)))
 
 # -- trimmed mean ---------------------------------------------------------------------------
 
@@ -473,6 +495,48 @@ def test_quorum_is_agree_with_a_buffer_that_waits() -> None:
     # any other aggregator: K updates, whatever they agree on
     assert quorum_reached(parse_aggregator("agree"), deltas, 3, 0)
 
+
+
+def _agreeing_mean_by_numpys_median(deltas: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """agree's step written out plainly (np.median, every tensor stacked as needed)."""
+    names = list(deltas[0])
+    median = {k: np.median(np.stack([x[k].astype(np.float64).ravel() for x in deltas]), axis=0)
+              .reshape(deltas[0][k].shape).astype(deltas[0][k].dtype) for k in names}
+    dots = np.zeros(len(deltas))
+    for k in names:
+        stack = np.stack([x[k].astype(np.float64).ravel() for x in deltas])
+        dots += stack @ median[k].astype(np.float64).ravel()
+    kept = [i for i in range(len(deltas)) if dots[i] > 0]
+    return {k: np.stack([deltas[i][k].astype(np.float64).ravel() for i in kept]).mean(axis=0)
+            .reshape(deltas[0][k].shape).astype(deltas[0][k].dtype) for k in names}
+
+
+@pytest.mark.parametrize("count", [4, 10, 33, 64])
+def test_quorum_check_keeps_what_its_step_keeps(count: int) -> None:
+    rng = np.random.default_rng(count)
+    honest = rng.standard_normal(40).astype(F32)
+    deltas = []
+    for i in range(count):
+        sign = -1.0 if i % 4 == 3 else 1.0  # a quarter push the other way
+        length = 10.0 if i % 3 == 1 else rng.uniform(0.5, 4.0)  # a third get shortened
+        flat = (sign * honest * length
+                + rng.standard_normal(40).astype(F32) * 0.8).astype(F32)
+        deltas.append({"w": flat[:30].reshape(5, 6), "b": flat[30:]})
+    kept = quorum_step(deltas).kept
+    assert 0 < len(kept) < count
+    clipped, scales = clip_to_median_norm(deltas, 2.0)
+    assert min(scales) < 1.0
+    assert agreeing_indices(clipped, 0.5) == kept
+    assert clipped_agreeing_indices(deltas, 2.0, 0.5) == kept
+    spec = parse_aggregator("quorum")
+    assert quorum_reached(spec, deltas, len(kept), 0)
+    if len(kept) < count:  # one more than agree: only a buffer at its limit is ready
+        more = len(kept) + 1
+        assert quorum_reached(spec, deltas, more, 0) == (count >= buffer_limit(more, 0))
+    reference = _agreeing_mean_by_numpys_median(deltas)
+    plain = agreeing_mean(deltas)
+    for name, value in reference.items():
+        assert plain.aggregate[name].tobytes() == value.tobytes()
 
 def test_the_quorum_buffer_limit() -> None:
     assert buffer_limit(5, 0) == 10  # presence unknown: 2K
