@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import REPO
+from bench.proc_stat import rss_mib
 from bench.trial import Trial
 
 log = logging.getLogger("bench.faults")
@@ -226,7 +227,7 @@ def soak(root: Path, quick: bool, minutes: float) -> dict[str, Any]:
             now = time.monotonic() - start
             for name, pid_rss in (("coordinator", _rss(coordinator)),
                                   ("agents_host", _rss(hosts[0])),
-                                  ("broker", _rss_of_pid(trial.broker.pid))):
+                                  ("broker", rss_mib(trial.broker.pid))):
                 if pid_rss is not None:
                     samples[name].append((now, pid_rss))
             time.sleep(30.0 if not quick else 5.0)
@@ -240,18 +241,6 @@ def soak(root: Path, quick: bool, minutes: float) -> dict[str, Any]:
             result[f"rss_mib_{name}_end"] = round(points[-1][1], 1) if points else None
             result[f"rss_slope_mib_per_h_{name}"] = _slope_mib_per_hour(steady)
         return _finish(trial, result, 300)
-
-
-def _rss_of_pid(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def _rss(child: Any) -> float | None:

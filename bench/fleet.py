@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import BenchContext, percentile, ratio, summarize
+from bench.proc_stat import cpu_seconds, rss_mib
 
 log = logging.getLogger("bench.fleet")
 
@@ -71,24 +72,6 @@ def fleet_settings(devices: int, rate: float = RATE, updates: int = UPDATES) -> 
 # -- /proc sampling ---------------------------------------------------------------------------
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 class Sampler:
     """CPU seconds and RSS of some processes, every ``interval`` seconds, on a thread."""
 
@@ -110,8 +93,8 @@ class Sampler:
     def sample(self) -> None:
         row: dict[str, Any] = {"t": time.time()}
         for name, pid in self.pids.items():
-            row[f"{name}_cpu"] = _cpu_seconds(pid)
-            row[f"{name}_rss"] = _rss_mib(pid)
+            row[f"{name}_cpu"] = cpu_seconds(pid)
+            row[f"{name}_rss"] = rss_mib(pid)
         self.samples.append(row)
 
     def _run(self) -> None:
