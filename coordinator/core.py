@@ -1096,9 +1096,10 @@ class CoordinatorCore:
         cfg = self.config
         if not self._buffer_ids:
             self._buffer_since = now
-        weight = staleness_weight(
-            acc.staleness, cfg.staleness, a=cfg.staleness_a, b=cfg.staleness_b
-        )
+        kind = cfg.staleness
+        if cfg.fleet_scaling:  # a large fleet's weight (coordinator.fleet_scale)
+            kind = cfg.scaled(self.contributing_count()).weight or kind
+        weight = staleness_weight(acc.staleness, kind, a=cfg.staleness_a, b=cfg.staleness_b)
         n = acc.update.num_samples
         if cfg.privacy is not None and device_id in self._buffer_devices:
             return self._reject(

@@ -1077,3 +1077,25 @@ def test_fleet_scaling_limit_and_k_follow_the_devices_online() -> None:
     assert r.receipt.accepted and r.receipt.staleness == 2
     assert c.version == 2 and c.snapshot()["buffered"] == 1  # 1 of K = 2
     assert models(c.on_update("d4", upd("d4", base=2), now=0.0))
+
+
+def test_fleet_scaling_weighs_a_large_fleets_staleness_with_sqrt() -> None:
+    """Once the fleet needs more than the floor's K, fleet scaling weighs staleness with
+    1/sqrt(1+s) whatever --staleness says (coordinator.fleet_scale): the same steps as a core
+    configured with sqrt; a floor that covers the fleet keeps the configured weight."""
+    def run(c: Any) -> dict[str, np.ndarray]:
+        online(c, "a", "b", "c", "d")  # scaled: K = ceil(sqrt 4) = 2 > the floor 1
+        c.on_update("a", upd("a", 1.0, base=0), now=0.0)
+        c.on_update("b", upd("b", 3.0, base=0), now=0.0)  # version 1
+        c.on_update("a", upd("a", 1.0, base=1), now=0.0)
+        c.on_update("c", upd("c", 3.0, base=0), now=0.0)  # one version old: version 2
+        assert c.version == 2
+        return c.state
+
+    scaled = run(core(buffer_size=1, fleet_scaling=True, staleness="poly"))
+    fixed_sqrt = run(core(buffer_size=2, staleness="sqrt"))
+    fixed_poly = run(core(buffer_size=2, staleness="poly"))
+    assert all(np.array_equal(scaled[k], fixed_sqrt[k]) for k in scaled)
+    assert not all(np.array_equal(scaled[k], fixed_poly[k]) for k in scaled)
+    covered = run(core(buffer_size=2, fleet_scaling=True, staleness="poly"))  # K stays 2
+    assert all(np.array_equal(covered[k], fixed_poly[k]) for k in covered)

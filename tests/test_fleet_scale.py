@@ -12,11 +12,11 @@ from coordinator.fleet_scale import STALENESS_CAP, FleetScale, fleet_scale
     (0, FleetScale(4, 50)),  # nobody known: the floors
     (10, FleetScale(4, 50)),  # the demo's fleet: exactly the fixed defaults
     (16, FleetScale(4, 50)),  # sqrt 16 = 4; 4·16/4 = 16 < 50
-    (17, FleetScale(5, 50)),  # ceil(sqrt 17) = 5
-    (100, FleetScale(10, 50)),  # sqrt 100 = 10; 400 / 10 = 40 < 50
-    (1000, FleetScale(32, 125)),  # ceil 31.6 = 32; ceil(4000 / 32) = 125
-    (5000, FleetScale(71, 282)),  # ceil 70.7 = 71; ceil(20000 / 71) = 282
-    (1_000_000, FleetScale(1000, STALENESS_CAP)),  # 4·10⁶ / 1000 = 4000, capped
+    (17, FleetScale(5, 50, "sqrt")),  # ceil(sqrt 17) = 5
+    (100, FleetScale(10, 50, "sqrt")),  # sqrt 100 = 10; 400 / 10 = 40 < 50
+    (1000, FleetScale(32, 125, "sqrt")),  # ceil 31.6 = 32; ceil(4000 / 32) = 125
+    (5000, FleetScale(71, 282, "sqrt")),  # ceil 70.7 = 71; ceil(20000 / 71) = 282
+    (1_000_000, FleetScale(1000, STALENESS_CAP, "sqrt")),  # 4·10⁶ / 1000 = 4000, capped
 ])
 def test_fleet_scale_by_hand(devices: int, expected: FleetScale) -> None:
     assert fleet_scale(devices, 4, 50) == expected
@@ -37,7 +37,7 @@ def test_config_scaled() -> None:
     assert fixed.scaled(5000) == FleetScale(4, 50)  # off: the fixed settings
     assert fixed.effective_max_staleness == 50
     auto = AggregationConfig(fleet_scaling=True)
-    assert auto.scaled(5000) == FleetScale(71, 282)
+    assert auto.scaled(5000) == FleetScale(71, 282, "sqrt")
     assert auto.scaled(10) == FleetScale(4, 50)
     assert auto.effective_max_staleness == STALENESS_CAP  # what the task announces
 
