@@ -214,6 +214,10 @@ class Agent:
         self._subscription_lock = threading.Lock()
         self._receipts: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         # a chunked model being reassembled (network thread; the agent thread expires it)
+        # decode limits of a model or model delta message (both at most --max-model-bytes)
+        self._model_limits = DecodeLimits(
+            max_bytes=config.max_model_bytes, max_bin_len=config.max_model_bytes
+        )
         self._chunk_lock = threading.Lock()
         self._model_chunks = Reassembler(ChunkLimits(
             max_message_bytes=config.max_model_bytes,
@@ -363,11 +367,8 @@ class Agent:
     def _keep_newest_model(self, payload: bytes) -> None:
         """Keep a model only if it is the newest seen for its run (the tensors stay
         encoded until the agent thread trains on them)."""
-        limits = DecodeLimits(
-            max_bytes=self.config.max_model_bytes, max_bin_len=self.config.max_model_bytes
-        )
         try:
-            model = GlobalModel.read(payload, limits)
+            model = GlobalModel.read(payload, self._model_limits)
         except ProtocolError as exc:
             log.warning("ignoring malformed model message: %s", exc)
             return
@@ -383,11 +384,8 @@ class Agent:
     def _follow_delta(self, payload: bytes) -> None:
         """Rebuild the next version from a model delta if it applies to the model held;
         otherwise make sure the whole model comes (network thread)."""
-        limits = DecodeLimits(
-            max_bytes=self.config.max_model_bytes, max_bin_len=self.config.max_model_bytes
-        )
         try:
-            delta = ModelDelta.read(payload, limits)
+            delta = ModelDelta.read(payload, self._model_limits)
         except ProtocolError as exc:
             log.warning("ignoring malformed model delta: %s", exc)
             return
