@@ -8,11 +8,11 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from inmemory import wait_for
 
 from coordinator.config import CoordinatorConfig
 from coordinator.service import CoordinatorService
@@ -25,15 +25,6 @@ from fedbus.transport import ConnectionSettings, Message, MqttClient
 from fedbus.update_codec import decode_delta, encode_delta
 
 pytestmark = pytest.mark.broker
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class OtherDevice:

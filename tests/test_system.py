@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from inmemory import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -35,15 +36,6 @@ from fedbus.transport import ConnectionSettings, Message, MqttClient
 from fedbus.update_codec import decode_delta, encode_delta
 
 pytestmark = pytest.mark.broker
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from inmemory import wait_for
 
 from fedbus import pki
 from fedbus.broker import LocalBroker
@@ -37,15 +37,6 @@ pytestmark = pytest.mark.broker
 
 TIMEOUT = 5.0
 NOT_AUTHORIZED = 0x87
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture
