@@ -146,6 +146,7 @@ from coordinator.validation import (
     ValidationLimits,
     validate_update,
 )
+from fedbus.bridge import REGION_AGGREGATOR_PREFIX
 from fedbus.codec_spec import CodecSpec, parse_codec
 from fedbus.envelope import DecodeLimits
 from fedbus.errors import ProtocolError
@@ -606,6 +607,8 @@ class CoordinatorCore:
                 "round_restarts",
                 "updates_clipped",
                 "robust_fallbacks",
+                "partials_accepted",
+                "partial_parts",
                 *(f"rejected_{reason}" for reason in REJECT_REASONS),
             ],
             0,
@@ -751,6 +754,8 @@ class CoordinatorCore:
         self.last_judged = None
         if self.config.fleet_scaling:
             self._follow_fleet()
+        # revision 2.11: a regional aggregator's partial update, one weighted contribution
+        partial = topic_device.startswith(REGION_AGGREGATOR_PREFIX)
         result = validate_update(
             payload,
             topic_device=topic_device,
@@ -762,6 +767,7 @@ class CoordinatorCore:
             ledger=self._ledger,
             retained=retained,
             signature_check=self.update_signatures,
+            partial=partial,
         )
         if isinstance(result, Repeated):
             self.last_judged = Judged(topic_device, "repeated", result.verdict.reason,
@@ -1048,6 +1054,9 @@ class CoordinatorCore:
         self._journal.append(NormWindow(self._norms))
         self._counters["updates_accepted"] += 1
         self._counters["bytes_accepted"] += acc.size
+        if update.parts is not None:  # a partial: the device updates it folds
+            self._counters["partials_accepted"] += 1
+            self._counters["partial_parts"] += update.parts
         self.last_judged = Judged(device_id, "accepted", None, acc.size, acc.staleness,
                                   dict(update.metrics))
         self._sent_at[update.update_id] = update.sent_at

@@ -26,7 +26,9 @@ at the first failure, in this order:
 9. ``future_version`` / ``stale``  base version newer than the current one, or more than
    ``max_staleness`` versions behind it
 10. ``duplicate_work`` the device already had an update accepted for this base version: a
-   retrained copy of the same work (an agent restarted before it got its receipt)
+   retrained copy of the same work (an agent restarted before it got its receipt); not for
+   a regional aggregator's partial updates (``partial``, revision 2.11), which must carry
+   ``parts`` where a device's update must not (``schema``, checked with 4)
    (4 to 10 read only the envelope: a replayed or outdated update is refused before any
    tensor is decompressed, parsed or decoded)
 11. ``too_large`` / ``malformed``  a zstd delta that does not decompress within
@@ -208,8 +210,13 @@ def validate_update(
     ledger: Ledger,
     retained: bool = False,
     signature_check: Callable[[str, bytes], str | None] | None = None,
+    partial: bool = False,
 ) -> Accepted | Rejected | Repeated:
     """Check one raw update payload; never raises, whatever the bytes (see module doc).
+
+    ``partial``: the topic is a regional aggregator's (revision 2.11): the update must
+    carry ``parts`` (a device's must not: ``schema``), and ``duplicate_work`` does not
+    apply (a region sends as many partials on one base version as it fills).
 
     ``signature_check(topic_device, payload)``, when given, says why the payload is not
     signed by that device's key (None: it is); the coordinator gives it only when it
@@ -240,6 +247,12 @@ def validate_update(
             raise
         update_id, device_id, base = update.update_id, update.device_id, update.base_version
         digest = payload_digest(payload)
+        if (update.parts is not None) != partial:
+            return reject(
+                "schema", "only a regional aggregator's partial update carries 'parts'"
+                if not partial else "a partial update must say how many updates it folds "
+                "('parts')",
+            )
         if update.device_id != topic_device:
             return reject(
                 "device_mismatch",
@@ -286,7 +299,7 @@ def validate_update(
                 f"base version {update.base_version} is {staleness} versions behind "
                 f"{current_version} (max {limits.max_staleness})",
             )
-        earlier = ledger.work(update.device_id, update.base_version)
+        earlier = None if partial else ledger.work(update.device_id, update.base_version)
         if earlier is not None:
             return reject(
                 "duplicate_work",

@@ -39,6 +39,7 @@ __all__ = [
     "BRIDGE_BUNDLE_FILE",
     "BRIDGE_ROLE_PREFIX",
     "BRIDGE_USERNAME_PREFIX",
+    "REGION_AGGREGATOR_PREFIX",
     "BridgeBundle",
     "BridgeSpec",
     "bridge_role",
@@ -49,11 +50,15 @@ __all__ = [
     "check_region",
     "parse_address",
     "read_bridge_bundle",
+    "region_aggregator_id",
+    "region_of_aggregator",
     "render_bridge",
     "with_bridge_accounts",
 ]
 
 BRIDGE_USERNAME_PREFIX = "fedbus-bridge-"
+# revision 2.11: the update topic of region R's aggregator is <prefix>/update/fedbus-region-R
+REGION_AGGREGATOR_PREFIX = "fedbus-region-"
 BRIDGE_ROLE_PREFIX = "fedbus-bridge-"
 BRIDGE_BUNDLE_FILE = "bridge.json"
 # MQTT v5 on the bridge's link, as everywhere in fedbus (Mosquitto 2.0.11 accepts
@@ -83,11 +88,31 @@ def bridge_role_name(region: str) -> str:
     return BRIDGE_ROLE_PREFIX + check_region(region)
 
 
-def bridge_topics(prefix: str) -> list[tuple[str, str]]:
+def region_aggregator_id(region: str) -> str:
+    """The name under which ``region``'s aggregator sends its partial updates (revision
+    2.11): its update topic on the root is ``<prefix>/update/fedbus-region-<region>``."""
+    return REGION_AGGREGATOR_PREFIX + check_region(region)
+
+
+def region_of_aggregator(name: str) -> str | None:
+    """The region of an aggregator's name (``region_aggregator_id``), else None."""
+    if not name.startswith(REGION_AGGREGATOR_PREFIX):
+        return None
+    region = name[len(REGION_AGGREGATOR_PREFIX):]
+    return region if _REGION.fullmatch(region) else None
+
+
+def bridge_topics(prefix: str, aggregated: str | None = None) -> list[tuple[str, str]]:
     """(topic filter, direction) of every forwarded subscription, seen from the regional
-    broker: ``out`` to the root, ``in`` from it."""
+    broker: ``out`` to the root, ``in`` from it.
+
+    ``aggregated``: the region when a regional aggregator (revision 2.11) folds the
+    devices' updates there: its partial updates go out instead of the devices' own. What
+    comes in is the same (``<prefix>/receipt/+`` carries the aggregator's receipts, and the
+    root's bridge role, which subscribes that exact filter, needs no change)."""
     t = Topics(prefix)
-    return [(t.all_updates, "out"), (t.all_status, "out"),
+    out = t.all_updates if aggregated is None else t.update(region_aggregator_id(aggregated))
+    return [(out, "out"), (t.all_status, "out"),
             (t.task, "in"), (t.model, "in"), (t.model_chunks, "in"),
             (t.model_delta, "in"), (t.receipt("+"), "in")]
 
@@ -144,6 +169,8 @@ class BridgeSpec:
     password: str | None = None  # password login; None: client certificate
     cert_file: Path | None = None
     key_file: Path | None = None
+    # revision 2.11: a regional aggregator runs beside this broker (bridge_topics)
+    aggregated: bool = False
 
     def __post_init__(self) -> None:
         check_region(self.region)
@@ -190,8 +217,8 @@ def render_bridge(spec: BridgeSpec) -> str:
         lines += [f"remote_username {spec.username}", f"remote_password {spec.password}"]
     else:
         lines += [f"bridge_certfile {spec.cert_file}", f"bridge_keyfile {spec.key_file}"]
-    lines += [f"topic {topic} {direction} {_QOS}"
-              for topic, direction in bridge_topics(spec.prefix)]
+    lines += [f"topic {topic} {direction} {_QOS}" for topic, direction in bridge_topics(
+        spec.prefix, spec.region if spec.aggregated else None)]
     return "\n".join(lines) + "\n"
 
 
@@ -212,8 +239,9 @@ class BridgeBundle:
     coordinator_key: str | None  # the root coordinator's public key (devices verify with it)
 
     def spec(self, address: tuple[str, int] | None = None,
-             use_certificate: bool = True) -> BridgeSpec:
-        """The bridge of this bundle, to ``address`` (host, port) or the bundle's own."""
+             use_certificate: bool = True, aggregated: bool = False) -> BridgeSpec:
+        """The bridge of this bundle, to ``address`` (host, port) or the bundle's own;
+        ``aggregated``: a regional aggregator runs beside the regional broker."""
         cert = use_certificate and self.cert_file is not None
         if not cert and self.password is None:
             raise ConfigError("the bridge bundle has neither a certificate nor a password")
@@ -227,7 +255,7 @@ class BridgeBundle:
             ca_file=self.ca_file, username=self.username,
             password=None if cert else self.password,
             cert_file=self.cert_file if cert else None,
-            key_file=self.key_file if cert else None,
+            key_file=self.key_file if cert else None, aggregated=aggregated,
         )
 
 

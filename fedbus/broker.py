@@ -248,6 +248,7 @@ class LocalBroker:
         bridge_regions: Sequence[str] = (),
         bridge: bridges.BridgeBundle | None = None,
         bridge_address: tuple[str, int] | None = None,
+        region_aggregator: bool = False,
     ) -> None:
         self._workdir = _checked_workdir(Path(workdir))
         if max_packet_size is not None and not 20 <= max_packet_size <= 268_435_455:
@@ -298,7 +299,11 @@ class LocalBroker:
             r: _account(bridges.bridge_username(r), known) for r in regions
         }
         self._bridge = bridge
-        self._bridge_spec = None if bridge is None else bridge.spec(bridge_address)
+        if region_aggregator and bridge is None:
+            raise ConfigError("a regional aggregator runs beside a regional broker: give the "
+                              "bridge bundle too (--bridge-bundle)")
+        self._bridge_spec = None if bridge is None else bridge.spec(
+            bridge_address, aggregated=region_aggregator)
 
     # -- properties -----------------------------------------------------------------------
 

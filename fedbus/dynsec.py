@@ -104,6 +104,7 @@ _KEY_BYTES = 64
 _ITERATIONS = 101
 _RESERVED = {ADMIN_USERNAME, "coordinator", OPERATOR_USERNAME}
 _BRIDGE_PREFIX = "fedbus-bridge-"  # fedbus.bridge.BRIDGE_USERNAME_PREFIX
+_REGION_PREFIX = "fedbus-region-"  # fedbus.bridge.REGION_AGGREGATOR_PREFIX (revision 2.11)
 
 
 class DynsecError(FedbusError):
@@ -199,6 +200,9 @@ def check_new_device_id(device_id: str) -> str:
     if device_id.startswith(_BRIDGE_PREFIX):
         raise ValueError(f"{device_id!r}: names starting with {_BRIDGE_PREFIX!r} are "
                          "reserved for the accounts of regional bridges")
+    if device_id.startswith(_REGION_PREFIX):
+        raise ValueError(f"{device_id!r}: names starting with {_REGION_PREFIX!r} are "
+                         "reserved for regional aggregators")
     return device_id
 
 

@@ -466,6 +466,9 @@ class Update:
     sent_at: float = 0.0
     compression: str | None = None
     run_id: str = field(kw_only=True)
+    # revision 2.11: a regional aggregator's partial update (docs/protocol.md 7.3.1) says
+    # how many device updates it folds; None (absent on the wire) for a device's own update
+    parts: int | None = field(default=None, kw_only=True)
 
     def to_wire(self) -> dict[str, Any]:
         """The envelope as a dict; ``ValueError`` if ``delta`` and ``compression`` disagree."""
@@ -483,7 +486,7 @@ class Update:
                 f"update {self.update_id}: compression {self.compression!r} does not match "
                 f"a delta of type {type(self.delta).__name__}"
             )
-        return {
+        wire = {
             "v": PROTOCOL_VERSION,
             "kind": "update",
             "update_id": self.update_id,
@@ -496,6 +499,9 @@ class Update:
             "delta": delta,
             "ts": self.sent_at,
         }
+        if self.parts is not None:
+            wire["parts"] = self.parts
+        return wire
 
     def pack(self) -> bytes:
         """The message as an agent sends it: metric values as float32 (4 bytes, not 8).
@@ -532,6 +538,12 @@ class Update:
         if num_samples < 1:
             raise ProtocolError("schema", "update: field 'n' (num_samples) must be at least 1")
         delta = _get(obj, "delta", (dict, bytes, PackedMap), "update")
+        parts = None
+        if obj.get("parts") is not None:
+            parts = _positive_int(obj, "parts", "update")
+            if parts > num_samples:
+                raise ProtocolError("schema", "update: 'parts' (updates folded) must not "
+                                    "exceed 'n' (their weight)")
         return cls(
             update_id=_get_id(obj, "update_id", "update"),
             device_id=_get_id(obj, "dev", "update", DEVICE_ID_PATTERN),
@@ -543,6 +555,7 @@ class Update:
             metrics={k: float(v) for k, v in metrics.items()},
             sent_at=_finite_float(obj, "ts", "update"),
             compression=bin_format(delta) if isinstance(delta, bytes) else None,
+            parts=parts,
         )
 
     @classmethod
@@ -590,7 +603,8 @@ def _fields_bound() -> int:
     checks and the coordinator's decode limits (docs/protocol.md 4.2, 7.3): a map16 header,
     the eleven keys, ``v`` and ``kind``, four ids of at most 64 ASCII characters (str8),
     ``base``, ``n`` and ``ts`` as 9-byte numbers, and ``m`` with its most entries, 32, each
-    a name of 4,096 bytes (str16) and a float64."""
+    a name of 4,096 bytes (str16) and a float64. A partial update's ``parts`` (revision
+    2.11, 15 bytes at most) is left out: it fits the 64 KiB of slack ``limits`` adds."""
     keys = ("v", "kind", "update_id", "dev", "run", "task", "base", "n", "m", "delta", "ts")
     ids = 4 * (2 + 64)
     numbers = 3 * 9
@@ -616,6 +630,7 @@ _LEAF: FieldReader = Reader.leaf
 UPDATE_FIELDS: dict[str, FieldReader] = {
     "update_id": _LEAF, "dev": _LEAF, "run": _LEAF, "task": _LEAF, "base": _LEAF,
     "n": _LEAF, "m": _read_metrics, "delta": _read_delta, "ts": _LEAF,
+    "parts": _LEAF,  # revision 2.11: partial updates of regional aggregators
 }
 MODEL_FIELDS: dict[str, FieldReader] = {
     "task_id": _LEAF, "run": _LEAF, "version": _LEAF, "tensors": _read_delta,

@@ -29,6 +29,7 @@ COMMANDS: Mapping[str, str] = {
     "data": "fedbus.cli.data:data",
     "demo": "fedbus.cli.demo:demo",
     "devices": "fedbus.cli.devices:devices",
+    "region-aggregator": "fedbus.cli.region:region_aggregator",
     "report": "fedbus.cli.report:report",
     "run": "fedbus.cli.run:run",
     "status": "fedbus.cli.status:status",
@@ -90,6 +91,7 @@ def cli(log_level: str, log_format: str) -> None:
     On each device:                  fedbus agent --device-id device-01 --data data.npz ...
     Check a device's data first:     fedbus data check data.csv --task run/task.json
     Watch the fleet and the run:     fedbus status --credentials c.json
+    Aggregate a bridged region:      fedbus region-aggregator --region eu --credentials c.json
     Pause, resume or stop the run:   fedbus run pause --credentials c.json
 
     Every command has its own --help.

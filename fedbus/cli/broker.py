@@ -93,10 +93,17 @@ _HEALTH_CHECK_SECONDS = 0.5
     help="With --bridge-bundle: the root broker's mutual-TLS address as this broker reaches "
     "it [default: the bundle's]. HOST must be a name in the root's certificate.",
 )
+@click.option(
+    "--region-aggregator", is_flag=True, default=False,
+    help="With --bridge-bundle: a regional aggregator (`fedbus region-aggregator`, logging in "
+    "as this broker's coordinator account) folds the devices' updates here; only its partial "
+    "updates cross to the root, not the devices' own (protocol revision 2.11).",
+)
 def broker(port: int, tls_port: int, mtls_port: int, host: str, tls_names: Sequence[str],
            insecure_plaintext: bool, num_devices: int | None, device_ids: Sequence[str],
            workdir: Path, prefix: str, bridge_regions: Sequence[str],
-           bridge_bundle: Path | None, bridge_to: str | None) -> None:
+           bridge_bundle: Path | None, bridge_to: str | None,
+           region_aggregator: bool) -> None:
     """Run a local Mosquitto broker with the fedbus access policy.
 
     It creates an account for the coordinator and one per device, each with a random
@@ -134,6 +141,9 @@ def broker(port: int, tls_port: int, mtls_port: int, host: str, tls_names: Seque
     try:
         if bridge_to is not None and bridge_bundle is None:
             raise click.ClickException("--bridge-to needs --bridge-bundle")
+        if region_aggregator and bridge_bundle is None:
+            raise click.ClickException("--region-aggregator needs --bridge-bundle (it is for "
+                                       "a regional broker)")
         if bridge_bundle is not None and bridge_regions:
             raise click.ClickException("a regional broker (--bridge-bundle) has no regions "
                                        "of its own (--bridge-region): bridge one level only")
@@ -147,6 +157,7 @@ def broker(port: int, tls_port: int, mtls_port: int, host: str, tls_names: Seque
             mtls_port=mtls_port, plaintext=True if insecure_plaintext else None,
             tls_names=tls_names, bridge_regions=bridge_regions, bridge=bundle,
             bridge_address=None if bridge_to is None else parse_address(bridge_to),
+            region_aggregator=region_aggregator,
         )
         local.start()
     except FedbusError as exc:
@@ -195,6 +206,10 @@ def _bridge_lines(local: LocalBroker) -> list[str]:
     if spec is not None:
         lines.append(f"  bridged to:    {spec.host}:{spec.port} as {spec.username} (region "
                      f"{spec.region}; the coordinator runs there)")
+        if spec.aggregated:
+            lines.append("  aggregated:    devices' updates stay here; run `fedbus "
+                         f"region-aggregator --region {spec.region}` with this broker's "
+                         "credentials.json")
     return lines
 
 
