@@ -46,6 +46,7 @@ from fedbus.transport import (
     ConnectionSettings,
     Message,
     MqttClient,
+    PublishResult,
     Transport,
     publish_packet_size,
 )
@@ -194,12 +195,12 @@ class RegionAggregator:
                 with self._lock:
                     self._tick(time.monotonic())
             with self._lock:
-                for closed in self.book.flush():
-                    self._send(closed)
+                sent = [r for closed in self.book.flush() for r in self._send(closed)]
+            # stored already (a later start sends them again if the broker did not take
+            # them): wait only for the broker's PUBACKs, not for the root's answer
             deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline and self.store.unanswered() and \
-                    self.client.connected:
-                time.sleep(_TICK)
+            for result in sent:
+                result.wait(max(0.0, deadline - time.monotonic()))
         finally:
             self.client.stop()
             self.store.close()
@@ -439,7 +440,7 @@ class RegionAggregator:
 
     # -- partials up -------------------------------------------------------------------------
 
-    def _send(self, closed: ClosedPartial) -> None:
+    def _send(self, closed: ClosedPartial) -> list[PublishResult]:
         """Encode ``closed``, store it (with its parts taken out), then publish it."""
         assert self._task is not None
         pid = partial_id(self.config.region, self.store.next_seq())
@@ -457,18 +458,20 @@ class RegionAggregator:
                  len(closed.parts), closed.base_version, closed.weight, len(payload),
                  closed.reason)
         self.counters["partials_sent"] += 1
-        self._publish_partial(stored)
+        return self._publish_partial(stored)
 
-    def _publish_partial(self, stored: StoredPartial) -> None:
+    def _publish_partial(self, stored: StoredPartial) -> list[PublishResult]:
         topic = self.topics.update(self.name)
         limit = self.client.max_packet_size
         payloads = [stored.payload]
         if publish_packet_size(topic, len(stored.payload)) > limit:  # revision 2.6
             payloads = split(stored.payload, chunk_data_size(limit, topic), stored.partial_id)
+        results = []
         for body in payloads:
-            self.client.publish(topic, body, qos=1)
+            results.append(self.client.publish(topic, body, qos=1))
             self.counters["bytes_up"] += len(body)
         self._sent_at[stored.partial_id] = time.monotonic()
+        return results
 
 
 def summary_line(counters: dict[str, Any]) -> str:

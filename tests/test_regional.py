@@ -1,0 +1,239 @@
+"""Regional aggregators (protocol revision 2.11): the pure folding (coordinator.regional),
+the partial update on the wire, how the root judges one (validation, core), the bridge's
+topics, the reserved names and the aggregator's durable state; values worked out by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.journal import Verdict
+from coordinator.region_store import RegionStore, StoredPart, StoredPartial
+from coordinator.regional import Part, RegionBook, fold, mean_metrics, partial_id
+from coordinator.store import Store
+from coordinator.validation import Accepted, Rejected, ValidationLimits, validate_update
+from fedbus.bridge import (
+    BridgeSpec,
+    bridge_topics,
+    region_aggregator_id,
+    region_of_aggregator,
+    render_bridge,
+)
+from fedbus.dynsec import check_new_device_id
+from fedbus.errors import ProtocolError
+from fedbus.messages import Update
+from fedbus.update_codec import encode_delta
+from tests.test_core import core, initial, receipts
+
+F32 = np.float32
+
+
+def part(uid: str, values: list[float], n: int = 1, base: int = 0,
+         metrics: dict[str, float] | None = None) -> Part:
+    return Part(uid, f"d-{uid}", base, n, {"w": np.array(values, F32)}, metrics or {})
+
+
+# -- folding ---------------------------------------------------------------------------------
+
+
+def test_fold_is_the_sample_weighted_mean_and_its_weight() -> None:
+    # weights 1 and 3 (3 <= 4 x the lower median 1): (1*[1, 0] + 3*[0, 2]) / 4
+    delta, weight = fold([part("a", [1, 0], n=1), part("b", [0, 2], n=3)])
+    np.testing.assert_allclose(delta["w"], [0.25, 1.5])
+    assert delta["w"].dtype == F32 and weight == 4
+
+
+def test_fold_caps_an_inflated_sample_claim() -> None:
+    # claims 2, 2, 2^40: the lower median is 2, so the third weighs 4 x 2 = 8, not 2^40:
+    # (2*[1] + 2*[1] + 8*[-1]) / 12 = -1/3, weight 12
+    delta, weight = fold([part("a", [1], 2), part("b", [1], 2), part("c", [-1], 2**40)])
+    np.testing.assert_allclose(delta["w"], [-1 / 3], rtol=1e-6)
+    assert weight == 12
+    # with a cap of 1 every update weighs the median claim: the plain mean
+    delta, weight = fold([part("a", [1], 2), part("b", [1], 2), part("c", [-1], 2**40)], 1.0)
+    np.testing.assert_allclose(delta["w"], [1 / 3], rtol=1e-6)
+    assert weight == 6
+
+
+def test_fold_needs_an_update() -> None:
+    with pytest.raises(ValueError):
+        fold([])
+
+
+def test_metrics_are_averaged_when_every_update_reports_them() -> None:
+    assert mean_metrics([{"loss": 1.0, "acc": 0.5}, {"loss": 2.0}]) == {"loss": 1.5}
+    assert mean_metrics([]) == {}
+
+
+def test_partial_ids_name_the_region_and_fit_an_update_id() -> None:
+    assert partial_id("eu", 7) == "eu.7"
+    longest = partial_id("r" * 32, 10**20 - 1)
+    assert len(longest) <= 64
+    with pytest.raises(ValueError):
+        partial_id("eu", -1)
+
+
+def test_a_partial_closes_when_full_and_folds_one_base_version_only() -> None:
+    book = RegionBook(partial_size=2, partial_timeout=10.0)
+    assert book.add(part("a", [2], base=3), 0.0) == []
+    assert book.add(part("b", [4], base=4), 0.0) == []  # another version: another partial
+    assert book.held == 2
+    closed = book.add(part("c", [6], base=3), 1.0)
+    assert len(closed) == 1
+    c = closed[0]
+    assert (c.base_version, c.update_ids, c.reason, c.weight) == (3, ("a", "c"), "full", 2)
+    np.testing.assert_allclose(c.delta["w"], [4.0])
+    assert book.held_ids() == {"b"}
+
+
+def test_a_partial_closes_at_its_timeout_or_once_a_newer_version_is_out() -> None:
+    book = RegionBook(partial_size=8, partial_timeout=10.0, stale_grace=1.0)
+    book.add(part("a", [1], base=5), 0.0)
+    book.add(part("b", [1], base=6), 0.5)
+    assert book.due(0.9, current_version=6) == []  # version 5 is older, but within grace
+    closed = book.due(1.0, current_version=6)
+    assert [(c.base_version, c.reason) for c in closed] == [(5, "newer_version")]
+    assert book.due(10.4, current_version=6) == []
+    closed = book.due(10.5, current_version=6)
+    assert [(c.base_version, c.reason) for c in closed] == [(6, "timeout")]
+    assert book.held == 0
+
+
+def test_old_versions_are_dropped_and_flush_closes_everything() -> None:
+    book = RegionBook(partial_size=8, partial_timeout=10.0)
+    for uid, base in (("a", 1), ("b", 2), ("c", 3)):
+        book.add(part(uid, [1], base=base), 0.0)
+    assert [p.update_id for p in book.drop_older_than(3)] == ["a", "b"]
+    assert [(c.base_version, c.reason) for c in book.flush()] == [(3, "flush")]
+    with pytest.raises(ValueError):
+        RegionBook(partial_size=0, partial_timeout=1.0)
+
+
+# -- the partial on the wire, and the root's judgement -----------------------------------------
+
+
+def partial_payload(uid: str = "eu.0", *, parts: int | None = 2, n: int = 2, base: int = 0,
+                    dev: str = "fedbus-region-eu", value: float = 0.5) -> bytes:
+    delta = encode_delta({"w": np.full((2, 2), value, F32), "b": np.full(2, value, F32)},
+                         "fp32")
+    return Update(uid, dev, "task1", base, n, delta, run_id="r1", parts=parts).pack()
+
+
+def test_parts_travel_only_when_set_and_are_checked() -> None:
+    payload = partial_payload(parts=3, n=5)
+    assert Update.read(payload).parts == 3
+    device = Update("u1", "d1", "t", 0, 1, {}, run_id="r1")
+    assert "parts" not in device.to_wire() and Update.read(device.pack()).parts is None
+    with pytest.raises(ProtocolError, match="must not exceed"):
+        Update.read(partial_payload(parts=3, n=2))
+    with pytest.raises(ProtocolError, match="at least 1"):
+        Update.read(partial_payload(parts=0))
+
+
+def judge(payload: bytes, topic: str, store: Store, *, partial: bool) -> Any:
+    return validate_update(
+        payload, topic_device=topic, run_id="r1", task_id="task1",
+        expected_shapes={"w": (2, 2), "b": (2,)}, current_version=0,
+        limits=ValidationLimits(max_update_bytes=1 << 20, max_norm=100.0, max_staleness=5),
+        ledger=store, partial=partial)
+
+
+def test_only_an_aggregator_sends_parts_and_it_is_not_held_to_one_per_version() -> None:
+    store = Store(None)
+    refused = judge(partial_payload(dev="d1"), "d1", store, partial=False)
+    assert isinstance(refused, Rejected) and refused.reason == "schema"
+    refused = judge(partial_payload(parts=None), "fedbus-region-eu", store, partial=True)
+    assert isinstance(refused, Rejected) and refused.reason == "schema"
+    assert isinstance(judge(partial_payload(), "fedbus-region-eu", store, partial=True),
+                      Accepted)
+
+
+def test_the_root_takes_partials_as_contributions_of_their_weight() -> None:
+    c = core(buffer_size=2)
+    first = c.on_update("fedbus-region-eu", partial_payload("eu.0", parts=2, n=2), 0.0)
+    assert [r.receipt.accepted for r in receipts(first)] == [True]
+    # a second partial on the same base version is no duplicate_work
+    second = c.on_update("fedbus-region-eu", partial_payload("eu.1", parts=1, n=6,
+                                                             value=1.0), 0.0)
+    assert [r.receipt.accepted for r in receipts(second)] == [True]
+    # the plain mean weighs them by n: (2*0.5 + 6*1.0) / 8 = 0.875
+    np.testing.assert_allclose(c.state["w"], np.full((2, 2), 0.875), rtol=1e-6)
+    counters = c.counters
+    assert (counters["partials_accepted"], counters["partial_parts"]) == (2, 3)
+    # a copy of a partial (a re-send after the aggregator restarted) is a repeat
+    again = c.on_update("fedbus-region-eu", partial_payload("eu.1", parts=1, n=6,
+                                                            value=1.0), 0.0)
+    assert receipts(again)[0].receipt.repeat and c.version == 1
+
+
+def test_a_device_cannot_pass_its_update_off_as_a_partial() -> None:
+    c = core()
+    refused = receipts(c.on_update("d1", partial_payload(dev="d1"), 0.0))[0].receipt
+    assert (refused.accepted, refused.reason) == (False, "schema")
+    assert initial()["w"].sum() == c.state["w"].sum() == 0
+
+
+# -- bridge topics and names --------------------------------------------------------------------
+
+
+def test_an_aggregated_region_bridges_its_partials_instead_of_the_devices_updates() -> None:
+    assert region_aggregator_id("eu") == "fedbus-region-eu"
+    assert region_of_aggregator("fedbus-region-eu") == "eu"
+    assert region_of_aggregator("eu-01") is None
+    topics = bridge_topics("fedbus", "eu")
+    assert ("fedbus/update/fedbus-region-eu", "out") in topics
+    assert ("fedbus/update/+", "out") not in topics
+    assert ("fedbus/status/+", "out") in topics and ("fedbus/receipt/+", "in") in topics
+    assert {t for t, d in topics if d == "in"} == {t for t, d in bridge_topics("fedbus")
+                                                    if d == "in"}
+    spec = BridgeSpec(region="eu", host="root", port=8884, prefix="fedbus",
+                      ca_file="/ca.crt", username="fedbus-bridge-eu",  # type: ignore[arg-type]
+                      password="pw", aggregated=True)
+    text = render_bridge(spec)
+    assert "topic fedbus/update/fedbus-region-eu out 1\n" in text
+    assert "topic fedbus/update/+" not in text
+
+
+def test_aggregator_names_are_no_device_ids() -> None:
+    with pytest.raises(ValueError, match="regional aggregators"):
+        check_new_device_id("fedbus-region-eu")
+
+
+# -- the aggregator's durable state ---------------------------------------------------------------
+
+
+def test_the_region_store_is_a_ledger_and_keeps_parts_until_their_partial_is_made() -> None:
+    store = RegionStore(None)
+    accepted = Verdict("u1", "d1", b"x", 3, True, None, "ok", 3, 0, 10)
+    store.judged(accepted, norm=1.5, part=StoredPart("u1", "d1", 3, None, b"payload"))
+    store.judged(Verdict("u2", "d2", b"y", 3, False, "norm", "big", 3, None, 10))
+    assert store.verdict("u1") == accepted and store.verdict("u3") is None
+    assert store.work("d1", 3) == "u1" and store.work("d2", 3) is None
+    assert [p.update_id for p in store.open_parts()] == ["u1"] and store.norms(8) == [1.5]
+    assert store.next_seq() == 0
+    store.made(StoredPartial("eu.0", 3, 1, b"partial"), ["u1"])
+    assert store.open_parts() == [] and store.next_seq() == 1
+    assert [p.partial_id for p in store.unanswered()] == ["eu.0"]
+    assert store.answered("eu.0", "accepted") and not store.answered("eu.0", "accepted")
+    assert store.unanswered() == [] and store.verdict_of("eu.0") == "accepted"
+    # the first verdict of an id stays (a later "duplicate" never overwrites it)
+    store.judged(Verdict("u1", "d9", b"z", 3, False, "duplicate", "", 3, None, 1))
+    assert store.verdict("u1") == accepted
+    store.close()
+
+
+def test_dropped_parts_are_gone(tmp_path: Any) -> None:
+    path = tmp_path / "region.db"
+    store = RegionStore(path)
+    store.judged(Verdict("u1", "d1", b"x", 0, True, None, "", 0, 0, 1),
+                 part=StoredPart("u1", "d1", 0, 2.0, b"p"))
+    store.set_run("r1")
+    store.close()
+    again = RegionStore(path)  # what a restarted aggregator finds
+    assert again.run() == "r1" and [p.clip for p in again.open_parts()] == [2.0]
+    again.dropped(["u1"])
+    assert again.open_parts() == []
+    again.close()
+
