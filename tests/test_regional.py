@@ -237,3 +237,114 @@ def test_dropped_parts_are_gone(tmp_path: Any) -> None:
     assert again.open_parts() == []
     again.close()
 
+
+
+# -- the aggregator's process, driven message by message (no broker) ------------------------------
+
+
+class Recorder:
+    """A transport that keeps what is published (the aggregator's only output)."""
+
+    def __init__(self, settings: Any, **_: Any) -> None:
+        self.settings = settings
+        self.fatal = None
+        self.max_packet_size = 8 * 1024 * 1024
+        self.published: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1,
+                retain: bool = False) -> Any:
+        from fedbus.transport import PublishResult
+
+        self.published.append((topic, payload))
+        result = PublishResult(topic, len(payload))
+        result._resolve(True, "")
+        return result
+
+
+def aggregator(state_dir: Any) -> Any:
+    from coordinator.region_service import RegionAggregator, RegionConfig
+
+    config = RegionConfig(region="eu", state_dir=state_dir, partial_size=2, norm_multiple=0)
+    return RegionAggregator(config, "pw", transport=Recorder)
+
+
+def feed(agg: Any, topic: str, payload: bytes) -> None:
+    from fedbus.transport import Message
+
+    agg._on_message(Message(topic, payload, False))
+
+
+def device_update(uid: str, device: str, value: float) -> bytes:
+    delta = encode_delta({"w": np.full((2, 2), value, F32), "b": np.full(2, value, F32)},
+                         "fp32")
+    return Update(uid, device, "task1", 0, 1, delta, run_id="r1").pack()
+
+
+def start_run(agg: Any) -> None:
+    from fedbus.envelope import pack
+    from fedbus.messages import GlobalModel, ModelSpec, Task, TrainSpec
+
+    task = Task("task1", ModelSpec("mlp"), TrainSpec(), run_id="r1")
+    feed(agg, "fedbus/task", pack(task.to_wire()))
+    tensors, compression = encode_delta(initial(), "fp32"), None
+    model = GlobalModel("task1", 0, tensors, compression=compression, run_id="r1")
+    feed(agg, "fedbus/model", pack(model.to_wire()))
+
+
+def receipts_to(agg: Any, device: str) -> list[Any]:
+    from fedbus.envelope import unpack
+    from fedbus.messages import Receipt
+
+    return [Receipt.from_wire(unpack(p, "receipt")) for t, p in agg.client.published
+            if t == f"fedbus/receipt/{device}"]
+
+
+def test_a_crashed_aggregator_loses_no_accepted_update_and_sends_no_partial_twice(
+    tmp_path: Any,
+) -> None:
+    first = aggregator(tmp_path)
+    start_run(first)
+    feed(first, "fedbus/update/d1", device_update("u1", "d1", 1.0))
+    assert [r.accepted for r in receipts_to(first, "d1")] == [True]
+    # a device cannot send as another (the topic is its identity), nor twice the same work
+    feed(first, "fedbus/update/d2", device_update("u9", "d1", 1.0))
+    feed(first, "fedbus/update/d1", device_update("u2", "d1", 5.0))
+    assert [r.reason for r in receipts_to(first, "d2")] == ["device_mismatch"]
+    assert [r.reason for r in receipts_to(first, "d1")][1:] == ["duplicate_work"]
+    # the process dies here: no flush, nothing sent up; a new one starts on the same state
+    second = aggregator(tmp_path)
+    start_run(second)
+    feed(second, "fedbus/update/d1", device_update("u1", "d1", 1.0))  # the outbox re-sends
+    repeat = receipts_to(second, "d1")
+    assert [(r.accepted, r.repeat) for r in repeat] == [(True, True)]
+    feed(second, "fedbus/update/d3", device_update("u3", "d3", 3.0))
+    ups = [p for t, p in second.client.published if t == "fedbus/update/fedbus-region-eu"]
+    assert len(ups) == 1
+    sent = Update.read(ups[0])
+    assert (sent.update_id, sent.parts, sent.num_samples, sent.base_version) == ("eu.0", 2,
+                                                                               2, 0)
+    # the mean of 1.0 and 3.0, int8-encoded: 2.0 within its rounding
+    from fedbus.update_codec import decode_update_delta
+
+    got = decode_update_delta(sent.delta, sent.compression, expected_shapes={"w": (2, 2),
+                                                                            "b": (2,)})
+    np.testing.assert_allclose(got["w"], np.full((2, 2), 2.0), rtol=0.01)
+    # unanswered, it goes again after a restart, byte for byte (the root repeats its verdict)
+    third = aggregator(tmp_path)
+    start_run(third)
+    third._tick(1e9)
+    again = [p for t, p in third.client.published if t == "fedbus/update/fedbus-region-eu"]
+    assert again == ups
+    # once the root answers, it is never sent again
+    from fedbus.envelope import pack
+    from fedbus.messages import Receipt
+
+    feed(third, "fedbus/receipt/fedbus-region-eu", pack(Receipt(
+        update_id="eu.0", run_id="r1", accepted=True, reason=None, detail="", model_version=0,
+        staleness=0).to_wire()))
+    third._tick(2e9)
+    assert [p for t, p in third.client.published
+            if t == "fedbus/update/fedbus-region-eu"] == ups
+    assert third.counters["partials_accepted"] == 1
+    for agg in (first, second, third):
+        agg.store.close()
