@@ -40,6 +40,7 @@ from fedbus.codec_spec import parse_codec
 from fedbus.envelope import DecodeLimits, pack, unpack
 from fedbus.errors import ConfigError, ProtocolError
 from fedbus.messages import GlobalModel, Receipt, Task, Update
+from fedbus.signing import ensure_private_key, key_text, sign_message
 from fedbus.tls import BrokerTarget, check_transport_choice
 from fedbus.topics import DEFAULT_PREFIX, Topics
 from fedbus.transport import (
@@ -57,6 +58,7 @@ __all__ = ["RegionAggregator", "RegionConfig"]
 log = logging.getLogger(__name__)
 
 STATE_FILE = "region.db"
+SIGNING_KEY_FILE = "signing.key"
 CHUNKS_FILE = "chunks.db"
 _TASK_LIMITS = DecodeLimits(max_bytes=64 * 1024, max_bin_len=1024)
 _MAX_MODEL_BYTES = 64 * 1024 * 1024
@@ -153,6 +155,11 @@ class RegionAggregator:
             max_chunk_bytes=8 * 1024 * 1024,
             store=ChunkStore(state / CHUNKS_FILE, sync=config.sync))
         self._codec = parse_codec(config.partial_codec)
+        # every partial is signed (revision 2.8): a root that requires signed updates takes
+        # it once this key is registered for fedbus-region-<region> (signing.pub beside it)
+        self._signer = ensure_private_key(state / SIGNING_KEY_FILE)
+        log.info("partials are signed with %s (register it on the root as: %s %s)",
+                 state / SIGNING_KEY_FILE, self.name, key_text(self._signer))
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._task: Task | None = None
@@ -446,12 +453,13 @@ class RegionAggregator:
         pid = partial_id(self.config.region, self.store.next_seq())
         wire, compression = encode_update_delta(closed.delta, self._codec,
                                                 rng=np.random.default_rng())
-        payload = Update(
+        body = Update(
             update_id=pid, device_id=self.name, task_id=self._task.task_id,
             base_version=closed.base_version, num_samples=closed.weight, delta=wire,
             metrics=closed.metrics, sent_at=time.time(), compression=compression,
             run_id=self._task.run_id, parts=len(closed.parts),
         ).pack()
+        payload = sign_message(self._signer, self.topics.update(self.name), body)
         stored = StoredPartial(pid, closed.base_version, len(closed.parts), payload)
         self.store.made(stored, closed.update_ids)
         log.info("partial %s: %d update(s) on version %d, weight %d, %d bytes (%s)", pid,

@@ -321,6 +321,10 @@ def test_a_crashed_aggregator_loses_no_accepted_update_and_sends_no_partial_twic
     ups = [p for t, p in second.client.published if t == "fedbus/update/fedbus-region-eu"]
     assert len(ups) == 1
     sent = Update.read(ups[0])
+    # signed with the aggregator's own key, kept in its state directory across restarts
+    from fedbus.signing import verify_message
+
+    verify_message(first._signer.public_key(), "fedbus/update/fedbus-region-eu", ups[0])
     assert (sent.update_id, sent.parts, sent.num_samples, sent.base_version) == ("eu.0", 2,
                                                                                2, 0)
     # the mean of 1.0 and 3.0, int8-encoded: 2.0 within its rounding
@@ -348,3 +352,19 @@ def test_a_crashed_aggregator_loses_no_accepted_update_and_sends_no_partial_twic
     assert third.counters["partials_accepted"] == 1
     for agg in (first, second, third):
         agg.store.close()
+
+
+PARTIAL_VECTOR = bytes.fromhex(
+    "8ca17602a46b696e64a6757064617465a97570646174655f6964a465752e37a3646576b06665646275"
+    "732d726567696f6e2d6575a372756eb0685235745771324c6d5a387658633145a47461736ba8646967"
+    "6974732d31a462617365 0ca16eccb4a16d82a46c6f7373ca3f000000a3616363ca3f600000a56465"
+    "6c746180a27473cb41da556e40000000a57061727473 03".replace(" ", ""))
+
+
+def test_the_partial_test_vector_of_the_protocol_page() -> None:
+    """docs/protocol.md 7.3.1: the bytes of a partial with an empty delta."""
+    made = Update("eu.7", "fedbus-region-eu", "digits-1", 12, 180, {},
+                  metrics={"loss": 0.5, "acc": 0.875}, sent_at=1767225600.0,
+                  run_id="hR5tWq2LmZ8vXc1E", parts=3).pack()
+    assert made == PARTIAL_VECTOR and len(made) == 145
+    assert Update.read(PARTIAL_VECTOR).parts == 3
