@@ -162,6 +162,7 @@ class RegionAggregator:
                  state / SIGNING_KEY_FILE, self.name, key_text(self._signer))
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self.ready = threading.Event()  # connected and subscribed
         self._task: Task | None = None
         self._version: int | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
@@ -192,6 +193,12 @@ class RegionAggregator:
             self.client.stop()
             raise ConfigError(f"no connection to the regional broker at {self.config.host}:"
                               f"{self.config.broker_port()} within 30 s")
+        # from here the broker keeps the devices' updates for this durable session, also
+        # while this process is down
+        log.info("region %s: aggregating the updates of %s (partials of %d, up as %s)",
+                 self.config.region, t.all_updates, self.config.partial_size,
+                 t.update(self.name))
+        self.ready.set()
         end = None if self.config.duration is None else time.monotonic() + self.config.duration
         try:
             while not self._stop.wait(_TICK):

@@ -46,7 +46,7 @@ def test_two_regions_send_partial_updates_to_the_root_coordinator(tmp_path: Path
              "--credentials", str(regions["eu"].credentials_file), "--state-dir",
              str(tmp_path / "eu-state"), "--partial-size", "2", "--partial-timeout", "1",
              "--duration", "60"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            stdout=(tmp_path / "eu.log").open("w"), stderr=subprocess.STDOUT, text=True)
         us = RegionAggregator(RegionConfig(
             region="us", host=regions["us"].host, port=regions["us"].port,
             state_dir=tmp_path / "us-state", partial_size=2, partial_timeout=1.0),
@@ -54,6 +54,15 @@ def test_two_regions_send_partial_updates_to_the_root_coordinator(tmp_path: Path
         us_counters: list[dict[str, int]] = []
         in_thread = threading.Thread(target=lambda: us_counters.append(us.run()), daemon=True)
         in_thread.start()
+        # the aggregators take their devices' updates from the start (an update published
+        # before an aggregator's first subscription has no subscriber to go to; later, its
+        # durable session keeps them)
+        deadline = time.monotonic() + 20
+        while "aggregating the updates" not in (tmp_path / "eu.log").read_text():
+            assert time.monotonic() < deadline and cli.poll() is None, \
+                (tmp_path / "eu.log").read_text()
+            time.sleep(0.05)
+        assert us.ready.wait(20)
         service = CoordinatorService(
             CoordinatorConfig(
                 host=root.host, port=root.port, prefix=root.prefix, task_id="regions",
@@ -73,7 +82,7 @@ def test_two_regions_send_partial_updates_to_the_root_coordinator(tmp_path: Path
         for t in runs:
             t.start()
         thread.join(25)
-        assert not thread.is_alive(), "the coordinator did not end its run"
+        assert not thread.is_alive(), (tmp_path / "eu.log").read_text()
         counters = service.counters()
         for s in sims:
             s.stop_requested = True
@@ -96,8 +105,7 @@ def test_two_regions_send_partial_updates_to_the_root_coordinator(tmp_path: Path
     assert counters["partials_accepted"] >= 2
     assert counters["updates_accepted"] == counters["partials_accepted"]
     assert counters["partial_parts"] >= 2 * counters["partials_accepted"] - 2
-    assert cli is not None and cli.stdout is not None
-    output = cli.stdout.read()
+    output = (tmp_path / "eu.log").read_text()
     assert "region eu: " in output and "partials_sent" in output, output
     assert us_counters and us_counters[0]["partials_sent"] >= 1
     for sim, region in zip(sims, ("eu", "us"), strict=True):
