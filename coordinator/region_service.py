@@ -402,6 +402,11 @@ class RegionAggregator:
             self._reject(device, result.update_id, result.base_version, result.digest,
                          result.size, result.reason, result.detail)
             return
+        if task.ended:  # as the coordinator: judged, then refused (its partial would be)
+            update = result.update
+            self._reject(device, update.update_id, update.base_version, result.digest,
+                         result.size, "run_ended", f"the run has ended: {task.end_reason}")
+            return
         self._accept(device, result, now)
 
     def _reject(self, device: str, update_id: str | None, base: int | None, digest: bytes,

@@ -368,3 +368,20 @@ def test_the_partial_test_vector_of_the_protocol_page() -> None:
                   run_id="hR5tWq2LmZ8vXc1E", parts=3).pack()
     assert made == PARTIAL_VECTOR and len(made) == 145
     assert Update.read(PARTIAL_VECTOR).parts == 3
+
+
+def test_after_the_run_ended_updates_are_refused_as_the_coordinator_would(
+    tmp_path: Any,
+) -> None:
+    from fedbus.envelope import pack
+    from fedbus.messages import ModelSpec, Task, TrainSpec
+
+    agg = aggregator(tmp_path)
+    start_run(agg)
+    ended = Task("task1", ModelSpec("mlp"), TrainSpec(), state="ended",
+                 end_reason="reached 2 model versions", run_id="r1")
+    feed(agg, "fedbus/task", pack(ended.to_wire()))
+    feed(agg, "fedbus/update/d1", device_update("u1", "d1", 1.0))
+    assert [(r.accepted, r.reason) for r in receipts_to(agg, "d1")] == [(False, "run_ended")]
+    assert agg.book.held == 0 and agg.store.open_parts() == []
+    agg.store.close()
