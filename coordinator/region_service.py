@@ -353,6 +353,10 @@ class RegionAggregator:
         if parts:
             log.info("took back %d accepted update(s) from %s", len(parts),
                      self.config.state_dir)
+        # chunked device updates (revision 2.6) whose chunks a stopped process had kept
+        for completed in self._chunks.restore(now):
+            self._judge(completed.device, completed.payload, False, now)
+            self._chunks.done(completed)
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
