@@ -258,6 +258,12 @@ class RegionAggregator:
                     t.update(device)):
                 return
             payload = msg.payload
+            if not payload:  # a cleared retained update: nothing to judge
+                return
+            if msg.retain:  # judged (refused), then cleared, as the coordinator does
+                self.client.publish(msg.topic, b"", qos=1, retain=True)
+                if is_chunk(payload):  # a retained chunk is refused unread
+                    return
             if is_chunk(payload):
                 completed = self._chunks.add(device, payload, now)
                 if completed is None:

@@ -385,3 +385,14 @@ def test_after_the_run_ended_updates_are_refused_as_the_coordinator_would(
     assert [(r.accepted, r.reason) for r in receipts_to(agg, "d1")] == [(False, "run_ended")]
     assert agg.book.held == 0 and agg.store.open_parts() == []
     agg.store.close()
+
+
+def test_a_retained_update_is_refused_and_cleared(tmp_path: Any) -> None:
+    from fedbus.transport import Message
+
+    agg = aggregator(tmp_path)
+    start_run(agg)
+    agg._on_message(Message("fedbus/update/d1", device_update("u1", "d1", 1.0), True))
+    assert [r.reason for r in receipts_to(agg, "d1")] == ["retained"]
+    assert ("fedbus/update/d1", b"") in agg.client.published
+    agg.store.close()
