@@ -396,3 +396,23 @@ def test_a_retained_update_is_refused_and_cleared(tmp_path: Any) -> None:
     assert [r.reason for r in receipts_to(agg, "d1")] == ["retained"]
     assert ("fedbus/update/d1", b"") in agg.client.published
     agg.store.close()
+
+
+def test_a_root_requiring_signed_updates_takes_the_partials_signed_by_the_regions_key(
+    tmp_path: Any,
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedbus.signing import sign_message, update_signature_problem
+
+    region, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    keys = {"fedbus-region-eu": region.public_key()}
+    c = core()
+    c.core.update_signatures = lambda device, payload: update_signature_problem(
+        keys, f"fedbus/update/{device}", device, payload)
+    topic = "fedbus/update/fedbus-region-eu"
+    forged = sign_message(other, topic, partial_payload("eu.0"))
+    refused = receipts(c.on_update("fedbus-region-eu", forged, 0.0))[0].receipt
+    assert (refused.accepted, refused.reason) == (False, "signature")
+    signed = sign_message(region, topic, partial_payload("eu.1"))
+    assert receipts(c.on_update("fedbus-region-eu", signed, 0.0))[0].receipt.accepted
