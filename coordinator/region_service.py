@@ -171,6 +171,7 @@ class RegionAggregator:
         self._unread_model: bytes | None = None  # a model that came before its task
         self._restored = False
         self._sent_at: dict[str, float] = {}  # partial id -> monotonic time last sent
+        self._resend_check = 0.0  # when to look for unanswered partials next
         self.counters: dict[str, int] = dict.fromkeys(
             ["updates_received", "updates_accepted", "updates_rejected", "updates_repeated",
              "partials_sent", "partials_resent", "partials_accepted", "partials_rejected",
@@ -229,10 +230,13 @@ class RegionAggregator:
             return
         for closed in self.book.due(now, self._version):
             self._send(closed)
-        for stored in self.store.unanswered():
-            if now - self._sent_at.get(stored.partial_id, -1e18) >= self.config.resend_after:
-                self._publish_partial(stored)
-                self.counters["partials_resent"] += 1
+        if now >= self._resend_check:  # once a second: it reads the stored partials
+            self._resend_check = now + 1.0
+            for stored in self.store.unanswered():
+                last = self._sent_at.get(stored.partial_id)
+                if last is None or now - last >= self.config.resend_after:
+                    self._publish_partial(stored)
+                    self.counters["partials_resent"] += 1
         self._chunks.expire(now)
 
     # -- messages (the transport's thread) ----------------------------------------------------
