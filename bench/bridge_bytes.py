@@ -43,7 +43,7 @@ def _ids(prefix: str, n: int) -> list[str]:
 
 def one_run(root_dir: Path, devices: int, mode: str, versions: int,
             pool: Path, eval_data: Any, *, buffer: int = 4,
-            partial_size: int = 2) -> dict[str, Any]:
+            partial_size: int = 2, partial_codec: str = "int8") -> dict[str, Any]:
     from bench.fleet_sim import FleetSim, parse_args
     from coordinator.config import CoordinatorConfig
     from coordinator.region_service import RegionAggregator, RegionConfig
@@ -71,7 +71,8 @@ def one_run(root_dir: Path, devices: int, mode: str, versions: int,
                     agg = RegionAggregator(RegionConfig(
                         region=region, host=regional.host, port=regional.port,
                         state_dir=root_dir / f"{region}-state", partial_size=partial_size,
-                        partial_timeout=5.0), regional.coordinator.password)
+                        partial_timeout=5.0, partial_codec=partial_codec),
+                        regional.coordinator.password)
                     thread = threading.Thread(target=agg.run, daemon=True)
                     thread.start()
                     aggregators.append((agg, thread))
@@ -155,6 +156,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--versions", type=int, default=8)
     p.add_argument("--buffer", type=int, default=4, help="device updates per version")
     p.add_argument("--partial-size", type=int, default=2)
+    p.add_argument("--partial-codec", default="int8")
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--out", type=Path, default=Path("bench/bridge_bytes.json"))
@@ -171,11 +173,13 @@ def main(argv: list[str]) -> int:
             for mode in args.modes:
                 run = one_run(Path(tmp) / f"{pair}-{mode}", args.devices, mode,
                               args.versions, pool, (x_test, y_test), buffer=args.buffer,
-                              partial_size=args.partial_size)
+                              partial_size=args.partial_size,
+                              partial_codec=args.partial_codec)
                 print(json.dumps(run), flush=True)
                 runs.append(run)
     args.out.write_text(json.dumps({"devices": args.devices, "versions": args.versions,
                                     "buffer": args.buffer, "partial_size": args.partial_size,
+                                    "partial_codec": args.partial_codec,
                                     "runs": runs, "medians": medians(runs)}, indent=2) + "\n")
     return 0
 
