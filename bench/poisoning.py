@@ -105,14 +105,20 @@ def _attack_bound(core: Any) -> float:
 
 
 def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
-             data: _Data | None = None) -> dict[str, Any]:
-    """One run: ``versions`` versions of ``dataset`` under ``attack`` with ``CONFIGS[label]``."""
+             data: _Data | None = None, codec: str = "int8") -> dict[str, Any]:
+    """One run: ``versions`` versions of ``dataset`` under ``attack`` with ``CONFIGS[label]``,
+    every update encoded with ``codec``; under a sparse codec (``topk``, ``sparse``) honest
+    devices keep their error-feedback residual as the agent does (``encode_with_feedback``:
+    what an update does not carry is added to the next one; a refused update's content goes
+    back into it), hostile ones send their attack encoded as it is."""
     import torch
 
     from coordinator.aggregation import l2_norm
     from coordinator.core import AggregationConfig, CoordinatorCore
     from coordinator.store import Store
+    from edge_agent.residual import encode_with_feedback
     from edge_agent.train import evaluate, train_local
+    from fedbus.codec_spec import parse_codec
     from fedbus.datasets import get_dataset
     from fedbus.envelope import pack
     from fedbus.messages import ModelSpec, Task, TrainSpec, Update
@@ -135,6 +141,9 @@ def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
     store.create_run("bench", task.to_wire(), 0.0, core.state, core.counters,
                      aggregator=str(config.spec))
     rng = np.random.default_rng(seed)
+    spec_codec = parse_codec(codec)
+    feedback = codec.split(":", 1)[0] in ("topk", "sparse")
+    residuals: dict[int, dict[str, np.ndarray]] = {}
     sent = 0
     t0 = time.perf_counter()
     while core.version < versions:
@@ -161,10 +170,22 @@ def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
                     delta = {k: -a for k, a in delta.items()}
                     n = 2**40
             sent += 1
-            wire = encode_delta(delta, "int8", rng=np.random.default_rng(sent))
+            residual = residuals.get(int(dev)) if feedback and not hostile else None
+            if feedback:
+                wire, compression, left = encode_with_feedback(
+                    delta, residual, spec_codec, rng=np.random.default_rng(sent))
+            else:
+                wire, compression, left = encode_delta(
+                    delta, spec_codec, rng=np.random.default_rng(sent)), None, {}
             payload = pack(Update(f"u{sent}", f"d{dev}", task.task_id, version, n, wire,
-                                  run_id="bench").to_wire())
+                                  run_id="bench", compression=compression).to_wire())
+            accepted = core.counters["updates_accepted"]
             core.on_update(f"d{dev}", payload, now=float(sent))
+            if feedback and not hostile:
+                if core.counters["updates_accepted"] == accepted:  # refused: nothing sent
+                    left = {k: delta[k] + (residual[k] if residual is not None else 0)
+                            for k in left}
+                residuals[int(dev)] = left
             store.commit(core.drain_journal(), core.counters, max_staleness=10)
             if core.version != version:
                 break

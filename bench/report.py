@@ -150,14 +150,20 @@ def _bytes(b: dict[str, Any]) -> str:
     d = b["details"]
     rows = [_head(b, "bytes per update")]
     codec_rows = []
+    p = b["params"]
+    robust = p.get("robust_aggregator")
     for spec, c in b["codecs"].items():
+        side = c.get(robust) if robust else None
         codec_rows.append([
             f"`{spec}`", _num(c["bytes_per_update"]["median"]), _num(c.get("bytes_same_delta")),
             _ratio(c.get("ratio_vs_torch_save")), _num(c["accuracy"]["median"]),
             _runs(c["accuracy"]["runs"]), _num(c["points_lost_vs_fp32"]["median"]),
             _met(c.get("meets_bar")) if "error" not in c else f"error: {c['error'][:80]}",
+            *([] if not robust else ["" if side is None else _runs(side["accuracy"]["runs"]),
+                                     "" if side is None
+                                     else _num(side["points_lost_vs_fp32"]["median"]),
+                                     "" if side is None else _met(side.get("meets_bar"))]),
         ])
-    p = b["params"]
     return "\n".join([
         _stamp(b), "", _table(HEAD, rows), "",
         f"Baseline: `torch.save` of the float32 delta, {d['torch_save_bytes']:,} bytes "
@@ -167,9 +173,16 @@ def _bytes(b: dict[str, Any]) -> str:
         f"{d['envelope_bytes_without_delta']} bytes ("
         + ", ".join(f"{k} {v}" for k, v in (d.get("envelope_bytes_by_field") or {}).items())
         + "). Codecs from: "
-        f"{', '.join(p['codec_sources'])}.", "",
+        f"{', '.join(p['codec_sources'])}."
+        + ("" if not robust else
+           f" Accuracy under `{p['aggregator']}` (the codec's own cost), and under "
+           f"`{robust}` (the default aggregator) in the same run, its points lost against "
+           f"fp32 under `{p['aggregator']}`."), "",
         _table(["codec", "bytes/update (runs)", "bytes, same delta", "vs torch.save",
-                "accuracy", "accuracy per seed", "points lost vs fp32", "within bar?"],
+                f"accuracy ({p['aggregator']})", "accuracy per seed", "points lost vs fp32",
+                "within bar?",
+                *([] if not robust else [f"{robust}: accuracy per seed",
+                                         f"{robust}: points lost", f"{robust}: within bar?"])],
                codec_rows),
         *_both_directions(b),
     ])

@@ -66,6 +66,11 @@ from coordinator.robust import (
     trimmed_mean,
     trimmed_min_updates,
 )
+from coordinator.sparse_agreement import (
+    sparse_agreeing_indices,
+    sparse_agreeing_mean,
+    sparse_step,
+)
 
 __all__ = [
     "AGGREGATOR_KINDS",
@@ -325,6 +330,9 @@ def quorum_reached(
         return False
     if spec.kind != "quorum" or count >= buffer_limit(k, online):
         return True
+    if sparse_step(deltas):
+        clipped, _ = clip_to_median_norm(deltas, QUORUM_NORM_MULTIPLE)
+        return len(sparse_agreeing_indices(clipped, QUORUM_AGREEMENT)) >= k
     return len(clipped_agreeing_indices(deltas, QUORUM_NORM_MULTIPLE, QUORUM_AGREEMENT)) >= k
 
 
@@ -335,4 +343,6 @@ def quorum_step(deltas: Sequence[Mapping[str, np.ndarray]]) -> AgreeResult:
     of at least ``QUORUM_AGREEMENT`` × the step's median cosine (``robust.agreeing_mean``
     with ``relative``)."""
     clipped, _ = clip_to_median_norm(deltas, QUORUM_NORM_MULTIPLE)
+    if sparse_step(deltas):
+        return sparse_agreeing_mean(clipped, QUORUM_AGREEMENT)
     return agreeing_mean(clipped, QUORUM_AGREEMENT)
