@@ -324,7 +324,10 @@ def _poisoning(b: dict[str, Any]) -> str:
     attacks = d["attacks"]
     out = [_stamp(b), "", _table(HEAD, [_head(b, "worst points lost under attack")]), "",
            f"In-process simulation (bench/poisoning.py): the real coordinator core, real local "
-           f"training and the int8 codec, no broker. {d['devices']} devices, {d['hostile']} "
+           f"training and the {d.get('codec', 'int8')} codec"
+           + (" (honest devices with error feedback)" if d.get("codec", "int8") != "int8"
+              else "") + ", no broker."
+           f" {d['devices']} devices, {d['hostile']} "
            f"hostile, FedBuff K={d['buffer_size']}; accuracy after a fixed number of versions "
            f"({', '.join(f'{k}: {v}' for k, v in d['versions'].items())}), mean over seeds "
            f"{d['seeds']}. Points lost are against the clean run of the plain mean."]
@@ -338,7 +341,7 @@ def _poisoning(b: dict[str, Any]) -> str:
         out += ["", f"{dataset}: held-out accuracy (points against the clean mean)", "",
                 _table(["configuration", *(names.get(a, a) for a in attacks)], rows)]
     worst = d["worst_points_lost"]
-    out += ["", "Worst points lost over both data sets:", "",
+    out += ["", "Worst points lost over the data sets:", "",
             _table(["configuration", "clean", "under attack (worst)"],
                    [[label, _num(w["clean"], 2), _num(w["attack"], 2)]
                     for label, w in worst.items()])]
@@ -487,6 +490,7 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "footprint": _footprint,
     "decode_worst": _decode_worst,
     "poisoning": _poisoning,
+    "poisoning_sparse": _poisoning,
     "privacy": _privacy,
     "flood": _flood,
     "fleet": _fleet,
@@ -513,6 +517,7 @@ RATIO_MEANS = {
     "footprint": "agent / bare (lower is better)",
     "decode_worst": "ours / unpackb (lower is better)",
     "poisoning": "default defences / plain mean, worst points lost (lower is better)",
+    "poisoning_sparse": "the same with sparse:0.007:sign updates (lower is better)",
     "privacy": "accuracy with DP (σ = 1) / without (higher is better)",
     "flood": "honest p99 under a flood / without (lower is better)",
     "fleet": "coordinator CPU per update, largest fleet / smallest (lower is better)",

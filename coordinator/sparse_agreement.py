@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -112,18 +113,16 @@ def others_median(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return medians, evidence
 
 
+@dataclass(frozen=True)
 class SparseAgreement:
-    """``sparse_agreement``'s answer: the indices kept, every update's cosine with the others'
-    medians over its evidence (0 without evidence) and whether it had evidence."""
+    """``sparse_agreement``'s answer: the indices kept; for every update its inner product and
+    cosine with the others' medians over its evidence (0 without evidence), and whether it
+    had any evidence."""
 
-    __slots__ = ("cosines", "dots", "judged", "kept")
-
-    def __init__(self, kept: tuple[int, ...], dots: tuple[float, ...],
-                 cosines: tuple[float, ...], judged: tuple[bool, ...]) -> None:
-        self.kept = kept
-        self.dots = dots
-        self.cosines = cosines
-        self.judged = judged
+    kept: tuple[int, ...]
+    dots: tuple[float, ...]
+    cosines: tuple[float, ...]
+    judged: tuple[bool, ...]
 
 
 def sparse_agreement(
@@ -141,11 +140,13 @@ def sparse_agreement(
     own = np.zeros(n)
     theirs = np.zeros(n)
     judged = np.zeros(n, dtype=bool)
+    sends = np.zeros(n, dtype=bool)  # a zero update is never kept
     for stack in stacks.values():
         sent = np.flatnonzero(np.any(stack != 0, axis=0))
         if sent.size == 0:
             continue
         columns = stack[:, sent]
+        sends |= np.any(columns != 0, axis=1)
         medians, evidence = others_median(columns)
         mine = np.where(evidence, columns, 0.0)
         dots += np.einsum("ij,ij->i", mine, medians)
@@ -160,15 +161,11 @@ def sparse_agreement(
     kept = tuple(
         i for i in range(n)
         if (judged[i] and cosines[i] > 0 and cosines[i] >= floor)
-        or (not judged[i] and keep_unjudged and _nonzero(stacks, i))
+        or (not judged[i] and keep_unjudged and sends[i])
     )
     return SparseAgreement(kept, tuple(float(x) for x in dots),
                            tuple(float(c) for c in cosines),
                            tuple(bool(j) for j in judged))
-
-
-def _nonzero(stacks: Mapping[str, np.ndarray], i: int) -> bool:
-    return any(bool(np.any(s[i] != 0)) for s in stacks.values())
 
 
 def sparse_agreeing_mean(
