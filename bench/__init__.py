@@ -23,6 +23,7 @@ BENCHMARKS: tuple[str, ...] = (
     "footprint",
     "decode_worst",
     "poisoning",
+    "poisoning_sparse",
     "privacy",
     "flood",
     "fleet",

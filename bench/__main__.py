@@ -46,6 +46,10 @@ def _runner(name: str):
         from bench import ingest
 
         return lambda ctx: ingest.run(ctx, name)
+    if name == "poisoning_sparse":
+        from bench import poisoning
+
+        return poisoning.run_sparse
     if name not in _MODULES:
         raise ValueError(name)
     return importlib.import_module(f"bench.{_MODULES[name]}").run
@@ -54,7 +58,7 @@ def _runner(name: str):
 # Order: the fleet of agents with equal speeds serves ``bytes`` and then the first profile
 # of ``time_to_accuracy`` without being restarted.
 ORDER = ("ingest_25k", "ingest_1m", "latency", "footprint", "bytes", "time_to_accuracy",
-         "decode_worst", "poisoning", "privacy", "flood", "fleet")
+         "decode_worst", "poisoning", "poisoning_sparse", "privacy", "flood", "fleet")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

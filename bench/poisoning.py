@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ATTACKS", "CONFIGS", "run", "simulate"]
+__all__ = ["ATTACKS", "CONFIGS", "run", "run_sparse", "simulate"]
 
 ATTACKS: tuple[str, ...] = ("none", "signflip", "random", "inflate", "labelflip")
 DEVICES = 10
@@ -69,11 +69,17 @@ class Sizes:
     seeds: tuple[int, ...]
     configs: tuple[str, ...] = tuple(CONFIGS)
     attacks: tuple[str, ...] = ATTACKS
+    codec: str = "int8"
 
 
 FULL = Sizes({"digits": 30, "mnist": 12}, (0, 1, 2))
 # a smoke run: the shape of the results, not a measurement
 QUICK = Sizes({"digits": 1, "mnist": 1}, (0,), ("mean", "default"), ("none", "inflate"))
+# poisoning_sparse: the 100x codec (BENCHMARKS.md, bytes) under the plain mean and the default
+SPARSE_CODEC = "sparse:0.007:sign"
+SPARSE_FULL = Sizes({"digits": 30}, (0, 1, 2), ("mean", "default"), ATTACKS, SPARSE_CODEC)
+SPARSE_QUICK = Sizes({"digits": 1}, (0,), ("mean", "default"), ("none", "inflate"),
+                     SPARSE_CODEC)
 
 
 @dataclass
@@ -105,14 +111,20 @@ def _attack_bound(core: Any) -> float:
 
 
 def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
-             data: _Data | None = None) -> dict[str, Any]:
-    """One run: ``versions`` versions of ``dataset`` under ``attack`` with ``CONFIGS[label]``."""
+             data: _Data | None = None, codec: str = "int8") -> dict[str, Any]:
+    """One run: ``versions`` versions of ``dataset`` under ``attack`` with ``CONFIGS[label]``,
+    every update encoded with ``codec``; under a sparse codec (``topk``, ``sparse``) honest
+    devices keep their error-feedback residual as the agent does (``encode_with_feedback``:
+    what an update does not carry is added to the next one; a refused update's content goes
+    back into it), hostile ones send their attack encoded as it is."""
     import torch
 
     from coordinator.aggregation import l2_norm
     from coordinator.core import AggregationConfig, CoordinatorCore
     from coordinator.store import Store
+    from edge_agent.residual import encode_with_feedback
     from edge_agent.train import evaluate, train_local
+    from fedbus.codec_spec import parse_codec
     from fedbus.datasets import get_dataset
     from fedbus.envelope import pack
     from fedbus.messages import ModelSpec, Task, TrainSpec, Update
@@ -135,6 +147,9 @@ def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
     store.create_run("bench", task.to_wire(), 0.0, core.state, core.counters,
                      aggregator=str(config.spec))
     rng = np.random.default_rng(seed)
+    spec_codec = parse_codec(codec)
+    feedback = codec.split(":", 1)[0] in ("topk", "sparse")
+    residuals: dict[int, dict[str, np.ndarray]] = {}
     sent = 0
     t0 = time.perf_counter()
     while core.version < versions:
@@ -161,10 +176,22 @@ def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
                     delta = {k: -a for k, a in delta.items()}
                     n = 2**40
             sent += 1
-            wire = encode_delta(delta, "int8", rng=np.random.default_rng(sent))
+            residual = residuals.get(int(dev)) if feedback and not hostile else None
+            if feedback:
+                wire, compression, left = encode_with_feedback(
+                    delta, residual, spec_codec, rng=np.random.default_rng(sent))
+            else:
+                wire, compression, left = encode_delta(
+                    delta, spec_codec, rng=np.random.default_rng(sent)), None, {}
             payload = pack(Update(f"u{sent}", f"d{dev}", task.task_id, version, n, wire,
-                                  run_id="bench").to_wire())
+                                  run_id="bench", compression=compression).to_wire())
+            accepted = core.counters["updates_accepted"]
             core.on_update(f"d{dev}", payload, now=float(sent))
+            if feedback and not hostile:
+                if core.counters["updates_accepted"] == accepted:  # refused: nothing sent
+                    left = {k: delta[k] + (residual[k] if residual is not None else 0)
+                            for k in left}
+                residuals[int(dev)] = left
             store.commit(core.drain_journal(), core.counters, max_staleness=10)
             if core.version != version:
                 break
@@ -185,9 +212,10 @@ def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
     }
 
 
-def _one(job: tuple[str, str, str, int, int]) -> dict[str, Any]:
+def _one(job: tuple[str, str, str, int, int, str]) -> dict[str, Any]:
     logging.getLogger("coordinator").setLevel(logging.ERROR)  # a worker process
-    return simulate(*job)
+    dataset, label, attack, seed, versions, codec = job
+    return simulate(dataset, label, attack, seed, versions, codec=codec)
 
 
 def _measure(sizes: Sizes, log: Any = None) -> list[dict[str, Any]]:
@@ -196,7 +224,7 @@ def _measure(sizes: Sizes, log: Any = None) -> list[dict[str, Any]]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [(dataset, label, attack, seed, versions)
+    jobs = [(dataset, label, attack, seed, versions, sizes.codec)
             for dataset, versions in sizes.versions.items() for seed in sizes.seeds
             for label in sizes.configs for attack in sizes.attacks]
     rows = []
@@ -240,8 +268,17 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(ctx: Any) -> dict[str, Any]:
     """The harness entry: every configuration under every attack, digits and MNIST."""
+    return _run(QUICK if ctx.quick else FULL)
+
+
+def run_sparse(ctx: Any) -> dict[str, Any]:
+    """The harness entry of ``poisoning_sparse``: the plain mean and the default under every
+    attack, every update encoded with ``SPARSE_CODEC`` (honest devices with error feedback)."""
+    return _run(SPARSE_QUICK if ctx.quick else SPARSE_FULL)
+
+
+def _run(sizes: Sizes) -> dict[str, Any]:
     log = logging.getLogger("bench")
-    sizes = QUICK if ctx.quick else FULL
     core_log = logging.getLogger("coordinator")
     level = core_log.level
     core_log.setLevel(logging.ERROR)  # every refused update is a warning: thousands here
@@ -266,6 +303,7 @@ def run(ctx: Any) -> dict[str, Any]:
         "aim_met": ours["attack"] <= 2.0 and ours["clean"] <= 1.0,
         "details": {
             "devices": DEVICES, "hostile": len(HOSTILE), "buffer_size": K,
+            "codec": sizes.codec,
             "versions": sizes.versions, "seeds": list(sizes.seeds),
             "configs": {label: str(_spec(label)) for label in sizes.configs},
             "attacks": list(sizes.attacks),
@@ -290,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", choices=("digits", "mnist"), action="append")
     parser.add_argument("--config", choices=tuple(CONFIGS), action="append")
     parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--codec", default="int8", help="every update's codec (default int8)")
     args = parser.parse_args(argv)
     logging.getLogger("coordinator").setLevel(logging.ERROR)  # every refusal is a warning
     sizes = QUICK if args.quick else FULL
@@ -301,8 +340,8 @@ def main(argv: list[str] | None = None) -> None:
             data = _data(dataset, seed)
             for label in args.config or CONFIGS:
                 for attack in ATTACKS:
-                    print(json.dumps(simulate(dataset, label, attack, seed, n, data)),
-                          flush=True)
+                    print(json.dumps(simulate(dataset, label, attack, seed, n, data,
+                                              codec=args.codec)), flush=True)
 
 
 if __name__ == "__main__":

@@ -150,14 +150,20 @@ def _bytes(b: dict[str, Any]) -> str:
     d = b["details"]
     rows = [_head(b, "bytes per update")]
     codec_rows = []
+    p = b["params"]
+    robust = p.get("robust_aggregator")
     for spec, c in b["codecs"].items():
+        side = c.get(robust) if robust else None
         codec_rows.append([
             f"`{spec}`", _num(c["bytes_per_update"]["median"]), _num(c.get("bytes_same_delta")),
             _ratio(c.get("ratio_vs_torch_save")), _num(c["accuracy"]["median"]),
             _runs(c["accuracy"]["runs"]), _num(c["points_lost_vs_fp32"]["median"]),
             _met(c.get("meets_bar")) if "error" not in c else f"error: {c['error'][:80]}",
+            *([] if not robust else ["" if side is None else _runs(side["accuracy"]["runs"]),
+                                     "" if side is None
+                                     else _num(side["points_lost_vs_fp32"]["median"]),
+                                     "" if side is None else _met(side.get("meets_bar"))]),
         ])
-    p = b["params"]
     return "\n".join([
         _stamp(b), "", _table(HEAD, rows), "",
         f"Baseline: `torch.save` of the float32 delta, {d['torch_save_bytes']:,} bytes "
@@ -167,9 +173,16 @@ def _bytes(b: dict[str, Any]) -> str:
         f"{d['envelope_bytes_without_delta']} bytes ("
         + ", ".join(f"{k} {v}" for k, v in (d.get("envelope_bytes_by_field") or {}).items())
         + "). Codecs from: "
-        f"{', '.join(p['codec_sources'])}.", "",
+        f"{', '.join(p['codec_sources'])}."
+        + ("" if not robust else
+           f" Accuracy under `{p['aggregator']}` (the codec's own cost), and under "
+           f"`{robust}` (the default aggregator) in the same run, its points lost against "
+           f"fp32 under `{p['aggregator']}`."), "",
         _table(["codec", "bytes/update (runs)", "bytes, same delta", "vs torch.save",
-                "accuracy", "accuracy per seed", "points lost vs fp32", "within bar?"],
+                f"accuracy ({p['aggregator']})", "accuracy per seed", "points lost vs fp32",
+                "within bar?",
+                *([] if not robust else [f"{robust}: accuracy per seed",
+                                         f"{robust}: points lost", f"{robust}: within bar?"])],
                codec_rows),
         *_both_directions(b),
     ])
@@ -311,7 +324,10 @@ def _poisoning(b: dict[str, Any]) -> str:
     attacks = d["attacks"]
     out = [_stamp(b), "", _table(HEAD, [_head(b, "worst points lost under attack")]), "",
            f"In-process simulation (bench/poisoning.py): the real coordinator core, real local "
-           f"training and the int8 codec, no broker. {d['devices']} devices, {d['hostile']} "
+           f"training and the {d.get('codec', 'int8')} codec"
+           + (" (honest devices with error feedback)" if d.get("codec", "int8") != "int8"
+              else "") + ", no broker."
+           f" {d['devices']} devices, {d['hostile']} "
            f"hostile, FedBuff K={d['buffer_size']}; accuracy after a fixed number of versions "
            f"({', '.join(f'{k}: {v}' for k, v in d['versions'].items())}), mean over seeds "
            f"{d['seeds']}. Points lost are against the clean run of the plain mean."]
@@ -325,7 +341,7 @@ def _poisoning(b: dict[str, Any]) -> str:
         out += ["", f"{dataset}: held-out accuracy (points against the clean mean)", "",
                 _table(["configuration", *(names.get(a, a) for a in attacks)], rows)]
     worst = d["worst_points_lost"]
-    out += ["", "Worst points lost over both data sets:", "",
+    out += ["", "Worst points lost over the data sets:", "",
             _table(["configuration", "clean", "under attack (worst)"],
                    [[label, _num(w["clean"], 2), _num(w["attack"], 2)]
                     for label, w in worst.items()])]
@@ -474,6 +490,7 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "footprint": _footprint,
     "decode_worst": _decode_worst,
     "poisoning": _poisoning,
+    "poisoning_sparse": _poisoning,
     "privacy": _privacy,
     "flood": _flood,
     "fleet": _fleet,
@@ -500,6 +517,7 @@ RATIO_MEANS = {
     "footprint": "agent / bare (lower is better)",
     "decode_worst": "ours / unpackb (lower is better)",
     "poisoning": "default defences / plain mean, worst points lost (lower is better)",
+    "poisoning_sparse": "the same with sparse:0.007:sign updates (lower is better)",
     "privacy": "accuracy with DP (σ = 1) / without (higher is better)",
     "flood": "honest p99 under a flood / without (lower is better)",
     "fleet": "coordinator CPU per update, largest fleet / smallest (lower is better)",
