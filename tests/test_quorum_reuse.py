@@ -23,10 +23,8 @@ def _deltas() -> list[dict[str, np.ndarray]]:
     far above twice the median, so it is shortened)."""
     rng = np.random.default_rng(3)
     base = {"w": rng.standard_normal((4, 3)).astype(F32), "b": rng.standard_normal(3).astype(F32)}
-    out = []
-    for i in range(4):
-        out.append({k: (v + 0.1 * rng.standard_normal(v.shape)).astype(F32)
-                    for k, v in base.items()})
+    out = [{k: (v + 0.1 * rng.standard_normal(v.shape)).astype(F32) for k, v in base.items()}
+           for _ in range(4)]
     out.append({k: (-v).astype(F32) for k, v in base.items()})
     out.append({k: (10 * v).astype(F32) for k, v in base.items()})
     return out
