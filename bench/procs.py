@@ -69,9 +69,11 @@ def coordinator(a: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     from bench.harness import accepted_recorder
     from coordinator.config import CoordinatorConfig
+    from coordinator.process_setup import set_up_process
     from coordinator.service import CoordinatorService, freeze_heap
     from fedbus.credentials import read_credentials
 
+    set_up_process()  # as fedbus coordinator does
     config = CoordinatorConfig(
         host=a["host"], port=a["port"], username="coordinator", prefix=a["prefix"],
         task_id=a["task_id"], arch="mlp", model_args=json.dumps(a["model_args"]),

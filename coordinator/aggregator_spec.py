@@ -62,7 +62,7 @@ from coordinator.robust import (
     agreeing_mean,
     cap_sample_counts,
     clip_to_median_norm,
-    clipped_agreeing_indices,
+    clipped_agreeing_mean,
     coordinate_median,
     krum_min_updates,
     multi_krum,
@@ -70,7 +70,6 @@ from coordinator.robust import (
     trimmed_min_updates,
 )
 from coordinator.sparse_agreement import (
-    sparse_agreeing_indices,
     sparse_agreeing_mean,
     sparse_step,
 )
@@ -86,6 +85,7 @@ __all__ = [
     "capped_mean",
     "parse_aggregator",
     "quorum_reached",
+    "quorum_readiness",
     "quorum_step",
     "robust_aggregate",
 ]
@@ -338,16 +338,24 @@ def quorum_reached(
     ready for a step of target ``k`` (K, or fewer when fewer devices are ``online``; 0:
     unknown). Every aggregator but ``quorum``: when it holds ``k``. ``quorum``: when ``k`` of
     them agree (``robust.agreeing_mean``; for sparse deltas
-    ``sparse_agreement.sparse_agreeing_indices``), or it holds ``buffer_limit(k, online)``."""
+    ``sparse_agreement.sparse_agreeing_mean``), or it holds ``buffer_limit(k, online)``."""
+    return quorum_readiness(spec, deltas, k, online)[0]
+
+
+def quorum_readiness(
+    spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]], k: int, online: int
+) -> tuple[bool, AgreeResult | None]:
+    """``quorum_reached``, and the ``quorum_step`` of ``deltas`` when it was worked out to
+    decide (``quorum`` below its buffer limit; else None): the readiness check computes the
+    step's median and agreement anyway, so a step made from the same deltas reuses it
+    instead of stacking and sorting them again."""
     count = len(deltas)
     if count < k:
-        return False
+        return False, None
     if spec.kind != "quorum" or count >= buffer_limit(k, online):
-        return True
-    if sparse_step(deltas):
-        clipped, _ = clip_to_median_norm(deltas, QUORUM_NORM_MULTIPLE)
-        return len(sparse_agreeing_indices(clipped, QUORUM_AGREEMENT)) >= k
-    return len(clipped_agreeing_indices(deltas, QUORUM_NORM_MULTIPLE, QUORUM_AGREEMENT)) >= k
+        return True, None
+    step = quorum_step(deltas)
+    return len(step.kept) >= k, step
 
 
 def quorum_step(deltas: Sequence[Mapping[str, np.ndarray]]) -> AgreeResult:
@@ -357,7 +365,7 @@ def quorum_step(deltas: Sequence[Mapping[str, np.ndarray]]) -> AgreeResult:
     of at least ``QUORUM_AGREEMENT`` × the step's median cosine (``robust.agreeing_mean``
     with ``relative``). A sparse step (``sparse_agreement.sparse_step``) takes the same
     rule measured on each delta's own support (``sparse_agreement.sparse_agreeing_mean``)."""
-    clipped, _ = clip_to_median_norm(deltas, QUORUM_NORM_MULTIPLE)
     if sparse_step(deltas):
+        clipped, _ = clip_to_median_norm(deltas, QUORUM_NORM_MULTIPLE)
         return sparse_agreeing_mean(clipped, QUORUM_AGREEMENT)
-    return agreeing_mean(clipped, QUORUM_AGREEMENT)
+    return clipped_agreeing_mean(deltas, QUORUM_NORM_MULTIPLE, QUORUM_AGREEMENT)

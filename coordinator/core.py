@@ -105,7 +105,7 @@ from coordinator.aggregator_spec import (
     AggregatorSpec,
     capped_mean,
     parse_aggregator,
-    quorum_reached,
+    quorum_readiness,
     robust_aggregate,
 )
 from coordinator.fleet_scale import STALENESS_CAP, FleetScale, fleet_scale
@@ -567,6 +567,9 @@ class CoordinatorCore:
         # staleness-scaled) and their claimed sample counts
         self._kept: list[State] | None = [] if config.spec.keeps_deltas else None
         self._kept_n: list[int] = []
+        # quorum: the step the last readiness check worked out, with the kept list and its
+        # length it was worked out from (a step of exactly those deltas reuses it)
+        self._agreed: tuple[list[State], int, State] | None = None
         self._buffer_ids: list[str] = []  # update ids in the buffer, in order
         # the publish time (ts) each accepted, not yet applied update claims, by update id
         self._sent_at: dict[str, float] = {}
@@ -1138,8 +1141,10 @@ class CoordinatorCore:
             return False
         if self._kept is None:
             return True
-        return quorum_reached(self.config.spec, self._kept, k,
-                              self.contributing_count())
+        ready, step = quorum_readiness(self.config.spec, self._kept, k,
+                                       self.contributing_count())
+        self._agreed = None if step is None else (self._kept, len(self._kept), step.aggregate)
+        return ready
 
     def _prepared(
         self, delta: Mapping[str, np.ndarray], clip: float | None, *, count: bool = True
@@ -1202,8 +1207,10 @@ class CoordinatorCore:
             elif kept is None:
                 new_state, velocity = self._server_update(self._buffer.mean())
             else:
+                agreed = self._agreed_step(kept)
                 aggregate = (
-                    self._robust(kept, f"the buffer at version {self._version}")
+                    agreed if agreed is not None
+                    else self._robust(kept, f"the buffer at version {self._version}")
                     if cfg.spec.robust else capped_mean(cfg.spec, kept, claims)
                 )
                 new_state, velocity = self._server_update(aggregate)
@@ -1221,6 +1228,14 @@ class CoordinatorCore:
         if cfg.keeps_server_state:
             self._velocity = _frozen(velocity, copy=False)
         return [self._publish(new_state, f"{cfg.mode}: {count} update(s)", ids)]
+
+    def _agreed_step(self, kept: list[State]) -> State | None:
+        """The step the readiness check worked out from exactly ``kept`` (the same list, not
+        grown since), else None; forgotten either way."""
+        agreed, self._agreed = self._agreed, None
+        if agreed is None or agreed[0] is not kept or agreed[1] != len(kept):
+            return None
+        return agreed[2]
 
     @staticmethod
     def _fits_server_state(state: Mapping[str, np.ndarray],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Any, Literal
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from fedbus.errors import ConfigError
 
 __all__ = ["STALENESS_BUCKETS", "CoordinatorMetrics", "MetricsServer", "serve_metrics"]
+
+_UNKNOWN = object()  # a counter sync_counters has not seen yet
 
 # versions behind; the default --max-staleness is 10
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 10, 15, 20, 50)
@@ -91,24 +93,35 @@ class CoordinatorMetrics:
         for gauge in (self.accuracy, self.loss, self.evaluated_version):
             gauge.set(math.nan)  # nothing evaluated yet (no --eval-data, or not yet)
         self._seen: dict[str, int] = {}
+        self._children: dict[str, Any] = {}  # core counter -> its exported child (or None)
 
     def sync_counters(self, counters: Mapping[str, int]) -> None:
         """Bring the update counters up to the core's ``counters`` (updates_accepted,
         rejected_<reason>, bytes_received): each counter grows by what changed since the
-        last call. Counts that went down (never, in one run) are ignored."""
+        last call. Counts that went down (never, in one run) are ignored. Called for every
+        update: each counter's labelled child is looked up once."""
+        children = self._children
+        seen = self._seen
         for key, value in counters.items():
-            if key == "updates_accepted":
-                child = self.updates.labels(outcome="accepted", reason="none")
-            elif key.startswith("rejected_"):
-                child = self.updates.labels(outcome="rejected", reason=key[len("rejected_"):])
-            elif key == "bytes_received":
-                child = self.bytes_received
-            else:
+            child = children.get(key, _UNKNOWN)
+            if child is _UNKNOWN:  # first sight: its series exists from now on, at 0
+                child = children[key] = self._child(key)
+            if child is None:
                 continue
-            grown = value - self._seen.get(key, 0)
+            grown = value - seen.get(key, 0)
             if grown > 0:
                 child.inc(grown)
-                self._seen[key] = value
+                seen[key] = value
+
+    def _child(self, key: str) -> Any:
+        """The counter that follows the core's counter ``key`` (None: not exported)."""
+        if key == "updates_accepted":
+            return self.updates.labels(outcome="accepted", reason="none")
+        if key.startswith("rejected_"):
+            return self.updates.labels(outcome="rejected", reason=key[len("rejected_"):])
+        if key == "bytes_received":
+            return self.bytes_received
+        return None
 
     def accepted(self, staleness: int) -> None:
         """An update was accepted ``staleness`` versions behind."""

@@ -52,6 +52,7 @@ __all__ = [
     "clip_norm",
     "clip_to_median_norm",
     "clipped_agreeing_indices",
+    "clipped_agreeing_mean",
     "column_median",
     "coordinate_median",
     "krum_min_updates",
@@ -305,6 +306,30 @@ def clipped_agreeing_indices(deltas: Deltas, multiple: float, relative: float) -
     """``agreeing_indices(clip_to_median_norm(deltas, multiple)[0], relative)``, the same
     indices from the same float64 values, without copying the deltas that need no
     shortening and with each tensor stacked once (``quorum``'s readiness check)."""
+    dtypes, stacks = _clipped_stacks(deltas, multiple)
+    return _agreement(deltas, dtypes, stacks, relative)[1]
+
+
+def clipped_agreeing_mean(deltas: Deltas, multiple: float, relative: float) -> AgreeResult:
+    """``agreeing_mean(clip_to_median_norm(deltas, multiple)[0], relative)``, the same result
+    from the same float64 values, stacked as ``clipped_agreeing_indices`` stacks them (no
+    copy of the deltas that need no shortening)."""
+    dtypes, stacks = _clipped_stacks(deltas, multiple)
+    median, kept, dots, cosines = _agreement(deltas, dtypes, stacks, relative)
+    if not kept:
+        return AgreeResult(median, (), dots, cosines)
+    rows = list(kept)
+    out: State = {}
+    for name, dtype in dtypes.items():
+        out[name] = _out(stacks[name][rows].mean(axis=0), np.shape(deltas[0][name]), dtype)
+    return AgreeResult(out, kept, dots, cosines)
+
+
+def _clipped_stacks(
+    deltas: Deltas, multiple: float
+) -> tuple[dict[str, np.dtype], dict[str, np.ndarray]]:
+    """Each tensor of the deltas, shortened as ``clip_to_median_norm`` shortens them, as
+    one ``(n, size)`` float64 stack; and each tensor's output dtype."""
     if not (isinstance(multiple, int | float) and math.isfinite(multiple) and multiple >= 1):
         raise ValueError(f"multiple must be finite and >= 1, got {multiple!r}")
     dtypes = _checked(deltas)
@@ -325,7 +350,7 @@ def clipped_agreeing_indices(deltas: Deltas, multiple: float, relative: float) -
                 arr = (arr.astype(np.float64) * scale).astype(arr.dtype)
             rows.append(np.asarray(arr, dtype=np.float64).reshape(-1))
         stacks[name] = np.stack(rows)
-    return _agreement(deltas, dtypes, stacks, relative)[1]
+    return dtypes, stacks
 
 def _agreement(
     deltas: Deltas, dtypes: Mapping[str, np.dtype], stacks: Mapping[str, np.ndarray],

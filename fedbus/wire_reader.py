@@ -78,6 +78,24 @@ def _kind(b: int) -> str:
     return "ext" if b != 0xC1 else "invalid"
 
 
+# per first byte: (kind, the length a fix type carries in that byte, width of the length
+# field that follows it (0: none)); one lookup instead of a chain of comparisons per value
+_WIDTHS = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4,
+           0xDC: 2, 0xDD: 4, 0xDE: 2, 0xDF: 4}
+
+
+def _head_of(b: int) -> tuple[str, int, int]:
+    kind = _kind(b)
+    if b <= 0x7F or b >= 0xE0:
+        return kind, 0, 0
+    if kind in ("map", "array", "str") and b < 0xC0:
+        return kind, b & (0x0F if kind != "str" else 0x1F), 0
+    return kind, 0, _WIDTHS.get(b, 0)
+
+
+_HEADS: tuple[tuple[str, int, int], ...] = tuple(_head_of(b) for b in range(256))
+
+
 class Reader:
     """A cursor over one msgpack payload (bytes or a memoryview of bytes)."""
 
@@ -118,16 +136,9 @@ class Reader:
         pos = self._unpacker.tell()
         if pos >= self._size:
             raise ProtocolError("malformed", "not a valid msgpack message: truncated")
-        b = self._view[pos]
-        kind = _kind(b)
-        if b <= 0x7F or b >= 0xE0:
-            return kind, 0, 1
-        if kind in ("map", "array", "str") and b < 0xC0:
-            return kind, b & (0x0F if kind != "str" else 0x1F), 1
-        width = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4,
-                 0xDC: 2, 0xDD: 4, 0xDE: 2, 0xDF: 4}.get(b, 0)
+        kind, length, width = _HEADS[self._view[pos]]
         if not width:
-            return kind, 0, 1
+            return kind, length, 1
         if pos + 1 + width > self._size:
             raise ProtocolError("malformed", "not a valid msgpack message: truncated")
         return kind, int.from_bytes(self._view[pos + 1 : pos + 1 + width], "big"), 1 + width
@@ -146,7 +157,7 @@ class Reader:
             raise ProtocolError("malformed", f"not a valid msgpack message: {exc}") from None
 
     def map_header(self, limit: int) -> int:
-        kind, n = self.peek()
+        kind, n, _ = self._header()
         if kind != "map":
             raise ProtocolError("schema", f"expected a map, found {kind}")
         if n > limit:
@@ -164,7 +175,7 @@ class Reader:
     def leaf(self) -> Any:
         """The next value if it is not a container (a container is skipped: ``Unread``);
         an ext type, the unused byte 0xc1, a str or bin over its limit are ``malformed``."""
-        kind, n = self.peek()
+        kind, n, _ = self._header()
         if kind in ("map", "array"):
             self.skip()
             return Unread(kind, n)
@@ -212,13 +223,16 @@ class Reader:
     def key(self) -> str | None:
         """A map key: a str, or None for a bin key (it never names a field, and its value
         is skipped); any other type is ``malformed``, as ``strict_map_key`` has it."""
-        kind, _ = self.peek()
+        kind = self._header()[0]
         if kind == "bin":
             self.skip()
             return None
         if kind != "str":
             raise ProtocolError("malformed", f"not a valid msgpack message: {kind} map key")
-        value = self._call(self._unpacker.unpack)
+        try:
+            value = self._unpacker.unpack()
+        except _MSGPACK_ERRORS as exc:
+            raise ProtocolError("malformed", f"not a valid msgpack message: {exc}") from None
         assert isinstance(value, str)
         return value
 

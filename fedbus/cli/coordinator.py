@@ -200,6 +200,7 @@ def coordinator(config_file: Path | None, new_run: bool, **flags: Any) -> None:
       fedbus coordinator --credentials ./trial/credentials.json \\
                          --eval-data ./test.npz --state-dir ./run
     """
+    from coordinator.process_setup import set_up_process
     from coordinator.service import CoordinatorService, freeze_heap
     from fedbus.datasets import load_local_data
 
@@ -208,6 +209,7 @@ def coordinator(config_file: Path | None, new_run: bool, **flags: Any) -> None:
         section="coordinator",
         username=lambda c: c.username,
     )
+    set_up_process()
     eval_data = load_local_data(cfg.eval_data) if cfg.eval_data is not None else None
     service = CoordinatorService(cfg, password=password, eval_data=eval_data, new_run=new_run)
     for sig in (signal.SIGINT, signal.SIGTERM):
