@@ -168,6 +168,23 @@ def accuracy_after(history: Sequence[tuple[int, float, int, float | None]],
     return last
 
 
+def mean_accuracy_to(history: Sequence[tuple[int, float, int, float | None]], applied: int,
+                     versions: int = 10) -> float | None:
+    """The mean held-out accuracy of the ``versions`` evaluated versions up to the first
+    whose cumulative applied updates reach ``applied`` (or the last): the accuracy after
+    ``applied`` updates with the swing of single versions averaged out."""
+    total = 0
+    seen: list[float] = []
+    for _v, _t, accepted, acc in history:
+        total += accepted
+        if acc is not None:
+            seen.append(acc)
+        if total >= applied:
+            break
+    tail = seen[-versions:]
+    return sum(tail) / len(tail) if tail else None
+
+
 def _read_history(state_db: Path) -> list[tuple[int, float, int, float | None]]:
     db = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=10)
     try:
@@ -344,6 +361,7 @@ def summarize_run(s: FleetSettings, mode: str, sim: dict[str, Any],
         "invitations": c.get("invitations"),
         "run_end_seen": sim["ended_at"] is not None,
         "accuracy_after": accuracy_after(history, updates_wanted),
+        "accuracy_mean10": mean_accuracy_to(history, updates_wanted),
         "accuracy_curve": curve[::step] + ([curve[-1]] if curve and len(curve) % step else []),
         "sim_late_p50_s": percentile(late, 50), "sim_late_p99_s": percentile(late, 99),
         "sim_late_max_s": max(late) if late else None,

@@ -18,6 +18,7 @@ from bench.fleet import (
     fleet_settings,
     folded_latencies,
     interpolate,
+    mean_accuracy_to,
 )
 from bench.fleet_sim import FleetSim, compute_seconds, parse_args, shard_indices, training_seed
 
@@ -76,6 +77,14 @@ def test_latency_runs_to_the_version_an_update_was_folded_into() -> None:
     verdicts = {"a": (True, None, 3), "b": (False, "stale", None), "c": (True, None, 9),
                 "d": (True, None, 3)}
     assert folded_latencies(updates, verdicts, {3: 12.5}, 0.0, 20.0) == [2.5]
+
+
+def test_mean_accuracy_to_averages_the_versions_up_to_the_count() -> None:
+    history = [(0, 0.0, 0, 0.1), (1, 1.0, 4, 0.5), (2, 2.0, 4, None), (3, 3.0, 4, 0.7),
+               (4, 4.0, 4, 0.9)]
+    assert mean_accuracy_to(history, 12, versions=2) == pytest.approx(0.6)  # v1 and v3
+    assert mean_accuracy_to(history, 99, versions=3) == pytest.approx(0.7)  # the last three
+    assert mean_accuracy_to([], 5) is None
 
 
 def test_accuracy_after_counts_applied_updates() -> None:
