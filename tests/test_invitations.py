@@ -136,6 +136,11 @@ def test_invite_and_task_flag_on_the_wire() -> None:
     wire = invite.to_wire()
     assert wire == {"v": 2, "kind": "invite", "run": "r1", "version": 7, "ts": 1767225600.0}
     assert Invite.from_wire(unpack(pack(wire))) == invite
+    # the test vector of docs/protocol.md section 7.11
+    vector = Invite(12, 1767225600.0, run_id="hR5tWq2LmZ8vXc1E").to_wire()
+    assert pack(vector).hex() == (
+        "85a17602a46b696e64a6696e76697465a372756eb0685235745771324c6d5a387658633145"
+        "a776657273696f6e0ca27473cb41da556e40000000")
     with pytest.raises(ProtocolError):
         Invite.from_wire({**wire, "version": -1})
     task = Task("t", ModelSpec("mlp"), TrainSpec(), run_id="r1", by_invitation=True)
