@@ -464,6 +464,8 @@ class FleetSim:
     def _start(self, dev: Device) -> None:
         """The device's first training time has come (starts are spread over one period)."""
         dev.ready = True
+        if not self._wants_model(dev):  # not invited now: its first training is a whole one
+            dev.first_compute = None
         if self.mode == "on-demand" and self._wants_model(dev):
             self._subscribe_model(dev)
         self._maybe_train(dev)
@@ -488,6 +490,9 @@ class FleetSim:
             self._unsubscribe_model(dev)
         self._status(dev, "training")
         now = time.monotonic()
+        # the start-up spread: only a device that may train at the common start takes a
+        # random part of its compute time for its first training (by invitation, most
+        # devices start later, and a shortened training would make their updates fresher)
         compute = dev.compute if dev.first_compute is None else dev.first_compute
         dev.first_compute = None
         dev.queued = now
