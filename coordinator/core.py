@@ -6,7 +6,12 @@ it returns, in order:
 
 - ``SendReceipt``: publish ``receipt`` on the device's receipt topic;
 - ``NewModel``: a new global version exists; publish ``core.model_message(now)`` retained,
-  evaluate it, log it.
+  evaluate it, log it;
+- ``SendInvite``: with a concurrency limit (protocol revision 2.10,
+  ``coordinator.invitations``), publish an ``invite`` on the device's receipt topic. The core
+  keeps at most ``concurrency`` invitations open, fills free slots at every status, judged
+  update and tick, and refuses an update whose device held none (``not_selected``) once more
+  devices contribute than the limit.
 
 The operator may pause the run (``pause``): updates are still judged, and an accepted one
 is kept as usual, but no version is made (no buffer applied, no round closed, ``tick``
