@@ -2,14 +2,19 @@
 real Mosquitto (``fedbus.broker.LocalBroker``, every device its own account and ACL) and the
 real coordinator (``fedbus coordinator``, FedBuff, int8 updates, evaluating every version).
 
-The offered load is the same at every size: compute times per update average N/``RATE``
-seconds over the fleet (with speeds 1:2:4, about 1.36 × ``RATE`` updates per second in all,
-since the fast devices send more often), so what changes with the size is the
-number of connections, sessions and model deliveries the broker and the coordinator carry, and
-the cost per update shows what the fleet itself costs. The coordinator runs with
-``--fleet-scaling``: its buffer size and staleness limit follow the devices
-it counts online (``coordinator.fleet_scale``; with N devices each training once every
-N/RATE seconds, an update is about N/K versions old when it arrives).
+Every device takes the same compute time per update at every size (``PERIOD`` seconds on
+average, speeds 1:2:4), as a real device does: its time per training does not depend on how
+many others there are. The coordinator runs with ``--fleet-scaling``, which keeps at most
+``--concurrency`` (100 by default) devices training at a time by invitation (protocol revision
+2.10, ``coordinator.invitations``), so the offered load is the same at every size: about 100
+devices training, ``100 / PERIOD`` × 1.36 updates per second (the fast devices send more often).
+What changes with the size is the number of connections, sessions and idle devices the broker
+and the coordinator carry, and the cost per update shows what the fleet itself costs.
+
+(Before revision 2.10 the bench gave each device a compute time of N/15 seconds, to offer the
+same load without a concurrency limit: then every device of a fleet of 5,000 started on
+version 0 at once and trained once in the run, so what an applied update was worth fell with
+the fleet. With the limit, a device's compute time can stay what it is on a device.)
 
 Measured at each size: updates judged per second, publish-to-aggregated latency (the update's
 publish by the simulator to the coordinator's record of the version that folded it in: wall
@@ -40,7 +45,8 @@ from bench.proc_stat import cpu_seconds, rss_mib
 
 log = logging.getLogger("bench.fleet")
 
-RATE = 15.0  # N/RATE: the mean compute seconds per update of a fleet of N, at every size
+PERIOD = 100 / 15.0  # mean compute seconds per update of every device, at every size
+CONCURRENCY = 100  # the coordinator's default under fleet scaling (coordinator.invitations)
 UPDATES = 1200  # applied updates per run, the same at every size
 SPEEDS = (1.0, 2.0, 4.0)
 
@@ -54,19 +60,19 @@ class FleetSettings:
     max_versions: int
 
 
-def fleet_settings(devices: int, rate: float = RATE, updates: int = UPDATES) -> FleetSettings:
-    """The run for ``devices``: each device trains every ``devices / rate`` seconds on
+def fleet_settings(devices: int, period: float = PERIOD, updates: int = UPDATES,
+                   concurrency: int = CONCURRENCY) -> FleetSettings:
+    """The run for ``devices``: each device takes ``period`` compute seconds per update on
     average; K and the staleness limit are what the coordinator's fleet scaling (the
-    default floors) sets once the whole fleet is online; enough versions to apply
-    ``updates`` at that K."""
+    default floors) sets once the whole fleet is online, at most ``concurrency`` of it
+    training; enough versions to apply ``updates`` at that K."""
     from coordinator.fleet_scale import fleet_scale
 
-    if devices < 1 or rate <= 0 or updates < 1:
-        raise ValueError("need devices >= 1, rate > 0, updates >= 1")
-    scale = fleet_scale(devices, 4, 50)
+    if devices < 1 or period <= 0 or updates < 1 or concurrency < 1:
+        raise ValueError("need devices >= 1, period > 0, updates >= 1, concurrency >= 1")
+    scale = fleet_scale(min(devices, concurrency), 4, 50)
     k = scale.buffer_size
-    return FleetSettings(devices, devices / rate, k, scale.max_staleness,
-                         math.ceil(updates / k))
+    return FleetSettings(devices, period, k, scale.max_staleness, math.ceil(updates / k))
 
 
 # -- /proc sampling ---------------------------------------------------------------------------
@@ -162,6 +168,23 @@ def accuracy_after(history: Sequence[tuple[int, float, int, float | None]],
     return last
 
 
+def mean_accuracy_to(history: Sequence[tuple[int, float, int, float | None]], applied: int,
+                     versions: int = 10) -> float | None:
+    """The mean held-out accuracy of the ``versions`` evaluated versions up to the first
+    whose cumulative applied updates reach ``applied`` (or the last): the accuracy after
+    ``applied`` updates with the swing of single versions averaged out."""
+    total = 0
+    seen: list[float] = []
+    for _v, _t, accepted, acc in history:
+        total += accepted
+        if acc is not None:
+            seen.append(acc)
+        if total >= applied:
+            break
+    tail = seen[-versions:]
+    return sum(tail) / len(tail) if tail else None
+
+
 def _read_history(state_db: Path) -> list[tuple[int, float, int, float | None]]:
     db = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=10)
     try:
@@ -196,9 +219,11 @@ def _write_data(root: Path) -> tuple[Path, Path]:
     return pool, held_out
 
 
-def _budget(s: FleetSettings, updates: int, rate: float) -> float:
+def _budget(s: FleetSettings, updates: int, concurrency: int) -> float:
     """Seconds the simulator may take: connects, half a period to start, the updates at the
-    offered rate, the longest compute time to finish, and as much again for a loaded box."""
+    offered rate (``concurrency`` devices training at a time), the longest compute time to
+    finish, and as much again for a loaded box."""
+    rate = min(s.devices, concurrency) / s.period
     return 2 * (30 + s.devices / 500 + 2.5 * s.period + updates / rate)
 
 
@@ -213,13 +238,13 @@ def _wait_ready(coordinator: Any, log_path: Path, timeout: float = 120.0) -> Non
     time.sleep(1.0)
 
 
-def run_size(ctx: BenchContext, devices: int, *, mode: str, rate: float, updates: int,
+def run_size(ctx: BenchContext, devices: int, *, mode: str, period: float, updates: int,
              tag: str = "") -> dict[str, Any]:
     """One run of ``devices`` virtual devices; the measured numbers."""
     from fedbus.broker import LocalBroker, default_device_ids
     from fedbus.processes import ChildError, ChildGroup
 
-    s = fleet_settings(devices, rate, updates)
+    s = fleet_settings(devices, period, updates)
     root = ctx.workdir / f"fleet-{devices}{tag}"
     pool, held_out = _write_data(root / "data")
     group = ChildGroup()
@@ -247,10 +272,10 @@ def run_size(ctx: BenchContext, devices: int, *, mode: str, rate: float, updates
                  "--data", str(pool), "--period", repr(s.period),
                  "--speeds", *map(str, SPEEDS), "--model-subscription", mode,
                  "--connect-seconds", str(max(2.0, devices / 500)),
-                 "--duration", str(_budget(s, updates, rate)),
+                 "--duration", str(_budget(s, updates, CONCURRENCY)),
                  "--out", str(out)],
                 log_path=root / "sim.log", name="fleet_sim", group=group)
-            coordinator.wait(_budget(s, updates, rate), "the coordinator to end its run")
+            coordinator.wait(_budget(s, updates, CONCURRENCY), "the coordinator to end its run")
             try:  # the simulator stops once its devices are told the run ended
                 sim.wait(20, "the fleet simulator")
             except ChildError:  # a device never told: SIGTERM, and it writes what it has
@@ -333,8 +358,10 @@ def summarize_run(s: FleetSettings, mode: str, sim: dict[str, Any],
         "trainings": c["trainings"],
         "models_per_training": round(c["models_received"] / max(1, c["trainings"]), 2),
         "models_while_training": c.get("models_while_training"),
+        "invitations": c.get("invitations"),
         "run_end_seen": sim["ended_at"] is not None,
         "accuracy_after": accuracy_after(history, updates_wanted),
+        "accuracy_mean10": mean_accuracy_to(history, updates_wanted),
         "accuracy_curve": curve[::step] + ([curve[-1]] if curve and len(curve) % step else []),
         "sim_late_p50_s": percentile(late, 50), "sim_late_p99_s": percentile(late, 99),
         "sim_late_max_s": max(late) if late else None,
@@ -353,7 +380,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
 
     sizes = (20, 60) if ctx.quick else (100, 1000, 5000)
     updates = 120 if ctx.quick else UPDATES
-    rate = 20.0 if ctx.quick else RATE
+    period = 1.0 if ctx.quick else PERIOD
     runs: dict[str, Any] = {}
     for mode in ("on-demand", "always"):
         for n in sizes:
@@ -361,7 +388,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 continue  # the baseline of model traffic: the two smaller fleets
             log.info("fleet: %d devices, model subscription %s", n, mode)
             try:
-                runs[f"{mode}-{n}"] = run_size(ctx, n, mode=mode, rate=rate,
+                runs[f"{mode}-{n}"] = run_size(ctx, n, mode=mode, period=period,
                                                updates=updates, tag=f"-{mode}")
             except (RuntimeError, OSError, ValueError, ChildError) as exc:
                 log.error("fleet of %d (%s) failed: %s", n, mode, exc)
@@ -377,6 +404,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         "ratio": r,
         "aim": "≤ 1.25× (flat)",
         "aim_met": None if r is None else r <= 1.25,
-        "rate": rate, "updates": updates, "speeds": list(SPEEDS),
+        "period": round(period, 2), "concurrency": CONCURRENCY, "updates": updates,
+        "speeds": list(SPEEDS),
         "runs": runs,
     }

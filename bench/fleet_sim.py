@@ -23,6 +23,10 @@ an unacknowledged publish after a reconnect), the training policy, ``acc_int8`` 
 connection, as the agent of revisions up to 2.8 does, so every device receives every version;
 ``on-demand`` subscribes only when the device is ready to train and unsubscribes once it holds
 a model it can train on (revision 2.9, section 9.1), so it receives about one model per update.
+
+In a run whose task says ``by_invitation`` (revision 2.10, section 9.3) a device trains only
+once per ``invite`` on its receipt topic, on a model received after it, as the agent does; in
+``on-demand`` mode it follows the model topic only from the invitation to the training.
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ class Counters:
     train_cpu_seconds: float = 0.0
     subscribes: int = 0
     unsubscribes: int = 0
+    invitations: int = 0  # revision 2.10
 
 
 # -- the devices ------------------------------------------------------------------------------
@@ -143,6 +148,7 @@ class Device:
     updates: int = 0
     first_compute: float | None = None  # the compute time of its first update
     queued: float | None = None  # when it started a training still in the training queue
+    invited: str | None = None  # revision 2.10: the run of the invitation it holds
 
 
 @dataclass
@@ -273,7 +279,7 @@ class FleetSim:
         c.subscribe(self.topics.task, qos=1)
         c.subscribe(self.topics.receipt(dev.device_id), qos=1)
         dev.model_subscribed = False
-        if self.mode == "always" or dev.ready:
+        if self.mode == "always" or (dev.ready and self._wants_model(dev)):
             self._subscribe_model(dev)
         self._status(dev, "training" if dev.pending else "online")
 
@@ -334,7 +340,7 @@ class FleetSim:
         elif topic == self.topics.task:
             self._on_task(dev, msg.payload)
         elif topic == self.topics.receipt(dev.device_id):
-            self._on_receipt(msg.payload)
+            self._on_receipt(dev, msg.payload)
 
     def _read_task(self, payload: bytes) -> Any:
         """The task in ``payload`` if its signature holds and it decodes (None otherwise);
@@ -406,14 +412,36 @@ class FleetSim:
             dev.model = model
         self._maybe_train(dev)
 
-    def _on_receipt(self, payload: bytes) -> None:
+    def _wants_model(self, dev: Device) -> bool:
+        """Whether the device follows the model between trainings (on-demand): always,
+        unless the run trains by invitation (revision 2.10) and it holds none."""
+        task = self.task
+        return task is None or not task.by_invitation or dev.invited == task.run_id
+
+    def _on_invite(self, dev: Device, invite: Any) -> None:
+        """Revision 2.10: the device may train once, on a model received from now on."""
+        self.counters.invitations += 1
+        if dev.done:
+            return
+        dev.invited = invite.run_id  # (it may come before the task of its run)
+        if self.mode == "on-demand" and dev.pending is None and dev.queued is None:
+            dev.model = None  # the retained model, the newest, comes with the subscription
+            if dev.ready:
+                self._subscribe_model(dev)
+        self._maybe_train(dev)
+
+    def _on_receipt(self, dev: Device, payload: bytes) -> None:
         from fedbus.envelope import unpack
         from fedbus.errors import ProtocolError
-        from fedbus.messages import Receipt
+        from fedbus.messages import Invite, Receipt
 
-        self.counters.receipts += 1
         try:
-            receipt = Receipt.from_wire(unpack(payload, "receipt"))
+            obj = unpack(payload)
+            if obj.get("kind") == "invite":
+                self._on_invite(dev, Invite.from_wire(obj))
+                return
+            self.counters.receipts += 1
+            receipt = Receipt.from_wire(obj)
         except ProtocolError as exc:
             log.warning("malformed receipt: %s", exc)
             return
@@ -436,7 +464,9 @@ class FleetSim:
     def _start(self, dev: Device) -> None:
         """The device's first training time has come (starts are spread over one period)."""
         dev.ready = True
-        if self.mode == "on-demand":
+        if not self._wants_model(dev):  # not invited now: its first training is a whole one
+            dev.first_compute = None
+        if self.mode == "on-demand" and self._wants_model(dev):
             self._subscribe_model(dev)
         self._maybe_train(dev)
 
@@ -452,12 +482,17 @@ class FleetSim:
                 or not dev.connected or task is None or task.ended or task.paused
                 or model is None or model.run_id != task.run_id
                 or model.task_id != task.task_id or model.version <= dev.last_trained
-                or dev.run != task.run_id):
+                or dev.run != task.run_id
+                or (task.by_invitation and dev.invited != task.run_id)):
             return
+        dev.invited = None
         if self.mode == "on-demand":
             self._unsubscribe_model(dev)
         self._status(dev, "training")
         now = time.monotonic()
+        # the start-up spread: only a device that may train at the common start takes a
+        # random part of its compute time for its first training (by invitation, most
+        # devices start later, and a shortened training would make their updates fresher)
         compute = dev.compute if dev.first_compute is None else dev.first_compute
         dev.first_compute = None
         dev.queued = now
@@ -547,7 +582,7 @@ class FleetSim:
         dev.pending = None
         dev.last_trained = base
         self._status(dev, "idle")
-        if self.mode == "on-demand":
+        if self.mode == "on-demand" and self._wants_model(dev):
             self._subscribe_model(dev)  # the retained model comes with the subscription
         self._maybe_train(dev)
 

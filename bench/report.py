@@ -435,6 +435,7 @@ def _fleet(b: dict[str, Any]) -> str:
             "rejected", "publish→aggregated p50 / p99 (s)", "receipt p50 / p99 (s)",
             "coordinator CPU ms/update", "broker CPU ms/update", "coordinator / broker RSS (MiB)",
             "models per training / per update sent", f"accuracy after {b['updates']:,} applied",
+            "mean of the 10 versions to it",
             "sim late p50 / p99 (s)"]
     rows = []
     curves = []
@@ -453,21 +454,34 @@ def _fleet(b: dict[str, Any]) -> str:
             _num(r["coordinator_cpu_ms_per_update"]), _num(r["broker_cpu_ms_per_update"]),
             f"{_num(r['coordinator_rss_mib'])} / {_num(r['broker_rss_mib'])}",
             f"{_num(r.get('models_per_training'))} / {_num(r['models_per_update'])}",
-            f"{_num(acc)} ({applied:,})",
+            f"{_num(acc)} ({applied:,})", _num(r.get("accuracy_mean10")),
             f"{_num(r['sim_late_p50_s'])} / {_num(r['sim_late_p99_s'])}"])
         points = ", ".join(f"{n:,}: {_num(a)}" for _t, n, a in r["accuracy_curve"])
         curves.append(f"- {r['devices']:,} devices, {r['mode']}: {points}")
+    if "rate" in b:  # before protocol revision 2.10: no concurrency limit
+        load = (
+            f"Compute times average N/{_num(b['rate'])} s over the fleet at every size (with "
+            f"these speeds the fleet offers about {_num(b['rate'] * _offered(b['speeds']))} "
+            f"updates/s); the coordinator runs with `--fleet-scaling`: K and the staleness "
+            f"limit follow the devices online (coordinator/fleet_scale.py; the table gives "
+            f"them for the whole fleet).")
+    else:
+        c, period = b["concurrency"], b["period"]
+        load = (
+            f"Every device's compute time averages {_num(period)} s per update at every "
+            f"size; the coordinator runs with `--fleet-scaling`, which keeps at most {c} "
+            f"devices training at a time, each invited (protocol revision 2.10, "
+            f"coordinator/invitations.py), so with these speeds the fleet offers about "
+            f"{_num(c / period * _offered(b['speeds']))} updates/s at every size of at least "
+            f"{c}; K and the staleness limit follow the devices training "
+            f"(coordinator/fleet_scale.py of min(N, {c})).")
     return "\n".join([
         _stamp(b), "", _table(HEAD, [_head(b, "coordinator CPU per update, largest fleet")]), "",
         f"Virtual devices of `bench/fleet_sim.py` (one process, one event loop, each device its "
         f"own MQTT connection, account, session, shard of 32 digits samples and speed "
         f"{':'.join(_num(s) for s in b['speeds'])}) against a real Mosquitto and a real "
-        f"`fedbus coordinator` (FedBuff, int8 updates, evaluating every version). Compute "
-        f"times average N/{_num(b['rate'])} s over the fleet at every size (with these speeds "
-        f"the fleet offers about {_num(b['rate'] * _offered(b['speeds']))} updates/s); the "
-        f"coordinator runs with `--fleet-scaling`: K and the staleness limit follow "
-        f"the devices online (coordinator/fleet_scale.py; the table gives them for the "
-        f"whole fleet). Steady window: from version 1 to the last "
+        f"`fedbus coordinator` (FedBuff, int8 updates, evaluating every version). {load} "
+        f"Steady window: from version 1 to the last "
         f"version (the start-up burst of every device's `online` and `training` status stays "
         f"out); first version: seconds from the first publish to version 1. Applied/s, CPU per "
         f"update (/proc CPU time over the window, per update applied in it) and publish→"

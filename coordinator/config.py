@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from coordinator.admission import AdmissionPolicy
 from coordinator.core import AggregationConfig
+from coordinator.invitations import DEFAULT_CONCURRENCY
 from coordinator.privacy import PrivacySpec, privacy_from_settings
 from fedbus.codec_spec import parse_codec
 from fedbus.preprocess import parse_classes
@@ -86,6 +87,10 @@ class CoordinatorConfig(BrokerTarget):
     max_staleness: int = 50
     # K, staleness weights and limit follow the fleet (coordinator.fleet_scale)
     fleet_scaling: bool = False
+    # at most this many devices train at a time, each invited (protocol revision 2.10,
+    # coordinator.invitations); None (not given): 100 with fleet scaling, else 0 (no limit)
+    concurrency: int | None = None
+    invite_timeout: float = 600.0
     max_norm: float = 100.0
     # the adaptive norm bound (coordinator.norm_bound); norm_multiple 0 switches it off.
     # None (not given): the core's defaults (2, 4, 64, 4), and off under differential
@@ -241,6 +246,14 @@ class CoordinatorConfig(BrokerTarget):
             self.dp_noise, self.dp_clip, self.dp_delta, self.dp_epsilon_budget
         )
 
+    @property
+    def effective_concurrency(self) -> int:
+        """The concurrency limit in force: as given, else ``DEFAULT_CONCURRENCY`` with fleet
+        scaling (which needs fedbuff) and 0 (no limit) without."""
+        if self.concurrency is not None:
+            return self.concurrency
+        return DEFAULT_CONCURRENCY if self.fleet_scaling else 0
+
     def aggregation(self) -> AggregationConfig:
         """The pure core's aggregation settings (``ValueError`` if inconsistent)."""
         privacy = self.privacy()
@@ -268,6 +281,8 @@ class CoordinatorConfig(BrokerTarget):
             staleness_b=self.staleness_b,
             max_staleness=self.max_staleness,
             fleet_scaling=self.fleet_scaling,
+            concurrency=self.effective_concurrency,
+            invite_timeout=self.invite_timeout,
             max_norm=self.max_norm,
             norm_multiple=self.norm_multiple,
             norm_reject=_CORE.norm_reject if self.norm_reject is None else self.norm_reject,

@@ -6,7 +6,12 @@ it returns, in order:
 
 - ``SendReceipt``: publish ``receipt`` on the device's receipt topic;
 - ``NewModel``: a new global version exists; publish ``core.model_message(now)`` retained,
-  evaluate it, log it.
+  evaluate it, log it;
+- ``SendInvite``: with a concurrency limit (protocol revision 2.10,
+  ``coordinator.invitations``), publish an ``invite`` on the device's receipt topic. The core
+  keeps at most ``concurrency`` invitations open, fills free slots at every status, judged
+  update and tick, and refuses an update whose device held none (``not_selected``) once more
+  devices contribute than the limit.
 
 The operator may pause the run (``pause``): updates are still judged, and an accepted one
 is kept as usual, but no version is made (no buffer applied, no round closed, ``tick``
@@ -109,6 +114,7 @@ from coordinator.aggregator_spec import (
     robust_aggregate,
 )
 from coordinator.fleet_scale import STALENESS_CAP, FleetScale, fleet_scale
+from coordinator.invitations import DEFAULT_INVITE_TIMEOUT, Invitations
 from coordinator.journal import (
     BufferDropped,
     Ledger,
@@ -162,6 +168,7 @@ __all__ = [
     "CoordinatorCore",
     "Judged",
     "NewModel",
+    "SendInvite",
     "SendReceipt",
 ]
 
@@ -223,6 +230,11 @@ class AggregationConfig:
     # (coordinator.fleet_scale), buffer_size and max_staleness being their floors; the task
     # announces fleet_scale.STALENESS_CAP as its bound
     fleet_scaling: bool = False
+    # fedbuff: at most this many devices train at a time, each invited (protocol revision
+    # 2.10, coordinator.invitations); 0: no limit, every device trains when it can. With
+    # fleet scaling, K and the staleness limit follow min(contributing devices, concurrency)
+    concurrency: int = 0
+    invite_timeout: float = DEFAULT_INVITE_TIMEOUT  # seconds an invitation stays open
     max_norm: float = 100.0  # the fixed ceiling: anything above it is rejected
     # the adaptive norm bound (coordinator.norm_bound): clip above norm_multiple x the median
     # norm of the last norm_window accepted updates, reject above norm_reject x that bound;
@@ -288,6 +300,7 @@ class AggregationConfig:
         if not (_is_int(self.max_staleness) and self.max_staleness >= 0):
             raise ValueError(f"max_staleness must be an integer >= 0, got {self.max_staleness!r}")
         self._check_fleet_scaling()
+        self._check_concurrency()
         if not _is_pos(self.max_norm):
             raise ValueError(f"max_norm must be finite and > 0, got {self.max_norm!r}")
         self.norm_rule  # noqa: B018 - checks the adaptive bound's settings
@@ -311,6 +324,15 @@ class AggregationConfig:
         if self.max_staleness > STALENESS_CAP:
             raise ValueError(f"with fleet scaling max_staleness (its floor) must be at most "
                              f"{STALENESS_CAP}, got {self.max_staleness}")
+
+    def _check_concurrency(self) -> None:
+        if not (_is_int(self.concurrency) and self.concurrency >= 0):
+            raise ValueError(f"concurrency must be an integer >= 0, got {self.concurrency!r}")
+        if not _is_pos(self.invite_timeout):
+            raise ValueError(f"invite_timeout must be finite and > 0, got "
+                             f"{self.invite_timeout!r}")
+        if self.concurrency and self.mode != "fedbuff":
+            raise ValueError(f"concurrency needs fedbuff mode, not {self.mode}")
 
     def _check_server_optimizer(self) -> None:
         kind = self.server_optimizer
@@ -432,7 +454,11 @@ class AggregationConfig:
 
     def scaled(self, devices: int) -> FleetScale:
         """K and the staleness limit in force with ``devices``
-        contributing: ``coordinator.fleet_scale`` with fleet scaling, else fixed."""
+        contributing: ``coordinator.fleet_scale`` with fleet scaling, else fixed. Under a
+        concurrency limit at most ``concurrency`` of them train at a time: the fleet that
+        makes staleness is that many."""
+        if self.concurrency:
+            devices = min(devices, self.concurrency)
         if self.fleet_scaling:
             return fleet_scale(devices, self.buffer_size, self.max_staleness)
         return FleetScale(self.effective_buffer_size, self.effective_max_staleness)
@@ -457,7 +483,16 @@ class NewModel:
     sent_at: tuple[float, ...] = field(default=(), compare=False)
 
 
-Action = SendReceipt | NewModel
+@dataclass(frozen=True)
+class SendInvite:
+    """Revision 2.10: publish an ``invite`` (made at ``version``) on ``device_id``'s receipt
+    topic: the device may train once."""
+
+    device_id: str
+    version: int
+
+
+Action = SendReceipt | NewModel | SendInvite
 
 
 @dataclass(frozen=True)
@@ -591,6 +626,11 @@ class CoordinatorCore:
         # devices whose last state is online, training or idle: kept as statuses arrive, so
         # that counting them costs nothing per update however large the fleet
         self._online: set[str] = set()
+        # revision 2.10: the open invitations and the devices waiting for one (None: no limit)
+        self._invitations: Invitations | None = (
+            Invitations(config.concurrency, config.invite_timeout) if config.concurrency
+            else None
+        )
         self._ended: str | None = None
         # the operator's pause (its reason) or None: no new version is made while paused
         self._paused: str | None = None
@@ -612,6 +652,8 @@ class CoordinatorCore:
                 "robust_fallbacks",
                 "partials_accepted",
                 "partial_parts",
+                "invitations_sent",
+                "invitations_expired",
                 *(f"rejected_{reason}" for reason in REJECT_REASONS),
             ],
             0,
@@ -778,10 +820,27 @@ class CoordinatorCore:
             return self._repeat(topic_device, result.verdict)
         self._counters["updates_received"] += 1
         self._counters["bytes_received"] += result.size
+        invited = self._invitations is None or self._invitations.consume(topic_device)
+        actions = self._judge(topic_device, result, now, invited)
+        return actions + self._invite(now)
+
+    def _judge(self, topic_device: str, result: Accepted | Rejected, now: float,
+               invited: bool) -> list[Action]:
         if isinstance(result, Rejected):
             return self._reject(
                 topic_device, result.reason, result.detail, result.update_id,
                 base_version=result.base_version, digest=result.digest, size=result.size,
+            )
+        limit = self._invitations
+        if not invited and limit is not None and self.contributing_count() > limit.concurrency:
+            # a fleet within the limit is invited whole: an update without an invitation
+            # (an agent older than revision 2.10) is what an invitation would have allowed
+            return self._reject(
+                topic_device, "not_selected",
+                f"this run trains by invitation (at most {limit.concurrency} "
+                "devices at a time) and the device held none",
+                result.update.update_id, base_version=result.update.base_version,
+                digest=result.digest, size=result.size,
             )
         if self._ended is not None:
             return self._reject(
@@ -837,6 +896,15 @@ class CoordinatorCore:
             else:
                 self._online.discard(device_id)
         contributes = state in ONLINE_STATES and device_id not in self._aside
+        if self._invitations is not None:
+            self._invitations.on_presence(device_id, contributes, state == "training", now)
+            invites = self._invite(now)
+            if invites:
+                return invites + self._on_presence_change(device_id, state, contributes, now)
+        return self._on_presence_change(device_id, state, contributes, now)
+
+    def _on_presence_change(self, device_id: str, state: str | None, contributes: bool,
+                            now: float) -> list[Action]:
         if self._round is None:
             if contributes or not self._buffer_ids:
                 return []
@@ -859,6 +927,26 @@ class CoordinatorCore:
         or a round that became due is applied when it resumes."""
         if self._paused is not None:
             return []
+        actions: list[Action] = []
+        if self._invitations is not None:
+            expired = self._invitations.expire(now)
+            if expired:
+                self._counters["invitations_expired"] += len(expired)
+                _log.info("%d invitation(s) unused after %.0f s: their slots go to others",
+                          len(expired), self._invitations.timeout)
+            actions = self._invite(now)
+        return actions + self._tick_aggregation(now)
+
+    def _invite(self, now: float) -> list[Action]:
+        """Invitations for the free slots (revision 2.10), none once the run has ended or
+        while it is paused."""
+        if self._invitations is None or self._ended is not None or self._paused is not None:
+            return []
+        chosen = self._invitations.invite(now)
+        self._counters["invitations_sent"] += len(chosen)
+        return [SendInvite(device, self._version) for device in chosen]
+
+    def _tick_aggregation(self, now: float) -> list[Action]:
         timeout = self.config.buffer_timeout
         since = self._buffer_since
         if self._buffer_ids and since is not None and timeout > 0 and now >= since + timeout:

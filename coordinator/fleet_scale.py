@@ -24,7 +24,9 @@ The weights stay in plain versions: weighing staleness in units of the fleet's o
 versions) was measured; it learned faster at 100 and 1,000 devices but was unstable
 (BENCHMARKS.md, "Fleet"). For ``N ≤ 16`` with the defaults (``K₀ = 4``, ``L₀ = 50``) this is
 exactly the fixed setting. Pure; the core calls ``fleet_scale`` with the
-number of devices it counts as contributing.
+number of devices it counts as contributing, or with the concurrency limit if that is smaller
+(protocol revision 2.10, ``coordinator.invitations``: at most that many train at a time, so
+they are the fleet whose staleness K and the limit follow).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from coordinator.chunk_intake import ChunkIntake, Completed, chunk_limits
 from coordinator.chunk_store import CHUNKS_FILE, ChunkStore
 from coordinator.config import CoordinatorConfig
 from coordinator.control import ControlDecision, Malformed, judge_control, run_state
-from coordinator.core import Action, CoordinatorCore, NewModel, SendReceipt
+from coordinator.core import Action, CoordinatorCore, NewModel, SendInvite, SendReceipt
 from coordinator.dashboard import DashboardFeed, DashboardServer, fleet_rows, serve_dashboard
 from coordinator.evaluation import Evaluator
 from coordinator.fleet import FleetStats, fleet_snapshot
@@ -75,6 +75,7 @@ from fedbus.envelope import DecodeLimits, pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
 from fedbus.messages import (
     GlobalModel,
+    Invite,
     ModelDelta,
     ModelSpec,
     Receipt,
@@ -225,6 +226,7 @@ def build_task(
         classes=classes,
         input_norm=norm,
         requires=("input_norm",) if norm is not None else (),
+        by_invitation=config.effective_concurrency > 0,
     )
 
 
@@ -1224,6 +1226,10 @@ class CoordinatorService:
                 if not receipt.repeat:
                     self._stall.record(time.monotonic(), action.device_id, receipt.accepted,
                                        receipt.reason, receipt.detail)
+            elif isinstance(action, SendInvite):  # revision 2.10
+                invite = Invite(action.version, time.time(), run_id=self.task.run_id)
+                self._publish(self.topics.receipt(action.device_id),
+                              pack(invite.to_wire()), kind="receipt")
             elif isinstance(action, NewModel):
                 self.metrics.version(action.version, action.sent_at, time.time())
                 self._publish_model()

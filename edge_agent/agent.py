@@ -19,7 +19,10 @@ What the agent guarantees (protocol v2, docs/protocol.md section 9):
   it is away, and the retained model (the newest) arrives on every reconnect, so a device
   back from a partition trains on the newest model, not on a backlog; and only between
   trainings (protocol revision 2.9): the versions made while it trains are never sent to it,
-  and subscribing again afterwards brings the newest;
+  and subscribing again afterwards brings the newest; in a run whose task says
+  ``by_invitation`` (revision 2.10) it trains only once per ``invite`` the coordinator sends
+  on its receipt topic, and follows the model topics only from an invitation to the start
+  of the training it allows, on a model that arrived after the invitation;
 - it follows model deltas (protocol revision 2.7): once it has rebuilt a version from the
   retained ``model_delta`` of the version it holds (checked bit for bit against the
   delta's digest), it unsubscribes from the whole model and receives only deltas; a delta
@@ -64,6 +67,7 @@ from fedbus.errors import ConfigError, MessageTooLarge, ProtocolError
 from fedbus.messages import (
     MAX_STATUS_ERROR,
     GlobalModel,
+    Invite,
     ModelDelta,
     Receipt,
     Status,
@@ -158,6 +162,7 @@ class AgentStats:
     # models received whole, and versions rebuilt from a model delta (revision 2.7)
     models_received: int = 0
     model_deltas_applied: int = 0
+    invitations: int = 0  # revision 2.10: invitations to train received
     bytes_models: int = 0  # model and model_delta payloads received, both
 
 
@@ -207,6 +212,11 @@ class Agent:
         self._held: tuple[str, int, dict[str, np.ndarray]] | None = None
         self._whole_model = True
         self._models_since_connect = 0
+        # revision 2.10: the run of the invitation held (None: none), model messages received
+        # so far and when the invitation came, so it trains on a model received after it
+        self._invited_run: str | None = None
+        self._model_arrivals = 0
+        self._arrivals_at_invite = 0
         # revision 2.9: whether the model topics are followed (between trainings), and the
         # model topics subscribed to now (_sync_model_subscriptions)
         self._models_followed = False
@@ -378,6 +388,7 @@ class Agent:
                 self._model_msg = model
                 self._held = None
             self._models_since_connect += 1
+            self._model_arrivals += 1
             self.stats.models_received += 1
         self._wake.set()
 
@@ -394,6 +405,7 @@ class Agent:
         if held is not None and held.run_id == delta.run_id and delta.version <= held.version:
             with self._lock:  # a retained copy of what the agent holds: it is current
                 self._models_since_connect += 1
+                self._model_arrivals += 1
             self._wake.set()
             return
         if held is None or held.run_id != delta.run_id or delta.base != held.version:
@@ -417,6 +429,7 @@ class Agent:
             self._model_msg, self._held = model, (delta.run_id, delta.version, tensors)
             self.stats.model_deltas_applied += 1
             self._models_since_connect += 1
+            self._model_arrivals += 1
             whole, self._whole_model = self._whole_model, False
         if whole:
             log.info("following model deltas from v%d on", delta.version)
@@ -530,6 +543,7 @@ class Agent:
                     if self._on_run_ended(task):
                         break
                     continue
+                self._follow_models(self._wants_models(task))
                 self._drop_unusable(task)
                 self._resend_if_due(task)
                 self._pump(task)
@@ -539,13 +553,15 @@ class Agent:
                 work = self._next_work(task)
                 if work is None or not allowed:
                     continue  # nothing new, or paused (the outbox is still sent above)
+                self._invited_run = None  # revision 2.10: the invitation is used
                 # revision 2.9: no model deliveries while training; subscribing again
-                # afterwards brings the retained model, the newest, at once
+                # afterwards brings the retained model, the newest, at once (by invitation:
+                # with the next invitation)
                 self._follow_models(False)
                 try:
                     self._train_and_publish(task, work)
                 finally:
-                    self._follow_models(True)
+                    self._follow_models(self._wants_models(task))
                 if on_update is not None:
                     on_update(self.stats)
                 if self.config.max_updates and (
@@ -714,11 +730,32 @@ class Agent:
             except queue.Empty:
                 return
             try:
-                receipt = Receipt.from_wire(unpack(payload, "receipt", _SMALL))
+                obj = unpack(payload, None, _SMALL)
+                if obj.get("kind") == "invite":  # revision 2.10, on the receipt topic
+                    self._on_invite(Invite.from_wire(obj))
+                    continue
+                receipt = Receipt.from_wire(obj)
             except ProtocolError as exc:
                 log.warning("ignoring malformed receipt: %s", exc)
                 continue
             self._settle(receipt)
+
+    def _on_invite(self, invite: Invite) -> None:
+        """The coordinator invites this device to train once (revision 2.10): follow the
+        model topics again; the training waits for a model that arrives from now on (the
+        retained one, the newest, comes with the subscription). It counts for the run it
+        names, whose task may come after it."""
+        with self._lock:
+            self._arrivals_at_invite = self._model_arrivals
+        self._invited_run = invite.run_id
+        self.stats.invitations += 1
+        log.debug("invited to train (global version %d)", invite.version)
+        self._follow_models(True)
+
+    def _wants_models(self, task: Task) -> bool:
+        """Whether the model topics are followed between trainings: always, unless the run
+        trains by invitation (revision 2.10) and the agent holds none."""
+        return not task.by_invitation or self._invited_run == task.run_id
 
     def _settle(self, receipt: Receipt) -> None:
         uid = receipt.update_id
@@ -906,6 +943,12 @@ class Agent:
             return None
         if self._unusable == (task.run_id, task.task_id):
             return None  # this device cannot take part; wait for another run
+        if task.by_invitation:  # revision 2.10: only invited, on a model received since
+            if self._invited_run != task.run_id:
+                return None
+            with self._lock:
+                if self._model_arrivals <= self._arrivals_at_invite:
+                    return None
         last = self.state.last_version(task.run_id)
         if last is not None and model.version <= last:
             return None

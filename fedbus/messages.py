@@ -55,6 +55,7 @@ __all__ = [
     "UPDATE_FIELDS_BOUND",
     "Control",
     "GlobalModel",
+    "Invite",
     "ModelDelta",
     "ModelSpec",
     "Receipt",
@@ -255,6 +256,9 @@ class Task:
     input_norm: InputNorm | None = None
     requires: tuple[str, ...] = ()
     run_id: str = field(kw_only=True)
+    # revision 2.10: a device trains only when invited (``Invite``), so that about
+    # ``--concurrency`` devices train at a time whatever the size of the fleet
+    by_invitation: bool = field(default=False, kw_only=True)
 
     @property
     def ended(self) -> bool:
@@ -287,6 +291,8 @@ class Task:
             wire["input_norm"] = self.input_norm.to_wire()
         if self.end_reason is not None:
             wire["end_reason"] = self.end_reason
+        if self.by_invitation:
+            wire["by_invitation"] = True
         return wire
 
     @classmethod
@@ -308,6 +314,9 @@ class Task:
             isinstance(r, str) and _ID.match(r) for r in requires
         ):
             raise ProtocolError("schema", "task: requires must be an array of at most 16 ids")
+        by_invitation = obj.get("by_invitation", False)
+        if not isinstance(by_invitation, bool):
+            raise ProtocolError("schema", "task: by_invitation must be a boolean")
         classes: tuple[str, ...] | None = None
         input_norm: InputNorm | None = None
         try:
@@ -333,6 +342,7 @@ class Task:
             classes=classes,
             input_norm=input_norm,
             requires=tuple(requires),
+            by_invitation=by_invitation,
         )
 
 
@@ -761,6 +771,36 @@ class Receipt:
             staleness=staleness,
             repeat=repeat,
             retry_after=None if retry_after is None else float(retry_after),
+        )
+
+
+@dataclass(frozen=True)
+class Invite:
+    """Revision 2.10: the coordinator invites one device to train once, on
+    ``<prefix>/receipt/<device>`` (the device's own receipt topic, QoS 1). Only sent in a
+    run whose task says ``by_invitation``; ``version`` is the global version when the
+    invitation was made (the device trains on the newest model it holds or receives)."""
+
+    version: int
+    sent_at: float = 0.0
+    run_id: str = field(kw_only=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "kind": "invite",
+            "run": self.run_id,
+            "version": self.version,
+            "ts": self.sent_at,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: dict) -> Invite:
+        _check_kind(obj, "invite")
+        return cls(
+            run_id=_get_id(obj, "run", "invite"),
+            version=_nonneg_int(obj, "version", "invite"),
+            sent_at=_finite_float(obj, "ts", "invite"),
         )
 
 

@@ -4,6 +4,7 @@ its restarts, its residual, the end of a run; and its decisions in isolation."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -374,3 +375,43 @@ def _ledger_rows(state: Path) -> list[Any]:
         return store.ledger()
     finally:
         store.close()
+
+
+def test_by_invitation_the_agent_trains_once_per_invitation(
+    broker: MemoryBroker, tmp_path: Path
+) -> None:
+    """Protocol revision 2.10: in a run whose task says by_invitation the agent trains only
+    when invited, once per invitation, on a model that arrived after it."""
+    from fedbus.messages import Invite
+    from fedbus.transport import ConnectionSettings
+    from fedbus.zoo import build_model, get_state
+
+    task = _task(by_invitation=True)
+    state = encode_delta(get_state(build_model(task.model.arch, task.model.args)), "fp32")
+    other = broker.factory(ConnectionSettings(host="memory", port=1, client_id="op",
+                                              username="op", password="x"),
+                           on_message=lambda _m: None)
+    other.start()
+
+    def publish(topic: str, message: Any, retain: bool = False) -> None:
+        assert other.publish(topic, pack(message.to_wire()), retain=retain).wait(5)
+
+    publish(TOPICS.task, task, retain=True)
+    publish(TOPICS.model, GlobalModel(task.task_id, 0, state, run_id=task.run_id), retain=True)
+    agent = AgentThread(broker, tmp_path / "a", max_updates=2)
+    wait_for(lambda: agent.agent._task is not None, what="the task")
+    wait_for(lambda: not agent.agent._model_subscribed, what="the model topics dropped")
+    assert agent.agent.stats.updates_published == 0  # not invited: no training
+    publish(TOPICS.receipt("dev-a"), Invite(0, 1.0, run_id=task.run_id))
+    wait_for(lambda: agent.agent.stats.updates_published == 1, what="the invited training")
+    publish(TOPICS.model, GlobalModel(task.task_id, 1, state, run_id=task.run_id), retain=True)
+    wait_for(lambda: not agent.agent._model_subscribed, what="the model topics dropped again")
+    agent.agent._keep_newest_model(pack(GlobalModel(task.task_id, 1, state,
+                                                    run_id=task.run_id).to_wire()))
+    time.sleep(0.3)  # v1 is held (and the agent woken), but there is no invitation
+    assert agent.agent.stats.updates_published == 1 and not agent.agent._training
+    publish(TOPICS.receipt("dev-a"), Invite(1, 2.0, run_id=task.run_id))
+    stats = agent.join()
+    other.stop()
+    assert stats is not None and stats.invitations == 2
+    assert sorted(r.base_version for r in _ledger_rows(tmp_path / "a")) == [0, 1]

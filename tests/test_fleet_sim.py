@@ -4,8 +4,10 @@ pure parts by hand, and one run of 20 virtual devices against a real broker and 
 from __future__ import annotations
 
 import threading
+import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from bench.fleet import (
     fleet_settings,
     folded_latencies,
     interpolate,
+    mean_accuracy_to,
 )
 from bench.fleet_sim import FleetSim, compute_seconds, parse_args, shard_indices, training_seed
 
@@ -44,13 +47,15 @@ def test_training_seed_is_the_agents() -> None:
     assert training_seed(3, "device-07", 12) == expected
 
 
-def test_fleet_settings_follow_the_fleet() -> None:
-    s = fleet_settings(100, rate=40.0, updates=1200)
+def test_fleet_settings_follow_the_training_fleet() -> None:
+    s = fleet_settings(100, period=2.5, updates=1200)
     # the coordinator's fleet scaling: K = sqrt(100) = 10, limit 50 (4 · 100 / 10 = 40 is
     # below the floor); 1200 / 10 versions
     assert (s.period, s.buffer_size, s.max_staleness, s.max_versions) == (2.5, 10, 50, 120)
-    big = fleet_settings(5000, rate=40.0, updates=1200)
-    assert big.buffer_size == 71 and big.max_versions == 17  # ceil(sqrt 5000), ceil(1200/71)
+    # at most 100 train at a time (revision 2.10): a fleet of 5,000 steps as one of 100
+    big = fleet_settings(5000, period=2.5, updates=1200)
+    assert (big.period, big.buffer_size, big.max_versions) == (2.5, 10, 120)
+    assert fleet_settings(5000, concurrency=400).buffer_size == 20  # ceil(sqrt 400)
     assert fleet_settings(4).buffer_size == 4 and fleet_settings(4).max_staleness == 50
 
 
@@ -74,15 +79,73 @@ def test_latency_runs_to_the_version_an_update_was_folded_into() -> None:
     assert folded_latencies(updates, verdicts, {3: 12.5}, 0.0, 20.0) == [2.5]
 
 
+def test_mean_accuracy_to_averages_the_versions_up_to_the_count() -> None:
+    history = [(0, 0.0, 0, 0.1), (1, 1.0, 4, 0.5), (2, 2.0, 4, None), (3, 3.0, 4, 0.7),
+               (4, 4.0, 4, 0.9)]
+    assert mean_accuracy_to(history, 12, versions=2) == pytest.approx(0.6)  # v1 and v3
+    assert mean_accuracy_to(history, 99, versions=3) == pytest.approx(0.7)  # the last three
+    assert mean_accuracy_to([], 5) is None
+
+
 def test_accuracy_after_counts_applied_updates() -> None:
     history = [(0, 0.0, 0, 0.1), (1, 1.0, 4, 0.5), (2, 2.0, 4, 0.7), (3, 3.0, 4, 0.8)]
     assert accuracy_after(history, 8) == (8, 0.7)
     assert accuracy_after(history, 100) == (12, 0.8)
 
 
-def test_twenty_virtual_devices_against_the_real_broker_and_coordinator(
+def _uninvited_update(broker: object, device: str, tmp_path: Path) -> dict:
+    """One valid update from ``device`` on the current model, sent without an invitation
+    (and without a status: the device holds none); its receipt."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from fedbus.codec_spec import parse_codec
+    from fedbus.envelope import unpack
+    from fedbus.messages import Task, Update, new_update_id
+    from fedbus.update_codec import encode_update_delta
+    from fedbus.zoo import build_model, state_shapes
+
+    got: dict[str, bytes] = {}
+    arrived = threading.Event()
+
+    def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        got[msg.topic.rsplit("/", 1)[-1] if "/receipt/" in msg.topic else "task"] = msg.payload
+        arrived.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device,
+                         protocol=mqtt.MQTTv5)
+    b: Any = broker
+    client.username_pw_set(device, b.credentials(device).password)
+    client.on_message = on_message
+    client.connect(b.host, b.port)
+    client.loop_start()
+    try:
+        client.subscribe(b.topics.receipt(device), qos=1)
+        client.subscribe(b.topics.task, qos=1)
+        assert arrived.wait(10) and "task" in got
+        task = Task.from_wire(unpack(got["task"]))
+        assert task.by_invitation  # revision 2.10: the run says so
+        shapes = state_shapes(build_model(task.model.arch, task.model.args))
+        delta = {k: np.zeros(v, np.float32) for k, v in shapes.items()}
+        wire, compression = encode_update_delta(delta, parse_codec(task.codec))
+        update = Update(new_update_id(), device, task.task_id, 0, 32, wire,
+                        run_id=task.run_id, compression=compression)
+        arrived.clear()
+        client.publish(b.topics.update(device), update.pack(), qos=1)
+        deadline = time.monotonic() + 10
+        while device not in got and time.monotonic() < deadline:
+            arrived.wait(0.2)
+        return unpack(got[device])
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_twenty_virtual_devices_by_invitation_against_the_real_broker_and_coordinator(
     tmp_path: Path,
 ) -> None:
+    """Revision 2.10: at most 6 of 20 devices train at a time, each once per invitation;
+    an update from a device holding no invitation is refused as not_selected."""
     from coordinator.config import CoordinatorConfig
     from coordinator.service import CoordinatorService
     from fedbus.broker import LocalBroker, default_device_ids
@@ -92,14 +155,16 @@ def test_twenty_virtual_devices_against_the_real_broker_and_coordinator(
     x_train, y_train, x_test, y_test = train_test_split(x, y, 0.2, 0)
     pool = tmp_path / "pool.npz"
     write_npz(pool, x_train, y_train)
-    broker = LocalBroker(tmp_path / "broker", device_ids=default_device_ids(20))
+    ids = default_device_ids(21)  # device-21 sends without invitation
+    broker = LocalBroker(tmp_path / "broker", device_ids=ids)
     broker.start()
     try:
         service = CoordinatorService(
             CoordinatorConfig(
                 host=broker.host, port=broker.port, prefix=broker.prefix, task_id="fleet",
                 mode="fedbuff", buffer_size=4, max_versions=3, duration=60.0,
-                state_dir=tmp_path / "run", signing_key=broker.signing_key_file,
+                concurrency=6, state_dir=tmp_path / "run",
+                signing_key=broker.signing_key_file,
             ),
             password=broker.coordinator.password, eval_data=(x_test, y_test),
         )
@@ -111,12 +176,19 @@ def test_twenty_virtual_devices_against_the_real_broker_and_coordinator(
                            "--model-subscription", "on-demand", "--connect-seconds", "0.5",
                            "--duration", "40", "--out", str(tmp_path / "sim.json")])
         sim = FleetSim(args)
-        sim.run()
+        sim_thread = threading.Thread(target=sim.run, daemon=True)
+        sim_thread.start()
+        deadline = time.monotonic() + 20  # once the fleet (20) is over the limit (6)
+        while sim.counters.connects < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        receipt = _uninvited_update(broker, ids[-1], tmp_path)
+        sim_thread.join(40)
         thread.join(20)
         assert not thread.is_alive(), "the coordinator did not end its run"
     finally:
         service.stop()
         broker.stop()
+    assert (receipt["accepted"], receipt["reason"]) == (False, "not_selected")
     result = sim.result()
     counters = result["counters"]
     assert counters["connects"] == 20 and counters["connect_failures"] == 0
@@ -125,10 +197,12 @@ def test_twenty_virtual_devices_against_the_real_broker_and_coordinator(
     verdicts = [u for u in result["updates"].values() if u["accepted"] is not None]
     accepted = [u for u in verdicts if u["accepted"]]
     assert len(accepted) >= 12  # three versions of four updates each
+    # every device trained only when invited: none of its updates was refused for it
     assert all(u["reason"] in (None, "run_ended", "stale") for u in verdicts)
-    # on-demand model subscription (revision 2.9): a device unsubscribes for every training,
-    # and once the broker has confirmed it, no model reaches the device
-    assert counters["unsubscribes"] >= counters["trainings"]  # some queued when it ended
+    assert counters["trainings"] <= counters["invitations"]
+    # a device follows the model only from an invitation to its training (and once at
+    # connect, before the task): about one model per training
+    assert counters["models_received"] <= counters["trainings"] + 20 + 6
     assert counters["models_after_unsuback"] == 0
 
 

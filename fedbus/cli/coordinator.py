@@ -76,6 +76,11 @@ HELPS = {
     "(K = max(--buffer-size, ceil(sqrt N)); limit max(--max-staleness, 4N/K), at most 1000, "
     "the bound the task announces). Off: the fixed settings; for up to 16 devices both are "
     "the same.",
+    "concurrency": "FedBuff: at most this many devices train at a time, each invited by the "
+    "coordinator (protocol revision 2.10); a fleet of at most this many is invited whole. "
+    "Default 100 with --fleet-scaling, else 0 (no limit: every device trains whenever it can).",
+    "invite_timeout": "Seconds an invited device may take to send its update before its slot "
+    "goes to another device.",
     "max_norm": "Fixed ceiling: reject updates whose L2 norm exceeds it, whatever the "
     "adaptive bound says.",
     "norm_multiple": "Adaptive norm bound: clip updates above this multiple of the median L2 "

@@ -1,0 +1,152 @@
+"""Revision 2.10: at most ``concurrency`` devices train at a time, by invitation (pure parts:
+``coordinator.invitations``, the core's decisions, the wire form)."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.core import AggregationConfig, SendInvite, SendReceipt
+from coordinator.invitations import Invitations
+from fedbus.envelope import pack, unpack
+from fedbus.errors import ProtocolError
+from fedbus.messages import Invite, ModelSpec, Task, TrainSpec
+from tests.test_core import core, status, upd
+
+
+def test_invites_in_order_of_waiting_up_to_the_limit() -> None:
+    inv = Invitations(2)
+    for d in ("a", "b", "c"):
+        inv.on_presence(d, True, False, now=0.0)
+    assert inv.invite(1.0) == ["a", "b"]
+    assert inv.invite(1.0) == []  # no free slot
+    assert inv.consume("a") and not inv.consume("a")  # used once
+    assert inv.invite(2.0) == ["c"]  # c waited longer than a, which is back in line
+    assert inv.consume("b")
+    assert inv.invite(3.0) == ["a"]
+    assert not inv.consume("x")  # never invited
+
+
+def test_a_device_cannot_push_itself_forward() -> None:
+    inv = Invitations(1)
+    inv.on_presence("a", True, False, now=0.0)
+    inv.on_presence("b", True, False, now=0.0)
+    inv.on_presence("b", True, False, now=1.0)  # saying so again keeps its place
+    assert inv.invite(1.0) == ["a"]
+
+
+def test_offline_devices_leave_and_free_their_slot() -> None:
+    inv = Invitations(1)
+    inv.on_presence("a", True, False, now=0.0)
+    inv.on_presence("b", True, False, now=0.0)
+    assert inv.invite(0.0) == ["a"]
+    inv.on_presence("a", False, False, now=1.0)
+    assert not inv.holds("a")
+    assert inv.invite(1.0) == ["b"]
+    inv.on_presence("a", True, False, now=2.0)
+    assert inv.invite(2.0) == []  # a waits behind nobody, but the slot is b's
+
+
+def test_training_without_invitation_takes_a_free_slot_only() -> None:
+    inv = Invitations(1)
+    inv.on_presence("a", True, True, now=0.0)  # e.g. invited by the coordinator before a restart
+    assert inv.holds("a")
+    inv.on_presence("b", True, True, now=0.0)  # no slot left: b waits
+    assert not inv.holds("b") and inv.waiting == {"b": None}
+
+
+def test_unused_invitations_expire_oldest_first() -> None:
+    inv = Invitations(2, timeout=10.0)
+    for d in ("a", "b", "c"):
+        inv.on_presence(d, True, False, now=0.0)
+    inv.invite(0.0)
+    assert inv.expire(9.9) == []
+    assert inv.expire(10.0) == ["a", "b"]
+    assert inv.invite(10.0) == ["c", "a"]
+
+
+@pytest.mark.parametrize("kwargs", [{"concurrency": 0}, {"concurrency": 1, "timeout": 0.0}])
+def test_refuses_bad_settings(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        Invitations(**kwargs)
+
+
+def test_config_checks_concurrency() -> None:
+    with pytest.raises(ValueError, match="fedbuff"):
+        AggregationConfig(mode="fedavg", concurrency=4)
+    with pytest.raises(ValueError, match="concurrency"):
+        AggregationConfig(concurrency=-1)
+    # the staleness a fleet makes is the staleness its training part makes
+    scaled = AggregationConfig(fleet_scaling=True, concurrency=100).scaled(5000)
+    assert scaled == AggregationConfig(fleet_scaling=True).scaled(100)
+
+
+def _online(c: object, devices: list[str]) -> list:
+    actions: list = []
+    for d in devices:
+        actions += c.on_status(d, status(d, "online"), now=0.0)  # type: ignore[attr-defined]
+    return actions
+
+
+def test_core_invites_up_to_the_limit_and_refuses_the_uninvited() -> None:
+    c = core(buffer_size=2, concurrency=2)
+    invites = _online(c, ["d1", "d2", "d3"])
+    assert invites == [SendInvite("d1", 0), SendInvite("d2", 0)]
+    refused = c.on_update("d3", upd("d3"), now=1.0)
+    assert [(a.receipt.accepted, a.receipt.reason) for a in refused] == [
+        (False, "not_selected")]
+    accepted = c.on_update("d1", upd("d1"), now=1.0)
+    first = accepted[0]
+    assert isinstance(first, SendReceipt) and first.receipt.accepted
+    assert accepted[1:] == [SendInvite("d3", 0)]  # d1's slot goes to d3, first in line
+    assert c.on_update("d1", upd("d1", base=1), now=2.0)[0].receipt.reason == "future_version"
+    # a rejected update uses the invitation up too (the device trained): d1 waits again
+    assert c.on_update("d2", upd("d2"), now=2.0)[-1] == SendInvite("d1", 1)
+    assert c.on_update("d2", upd("d2", base=1), now=3.0)[0].receipt.reason == "not_selected"
+    assert c.counters["invitations_sent"] == 4
+    assert c.counters["rejected_not_selected"] == 2
+
+
+def test_a_fleet_within_the_limit_is_not_refused() -> None:
+    # an agent older than 2.10 trains without invitation: within the limit, it is taken
+    c = core(buffer_size=4, concurrency=3)
+    assert _online(c, ["d1", "d2"]) == [SendInvite("d1", 0), SendInvite("d2", 0)]
+    assert c.on_update("d1", upd("d1"), now=1.0)[0].receipt.accepted
+    # d3 said nothing (no status, no invitation): 3 devices, within the limit of 3
+    assert c.on_update("d3", upd("d3"), now=1.0)[0].receipt.accepted
+    _online(c, ["d3", "d4"])  # 4 > 3: now an update without invitation is refused
+    assert c.on_update("d4", upd("d4"), now=2.0)[0].receipt.reason == "not_selected"
+
+
+def test_tick_withdraws_unused_invitations() -> None:
+    c = core(buffer_size=2, concurrency=1, invite_timeout=30.0)
+    assert _online(c, ["d1", "d2"]) == [SendInvite("d1", 0)]
+    assert c.tick(now=29.0) == []
+    assert c.tick(now=30.0) == [SendInvite("d2", 0)]
+    assert c.counters["invitations_expired"] == 1
+
+
+def test_no_invitations_once_the_run_ended() -> None:
+    c = core(buffer_size=2, concurrency=1)
+    c.end("done")
+    assert _online(c, ["d1"]) == []
+
+
+def test_invite_and_task_flag_on_the_wire() -> None:
+    invite = Invite(7, 1767225600.0, run_id="r1")
+    wire = invite.to_wire()
+    assert wire == {"v": 2, "kind": "invite", "run": "r1", "version": 7, "ts": 1767225600.0}
+    assert Invite.from_wire(unpack(pack(wire))) == invite
+    # the test vector of docs/protocol.md section 7.11
+    vector = Invite(12, 1767225600.0, run_id="hR5tWq2LmZ8vXc1E").to_wire()
+    assert pack(vector).hex() == (
+        "85a17602a46b696e64a6696e76697465a372756eb0685235745771324c6d5a387658633145"
+        "a776657273696f6e0ca27473cb41da556e40000000")
+    with pytest.raises(ProtocolError):
+        Invite.from_wire({**wire, "version": -1})
+    task = Task("t", ModelSpec("mlp"), TrainSpec(), run_id="r1", by_invitation=True)
+    assert task.to_wire()["by_invitation"] is True
+    assert Task.from_wire(task.to_wire()) == task
+    plain = Task("t", ModelSpec("mlp"), TrainSpec(), run_id="r1")
+    assert "by_invitation" not in plain.to_wire()  # byte for byte the task of 2.9
+    with pytest.raises(ProtocolError):
+        Task.from_wire({**task.to_wire(), "by_invitation": 1})
