@@ -899,21 +899,23 @@ def test_a_quorum_buffer_waits_for_k_agreeing_updates() -> None:
 
 
 def axis(i: int) -> dict[str, np.ndarray]:
-    """A unit delta along coordinate ``i`` of the 6: a few of them never agree (their
-    median is 0 at every coordinate)."""
-    flat = np.zeros(6, F32)
-    flat[i] = 1.0
+    """A dense delta, 5 at coordinate ``i`` of the 6 and -1 elsewhere: a few of them never
+    agree (their median is -1 at every coordinate, to which each is orthogonal). Dense, so
+    the step is judged by the dense rule (a one-hot delta would make a sparse step, judged
+    on each delta's own support)."""
+    flat = np.full(6, -1.0, F32)
+    flat[i] = 5.0
     return {"w": flat[:4].reshape(2, 2), "b": flat[4:]}
 
 
 def test_a_quorum_buffer_stops_waiting_at_its_limit_and_at_the_online_devices() -> None:
-    # no two agree: applied at 2K = 6 updates, with nothing agreeing -> their median, 0
+    # no two agree: applied at 2K = 6 updates, with nothing agreeing -> their median, -1
     c = core(buffer_size=3, aggregator="quorum")
     for i in range(5):
         assert not models(c.on_update(f"d{i}", upd(f"d{i}", delta=axis(i)), now=0.0))
     assert models(c.on_update("d5", upd("d5", delta=axis(5)), now=0.0))
     assert c.version == 1 and c.counters["updates_accepted"] == 6
-    assert_state(c, 0.0)
+    assert_state(c, -1.0)
     # four devices online: no more than four updates can come for a version
     c = core(buffer_size=3, aggregator="quorum")
     for i in range(4):
