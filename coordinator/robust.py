@@ -283,14 +283,7 @@ def agreeing_mean(deltas: Deltas, relative: float = 0.0) -> AgreeResult:
     delta is: combine it with a norm bound."""
     dtypes = _checked(deltas)
     stacks = {name: _stack(deltas, name) for name in dtypes}  # each tensor stacked once
-    median, kept, dots, cosines = _agreement(deltas, dtypes, stacks, relative)
-    if not kept:
-        return AgreeResult(median, (), dots, cosines)
-    rows = list(kept)
-    out: State = {}
-    for name, dtype in dtypes.items():
-        out[name] = _out(stacks[name][rows].mean(axis=0), np.shape(deltas[0][name]), dtype)
-    return AgreeResult(out, kept, dots, cosines)
+    return _kept_mean(deltas, dtypes, stacks, relative)
 
 
 def agreeing_indices(deltas: Deltas, relative: float = 0.0) -> tuple[int, ...]:
@@ -299,7 +292,6 @@ def agreeing_indices(deltas: Deltas, relative: float = 0.0) -> tuple[int, ...]:
     dtypes = _checked(deltas)
     stacks = {name: _stack(deltas, name) for name in dtypes}
     return _agreement(deltas, dtypes, stacks, relative)[1]
-
 
 
 def clipped_agreeing_indices(deltas: Deltas, multiple: float, relative: float) -> tuple[int, ...]:
@@ -315,6 +307,15 @@ def clipped_agreeing_mean(deltas: Deltas, multiple: float, relative: float) -> A
     from the same float64 values, stacked as ``clipped_agreeing_indices`` stacks them (no
     copy of the deltas that need no shortening)."""
     dtypes, stacks = _clipped_stacks(deltas, multiple)
+    return _kept_mean(deltas, dtypes, stacks, relative)
+
+
+
+def _kept_mean(
+    deltas: Deltas, dtypes: dict[str, np.dtype], stacks: dict[str, np.ndarray], relative: float
+) -> AgreeResult:
+    """The agreement of the stacked ``deltas`` and the mean of the rows it keeps (their
+    median when it keeps none)."""
     median, kept, dots, cosines = _agreement(deltas, dtypes, stacks, relative)
     if not kept:
         return AgreeResult(median, (), dots, cosines)
@@ -323,7 +324,6 @@ def clipped_agreeing_mean(deltas: Deltas, multiple: float, relative: float) -> A
     for name, dtype in dtypes.items():
         out[name] = _out(stacks[name][rows].mean(axis=0), np.shape(deltas[0][name]), dtype)
     return AgreeResult(out, kept, dots, cosines)
-
 
 def _clipped_stacks(
     deltas: Deltas, multiple: float
