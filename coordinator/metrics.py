@@ -88,6 +88,19 @@ class CoordinatorMetrics:
             "that applied it; a claim in the future counts as 0.",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.invitations = Counter(
+            "fedbus_invitations", "Invitations to train (protocol revision 2.10, "
+            "--concurrency), by event: sent, or expired (withdrawn unused after "
+            "--invite-timeout); totals of the run.", ["event"], registry=r,
+        )
+        self.partials = Counter(
+            "fedbus_partials_accepted", "Partial updates of regional aggregators accepted "
+            "(protocol revision 2.11); totals of the run.", registry=r,
+        )
+        self.partial_parts = Counter(
+            "fedbus_partial_parts_accepted", "Device updates folded into the accepted partial "
+            "updates (the sum of their parts); totals of the run.", registry=r,
+        )
         for kind in ("model", "receipt", "task"):
             self.bytes_sent.labels(kind=kind)
         for gauge in (self.accuracy, self.loss, self.evaluated_version):
@@ -97,9 +110,10 @@ class CoordinatorMetrics:
 
     def sync_counters(self, counters: Mapping[str, int]) -> None:
         """Bring the update counters up to the core's ``counters`` (updates_accepted,
-        rejected_<reason>, bytes_received): each counter grows by what changed since the
-        last call. Counts that went down (never, in one run) are ignored. Called for every
-        update: each counter's labelled child is looked up once."""
+        rejected_<reason>, bytes_received, invitations_*, partials_accepted, partial_parts):
+        each counter grows by what changed since the last call. Counts that went down (never,
+        in one run) are ignored. Called for every update: each counter's labelled child is
+        looked up once."""
         children = self._children
         seen = self._seen
         for key, value in counters.items():
@@ -121,6 +135,12 @@ class CoordinatorMetrics:
             return self.updates.labels(outcome="rejected", reason=key[len("rejected_"):])
         if key == "bytes_received":
             return self.bytes_received
+        if key in ("invitations_sent", "invitations_expired"):
+            return self.invitations.labels(event=key[len("invitations_"):])
+        if key == "partials_accepted":
+            return self.partials
+        if key == "partial_parts":
+            return self.partial_parts
         return None
 
     def accepted(self, staleness: int) -> None:

@@ -43,6 +43,19 @@ def test_counters_follow_the_core_by_difference():
     assert not any("status" in n for n in names)
 
 
+def test_invitations_and_partials_are_exported():
+    m = CoordinatorMetrics()
+    m.sync_counters({"invitations_sent": 0, "invitations_expired": 0, "partials_accepted": 0,
+                     "partial_parts": 0})
+    assert value(m, "fedbus_invitations_total", event="expired") == 0
+    m.sync_counters({"invitations_sent": 7, "invitations_expired": 2, "partials_accepted": 3,
+                     "partial_parts": 12})
+    assert value(m, "fedbus_invitations_total", event="sent") == 7
+    assert value(m, "fedbus_invitations_total", event="expired") == 2
+    assert value(m, "fedbus_partials_accepted_total") == 3
+    assert value(m, "fedbus_partial_parts_accepted_total") == 12
+
+
 def test_a_resumed_run_starts_from_its_stored_counts():
     m = CoordinatorMetrics()
     m.sync_counters({"updates_accepted": 40, "bytes_received": 9000})
