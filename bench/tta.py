@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.harness import BenchContext, median, ratio, summarize
+from bench.harness import BenchContext, median, overruns, ratio, summarize
 from coordinator.target_hold import HOLD_FRACTION, Evaluated, first_held
 
 __all__ = ["PROFILES", "ideal_ratio", "run"]
@@ -119,8 +119,19 @@ def _rates(run: dict[str, Any]) -> tuple[float | None, dict[str, float]]:
     return (len(times) - 1) / span, per_device
 
 
+def overrun_counts(run: dict[str, Any], periods: dict[str, float]) -> dict[str, int]:
+    """Of the updates the agents sent during the run (their logs), how many there were and
+    how many took longer to train than their device's simulated period (``periods``: speed
+    x compute seconds), i.e. came later than the profile says (the machine was too busy)."""
+    trained = run.get("training_seconds") or {}
+    return {"updates": sum(len(v) for v in trained.values()),
+            "overrun": sum(overruns(trained.get(d, []), p) for d, p in periods.items()),
+            "devices_overrunning": sum(overruns(trained.get(d, []), p) > 0
+                                       for d, p in periods.items())}
+
+
 def _compact(run: dict[str, Any], target: float, late: float, cap: float,
-             hold: float) -> dict[str, Any]:
+             hold: float, periods: dict[str, float] | None = None) -> dict[str, Any]:
     rate, per_device = _rates(run)
     tta, tta_late = _tta(run, target), _tta(run, late)
     stable, stable_late = _stable_tta(run, target, hold), _stable_tta(run, late, hold)
@@ -140,17 +151,14 @@ def _compact(run: dict[str, Any], target: float, late: float, cap: float,
         "final_accuracy": run["final_accuracy"], "stop_reason": run["stop_reason"],
         "updates_per_s": rate,
         "updates_per_s_by_device": {d: round(r, 3) for d, r in per_device.items()},
+        "trained": overrun_counts(run, periods or {}),
     }
 
 
-def _overruns(fleet: Any) -> int:
-    """Agents of the fleet whose training took longer than their simulated period."""
-    count = 0
-    for device in fleet.devices:
-        path = fleet.ctx.path("fleets", fleet.spec.name, "logs", f"{device}.log")
-        if path.exists() and "more than the simulated" in path.read_text(errors="replace"):
-            count += 1
-    return count
+def fleet_periods(fleet: Any) -> dict[str, float]:
+    """Each device's simulated seconds per update: its speed x the compute seconds."""
+    return {d: s * fleet.spec.compute_seconds
+            for d, s in zip(fleet.devices, fleet.spec.speeds, strict=True)}
 
 
 def _profile(ctx: BenchContext, name: str, speeds: list[float], seeds: tuple[int, ...],
@@ -159,6 +167,7 @@ def _profile(ctx: BenchContext, name: str, speeds: list[float], seeds: tuple[int
     fleet = ctx.fleet_pool().get(name, speeds, compute)
     # An agent trains once per model version, so FedBuff needs K < devices to make progress.
     k = max(1, min(round(BUFFER_SHARE * len(speeds)), len(speeds) - 1))
+    periods = fleet_periods(fleet)
     runs: dict[str, list[dict]] = {"fedbuff": [], "fedavg": []}
     for seed in seeds:
         for mode in ("fedbuff", "fedavg"):  # ours, then the baseline
@@ -166,7 +175,7 @@ def _profile(ctx: BenchContext, name: str, speeds: list[float], seeds: tuple[int
                           target_accuracy=late, target_hold=hold, duration=cap,
                           buffer_size=k)
             r["seed"] = seed
-            compact = _compact(r, target, late, cap, hold)
+            compact = _compact(r, target, late, cap, hold, periods)
             compact["device_shares"] = device_shares(r, fleet.samples)
             runs[mode].append(compact)
     # the headline: time to a stable TARGET (first hit beside it, "first_hit")
@@ -237,7 +246,11 @@ def _profile(ctx: BenchContext, name: str, speeds: list[float], seeds: tuple[int
         "ideal_with_data_sizes": None if compute else round(ideal_ratio(
             [s * fleet.samples[d] for s, d in zip(speeds, fleet.devices, strict=True)]), 3),
         "compute_seconds": compute,
-        "agents_overrunning_period": _overruns(fleet),
+        # updates whose training overran the device's simulated period, per side (the
+        # profile's speeds held only as far as these are few)
+        "overruns": {mode: {key: sum(r["trained"][key] for r in rs)
+                            for key in ("updates", "overrun")}
+                     for mode, rs in runs.items()},
         "effective_ideal": median(effective),
         "measured_updates_per_s": {"async": async_rate, "sync": sync_rate,
                                    "ratio": ratio(async_rate, sync_rate)},
