@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -422,7 +423,7 @@ class Fleet:
                  "--slowdown", repr(float(speed)), "--seed", "0",
                  "--compute-seconds", repr(float(self.spec.compute_seconds)),
                  "--state-dir", str(self.ctx.path("fleets", self.spec.name, "state", device))],
-                log_path=self.ctx.path("fleets", self.spec.name, "logs", f"{device}.log"),
+                log_path=self._log(device),
                 name=f"agent {device}", group=self.agents,
             )
         log.info("fleet %s: %d agents, speeds %s x %g s, samples %s", self.spec.name,
@@ -468,18 +469,57 @@ class Fleet:
         )
         records = accepted_recorder(service, clock=time.monotonic)
         watchdog = Watchdog(self.agents.first_dead, service.stop)
+        marks = {d: _size(self._log(d)) for d in self.devices}
         t0 = time.monotonic()
         with watchdog:
             summary = service.run()
         if watchdog.failure:
             raise BenchError(watchdog.failure)
-        return _run_record(summary, records, t0, self.devices)
+        record = _run_record(summary, records, t0, self.devices)
+        record["training_seconds"] = {d: training_seconds(_tail(self._log(d), marks[d]))
+                                      for d in self.devices}
+        return record
+
+    def _log(self, device: str) -> Path:
+        return self.ctx.path("fleets", self.spec.name, "logs", f"{device}.log")
 
     def close(self) -> None:
         try:
             self.agents.stop_all()
         finally:
             self.broker.stop()
+
+
+# an agent's log line for each update it sent: "... trained on v12: ... in 0.53s; sent ..."
+_TRAINED = re.compile(r"trained on v\d+: .* in (\d+(?:\.\d+)?)s; sent")
+
+
+def training_seconds(log_text: str) -> list[float]:
+    """The training time of each update an agent's log says it sent, in order."""
+    return [float(m.group(1)) for m in _TRAINED.finditer(log_text)]
+
+
+def overruns(training: Sequence[float], period: float) -> int:
+    """Updates whose training alone took longer than the device's simulated ``period``
+    (speed x compute seconds): that device was slower than its profile says."""
+    return sum(t > period for t in training)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _tail(path: Path, offset: int) -> str:
+    """What was written to ``path`` after ``offset`` bytes."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _run_record(summary: Any, records: list[tuple], t0: float,

@@ -212,6 +212,17 @@ def _both_directions(b: dict[str, Any]) -> list[str]:
                         "total, whole model", "total, model delta"], rows)]
 
 
+def _overrun_text(p: dict[str, Any]) -> str:
+    """How many updates took longer to train than their device's simulated period."""
+    o = p.get("overruns")
+    if not o:  # results of an earlier version of the benchmark
+        return (f"agents whose training overran the simulated period: "
+                f"{p.get('agents_overrunning_period')}")
+    return ("updates whose training overran the simulated period: "
+            + ", ".join(f"{side} {v['overrun']} of {v['updates']}"
+                        for side, v in (("async", o["fedbuff"]), ("sync", o["fedavg"]))))
+
+
 def _tta(b: dict[str, Any]) -> str:
     par = b["params"]
     target = par["target_accuracy"]
@@ -275,8 +286,7 @@ def _tta(b: dict[str, Any]) -> str:
                      f"runs {_runs(p['baseline']['runs'])} s; speeds {p['speeds']}; samples "
                      f"per device {list(p['samples_per_device'].values())}; measured relative "
                      f"slowness per device (async) "
-                     f"{list(p['effective_relative_speed'].values())}; agents whose training "
-                     f"overran the simulated period: {p.get('agents_overrunning_period')}")
+                     f"{list(p['effective_relative_speed'].values())}; {_overrun_text(p)}")
     return "\n".join(lines)
 
 

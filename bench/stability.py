@@ -46,7 +46,8 @@ def _one(fleet: Any, name: str, overrides: dict[str, Any], seed: int, k: int,
                   target_accuracy=tta.LATE_TARGET, target_hold=tta.HOLD_SECONDS,
                   duration=cap, **settings)
     r["seed"] = seed
-    out = tta._compact(r, tta.TARGET, tta.LATE_TARGET, cap, tta.HOLD_SECONDS)
+    out = tta._compact(r, tta.TARGET, tta.LATE_TARGET, cap, tta.HOLD_SECONDS,
+                       tta.fleet_periods(fleet))
     out["held_share"] = held_share(r, tta.TARGET, tta.HOLD_SECONDS)
     out["late_held_share"] = held_share(r, tta.LATE_TARGET, tta.HOLD_SECONDS)
     out["device_shares"] = tta.device_shares(r, fleet.samples)
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
               f"late first {median(r['late_value'] for r in mine)} "
               f"late stable {median(r['late_stable_value'] for r in mine)} "
               f"held {[r['held_share'] for r in mine]} late held "
-              f"{[r['late_held_share'] for r in mine]} rejected {[r['rejected'] for r in mine]}")
+              f"{[r['late_held_share'] for r in mine]} rejected {[r['rejected'] for r in mine]} "
+              f"overrun {[(r['trained']['overrun'], r['trained']['updates']) for r in mine]}")
 
 
 if __name__ == "__main__":

@@ -119,3 +119,21 @@ def test_the_benchmark_reports_each_devices_share_of_updates_against_its_data():
     # after the first hit at t=2: t=3 (below), t=5 (above); t=4 unevaluated, t=30 too late
     assert held_share({"history": history}, 0.93, 20.0) == 0.5
     assert held_share({"history": history}, 0.99, 20.0) is None
+
+
+def test_the_benchmark_counts_updates_that_overran_their_simulated_period():
+    from bench.harness import training_seconds
+    from bench.tta import overrun_counts
+
+    log = ("12:00:01 edge_agent: update u1 trained on v3: 117 samples, loss 0.412, acc 0.901 "
+           "(int8 0.899) in 0.42s; sent 5123 bytes\n"
+           "12:00:02 edge_agent: training took 1.31 s, more than the simulated 0.50 s\n"
+           "12:00:02 edge_agent: update u2 trained on v5: 117 samples, loss 0.3, acc 0.9 "
+           "(int8 n/a) in 1.31s; sent 5120 bytes\n")
+    assert training_seconds(log) == [0.42, 1.31]
+    run = {"training_seconds": {"d1": [0.42, 1.31], "d2": [1.5, 1.9], "d3": []}}
+    # d2 is four times slower: a period of 2 s, so 1.9 s of training is on time
+    assert overrun_counts(run, {"d1": 0.5, "d2": 2.0, "d3": 0.5}) == {
+        "updates": 4, "overrun": 1, "devices_overrunning": 1}
+    assert overrun_counts({}, {"d1": 0.5}) == {"updates": 0, "overrun": 0,
+                                              "devices_overrunning": 0}

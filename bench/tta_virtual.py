@@ -1,0 +1,168 @@
+"""``bench.tta``'s question in virtual time: ``python -m bench.tta_virtual PROFILE NAME=JSON ...``.
+
+The time-to-accuracy benchmark runs real agents against a real broker, so on a busy machine
+its speed profiles hold only as far as the agents' training fits in their simulated period
+(it counts the updates that overran it). This model asks the same question with the load
+taken out: the same data split (``harness.Fleet``: digits, 20% held out, Dirichlet 0.5 over
+the devices), the same model and local training (``edge_agent.train.train_local``, 2 epochs,
+batch 16, lr 0.05), the same staleness weights, the default aggregator's step and buffer
+rule (``quorum``: ``aggregator_spec.quorum_step``, ready once K updates agree or at
+``buffer_limit``), and every update taking exactly ``speed x 0.5`` *virtual* seconds. No
+network, no codec (int8 in the benchmark), no adaptive norm bound, and every version is
+evaluated (the coordinator evaluates the newest waiting one). A device trains once per
+version, as an agent does: when it finishes on ``v`` and ``v`` is still the newest, it waits
+for the next. FedAvg rounds wait for every device and make ``θ + η·a`` of the round's
+quorum aggregate.
+
+Each ``NAME=JSON`` sets ``run``'s keywords (``{"mode": "fedavg"}``, ``{"k": 10}``, ...);
+every configuration runs once per ``--seeds`` seed (the model's initialisation and the
+devices' shuffles), and stops once 0.90 held for 20 virtual seconds (``target_hold``), or at
+``--horizon``. Printed: virtual seconds to a stable 0.90 and to the first hit, versions to
+the first hit, per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bench import tta
+from coordinator.aggregator_spec import (
+    QUORUM_AGREEMENT,
+    QUORUM_NORM_MULTIPLE,
+    buffer_limit,
+    quorum_step,
+)
+from coordinator.robust import clipped_agreeing_indices
+from coordinator.staleness import staleness_weight
+from coordinator.target_hold import Evaluated, first_held
+
+State = dict[str, np.ndarray]
+COMPUTE_SECONDS = 0.5  # bench.tta.COMPUTE_SECONDS
+
+
+@dataclass(frozen=True)
+class Outcome:
+    stable: float | None  # virtual seconds to the first version from which the target held
+    first: float | None  # ... to the first version at the target
+    versions_to_target: int | None
+    versions: int
+    updates: int
+
+
+def quorum_ready(deltas: list[State], k: int, online: int) -> bool:
+    """The coordinator's rule for a ``quorum`` buffer (``aggregator_spec.quorum_reached``)."""
+    if len(deltas) < k:
+        return False
+    if len(deltas) >= buffer_limit(k, online):
+        return True
+    return len(clipped_agreeing_indices(deltas, QUORUM_NORM_MULTIPLE, QUORUM_AGREEMENT)) >= k
+
+
+def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int = 6,
+        server_lr: float = 1.0, staleness: str = "poly", staleness_a: float = 1.0,
+        target: float = tta.TARGET, hold: float = tta.HOLD_SECONDS,
+        horizon: float = 60.0) -> Outcome:
+    """One run of ``profile`` (``bench.tta.PROFILES``) in ``mode`` fedbuff or fedavg."""
+    import torch
+
+    from edge_agent.train import evaluate, train_local
+    from fedbus.datasets import dirichlet_split, load_digits, train_test_split
+    from fedbus.messages import TrainSpec
+    from fedbus.zoo import build_model, get_state
+
+    torch.set_num_threads(1)
+    speeds = tta.PROFILES[profile]
+    n = len(speeds)
+    x, y = load_digits()
+    x_train, y_train, x_test, y_test = train_test_split(x, y, 0.2, 0)
+    data = [(x_train[p], y_train[p]) for p in dirichlet_split(y_train, n, 0.5, 0)]
+    torch.manual_seed(seed)
+    model = build_model("mlp", {"in_features": 64, "num_classes": 10})
+    spec = TrainSpec(epochs=2, batch_size=16, lr=0.05)
+    versions: dict[int, State] = {0: get_state(model)}
+    history: list[Evaluated] = []
+
+    def load(state: State) -> None:
+        current = model.state_dict()
+        for name, value in state.items():
+            current[name] = torch.from_numpy(np.array(value, dtype=np.float32))
+        model.load_state_dict(current)
+
+    def publish(at: float) -> None:
+        load(versions[len(versions) - 1])
+        _, accuracy = evaluate(model, x_test, y_test)
+        history.append(Evaluated(at, len(versions) - 1, accuracy))
+
+    publish(0.0)
+    events = [(speeds[d] * COMPUTE_SECONDS, d, 0) for d in range(n)]  # (done at, device, base)
+    heapq.heapify(events)
+    buffer: list[State] = []
+    waiting: list[int] = []  # devices that trained on the newest version
+    trained = [0] * n
+    last_base = [0] * n  # the version each device last trained on
+    now = 0.0
+    while events:
+        now, device, base = heapq.heappop(events)
+        if now > horizon or first_held(history, target, hold, now=now) is not None:
+            break
+        newest = len(versions) - 1
+        load(versions[base])
+        trained[device] += 1
+        train_local(model, *data[device], spec, seed=seed * 100_000 + trained[device])
+        after = get_state(model)
+        weight = 1.0 if mode == "fedavg" else staleness_weight(
+            newest - base, staleness, a=staleness_a)
+        buffer.append({name: (after[name] - versions[base][name]) * np.float32(weight)
+                       for name in after})
+        waiting.append(device)
+        ready = len(buffer) == n if mode == "fedavg" else quorum_ready(buffer, k, n)
+        if ready:
+            step = quorum_step(buffer).aggregate
+            versions[newest + 1] = {name: np.asarray(value + np.float32(server_lr) * step[name],
+                                                     dtype=np.float32)
+                                    for name, value in versions[newest].items()}
+            buffer.clear()
+            publish(now)
+        newest = len(versions) - 1
+        still = []
+        for d in waiting:  # each device trains once per version, on the newest
+            if last_base[d] < newest:
+                last_base[d] = newest
+                heapq.heappush(events, (now + speeds[d] * COMPUTE_SECONDS, d, newest))
+            else:
+                still.append(d)
+        waiting = still
+    held = first_held(history, target, hold, now=now)
+    hit = next((e for e in history if e.accuracy >= target), None)
+    return Outcome(stable=None if held is None else held.candidate.at,
+                   first=None if hit is None else hit.at,
+                   versions_to_target=None if hit is None else hit.version,
+                   versions=len(versions) - 1, updates=sum(trained))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.tta_virtual", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("profile", choices=sorted(tta.PROFILES))
+    parser.add_argument("configs", nargs="+", metavar="NAME=JSON")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--horizon", type=float, default=60.0, help="virtual seconds per run")
+    args = parser.parse_args(argv)
+    for item in args.configs:
+        name, _, text = item.partition("=")
+        settings: dict[str, Any] = json.loads(text or "{}")
+        outcomes = [run(args.profile, seed=s, horizon=args.horizon, **settings)
+                    for s in args.seeds]
+        print(f"{name}: stable {[o.stable for o in outcomes]} first "
+              f"{[o.first for o in outcomes]} versions to target "
+              f"{[o.versions_to_target for o in outcomes]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
