@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bench import tta
+from coordinator.adaptive_k import DevicePeriods, adaptive_k
 from coordinator.aggregator_spec import (
     QUORUM_AGREEMENT,
     QUORUM_NORM_MULTIPLE,
@@ -64,11 +65,13 @@ def quorum_ready(deltas: list[State], k: int, online: int) -> bool:
     return len(clipped_agreeing_indices(deltas, QUORUM_NORM_MULTIPLE, QUORUM_AGREEMENT)) >= k
 
 
-def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int = 6,
+def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
         server_lr: float = 1.0, staleness: str = "poly", staleness_a: float = 1.0,
         target: float = tta.TARGET, hold: float = tta.HOLD_SECONDS,
         horizon: float = 60.0) -> Outcome:
-    """One run of ``profile`` (``bench.tta.PROFILES``) in ``mode`` fedbuff or fedavg."""
+    """One run of ``profile`` (``bench.tta.PROFILES``) in ``mode`` fedbuff or fedavg; ``k``
+    ``"auto"``: the coordinator's ``--adaptive-k`` with ``--buffer-size 4``
+    (``coordinator.adaptive_k``, from the same virtual arrival and version times)."""
     import torch
 
     from edge_agent.train import evaluate, train_local
@@ -107,6 +110,8 @@ def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int = 6,
     trained = [0] * n
     last_base = [0] * n  # the version each device last trained on
     now = 0.0
+    made = {0: 0.0}  # when each version was made
+    periods = DevicePeriods()
     while events:
         now, device, base = heapq.heappop(events)
         if now > horizon or first_held(history, target, hold, now=now) is not None:
@@ -121,13 +126,17 @@ def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int = 6,
         buffer.append({name: (after[name] - versions[base][name]) * np.float32(weight)
                        for name in after})
         waiting.append(device)
-        ready = len(buffer) == n if mode == "fedavg" else quorum_ready(buffer, k, n)
+        periods.observe(str(device), now, base, made[base])
+        k_now = (adaptive_k(periods.view([str(d) for d in range(n)], now, newest, made, 0.0),
+                            4, n) if k == "auto" else int(k))
+        ready = len(buffer) == n if mode == "fedavg" else quorum_ready(buffer, k_now, n)
         if ready:
             step = quorum_step(buffer).aggregate
             versions[newest + 1] = {name: np.asarray(value + np.float32(server_lr) * step[name],
                                                      dtype=np.float32)
                                     for name, value in versions[newest].items()}
             buffer.clear()
+            made[newest + 1] = now
             publish(now)
         newest = len(versions) - 1
         still = []
