@@ -14,9 +14,12 @@ has both its previous update sent and a newer version, so one update's training 
 
     sample = arrived - max(previous accepted arrival of the device, base version made at)
 
-(``period_sample``). Not the interval between arrivals: with K = the fleet, every device
-waits for the slowest and all intervals look equal, and K would never leave the fleet. A
-device's period is the median of its last ``WINDOW`` samples (``DevicePeriods``).
+(``period_sample``; a device's first update is timed from its base version alone). Not the
+interval between arrivals: with K = the fleet, every device waits for the slowest and all
+intervals look equal, and K would never leave the fleet. A device's period is the median of
+its last ``WINDOW`` samples (``DevicePeriods``). The core re-checks K at every accepted
+update and every tick: a device counted as fast that has been busy for longer than that
+leaves the fast group, so K goes down while it is late.
 
 ``adaptive_k``: the reference is the ``floor``-th fastest period (``floor``: the configured
 ``--buffer-size``), K the number of devices within ``FAST_FACTOR`` of it, never below
@@ -52,11 +55,12 @@ WINDOW = 5
 def period_sample(arrived: float, previous: float | None, base_made: float | None
                   ) -> float | None:
     """How long one update's training took, from the coordinator's own times: its arrival,
-    the device's previous accepted arrival, and when its base version was made. None when
-    either is unknown (the device's first update, a base made before a restart)."""
-    if previous is None or base_made is None:
+    the device's previous accepted arrival (None: its first update, timed from its base),
+    and when its base version was made. None when that is unknown (a base made before a
+    restart). A device that started late looks slower than it is, never faster."""
+    if base_made is None:
         return None
-    sample = arrived - max(previous, base_made)
+    sample = arrived - (base_made if previous is None else max(previous, base_made))
     return sample if sample >= 0 else None
 
 

@@ -718,8 +718,8 @@ class CoordinatorCore:
         clipped to the adaptive bound it was clipped to when accepted. ``norms``: the stored
         window of accepted norms, so the next decisions are those the stopped core would
         have made. ``paused``: the stored pause's reason (a paused run resumes paused).
-        ``periods``: the devices' stored period samples (``--adaptive-k``); the version
-        resumed at counts as made ``now``."""
+        ``periods``: the devices' stored period samples (``--adaptive-k``); updates based on
+        a version made before the restart give no new sample."""
         core = cls(
             task, state, config, ledger=ledger, start_version=version,
             model_codec=model_codec, velocity=velocity, counters=counters,
@@ -727,8 +727,7 @@ class CoordinatorCore:
         )
         core._norms = tuple(float(v) for v in norms)[-core._norm_rule.window:]
         core._periods = DevicePeriods.restored(periods or {})
-        core._made_at[version] = now
-        core._clock = core._started_at = now
+        core._clock = core._started_at = now  # the version resumed at: made before
         core._ended = ended
         core._paused = paused
         rnd = core._round
@@ -991,6 +990,10 @@ class CoordinatorCore:
                 "applying %d buffered update(s) after %.0f s without reaching K=%d",
                 len(self._buffer_ids), now - since, self.config.effective_buffer_size,
             )
+            return self._apply_buffer()
+        if self.config.adaptive_k and self._buffer_ids and self._step_ready(
+                self._buffer_target()):
+            # K went down with time: a device counted as fast has taken too long since
             return self._apply_buffer()
         rnd = self._round
         if rnd is None or rnd.started_at is None:

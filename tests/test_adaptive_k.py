@@ -57,12 +57,12 @@ def test_a_few_liars_move_k_by_at_most_their_number() -> None:
 
 
 def test_period_samples_use_the_coordinators_own_times() -> None:
-    assert period_sample(5.0, None, 1.0) is None  # a device's first update
+    assert period_sample(5.0, None, 1.0) == 4.0  # a device's first update: from its base
     assert period_sample(5.0, 3.0, None) is None  # a base made before a restart
     assert period_sample(5.0, 3.0, 4.0) == 1.0  # it started when its base was made
     assert period_sample(5.0, 4.5, 4.0) == 0.5  # it started when its last update went
     periods = DevicePeriods()
-    assert periods.observe("d", 1.0, 0, 0.0) is None
+    assert periods.observe("d", 1.0, 0, None) is None
     for i, at in enumerate([2.0, 3.0, 9.0, 10.0, 11.0, 12.0]):
         periods.observe("d", at, i + 1, at - 1.0)
     assert periods.samples["d"] == (1.0,) * WINDOW  # the last WINDOW, each 1 s
@@ -101,10 +101,11 @@ def test_equal_devices_step_together_and_a_resumed_core_decides_the_same() -> No
     c = core(buffer_size=2, adaptive_k=True)
     for device in DEVICES:
         c.on_status(device, status(device, "online"), now=0.0)
-    assert wave(c, 1.0) == [2, 4, 6]  # nothing measured yet: K is the floor
-    assert wave(c, 2.0) == [6]  # every device took 1 s: K is the fleet
+    # the first two took 1 s, the others are no later yet: K is the fleet
+    assert wave(c, 1.0) == [6]
+    assert wave(c, 2.0) == [6]
     snap = c.store.load()
-    assert sorted(snap.periods) == DEVICES and snap.periods["d0"] == (1.0,)
+    assert sorted(snap.periods) == DEVICES and snap.periods["d0"] == (1.0, 1.0)
 
     def resumed(periods: Any) -> CoordinatorCore:
         again = CoordinatorCore.resume(
@@ -118,4 +119,18 @@ def test_equal_devices_step_together_and_a_resumed_core_decides_the_same() -> No
         return again
 
     assert wave(resumed(snap.periods), 11.0) == [6]
-    assert wave(resumed({}), 11.0) == [2, 4, 6]  # what forgetting them would change
+    # forgotten, K would be the floor (the base was made before the restart: no sample)
+    assert wave(resumed({}), 11.0) == [2, 4, 6]
+
+
+def test_k_goes_down_while_a_fast_device_is_overdue() -> None:
+    c = core(buffer_size=2, adaptive_k=True)
+    for device in DEVICES:
+        c.on_status(device, status(device, "online"), now=0.0)
+    assert wave(c, 1.0) == [6] and wave(c, 2.0) == [6]  # every device 1 s: K = 6
+    base = c.version
+    for device in DEVICES[:4]:  # two of them are late this time
+        assert not any(isinstance(a, NewModel)
+                       for a in c.on_update(device, upd(device, 1.0, base=base), now=3.0))
+    assert c.tick(3.4) == []  # 1.4 s: still within 1.5 x 1 s
+    assert [type(a) for a in c.tick(3.6)] == [NewModel]  # overdue: K = 4, the step is made
