@@ -1106,7 +1106,9 @@ class CoordinatorCore:
             "aggregator": str(self.config.spec),
             "version": self._version,
             "buffered": len(self._buffer_ids),
-            "buffer_size": self.config.effective_buffer_size,
+            # --adaptive-k: the K in force now
+            "buffer_size": self._buffer_target() if self.config.adaptive_k
+            else self.config.effective_buffer_size,
             "devices_known": len(self._devices),
             "devices_online": self.online_count(),
             "ended": self._ended,

@@ -128,6 +128,7 @@ def test_k_goes_down_while_a_fast_device_is_overdue() -> None:
     for device in DEVICES:
         c.on_status(device, status(device, "online"), now=0.0)
     assert wave(c, 1.0) == [6] and wave(c, 2.0) == [6]  # every device 1 s: K = 6
+    assert c.snapshot()["buffer_size"] == 6  # the K in force
     base = c.version
     for device in DEVICES[:4]:  # two of them are late this time
         assert not any(isinstance(a, NewModel)
