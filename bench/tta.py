@@ -61,6 +61,11 @@ QUICK_COMPUTE_SECONDS = 0.2
 # (2026-11-22, to a first hit, other defaults: K=6 had been the one no slower under equal
 # speeds.) No single K meets both aims: K=10, the whole fleet, is exactly sync's rounds.
 BUFFER_SHARE = 0.4
+# True: FedBuff with the coordinator's --adaptive-k, K of BUFFER_SHARE its floor (K = the
+# devices about as fast as the fastest, coordinator.adaptive_k). Off: measured on 2026-12-03
+# (BENCHMARKS.md, "What limits time to accuracy") no better than K = 4 under equal speeds and
+# 1:2:4, and the long tail's 0.93 held later (20.1 s against 9.4 s).
+ADAPTIVE_K = False
 # Issue 10: on *stable* targets (the headline is the time to a stable TARGET), async at least
 # 2x faster than sync under 1:2:4 and no slower under equal speeds.
 AIM_SPEEDUP = 2.0
@@ -176,13 +181,14 @@ def _profile(ctx: BenchContext, name: str, speeds: list[float], seeds: tuple[int
         for mode in ("fedbuff", "fedavg"):  # ours, then the baseline
             r = fleet.run(task_id=f"tta-{mode}-s{seed}", mode=mode, codec="int8", seed=seed,
                           target_accuracy=late, target_hold=hold, duration=cap,
-                          buffer_size=k)
+                          buffer_size=k, adaptive_k=ADAPTIVE_K and mode == "fedbuff")
             r["seed"] = seed
             compact = _compact(r, target, late, cap, hold, periods)
             compact["device_shares"] = device_shares(r, fleet.samples)
             runs[mode].append(compact)
     # the headline: time to a stable TARGET (first hit beside it, "first_hit")
-    asy = summarize([r["stable_value"] for r in runs["fedbuff"]], f"FedBuff K={k}",
+    label = f"FedBuff adaptive K (floor {k})" if ADAPTIVE_K else f"FedBuff K={k}"
+    asy = summarize([r["stable_value"] for r in runs["fedbuff"]], label,
                     reached=sum(r["stable_tta_seconds"] is not None for r in runs["fedbuff"]))
     syn = summarize([r["stable_value"] for r in runs["fedavg"]], "FedAvg (synchronous rounds)",
                     reached=sum(r["stable_tta_seconds"] is not None for r in runs["fedavg"]))

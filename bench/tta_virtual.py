@@ -9,7 +9,9 @@ batch 16, lr 0.05), the same staleness weights, the default aggregator's step an
 rule (``quorum``: ``aggregator_spec.quorum_step``, ready once K updates agree or at
 ``buffer_limit``), and every update taking exactly ``speed x 0.5`` *virtual* seconds. No
 network, no codec (int8 in the benchmark), no adaptive norm bound, and every version is
-evaluated (the coordinator evaluates the newest waiting one). A device trains once per
+evaluated (the coordinator evaluates the newest waiting one). With ``{"k": "auto"}`` (the
+coordinator's ``--adaptive-k``, floor 4) K is also re-checked every ``TICK_SECONDS``, as the
+coordinator's loop does. A device trains once per
 version, as an agent does: when it finishes on ``v`` and ``v`` is still the newest, it waits
 for the next. FedAvg rounds wait for every device and make ``θ + η·a`` of the round's
 quorum aggregate.
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from bench import tta
+from coordinator.adaptive_k import DevicePeriods, adaptive_k
 from coordinator.aggregator_spec import (
     QUORUM_AGREEMENT,
     QUORUM_NORM_MULTIPLE,
@@ -44,6 +47,8 @@ from coordinator.target_hold import Evaluated, first_held
 
 State = dict[str, np.ndarray]
 COMPUTE_SECONDS = 0.5  # bench.tta.COMPUTE_SECONDS
+# k "auto": the coordinator re-checks K at every tick (its loop wakes at least every 0.2 s)
+TICK_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -64,11 +69,13 @@ def quorum_ready(deltas: list[State], k: int, online: int) -> bool:
     return len(clipped_agreeing_indices(deltas, QUORUM_NORM_MULTIPLE, QUORUM_AGREEMENT)) >= k
 
 
-def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int = 6,
+def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
         server_lr: float = 1.0, staleness: str = "poly", staleness_a: float = 1.0,
         target: float = tta.TARGET, hold: float = tta.HOLD_SECONDS,
         horizon: float = 60.0) -> Outcome:
-    """One run of ``profile`` (``bench.tta.PROFILES``) in ``mode`` fedbuff or fedavg."""
+    """One run of ``profile`` (``bench.tta.PROFILES``) in ``mode`` fedbuff or fedavg; ``k``
+    ``"auto"``: the coordinator's ``--adaptive-k`` with ``--buffer-size 4``
+    (``coordinator.adaptive_k``, from the same virtual arrival and version times)."""
     import torch
 
     from edge_agent.train import evaluate, train_local
@@ -101,33 +108,46 @@ def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int = 6,
 
     publish(0.0)
     events = [(speeds[d] * COMPUTE_SECONDS, d, 0) for d in range(n)]  # (done at, device, base)
+    if k == "auto":
+        events.append((TICK_SECONDS, -1, -1))
     heapq.heapify(events)
     buffer: list[State] = []
     waiting: list[int] = []  # devices that trained on the newest version
     trained = [0] * n
     last_base = [0] * n  # the version each device last trained on
     now = 0.0
+    made = {0: 0.0}  # when each version was made
+    periods = DevicePeriods()
     while events:
         now, device, base = heapq.heappop(events)
         if now > horizon or first_held(history, target, hold, now=now) is not None:
             break
         newest = len(versions) - 1
-        load(versions[base])
-        trained[device] += 1
-        train_local(model, *data[device], spec, seed=seed * 100_000 + trained[device])
-        after = get_state(model)
-        weight = 1.0 if mode == "fedavg" else staleness_weight(
-            newest - base, staleness, a=staleness_a)
-        buffer.append({name: (after[name] - versions[base][name]) * np.float32(weight)
-                       for name in after})
-        waiting.append(device)
-        ready = len(buffer) == n if mode == "fedavg" else quorum_ready(buffer, k, n)
+        if device < 0:  # the coordinator's tick: K may have gone down with time
+            heapq.heappush(events, (now + TICK_SECONDS, -1, -1))
+            if not buffer:
+                continue
+        else:
+            load(versions[base])
+            trained[device] += 1
+            train_local(model, *data[device], spec, seed=seed * 100_000 + trained[device])
+            after = get_state(model)
+            weight = 1.0 if mode == "fedavg" else staleness_weight(
+                newest - base, staleness, a=staleness_a)
+            buffer.append({name: (after[name] - versions[base][name]) * np.float32(weight)
+                           for name in after})
+            waiting.append(device)
+            periods.observe(str(device), now, base, made[base])
+        k_now = (adaptive_k(periods.view([str(d) for d in range(n)], now, newest, made, 0.0),
+                            4, n) if k == "auto" else int(k))
+        ready = len(buffer) == n if mode == "fedavg" else quorum_ready(buffer, k_now, n)
         if ready:
             step = quorum_step(buffer).aggregate
             versions[newest + 1] = {name: np.asarray(value + np.float32(server_lr) * step[name],
                                                      dtype=np.float32)
                                     for name, value in versions[newest].items()}
             buffer.clear()
+            made[newest + 1] = now
             publish(now)
         newest = len(versions) - 1
         still = []

@@ -87,6 +87,8 @@ class CoordinatorConfig(BrokerTarget):
     max_staleness: int = 50
     # K, staleness weights and limit follow the fleet (coordinator.fleet_scale)
     fleet_scaling: bool = False
+    # K follows the devices' measured speeds, --buffer-size its floor (coordinator.adaptive_k)
+    adaptive_k: bool = False
     # at most this many devices train at a time, each invited (protocol revision 2.10,
     # coordinator.invitations); None (not given): 100 with fleet scaling, else 0 (no limit)
     concurrency: int | None = None
@@ -281,6 +283,7 @@ class CoordinatorConfig(BrokerTarget):
             staleness_b=self.staleness_b,
             max_staleness=self.max_staleness,
             fleet_scaling=self.fleet_scaling,
+            adaptive_k=self.adaptive_k,
             concurrency=self.effective_concurrency,
             invite_timeout=self.invite_timeout,
             max_norm=self.max_norm,

@@ -94,6 +94,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.adaptive_k import DevicePeriods, adaptive_k
 from coordinator.aggregation import (
     AggregationError,
     State,
@@ -121,6 +122,7 @@ from coordinator.journal import (
     NormWindow,
     PauseChanged,
     Pending,
+    PeriodWindow,
     Record,
     RoundFixed,
     RunEnded,
@@ -173,6 +175,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+# --adaptive-k: the recent versions whose making time is kept (an update based on an older
+# one gives no period sample)
+MADE_AT_KEPT = 1024
 
 MODES: tuple[str, ...] = ("fedbuff", "fedasync", "fedavg")
 ONLINE_STATES: tuple[str, ...] = ("online", "training", "idle")
@@ -230,6 +235,9 @@ class AggregationConfig:
     # (coordinator.fleet_scale), buffer_size and max_staleness being their floors; the task
     # announces fleet_scale.STALENESS_CAP as its bound
     fleet_scaling: bool = False
+    # fedbuff: K follows the devices' measured speeds (coordinator.adaptive_k), buffer_size
+    # its floor and the devices contributing (or the concurrency limit) its ceiling
+    adaptive_k: bool = False
     # fedbuff: at most this many devices train at a time, each invited (protocol revision
     # 2.10, coordinator.invitations); 0: no limit, every device trains when it can. With
     # fleet scaling, K and the staleness limit follow min(contributing devices, concurrency)
@@ -300,6 +308,7 @@ class AggregationConfig:
         if not (_is_int(self.max_staleness) and self.max_staleness >= 0):
             raise ValueError(f"max_staleness must be an integer >= 0, got {self.max_staleness!r}")
         self._check_fleet_scaling()
+        self._check_adaptive_k()
         self._check_concurrency()
         if not _is_pos(self.max_norm):
             raise ValueError(f"max_norm must be finite and > 0, got {self.max_norm!r}")
@@ -324,6 +333,18 @@ class AggregationConfig:
         if self.max_staleness > STALENESS_CAP:
             raise ValueError(f"with fleet scaling max_staleness (its floor) must be at most "
                              f"{STALENESS_CAP}, got {self.max_staleness}")
+
+    def _check_adaptive_k(self) -> None:
+        if not self.adaptive_k:
+            return
+        if self.mode != "fedbuff":
+            raise ValueError(f"adaptive K needs fedbuff mode, not {self.mode}")
+        if self.fleet_scaling:
+            raise ValueError("adaptive K and fleet scaling both set K: choose one "
+                             "(fleet scaling for large fleets, adaptive K for mixed speeds)")
+        if self.privacy is not None:
+            raise ValueError("adaptive K cannot be used with differential privacy "
+                             "(its noise is scaled by a fixed K)")
 
     def _check_concurrency(self) -> None:
         if not (_is_int(self.concurrency) and self.concurrency >= 0):
@@ -660,6 +681,12 @@ class CoordinatorCore:
         )
         if counters:
             self._counters.update(counters)
+        # --adaptive-k: the devices' measured periods, and when each recent version was made
+        # (this process's clock; the latest input's time)
+        self._periods = DevicePeriods()
+        self._made_at: dict[int, float] = {}
+        self._clock: float | None = None
+        self._started_at: float | None = None  # this process's first input
         self._round: _Round | None = None
         if config.mode == "fedavg":
             self._round = _Round(0, start_version, None, set(), set())
@@ -683,19 +710,24 @@ class CoordinatorCore:
         noise_secret: bytes | None = None,
         norms: Sequence[float] = (),
         paused: str | None = None,
+        periods: Mapping[str, Sequence[float]] | None = None,
     ) -> CoordinatorCore:
         """A core at a stored state: ``pending`` (accepted, not yet applied updates, in
         arrival order) are decoded again and put back exactly where they were, the FedBuff
         running sum re-added in the same order with the same weights (the same bytes), each
         clipped to the adaptive bound it was clipped to when accepted. ``norms``: the stored
         window of accepted norms, so the next decisions are those the stopped core would
-        have made. ``paused``: the stored pause's reason (a paused run resumes paused)."""
+        have made. ``paused``: the stored pause's reason (a paused run resumes paused).
+        ``periods``: the devices' stored period samples (``--adaptive-k``); updates based on
+        a version made before the restart give no new sample."""
         core = cls(
             task, state, config, ledger=ledger, start_version=version,
             model_codec=model_codec, velocity=velocity, counters=counters,
             noise_secret=noise_secret,
         )
         core._norms = tuple(float(v) for v in norms)[-core._norm_rule.window:]
+        core._periods = DevicePeriods.restored(periods or {})
+        core._clock = core._started_at = now  # the version resumed at: made before
         core._ended = ended
         core._paused = paused
         rnd = core._round
@@ -797,6 +829,7 @@ class CoordinatorCore:
         """An update payload arrived on ``topic_device``'s update topic (``retained``: the
         message carried the retain flag)."""
         self.last_judged = None
+        self._tick_clock(now)
         if self.config.fleet_scaling:
             self._follow_fleet()
         # revision 2.11: a regional aggregator's partial update, one weighted contribution
@@ -865,6 +898,7 @@ class CoordinatorCore:
 
     def on_status(self, device_id: str, payload: bytes, now: float) -> list[Action]:
         """A (retained) status payload arrived for ``device_id``; empty means cleared."""
+        self._tick_clock(now)
         self._counters["status_received"] += 1
         if not (isinstance(device_id, str) and DEVICE_ID_PATTERN.match(device_id)):
             return self._bad_status(device_id, "invalid device id")
@@ -925,6 +959,7 @@ class CoordinatorCore:
         """Time passes: applies a FedBuff buffer past its timeout; closes or restarts a
         FedAvg round whose deadline has passed. Nothing while the run is paused: a buffer
         or a round that became due is applied when it resumes."""
+        self._tick_clock(now)
         if self._paused is not None:
             return []
         actions: list[Action] = []
@@ -956,6 +991,10 @@ class CoordinatorCore:
                 len(self._buffer_ids), now - since, self.config.effective_buffer_size,
             )
             return self._apply_buffer()
+        if self.config.adaptive_k and self._buffer_ids and self._step_ready(
+                self._buffer_target()):
+            # K went down with time: a device counted as fast has taken too long since
+            return self._apply_buffer()
         rnd = self._round
         if rnd is None or rnd.started_at is None:
             return []
@@ -985,6 +1024,7 @@ class CoordinatorCore:
         """Apply what waits: the FedBuff buffer however full, or a FedAvg round that has at
         least one update. Used when the run ends, so no update that got an "accepted"
         receipt is left out (a pause does not hold it back: the run ends)."""
+        self._tick_clock(now)
         paused, self._paused = self._paused, None
         try:
             if self._round is not None:
@@ -1008,6 +1048,7 @@ class CoordinatorCore:
         full buffer, a round every online participant has reported to); the buffer timeout
         and the round deadline then apply as before. None if the run was not paused (or
         has ended)."""
+        self._tick_clock(now)
         if self._paused is None or self._ended is not None:
             return None
         self._paused = None
@@ -1065,7 +1106,9 @@ class CoordinatorCore:
             "aggregator": str(self.config.spec),
             "version": self._version,
             "buffered": len(self._buffer_ids),
-            "buffer_size": self.config.effective_buffer_size,
+            # --adaptive-k: the K in force now
+            "buffer_size": self._buffer_target() if self.config.adaptive_k
+            else self.config.effective_buffer_size,
             "devices_known": len(self._devices),
             "devices_online": self.online_count(),
             "ended": self._ended,
@@ -1180,18 +1223,42 @@ class CoordinatorCore:
     def _buffer_target(self) -> int:
         """K, but never more than the devices known to be online: each agent trains once per
         version, so a smaller fleet could otherwise fill the buffer only through the timeout.
-        With no presence known (no status messages), K as configured."""
+        With no presence known (no status messages), K as configured. ``--adaptive-k``: K
+        from the contributing devices' measured periods (``coordinator.adaptive_k``), at
+        most the concurrency limit (at most that many train at a time)."""
         online = self.contributing_count()
         k = self.config.scaled(online).buffer_size
+        cfg = self.config
+        if cfg.adaptive_k and online:
+            ceiling = min(online, cfg.concurrency) if cfg.concurrency else online
+            view = self._periods.view(self.contributing_devices(), self._clock or 0.0,
+                                      self._version, self._made_at, self._started_at or 0.0)
+            k = adaptive_k(view, cfg.buffer_size, ceiling)
         if online:
             return min(k, online)
         # every known device is offline: nothing more will come, apply what is there;
         # with no presence known at all (no status messages), K as configured
         return 1 if self._devices else k
 
+    def _tick_clock(self, now: float) -> None:
+        self._clock = now
+        if self._started_at is None:
+            self._started_at = now
+            self._made_at.setdefault(self._version, now)
+
+    def _observe_period(self, device_id: str, now: float, base_version: int) -> None:
+        """``--adaptive-k``: an accepted update's training time, from the coordinator's own
+        times (its arrival, the device's previous one, when its base version was made)."""
+        window = self._periods.observe(device_id, now, base_version,
+                                       self._made_at.get(base_version))
+        if window is not None:
+            self._journal.append(PeriodWindow(device_id, window))
+
     def _accept_buffered(
         self, device_id: str, acc: Accepted, now: float, decision: NormDecision
     ) -> list[Action]:
+        if self.config.adaptive_k:
+            self._observe_period(device_id, now, acc.update.base_version)
         k = self._buffer_target()
         cfg = self.config
         if not self._buffer_ids:
@@ -1411,6 +1478,9 @@ class CoordinatorCore:
         self._state = _frozen(new_state, copy=False)  # fresh arrays from aggregation
         self._model_norm = l2_norm(self._state)
         self._version += 1
+        if self.config.adaptive_k and self._clock is not None:
+            self._made_at[self._version] = self._clock
+            self._made_at.pop(self._version - MADE_AT_KEPT, None)
         self._counters["models_published"] += 1
         self._journal.append(VersionMade(
             self._version, dict(self._state),

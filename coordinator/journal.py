@@ -22,6 +22,7 @@ The records:
 - :class:`RunEnded`: the run is over (``max_versions``, target accuracy, duration).
 - :class:`PauseChanged`: the operator paused the run (no new version until it resumes)
   or resumed it.
+- :class:`PeriodWindow`: with ``--adaptive-k``, a device's last period samples.
 - :class:`NormWindow`: the norms of the most recently accepted updates, from which the
   adaptive norm bound is decided (``coordinator.norm_bound``); rewritten with every
   accepted update, so a resumed run decides as the stopped one would have.
@@ -39,6 +40,7 @@ __all__ = [
     "Ledger",
     "NormWindow",
     "Pending",
+    "PeriodWindow",
     "Record",
     "RoundFixed",
     "RunEnded",
@@ -123,6 +125,14 @@ class PauseChanged:
 
 
 @dataclass(frozen=True)
+class PeriodWindow:
+    """``--adaptive-k``: a device's last period samples (``coordinator.adaptive_k``)."""
+
+    device_id: str
+    samples: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class NormWindow:
     """The L2 norms of the most recently accepted updates, oldest first."""
 
@@ -131,7 +141,7 @@ class NormWindow:
 
 Record = (
     Verdict | Pending | VersionMade | BufferDropped | RoundFixed | RunEnded | NormWindow
-    | PauseChanged
+    | PauseChanged | PeriodWindow
 )
 
 

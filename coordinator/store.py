@@ -53,7 +53,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ from coordinator.journal import (
     NormWindow,
     PauseChanged,
     Pending,
+    PeriodWindow,
     Record,
     RoundFixed,
     RunEnded,
@@ -113,6 +114,9 @@ NORM_BOUND_FORMAT = 3
 PRIVACY_FORMAT = 4
 PAUSE_FORMAT = 5
 FORMAT = PAUSE_FORMAT
+# --adaptive-k: meta "period:<device>", a device's last period samples (JSON list). No format
+# change: a fedbus without adaptive K ignores them, and its K does not depend on them.
+PERIOD_KEY = "period:"
 DB_FILE = "state.db"
 TASK_FILE = "task.json"  # the run's task as JSON, for `fedbus data check` (service)
 LOCK_FILE = "lock"
@@ -215,6 +219,8 @@ class RunSnapshot:
     noise_secret: bytes | None = None  # the key of its noise
     norms: tuple[float, ...] = ()  # norms of the most recently accepted updates
     paused: str | None = None  # the operator's reason while the run is paused
+    # --adaptive-k: each device's last period samples (meta "period:<device>")
+    periods: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 class Store:
@@ -353,6 +359,11 @@ class Store:
             noise_secret=None if secret is None else bytes.fromhex(secret),
             norms=tuple(float(v) for v in json.loads(self._meta("norms") or "[]")),
             paused=self._meta("paused"),
+            periods={
+                str(key)[len(PERIOD_KEY):]: tuple(float(v) for v in json.loads(value))
+                for key, value in self._db.execute(
+                    "SELECT key, value FROM meta WHERE key LIKE ?", (PERIOD_KEY + "%",))
+            },
         )
 
     # -- the ledger (read while judging) ---------------------------------------------------
@@ -444,6 +455,8 @@ class Store:
                 "number": record.number, "version": record.version,
                 "participants": list(record.participants),
             }))
+        elif isinstance(record, PeriodWindow):
+            self._set_meta(PERIOD_KEY + record.device_id, json.dumps(list(record.samples)))
         elif isinstance(record, NormWindow):
             self._set_meta("norms", json.dumps(list(record.norms)))
         elif isinstance(record, PauseChanged):
