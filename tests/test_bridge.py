@@ -115,12 +115,32 @@ def test_cli_refuses_a_missing_bundle(tmp_path: Path) -> None:
     assert out.stderr.strip().count("\n") == 0 and "bridge.json not found" in out.stderr
 
 
+def start_root_coordinator(
+    root: Any, state_dir: Path, task_id: str, buffer_size: int, eval_data: Any
+) -> tuple[Any, threading.Thread, list]:
+    """A FedBuff coordinator on the root broker ``root`` (a LocalBroker), run in a thread for
+    two versions at most: (the service, its thread, a list that gets its RunSummary)."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.service import CoordinatorService
+
+    service = CoordinatorService(
+        CoordinatorConfig(
+            host=root.host, port=root.port, prefix=root.prefix, task_id=task_id,
+            mode="fedbuff", buffer_size=buffer_size, max_versions=2, duration=30.0,
+            state_dir=state_dir, signing_key=root.signing_key_file,
+        ),
+        password=root.coordinator.password, eval_data=eval_data,
+    )
+    summary: list = []
+    thread = threading.Thread(target=lambda: summary.append(service.run()), daemon=True)
+    thread.start()
+    return service, thread, summary
+
+
 def test_coordinator_on_the_root_and_devices_on_two_bridged_regions(
     tmp_path: Path, mqtt_client: MqttClientFactory,
 ) -> None:
     from bench.fleet_sim import FleetSim, parse_args
-    from coordinator.config import CoordinatorConfig
-    from coordinator.service import CoordinatorService
     from fedbus.broker import LocalBroker
     from fedbus.datasets import load_digits, train_test_split, write_npz
     from fedbus.processes import terminate
@@ -151,17 +171,8 @@ def test_coordinator_on_the_root_and_devices_on_two_bridged_regions(
         # the regional brokers hand their devices the root coordinator's key
         for creds in (eu.credentials_file, us_dir / "credentials.json"):
             assert json.loads(creds.read_text())["coordinator_key"] == root.coordinator_key
-        service = CoordinatorService(
-            CoordinatorConfig(
-                host=root.host, port=root.port, prefix=root.prefix, task_id="bridged",
-                mode="fedbuff", buffer_size=4, max_versions=2, duration=30.0,
-                state_dir=tmp_path / "run", signing_key=root.signing_key_file,
-            ),
-            password=root.coordinator.password, eval_data=(x_test, y_test),
-        )
-        summary: list = []
-        thread = threading.Thread(target=lambda: summary.append(service.run()), daemon=True)
-        thread.start()
+        service, thread, summary = start_root_coordinator(
+            root, tmp_path / "run", "bridged", 4, (x_test, y_test))
         sims = [FleetSim(parse_args([
             "--credentials", str(creds), "--devices", "2", "--data", str(pool),
             "--period", "0.3", "--connect-seconds", "0.2", "--duration", "15",

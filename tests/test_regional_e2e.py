@@ -14,13 +14,12 @@ from pathlib import Path
 
 def test_two_regions_send_partial_updates_to_the_root_coordinator(tmp_path: Path) -> None:
     from bench.fleet_sim import FleetSim, parse_args
-    from coordinator.config import CoordinatorConfig
     from coordinator.region_service import RegionAggregator, RegionConfig
-    from coordinator.service import CoordinatorService
     from fedbus.bridge import read_bridge_bundle
     from fedbus.broker import LocalBroker
     from fedbus.datasets import load_digits, train_test_split, write_npz
     from fedbus.processes import terminate
+    from tests.test_bridge import start_root_coordinator
 
     x, y = load_digits()
     x_train, y_train, x_test, y_test = train_test_split(x, y, 0.2, 0)
@@ -63,17 +62,8 @@ def test_two_regions_send_partial_updates_to_the_root_coordinator(tmp_path: Path
                 (tmp_path / "eu.log").read_text()
             time.sleep(0.05)
         assert us.ready.wait(20)
-        service = CoordinatorService(
-            CoordinatorConfig(
-                host=root.host, port=root.port, prefix=root.prefix, task_id="regions",
-                mode="fedbuff", buffer_size=2, max_versions=2, duration=30.0,
-                state_dir=tmp_path / "run", signing_key=root.signing_key_file,
-            ),
-            password=root.coordinator.password, eval_data=(x_test, y_test),
-        )
-        summary: list = []
-        thread = threading.Thread(target=lambda: summary.append(service.run()), daemon=True)
-        thread.start()
+        service, thread, summary = start_root_coordinator(
+            root, tmp_path / "run", "regions", 2, (x_test, y_test))
         sims = [FleetSim(parse_args([
             "--credentials", str(broker.credentials_file), "--devices", "2", "--data",
             str(pool), "--period", "0.2", "--connect-seconds", "0.2", "--duration", "15",
