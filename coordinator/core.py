@@ -626,6 +626,8 @@ class CoordinatorCore:
         # quorum: the step the last readiness check worked out, with the kept list and its
         # length it was worked out from (a step of exactly those deltas reuses it)
         self._agreed: tuple[list[State], int, State] | None = None
+        # quorum: (first buffered id, buffered, K, online) of the last check found not ready
+        self._not_ready: tuple[str, int, int, int] | None = None
         self._buffer_ids: list[str] = []  # update ids in the buffer, in order
         # the publish time (ts) each accepted, not yet applied update claims, by update id
         self._sent_at: dict[str, float] = {}
@@ -1296,9 +1298,16 @@ class CoordinatorCore:
             return False
         if self._kept is None:
             return True
-        ready, step = quorum_readiness(self.config.spec, self._kept, k,
-                                       self.contributing_count())
+        online = self.contributing_count()
+        # the buffer only grows between steps and update ids are unique, so its first id
+        # and length name its contents: a check that found the same buffer, K and online
+        # count not ready (--adaptive-k re-checks at every tick) is not worked out again
+        key = (self._buffer_ids[0] if self._buffer_ids else "", len(self._buffer_ids), k, online)
+        if key == self._not_ready:
+            return False
+        ready, step = quorum_readiness(self.config.spec, self._kept, k, online)
         self._agreed = None if step is None else (self._kept, len(self._kept), step.aggregate)
+        self._not_ready = None if ready else key
         return ready
 
     def _prepared(

@@ -1101,3 +1101,30 @@ def test_fleet_scaling_weighs_a_large_fleets_staleness_with_sqrt() -> None:
     assert not all(np.array_equal(scaled[k], fixed_poly[k]) for k in scaled)
     covered = run(core(buffer_size=2, fleet_scaling=True, staleness="poly"))  # K stays 2
     assert all(np.array_equal(covered[k], fixed_poly[k]) for k in covered)
+
+
+def test_a_quorum_check_of_an_unchanged_buffer_is_not_worked_out_again(monkeypatch) -> None:
+    import coordinator.core as core_module
+
+    calls: list[int] = []
+    real = core_module.quorum_readiness
+
+    def counted(*args: Any) -> Any:
+        calls.append(len(args[1]))
+        return real(*args)
+
+    monkeypatch.setattr(core_module, "quorum_readiness", counted)
+    c = core(buffer_size=3, aggregator="quorum")
+    for i in range(6):
+        c.on_status(f"d{i}", status(f"d{i}", "online"), now=0.0)
+    for i in range(4):  # four that never agree, below quorum's limit of 6: it waits
+        assert not models(c.on_update(f"d{i}", upd(f"d{i}", delta=axis(i)), now=0.0))
+    assert calls == [3, 4]
+    # asked again with the same buffer, K and online count: the answer is kept (as
+    # --adaptive-k asks at every tick); a change of any of them is worked out again
+    assert not c.core._step_ready(3) and calls == [3, 4]
+    assert not c.core._step_ready(4) and calls == [3, 4, 4]
+    assert not c.core._step_ready(4) and calls == [3, 4, 4]
+    assert not models(c.on_update("d4", upd("d4", delta=axis(4)), now=1.0))
+    assert calls == [3, 4, 4, 5]
+    assert models(c.on_update("d5", upd("d5", delta=axis(5)), now=1.0))  # its limit, 6
