@@ -164,6 +164,7 @@ class RegionAggregator:
         self._stop = threading.Event()
         self.ready = threading.Event()  # connected and subscribed
         self._task: Task | None = None
+        self._limits: ValidationLimits | None = None  # the task's bounds, made once per task
         self._version: int | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._model_norm = 0.0
@@ -297,6 +298,9 @@ class RegionAggregator:
             self.store.dropped(p.update_id for p in gone)
             self.store.set_run(task.run_id)
         self._task = task
+        self._limits = ValidationLimits(max_update_bytes=task.max_update_bytes,
+                                        max_norm=self.config.max_norm,
+                                        max_staleness=task.max_staleness)
         log.info("task %s of run %s (%s)", task.task_id, task.run_id, task.state)
         if self._unread_model is not None:
             model, self._unread_model = self._unread_model, None
@@ -389,8 +393,8 @@ class RegionAggregator:
     # -- judging one device update -----------------------------------------------------------
 
     def _judge(self, device: str, payload: bytes, retained: bool, now: float) -> None:
-        task, shapes, version = self._task, self._shapes, self._version
-        if task is None or shapes is None or version is None:
+        task, shapes, version, limits = self._task, self._shapes, self._version, self._limits
+        if task is None or shapes is None or version is None or limits is None:
             if len(self._early) < _EARLY:
                 self._early.append((device, payload, retained))
             return
@@ -398,9 +402,7 @@ class RegionAggregator:
         result = validate_update(
             payload, topic_device=device, run_id=task.run_id, task_id=task.task_id,
             expected_shapes=shapes, current_version=version,
-            limits=ValidationLimits(max_update_bytes=task.max_update_bytes,
-                                    max_norm=self.config.max_norm,
-                                    max_staleness=task.max_staleness),
+            limits=limits,
             ledger=self.store, retained=retained,
         )
         if isinstance(result, Repeated):
