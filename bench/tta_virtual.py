@@ -35,13 +35,7 @@ import numpy as np
 
 from bench import tta
 from coordinator.adaptive_k import DevicePeriods, adaptive_k
-from coordinator.aggregator_spec import (
-    QUORUM_AGREEMENT,
-    QUORUM_NORM_MULTIPLE,
-    buffer_limit,
-    quorum_step,
-)
-from coordinator.robust import clipped_agreeing_indices
+from coordinator.aggregator_spec import parse_aggregator, quorum_reached, quorum_step
 from coordinator.staleness import staleness_weight
 from coordinator.target_hold import Evaluated, first_held
 
@@ -60,13 +54,12 @@ class Outcome:
     updates: int
 
 
+QUORUM = parse_aggregator("quorum")
+
+
 def quorum_ready(deltas: list[State], k: int, online: int) -> bool:
     """The coordinator's rule for a ``quorum`` buffer (``aggregator_spec.quorum_reached``)."""
-    if len(deltas) < k:
-        return False
-    if len(deltas) >= buffer_limit(k, online):
-        return True
-    return len(clipped_agreeing_indices(deltas, QUORUM_NORM_MULTIPLE, QUORUM_AGREEMENT)) >= k
+    return quorum_reached(QUORUM, deltas, k, online)
 
 
 def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,

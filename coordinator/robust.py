@@ -46,12 +46,10 @@ from coordinator.aggregation import State, _check_like, l2_norm
 __all__ = [
     "AgreeResult",
     "KrumResult",
-    "agreeing_indices",
     "agreeing_mean",
     "cap_sample_counts",
     "clip_norm",
     "clip_to_median_norm",
-    "clipped_agreeing_indices",
     "clipped_agreeing_mean",
     "column_median",
     "coordinate_median",
@@ -286,26 +284,12 @@ def agreeing_mean(deltas: Deltas, relative: float = 0.0) -> AgreeResult:
     return _kept_mean(deltas, dtypes, stacks, relative)
 
 
-def agreeing_indices(deltas: Deltas, relative: float = 0.0) -> tuple[int, ...]:
-    """The indices ``agreeing_mean(deltas, relative)`` keeps, without averaging them (a
-    ``quorum`` buffer asks this of every update that arrives once it holds K)."""
-    dtypes = _checked(deltas)
-    stacks = {name: _stack(deltas, name) for name in dtypes}
-    return _agreement(deltas, dtypes, stacks, relative)[1]
-
-
-def clipped_agreeing_indices(deltas: Deltas, multiple: float, relative: float) -> tuple[int, ...]:
-    """``agreeing_indices(clip_to_median_norm(deltas, multiple)[0], relative)``, the same
-    indices from the same float64 values, without copying the deltas that need no
-    shortening and with each tensor stacked once (``quorum``'s readiness check)."""
-    dtypes, stacks = _clipped_stacks(deltas, multiple)
-    return _agreement(deltas, dtypes, stacks, relative)[1]
 
 
 def clipped_agreeing_mean(deltas: Deltas, multiple: float, relative: float) -> AgreeResult:
     """``agreeing_mean(clip_to_median_norm(deltas, multiple)[0], relative)``, the same result
-    from the same float64 values, stacked as ``clipped_agreeing_indices`` stacks them (no
-    copy of the deltas that need no shortening)."""
+    from the same float64 values, stacked once (no copy of the deltas that
+    need no shortening)."""
     dtypes, stacks = _clipped_stacks(deltas, multiple)
     return _kept_mean(deltas, dtypes, stacks, relative)
 

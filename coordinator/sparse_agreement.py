@@ -192,11 +192,3 @@ def sparse_agreeing_mean(
         out[name] = _out(values, shape, dtype)
     return AgreeResult(out, verdict.kept, verdict.dots, verdict.cosines)
 
-
-def sparse_agreeing_indices(
-    deltas: Sequence[Mapping[str, np.ndarray]], fraction: float, *, keep_unjudged: bool = True
-) -> tuple[int, ...]:
-    """The indices ``sparse_agreeing_mean`` keeps, without averaging them."""
-    dtypes = _checked(deltas)
-    stacks = {name: _stack(deltas, name) for name in dtypes}
-    return sparse_agreement(stacks, fraction, keep_unjudged=keep_unjudged).kept

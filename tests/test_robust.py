@@ -20,12 +20,11 @@ from coordinator.aggregator_spec import (
     sparse_codec_warning,
 )
 from coordinator.robust import (
-    agreeing_indices,
     agreeing_mean,
     cap_sample_counts,
     clip_norm,
     clip_to_median_norm,
-    clipped_agreeing_indices,
+    clipped_agreeing_mean,
     column_median,
     coordinate_median,
     krum_min_updates,
@@ -526,8 +525,8 @@ def test_quorum_check_keeps_what_its_step_keeps(count: int) -> None:
     assert 0 < len(kept) < count
     clipped, scales = clip_to_median_norm(deltas, 2.0)
     assert min(scales) < 1.0
-    assert agreeing_indices(clipped, 0.5) == kept
-    assert clipped_agreeing_indices(deltas, 2.0, 0.5) == kept
+    assert agreeing_mean(clipped, 0.5).kept == kept
+    assert clipped_agreeing_mean(deltas, 2.0, 0.5).kept == kept
     spec = parse_aggregator("quorum")
     assert quorum_reached(spec, deltas, len(kept), 0)
     if len(kept) < count:  # one more than agree: only a buffer at its limit is ready
