@@ -9,6 +9,21 @@ updates on ``<prefix>/update/fedbus-region-<region>``, which the bridge (started
 ``fedbus broker --region-aggregator``) forwards to the root. The root's receipts for them
 come back on ``<prefix>/receipt/fedbus-region-<region>``.
 
+Signatures, as the agent and the coordinator check them (``fedbus.signing``):
+
+- with the root coordinator's public key (``coordinator_key``, from the regional broker's
+  credentials file, which carries the root's key from the bridge bundle) it acts only on a
+  task or model that carries the root's valid signature for its topic (protocol section
+  7.6), and never goes back to the task of a run that began before the one it follows: a
+  hostile regional broker cannot make it judge against a forged model. Any other is ignored
+  with one log line and counted (``bad_signatures``). Without a key it accepts them
+  unsigned and says so at start-up;
+- with ``require_signed_updates`` (revision 2.8) every device update must carry a valid
+  signature by its device's key from the device-key file (``device_keys``, by default the
+  regional broker's ``signing/devices.pub``, read again when it changes), else it is
+  refused as ``signature``: a root that requires signed updates sees only the region's
+  signature on a partial, so the region must check its devices' own.
+
 Messages are handled on the transport's thread, under one lock shared with the timer loop
 of ``run`` (partials that time out, re-sends of unanswered ones).
 """
@@ -40,7 +55,16 @@ from fedbus.codec_spec import parse_codec
 from fedbus.envelope import DecodeLimits, pack, unpack
 from fedbus.errors import ConfigError, ProtocolError
 from fedbus.messages import GlobalModel, Receipt, Task, Update
-from fedbus.signing import ensure_private_key, key_text, sign_message
+from fedbus.signing import (
+    DeviceKeyFile,
+    SignatureError,
+    Verifier,
+    ensure_private_key,
+    key_text,
+    load_public_key,
+    sign_message,
+    update_signature_problem,
+)
 from fedbus.tls import BrokerTarget, check_transport_choice
 from fedbus.topics import DEFAULT_PREFIX, Topics
 from fedbus.transport import (
@@ -90,6 +114,14 @@ class RegionConfig(BrokerTarget):
     norm_multiple: float = DEFAULT_NORM_MULTIPLE  # the adaptive bound; 0: off
     sample_cap: float = DEFAULT_CAP  # a claim: at most this x the partial's lower median
     resend_after: float = 30.0  # seconds before an unanswered partial is sent again
+    # the root coordinator's Ed25519 public key ("ed25519:..." or a file holding it or a
+    # PEM public key): tasks and models must carry its signature. None: from --credentials,
+    # else accepted unsigned
+    coordinator_key: str | None = None
+    # revision 2.8: refuse every device update not signed by its device's key (reason
+    # "signature"), keys from device_keys (default: signing/devices.pub beside --credentials)
+    require_signed_updates: bool = False
+    device_keys: Path | None = None
     duration: float | None = None  # seconds to run (None: until stopped)
     sync: str = "normal"
 
@@ -157,6 +189,14 @@ class RegionAggregator:
         self._codec = parse_codec(config.partial_codec)
         # every partial is signed (revision 2.8): a root that requires signed updates takes
         # it once this key is registered for fedbus-region-<region> (signing.pub beside it)
+        self._verifier: Verifier | None = (
+            load_public_key(config.coordinator_key) if config.coordinator_key else None)
+        self._device_keys: DeviceKeyFile | None = None
+        if config.require_signed_updates:
+            if config.device_keys is None:
+                raise ConfigError("--require-signed-updates needs the device-key file: give "
+                                  "--device-keys or --credentials")
+            self._device_keys = DeviceKeyFile(config.device_keys)
         self._signer = ensure_private_key(state / SIGNING_KEY_FILE)
         log.info("partials are signed with %s (register it on the root as: %s %s)",
                  state / SIGNING_KEY_FILE, self.name, key_text(self._signer))
@@ -176,7 +216,7 @@ class RegionAggregator:
         self.counters: dict[str, int] = dict.fromkeys(
             ["updates_received", "updates_accepted", "updates_rejected", "updates_repeated",
              "partials_sent", "partials_resent", "partials_accepted", "partials_rejected",
-             "bytes_up", "bytes_from_devices"], 0)
+             "bytes_up", "bytes_from_devices", "bad_signatures"], 0)
         self.client = transport(config.settings(password), on_message=self._on_message)
 
     # -- running ---------------------------------------------------------------------------
@@ -200,6 +240,16 @@ class RegionAggregator:
         log.info("region %s: aggregating the updates of %s (partials of %d, up as %s)",
                  self.config.region, t.all_updates, self.config.partial_size,
                  t.update(self.name))
+        if self._verifier is None:
+            log.warning("no root coordinator key (--coordinator-key, or coordinator_key in the "
+                        "credentials file): tasks and models are accepted unsigned, from "
+                        "anyone who can write their topics on the regional broker")
+        else:
+            log.info("tasks and models must be signed by the root coordinator's key %s",
+                     self._verifier)
+        if self._device_keys is not None:
+            log.info("signed device updates required: device keys from %s (%d known now)",
+                     self._device_keys.path, len(self._device_keys.keys()))
         self.ready.set()
         end = None if self.config.duration is None else time.monotonic() + self.config.duration
         try:
@@ -278,13 +328,34 @@ class RegionAggregator:
                 return
             self._judge(device, payload, msg.retain, now)
 
+    def _signed_by_root(self, topic: str, payload: bytes) -> bool:
+        """True if ``payload`` may be acted on: it carries the root coordinator's valid
+        signature for ``topic``, or this aggregator has no key to check it with. Otherwise
+        one log line and a count."""
+        if self._verifier is None:
+            return True
+        try:
+            self._verifier.verify(topic, payload)
+        except SignatureError as exc:
+            self.counters["bad_signatures"] += 1
+            log.warning("ignoring a message on %s: %s", topic, exc)
+            return False
+        return True
+
     def _on_task(self, payload: bytes) -> None:
-        if not payload:
+        if not payload or len(payload) > _TASK_LIMITS.max_bytes:
+            if payload:
+                log.warning("ignoring a task of %d bytes (at most %d)", len(payload),
+                            _TASK_LIMITS.max_bytes)
+            return
+        if not self._signed_by_root(self.topics.task, payload):
             return
         try:
             task = Task.from_wire(unpack(payload, "task", _TASK_LIMITS))
         except ProtocolError as exc:
             log.warning("ignoring a malformed task: %s", exc)
+            return
+        if self._older_run(task):
             return
         if self._task is not None and task.run_id != self._task.run_id:
             self._version, self._shapes = None, None
@@ -296,7 +367,7 @@ class RegionAggregator:
                 log.warning("run %s replaces %s: %d update(s) of the old run given up",
                             task.run_id, self.store.run(), len(gone))
             self.store.dropped(p.update_id for p in gone)
-            self.store.set_run(task.run_id)
+            self.store.set_run(task.run_id, task.created_at)
         self._task = task
         self._limits = ValidationLimits(max_update_bytes=task.max_update_bytes,
                                         max_norm=self.config.max_norm,
@@ -305,6 +376,20 @@ class RegionAggregator:
         if self._unread_model is not None:
             model, self._unread_model = self._unread_model, None
             self._on_model(model, time.monotonic())
+
+    def _older_run(self, task: Task) -> bool:
+        """With the root's key: a genuine task of a run that began before the run this
+        aggregator follows (known from its state across restarts), published again by
+        someone who can write the task topic. Never go back to it (logged)."""
+        if self._verifier is None:
+            return False
+        joined = self.store.run()
+        began = self.store.run_created()
+        if joined is None or began is None or joined == task.run_id or task.created_at >= began:
+            return False
+        log.warning("ignoring the task of run %s: it began before run %s, which this "
+                    "aggregator follows", task.run_id, joined)
+        return True
 
     def _on_model(self, payload: bytes, now: float) -> None:
         if not payload:
@@ -319,6 +404,10 @@ class RegionAggregator:
             if outcome.status != "complete" or outcome.payload is None:
                 return
             payload = outcome.payload
+        # a chunked model is checked whole, as the model it reassembles to (section 7.9)
+        if len(payload) <= _MAX_MODEL_BYTES and not self._signed_by_root(self.topics.model,
+                                                                          payload):
+            return
         try:
             model = GlobalModel.read(payload, DecodeLimits(max_bytes=_MAX_MODEL_BYTES,
                                                            max_bin_len=_MAX_MODEL_BYTES))
@@ -404,6 +493,7 @@ class RegionAggregator:
             expected_shapes=shapes, current_version=version,
             limits=limits,
             ledger=self.store, retained=retained,
+            signature_check=None if self._device_keys is None else self._device_signature,
         )
         if isinstance(result, Repeated):
             self.counters["updates_repeated"] += 1
@@ -424,6 +514,12 @@ class RegionAggregator:
                          result.size, "run_ended", f"the run has ended: {task.end_reason}")
             return
         self._accept(device, result, now)
+
+    def _device_signature(self, device: str, payload: bytes) -> str | None:
+        """Why ``payload`` is not signed by ``device``'s registered key (None: it is)."""
+        assert self._device_keys is not None
+        return update_signature_problem(self._device_keys.keys(), self.topics.update(device),
+                                        device, payload)
 
     def _reject(self, device: str, update_id: str | None, base: int | None, digest: bytes,
                 size: int, reason: str, detail: str) -> None:

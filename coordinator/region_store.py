@@ -12,7 +12,8 @@ mode (``fedbus.sqlite_store``), as the coordinator keeps its run.
   receipt came (NULL until then): a restarted aggregator sends the unacknowledged ones
   again, byte for byte, so the root answers a copy it already judged with its first
   verdict and never applies a partial twice;
-- ``meta``: the next partial's sequence number and the run the state belongs to.
+- ``meta``: the next partial's sequence number, the run the state belongs to and when that
+  run began (its task's ``created_at``).
 
 A device's receipt is sent only after its verdict (and, accepted, its part) is committed;
 a partial is published only after the transaction that made it (and took its parts out of
@@ -139,14 +140,22 @@ class RegionStore:
                 (verdict, partial_id))
         return cur.rowcount == 1
 
-    def set_run(self, run_id: str) -> None:
+    def set_run(self, run_id: str, created_at: float | None = None) -> None:
+        """The run the state belongs to from now on, and when it began (its task's
+        ``created_at``: a task of a run that began earlier is never followed again)."""
         with transaction(self._db):
             self._set_meta("run", run_id)
+            if created_at is not None:
+                self._set_meta("run_created", repr(float(created_at)))
 
     # -- reads ------------------------------------------------------------------------------
 
     def run(self) -> str | None:
         return self._meta("run")
+
+    def run_created(self) -> float | None:
+        value = self._meta("run_created")
+        return None if value is None else float(value)
 
     def next_seq(self) -> int:
         value = self._meta("seq")

@@ -261,10 +261,11 @@ class Recorder:
         return result
 
 
-def aggregator(state_dir: Any) -> Any:
+def aggregator(state_dir: Any, **settings: Any) -> Any:
     from coordinator.region_service import RegionAggregator, RegionConfig
 
-    config = RegionConfig(region="eu", state_dir=state_dir, partial_size=2, norm_multiple=0)
+    config = RegionConfig(region="eu", state_dir=state_dir, partial_size=2, norm_multiple=0,
+                          **settings)
     return RegionAggregator(config, "pw", transport=Recorder)
 
 
@@ -280,15 +281,21 @@ def device_update(uid: str, device: str, value: float) -> bytes:
     return Update(uid, device, "task1", 0, 1, delta, run_id="r1").pack()
 
 
-def start_run(agg: Any) -> None:
+def start_run(agg: Any, key: Any = None, *, run: str = "r1", created_at: float = 0.0,
+              version: int = 0) -> None:
+    """The root's task and model of ``run`` reach the aggregator, signed with ``key``."""
     from fedbus.envelope import pack
     from fedbus.messages import GlobalModel, ModelSpec, Task, TrainSpec
+    from fedbus.signing import sign_message
 
-    task = Task("task1", ModelSpec("mlp"), TrainSpec(), run_id="r1")
-    feed(agg, "fedbus/task", pack(task.to_wire()))
+    def signed(topic: str, body: bytes) -> bytes:
+        return body if key is None else sign_message(key, topic, body)
+
+    task = Task("task1", ModelSpec("mlp"), TrainSpec(), run_id=run, created_at=created_at)
+    feed(agg, "fedbus/task", signed("fedbus/task", pack(task.to_wire())))
     tensors, compression = encode_delta(initial(), "fp32"), None
-    model = GlobalModel("task1", 0, tensors, compression=compression, run_id="r1")
-    feed(agg, "fedbus/model", pack(model.to_wire()))
+    model = GlobalModel("task1", version, tensors, compression=compression, run_id=run)
+    feed(agg, "fedbus/model", signed("fedbus/model", pack(model.to_wire())))
 
 
 def receipts_to(agg: Any, device: str) -> list[Any]:
@@ -416,3 +423,67 @@ def test_a_root_requiring_signed_updates_takes_the_partials_signed_by_the_region
     assert (refused.accepted, refused.reason) == (False, "signature")
     signed = sign_message(region, topic, partial_payload("eu.1"))
     assert receipts(c.on_update("fedbus-region-eu", signed, 0.0))[0].receipt.accepted
+
+
+def test_with_the_roots_key_only_a_task_and_model_it_signed_are_followed(tmp_path: Any) -> None:
+    """A hostile regional broker (or anyone who may write the model topic there) cannot
+    make the aggregator judge against a forged model or task (docs/protocol.md 7.3.1)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedbus.signing import key_text
+
+    root, forger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    agg = aggregator(tmp_path, coordinator_key=key_text(root))
+    start_run(agg)  # unsigned: ignored
+    start_run(agg, forger)  # signed, but not by the root: ignored
+    assert agg.counters["bad_signatures"] == 4
+    assert agg._task is None and agg._shapes is None
+    feed(agg, "fedbus/update/d1", device_update("u1", "d1", 1.0))
+    assert receipts_to(agg, "d1") == []  # kept until a genuine model says what to judge
+    start_run(agg, root)
+    assert agg._version == 0 and agg.counters["bad_signatures"] == 4
+    assert [r.accepted for r in receipts_to(agg, "d1")] == [True]
+    # a forged newer model changes nothing
+    start_run(agg, forger, version=5)
+    assert agg._version == 0 and agg.counters["bad_signatures"] == 6
+    agg.store.close()
+    # a restarted aggregator never goes back to a genuine task of a run that began earlier
+    # (replayed by whoever may write the task topic)
+    again = aggregator(tmp_path, coordinator_key=key_text(root))
+    start_run(again, root, run="r0", created_at=-1.0)
+    assert again._task is None and again.store.run() == "r1"
+    start_run(again, root, run="r2", created_at=1.0)  # a newer run is followed
+    assert again._task is not None and again.store.run() == "r2"
+    again.store.close()
+
+
+def test_with_signed_updates_required_a_device_update_needs_its_own_key(tmp_path: Any) -> None:
+    """A root that requires signed updates sees only the region's signature on a partial,
+    so the aggregator checks each device's own (revision 2.8), keys read from the region's
+    device-key file."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedbus.errors import ConfigError
+    from fedbus.signing import register_device_key, sign_message
+
+    with pytest.raises(ConfigError, match="device-key file"):
+        aggregator(tmp_path / "none", require_signed_updates=True)
+    keys = tmp_path / "signing" / "devices.pub"
+    d1 = Ed25519PrivateKey.generate()
+    register_device_key(keys, "d1", d1.public_key())
+    agg = aggregator(tmp_path / "state", require_signed_updates=True, device_keys=keys)
+    start_run(agg)
+    feed(agg, "fedbus/update/d1", device_update("u1", "d1", 1.0))  # unsigned
+    feed(agg, "fedbus/update/d1", sign_message(Ed25519PrivateKey.generate(),
+                                               "fedbus/update/d1",
+                                               device_update("u2", "d1", 1.0)))  # wrong key
+    feed(agg, "fedbus/update/d2", sign_message(d1, "fedbus/update/d2",
+                                               device_update("u3", "d2", 1.0)))  # no key
+    feed(agg, "fedbus/update/d1", sign_message(d1, "fedbus/update/d1",
+                                               device_update("u4", "d1", 1.0)))
+    got = [(r.update_id, r.accepted, r.reason) for r in receipts_to(agg, "d1")]
+    assert got == [("u1", False, "signature"), ("u2", False, "signature"),
+                   ("u4", True, None)]
+    assert [r.reason for r in receipts_to(agg, "d2")] == ["signature"]
+    assert agg.book.held == 1 and agg.counters["updates_rejected"] == 3
+    agg.store.close()

@@ -97,6 +97,10 @@ def test_two_regions_send_partial_updates_to_the_root_coordinator(tmp_path: Path
     assert counters["partial_parts"] >= 2 * counters["partials_accepted"] - 2
     output = (tmp_path / "eu.log").read_text()
     assert "region eu: " in output and "partials_sent" in output, output
+    # the CLI took the root's key from the regional credentials and followed only the task
+    # and models the root signed (a forged one is ignored: tests/test_regional.py)
+    assert "must be signed by the root coordinator's key ed25519:" in output, output
+    assert "bad_signatures 0" in output, output
     assert us_counters and us_counters[0]["partials_sent"] >= 1
     for sim, region in zip(sims, ("eu", "us"), strict=True):
         result = sim.result()

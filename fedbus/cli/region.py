@@ -39,6 +39,16 @@ HELPS = {
     "sample_cap": "A device's claimed sample count weighs at most this x the partial's "
     "lower median claim.",
     "resend_after": "Seconds before a partial the root has not answered is sent again.",
+    "coordinator_key": "The root coordinator's public key (ed25519:... text, or a file holding "
+    "it or a PEM public key): tasks and models must carry its signature. Default: the "
+    "credentials file's coordinator_key (the regional broker has it from the bridge bundle); "
+    "with neither, tasks and models are accepted unsigned.",
+    "require_signed_updates": "Refuse every device update that is not signed with its "
+    "device's own key (protocol revision 2.8; receipt reason signature). Use it whenever the "
+    "root coordinator runs with --require-signed-updates: the root sees only this "
+    "aggregator's signature on a partial.",
+    "device_keys": "The region's device-key file (<device-id> ed25519:<key> per line), read "
+    "again whenever it changes. Default: signing/devices.pub beside --credentials.",
     "duration": "Seconds to run, then send what is open and stop (default: until Ctrl-C).",
     "sync": "SQLite synchronous mode: normal (survives a crash of the process) or full "
     "(also a power cut).",
