@@ -71,7 +71,8 @@ def one_run(root_dir: Path, devices: int, mode: str, versions: int,
                     agg = RegionAggregator(RegionConfig(
                         region=region, host=regional.host, port=regional.port,
                         state_dir=root_dir / f"{region}-state", partial_size=partial_size,
-                        partial_timeout=5.0, partial_codec=partial_codec),
+                        partial_timeout=5.0, partial_codec=partial_codec,
+                        coordinator_key=root.coordinator_key),
                         regional.coordinator.password)
                     thread = threading.Thread(target=agg.run, daemon=True)
                     thread.start()
@@ -82,7 +83,7 @@ def one_run(root_dir: Path, devices: int, mode: str, versions: int,
         service = CoordinatorService(
             CoordinatorConfig(host=root.host, port=root.port, prefix=root.prefix,
                               task_id="bridge-bytes", mode="fedbuff",
-                              buffer_size=max(1, buffer // partial_size) if folded else buffer,
+                              buffer_size=buffer,
                               max_versions=versions, duration=120.0,
                               state_dir=root_dir / "run", signing_key=root.signing_key_file),
             password=root.coordinator.password, eval_data=eval_data)

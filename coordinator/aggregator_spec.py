@@ -343,19 +343,30 @@ def quorum_reached(
 
 
 def quorum_readiness(
-    spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]], k: int, online: int
+    spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]], k: int, online: int,
+    counts: Sequence[int] | None = None,
 ) -> tuple[bool, AgreeResult | None]:
     """``quorum_reached``, and the ``quorum_step`` of ``deltas`` when it was worked out to
     decide (``quorum`` below its buffer limit; else None): the readiness check computes the
     step's median and agreement anyway, so a step made from the same deltas reuses it
-    instead of stacking and sorting them again."""
-    count = len(deltas)
+    instead of stacking and sorting them again.
+
+    ``counts`` (revision 2.16): how many device updates each delta stands for (a regional
+    aggregator's partial update: its ``parts``; None: one each). ``k`` and the buffer limit
+    then count device updates: the buffer is full when its deltas stand for ``k``, and
+    ``quorum`` waits until the deltas that agree stand for ``k``. Each delta is still one
+    vote in the median and the agreement, whatever it stands for."""
+    if counts is None:
+        counts = [1] * len(deltas)
+    if len(counts) != len(deltas) or any(c < 1 for c in counts):
+        raise ValueError("counts must give a count >= 1 for every delta")
+    count = sum(counts)
     if count < k:
         return False, None
     if spec.kind != "quorum" or count >= buffer_limit(k, online):
         return True, None
     step = quorum_step(deltas)
-    return len(step.kept) >= k, step
+    return sum(counts[i] for i in step.kept) >= k, step
 
 
 def quorum_step(deltas: Sequence[Mapping[str, np.ndarray]]) -> AgreeResult:

@@ -629,6 +629,13 @@ class CoordinatorCore:
         # quorum: (first buffered id, buffered, K, online) of the last check found not ready
         self._not_ready: tuple[str, int, int, int] | None = None
         self._buffer_ids: list[str] = []  # update ids in the buffer, in order
+        # revision 2.16: how many device updates each buffered update stands for (a
+        # partial: its parts), in order; K and quorum's limit count these
+        self._buffer_parts: list[int] = []
+        # revision 2.16: the device updates each region's accepted partials folded, by
+        # (aggregator, base version), for the bases within the staleness bound; in memory
+        # (a restarted coordinator starts it afresh)
+        self._region_parts: dict[tuple[str, int], int] = {}
         # the publish time (ts) each accepted, not yet applied update claims, by update id
         self._sent_at: dict[str, float] = {}
         # differential privacy: the key of the noise, the devices with an update in the
@@ -744,13 +751,23 @@ class CoordinatorCore:
                 rnd.reported[entry.device_id] = (delta, entry.num_samples, entry.update_id)
                 continue
             core._buffer_add(delta, entry.num_samples, entry.coef, entry.update_id,
-                             entry.device_id)
+                             entry.device_id, core._stored_parts(entry))
             core._buffer_since = now
         if rnd is not None:
             rnd.waiting = rnd.participants - set(rnd.reported)
         if ended is None:
             core._end_if_budget_spent()
         return core
+
+    def _stored_parts(self, entry: Pending) -> int:
+        """How many device updates a stored accepted update stands for (a partial: its
+        ``parts``, revision 2.11; a device's update: 1)."""
+        if not entry.device_id.startswith(REGION_AGGREGATOR_PREFIX):
+            return 1
+        assert self._limits.decode is not None
+        update = Update.read(entry.payload,
+                             replace(self._limits.decode, max_unknown_bytes=None))
+        return update.parts or 1
 
     def _decode_stored(self, entry: Pending) -> dict[str, np.ndarray]:
         """An accepted update's delta, decoded again from its stored payload (without the
@@ -896,7 +913,36 @@ class CoordinatorCore:
             )
         if self._round is not None:
             return self._accept_in_round(topic_device, result, now, decision)
+        over = self._region_quota_problem(topic_device, result.update)
+        if over is not None:
+            return self._reject(
+                topic_device, "region_quota", over, result.update.update_id,
+                base_version=result.update.base_version, digest=result.digest,
+                size=result.size,
+            )
         return self._accept_buffered(topic_device, result, now, decision)
+
+    def region_quota(self) -> int:
+        """Revision 2.16: the most device updates one region's partials may fold on one
+        base version: the devices counted online (each trains at most once per version),
+        at least K."""
+        return max(self.config.effective_buffer_size, self.contributing_count())
+
+    def _region_quota_problem(self, device_id: str, update: Update) -> str | None:
+        """Why a partial would take its region past the quota of one base version (None:
+        it does not, or ``update`` is a device's own)."""
+        if update.parts is None:
+            return None
+        oldest = self._version - self._limits.max_staleness
+        for key in [k for k in self._region_parts if k[1] < oldest]:
+            del self._region_parts[key]
+        had = self._region_parts.get((device_id, update.base_version), 0)
+        quota = self.region_quota()
+        if had + update.parts <= quota:
+            return None
+        return (f"{device_id}'s partials on base version {update.base_version} would fold "
+                f"{had + update.parts} device updates, more than the {quota} a region may "
+                "send on one version (the devices online, at least K)")
 
     def on_status(self, device_id: str, payload: bytes, now: float) -> list[Action]:
         """A (retained) status payload arrived for ``device_id``; empty means cleared."""
@@ -944,7 +990,7 @@ class CoordinatorCore:
         if self._round is None:
             if contributes or not self._buffer_ids:
                 return []
-            if len(self._buffer_ids) >= self._buffer_target():
+            if sum(self._buffer_parts) >= self._buffer_target():
                 _log.info(
                     "device %s %s: applying the buffer of %d update(s) now", device_id,
                     "cannot take part" if state in ONLINE_STATES else "went offline",
@@ -1060,7 +1106,7 @@ class CoordinatorCore:
             if rnd.reported and not rnd.waiting:
                 return self._close_round(now)
             return []
-        if self._buffer_ids and len(self._buffer_ids) >= self._buffer_target():
+        if self._buffer_ids and sum(self._buffer_parts) >= self._buffer_target():
             return self._apply_buffer()
         return []
 
@@ -1193,6 +1239,8 @@ class CoordinatorCore:
         if update.parts is not None:  # a partial: the device updates it folds
             self._counters["partials_accepted"] += 1
             self._counters["partial_parts"] += update.parts
+            key = (device_id, update.base_version)
+            self._region_parts[key] = self._region_parts.get(key, 0) + update.parts
         self.last_judged = Judged(device_id, "accepted", None, acc.size, acc.staleness,
                                   dict(update.metrics))
         self._sent_at[update.update_id] = update.sent_at
@@ -1283,8 +1331,8 @@ class CoordinatorCore:
         coef = weight if self._kept is not None or cfg.privacy is not None else n * weight
         clip = _clip_bound(decision)
         self._buffer_add(self._prepared(acc.delta, clip), n, coef, acc.update.update_id,
-                         device_id)
-        count = len(self._buffer_ids)
+                         device_id, acc.update.parts or 1)
+        count = sum(self._buffer_parts)
         actions: list[Action] = [
             self._accept(device_id, acc, f"buffered {count}/{k}", coef, clip)
         ]
@@ -1293,8 +1341,9 @@ class CoordinatorCore:
         return actions
 
     def _step_ready(self, k: int) -> bool:
-        """The buffer holds ``k`` updates (``quorum``: ``k`` that agree, or its limit)."""
-        if len(self._buffer_ids) < k:
+        """The buffer holds ``k`` updates (``quorum``: ``k`` that agree, or its limit), a
+        partial counting as the device updates it folds (revision 2.16)."""
+        if sum(self._buffer_parts) < k:
             return False
         if self._kept is None:
             return True
@@ -1305,7 +1354,8 @@ class CoordinatorCore:
         key = (self._buffer_ids[0] if self._buffer_ids else "", len(self._buffer_ids), k, online)
         if key == self._not_ready:
             return False
-        ready, step = quorum_readiness(self.config.spec, self._kept, k, online)
+        ready, step = quorum_readiness(self.config.spec, self._kept, k, online,
+                                       self._buffer_parts)
         self._agreed = None if step is None else (self._kept, len(self._kept), step.aggregate)
         self._not_ready = None if ready else key
         return ready
@@ -1333,7 +1383,7 @@ class CoordinatorCore:
 
     def _buffer_add(
         self, delta: Mapping[str, np.ndarray], num_samples: int, coef: float, update_id: str,
-        device_id: str,
+        device_id: str, parts: int = 1,
     ) -> None:
         """Into the running sum (the mean: ``coef = n · w(s)``) or kept as ``coef · delta``
         (``coef = w(s)``), one float32 model copy per update."""
@@ -1344,6 +1394,7 @@ class CoordinatorCore:
             self._kept.append({name: np.multiply(delta[name], c) for name in self._shapes})
             self._kept_n.append(num_samples)
         self._buffer_ids.append(update_id)
+        self._buffer_parts.append(parts)
         self._buffer_devices.add(device_id)
 
     def _apply_buffer(self) -> list[Action]:
@@ -1351,6 +1402,7 @@ class CoordinatorCore:
             return []
         count = len(self._buffer_ids)
         ids, self._buffer_ids = tuple(self._buffer_ids), []
+        self._buffer_parts = []
         self._buffer_since = None
         self._buffer_devices.clear()
         cfg = self.config

@@ -25,7 +25,7 @@ from fedbus.dynsec import check_new_device_id
 from fedbus.errors import ProtocolError
 from fedbus.messages import Update
 from fedbus.update_codec import encode_delta
-from tests.test_core import core, initial, receipts
+from tests.test_core import core, initial, models, receipts
 
 F32 = np.float32
 
@@ -151,9 +151,10 @@ def test_only_an_aggregator_sends_parts_and_it_is_not_held_to_one_per_version() 
 
 
 def test_the_root_takes_partials_as_contributions_of_their_weight() -> None:
-    c = core(buffer_size=2)
+    c = core(buffer_size=3)  # K counts device updates: the two partials fold 2 + 1
     first = c.on_update("fedbus-region-eu", partial_payload("eu.0", parts=2, n=2), 0.0)
     assert [r.receipt.accepted for r in receipts(first)] == [True]
+    assert receipts(first)[0].receipt.detail.startswith("buffered 2/3")
     # a second partial on the same base version is no duplicate_work
     second = c.on_update("fedbus-region-eu", partial_payload("eu.1", parts=1, n=6,
                                                              value=1.0), 0.0)
@@ -166,6 +167,79 @@ def test_the_root_takes_partials_as_contributions_of_their_weight() -> None:
     again = c.on_update("fedbus-region-eu", partial_payload("eu.1", parts=1, n=6,
                                                             value=1.0), 0.0)
     assert receipts(again)[0].receipt.repeat and c.version == 1
+
+
+def test_k_counts_the_device_updates_a_partial_folds_and_a_resumed_core_too() -> None:
+    """Revision 2.16: a version is made of K device updates, whether they come whole or
+    folded, so the version cadence is the flat run's."""
+    from coordinator.core import CoordinatorCore
+    from tests.test_core import TASK, upd
+
+    c = core(buffer_size=4)
+    assert not models(c.on_update("fedbus-region-eu", partial_payload("eu.0", parts=2), 0.0))
+    assert not models(c.on_update("d1", upd("d1", 1.0), 0.0))  # a device's own: 1
+    snap = c.store.load()
+    again = CoordinatorCore.resume(
+        TASK, c.core.config, ledger=c.store, version=snap.version, state=snap.state,
+        velocity=snap.velocity, counters=snap.counters, pending=snap.pending,
+        round_fixed=snap.round, ended=snap.ended, now=1.0, norms=snap.norms)
+    assert again.snapshot()["buffered"] == 2  # two contributions, three device updates
+    made = again.on_update("fedbus-region-us", partial_payload(
+        "us.0", parts=1, n=1, dev="fedbus-region-us"), 1.0)
+    assert len(models(made)) == 1 and again.version == 1
+
+
+def test_quorum_counts_parts_for_k_but_each_partial_is_one_vote() -> None:
+    """Under quorum the agreeing deltas must fold K device updates; a partial is still one
+    delta in the median and the agreement, whatever its parts."""
+    from coordinator.aggregator_spec import parse_aggregator, quorum_readiness
+
+    spec = parse_aggregator("quorum")
+    same = [{"w": np.array([1.0, 1.0], F32)} for _ in range(3)]
+    flipped = {"w": np.array([-1.0, -1.0], F32)}
+    # three agreeing deltas folding 1 + 1 + 2 = 4 device updates: a step of K = 4
+    ready, step = quorum_readiness(spec, same, 4, 0, [1, 1, 2])
+    assert ready and step is not None and step.kept == (0, 1, 2)
+    # a partial folding 3 that disagrees with the two others: the agreeing fold 2 < K = 4,
+    # and its 3 parts did not buy it the majority (the median is the others')
+    ready, step = quorum_readiness(spec, [same[0], same[1], flipped], 4, 0, [1, 1, 3])
+    assert not ready and step is not None and step.kept == (0, 1)
+    # below K in device updates: not worked out at all
+    assert quorum_readiness(spec, same[:2], 4, 0, [1, 2]) == (False, None)
+    # the buffer limit (2K, at most the devices online) counts device updates too
+    assert quorum_readiness(spec, [same[0], flipped], 2, 3, [1, 3]) == (True, None)
+    with pytest.raises(ValueError):
+        quorum_readiness(spec, same, 2, 0, [1, 0, 1])
+
+
+def test_a_region_folds_at_most_its_quota_of_device_updates_per_version() -> None:
+    """Revision 2.16: a region's partials on one base version fold at most the devices
+    online (at least K) device updates; beyond, `region_quota` (counted, remembered), so a
+    hostile region cannot fill version after version from one base."""
+    c = core(buffer_size=4)  # no presence known: the quota is K = 4
+    assert c.core.region_quota() == 4
+    for uid in ("eu.0", "eu.1"):
+        assert receipts(c.on_update("fedbus-region-eu", partial_payload(uid), 0.0))[
+            0].receipt.accepted
+    assert c.version == 1  # 2 + 2 device updates made a version
+    over = partial_payload("eu.2", parts=1, n=1)
+    refused = receipts(c.on_update("fedbus-region-eu", over, 0.0))[0].receipt
+    assert (refused.accepted, refused.reason) == (False, "region_quota")
+    assert "would fold 5 device updates, more than the 4" in refused.detail
+    assert c.counters["rejected_region_quota"] == 1
+    again = receipts(c.on_update("fedbus-region-eu", over, 0.0))[0].receipt
+    assert again.repeat and again.reason == "region_quota"
+    # another region, and the same region on the new version, have their own quota
+    assert receipts(c.on_update("fedbus-region-us", partial_payload(
+        "us.0", dev="fedbus-region-us"), 0.0))[0].receipt.accepted
+    assert receipts(c.on_update("fedbus-region-eu", partial_payload(
+        "eu.3", parts=4, n=4, base=1), 0.0))[0].receipt.accepted
+    # the quota follows the devices online (each trains once per version)
+    from tests.test_core import status
+
+    for i in range(6):
+        c.on_status(f"d{i}", status(f"d{i}", "online"), 0.0)
+    assert c.core.region_quota() == 6
 
 
 def test_a_device_cannot_pass_its_update_off_as_a_partial() -> None:
