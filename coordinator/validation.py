@@ -108,6 +108,8 @@ REJECT_REASONS: tuple[str, ...] = (
     "not_selected",
     "duplicate_in_round",
     "run_ended",
+    # revision 2.16: a region's partials on one base version past its quota
+    "region_quota",
 )
 
 MAX_DETAIL = 300  # characters of detail kept in a rejection (it may quote hostile input)
