@@ -633,8 +633,8 @@ class CoordinatorCore:
         # partial: its parts), in order; K and quorum's limit count these
         self._buffer_parts: list[int] = []
         # revision 2.16: the device updates each region's accepted partials folded, by
-        # (aggregator, base version), for the bases within the staleness bound; in memory
-        # (a restarted coordinator starts it afresh)
+        # (aggregator, base version), for the bases within the staleness bound (durable: a
+        # resumed core rebuilds it from the stored verdicts)
         self._region_parts: dict[tuple[str, int], int] = {}
         # the publish time (ts) each accepted, not yet applied update claims, by update id
         self._sent_at: dict[str, float] = {}
@@ -720,6 +720,7 @@ class CoordinatorCore:
         norms: Sequence[float] = (),
         paused: str | None = None,
         periods: Mapping[str, Sequence[float]] | None = None,
+        region_parts: Mapping[tuple[str, int], int] | None = None,
     ) -> CoordinatorCore:
         """A core at a stored state: ``pending`` (accepted, not yet applied updates, in
         arrival order) are decoded again and put back exactly where they were, the FedBuff
@@ -728,7 +729,8 @@ class CoordinatorCore:
         window of accepted norms, so the next decisions are those the stopped core would
         have made. ``paused``: the stored pause's reason (a paused run resumes paused).
         ``periods``: the devices' stored period samples (``--adaptive-k``); updates based on
-        a version made before the restart give no new sample."""
+        a version made before the restart give no new sample. ``region_parts``: the parts of
+        the accepted partials by (aggregator, base version), the region quota's tally."""
         core = cls(
             task, state, config, ledger=ledger, start_version=version,
             model_codec=model_codec, velocity=velocity, counters=counters,
@@ -736,6 +738,7 @@ class CoordinatorCore:
         )
         core._norms = tuple(float(v) for v in norms)[-core._norm_rule.window:]
         core._periods = DevicePeriods.restored(periods or {})
+        core._region_parts = dict(region_parts or {})  # the region quota's tally
         core._clock = core._started_at = now  # the version resumed at: made before
         core._ended = ended
         core._paused = paused
@@ -1246,7 +1249,7 @@ class CoordinatorCore:
         self._sent_at[update.update_id] = update.sent_at
         self._journal.append(Verdict(
             update.update_id, device_id, acc.digest, update.base_version, True, None, detail,
-            self._version, acc.staleness, acc.size,
+            self._version, acc.staleness, acc.size, update.parts,
         ))
         self._journal.append(Pending(
             update.update_id, device_id, update.base_version, update.num_samples,

@@ -63,6 +63,9 @@ class Verdict:
     model_version: int  # the global version when it was judged
     staleness: int | None
     size: int | None = None  # the payload's bytes, for reports (None: not known)
+    # an accepted partial's parts (revision 2.16: the region quota is rebuilt from them on
+    # resume); None for a device's update and a rejection
+    parts: int | None = None
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,8 @@ CREATE TABLE IF NOT EXISTS verdicts (
     model_version INTEGER NOT NULL,
     staleness INTEGER,
     applied_version INTEGER,
-    size INTEGER
+    size INTEGER,
+    parts INTEGER
 );
 CREATE INDEX IF NOT EXISTS verdicts_by_seq ON verdicts (seq);
 CREATE TABLE IF NOT EXISTS work (
@@ -221,6 +222,8 @@ class RunSnapshot:
     paused: str | None = None  # the operator's reason while the run is paused
     # --adaptive-k: each device's last period samples (meta "period:<device>")
     periods: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    # revision 2.16: the parts of the accepted partials, by (aggregator, base version)
+    region_parts: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 class Store:
@@ -257,8 +260,12 @@ class Store:
             self._db.execute("ALTER TABLE pending ADD COLUMN clip REAL")
         # an update's size, for reports: NULL in older rows (an older fedbus writes NULL
         # too, so the format stays)
-        if "size" not in {row[1] for row in self._db.execute("PRAGMA table_info(verdicts)")}:
+        verdict_columns = {row[1] for row in self._db.execute("PRAGMA table_info(verdicts)")}
+        if "size" not in verdict_columns:
             self._db.execute("ALTER TABLE verdicts ADD COLUMN size INTEGER")
+        # an accepted partial's parts (revision 2.16), likewise NULL in older rows
+        if "parts" not in verdict_columns:
+            self._db.execute("ALTER TABLE verdicts ADD COLUMN parts INTEGER")
         self._seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM verdicts").fetchone()[0]
 
     def close(self) -> None:
@@ -364,6 +371,12 @@ class Store:
                 for key, value in self._db.execute(
                     "SELECT key, value FROM meta WHERE key LIKE ?", (PERIOD_KEY + "%",))
             },
+            region_parts={
+                (str(device), int(base)): int(parts)
+                for device, base, parts in self._db.execute(
+                    "SELECT device, base_version, SUM(parts) FROM verdicts WHERE accepted = 1 "
+                    "AND parts IS NOT NULL GROUP BY device, base_version")
+            },
         )
 
     # -- the ledger (read while judging) ---------------------------------------------------
@@ -425,11 +438,11 @@ class Store:
                            (self._seq - self.verdict_capacity,))
             db.execute(
                 "INSERT OR IGNORE INTO verdicts (update_id, seq, device, digest, base_version, "
-                "accepted, reason, detail, model_version, staleness, size) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "accepted, reason, detail, model_version, staleness, size, parts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.update_id, self._seq, record.device_id, record.digest,
                  record.base_version, int(record.accepted), record.reason, record.detail,
-                 record.model_version, record.staleness, record.size),
+                 record.model_version, record.staleness, record.size, record.parts),
             )
         elif isinstance(record, Pending):
             db.execute(

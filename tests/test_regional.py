@@ -234,8 +234,21 @@ def test_a_region_folds_at_most_its_quota_of_device_updates_per_version() -> Non
         "us.0", dev="fedbus-region-us"), 0.0))[0].receipt.accepted
     assert receipts(c.on_update("fedbus-region-eu", partial_payload(
         "eu.3", parts=4, n=4, base=1), 0.0))[0].receipt.accepted
+    # a resumed root goes on from the stored tally
+    from coordinator.core import CoordinatorCore
+    from tests.test_core import TASK, status
+
+    snap = c.store.load()
+    assert snap.region_parts == {("fedbus-region-eu", 0): 4, ("fedbus-region-us", 0): 2,
+                                 ("fedbus-region-eu", 1): 4}
+    resumed = CoordinatorCore.resume(
+        TASK, c.core.config, ledger=c.store, version=snap.version, state=snap.state,
+        velocity=snap.velocity, counters=snap.counters, pending=snap.pending,
+        round_fixed=snap.round, ended=snap.ended, now=1.0, norms=snap.norms,
+        region_parts=snap.region_parts)
+    late = resumed.on_update("fedbus-region-eu", partial_payload("eu.4", parts=1, n=1), 1.0)
+    assert receipts(late)[0].receipt.reason == "region_quota"
     # the quota follows the devices online (each trains once per version)
-    from tests.test_core import status
 
     for i in range(6):
         c.on_status(f"d{i}", status(f"d{i}", "online"), 0.0)
