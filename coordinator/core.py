@@ -35,7 +35,11 @@ Modes:
   ``buffer_size`` (K) updates, or as many as devices are online if fewer, or at ``tick``
   once its oldest update has waited ``buffer_timeout`` seconds,
   ``aggregation.fedbuff_apply`` makes the next version. The target is re-checked when a
-  device goes offline too, so a device that vanishes cannot hold the buffer back.
+  device goes offline too, so a device that vanishes cannot hold the buffer back. A regional
+  aggregator's partial update (protocol revision 2.11) counts as the device updates it
+  folds (its ``parts``, revision 2.16) wherever updates are counted against K; one
+  region's partials on one base version fold at most ``region_quota()`` device updates,
+  beyond which they are refused as ``region_quota``.
 - ``fedasync``: the same with K = 1.
 - With a robust aggregator (``AggregationConfig.aggregator``: ``quorum``, ``agree``,
   ``median``, ``trimmed:β``, ``krum:F[:M]``; ``coordinator.aggregator_spec``) the buffer
