@@ -766,15 +766,20 @@ class CoordinatorCore:
             core._end_if_budget_spent()
         return core
 
+    def _counted_parts(self, parts: int | None) -> int:
+        """What an accepted update counts for against K (revision 2.16): a partial its
+        ``parts``, a device's update 1; under differential privacy every update 1 (its
+        fixed divisor ``D`` = K counts contributions, each clipped to ``C``)."""
+        return 1 if parts is None or self.config.privacy is not None else parts
+
     def _stored_parts(self, entry: Pending) -> int:
-        """How many device updates a stored accepted update stands for (a partial: its
-        ``parts``, revision 2.11; a device's update: 1)."""
+        """``_counted_parts`` of a stored accepted update."""
         if not entry.device_id.startswith(REGION_AGGREGATOR_PREFIX):
             return 1
         assert self._limits.decode is not None
         update = Update.read(entry.payload,
                              replace(self._limits.decode, max_unknown_bytes=None))
-        return update.parts or 1
+        return self._counted_parts(update.parts)
 
     def _decode_stored(self, entry: Pending) -> dict[str, np.ndarray]:
         """An accepted update's delta, decoded again from its stored payload (without the
@@ -1338,7 +1343,7 @@ class CoordinatorCore:
         coef = weight if self._kept is not None or cfg.privacy is not None else n * weight
         clip = _clip_bound(decision)
         self._buffer_add(self._prepared(acc.delta, clip), n, coef, acc.update.update_id,
-                         device_id, acc.update.parts or 1)
+                         device_id, self._counted_parts(acc.update.parts))
         count = sum(self._buffer_parts)
         actions: list[Action] = [
             self._accept(device_id, acc, f"buffered {count}/{k}", coef, clip)

@@ -189,6 +189,17 @@ def test_k_counts_the_device_updates_a_partial_folds_and_a_resumed_core_too() ->
     assert len(models(made)) == 1 and again.version == 1
 
 
+def test_under_differential_privacy_a_partial_still_counts_as_one() -> None:
+    """DP's fixed divisor D = K counts contributions, each clipped to C: a partial folding
+    two device updates does not fill a buffer of K = 2 alone."""
+    from tests.test_privacy import dp_core
+
+    c = dp_core(buffer_size=2)
+    assert not models(c.on_update("fedbus-region-eu", partial_payload("eu.0", parts=2), 0.0))
+    made = c.on_update("fedbus-region-us", partial_payload("us.0", dev="fedbus-region-us"), 0.0)
+    assert len(models(made)) == 1
+
+
 def test_quorum_counts_parts_for_k_but_each_partial_is_one_vote() -> None:
     """Under quorum the agreeing deltas must fold K device updates; a partial is still one
     delta in the median and the agreement, whatever its parts."""
