@@ -118,6 +118,7 @@ from coordinator.fleet_scale import STALENESS_CAP, FleetScale, fleet_scale
 from coordinator.invitations import DEFAULT_INVITE_TIMEOUT, Invitations
 from coordinator.journal import (
     BufferDropped,
+    InvitationsChanged,
     Ledger,
     NormWindow,
     PauseChanged,
@@ -713,6 +714,7 @@ class CoordinatorCore:
         norms: Sequence[float] = (),
         paused: str | None = None,
         periods: Mapping[str, Sequence[float]] | None = None,
+        invitations: Sequence[str] = (),
     ) -> CoordinatorCore:
         """A core at a stored state: ``pending`` (accepted, not yet applied updates, in
         arrival order) are decoded again and put back exactly where they were, the FedBuff
@@ -721,7 +723,9 @@ class CoordinatorCore:
         window of accepted norms, so the next decisions are those the stopped core would
         have made. ``paused``: the stored pause's reason (a paused run resumes paused).
         ``periods``: the devices' stored period samples (``--adaptive-k``); updates based on
-        a version made before the restart give no new sample."""
+        a version made before the restart give no new sample. ``invitations``: the devices
+        that held an open invitation, oldest first; under a concurrency limit they hold it
+        again, each with a whole timeout from ``now`` (``Invitations.restored``)."""
         core = cls(
             task, state, config, ledger=ledger, start_version=version,
             model_codec=model_codec, velocity=velocity, counters=counters,
@@ -729,6 +733,10 @@ class CoordinatorCore:
         )
         core._norms = tuple(float(v) for v in norms)[-core._norm_rule.window:]
         core._periods = DevicePeriods.restored(periods or {})
+        if core._invitations is not None and invitations:
+            core._invitations = Invitations.restored(
+                core._invitations.concurrency, core._invitations.timeout, tuple(invitations),
+                now)
         core._clock = core._started_at = now  # the version resumed at: made before
         core._ended = ended
         core._paused = paused
@@ -820,6 +828,9 @@ class CoordinatorCore:
 
     def drain_journal(self) -> list[Record]:
         """The records of every input since the last call, for the store, in order."""
+        if self._invitations is not None and self._invitations.changes:
+            self._journal.append(InvitationsChanged(
+                tuple(self._invitations.drain_changes().items())))
         records, self._journal = self._journal, []
         return records
 

@@ -605,7 +605,7 @@ class CoordinatorService:
             pending=snap.pending, round_fixed=snap.round, ended=None,
             now=time.monotonic(), model_codec=self.config.model_codec,
             noise_secret=snap.noise_secret, norms=snap.norms, paused=snap.paused,
-            periods=snap.periods,
+            periods=snap.periods, invitations=snap.invitations,
         )
         self._check_model_fits(self.config.max_message_bytes)
         log.info(
