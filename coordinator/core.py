@@ -478,11 +478,13 @@ class AggregationConfig:
         """K and the staleness limit in force with ``devices``
         contributing: ``coordinator.fleet_scale`` with fleet scaling, else fixed. Under a
         concurrency limit at most ``concurrency`` of them train at a time: the fleet that
-        makes staleness is that many."""
+        makes staleness is that many, and K keeps an update's age at about
+        ``fleet_scale.STALENESS_TARGET`` versions."""
         if self.concurrency:
             devices = min(devices, self.concurrency)
         if self.fleet_scaling:
-            return fleet_scale(devices, self.buffer_size, self.max_staleness)
+            return fleet_scale(devices, self.buffer_size, self.max_staleness,
+                               bounded=bool(self.concurrency))
         return FleetScale(self.effective_buffer_size, self.effective_max_staleness)
 
 

@@ -75,9 +75,11 @@ def test_config_checks_concurrency() -> None:
         AggregationConfig(mode="fedavg", concurrency=4)
     with pytest.raises(ValueError, match="concurrency"):
         AggregationConfig(concurrency=-1)
-    # the staleness a fleet makes is the staleness its training part makes
+    # the staleness a fleet makes is the staleness its training part makes, and K keeps it
+    # at about STALENESS_TARGET versions (coordinator.fleet_scale)
     scaled = AggregationConfig(fleet_scaling=True, concurrency=100).scaled(5000)
-    assert scaled == AggregationConfig(fleet_scaling=True).scaled(100)
+    assert scaled == AggregationConfig(fleet_scaling=True, concurrency=100).scaled(100)
+    assert scaled.buffer_size == 15
 
 
 def _online(c: object, devices: list[str]) -> list:
