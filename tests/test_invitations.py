@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from coordinator.core import AggregationConfig, SendInvite, SendReceipt
@@ -189,3 +190,17 @@ def test_a_restarted_coordinator_keeps_its_invitations() -> None:
     assert again.tick(now=129.0) == []
     # d3's invitation ran a whole timeout from the restart; its slot goes to d2, next in line
     assert again.tick(now=130.0) == [SendInvite("d2", 1)]
+
+
+def test_open_invitations_survive_reopening_the_state(tmp_path) -> None:
+    from coordinator.journal import InvitationsChanged
+    from coordinator.store import Store
+
+    store = Store(tmp_path / "state.db")
+    store.create_run("r1", TASK.to_wire(), 0.0, {"w": np.zeros(2, np.float32)}, {})
+    store.commit([InvitationsChanged((("a", True), ("b", True), ("c", True)))], {})
+    store.commit([InvitationsChanged((("a", False), ("b", True)))], {})  # b invited again
+    store.close()
+    again = Store(tmp_path / "state.db")
+    assert again.load().invitations == ("c", "b")
+    again.close()
