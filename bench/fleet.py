@@ -70,7 +70,7 @@ def fleet_settings(devices: int, period: float = PERIOD, updates: int = UPDATES,
 
     if devices < 1 or period <= 0 or updates < 1 or concurrency < 1:
         raise ValueError("need devices >= 1, period > 0, updates >= 1, concurrency >= 1")
-    scale = fleet_scale(min(devices, concurrency), 4, 50)
+    scale = fleet_scale(min(devices, concurrency), 4, 50, bounded=True)
     k = scale.buffer_size
     return FleetSettings(devices, period, k, scale.max_staleness, math.ceil(updates / k))
 

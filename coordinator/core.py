@@ -122,6 +122,7 @@ from coordinator.fleet_scale import STALENESS_CAP, FleetScale, fleet_scale
 from coordinator.invitations import DEFAULT_INVITE_TIMEOUT, Invitations
 from coordinator.journal import (
     BufferDropped,
+    InvitationsChanged,
     Ledger,
     NormWindow,
     PauseChanged,
@@ -481,11 +482,13 @@ class AggregationConfig:
         """K and the staleness limit in force with ``devices``
         contributing: ``coordinator.fleet_scale`` with fleet scaling, else fixed. Under a
         concurrency limit at most ``concurrency`` of them train at a time: the fleet that
-        makes staleness is that many."""
+        makes staleness is that many, and K keeps an update's age at about
+        ``fleet_scale.STALENESS_TARGET`` versions."""
         if self.concurrency:
             devices = min(devices, self.concurrency)
         if self.fleet_scaling:
-            return fleet_scale(devices, self.buffer_size, self.max_staleness)
+            return fleet_scale(devices, self.buffer_size, self.max_staleness,
+                               bounded=bool(self.concurrency))
         return FleetScale(self.effective_buffer_size, self.effective_max_staleness)
 
 
@@ -725,6 +728,7 @@ class CoordinatorCore:
         paused: str | None = None,
         periods: Mapping[str, Sequence[float]] | None = None,
         region_parts: Mapping[tuple[str, int], int] | None = None,
+        invitations: Sequence[str] = (),
     ) -> CoordinatorCore:
         """A core at a stored state: ``pending`` (accepted, not yet applied updates, in
         arrival order) are decoded again and put back exactly where they were, the FedBuff
@@ -734,7 +738,10 @@ class CoordinatorCore:
         have made. ``paused``: the stored pause's reason (a paused run resumes paused).
         ``periods``: the devices' stored period samples (``--adaptive-k``); updates based on
         a version made before the restart give no new sample. ``region_parts``: the parts of
-        the accepted partials by (aggregator, base version), the region quota's tally."""
+        the accepted partials by (aggregator, base version), the region quota's tally.
+        ``invitations``: the devices that held an open invitation, oldest first; under a
+        concurrency limit they hold it again, each with a whole timeout from ``now``
+        (``Invitations.restored``)."""
         core = cls(
             task, state, config, ledger=ledger, start_version=version,
             model_codec=model_codec, velocity=velocity, counters=counters,
@@ -743,6 +750,10 @@ class CoordinatorCore:
         core._norms = tuple(float(v) for v in norms)[-core._norm_rule.window:]
         core._periods = DevicePeriods.restored(periods or {})
         core._region_parts = dict(region_parts or {})  # the region quota's tally
+        if core._invitations is not None and invitations:
+            core._invitations = Invitations.restored(
+                core._invitations.concurrency, core._invitations.timeout, tuple(invitations),
+                now)
         core._clock = core._started_at = now  # the version resumed at: made before
         core._ended = ended
         core._paused = paused
@@ -849,6 +860,9 @@ class CoordinatorCore:
 
     def drain_journal(self) -> list[Record]:
         """The records of every input since the last call, for the store, in order."""
+        if self._invitations is not None and self._invitations.changes:
+            self._journal.append(InvitationsChanged(
+                tuple(self._invitations.drain_changes().items())))
         records, self._journal = self._journal, []
         return records
 

@@ -25,6 +25,14 @@ O(1) amortized per device it touches, whatever the fleet's size.
 - ``expire``: invitations open longer than ``timeout`` are withdrawn (a device that went
   quiet without going offline must not hold a slot for ever); the device waits again.
 - ``invite``: as many waiting devices as there are free slots, first in line first.
+
+The open invitations are durable (``coordinator.store``, table ``invitations``): every
+invitation opened or closed is noted in ``changes`` until the core drains them into its
+journal, so they are committed before the ``invite`` leaves, and ``restored`` rebuilds them
+after a restart in the order they were made. Their times are not kept: a restored invitation
+gets a whole ``timeout`` from the restart (the clock of a stopped coordinator says nothing of
+how long its devices have been training). The waiting line is not stored: every device's
+retained status arrives again when the coordinator subscribes, and the line forms anew.
 """
 
 from __future__ import annotations
@@ -46,12 +54,41 @@ class Invitations:
     timeout: float = DEFAULT_INVITE_TIMEOUT
     open: dict[str, float] = field(default_factory=dict)  # device -> invited at, in order
     waiting: dict[str, None] = field(default_factory=dict)  # devices in line, in order
+    # since the last ``drain_changes``: device -> whether it now holds an invitation, in the
+    # order of the last change of each
+    changes: dict[str, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         if not self.timeout > 0:
             raise ValueError(f"invite timeout must be > 0, got {self.timeout}")
+
+    @classmethod
+    def restored(cls, concurrency: int, timeout: float, devices: list[str] | tuple[str, ...],
+                 now: float) -> Invitations:
+        """The invitations ``devices`` held when the coordinator stopped (oldest first), each
+        open from ``now``; the waiting line is empty until statuses arrive."""
+        made = cls(concurrency, timeout)
+        made.open = dict.fromkeys(devices, now)
+        return made
+
+    def drain_changes(self) -> dict[str, bool]:
+        """The invitations opened (True) and closed (False) since the last call."""
+        changes, self.changes = self.changes, {}
+        return changes
+
+    def _open(self, device: str, now: float) -> None:
+        self.open[device] = now
+        self.changes.pop(device, None)  # moves to the end: its order is that of the last
+        self.changes[device] = True
+
+    def _close(self, device: str) -> bool:
+        if self.open.pop(device, None) is None:
+            return False
+        self.changes.pop(device, None)
+        self.changes[device] = False
+        return True
 
     def holds(self, device: str) -> bool:
         """Whether ``device`` holds an open invitation."""
@@ -61,20 +98,20 @@ class Invitations:
         """A status of ``device``: ``contributes`` (online and able to take part),
         ``training`` (its state says so)."""
         if not contributes:
-            self.open.pop(device, None)
+            self._close(device)
             self.waiting.pop(device, None)
             return
         if device in self.open:
             return
         if training and len(self.open) < self.concurrency:
             self.waiting.pop(device, None)
-            self.open[device] = now
+            self._open(device, now)
             return
         self.waiting.setdefault(device, None)
 
     def consume(self, device: str) -> bool:
         """An update of ``device`` was judged; True if it held an invitation (now used)."""
-        held = self.open.pop(device, None) is not None
+        held = self._close(device)
         if held:
             self.waiting[device] = None
         return held
@@ -87,7 +124,7 @@ class Invitations:
                 break
             gone.append(device)
         for device in gone:
-            del self.open[device]
+            self._close(device)
             self.waiting[device] = None
         return gone
 
@@ -97,6 +134,6 @@ class Invitations:
         while len(self.open) < self.concurrency and self.waiting:
             device = next(iter(self.waiting))
             del self.waiting[device]
-            self.open[device] = now
+            self._open(device, now)
             chosen.append(device)
         return chosen

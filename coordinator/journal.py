@@ -23,6 +23,8 @@ The records:
 - :class:`PauseChanged`: the operator paused the run (no new version until it resumes)
   or resumed it.
 - :class:`PeriodWindow`: with ``--adaptive-k``, a device's last period samples.
+- :class:`InvitationsChanged`: under a concurrency limit, the invitations opened and closed
+  by an input (``coordinator.invitations``), so a restarted coordinator keeps its promises.
 - :class:`NormWindow`: the norms of the most recently accepted updates, from which the
   adaptive norm bound is decided (``coordinator.norm_bound``); rewritten with every
   accepted update, so a resumed run decides as the stopped one would have.
@@ -37,6 +39,7 @@ import numpy as np
 
 __all__ = [
     "BufferDropped",
+    "InvitationsChanged",
     "Ledger",
     "NormWindow",
     "Pending",
@@ -136,6 +139,13 @@ class PeriodWindow:
 
 
 @dataclass(frozen=True)
+class InvitationsChanged:
+    """Invitations opened (``True``) or closed (``False``), in the order they changed."""
+
+    changes: tuple[tuple[str, bool], ...]
+
+
+@dataclass(frozen=True)
 class NormWindow:
     """The L2 norms of the most recently accepted updates, oldest first."""
 
@@ -144,7 +154,7 @@ class NormWindow:
 
 Record = (
     Verdict | Pending | VersionMade | BufferDropped | RoundFixed | RunEnded | NormWindow
-    | PauseChanged | PeriodWindow
+    | PauseChanged | PeriodWindow | InvitationsChanged
 )
 
 

@@ -606,6 +606,7 @@ class CoordinatorService:
             now=time.monotonic(), model_codec=self.config.model_codec,
             noise_secret=snap.noise_secret, norms=snap.norms, paused=snap.paused,
             periods=snap.periods, region_parts=snap.region_parts,
+            invitations=snap.invitations,
         )
         self._check_model_fits(self.config.max_message_bytes)
         log.info(

@@ -39,7 +39,9 @@ after the service's callback has returned, follows the commit. Tables:
 - ``work``: (device, base version) pairs already accepted, while they could still arrive
   within the staleness bound;
 - ``history``: one row per version, appended; ``evaluations``: held-out accuracy and loss of
-  a version, appended when computed.
+  a version, appended when computed;
+- ``invitations``: under a concurrency limit, the devices holding an open invitation, in the
+  order they were invited (``coordinator.invitations``).
 
 Memory stays flat: the seen ids and the history live on disk, not in the process.
 """
@@ -61,6 +63,7 @@ import numpy as np
 
 from coordinator.journal import (
     BufferDropped,
+    InvitationsChanged,
     NormWindow,
     PauseChanged,
     Pending,
@@ -116,6 +119,8 @@ PAUSE_FORMAT = 5
 FORMAT = PAUSE_FORMAT
 # --adaptive-k: meta "period:<device>", a device's last period samples (JSON list). No format
 # change: a fedbus without adaptive K ignores them, and its K does not depend on them.
+# The table ``invitations`` needs no format change either: a fedbus that does not read it
+# resumes with no invitation open, as every fedbus did before it was kept.
 PERIOD_KEY = "period:"
 DB_FILE = "state.db"
 TASK_FILE = "task.json"  # the run's task as JSON, for `fedbus data check` (service)
@@ -179,6 +184,10 @@ CREATE TABLE IF NOT EXISTS evaluations (
     loss REAL,
     evaluated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS invitations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL UNIQUE
+);
 """
 
 
@@ -224,6 +233,8 @@ class RunSnapshot:
     periods: dict[str, tuple[float, ...]] = field(default_factory=dict)
     # revision 2.16: the parts of the accepted partials, by (aggregator, base version)
     region_parts: dict[tuple[str, int], int] = field(default_factory=dict)
+    # the devices holding an open invitation, oldest first (coordinator.invitations)
+    invitations: tuple[str, ...] = ()
 
 
 class Store:
@@ -377,6 +388,8 @@ class Store:
                     "SELECT device, base_version, SUM(parts) FROM verdicts WHERE accepted = 1 "
                     "AND parts IS NOT NULL GROUP BY device, base_version")
             },
+            invitations=tuple(str(device) for (device,) in self._db.execute(
+                "SELECT device FROM invitations ORDER BY seq")),
         )
 
     # -- the ledger (read while judging) ---------------------------------------------------
@@ -472,6 +485,13 @@ class Store:
             self._set_meta(PERIOD_KEY + record.device_id, json.dumps(list(record.samples)))
         elif isinstance(record, NormWindow):
             self._set_meta("norms", json.dumps(list(record.norms)))
+        elif isinstance(record, InvitationsChanged):
+            for device, opened in record.changes:
+                if opened:  # a new row (a new seq) even if the device held one before
+                    db.execute("INSERT OR REPLACE INTO invitations (device) VALUES (?)",
+                               (device,))
+                else:
+                    db.execute("DELETE FROM invitations WHERE device = ?", (device,))
         elif isinstance(record, PauseChanged):
             if record.paused:
                 self._set_meta("paused", record.reason)

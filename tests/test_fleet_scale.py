@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator.core import AggregationConfig
-from coordinator.fleet_scale import STALENESS_CAP, FleetScale, fleet_scale
+from coordinator.fleet_scale import STALENESS_CAP, STALENESS_TARGET, FleetScale, fleet_scale
 
 
 @pytest.mark.parametrize(("devices", "expected"), [
@@ -20,6 +20,18 @@ from coordinator.fleet_scale import STALENESS_CAP, FleetScale, fleet_scale
 ])
 def test_fleet_scale_by_hand(devices: int, expected: FleetScale) -> None:
     assert fleet_scale(devices, 4, 50) == expected
+
+
+@pytest.mark.parametrize(("devices", "expected"), [
+    (16, FleetScale(4, 50)),  # sqrt 16 = 4 ≥ ⌈16 / 7⌉ = 3: as without a limit
+    (49, FleetScale(7, 50, "sqrt")),  # sqrt and 49 / 7 agree
+    (100, FleetScale(15, 50, "sqrt")),  # ⌈100 / 7⌉ = 15 > sqrt 100; ⌈400 / 15⌉ = 27 < 50
+    (1000, FleetScale(143, 50, "sqrt")),  # a limit of 1,000: 143; ⌈4000 / 143⌉ = 28 < 50
+])
+def test_under_a_concurrency_limit_k_keeps_updates_about_7_versions_old(
+        devices: int, expected: FleetScale) -> None:
+    assert STALENESS_TARGET == 7
+    assert fleet_scale(devices, 4, 50, bounded=True) == expected
 
 
 def test_floors_win_while_larger() -> None:

@@ -49,13 +49,14 @@ def test_training_seed_is_the_agents() -> None:
 
 def test_fleet_settings_follow_the_training_fleet() -> None:
     s = fleet_settings(100, period=2.5, updates=1200)
-    # the coordinator's fleet scaling: K = sqrt(100) = 10, limit 50 (4 · 100 / 10 = 40 is
-    # below the floor); 1200 / 10 versions
-    assert (s.period, s.buffer_size, s.max_staleness, s.max_versions) == (2.5, 10, 50, 120)
+    # the coordinator's fleet scaling under its concurrency limit: K = ⌈100 / 7⌉ = 15
+    # (updates about 7 versions old), limit 50 (⌈4 · 100 / 15⌉ = 27 is below the floor);
+    # ⌈1200 / 15⌉ versions
+    assert (s.period, s.buffer_size, s.max_staleness, s.max_versions) == (2.5, 15, 50, 80)
     # at most 100 train at a time (revision 2.10): a fleet of 5,000 steps as one of 100
     big = fleet_settings(5000, period=2.5, updates=1200)
-    assert (big.period, big.buffer_size, big.max_versions) == (2.5, 10, 120)
-    assert fleet_settings(5000, concurrency=400).buffer_size == 20  # ceil(sqrt 400)
+    assert (big.period, big.buffer_size, big.max_versions) == (2.5, 15, 80)
+    assert fleet_settings(5000, concurrency=400).buffer_size == 58  # ⌈400 / 7⌉
     assert fleet_settings(4).buffer_size == 4 and fleet_settings(4).max_staleness == 50
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from coordinator.core import AggregationConfig, SendInvite, SendReceipt
@@ -10,7 +11,7 @@ from coordinator.invitations import Invitations
 from fedbus.envelope import pack, unpack
 from fedbus.errors import ProtocolError
 from fedbus.messages import Invite, ModelSpec, Task, TrainSpec
-from tests.test_core import core, status, upd
+from tests.test_core import TASK, core, status, upd
 
 
 def test_invites_in_order_of_waiting_up_to_the_limit() -> None:
@@ -75,9 +76,11 @@ def test_config_checks_concurrency() -> None:
         AggregationConfig(mode="fedavg", concurrency=4)
     with pytest.raises(ValueError, match="concurrency"):
         AggregationConfig(concurrency=-1)
-    # the staleness a fleet makes is the staleness its training part makes
+    # the staleness a fleet makes is the staleness its training part makes, and K keeps it
+    # at about STALENESS_TARGET versions (coordinator.fleet_scale)
     scaled = AggregationConfig(fleet_scaling=True, concurrency=100).scaled(5000)
-    assert scaled == AggregationConfig(fleet_scaling=True).scaled(100)
+    assert scaled == AggregationConfig(fleet_scaling=True, concurrency=100).scaled(100)
+    assert scaled.buffer_size == 15
 
 
 def _online(c: object, devices: list[str]) -> list:
@@ -150,3 +153,54 @@ def test_invite_and_task_flag_on_the_wire() -> None:
     assert "by_invitation" not in plain.to_wire()  # byte for byte the task of 2.9
     with pytest.raises(ProtocolError):
         Task.from_wire({**task.to_wire(), "by_invitation": 1})
+
+
+def test_open_invitations_are_noted_for_the_store_in_order() -> None:
+    inv = Invitations(2)
+    for d in ("a", "b", "c"):
+        inv.on_presence(d, True, False, now=0.0)
+    inv.invite(0.0)
+    assert inv.drain_changes() == {"a": True, "b": True}
+    assert inv.drain_changes() == {}
+    inv.consume("a")
+    inv.invite(1.0)  # c takes a's slot
+    inv.on_presence("b", False, False, now=1.0)
+    assert list(inv.drain_changes().items()) == [("a", False), ("c", True), ("b", False)]
+    back = Invitations.restored(2, 600.0, ("c",), now=5.0)
+    assert back.open == {"c": 5.0} and back.waiting == {} and back.changes == {}
+
+
+def test_a_restarted_coordinator_keeps_its_invitations() -> None:
+    from coordinator.core import CoordinatorCore
+
+    c = core(buffer_size=2, concurrency=2, invite_timeout=30.0)
+    assert _online(c, ["d1", "d2", "d3"]) == [SendInvite("d1", 0), SendInvite("d2", 0)]
+    assert c.on_update("d1", upd("d1"), now=1.0)[-1] == SendInvite("d3", 0)
+    snap = c.store.load()
+    assert snap.invitations == ("d2", "d3")  # d1's was used up; in the order they were made
+    again = CoordinatorCore.resume(
+        TASK, c.config, ledger=c.store, version=snap.version, state=snap.state,
+        velocity=snap.velocity, counters=snap.counters, pending=snap.pending,
+        round_fixed=snap.round, ended=None, now=100.0, invitations=snap.invitations)
+    # the retained statuses arrive again: d3 says training, d1 waits; no slot is free
+    assert again.on_status("d3", status("d3", "training"), now=100.0) == []
+    assert again.on_status("d1", status("d1", "online"), now=100.0) == []
+    judged = again.on_update("d2", upd("d2"), now=101.0)  # invited before the restart
+    assert judged[0].receipt.accepted and judged[-1] == SendInvite("d1", 1)
+    assert again.tick(now=129.0) == []
+    # d3's invitation ran a whole timeout from the restart; its slot goes to d2, next in line
+    assert again.tick(now=130.0) == [SendInvite("d2", 1)]
+
+
+def test_open_invitations_survive_reopening_the_state(tmp_path) -> None:
+    from coordinator.journal import InvitationsChanged
+    from coordinator.store import Store
+
+    store = Store(tmp_path / "state.db")
+    store.create_run("r1", TASK.to_wire(), 0.0, {"w": np.zeros(2, np.float32)}, {})
+    store.commit([InvitationsChanged((("a", True), ("b", True), ("c", True)))], {})
+    store.commit([InvitationsChanged((("a", False), ("b", True)))], {})  # b invited again
+    store.close()
+    again = Store(tmp_path / "state.db")
+    assert again.load().invitations == ("c", "b")
+    again.close()
