@@ -192,6 +192,12 @@ def guarded(fn: Any) -> dict[str, Any]:
         return {"rate": None, "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
+def _split_answer(wire: bytes) -> tuple[bytes, bytearray]:
+    """(header, values) of an ingest worker's answer, as its reader thread reads them."""
+    head_len = int.from_bytes(wire[:4], "little")
+    return wire[12:12 + head_len], bytearray(wire[12 + head_len:])
+
+
 def stage_costs(model_args: dict[str, Any]) -> dict[str, float]:
     """Microseconds per update of each step of the coordinator's path, in this process.
 
@@ -202,9 +208,10 @@ def stage_costs(model_args: dict[str, Any]) -> dict[str, float]:
     import torch
 
     from coordinator.aggregation import WeightedSum, fedbuff_apply, l2_norm
+    from coordinator.ingest_workers import decode_answer, encode_answer
     from coordinator.journal import Pending, Verdict
     from coordinator.store import Store
-    from coordinator.validation import ValidationLimits, validate_update
+    from coordinator.validation import ValidationLimits, check_delta, validate_update
     from fedbus.envelope import pack, unpack
     from fedbus.messages import Update
     from fedbus.update_codec import decode_delta, encode_delta
@@ -245,6 +252,7 @@ def stage_costs(model_args: dict[str, Any]) -> dict[str, float]:
             times.append((time.perf_counter() - start) / repeat)
         return round(min(times) * 1e6, 1)
 
+    checked = check_delta(payload, expected_shapes=shapes, limits=limits)
     big = sum(v.size for v in state.values()) > 200_000
     r = 20 if big else 300
     return {
@@ -255,6 +263,16 @@ def stage_costs(model_args: dict[str, Any]) -> dict[str, float]:
         "validate_update (all of the above)": per_call(lambda: validate_update(
             payload, topic_device="device-01", run_id="r", task_id="t",
             expected_shapes=shapes, current_version=1, limits=limits, ledger=ledger), r),
+        "check_delta (an ingest worker's part)": per_call(lambda: check_delta(
+            payload, expected_shapes=shapes, limits=limits), r),
+        "validate_update with the worker's outcome (the reducer's part)": per_call(
+            lambda: validate_update(
+                payload, topic_device="device-01", run_id="r", task_id="t",
+                expected_shapes=shapes, current_version=1, limits=limits, ledger=ledger,
+                prechecked=checked), r),
+        "worker answer encode + decode (framing, without the pipe)": per_call(
+            lambda: decode_answer(*_split_answer(encode_answer(1, 0.0, checked, shapes)),
+                                  shapes), r),
         "store commit (verdict + payload, WAL on disk)": per_call(
             lambda: store.commit([Verdict(next_id(), "device-01", b"12345678", 0, True, None,
                                           "buffered", 1, 0),
