@@ -21,7 +21,13 @@ worker, or waiting for the reducer, when the process died was never acknowledged
 broker delivers it again to the restarted coordinator (its durable session), which judges it
 then, or answers it from the store if its verdict was committed. The broker's own limit on
 unacknowledged messages per client (``max_inflight_messages``, 20 in the shipped
-configuration) bounds how many messages are in the pipeline at once, and so its memory.
+configuration) and the client's MQTT v5 Receive Maximum hold only until the client sends its
+first PUBACK of its own accord (measured with Mosquitto 2.0.11 and paho's manual acks:
+Receive Maximum 5, five messages sent, then 20 after three PUBACKs; without one, 20, then
+every queued message), so the coordinator bounds the pipeline itself: the network thread
+waits while ``pipeline_depth`` messages (64, fewer for large models) are in it, which stops
+it reading the socket until the reducer catches up. That bounds the memory the pipeline
+holds, also when a restarted coordinator finds thousands of updates queued in its session.
 
 A worker that dies (or answers something unreadable) is dropped: the updates it held are
 decoded by the reducer itself, like any update after the last worker is gone.
@@ -61,11 +67,15 @@ __all__ = [
     "WorkerSettings",
     "decode_answer",
     "encode_answer",
+    "pipeline_depth",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_WORKERS = 64  # a sanity bound: each worker is a process of its own
+_PIPELINE_BYTES = 256 * 1024 * 1024  # about the most the messages in the pipeline may hold
+_MAX_DEPTH = 64
+_MIN_DEPTH = 4
 _REQUEST = struct.Struct("<QQ")  # seq, payload length
 _ANSWER = struct.Struct("<IQ")  # header length, values length
 _NO_ENVELOPE = "-"  # answer reason: the envelope failed; the reducer finds why itself
@@ -108,6 +118,14 @@ class WorkerSettings:
         d = json.loads(text)
         return cls({k: tuple(v) for k, v in d["shapes"].items()}, d["max_update_bytes"],
                    d["max_norm"], d["max_bin_len"], d["max_unknown_bytes"], d["max_bytes"])
+
+
+def pipeline_depth(max_update_bytes: int, parameters: int) -> int:
+    """How many messages the coordinator takes from the broker before it acknowledges
+    them (its MQTT Receive Maximum): enough to keep the workers and a group commit busy
+    (64), fewer when each could hold a large payload and its decoded float32 values."""
+    per_message = max(1, max_update_bytes + 4 * parameters)
+    return max(_MIN_DEPTH, min(_MAX_DEPTH, _PIPELINE_BYTES // per_message))
 
 
 # -- the wire between coordinator and worker (pure) ----------------------------------------
@@ -352,6 +370,12 @@ class InOrder:
         self._next_out = 0  # the next to take
         self._closed = False
 
+    def wait_room(self, limit: int, timeout: float | None = None) -> bool:
+        """Wait until fewer than ``limit`` items are in (or closed); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._closed or self._next_seq - self._next_out < limit, timeout)
+
     def add(self, item: Any, *, wait: bool) -> int:
         """Append ``item``; ``wait``: it is released only once ``settle`` gives its outcome."""
         with self._cond:
@@ -386,6 +410,7 @@ class InOrder:
                 seq = self._next_out
                 out.append((self._items.pop(seq), self._outcomes.pop(seq)))
                 self._next_out += 1
+            self._cond.notify_all()  # room for the network thread
             return out
 
     def pending(self) -> int:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -58,7 +59,7 @@ from coordinator.core import Action, CoordinatorCore, NewModel, SendInvite, Send
 from coordinator.dashboard import DashboardFeed, DashboardServer, fleet_rows, serve_dashboard
 from coordinator.evaluation import Evaluator
 from coordinator.fleet import FleetStats, fleet_snapshot
-from coordinator.ingest_workers import IngestPool, InOrder, WorkerSettings
+from coordinator.ingest_workers import IngestPool, InOrder, WorkerSettings, pipeline_depth
 from coordinator.limits import default_max_update_bytes, model_size_bound, receive_packet_limit
 from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
 from coordinator.stall import StallDetector
@@ -443,6 +444,9 @@ class CoordinatorService:
         self._reducer: threading.Thread | None = None
         # group commit: the judged updates waiting for the reducer's commit (else None)
         self._deferred: list[tuple[Message, list[Action]]] | None = None
+        # ... and how many messages it may hold at once (coordinator.ingest_workers)
+        self._depth = pipeline_depth(self.task.max_update_bytes,
+                                     sum(math.prod(s) for s in self._shapes().values()))
         self.client: Transport = transport_factory(
             ConnectionSettings(
                 host=config.host,
@@ -454,7 +458,10 @@ class CoordinatorService:
                 max_packet_size=config.max_message_bytes,
                 receive_max_packet_size=self.receive_limit,
                 # ingest workers: the reducer acknowledges each message after its commit
+                # (the broker honours the Receive Maximum only until the first PUBACK:
+                # _enqueue bounds the pipeline itself)
                 manual_ack=config.ingest_workers > 0,
+                receive_maximum=self._depth if config.ingest_workers > 0 else None,
             ),
             on_message=self._on_message,
             on_connect=lambda _present: self._republish.set(),
@@ -1023,6 +1030,8 @@ class CoordinatorService:
         """Network thread, with workers: number the message, and send a plain update to a
         worker; the reducer judges it once the worker answered (no PUBACK before then)."""
         assert self._in_order is not None and self._pool is not None
+        # not reading the socket meanwhile holds further messages at the broker
+        self._in_order.wait_room(self._depth)
         decode = self._plain_update(msg)
         seq = self._in_order.add(msg, wait=decode)
         if decode and not self._pool.submit(seq, msg.payload):
@@ -1058,14 +1067,20 @@ class CoordinatorService:
     def _reduce_batch(self, batch: list[tuple[Message, DeltaChecked | None]]) -> None:
         """Judge ``batch`` (the caller holds the lock). Plain updates share one commit until
         one of them makes a new version (its model is published from the state it made) or
-        another kind of message comes (it commits and publishes as it always does)."""
+        another kind of message comes (it commits and publishes as it always does).
+
+        Fairness (``coordinator.admission``): each message's device is charged this thread's
+        CPU time judging it; the group's commit and publishing are charged to no one (else
+        the last updates of a group would pay for the whole group's)."""
         deferred: list[tuple[Message, list[Action]]] = []
         for msg, checked in batch:
             if not self._plain_update(msg):
                 self._flush(deferred)
+                self._cpu_mark = (threading.get_ident(), time.thread_time())
                 self._dispatch(msg)
                 continue
             self._deferred = deferred
+            self._cpu_mark = (threading.get_ident(), time.thread_time())
             try:
                 self._dispatch(msg, checked)
             finally:

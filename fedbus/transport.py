@@ -121,6 +121,9 @@ class ConnectionSettings:
     # is called, from any thread, not when ``on_message`` returns; the caller must call it
     # for every message, in the order they arrived (MQTT v5 4.6)
     manual_ack: bool = False
+    # the Receive Maximum of our CONNECT: the broker sends at most this many QoS 1 messages
+    # we have not acknowledged yet (MQTT v5 3.1.2.11; None: the protocol's 65,535)
+    receive_maximum: int | None = None
 
 
 @dataclass(frozen=True)
@@ -439,6 +442,8 @@ class MqttClient:
         props.SessionExpiryInterval = self.settings.session_expiry
         if self.settings.receive_max_packet_size is not None:
             props.MaximumPacketSize = self.settings.receive_max_packet_size
+        if self.settings.receive_maximum is not None:
+            props.ReceiveMaximum = self.settings.receive_maximum
         self._disconnected_since = time.monotonic()
         self._client.connect_async(
             self.settings.host,

@@ -156,6 +156,20 @@ def test_in_order_releases_messages_in_arrival_order() -> None:
     assert order.take(1) == []
 
 
+def test_in_order_makes_the_network_thread_wait_for_room() -> None:
+    order = InOrder()
+    for item in "abc":
+        order.add(item, wait=False)
+    assert not order.wait_room(3, timeout=0.01)  # full: the socket is not read meanwhile
+    freed = threading.Timer(0.05, lambda: order.take(2))
+    freed.start()
+    assert order.wait_room(3, timeout=5)  # the reducer took some
+    freed.join()
+    assert order.pending() == 1
+    order.close()
+    assert order.wait_room(0, timeout=0)  # a closed pipeline never blocks
+
+
 def test_worker_settings_survive_json() -> None:
     settings = WorkerSettings.of(SHAPES, LIMITS)
     assert WorkerSettings.from_json(settings.to_json()) == settings
