@@ -998,7 +998,13 @@ class CoordinatorService:
             return
         order = InOrder()
         shapes, limits = self.core.delta_check
-        self._pool = IngestPool(n, WorkerSettings.of(shapes, limits), order.settle)
+        try:
+            self._pool = IngestPool(n, WorkerSettings.of(shapes, limits), order.settle)
+        except OSError as exc:
+            self._stop_metrics()
+            self._stop_dashboard()
+            self.close()
+            raise ConfigError(f"cannot start {n} ingest worker process(es): {exc}") from None
         self._in_order = order
         self._reducer = threading.Thread(target=self._reduce, name="reducer", daemon=True)
         self._reducer.start()

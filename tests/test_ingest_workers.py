@@ -218,6 +218,25 @@ def test_a_worker_process_answers_and_its_death_hands_its_work_back() -> None:
     assert all(w.proc.returncode is not None for w in pool.workers)
 
 
+def test_a_manual_ack_is_sent_only_on_the_connection_the_message_came_on() -> None:
+    from fedbus.transport import ConnectionSettings, MqttClient
+
+    client = MqttClient(ConnectionSettings("127.0.0.1", 1, "c", "c", "p", manual_ack=True),
+                        on_message=lambda _m: None)
+    sent: list[tuple[int, int]] = []
+    client._client.ack = lambda mid, qos: sent.append((mid, qos))  # type: ignore[method-assign]
+    client._connected.set()
+    first = client._acknowledger(7, 1, client._generation)
+    first()
+    assert sent == [(7, 1)]
+    later = client._acknowledger(8, 1, client._generation)
+    client._generation += 1  # a reconnect: the broker sends message 8 again, maybe as 8
+    later()
+    client._connected.clear()
+    client._acknowledger(9, 1, client._generation)()  # no connection: nothing to send on
+    assert sent == [(7, 1)]
+
+
 # -- against a real broker ------------------------------------------------------------------
 
 K, LAG = 3, 5
