@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -204,6 +205,8 @@ def _read_into(stream: IO[bytes], size: int) -> bytearray | None:
 def worker_main(argv: list[str]) -> int:
     """``python -m coordinator.ingest_workers SETTINGS_JSON``: answer requests from stdin
     until it closes (the coordinator stopped or died)."""
+    # a Ctrl-C reaches the whole process group: the coordinator stops, then closes our pipe
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = WorkerSettings.from_json(argv[0])
     limits = settings.limits()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -226,10 +229,12 @@ def worker_main(argv: list[str]) -> int:
 class _Worker:
     def __init__(self, index: int, settings: WorkerSettings) -> None:
         self.index = index
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-               "MKL_NUM_THREADS": "1"}
+        # the coordinator's own module path, not the working directory's (-P)
+        path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
+        env = {**os.environ, "PYTHONPATH": path, "OPENBLAS_NUM_THREADS": "1",
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.ingest_workers", settings.to_json()],
+            [sys.executable, "-P", "-m", "coordinator.ingest_workers", settings.to_json()],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         self.outstanding: list[int] = []  # seqs sent, not answered yet (in order)
