@@ -28,6 +28,12 @@ arrives (judging a message on another thread cost more than judging it: BENCHMAR
 ingest). The calling thread records versions (evaluation, history, model export,
 ``on_version``), applies the core's clock (``tick``) and decides when to stop; it never
 holds the lock around the core while it evaluates.
+
+With ingest workers (``--ingest-workers N``, ``coordinator.ingest_workers``) the network
+thread only numbers each message and hands an update's payload to a worker process that
+decodes and checks its delta; a reducer thread judges the messages in arrival order with the
+workers' outcomes, commits up to 32 updates per transaction, carries out their actions and
+only then sends their PUBACKs (manual acknowledgement), so the durability above holds.
 """
 
 from __future__ import annotations
