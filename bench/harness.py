@@ -258,7 +258,8 @@ class BenchBroker:
 
 def accepted_recorder(service: Any, clock: Callable[[], float] = time.time) -> list[tuple]:
     """Wrap ``service.core.on_update`` (this instance only) to note, for every accepted update,
-    ``(update_id, device_id, clock() when the core returned, process CPU seconds)``.
+    ``(update_id, device_id, clock() when the core returned, process CPU seconds)`` (the
+    CPU seconds of the coordinator's ingest workers included).
 
     The core returns after validating and (when the buffer is full) aggregating the update;
     the time is taken right after that, before the shell publishes receipts or the model.
@@ -272,7 +273,8 @@ def accepted_recorder(service: Any, clock: Callable[[], float] = time.time) -> l
     def on_update(device: str, payload: bytes, now: float, **kwargs: Any) -> list:
         actions = original(device, payload, now, **kwargs)
         done = clock()
-        cpu = time.process_time()
+        # with ingest workers, their CPU time too (each reports its own with every answer)
+        cpu = time.process_time() + service.ingest_worker_cpu()
         for action in actions:
             if isinstance(action, SendReceipt) and action.receipt.accepted:
                 records.append((action.receipt.update_id, device, done, cpu))

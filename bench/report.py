@@ -109,12 +109,31 @@ def _ingest(b: dict[str, Any]) -> str:
                     f"{_runs(lost)} (bare subscriber: "
                     f"{_runs([r.get('lost', 0) for r in b['details']['baseline_runs']])})")
     text += _failed_runs(b)
+    text += _workers_curve(b)
     stages = b["details"].get("stage_costs_us") or {}
     if stages:
         text += ["", "Where one update's time goes (µs, each step timed alone in the harness "
                  "process):", "", _table(["step", "µs"],
                                          [[k, _num(v)] for k, v in stages.items()])]
     return "\n".join(text)
+
+
+def _workers_curve(b: dict[str, Any]) -> list[str]:
+    """Throughput against ``--ingest-workers``, each against the baseline of the same pairs."""
+    curve = b["details"].get("curve") or []
+    if not curve:
+        return []
+    cores = b["params"].get("cpu_count")
+    rows = [[str(c["workers"]), _num(c["median"]), _ratio(c["ratio"]),
+             _num(c.get("cpu_ms_per_update")), _runs(c["runs"]),
+             str(c.get("failed_runs", 0))] for c in curve]
+    return ["", f"Throughput against ingest workers (`--ingest-workers`; 0: all in the "
+            f"coordinator's process), each against the bare subscriber's median of the same "
+            f"alternating pairs ({_num(b['baseline']['median'])} updates/s), on "
+            f"{cores if cores else '?'} cores shared with the broker and the publisher. CPU "
+            f"per update is the coordinator's process and its workers together:", "",
+            _table(["workers", "updates/s (median)", "of the ceiling", "CPU ms/update",
+                    "runs", "failed runs"], rows)]
 
 
 def _failed_runs(b: dict[str, Any]) -> list[str]:

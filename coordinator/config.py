@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from coordinator.admission import AdmissionPolicy
 from coordinator.core import AggregationConfig
+from coordinator.ingest_workers import MAX_WORKERS
 from coordinator.invitations import DEFAULT_CONCURRENCY
 from coordinator.privacy import PrivacySpec, privacy_from_settings
 from fedbus.codec_spec import parse_codec
@@ -149,6 +150,9 @@ class CoordinatorConfig(BrokerTarget):
     # warn when no update was accepted for this many seconds while some were rejected
     # (coordinator.stall); 0: never
     stall_window: float = 60.0
+    # worker processes that decode and check update deltas (coordinator.ingest_workers);
+    # 0: this process does all the work (one thread judges each message as it arrives)
+    ingest_workers: int = 0
     # "paused": begin paused (no version is made, agents do not train) until the operator
     # resumes the run (`fedbus run resume`); a run paused before stays paused either way
     start: str = "running"
@@ -229,6 +233,10 @@ class CoordinatorConfig(BrokerTarget):
         self.class_names()
         if not (math.isfinite(self.stall_window) and self.stall_window >= 0):
             raise ValueError(f"stall_window must be a number >= 0, got {self.stall_window}")
+        if not (isinstance(self.ingest_workers, int)
+                and 0 <= self.ingest_workers <= MAX_WORKERS):
+            raise ValueError(f"ingest_workers must be an integer 0-{MAX_WORKERS}, got "
+                             f"{self.ingest_workers!r}")
         self.admission()
         self.aggregation()  # one place checks the aggregation settings
 

@@ -154,6 +154,7 @@ from coordinator.staleness import STALENESS_KINDS, staleness_weight
 from coordinator.validation import (
     REJECT_REASONS,
     Accepted,
+    DeltaChecked,
     Rejected,
     Repeated,
     ValidationLimits,
@@ -854,6 +855,12 @@ class CoordinatorCore:
         return self._paused
 
     @property
+    def delta_check(self) -> tuple[dict[str, tuple[int, ...]], ValidationLimits]:
+        """The shapes and limits an update's delta is checked against (steps 11 to 15 of
+        ``validate_update``: what an ingest worker needs to check it ahead)."""
+        return dict(self._shapes), self._limits
+
+    @property
     def buffered(self) -> int:
         """Accepted updates waiting to be applied (FedBuff buffer or open FedAvg round)."""
         return len(self._round.reported) if self._round is not None else len(self._buffer_ids)
@@ -869,10 +876,12 @@ class CoordinatorCore:
     # -- inputs ----------------------------------------------------------------------------
 
     def on_update(
-        self, topic_device: str, payload: bytes, now: float, *, retained: bool = False
+        self, topic_device: str, payload: bytes, now: float, *, retained: bool = False,
+        prechecked: DeltaChecked | None = None,
     ) -> list[Action]:
         """An update payload arrived on ``topic_device``'s update topic (``retained``: the
-        message carried the retain flag)."""
+        message carried the retain flag). ``prechecked``: its delta already decoded and
+        checked by an ingest worker (``coordinator.validation.check_delta``)."""
         self.last_judged = None
         self._tick_clock(now)
         if self.config.fleet_scaling:
@@ -891,6 +900,7 @@ class CoordinatorCore:
             retained=retained,
             signature_check=self.update_signatures,
             partial=partial,
+            prechecked=prechecked,
         )
         if isinstance(result, Repeated):
             self.last_judged = Judged(topic_device, "repeated", result.verdict.reason,

@@ -28,6 +28,12 @@ arrives (judging a message on another thread cost more than judging it: BENCHMAR
 ingest). The calling thread records versions (evaluation, history, model export,
 ``on_version``), applies the core's clock (``tick``) and decides when to stop; it never
 holds the lock around the core while it evaluates.
+
+With ingest workers (``--ingest-workers N``, ``coordinator.ingest_workers``) the network
+thread only numbers each message and hands an update's payload to a worker process that
+decodes and checks its delta; a reducer thread judges the messages in arrival order with the
+workers' outcomes, commits up to 32 updates per transaction, carries out their actions and
+only then sends their PUBACKs (manual acknowledgement), so the durability above holds.
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +65,7 @@ from coordinator.core import Action, CoordinatorCore, NewModel, SendInvite, Send
 from coordinator.dashboard import DashboardFeed, DashboardServer, fleet_rows, serve_dashboard
 from coordinator.evaluation import Evaluator
 from coordinator.fleet import FleetStats, fleet_snapshot
+from coordinator.ingest_workers import IngestPool, InOrder, WorkerSettings, pipeline_depth
 from coordinator.limits import default_max_update_bytes, model_size_bound, receive_packet_limit
 from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
 from coordinator.stall import StallDetector
@@ -70,6 +79,7 @@ from coordinator.store import (
     archive_run,
 )
 from coordinator.target_hold import Evaluated, TargetWatch
+from coordinator.validation import DeltaChecked
 from fedbus.chunks import chunk_data_size, is_chunk, peek_chunk_id, split
 from fedbus.envelope import DecodeLimits, pack
 from fedbus.errors import ConfigError, FedbusError, MessageTooLarge, StateError
@@ -135,6 +145,8 @@ _RESTORE_INTERVAL = 5.0
 _FLEET_INTERVAL = 2.0  # the fleet snapshot is published at most this often, when it changed
 _FLOOD_LOG_INTERVAL = 60.0  # seconds between warnings about a device still over its share
 _CHECKPOINT_INTERVAL = 1.0  # seconds between copies of the store's log into its file
+# --ingest-workers: at most this many updates judged before one commit (group commit)
+_GROUP_COMMIT = 32
 
 
 @dataclass(frozen=True)
@@ -431,6 +443,16 @@ class CoordinatorService:
         # as after a start: every topic a chunk of this model could have used)
         self._model_chunk_topics: int | None = None
         self._model_chunking_logged = False
+        # --ingest-workers (coordinator.ingest_workers): messages in arrival order, the
+        # worker processes that decode updates, and the reducer thread that judges them
+        self._in_order: InOrder | None = None
+        self._pool: IngestPool | None = None
+        self._reducer: threading.Thread | None = None
+        # group commit: the judged updates waiting for the reducer's commit (else None)
+        self._deferred: list[tuple[Message, list[Action]]] | None = None
+        # ... and how many messages it may hold at once (coordinator.ingest_workers)
+        self._depth = pipeline_depth(self.task.max_update_bytes,
+                                     sum(math.prod(s) for s in self._shapes().values()))
         self.client: Transport = transport_factory(
             ConnectionSettings(
                 host=config.host,
@@ -441,6 +463,11 @@ class CoordinatorService:
                 password=password,
                 max_packet_size=config.max_message_bytes,
                 receive_max_packet_size=self.receive_limit,
+                # ingest workers: the reducer acknowledges each message after its commit
+                # (the broker honours the Receive Maximum only until the first PUBACK:
+                # _enqueue bounds the pipeline itself)
+                manual_ack=config.ingest_workers > 0,
+                receive_maximum=self._depth if config.ingest_workers > 0 else None,
             ),
             on_message=self._on_message,
             on_connect=lambda _present: self._republish.set(),
@@ -799,6 +826,7 @@ class CoordinatorService:
         with self._lock:  # partial updates a stopped process held (revision 2.6)
             for completed in self._chunks.restore(time.monotonic()):
                 self._judge_chunked(completed, time.monotonic())
+        self._start_ingest_workers()
         self.client.start()
         log.info(
             "coordinator: task %s run %s (%s %s), mode %s, aggregator %s, codec %s, model "
@@ -863,7 +891,9 @@ class CoordinatorService:
             if stop_reason != _STOP_REQUESTED:
                 self._end_run(stop_reason)
         finally:
+            self._stop_reducer()  # what it had not committed is not acknowledged either
             self.client.stop()
+            self._stop_ingest_workers()
             self._record_made(timeout=0)  # versions made before the network thread stopped
             if self._dashboard is not None:
                 self._dashboard.run_info(state="ended" if self.core.ended else "stopped")
@@ -950,6 +980,9 @@ class CoordinatorService:
     # -- network thread ------------------------------------------------------------------
 
     def _on_message(self, msg: Message) -> None:
+        if self._in_order is not None:
+            self._enqueue(msg)
+            return
         with self._lock:
             if self._fatal is not None:
                 return
@@ -964,6 +997,123 @@ class CoordinatorService:
             finally:
                 self._cpu_mark = (threading.get_ident(), time.thread_time())
 
+    # -- ingest workers (coordinator.ingest_workers) --------------------------------------
+
+    def _start_ingest_workers(self) -> None:
+        n = self.config.ingest_workers
+        if n <= 0:
+            return
+        order = InOrder()
+        shapes, limits = self.core.delta_check
+        try:
+            self._pool = IngestPool(n, WorkerSettings.of(shapes, limits), order.settle)
+        except OSError as exc:
+            self._stop_metrics()
+            self._stop_dashboard()
+            self.close()
+            raise ConfigError(f"cannot start {n} ingest worker process(es): {exc}") from None
+        self._in_order = order
+        self._reducer = threading.Thread(target=self._reduce, name="reducer", daemon=True)
+        self._reducer.start()
+        log.info("ingest: %d worker process(es) decode and check update deltas (pids %s); "
+                 "this process judges, commits and acknowledges in arrival order", n,
+                 ", ".join(str(w.proc.pid) for w in self._pool.workers))
+
+    def _stop_reducer(self) -> None:
+        if self._in_order is not None:
+            self._in_order.close()
+        if self._reducer is not None:
+            self._reducer.join(timeout=30)
+
+    def _stop_ingest_workers(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+    def ingest_worker_cpu(self) -> float:
+        """CPU seconds the ingest workers reported so far (0 without workers)."""
+        return 0.0 if self._pool is None else self._pool.cpu_seconds()
+
+    def _plain_update(self, msg: Message) -> bool:
+        """An update a worker can check ahead: whole (not a chunk) and not a clearing."""
+        device = self.topics.device_of(msg.topic)
+        return (device is not None and msg.topic == self.topics.update(device)
+                and bool(msg.payload) and not is_chunk(msg.payload))
+
+    def _enqueue(self, msg: Message) -> None:
+        """Network thread, with workers: number the message, and send a plain update to a
+        worker; the reducer judges it once the worker answered (no PUBACK before then)."""
+        assert self._in_order is not None and self._pool is not None
+        # not reading the socket meanwhile holds further messages at the broker
+        self._in_order.wait_room(self._depth)
+        decode = self._plain_update(msg)
+        seq = self._in_order.add(msg, wait=decode)
+        if decode and not self._pool.submit(seq, msg.payload):
+            self._in_order.settle(seq, None)  # no worker left: the reducer decodes it
+
+    def _reduce(self) -> None:
+        """The reducer thread: judge messages in arrival order with their workers' outcomes,
+        commit their verdicts in groups, publish what they caused, then acknowledge them."""
+        assert self._in_order is not None
+        while True:
+            batch = self._in_order.take(_GROUP_COMMIT)
+            if not batch:
+                return  # closed
+            with self._lock:
+                if self._fatal is not None:
+                    return
+                try:
+                    self._reduce_batch(batch)
+                except Exception as exc:  # the store failed: acknowledge nothing of it
+                    self._fatal = (exc if isinstance(exc, StateError)
+                                   else StateError(f"cannot handle a message: {exc}"))
+                    log.critical("%s; stopping without acknowledging the message", self._fatal)
+                    self.client.abort()
+                    self._stop.set()
+                    return
+                finally:
+                    self._deferred = None
+                    self._cpu_mark = (threading.get_ident(), time.thread_time())
+            for msg, _ in batch:  # in arrival order, each after its verdict's commit
+                if msg.ack is not None:
+                    msg.ack()
+
+    def _reduce_batch(self, batch: list[tuple[Message, DeltaChecked | None]]) -> None:
+        """Judge ``batch`` (the caller holds the lock). Plain updates share one commit until
+        one of them makes a new version (its model is published from the state it made) or
+        another kind of message comes (it commits and publishes as it always does).
+
+        Fairness (``coordinator.admission``): each message's device is charged this thread's
+        CPU time judging it; the group's commit and publishing are charged to no one (else
+        the last updates of a group would pay for the whole group's)."""
+        deferred: list[tuple[Message, list[Action]]] = []
+        for msg, checked in batch:
+            if not self._plain_update(msg):
+                self._flush(deferred)
+                self._cpu_mark = (threading.get_ident(), time.thread_time())
+                self._dispatch(msg)
+                continue
+            self._deferred = deferred
+            self._cpu_mark = (threading.get_ident(), time.thread_time())
+            try:
+                self._dispatch(msg, checked)
+            finally:
+                self._deferred = None
+            if deferred and any(isinstance(a, NewModel) for a in deferred[-1][1]):
+                self._flush(deferred)
+        self._flush(deferred)
+
+    def _flush(self, deferred: list[tuple[Message, list[Action]]]) -> None:
+        """Commit the judged updates, then carry out their actions in order."""
+        if not deferred:
+            return
+        self._commit()
+        self.metrics.sync_counters(self.core.counters)
+        for msg, actions in deferred:
+            if msg.retain:  # the broker would replay it to every new subscriber: clear it
+                self._publish(msg.topic, b"", retain=True)
+            self._carry_out(actions)
+        deferred.clear()
+
     def _cpu_since_last_message(self) -> float:
         """CPU time this thread spent since it last finished handling a message: reading
         this one off the socket and decoding its packet (paho), and small writes (0 when
@@ -973,7 +1123,7 @@ class CoordinatorService:
             return 0.0
         return max(0.0, time.thread_time() - mark)
 
-    def _dispatch(self, msg: Message) -> None:
+    def _dispatch(self, msg: Message, prechecked: DeltaChecked | None = None) -> None:
         """Judge one message, commit the core's journal, then carry out its actions (the
         caller holds the lock).
 
@@ -996,7 +1146,8 @@ class CoordinatorService:
         if msg.topic == self.topics.update(device):
             if msg.retain and not msg.payload:
                 return  # a cleared retained update (empty payload): nothing to judge
-            handle = self._on_update
+            handle: Callable[[str, Message, float], None] = partial(
+                self._on_update, prechecked=prechecked)
         elif msg.topic == self.topics.status(device):
             handle = self._on_status
         else:
@@ -1015,7 +1166,8 @@ class CoordinatorService:
         cost = received + time.thread_time() - started
         self._admission.charge(device, cost, time.monotonic())
 
-    def _on_update(self, device: str, msg: Message, now: float) -> None:
+    def _on_update(self, device: str, msg: Message, now: float,
+                   prechecked: DeltaChecked | None = None) -> None:
         if is_chunk(msg.payload):  # revision 2.6: judged once the update is whole
             if msg.retain:  # never part of an update; the broker would replay it forever
                 self._chunks.counters["chunks_refused"] += 1
@@ -1026,7 +1178,7 @@ class CoordinatorService:
             if completed is not None:
                 self._judge_chunked(completed, now)
             return
-        self._judge_update(device, msg, msg.payload, now)
+        self._judge_update(device, msg, msg.payload, now, prechecked)
 
     def _judge_chunked(self, completed: Completed, now: float) -> None:
         topic = self.topics.update(completed.device)
@@ -1034,13 +1186,18 @@ class CoordinatorService:
                            completed.payload, now)
         self._chunks.done(completed)  # after its verdict is committed
 
-    def _judge_update(self, device: str, msg: Message, payload: bytes, now: float) -> None:
+    def _judge_update(self, device: str, msg: Message, payload: bytes, now: float,
+                      prechecked: DeltaChecked | None = None) -> None:
         if self._first_update is None:
             self._first_update = round(now - self._started, 3)
-        actions = self.core.on_update(device, payload, now, retained=msg.retain)
+        actions = self.core.on_update(device, payload, now, retained=msg.retain,
+                                      prechecked=prechecked)
         if self.core.last_judged is not None:
             self.fleet.on_judged(self.core.last_judged, time.time())
         self._end_at_max_versions()
+        if self._deferred is not None:  # group commit: the reducer commits, then carries out
+            self._deferred.append((msg, actions))
+            return
         self._commit()
         self.metrics.sync_counters(self.core.counters)
         if msg.retain:  # the broker would replay it to every new subscriber: clear it

@@ -56,6 +56,12 @@ operator changes the codec of a running task, and keeps ``validate_update`` free
 task description.
 
 ``validate_update`` only *reads* the ledger; the core records the verdict.
+
+Steps 11 to 15 depend on nothing but the payload, the model's shapes and the limits, never
+on the run's state: ``check_delta`` works them out on their own (an ingest worker process
+does, ``coordinator.ingest_workers``) and ``validate_update(prechecked=...)`` then uses its
+outcome at step 11 instead of decoding again. The verdict is the same either way, and the
+order of the checks too: a stale update whose delta is also corrupt is still ``stale``.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -79,9 +85,11 @@ from fedbus.wire_reader import MAX_UNKNOWN_BYTES
 __all__ = [
     "REJECT_REASONS",
     "Accepted",
+    "DeltaChecked",
     "Rejected",
     "Repeated",
     "ValidationLimits",
+    "check_delta",
     "payload_digest",
     "validate_update",
 ]
@@ -182,6 +190,19 @@ class Repeated:
     size: int
 
 
+@dataclass(frozen=True, eq=False)
+class DeltaChecked:
+    """The outcome of steps 11 to 15 for one payload (``check_delta``): the decoded delta
+    and its L2 norm, or the reason and detail that refuse it (``delta`` None); and the
+    payload's digest (``payload_digest``, b"": not worked out)."""
+
+    delta: dict[str, np.ndarray] | None
+    norm: float
+    reason: str = ""
+    detail: str = ""
+    digest: bytes = b""
+
+
 def payload_digest(payload: bytes) -> bytes:
     """8 bytes that tell one update's bytes from another's (blake2b)."""
     return hashlib.blake2b(payload, digest_size=8).digest()
@@ -213,6 +234,7 @@ def validate_update(
     retained: bool = False,
     signature_check: Callable[[str, bytes], str | None] | None = None,
     partial: bool = False,
+    prechecked: DeltaChecked | None = None,
 ) -> Accepted | Rejected | Repeated:
     """Check one raw update payload; never raises, whatever the bytes (see module doc).
 
@@ -222,7 +244,10 @@ def validate_update(
 
     ``signature_check(topic_device, payload)``, when given, says why the payload is not
     signed by that device's key (None: it is); the coordinator gives it only when it
-    requires signed updates."""
+    requires signed updates.
+
+    ``prechecked``: ``check_delta`` of this same payload with these same shapes and limits,
+    worked out ahead (by an ingest worker); used at step 11 instead of decoding here."""
     try:
         size = len(payload)
     except Exception as exc:  # not even a bytes-like object
@@ -248,7 +273,8 @@ def validate_update(
             update_id = _salvage_id(obj, "update_id")
             raise
         update_id, device_id, base = update.update_id, update.device_id, update.base_version
-        digest = payload_digest(payload)
+        digest = (prechecked.digest if prechecked is not None and prechecked.digest
+                  else payload_digest(payload))
         if (update.parts is not None) != partial:
             return reject(
                 "schema", "only a regional aggregator's partial update carries 'parts'"
@@ -308,6 +334,40 @@ def validate_update(
                 f"device already contributed update {earlier} trained on base version "
                 f"{update.base_version}",
             )
+        checked = prechecked if prechecked is not None else _check_delta(
+            update, expected_shapes, limits)
+        if checked.delta is None:
+            return reject(checked.reason, checked.detail)
+        return Accepted(update=update, delta=checked.delta, staleness=staleness,
+                        norm=checked.norm, size=size, digest=digest, payload=bytes(payload))
+    except ProtocolError as exc:
+        return reject(exc.reason, exc.detail)
+    except Exception as exc:  # hostile input must never escape as an exception
+        return reject("malformed", f"{type(exc).__name__}: {exc}")
+
+
+def check_delta(
+    payload: bytes, *, expected_shapes: Mapping[str, tuple[int, ...]], limits: ValidationLimits,
+) -> DeltaChecked | None:
+    """Steps 11 to 15 of ``validate_update`` for ``payload`` alone: its delta decoded and
+    checked against the shapes and limits, with the payload's digest. None when the
+    envelope itself fails (steps 1 to 3: too large, unreadable, not an update), which
+    ``validate_update`` refuses before it would come to the delta. Never raises, whatever
+    the bytes."""
+    try:
+        if len(payload) > limits.max_update_bytes:
+            return None
+        update = Update.from_wire(read_update_fields(payload, limits.decode))
+    except Exception:  # ProtocolError, or anything hostile bytes could provoke
+        return None
+    return replace(_check_delta(update, expected_shapes, limits),
+                   digest=payload_digest(payload))
+
+
+def _check_delta(update: Update, expected_shapes: Mapping[str, tuple[int, ...]],
+                 limits: ValidationLimits) -> DeltaChecked:
+    """Steps 11 to 15 on a read envelope (never raises)."""
+    try:
         # decompression (bounded by the expected shapes), decoding, then names and shapes
         assert limits.decode is not None
         delta = decode_update_delta(
@@ -320,12 +380,12 @@ def validate_update(
         norm = l2_norm(delta)
         if not math.isfinite(norm) and not is_finite(delta):
             bad = sorted(name for name, a in delta.items() if not np.isfinite(a).all())
-            return reject("non_finite", f"NaN or infinity in {bad}")
+            return DeltaChecked(None, norm, "non_finite", _short(f"NaN or infinity in {bad}"))
         if not norm <= limits.max_norm:
-            return reject("norm", f"L2 norm {norm:.6g} exceeds bound {limits.max_norm:g}")
-        return Accepted(update=update, delta=delta, staleness=staleness, norm=norm, size=size,
-                        digest=digest, payload=bytes(payload))
+            return DeltaChecked(None, norm, "norm",
+                                _short(f"L2 norm {norm:.6g} exceeds bound {limits.max_norm:g}"))
+        return DeltaChecked(delta, norm)
     except ProtocolError as exc:
-        return reject(exc.reason, exc.detail)
+        return DeltaChecked(None, math.nan, exc.reason, _short(exc.detail))
     except Exception as exc:  # hostile input must never escape as an exception
-        return reject("malformed", f"{type(exc).__name__}: {exc}")
+        return DeltaChecked(None, math.nan, "malformed", _short(f"{type(exc).__name__}: {exc}"))

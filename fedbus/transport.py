@@ -42,7 +42,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -117,6 +117,13 @@ class ConnectionSettings:
     # None: plain MQTT. With a client certificate the password may be empty (the broker
     # takes the certificate's common name as the username).
     tls: TlsSettings | None = None
+    # True: a received QoS 1 message is acknowledged (PUBACK) only when its ``Message.ack``
+    # is called, from any thread, not when ``on_message`` returns; the caller must call it
+    # for every message, in the order they arrived (MQTT v5 4.6)
+    manual_ack: bool = False
+    # the Receive Maximum of our CONNECT: the broker sends at most this many QoS 1 messages
+    # we have not acknowledged yet (MQTT v5 3.1.2.11; None: the protocol's 65,535)
+    receive_maximum: int | None = None
 
 
 @dataclass(frozen=True)
@@ -129,11 +136,16 @@ class Will:
 
 @dataclass(frozen=True)
 class Message:
-    """One received message, detached from paho."""
+    """One received message, detached from paho. ``ack``: with
+    ``ConnectionSettings.manual_ack``, sends this message's PUBACK (None: nothing to send,
+    the transport acknowledged it when ``on_message`` returned, or it was QoS 0). An ack
+    after the connection it came on was lost sends nothing: the broker delivers the message
+    again on the next connection."""
 
     topic: str
     payload: bytes
     retain: bool
+    ack: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 class PublishResult:
@@ -387,12 +399,15 @@ class MqttClient:
         self._attempts = 0  # failed attempts since the last successful connect
         self._tcp_up_at: float | None = None  # TCP connected, CONNACK not yet received
         self._supervisor: threading.Thread | None = None
+        # the connection a manually acknowledged message came on (counted in on_connect)
+        self._generation = 0
 
         client = _Paho(
             self,
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=mqtt.MQTTv5,
+            manual_ack=settings.manual_ack,
         )
         client.username_pw_set(settings.username, settings.password or None)
         # TLS progress of the current connection attempt (see _observed_socket_class)
@@ -427,6 +442,8 @@ class MqttClient:
         props.SessionExpiryInterval = self.settings.session_expiry
         if self.settings.receive_max_packet_size is not None:
             props.MaximumPacketSize = self.settings.receive_max_packet_size
+        if self.settings.receive_maximum is not None:
+            props.ReceiveMaximum = self.settings.receive_maximum
         self._disconnected_since = time.monotonic()
         self._client.connect_async(
             self.settings.host,
@@ -616,6 +633,7 @@ class MqttClient:
                 ))
                 return
             self.connects += 1
+            self._generation += 1
             self._attempts = 0
             limit = getattr(props, "MaximumPacketSize", None)
             if isinstance(limit, int) and limit > 0:
@@ -675,9 +693,23 @@ class MqttClient:
         try:
             payload = bytes(msg.payload)
             self.bytes_received += len(payload)
-            self._on_message_cb(Message(msg.topic, payload, bool(msg.retain)))
+            ack = None
+            if self.settings.manual_ack and msg.qos > 0:
+                ack = self._acknowledger(msg.mid, msg.qos, self._generation)
+            self._on_message_cb(Message(msg.topic, payload, bool(msg.retain), ack))
         except Exception:
             log.exception("error handling message on %s", getattr(msg, "topic", "?"))
+
+    def _acknowledger(self, mid: int, qos: int, generation: int) -> Callable[[], None]:
+        """The PUBACK of one message, sent only on the connection it came on: after a
+        reconnect the broker sends the message again (its session holds it unacknowledged)
+        and may have given its packet id to another message meanwhile."""
+
+        def ack() -> None:
+            if self._generation == generation and self._connected.is_set():
+                self._client.ack(mid, qos)
+
+        return ack
 
     def _handle_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any

@@ -134,6 +134,9 @@ HELPS = {
     "are names, else none (labels are class indices). Fixed for a run.",
     "stall_window": "Warn when no update was accepted for this many seconds while some were "
     "rejected (0: never).",
+    "ingest_workers": "Worker processes that decode and check update deltas beside this "
+    "one, which still judges, stores and acknowledges every message in arrival order (0: "
+    "none, all in this process). Helps only with spare cores: see docs/operations.md.",
     "state_dir": "Directory holding the run (state.db, model.npz, model_best.npz, "
     "history.jsonl) and the "
     "signing key (signing.key, signing.pub). A restart on "
