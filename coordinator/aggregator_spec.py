@@ -103,6 +103,11 @@ QUORUM_NORM_MULTIPLE = 2.0
 # quorum: an update agrees when its cosine with the step's median is positive and at least
 # this fraction of the step's median cosine (robust.relative_agreement)
 QUORUM_AGREEMENT = 0.5
+# quorum on a sparse step (sparse_agreement.sparse_agreeing_mean): which updates are judged
+# whole (None: none is left out whole, the sign test per coordinate decides), and each
+# update's claimed sample count weighs at most this many times the step's lower median claim
+SPARSE_AGREEMENT: float | None = None
+SPARSE_CLAIM_CAP = 2.0
 _SYNTAX = (
     "expected mean, median, agree, quorum, trimmed:FRACTION or krum:F[:M], optionally "
     "+clip:BOUND "
@@ -274,7 +279,8 @@ def capped_mean(
 
 
 def robust_aggregate(
-    spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]]
+    spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]],
+    claims: Sequence[int] | None = None,
 ) -> tuple[State, bool]:
     """One step of a robust ``spec`` over ``deltas`` (each counting once); returns
     ``(aggregate, fell_back)``.
@@ -288,7 +294,7 @@ def robust_aggregate(
     if spec.kind == "agree":
         return agreeing_mean(deltas).aggregate, False
     if spec.kind == "quorum":
-        return quorum_step(deltas).aggregate, False
+        return quorum_step(deltas, claims).aggregate, False
     if len(deltas) < spec.min_updates or spec.kind == "median":
         return coordinate_median(deltas), spec.kind != "median"
     if spec.kind == "trimmed":
@@ -343,7 +349,8 @@ def quorum_reached(
 
 
 def quorum_readiness(
-    spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]], k: int, online: int
+    spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]], k: int, online: int,
+    claims: Sequence[int] | None = None,
 ) -> tuple[bool, AgreeResult | None]:
     """``quorum_reached``, and the ``quorum_step`` of ``deltas`` when it was worked out to
     decide (``quorum`` below its buffer limit; else None): the readiness check computes the
@@ -354,11 +361,13 @@ def quorum_readiness(
         return False, None
     if spec.kind != "quorum" or count >= buffer_limit(k, online):
         return True, None
-    step = quorum_step(deltas)
+    step = quorum_step(deltas, claims)
     return len(step.kept) >= k, step
 
 
-def quorum_step(deltas: Sequence[Mapping[str, np.ndarray]]) -> AgreeResult:
+def quorum_step(
+    deltas: Sequence[Mapping[str, np.ndarray]], claims: Sequence[int] | None = None
+) -> AgreeResult:
     """``quorum``'s step: every delta shortened to at most ``QUORUM_NORM_MULTIPLE`` × the
     median norm of the step (``robust.clip_to_median_norm``), then the mean of those that
     agree with their coordinate-wise median: a positive inner product, and a cosine with it
@@ -367,5 +376,6 @@ def quorum_step(deltas: Sequence[Mapping[str, np.ndarray]]) -> AgreeResult:
     rule measured on each delta's own support (``sparse_agreement.sparse_agreeing_mean``)."""
     if sparse_step(deltas):
         clipped, _ = clip_to_median_norm(deltas, QUORUM_NORM_MULTIPLE)
-        return sparse_agreeing_mean(clipped, QUORUM_AGREEMENT)
+        weights = None if claims is None else cap_sample_counts(claims, SPARSE_CLAIM_CAP)
+        return sparse_agreeing_mean(clipped, SPARSE_AGREEMENT, weights=weights)
     return clipped_agreeing_mean(deltas, QUORUM_NORM_MULTIPLE, QUORUM_AGREEMENT)

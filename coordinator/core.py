@@ -1305,7 +1305,8 @@ class CoordinatorCore:
         key = (self._buffer_ids[0] if self._buffer_ids else "", len(self._buffer_ids), k, online)
         if key == self._not_ready:
             return False
-        ready, step = quorum_readiness(self.config.spec, self._kept, k, online)
+        ready, step = quorum_readiness(self.config.spec, self._kept, k, online,
+                                       self._kept_n)
         self._agreed = None if step is None else (self._kept, len(self._kept), step.aggregate)
         self._not_ready = None if ready else key
         return ready
@@ -1374,7 +1375,7 @@ class CoordinatorCore:
                 agreed = self._agreed_step(kept)
                 aggregate = (
                     agreed if agreed is not None
-                    else self._robust(kept, f"the buffer at version {self._version}")
+                    else self._robust(kept, f"the buffer at version {self._version}", claims)
                     if cfg.spec.robust else capped_mean(cfg.spec, kept, claims)
                 )
                 new_state, velocity = self._server_update(aggregate)
@@ -1470,9 +1471,10 @@ class CoordinatorCore:
         _log.warning("the run ends: %s", reason)
         self.end(reason)
 
-    def _robust(self, deltas: Sequence[Mapping[str, np.ndarray]], what: str) -> State:
+    def _robust(self, deltas: Sequence[Mapping[str, np.ndarray]], what: str,
+                claims: Sequence[int]) -> State:
         spec = self.config.spec
-        aggregate, fell_back = robust_aggregate(spec, deltas)
+        aggregate, fell_back = robust_aggregate(spec, deltas, claims)
         if fell_back:
             self._counters["robust_fallbacks"] += 1
             _log.warning(
@@ -1585,7 +1587,7 @@ class CoordinatorCore:
                 )
             elif spec.keeps_deltas:
                 aggregate = (
-                    self._robust(deltas, f"round {rnd.number}")
+                    self._robust(deltas, f"round {rnd.number}", samples)
                     if spec.robust else capped_mean(spec, deltas, samples)
                 )
                 new_state = apply_step(self._state, aggregate, server_lr=self.config.server_lr)

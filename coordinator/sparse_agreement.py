@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -61,6 +61,8 @@ __all__ = [
     "SparseAgreement",
     "density",
     "others_median",
+    "sign_agreement",
+    "sparse_agreeing_mean",
     "sparse_agreement",
     "sparse_step",
 ]
@@ -175,20 +177,54 @@ def sparse_agreement(
                            tuple(bool(j) for j in judged))
 
 
+def sign_agreement(columns: np.ndarray) -> np.ndarray:
+    """For a finite ``(n, u)`` array: a boolean ``(n, u)`` mask, True where row ``i`` is
+    nonzero at column ``j`` and has the sign of the median of column ``j``'s nonzero values
+    (the mean of the two middle ones for an even count; a median of 0 agrees with nothing)."""
+    n = columns.shape[0]
+    present = columns != 0
+    count = present.sum(axis=0)
+    ordered = np.sort(np.where(present, columns, np.inf), axis=0)  # present values first
+    low = np.maximum(count - 1, 0) // 2
+    high = np.minimum(count // 2, n - 1)
+    a = np.take_along_axis(ordered, low[None, :], axis=0)[0]
+    b = np.take_along_axis(ordered, high[None, :], axis=0)[0]
+    median = np.where(count > 0, (np.where(count > 0, a, 0.0) + np.where(count > 0, b, 0.0)) / 2,
+                      0.0)
+    return present & (np.sign(columns) == np.sign(median)[None, :])
+
+
 def sparse_agreeing_mean(
-    deltas: Sequence[Mapping[str, np.ndarray]], fraction: float, *, keep_unjudged: bool = True
+    deltas: Sequence[Mapping[str, np.ndarray]], fraction: float | None, *,
+    keep_unjudged: bool = True, weights: Sequence[float] | None = None,
 ) -> AgreeResult:
-    """The mean of the deltas that ``sparse_agreement`` keeps (each counting once), in the
-    inputs' dtype; the coordinate-wise median if it keeps none (as ``agreeing_mean``).
+    """A sparse step's aggregate (module doc). The updates kept: those ``sparse_agreement``
+    keeps with ``fraction``, or with ``fraction`` None every update that sends anything
+    (the cosines are still worked out and returned). Of the kept updates' values only those
+    that agree in sign with the median of the kept updates' nonzero values at the same
+    coordinate count (``sign_agreement``); they are summed with ``weights`` (each update
+    counting once without them) and divided by the kept updates' total weight, in the
+    inputs' dtype. The coordinate-wise median if no update is kept (as ``agreeing_mean``).
     ``dots`` of the result are the inner products with the others' medians."""
     dtypes = _checked(deltas)
+    w = np.ones(len(deltas)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(deltas),) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError(f"weights must be {len(deltas)} finite values > 0")
     stacks = {name: _stack(deltas, name) for name in dtypes}
-    verdict = sparse_agreement(stacks, fraction, keep_unjudged=keep_unjudged)
+    verdict = sparse_agreement(stacks, 0.0 if fraction is None else fraction,
+                               keep_unjudged=keep_unjudged)
+    if fraction is None:
+        verdict = replace(verdict, kept=tuple(
+            i for i in range(len(deltas))
+            if any(np.any(stack[i] != 0) for stack in stacks.values())))
+    kept = list(verdict.kept)
     out: State = {}
     for name, dtype in dtypes.items():
         shape = np.shape(deltas[0][name])
-        values = (stacks[name][list(verdict.kept)].mean(axis=0) if verdict.kept
-                  else column_median(stacks[name]))
-        out[name] = _out(values, shape, dtype)
+        if not kept:
+            out[name] = _out(column_median(stacks[name]), shape, dtype)
+            continue
+        rows = stacks[name][kept]
+        agreed = np.where(sign_agreement(rows), rows, 0.0)
+        out[name] = _out(w[kept] @ agreed / float(w[kept].sum()), shape, dtype)
     return AgreeResult(out, verdict.kept, verdict.dots, verdict.cosines)
-

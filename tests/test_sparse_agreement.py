@@ -21,6 +21,8 @@ from coordinator.sparse_agreement import (
     SPARSE_DENSITY,
     density,
     others_median,
+    sign_agreement,
+    sparse_agreeing_mean,
     sparse_agreement,
     sparse_step,
 )
@@ -56,6 +58,22 @@ def test_others_median_is_the_median_of_the_other_contributors(
     np.testing.assert_allclose(medians, want_medians)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 6), st.data())
+def test_sign_agreement_keeps_the_values_with_the_sign_of_their_column_median(
+    n: int, u: int, data: st.DataObject
+) -> None:
+    cells = data.draw(st.lists(st.sampled_from([0, 0, 0, -3, -1, 1, 2, 5]),
+                               min_size=n * u, max_size=n * u))
+    columns = np.array(cells, dtype=np.float64).reshape(n, u)
+    want = np.zeros((n, u), dtype=bool)
+    for j in range(u):
+        sent = [v for v in columns[:, j] if v != 0]
+        median = float(np.median(sent)) if sent else 0.0
+        want[:, j] = (columns[:, j] != 0) & (np.sign(columns[:, j]) == np.sign(median))
+    assert (sign_agreement(columns) == want).all()
+
+
 def sparse(size: int, values: dict[int, float]) -> dict[str, np.ndarray]:
     w = np.zeros(size, F32)
     for j, v in values.items():
@@ -89,16 +107,44 @@ def test_a_sparse_step_keeps_its_honest_updates_where_the_dense_rule_drops_them(
                                rtol=1e-6)
 
 
-def test_a_reversed_sparse_update_is_left_out() -> None:
+def test_a_reversed_sparse_update_is_outvoted_where_honest_updates_send() -> None:
     rng = np.random.default_rng(5)
     deltas, direction = honest_step(rng, n=8)
     # sign flipped, on the shared large coordinates and some of its own
     flipped = sparse(400, {0: -direction[0], 1: -direction[1], 2: -direction[2],
                            300: 1.0, 301: -1.0, 302: 1.0})
     result = quorum_step([*deltas, flipped])
-    assert 8 not in result.kept
-    assert set(result.kept) == set(range(8))
     assert result.cosines[8] < 0
+    honest = np.sum([d["w"] for d in deltas], axis=0)
+    # at the shared coordinates only the honest values count, over all nine updates
+    np.testing.assert_allclose(result.aggregate["w"][:8], honest[:8] / 9, rtol=1e-6)
+    assert np.all(np.sign(result.aggregate["w"][:3]) == direction[:3])
+    # where it alone sends, nothing outvotes it (its weight is bounded by the norm clip)
+    np.testing.assert_allclose(result.aggregate["w"][300:303], [1 / 9, -1 / 9, 1 / 9],
+                               rtol=1e-6)
+
+
+def test_a_value_against_its_coordinate_median_is_left_out_not_its_update() -> None:
+    deltas = [sparse(10, {0: 1.0, 1: 1.0}), sparse(10, {0: 1.0, 2: 1.0}),
+              sparse(10, {0: 1.0, 4: 1.0}), sparse(10, {0: -1.0, 3: 1.0})]
+    result = sparse_agreeing_mean(deltas, None)
+    assert result.kept == (0, 1, 2, 3)
+    np.testing.assert_allclose(result.aggregate["w"][:6], [0.75, 0.25, 0.25, 0.25, 0.25, 0])
+    # judged whole (fraction 0.5), update 3 is left out with its own coordinate 3
+    judged = sparse_agreeing_mean(deltas, 0.5)
+    assert judged.kept == (0, 1, 2)
+    np.testing.assert_allclose(judged.aggregate["w"][:6], [1, 1 / 3, 1 / 3, 0, 1 / 3, 0])
+
+
+def test_claimed_samples_weigh_a_sparse_step_capped_at_twice_the_lower_median() -> None:
+    deltas = [sparse(8, {0: 1.0}), sparse(8, {1: 1.0}), sparse(8, {2: 1.0})]
+    result = quorum_step(deltas, [100, 200, 2**40])
+    # weights 100, 200 and 400 (2^40 capped at 2 x 200, the lower median)
+    np.testing.assert_allclose(result.aggregate["w"][:4], [1 / 7, 2 / 7, 4 / 7, 0], rtol=1e-6)
+    np.testing.assert_allclose(quorum_step(deltas).aggregate["w"][:3], [1 / 3] * 3,
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="weights"):
+        sparse_agreeing_mean(deltas, None, weights=[1.0, 0.0, 1.0])
 
 
 def test_an_update_is_never_its_own_evidence() -> None:
@@ -145,17 +191,21 @@ def test_a_dense_step_is_judged_as_before() -> None:
     before = agreeing_mean(clipped, QUORUM_AGREEMENT)
     now = quorum_step(deltas)
     assert now.kept == before.kept and now.cosines == before.cosines
+    weighed = quorum_step(deltas, [10, 20, 30, 40, 50, 60, 2**40])  # dense: claims unused
+    assert weighed.kept == now.kept
     for name in ("w", "b"):
         assert np.array_equal(now.aggregate[name], before.aggregate[name])
 
 
-def test_a_quorum_buffer_of_sparse_updates_is_ready_when_k_agree() -> None:
+def test_a_quorum_buffer_of_sparse_updates_is_ready_when_k_send_something() -> None:
     rng = np.random.default_rng(3)
     deltas, direction = honest_step(rng, n=5)
     spec = parse_aggregator("quorum")
     assert quorum_reached(spec, deltas, 5, 0)
+    # no sparse update is left out whole: a reversed one counts towards K, its values do not
     flipped = sparse(400, {0: -direction[0], 1: -direction[1], 2: -direction[2]})
-    assert not quorum_reached(spec, [*deltas[:4], flipped], 5, 0)
+    assert quorum_reached(spec, [*deltas[:4], flipped], 5, 0)
+    assert not quorum_reached(spec, [*deltas[:4], sparse(400, {})], 5, 0)
 
 
 def test_sparse_codecs_under_quorum_are_warned_of_without_sending_users_to_the_mean() -> None:
