@@ -19,11 +19,14 @@ Grammar (lower case, no spaces)::
   updates whose cosine with the median is also at least half the step's median cosine
   (``robust.relative_agreement``; ``quorum_step``); and a FedBuff buffer that is full
   (K updates) waits for more until K of them agree, up to 2K (``quorum_reached``). See
-  ``coordinator.robust``. A step of sparse updates (``topk``, ``sparse`` codecs: its median
-  update at most ``sparse_agreement.SPARSE_DENSITY`` nonzero), whose coordinate-wise median
-  is zero almost everywhere, is judged on each update's own support instead, against the
-  median of the other updates that sent each coordinate (``coordinator.sparse_agreement``).
-  These count each update once: the claimed sample count plays no part.
+  ``coordinator.robust``. These count each update once: the claimed sample count plays no
+  part. A step of sparse updates (``topk``, ``sparse`` codecs: its median update at most
+  ``sparse_agreement.SPARSE_DENSITY`` nonzero), whose coordinate-wise median is zero almost
+  everywhere, is judged on each update's own support instead (``coordinator.sparse_agreement``):
+  an update is left out only when it points against the median of the other updates that
+  sent its coordinates, the values of the others are outvoted coordinate by coordinate, and
+  each update weighs its claimed sample count capped at ``SPARSE_CLAIM_CAP`` × the step's
+  lower median claim.
 
   Why ``quorum``: measured (BENCHMARKS.md, poisoning), most of what two hostile devices of ten
   cost ``agree`` is not what it lets through but what it leaves out: each hostile update it
@@ -103,10 +106,10 @@ QUORUM_NORM_MULTIPLE = 2.0
 # quorum: an update agrees when its cosine with the step's median is positive and at least
 # this fraction of the step's median cosine (robust.relative_agreement)
 QUORUM_AGREEMENT = 0.5
-# quorum on a sparse step (sparse_agreement.sparse_agreeing_mean): which updates are judged
-# whole (None: none is left out whole, the sign test per coordinate decides), and each
-# update's claimed sample count weighs at most this many times the step's lower median claim
-SPARSE_AGREEMENT: float | None = None
+# quorum on a sparse step (sparse_agreement.sparse_agreeing_mean): an update is left out whole
+# only when it points against the others (a negative cosine of at least QUORUM_AGREEMENT x the
+# step's median cosine in size); each update's claimed sample count weighs at most this many
+# times the step's lower median claim
 SPARSE_CLAIM_CAP = 2.0
 _SYNTAX = (
     "expected mean, median, agree, quorum, trimmed:FRACTION or krum:F[:M], optionally "
@@ -372,10 +375,14 @@ def quorum_step(
     median norm of the step (``robust.clip_to_median_norm``), then the mean of those that
     agree with their coordinate-wise median: a positive inner product, and a cosine with it
     of at least ``QUORUM_AGREEMENT`` × the step's median cosine (``robust.agreeing_mean``
-    with ``relative``). A sparse step (``sparse_agreement.sparse_step``) takes the same
-    rule measured on each delta's own support (``sparse_agreement.sparse_agreeing_mean``)."""
+    with ``relative``); ``claims`` play no part. A sparse step
+    (``sparse_agreement.sparse_step``) is judged on each delta's own support instead:
+    only deltas that point against the others are left out, values are outvoted coordinate
+    by coordinate, and the deltas are weighed by their ``claims`` (the claimed sample counts,
+    in the order of ``deltas``) capped at ``SPARSE_CLAIM_CAP`` × their lower median, each
+    counting once without them (``sparse_agreement.sparse_agreeing_mean``)."""
     if sparse_step(deltas):
         clipped, _ = clip_to_median_norm(deltas, QUORUM_NORM_MULTIPLE)
         weights = None if claims is None else cap_sample_counts(claims, SPARSE_CLAIM_CAP)
-        return sparse_agreeing_mean(clipped, SPARSE_AGREEMENT, weights=weights)
+        return sparse_agreeing_mean(clipped, QUORUM_AGREEMENT, weights=weights, whole=False)
     return clipped_agreeing_mean(deltas, QUORUM_NORM_MULTIPLE, QUORUM_AGREEMENT)
