@@ -311,10 +311,11 @@ def sparse_codec_warning(spec: AggregatorSpec, codec: str) -> str | None:
     of sparse updates (``topk``, ``sparse``) is zero almost everywhere, so ``agree`` finds few
     updates that agree with it and throws most of each step away. ``quorum`` judges a sparse
     step on each update's own support instead (``coordinator.sparse_agreement``), but still
-    leaves out honest updates whose few shared coordinates disagree with the others', and
-    with error feedback what it leaves out is lost: measured on digits with
-    ``sparse:0.007:sign``, 3.06 points of accuracy lost against fp32, 1.11 under the plain
-    mean in the same run (BENCHMARKS.md, bytes)."""
+    leaves out honest updates that point against the others on the few coordinates they
+    share, and with error feedback what it leaves out is lost: measured on digits with
+    ``sparse:0.007:sign`` over five seeds, 1.95 points of accuracy lost against fp32 (median;
+    3.06 with the rule before), 1.67 under the plain mean in the same run (BENCHMARKS.md,
+    bytes)."""
     sparse = codec.split(":", 1)[0] in ("topk", "sparse")
     if sparse and spec.kind == "agree":
         return (f"codec {codec} sends sparse updates, and the agree aggregator keeps only "
@@ -324,7 +325,7 @@ def sparse_codec_warning(spec: AggregatorSpec, codec: str) -> str | None:
     if sparse and spec.kind == "quorum":
         return (f"codec {codec} sends sparse updates: the quorum aggregator judges them on "
                 "each update's own support, and leaves out more honest sparse updates than "
-                "dense ones (measured on digits: about 2 points of accuracy below "
+                "dense ones (measured on digits: up to about a point of accuracy below "
                 "--aggregator mean, which has no defence against poisoning); see "
                 "docs/operations.md, \"Small updates and model deltas\"")
     return None
