@@ -313,9 +313,9 @@ def sparse_codec_warning(spec: AggregatorSpec, codec: str) -> str | None:
     step on each update's own support instead (``coordinator.sparse_agreement``), but still
     leaves out honest updates that point against the others on the few coordinates they
     share, and with error feedback what it leaves out is lost: measured on digits with
-    ``sparse:0.007:sign`` over five seeds, 1.95 points of accuracy lost against fp32 (median;
-    3.06 with the rule before), 1.67 under the plain mean in the same run (BENCHMARKS.md,
-    bytes)."""
+    ``sparse:0.007:sign`` over five seeds, 1.11 points of accuracy lost against fp32 (median;
+    3.06 with the rule before, three seeds), 1.39 under the plain mean in the same run
+    (BENCHMARKS.md, bytes)."""
     sparse = codec.split(":", 1)[0] in ("topk", "sparse")
     if sparse and spec.kind == "agree":
         return (f"codec {codec} sends sparse updates, and the agree aggregator keeps only "
@@ -324,9 +324,9 @@ def sparse_codec_warning(spec: AggregatorSpec, codec: str) -> str | None:
                 "--aggregator quorum or mean, see docs/operations.md")
     if sparse and spec.kind == "quorum":
         return (f"codec {codec} sends sparse updates: the quorum aggregator judges them on "
-                "each update's own support, and leaves out more honest sparse updates than "
-                "dense ones (measured on digits: up to about a point of accuracy below "
-                "--aggregator mean, which has no defence against poisoning); see "
+                "each update's own support and leaves out those that point against the "
+                "others (measured on digits: about as accurate as --aggregator mean, which "
+                "has no defence against poisoning, and 1 to 1.5 points below fp32); see "
                 "docs/operations.md, \"Small updates and model deltas\"")
     return None
 
