@@ -19,7 +19,9 @@ from coordinator.aggregator_spec import (
 from coordinator.robust import agreeing_mean, clip_to_median_norm
 from coordinator.sparse_agreement import (
     SPARSE_DENSITY,
+    SparseAgreement,
     density,
+    opposed,
     others_median,
     sign_agreement,
     sparse_agreeing_mean,
@@ -212,3 +214,35 @@ def test_sparse_codecs_under_quorum_are_warned_of_without_sending_users_to_the_m
     text = sparse_codec_warning(parse_aggregator("quorum"), "sparse:0.007:sign")
     assert text is not None and "own support" in text
     assert "use --aggregator mean" not in text
+
+
+def test_the_core_weighs_a_sparse_quorum_step_by_capped_claims() -> None:
+    from tests.test_core import core, models, upd
+
+    c = core(aggregator="quorum", buffer_size=3)
+    one_hot = [np.zeros(6, F32) for _ in range(3)]
+    for i, flat in enumerate(one_hot):
+        flat[i] = 1.0  # 1 of 6 values nonzero: a sparse step, no coordinate shared
+
+    def delta(flat: np.ndarray) -> dict[str, np.ndarray]:
+        return {"w": flat[:4].reshape(2, 2), "b": flat[4:]}
+
+    claims = (100, 200, 2**40)
+    actions = [c.on_update(f"d{i}", upd(f"d{i}", delta=delta(flat), n=n), now=1.0)
+               for i, (flat, n) in enumerate(zip(one_hot, claims, strict=True))]
+    assert [len(models(a)) for a in actions] == [0, 0, 1]
+    # weights 100, 200 and 400 (2^40 capped at 2 x 200, the step's lower median claim)
+    np.testing.assert_allclose(c.state["w"], [[1 / 7, 2 / 7], [4 / 7, 0]], rtol=1e-6)
+    np.testing.assert_allclose(c.state["b"], [0, 0], atol=1e-7)
+
+
+def test_opposed_is_a_negative_cosine_of_at_least_fraction_times_the_typical() -> None:
+    def verdict(*cosines: float, judged: tuple[bool, ...] | None = None) -> SparseAgreement:
+        j = judged if judged is not None else tuple(True for _ in cosines)
+        return SparseAgreement((), tuple(0.0 for _ in cosines), cosines, j)
+
+    assert opposed(verdict(-0.2, -0.25, -0.3, 0.5, 0.5, 0.5, 0.6), 0.5) == (1, 2)  # typical 0.5
+    assert opposed(verdict(-0.9, 0.5, 0.6, judged=(False, True, True)), 0.5) == ()
+    assert opposed(verdict(-0.01, -0.2, 0.1), 0.5) == (0, 1)  # typical <= 0: any negative
+    with pytest.raises(ValueError, match="fraction"):
+        opposed(verdict(0.5), 1.5)
