@@ -24,9 +24,9 @@ Grammar (lower case, no spaces)::
   ``sparse_agreement.SPARSE_DENSITY`` nonzero), whose coordinate-wise median is zero almost
   everywhere, is judged on each update's own support instead (``coordinator.sparse_agreement``):
   an update is left out only when it points against the median of the other updates that
-  sent its coordinates, the values of the others are outvoted coordinate by coordinate, and
-  each update weighs its claimed sample count capped at ``SPARSE_CLAIM_CAP`` × the step's
-  lower median claim.
+  sent its coordinates, a value of the others counts only where it has the sign of the median
+  at its coordinate, and each update weighs its claimed sample count capped at
+  ``SPARSE_CLAIM_CAP`` × the step's lower median claim.
 
   Why ``quorum``: measured (BENCHMARKS.md, poisoning), most of what two hostile devices of ten
   cost ``agree`` is not what it lets through but what it leaves out: each hostile update it
@@ -285,7 +285,8 @@ def robust_aggregate(
     spec: AggregatorSpec, deltas: Sequence[Mapping[str, np.ndarray]],
     claims: Sequence[int] | None = None,
 ) -> tuple[State, bool]:
-    """One step of a robust ``spec`` over ``deltas`` (each counting once); returns
+    """One step of a robust ``spec`` over ``deltas`` (each counting once; ``claims``, the
+    claimed sample counts, weigh only a sparse ``quorum`` step, ``quorum_step``); returns
     ``(aggregate, fell_back)``.
 
     With fewer deltas than the aggregator is defined for (``spec.min_updates``: a partial

@@ -53,8 +53,13 @@ honest contributors' median, so its cosine is clearly negative as long as the ho
 contributors are the majority at those coordinates, and it is left out whole; what is left
 of a milder one is outvoted where honest updates send the same coordinates. Random noise at
 the norm bound sends coordinates the honest ones rarely send, with a cosine near 0: it is
-kept, shortened to the step's norm bound and weighed as one update, so it adds noise of at
-most that size.
+kept, shortened to the step's norm bound and weighed at most twice a typical update, so it
+adds noise of at most that size.
+
+What it does not do well (BENCHMARKS.md, "Poisoning with sparse updates", digits, two hostile
+devices of ten, FedBuff K=5, seeds 0-4): sign flip × 10 still costs 3.0 points on average and
+up to 7.5 on one seed, where an honest update that points against the others is sometimes
+the one left out and the hostile pair outvotes it at the coordinates they share.
 
 Which rule a step takes (``sparse_step``): the median of the updates' densities (nonzero
 fraction). A dense step (int8, fp16, fp32 updates: most values nonzero) keeps the dense test
