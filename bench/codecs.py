@@ -45,7 +45,7 @@ from bench.harness import REPO, BenchContext, median, ratio, summarize
 __all__ = ["discover_codecs", "run"]
 
 VERSIONS = 30  # FedAvg rounds per accuracy run (each round: one update per device)
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 DEVICES = 10
 MAX_CODECS = 14
 BAR_POINTS = 1.0  # accuracy lost against fp32, in percentage points

@@ -77,7 +77,7 @@ FULL = Sizes({"digits": 30, "mnist": 12}, (0, 1, 2))
 QUICK = Sizes({"digits": 1, "mnist": 1}, (0,), ("mean", "default"), ("none", "inflate"))
 # poisoning_sparse: the 100x codec (BENCHMARKS.md, bytes) under the plain mean and the default
 SPARSE_CODEC = "sparse:0.007:sign"
-SPARSE_FULL = Sizes({"digits": 30}, (0, 1, 2), ("mean", "default"), ATTACKS, SPARSE_CODEC)
+SPARSE_FULL = Sizes({"digits": 30}, (0, 1, 2, 3, 4), ("mean", "default"), ATTACKS, SPARSE_CODEC)
 SPARSE_QUICK = Sizes({"digits": 1}, (0,), ("mean", "default"), ("none", "inflate"),
                      SPARSE_CODEC)
 

@@ -1391,7 +1391,7 @@ class CoordinatorCore:
         if key == self._not_ready:
             return False
         ready, step = quorum_readiness(self.config.spec, self._kept, k, online,
-                                       self._buffer_parts)
+                                       self._buffer_parts, self._kept_n)
         self._agreed = None if step is None else (self._kept, len(self._kept), step.aggregate)
         self._not_ready = None if ready else key
         return ready
@@ -1462,7 +1462,7 @@ class CoordinatorCore:
                 agreed = self._agreed_step(kept)
                 aggregate = (
                     agreed if agreed is not None
-                    else self._robust(kept, f"the buffer at version {self._version}")
+                    else self._robust(kept, f"the buffer at version {self._version}", claims)
                     if cfg.spec.robust else capped_mean(cfg.spec, kept, claims)
                 )
                 new_state, velocity = self._server_update(aggregate)
@@ -1558,9 +1558,10 @@ class CoordinatorCore:
         _log.warning("the run ends: %s", reason)
         self.end(reason)
 
-    def _robust(self, deltas: Sequence[Mapping[str, np.ndarray]], what: str) -> State:
+    def _robust(self, deltas: Sequence[Mapping[str, np.ndarray]], what: str,
+                claims: Sequence[int]) -> State:
         spec = self.config.spec
-        aggregate, fell_back = robust_aggregate(spec, deltas)
+        aggregate, fell_back = robust_aggregate(spec, deltas, claims)
         if fell_back:
             self._counters["robust_fallbacks"] += 1
             _log.warning(
@@ -1673,7 +1674,7 @@ class CoordinatorCore:
                 )
             elif spec.keeps_deltas:
                 aggregate = (
-                    self._robust(deltas, f"round {rnd.number}")
+                    self._robust(deltas, f"round {rnd.number}", samples)
                     if spec.robust else capped_mean(spec, deltas, samples)
                 )
                 new_state = apply_step(self._state, aggregate, server_lr=self.config.server_lr)

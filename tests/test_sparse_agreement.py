@@ -19,8 +19,12 @@ from coordinator.aggregator_spec import (
 from coordinator.robust import agreeing_mean, clip_to_median_norm
 from coordinator.sparse_agreement import (
     SPARSE_DENSITY,
+    SparseAgreement,
     density,
+    opposed,
     others_median,
+    sign_agreement,
+    sparse_agreeing_mean,
     sparse_agreement,
     sparse_step,
 )
@@ -54,6 +58,22 @@ def test_others_median_is_the_median_of_the_other_contributors(
     want_medians, want_evidence = brute_others_median(columns)
     assert (evidence == want_evidence).all()
     np.testing.assert_allclose(medians, want_medians)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 6), st.data())
+def test_sign_agreement_keeps_the_values_with_the_sign_of_their_column_median(
+    n: int, u: int, data: st.DataObject
+) -> None:
+    cells = data.draw(st.lists(st.sampled_from([0, 0, 0, -3, -1, 1, 2, 5]),
+                               min_size=n * u, max_size=n * u))
+    columns = np.array(cells, dtype=np.float64).reshape(n, u)
+    want = np.zeros((n, u), dtype=bool)
+    for j in range(u):
+        sent = [v for v in columns[:, j] if v != 0]
+        median = float(np.median(sent)) if sent else 0.0
+        want[:, j] = (columns[:, j] != 0) & (np.sign(columns[:, j]) == np.sign(median))
+    assert (sign_agreement(columns) == want).all()
 
 
 def sparse(size: int, values: dict[int, float]) -> dict[str, np.ndarray]:
@@ -96,9 +116,38 @@ def test_a_reversed_sparse_update_is_left_out() -> None:
     flipped = sparse(400, {0: -direction[0], 1: -direction[1], 2: -direction[2],
                            300: 1.0, 301: -1.0, 302: 1.0})
     result = quorum_step([*deltas, flipped])
-    assert 8 not in result.kept
-    assert set(result.kept) == set(range(8))
+    assert result.kept == tuple(range(8))
     assert result.cosines[8] < 0
+    honest = np.sum([d["w"] for d in deltas], axis=0)
+    np.testing.assert_allclose(result.aggregate["w"], honest / 8, rtol=1e-6)
+
+
+def test_a_value_against_its_coordinate_median_is_left_out_not_its_update() -> None:
+    honest = [sparse(20, {0: 1.0, 1: 1.0, 2: 1.0}) for _ in range(5)]
+    mild = sparse(20, {0: -1.0, 1: -1.0, 2: 1.0, 3: 1.0})  # cosine -1/3 with the others
+    result = sparse_agreeing_mean([*honest, mild], 0.5, whole=False)
+    assert result.kept == tuple(range(6))
+    assert result.cosines[5] == pytest.approx(-1 / 3)
+    # its values at 0 and 1 are outvoted, the others count
+    np.testing.assert_allclose(result.aggregate["w"][:5], [5 / 6, 5 / 6, 1, 1 / 6, 0])
+    # judged whole (as the dense rule does), it is left out with its coordinate 3
+    judged = sparse_agreeing_mean([*honest, mild], 0.5)
+    assert judged.kept == tuple(range(5))
+    np.testing.assert_allclose(judged.aggregate["w"][:5], [1, 1, 1, 0, 0])
+    # pointing against the others at least half as much as they agree: left out whole
+    reversed_ = sparse(20, {0: -1.0, 1: -1.0, 2: -1.0, 3: 1.0})
+    assert sparse_agreeing_mean([*honest, reversed_], 0.5, whole=False).kept == tuple(range(5))
+
+
+def test_claimed_samples_weigh_a_sparse_step_capped_at_twice_the_lower_median() -> None:
+    deltas = [sparse(8, {0: 1.0}), sparse(8, {1: 1.0}), sparse(8, {2: 1.0})]
+    result = quorum_step(deltas, [100, 200, 2**40])
+    # weights 100, 200 and 400 (2^40 capped at 2 x 200, the lower median)
+    np.testing.assert_allclose(result.aggregate["w"][:4], [1 / 7, 2 / 7, 4 / 7, 0], rtol=1e-6)
+    np.testing.assert_allclose(quorum_step(deltas).aggregate["w"][:3], [1 / 3] * 3,
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="weights"):
+        sparse_agreeing_mean(deltas, 0.5, weights=[1.0, 0.0, 1.0], whole=False)
 
 
 def test_an_update_is_never_its_own_evidence() -> None:
@@ -145,20 +194,55 @@ def test_a_dense_step_is_judged_as_before() -> None:
     before = agreeing_mean(clipped, QUORUM_AGREEMENT)
     now = quorum_step(deltas)
     assert now.kept == before.kept and now.cosines == before.cosines
+    weighed = quorum_step(deltas, [10, 20, 30, 40, 50, 60, 2**40])  # dense: claims unused
+    assert weighed.kept == now.kept
     for name in ("w", "b"):
         assert np.array_equal(now.aggregate[name], before.aggregate[name])
 
 
-def test_a_quorum_buffer_of_sparse_updates_is_ready_when_k_agree() -> None:
+def test_a_quorum_buffer_of_sparse_updates_is_ready_when_k_are_kept() -> None:
     rng = np.random.default_rng(3)
     deltas, direction = honest_step(rng, n=5)
     spec = parse_aggregator("quorum")
     assert quorum_reached(spec, deltas, 5, 0)
     flipped = sparse(400, {0: -direction[0], 1: -direction[1], 2: -direction[2]})
     assert not quorum_reached(spec, [*deltas[:4], flipped], 5, 0)
+    assert not quorum_reached(spec, [*deltas[:4], sparse(400, {})], 5, 0)
 
 
 def test_sparse_codecs_under_quorum_are_warned_of_without_sending_users_to_the_mean() -> None:
     text = sparse_codec_warning(parse_aggregator("quorum"), "sparse:0.007:sign")
     assert text is not None and "own support" in text
     assert "use --aggregator mean" not in text
+
+
+def test_the_core_weighs_a_sparse_quorum_step_by_capped_claims() -> None:
+    from tests.test_core import core, models, upd
+
+    c = core(aggregator="quorum", buffer_size=3)
+    one_hot = [np.zeros(6, F32) for _ in range(3)]
+    for i, flat in enumerate(one_hot):
+        flat[i] = 1.0  # 1 of 6 values nonzero: a sparse step, no coordinate shared
+
+    def delta(flat: np.ndarray) -> dict[str, np.ndarray]:
+        return {"w": flat[:4].reshape(2, 2), "b": flat[4:]}
+
+    claims = (100, 200, 2**40)
+    actions = [c.on_update(f"d{i}", upd(f"d{i}", delta=delta(flat), n=n), now=1.0)
+               for i, (flat, n) in enumerate(zip(one_hot, claims, strict=True))]
+    assert [len(models(a)) for a in actions] == [0, 0, 1]
+    # weights 100, 200 and 400 (2^40 capped at 2 x 200, the step's lower median claim)
+    np.testing.assert_allclose(c.state["w"], [[1 / 7, 2 / 7], [4 / 7, 0]], rtol=1e-6)
+    np.testing.assert_allclose(c.state["b"], [0, 0], atol=1e-7)
+
+
+def test_opposed_is_a_negative_cosine_of_at_least_fraction_times_the_typical() -> None:
+    def verdict(*cosines: float, judged: tuple[bool, ...] | None = None) -> SparseAgreement:
+        j = judged if judged is not None else tuple(True for _ in cosines)
+        return SparseAgreement((), tuple(0.0 for _ in cosines), cosines, j)
+
+    assert opposed(verdict(-0.2, -0.25, -0.3, 0.5, 0.5, 0.5, 0.6), 0.5) == (1, 2)  # typical 0.5
+    assert opposed(verdict(-0.9, 0.5, 0.6, judged=(False, True, True)), 0.5) == ()
+    assert opposed(verdict(-0.01, -0.2, 0.1), 0.5) == (0, 1)  # typical <= 0: any negative
+    with pytest.raises(ValueError, match="fraction"):
+        opposed(verdict(0.5), 1.5)
