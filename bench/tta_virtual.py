@@ -7,12 +7,12 @@ out: the same data split (``harness.Fleet``: digits, 20% held out, Dirichlet 0.5
 devices), the same model and local training (``edge_agent.train.train_local``, 2 epochs, batch
 16, lr 0.05), the same staleness weights, the default aggregator's step and buffer rule
 (``quorum``: ``aggregator_spec.quorum_step``, ready once K updates agree or at
-``buffer_limit``), the server's momentum if asked (``momentum``, the coordinator's ``--server-
-momentum``: ``v = momentum·v + step``, ``θ + η·v``), and every update taking exactly ``speed x
-0.5`` *virtual* seconds. No network, no codec (int8 in the benchmark), no adaptive norm bound,
-and every version is evaluated (the coordinator evaluates the newest waiting one). With
-``{"k": "auto"}`` (the coordinator's ``--adaptive-k``, floor 4) K is also re-checked every
-``TICK_SECONDS``, as the coordinator's loop does, and ``quorum``'s limit is K
+``buffer_limit``), the server's momentum if asked (``momentum``, the coordinator's
+``--server-momentum``: ``v = momentum·v + step``, ``θ + η·v``), and every update taking
+exactly ``speed x 0.5`` *virtual* seconds. No network, no codec (int8 in the benchmark), no
+adaptive norm bound, and every version is evaluated (the coordinator evaluates the newest
+waiting one). With ``{"k": "auto"}`` (the coordinator's ``--adaptive-k``, floor 4) K is also
+re-checked every ``TICK_SECONDS``, as the coordinator's loop does, and ``quorum``'s limit is K
 (``adaptive_k.quorum_devices``). A device trains once per version, as an agent does: when it
 finishes on ``v`` and ``v`` is still the newest, it waits for the next. FedAvg rounds wait for
 every device and make ``θ + η·a`` of the round's quorum aggregate.
