@@ -1,20 +1,21 @@
 """``bench.tta``'s question in virtual time: ``python -m bench.tta_virtual PROFILE NAME=JSON ...``.
 
 The time-to-accuracy benchmark runs real agents against a real broker, so on a busy machine
-its speed profiles hold only as far as the agents' training fits in their simulated period
-(it counts the updates that overran it). This model asks the same question with the load
-taken out: the same data split (``harness.Fleet``: digits, 20% held out, Dirichlet 0.5 over
-the devices), the same model and local training (``edge_agent.train.train_local``, 2 epochs,
-batch 16, lr 0.05), the same staleness weights, the default aggregator's step and buffer
-rule (``quorum``: ``aggregator_spec.quorum_step``, ready once K updates agree or at
-``buffer_limit``), and every update taking exactly ``speed x 0.5`` *virtual* seconds. No
-network, no codec (int8 in the benchmark), no adaptive norm bound, and every version is
-evaluated (the coordinator evaluates the newest waiting one). With ``{"k": "auto"}`` (the
-coordinator's ``--adaptive-k``, floor 4) K is also re-checked every ``TICK_SECONDS``, as the
-coordinator's loop does. A device trains once per
-version, as an agent does: when it finishes on ``v`` and ``v`` is still the newest, it waits
-for the next. FedAvg rounds wait for every device and make ``θ + η·a`` of the round's
-quorum aggregate.
+its speed profiles hold only as far as the agents' training fits in their simulated period (it
+counts the updates that overran it). This model asks the same question with the load taken
+out: the same data split (``harness.Fleet``: digits, 20% held out, Dirichlet 0.5 over the
+devices), the same model and local training (``edge_agent.train.train_local``, 2 epochs, batch
+16, lr 0.05), the same staleness weights, the default aggregator's step and buffer rule
+(``quorum``: ``aggregator_spec.quorum_step``, ready once K updates agree or at
+``buffer_limit``), the server's momentum if asked (``momentum``, the coordinator's
+``--server-momentum``: ``v = momentum·v + step``, ``θ + η·v``), and every update taking
+exactly ``speed x 0.5`` *virtual* seconds. No network, no codec (int8 in the benchmark), no
+adaptive norm bound, and every version is evaluated (the coordinator evaluates the newest
+waiting one). With ``{"k": "auto"}`` (the coordinator's ``--adaptive-k``, floor 4) K is also
+re-checked every ``TICK_SECONDS``, as the coordinator's loop does, and ``quorum``'s limit is K
+(``adaptive_k.quorum_devices``). A device trains once per version, as an agent does: when it
+finishes on ``v`` and ``v`` is still the newest, it waits for the next. FedAvg rounds wait for
+every device and make ``θ + η·a`` of the round's quorum aggregate.
 
 Each ``NAME=JSON`` sets ``run``'s keywords (``{"mode": "fedavg"}``, ``{"k": 10}``, ...);
 every configuration runs once per ``--seeds`` seed (the model's initialisation and the
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from bench import tta
-from coordinator.adaptive_k import DevicePeriods, adaptive_k
+from coordinator.adaptive_k import DevicePeriods, adaptive_k, quorum_devices
 from coordinator.aggregator_spec import parse_aggregator, quorum_reached, quorum_step
 from coordinator.staleness import staleness_weight
 from coordinator.target_hold import Evaluated, first_held
@@ -64,6 +65,7 @@ def quorum_ready(deltas: list[State], k: int, online: int) -> bool:
 
 def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
         server_lr: float = 1.0, staleness: str = "poly", staleness_a: float = 1.0,
+        momentum: float = 0.0,
         target: float = tta.TARGET, hold: float = tta.HOLD_SECONDS,
         horizon: float = 60.0) -> Outcome:
     """One run of ``profile`` (``bench.tta.PROFILES``) in ``mode`` fedbuff or fedavg; ``k``
@@ -111,6 +113,7 @@ def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
     now = 0.0
     made = {0: 0.0}  # when each version was made
     periods = DevicePeriods()
+    velocity: State = {}
     while events:
         now, device, base = heapq.heappop(events)
         if now > horizon or first_held(history, target, hold, now=now) is not None:
@@ -131,11 +134,19 @@ def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
                            for name in after})
             waiting.append(device)
             periods.observe(str(device), now, base, made[base])
-        k_now = (adaptive_k(periods.view([str(d) for d in range(n)], now, newest, made, 0.0),
-                            4, n) if k == "auto" else int(k))
-        ready = len(buffer) == n if mode == "fedavg" else quorum_ready(buffer, k_now, n)
+        if k == "auto":  # the core's _buffer_target and _step_ready
+            k_now = adaptive_k(periods.view([str(d) for d in range(n)], now, newest, made, 0.0),
+                               4, n)
+            online = quorum_devices(k_now, n)
+        else:
+            k_now, online = int(k), n
+        ready = len(buffer) == n if mode == "fedavg" else quorum_ready(buffer, k_now, online)
         if ready:
             step = quorum_step(buffer).aggregate
+            if momentum:
+                velocity = {name: np.float32(momentum) * velocity.get(name, 0) + step[name]
+                            for name in step}
+                step = velocity
             versions[newest + 1] = {name: np.asarray(value + np.float32(server_lr) * step[name],
                                                      dtype=np.float32)
                                     for name, value in versions[newest].items()}

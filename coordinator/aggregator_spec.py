@@ -18,7 +18,8 @@ Grammar (lower case, no spaces)::
   most 2 × the median norm of the step's updates, then ``agree``'s mean is taken over the
   updates whose cosine with the median is also at least half the step's median cosine
   (``robust.relative_agreement``; ``quorum_step``); and a FedBuff buffer that is full
-  (K updates) waits for more until K of them agree, up to 2K (``quorum_reached``). See
+  (K updates) waits for more until K of them agree, up to 2K (``quorum_reached``; under
+  ``--adaptive-k`` up to K, ``adaptive_k.quorum_devices``). See
   ``coordinator.robust``. These count each update once: the claimed sample count plays no
   part. A step of sparse updates (``topk``, ``sparse`` codecs: its median update at most
   ``sparse_agreement.SPARSE_DENSITY`` nonzero), whose coordinate-wise median is zero almost

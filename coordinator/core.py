@@ -98,7 +98,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.adaptive_k import DevicePeriods, adaptive_k
+from coordinator.adaptive_k import DevicePeriods, adaptive_k, quorum_devices
 from coordinator.aggregation import (
     AggregationError,
     State,
@@ -1384,6 +1384,8 @@ class CoordinatorCore:
         if self._kept is None:
             return True
         online = self.contributing_count()
+        if self.config.adaptive_k:  # quorum waits for no device slower than the K counted fast
+            online = quorum_devices(k, online)
         # the buffer only grows between steps and update ids are unique, so its first id
         # and length name its contents: a check that found the same buffer, K and online
         # count not ready (--adaptive-k re-checks at every tick) is not worked out again

@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 
 from bench.tta import PROFILES
-from coordinator.adaptive_k import WINDOW, DevicePeriods, adaptive_k, period_sample
+from coordinator.adaptive_k import (
+    WINDOW,
+    DevicePeriods,
+    adaptive_k,
+    period_sample,
+    quorum_devices,
+)
+from coordinator.aggregator_spec import buffer_limit
 from coordinator.core import AggregationConfig, CoordinatorCore, NewModel
 from coordinator.privacy import PrivacySpec
 from tests.test_core import TASK, core, status, upd
@@ -135,3 +142,30 @@ def test_k_goes_down_while_a_fast_device_is_overdue() -> None:
                        for a in c.on_update(device, upd(device, 1.0, base=base), now=3.0))
     assert c.tick(3.4) == []  # 1.4 s: still within 1.5 x 1 s
     assert [type(a) for a in c.tick(3.6)] == [NewModel]  # overdue: K = 4, the step is made
+
+
+def test_quorum_under_adaptive_k_waits_for_no_device_slower_than_the_fast_group() -> None:
+    for k, online in [(9, 10), (4, 10), (10, 10), (3, 0)]:
+        assert buffer_limit(k, quorum_devices(k, online)) == k
+    assert quorum_devices(6, 4) == 4  # never more than the devices online
+    with pytest.raises(ValueError):
+        quorum_devices(0, 4)
+
+
+def test_a_fast_buffer_that_does_not_all_agree_is_stepped_without_the_straggler() -> None:
+    c = core(buffer_size=2, adaptive_k=True, aggregator="quorum")
+    for device in DEVICES:
+        c.on_status(device, status(device, "online"), now=0.0)
+    fast, straggler = DEVICES[:5], DEVICES[5]
+    for device in fast:  # the straggler sends nothing: overdue at the tick, K = 5
+        assert not any(isinstance(a, NewModel)
+                       for a in c.on_update(device, upd(device, 1.0, base=0), now=1.0))
+    assert [type(a) for a in c.tick(1.6)] == [NewModel]
+    made = []
+    for device in fast:  # one of the five disagrees: 4 of K = 5 agree
+        value = -1.0 if device == fast[-1] else 1.0
+        made += [a for a in c.on_update(device, upd(device, value, base=1), now=2.6)
+                 if isinstance(a, NewModel)]
+    assert c.snapshot()["buffer_size"] == 5 and straggler not in fast
+    # counted on every device online, the limit would be 6: the step would wait for d5
+    assert len(made) == 1 and c.version == 2

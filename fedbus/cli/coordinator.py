@@ -79,8 +79,9 @@ HELPS = {
     "adaptive_k": "FedBuff: K follows the devices' speeds, as the coordinator measures them "
     "from its own arrival times: the number of devices about as fast (within 1.5x) as the "
     "--buffer-size-th fastest, at least --buffer-size, at most the devices online (equal "
-    "speeds: the whole fleet, synchronous steps; mixed speeds: the fast group). Not with "
-    "--fleet-scaling or differential privacy.",
+    "speeds: the whole fleet, synchronous steps; mixed speeds: the fast group); quorum then "
+    "steps a full buffer with the updates that agree, not waiting beyond K. With mixed speeds "
+    "use --staleness-a 0.5. Not with --fleet-scaling or differential privacy.",
     "concurrency": "FedBuff: at most this many devices train at a time, each invited by the "
     "coordinator (protocol revision 2.10); a fleet of at most this many is invited whole. "
     "Default 100 with --fleet-scaling, else 0 (no limit: every device trains whenever it can).",
