@@ -515,10 +515,12 @@ class NewModel:
 @dataclass(frozen=True)
 class SendInvite:
     """Revision 2.10: publish an ``invite`` (made at ``version``) on ``device_id``'s receipt
-    topic: the device may train once."""
+    topic: the device may train once. Revision 2.17: ``invite_id`` names the invitation (the
+    same again when it is sent again); random, so compared explicitly where it matters."""
 
     device_id: str
     version: int
+    invite_id: str | None = field(default=None, compare=False)
 
 
 Action = SendReceipt | NewModel | SendInvite
@@ -692,6 +694,7 @@ class CoordinatorCore:
                 "partial_parts",
                 "invitations_sent",
                 "invitations_expired",
+                "invitations_resent",
                 *(f"rejected_{reason}" for reason in REJECT_REASONS),
             ],
             0,
@@ -730,6 +733,7 @@ class CoordinatorCore:
         periods: Mapping[str, Sequence[float]] | None = None,
         region_parts: Mapping[tuple[str, int], int] | None = None,
         invitations: Sequence[str] = (),
+        invitation_ids: Mapping[str, str] | None = None,
     ) -> CoordinatorCore:
         """A core at a stored state: ``pending`` (accepted, not yet applied updates, in
         arrival order) are decoded again and put back exactly where they were, the FedBuff
@@ -741,8 +745,8 @@ class CoordinatorCore:
         a version made before the restart give no new sample. ``region_parts``: the parts of
         the accepted partials by (aggregator, base version), the region quota's tally.
         ``invitations``: the devices that held an open invitation, oldest first; under a
-        concurrency limit they hold it again, each with a whole timeout from ``now``
-        (``Invitations.restored``)."""
+        concurrency limit they hold it again, each with a whole timeout from ``now`` and its
+        stored id from ``invitation_ids`` (``Invitations.restored``)."""
         core = cls(
             task, state, config, ledger=ledger, start_version=version,
             model_codec=model_codec, velocity=velocity, counters=counters,
@@ -754,7 +758,7 @@ class CoordinatorCore:
         if core._invitations is not None and invitations:
             core._invitations = Invitations.restored(
                 core._invitations.concurrency, core._invitations.timeout, tuple(invitations),
-                now)
+                now, invitation_ids)
         core._clock = core._started_at = now  # the version resumed at: made before
         core._ended = ended
         core._paused = paused
@@ -868,8 +872,11 @@ class CoordinatorCore:
     def drain_journal(self) -> list[Record]:
         """The records of every input since the last call, for the store, in order."""
         if self._invitations is not None and self._invitations.changes:
+            changes = self._invitations.drain_changes()
+            ids = self._invitations.ids
             self._journal.append(InvitationsChanged(
-                tuple(self._invitations.drain_changes().items())))
+                tuple(changes.items()),
+                tuple((d, ids[d]) for d, opened in changes.items() if opened and d in ids)))
         records, self._journal = self._journal, []
         return records
 
@@ -987,6 +994,7 @@ class CoordinatorCore:
         if not (isinstance(device_id, str) and DEVICE_ID_PATTERN.match(device_id)):
             return self._bad_status(device_id, "invalid device id")
         state: str | None
+        aware, known = False, None  # revision 2.17: the invitation its status names
         if len(payload) == 0:
             state = None
         else:
@@ -999,6 +1007,7 @@ class CoordinatorCore:
             if status.device_id != device_id:
                 return self._bad_status(device_id, f"status names device {status.device_id!r}")
             state = status.state
+            aware, known = status.invite_aware, status.invite
             if status.error is not None and status.error_kind in ASIDE_ERROR_KINDS:
                 self._aside.add(device_id)
             else:
@@ -1016,7 +1025,8 @@ class CoordinatorCore:
         contributes = state in ONLINE_STATES and device_id not in self._aside
         if self._invitations is not None:
             self._invitations.on_presence(device_id, contributes, state == "training", now)
-            invites = self._invite(now)
+            # an invitation opened by this very status is not sent twice: resend first
+            invites = self._resend(device_id, state, aware, known, now) + self._invite(now)
             if invites:
                 return invites + self._on_presence_change(device_id, state, contributes, now)
         return self._on_presence_change(device_id, state, contributes, now)
@@ -1054,7 +1064,27 @@ class CoordinatorCore:
                 _log.info("%d invitation(s) unused after %.0f s: their slots go to others",
                           len(expired), self._invitations.timeout)
             actions = self._invite(now)
+            if self._ended is None:  # (not while paused: returned above)
+                actions += self._send_again(self._invitations.resends_due(now))
         return actions + self._tick_aggregation(now)
+
+    def _resend(self, device_id: str, state: str | None, aware: bool, known: str | None,
+                now: float) -> list[Action]:
+        """Revision 2.17: the open invitation of a device whose status says it does not know
+        it (it restarted before using it), sent again with its id (``Invitations.resend``:
+        or at a later tick, if it was sent within the grace); not once the run has ended or
+        while it is paused."""
+        if self._invitations is None or self._ended is not None or self._paused is not None:
+            return []
+        again = self._invitations.resend(device_id, state, aware, known, now)
+        return [] if again is None else self._send_again([(device_id, again)])
+
+    def _send_again(self, lost: list[tuple[str, str]]) -> list[Action]:
+        self._counters["invitations_resent"] += len(lost)
+        for device_id, invite_id in lost:
+            _log.info("device %s does not know its invitation %s (restarted?): sending it "
+                      "again", device_id, invite_id)
+        return [SendInvite(device_id, self._version, invite_id) for device_id, invite_id in lost]
 
     def _invite(self, now: float) -> list[Action]:
         """Invitations for the free slots (revision 2.10), none once the run has ended or
@@ -1063,7 +1093,8 @@ class CoordinatorCore:
             return []
         chosen = self._invitations.invite(now)
         self._counters["invitations_sent"] += len(chosen)
-        return [SendInvite(device, self._version) for device in chosen]
+        return [SendInvite(device, self._version, self._invitations.id_of(device))
+                for device in chosen]
 
     def _tick_aggregation(self, now: float) -> list[Action]:
         timeout = self.config.buffer_timeout

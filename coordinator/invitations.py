@@ -33,19 +33,58 @@ after a restart in the order they were made. Their times are not kept: a restore
 gets a whole ``timeout`` from the restart (the clock of a stopped coordinator says nothing of
 how long its devices have been training). The waiting line is not stored: every device's
 retained status arrives again when the coordinator subscribes, and the line forms anew.
+
+Revision 2.17: every invitation has an id (``ids``, random, stored with it), sent in the
+``invite``; a device of revision 2.17 names in its status the newest invitation it knows
+(held or used). ``resend``: when a device whose invitation is open says ``online`` or
+``idle`` and names another invitation (or none), it lost this one (a restart between
+receiving and using it): the same invitation, same id, goes to it again. Not at once if it
+was sent less than ``grace`` seconds ago: a status the device published before the
+invitation reached it says the same (the ``idle`` that follows every update crosses the
+next invitation on the way), and the agent names a new invitation in a status as soon as
+it gets one. So such a claim is only noted (``unknown``), a later status naming the
+invitation clears it, and ``resends_due`` (at every tick) sends it once ``grace`` has
+passed. An agent acts on an id at most once, so a status repeated or reordered makes no
+second training; a device whose status says nothing of invitations (older than 2.17) is
+never sent one again. A device's claims only ever bring its own invitation back to itself,
+at most once per ``grace``: a resend opens no slot and moves no one in the line.
 """
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_INVITE_TIMEOUT", "Invitations"]
+__all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_INVITE_TIMEOUT", "Invitations", "new_invite_id",
+           "resend_due"]
 
 # devices training at a time under fleet scaling unless told otherwise: a fleet of at most
 # this many is invited whole (every idle device at once), as if there were no limit
 DEFAULT_CONCURRENCY = 100
 # seconds an invited device may take before its slot goes to another
 DEFAULT_INVITE_TIMEOUT = 600.0
+# seconds after an invitation was sent (or sent again) before it is sent again: longer than a
+# status and an invite take to cross (milliseconds), shorter than an agent takes to restart
+RESEND_GRACE = 3.0
+# the states in which a device that does not know its open invitation is sent it again:
+# not ``training`` (it trains on something; its next status says ``idle``)
+_RESEND_STATES = ("online", "idle")
+
+
+def new_invite_id() -> str:
+    """A fresh invitation id (revision 2.17): 16 hex digits, 64 random bits, so that no
+    two invitations of a run share one whatever the restarts."""
+    return secrets.token_hex(8)
+
+
+def resend_due(open_id: str | None, state: str | None, aware: bool, known: str | None) -> bool:
+    """Whether a device holding the open invitation ``open_id`` is sent it again, given its
+    status: ``state``, ``aware`` (its status has the key ``invite``: revision 2.17) and
+    ``known`` (the invitation it names there). Only when it says it is ``online`` or
+    ``idle`` and names another invitation, or none: it never got this one or lost it."""
+    return (open_id is not None and aware and state in _RESEND_STATES
+            and known != open_id)
 
 
 @dataclass
@@ -57,6 +96,14 @@ class Invitations:
     # since the last ``drain_changes``: device -> whether it now holds an invitation, in the
     # order of the last change of each
     changes: dict[str, bool] = field(default_factory=dict)
+    # revision 2.17: device -> the id of its open invitation
+    ids: dict[str, str] = field(default_factory=dict)
+    new_id: Callable[[], str] = new_invite_id
+    grace: float = RESEND_GRACE
+    sent: dict[str, float] = field(default_factory=dict)  # device -> last sent (or again)
+    # devices whose last status said they do not know their open invitation, sent too
+    # recently to send again (``resends_due``)
+    unknown: dict[str, None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -66,11 +113,16 @@ class Invitations:
 
     @classmethod
     def restored(cls, concurrency: int, timeout: float, devices: list[str] | tuple[str, ...],
-                 now: float) -> Invitations:
+                 now: float, ids: Mapping[str, str] | None = None) -> Invitations:
         """The invitations ``devices`` held when the coordinator stopped (oldest first), each
-        open from ``now``; the waiting line is empty until statuses arrive."""
+        open from ``now`` with its id in ``ids`` (a fresh one where none was stored: written
+        by a coordinator before revision 2.17); the waiting line is empty until statuses
+        arrive."""
         made = cls(concurrency, timeout)
         made.open = dict.fromkeys(devices, now)
+        known = ids or {}
+        made.ids = {device: known.get(device) or made.new_id() for device in devices}
+        made.sent = dict.fromkeys(devices, now - made.grace)  # sent before the restart
         return made
 
     def drain_changes(self) -> dict[str, bool]:
@@ -80,12 +132,18 @@ class Invitations:
 
     def _open(self, device: str, now: float) -> None:
         self.open[device] = now
+        self.ids[device] = self.new_id()
+        self.sent[device] = now
+        self.unknown.pop(device, None)
         self.changes.pop(device, None)  # moves to the end: its order is that of the last
         self.changes[device] = True
 
     def _close(self, device: str) -> bool:
         if self.open.pop(device, None) is None:
             return False
+        self.ids.pop(device, None)
+        self.sent.pop(device, None)
+        self.unknown.pop(device, None)
         self.changes.pop(device, None)
         self.changes[device] = False
         return True
@@ -93,6 +151,35 @@ class Invitations:
     def holds(self, device: str) -> bool:
         """Whether ``device`` holds an open invitation."""
         return device in self.open
+
+    def id_of(self, device: str) -> str | None:
+        """The id of ``device``'s open invitation (None: it holds none)."""
+        return self.ids.get(device)
+
+    def resend(self, device: str, state: str | None, aware: bool, known: str | None,
+               now: float) -> str | None:
+        """After ``on_presence``: the id of the open invitation to send ``device`` again now
+        (``resend_due``, and sent at least ``grace`` ago), or None; a claim too early is
+        noted for ``resends_due``, and a status that does not claim so clears it."""
+        open_id = self.ids.get(device)
+        if open_id is None or not resend_due(open_id, state, aware, known):
+            self.unknown.pop(device, None)
+            return None
+        if now - self.sent[device] < self.grace:
+            self.unknown[device] = None
+            return None
+        self.unknown.pop(device, None)
+        self.sent[device] = now
+        return open_id
+
+    def resends_due(self, now: float) -> list[tuple[str, str]]:
+        """(device, invitation id) to send again now: noted by ``resend`` too early, and
+        still not known to the device ``grace`` after it was last sent."""
+        due = [d for d in self.unknown if now - self.sent[d] >= self.grace]
+        for device in due:
+            del self.unknown[device]
+            self.sent[device] = now
+        return [(device, self.ids[device]) for device in due]
 
     def on_presence(self, device: str, contributes: bool, training: bool, now: float) -> None:
         """A status of ``device``: ``contributes`` (online and able to take part),

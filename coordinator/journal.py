@@ -140,9 +140,11 @@ class PeriodWindow:
 
 @dataclass(frozen=True)
 class InvitationsChanged:
-    """Invitations opened (``True``) or closed (``False``), in the order they changed."""
+    """Invitations opened (``True``) or closed (``False``), in the order they changed; ``ids``:
+    the id of each invitation opened (revision 2.17)."""
 
     changes: tuple[tuple[str, bool], ...]
+    ids: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,9 @@ class CoordinatorMetrics:
         )
         self.invitations = Counter(
             "fedbus_invitations", "Invitations to train (protocol revision 2.10, "
-            "--concurrency), by event: sent, or expired (withdrawn unused after "
-            "--invite-timeout); totals of the run.", ["event"], registry=r,
+            "--concurrency), by event: sent, expired (withdrawn unused after "
+            "--invite-timeout), or resent (an open invitation sent again to a device that "
+            "lost it, revision 2.17); totals of the run.", ["event"], registry=r,
         )
         self.partials = Counter(
             "fedbus_partials_accepted", "Partial updates of regional aggregators accepted "
@@ -135,7 +136,7 @@ class CoordinatorMetrics:
             return self.updates.labels(outcome="rejected", reason=key[len("rejected_"):])
         if key == "bytes_received":
             return self.bytes_received
-        if key in ("invitations_sent", "invitations_expired"):
+        if key in ("invitations_sent", "invitations_expired", "invitations_resent"):
             return self.invitations.labels(event=key[len("invitations_"):])
         if key == "partials_accepted":
             return self.partials

@@ -634,6 +634,7 @@ class CoordinatorService:
             noise_secret=snap.noise_secret, norms=snap.norms, paused=snap.paused,
             periods=snap.periods, region_parts=snap.region_parts,
             invitations=snap.invitations,
+            invitation_ids=snap.invitation_ids,
         )
         self._check_model_fits(self.config.max_message_bytes)
         log.info(
@@ -1386,7 +1387,8 @@ class CoordinatorService:
                     self._stall.record(time.monotonic(), action.device_id, receipt.accepted,
                                        receipt.reason, receipt.detail)
             elif isinstance(action, SendInvite):  # revision 2.10
-                invite = Invite(action.version, time.time(), run_id=self.task.run_id)
+                invite = Invite(action.version, time.time(), run_id=self.task.run_id,
+                                invite_id=action.invite_id)
                 self._publish(self.topics.receipt(action.device_id),
                               pack(invite.to_wire()), kind="receipt")
             elif isinstance(action, NewModel):

@@ -186,7 +186,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
 );
 CREATE TABLE IF NOT EXISTS invitations (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    device TEXT NOT NULL UNIQUE
+    device TEXT NOT NULL UNIQUE,
+    invite_id TEXT
 );
 """
 
@@ -235,6 +236,7 @@ class RunSnapshot:
     region_parts: dict[tuple[str, int], int] = field(default_factory=dict)
     # the devices holding an open invitation, oldest first (coordinator.invitations)
     invitations: tuple[str, ...] = ()
+    invitation_ids: dict[str, str] = field(default_factory=dict)  # their ids (rev 2.17)
 
 
 class Store:
@@ -277,6 +279,12 @@ class Store:
         # an accepted partial's parts (revision 2.16), likewise NULL in older rows
         if "parts" not in verdict_columns:
             self._db.execute("ALTER TABLE verdicts ADD COLUMN parts INTEGER")
+        # an open invitation's id (revision 2.17), NULL in older rows (no format change: an
+        # older fedbus ignores it and a newer one gives such an invitation a new id)
+        invitation_columns = {row[1] for row in self._db.execute(
+            "PRAGMA table_info(invitations)")}
+        if "invite_id" not in invitation_columns:
+            self._db.execute("ALTER TABLE invitations ADD COLUMN invite_id TEXT")
         self._seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM verdicts").fetchone()[0]
 
     def close(self) -> None:
@@ -390,6 +398,8 @@ class Store:
             },
             invitations=tuple(str(device) for (device,) in self._db.execute(
                 "SELECT device FROM invitations ORDER BY seq")),
+            invitation_ids={str(device): str(invite_id) for device, invite_id in self._db.execute(
+                "SELECT device, invite_id FROM invitations WHERE invite_id IS NOT NULL")},
         )
 
     # -- the ledger (read while judging) ---------------------------------------------------
@@ -486,10 +496,11 @@ class Store:
         elif isinstance(record, NormWindow):
             self._set_meta("norms", json.dumps(list(record.norms)))
         elif isinstance(record, InvitationsChanged):
+            ids = dict(record.ids)
             for device, opened in record.changes:
                 if opened:  # a new row (a new seq) even if the device held one before
-                    db.execute("INSERT OR REPLACE INTO invitations (device) VALUES (?)",
-                               (device,))
+                    db.execute("INSERT OR REPLACE INTO invitations (device, invite_id) "
+                               "VALUES (?, ?)", (device, ids.get(device)))
                 else:
                     db.execute("DELETE FROM invitations WHERE device = ?", (device,))
         elif isinstance(record, PauseChanged):

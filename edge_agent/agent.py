@@ -215,6 +215,10 @@ class Agent:
         # revision 2.10: the run of the invitation held (None: none), model messages received
         # so far and when the invitation came, so it trains on a model received after it
         self._invited_run: str | None = None
+        # revision 2.17: the id of the newest invitation known (held, or used: then stored
+        # with its update, so it survives a restart), named in every status
+        self._invite_known: str | None = None
+        self._invite_training: str | None = None  # the id of the invitation being used
         self._model_arrivals = 0
         self._arrivals_at_invite = 0
         # revision 2.9: whether the model topics are followed (between trainings), and the
@@ -269,6 +273,7 @@ class Agent:
                                   on_change=self._on_policy_change)
         self.state = AgentState(config.state_path() / STATE_FILE,
                                 ledger_capacity=config.ledger_size)
+        self._invite_known = self.state.invite_used()
         device = config.device_id
         self.client: Transport = transport_factory(
             ConnectionSettings(
@@ -466,6 +471,7 @@ class Agent:
                 run_id=task.run_id if task is not None else None, agent=__version__,
                 error=None if error is None else error[1],
                 error_kind=None if error is None else error[0],
+                invite=getattr(self, "_invite_known", None), invite_aware=True,
             ).to_wire()
         )
 
@@ -553,7 +559,9 @@ class Agent:
                 work = self._next_work(task)
                 if work is None or not allowed:
                     continue  # nothing new, or paused (the outbox is still sent above)
-                self._invited_run = None  # revision 2.10: the invitation is used
+                # revision 2.10: the invitation is used (2.17: its id is stored with the update)
+                self._invited_run = None
+                self._invite_training = self._invite_known if task.by_invitation else None
                 # revision 2.9: no model deliveries while training; subscribing again
                 # afterwards brings the retained model, the newest, at once (by invitation:
                 # with the next invitation)
@@ -744,7 +752,16 @@ class Agent:
         """The coordinator invites this device to train once (revision 2.10): follow the
         model topics again; the training waits for a model that arrives from now on (the
         retained one, the newest, comes with the subscription). It counts for the run it
-        names, whose task may come after it."""
+        names, whose task may come after it. Revision 2.17: an invitation whose id is the
+        newest this agent knows (held, or used) is the same sent again: ignored, so that it
+        never makes a second training."""
+        if invite.invite_id is not None and invite.invite_id == self._invite_known:
+            log.debug("invitation %s again: already %s", invite.invite_id,
+                      "held" if self._invited_run is not None or self._training else "used")
+            return
+        self._invite_known = invite.invite_id
+        if invite.invite_id is not None:  # say so: a status from before it is not read
+            self._publish_status("idle")  # as a lost invitation (revision 2.17)
         with self._lock:
             self._arrivals_at_invite = self._model_arrivals
         self._invited_run = invite.run_id
@@ -1084,7 +1101,8 @@ class Agent:
         entry = OutboxEntry(update.update_id, task.run_id, model_msg.version, payload,
                             feedback=residual is not None)
         self._make_room(task, len(payload))
-        self.state.record_trained(task.run_id, model_msg.version, entry, residual=residual)
+        self.state.record_trained(task.run_id, model_msg.version, entry, residual=residual,
+                                  invite_id=self._invite_training)
         self.stats.last_version = model_msg.version
         self._pump(task)
         self.stats.updates_published += 1

@@ -16,6 +16,11 @@ together land together:
 - the **ledger** keeps the fate of the newest ``ledger_capacity`` updates (produced,
   accepted, rejected and why, dropped and why), for the operator and for tests.
 
+The id of the last invitation used (revision 2.17, meta ``invite_used``) is recorded in the
+transaction that puts its update in the outbox: after a restart the agent names it in its
+status, so the coordinator does not send it again; an invitation received but not yet
+trained on is forgotten by a restart, and the coordinator sends it again.
+
 Everything belongs to one run (``run_id``): a new run's task makes the agent forget the
 outbox and residual of the old one (``start_run``), and remember the new run and when it
 began (``joined_run``), so that a replayed task of an older run is refused after a restart.
@@ -181,6 +186,11 @@ class AgentState:
             return None
         return str(rows["run"]), float(rows["run_began"])
 
+    def invite_used(self) -> str | None:
+        """The id of the last invitation an update was trained for (revision 2.17)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'invite_used'").fetchone()
+        return None if row is None else str(row[0])
+
     def start_run(self, run_id: str, began: float | None = None) -> list[OutboxEntry]:
         """Forget every other run: its outbox entries (returned, so the caller can log
         them), residual and progress; remember ``run_id`` and when it ``began``."""
@@ -205,10 +215,15 @@ class AgentState:
         entry: OutboxEntry | None,
         *,
         residual: Mapping[str, np.ndarray] | None = None,
+        invite_id: str | None = None,
     ) -> None:
         """One training run is done: ``version`` is trained on; ``entry`` (if any) joins
-        the outbox; ``residual`` (if given) replaces the stored one. All or nothing."""
+        the outbox; ``residual`` (if given) replaces the stored one; ``invite_id`` (if
+        given) is the invitation it used. All or nothing."""
         with self._transaction():
+            if invite_id is not None:
+                self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
+                                 "('invite_used', ?)", (invite_id,))
             self._db.execute(
                 "INSERT INTO progress (run_id, version) VALUES (?, ?) ON CONFLICT (run_id) "
                 "DO UPDATE SET version = MAX(version, excluded.version)", (run_id, version),

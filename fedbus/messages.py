@@ -653,6 +653,7 @@ MODEL_DELTA_FIELDS: dict[str, FieldReader] = {
 STATUS_FIELDS: dict[str, FieldReader] = {
     "device_id": _LEAF, "state": _LEAF, "run": _LEAF, "model_version": _LEAF, "ts": _LEAF,
     "agent": _LEAF, "error": _LEAF, "error_kind": _LEAF,
+    "invite": _LEAF,  # revision 2.17
 }
 # status fields of revision 2.3: the agent's version and its last error, in UTF-8 bytes
 MAX_STATUS_AGENT = 64
@@ -779,28 +780,40 @@ class Invite:
     """Revision 2.10: the coordinator invites one device to train once, on
     ``<prefix>/receipt/<device>`` (the device's own receipt topic, QoS 1). Only sent in a
     run whose task says ``by_invitation``; ``version`` is the global version when the
-    invitation was made (the device trains on the newest model it holds or receives)."""
+    invitation was made (the device trains on the newest model it holds or receives).
+
+    Revision 2.17: ``invite_id`` (wire ``id``, optional) names the invitation; the
+    coordinator sends the same invitation again, same id, to a device whose status says it
+    does not know it, and an agent acts on an id at most once (docs/protocol.md 7.11)."""
 
     version: int
     sent_at: float = 0.0
     run_id: str = field(kw_only=True)
+    invite_id: str | None = field(default=None, kw_only=True)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "v": PROTOCOL_VERSION,
             "kind": "invite",
             "run": self.run_id,
             "version": self.version,
             "ts": self.sent_at,
         }
+        if self.invite_id is not None:
+            wire["id"] = self.invite_id
+        return wire
 
     @classmethod
     def from_wire(cls, obj: dict) -> Invite:
         _check_kind(obj, "invite")
+        invite_id = obj.get("id")
+        if invite_id is not None and not (isinstance(invite_id, str) and _ID.match(invite_id)):
+            raise ProtocolError("schema", "invite: id must be an id or nil")
         return cls(
             run_id=_get_id(obj, "run", "invite"),
             version=_nonneg_int(obj, "version", "invite"),
             sent_at=_finite_float(obj, "ts", "invite"),
+            invite_id=invite_id,
         )
 
 
@@ -811,7 +824,11 @@ class Status:
     ``run_id`` is the run the device last trained for (nil before it has one). Since
     revision 2.3 (optional, for operators): ``agent``, the device's software version, and
     ``error``, the last problem that kept it from contributing (``error_kind`` one of
-    ``ERROR_KINDS``; a receiver reads a kind it does not know as ``other``)."""
+    ``ERROR_KINDS``; a receiver reads a kind it does not know as ``other``).
+
+    Revision 2.17: ``invite_aware`` (the wire key ``invite`` is present) says the device
+    names in ``invite`` the id of the newest invitation it knows, held or used (nil: none);
+    an older device writes no such key (docs/protocol.md 7.5, 10.10)."""
 
     device_id: str
     state: str
@@ -821,6 +838,8 @@ class Status:
     agent: str | None = None
     error: str | None = None
     error_kind: str | None = None
+    invite: str | None = None
+    invite_aware: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -837,6 +856,8 @@ class Status:
         if self.error is not None:
             wire["error"] = self.error
             wire["error_kind"] = self.error_kind or "other"
+        if self.invite_aware:
+            wire["invite"] = self.invite
         return wire
 
     @classmethod
@@ -856,6 +877,9 @@ class Status:
         agent = _short_text(obj, "agent", MAX_STATUS_AGENT)
         error = _short_text(obj, "error", MAX_STATUS_ERROR)
         kind = _short_text(obj, "error_kind", 32)
+        invite = obj.get("invite")
+        if invite is not None and not (isinstance(invite, str) and _ID.match(invite)):
+            raise ProtocolError("schema", "status: invite must be an id or nil")
         return cls(
             device_id=_get_id(obj, "device_id", "status", DEVICE_ID_PATTERN),
             state=state,
@@ -865,6 +889,8 @@ class Status:
             agent=agent,
             error=error,
             error_kind=None if error is None else (kind if kind in ERROR_KINDS else "other"),
+            invite=invite,
+            invite_aware="invite" in obj,
         )
 
     @classmethod

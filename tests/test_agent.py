@@ -415,3 +415,48 @@ def test_by_invitation_the_agent_trains_once_per_invitation(
     other.stop()
     assert stats is not None and stats.invitations == 2
     assert sorted(r.base_version for r in _ledger_rows(tmp_path / "a")) == [0, 1]
+
+
+def test_an_invitation_id_is_acted_on_once_and_kept_with_its_update(
+    broker: MemoryBroker, tmp_path: Path
+) -> None:
+    """Protocol revision 2.17: the same invitation sent again (same id) makes no second
+    training; the id used is stored with the update and named in the status, so a restarted
+    agent still says which invitation it used."""
+    from edge_agent.state import STATE_FILE, AgentState
+    from fedbus.messages import Invite, Status
+    from fedbus.transport import ConnectionSettings
+    from fedbus.zoo import build_model, get_state
+
+    task = _task(by_invitation=True)
+    state = encode_delta(get_state(build_model(task.model.arch, task.model.args)), "fp32")
+    other = broker.factory(ConnectionSettings(host="memory", port=1, client_id="op",
+                                              username="op", password="x"),
+                           on_message=lambda _m: None)
+    other.start()
+
+    def publish(topic: str, message: Any, retain: bool = False) -> None:
+        assert other.publish(topic, pack(message.to_wire()), retain=retain).wait(5)
+
+    publish(TOPICS.task, task, retain=True)
+    publish(TOPICS.model, GlobalModel(task.task_id, 0, state, run_id=task.run_id), retain=True)
+    agent = AgentThread(broker, tmp_path / "a", max_updates=2)
+    wait_for(lambda: agent.agent._task is not None, what="the task")
+    publish(TOPICS.receipt("dev-a"), Invite(0, 1.0, run_id=task.run_id, invite_id="inv1"))
+    wait_for(lambda: agent.agent.stats.updates_published == 1, what="the invited training")
+    assert Status.read(agent.agent._status("idle")).invite == "inv1"
+    publish(TOPICS.model, GlobalModel(task.task_id, 1, state, run_id=task.run_id), retain=True)
+    publish(TOPICS.receipt("dev-a"), Invite(0, 2.0, run_id=task.run_id, invite_id="inv1"))
+    agent.agent._keep_newest_model(pack(GlobalModel(task.task_id, 1, state,
+                                                    run_id=task.run_id).to_wire()))
+    time.sleep(0.3)  # v1 is held and inv1 came again: used already, so no training
+    assert agent.agent.stats.updates_published == 1 and agent.agent.stats.invitations == 1
+    publish(TOPICS.receipt("dev-a"), Invite(1, 3.0, run_id=task.run_id, invite_id="inv2"))
+    stats = agent.join()
+    other.stop()
+    assert stats is not None and stats.invitations == 2
+    kept = AgentState(tmp_path / "a" / STATE_FILE)
+    try:
+        assert kept.invite_used() == "inv2"
+    finally:
+        kept.close()

@@ -49,8 +49,9 @@ def test_invitations_and_partials_are_exported():
                      "partial_parts": 0})
     assert value(m, "fedbus_invitations_total", event="expired") == 0
     m.sync_counters({"invitations_sent": 7, "invitations_expired": 2, "partials_accepted": 3,
-                     "partial_parts": 12})
+                     "partial_parts": 12, "invitations_resent": 4})
     assert value(m, "fedbus_invitations_total", event="sent") == 7
+    assert value(m, "fedbus_invitations_total", event="resent") == 4
     assert value(m, "fedbus_invitations_total", event="expired") == 2
     assert value(m, "fedbus_partials_accepted_total") == 3
     assert value(m, "fedbus_partial_parts_accepted_total") == 12
