@@ -27,6 +27,8 @@ a model it can train on (revision 2.9, section 9.1), so it receives about one mo
 In a run whose task says ``by_invitation`` (revision 2.10, section 9.3) a device trains only
 once per ``invite`` on its receipt topic, on a model received after it, as the agent does; in
 ``on-demand`` mode it follows the model topic only from the invitation to the training.
+As the agent of revision 2.17 it names the newest invitation it knows in its status, says so
+as soon as it gets a new one, and ignores an invitation whose id it knows (one sent again).
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ class Counters:
     subscribes: int = 0
     unsubscribes: int = 0
     invitations: int = 0  # revision 2.10
+    invitations_repeated: int = 0  # revision 2.17: an invitation sent again, ignored
 
 
 # -- the devices ------------------------------------------------------------------------------
@@ -149,6 +152,7 @@ class Device:
     first_compute: float | None = None  # the compute time of its first update
     queued: float | None = None  # when it started a training still in the training queue
     invited: str | None = None  # revision 2.10: the run of the invitation it holds
+    invite_known: str | None = None  # revision 2.17: the id of the newest invitation known
 
 
 @dataclass
@@ -328,7 +332,8 @@ class FleetSim:
 
         version = dev.last_trained if dev.last_trained >= 0 else None
         payload = pack(Status(dev.device_id, state, version, time.time(), run_id=dev.run,
-                              agent="fleet-sim").to_wire())
+                              agent="fleet-sim", invite=dev.invite_known,
+                              invite_aware=True).to_wire())
         dev.client.publish(self.topics.status(dev.device_id), payload, qos=1, retain=True)
 
     # -- messages ---------------------------------------------------------------------------
@@ -419,16 +424,23 @@ class FleetSim:
         return task is None or not task.by_invitation or dev.invited == task.run_id
 
     def _on_invite(self, dev: Device, invite: Any) -> None:
-        """Revision 2.10: the device may train once, on a model received from now on."""
+        """Revision 2.10: the device may train once, on a model received from now on.
+        Revision 2.17: an id it knows is the same invitation sent again: ignored."""
+        if invite.invite_id is not None and invite.invite_id == dev.invite_known:
+            self.counters.invitations_repeated += 1
+            return
         self.counters.invitations += 1
         if dev.done:
             return
+        dev.invite_known = invite.invite_id
         dev.invited = invite.run_id  # (it may come before the task of its run)
         if self.mode == "on-demand" and dev.pending is None and dev.queued is None:
             dev.model = None  # the retained model, the newest, comes with the subscription
             if dev.ready:
                 self._subscribe_model(dev)
         self._maybe_train(dev)
+        if dev.invited is not None and invite.invite_id is not None and dev.connected:
+            self._status(dev, "idle")  # not training yet: its status names the invitation
 
     def _on_receipt(self, dev: Device, payload: bytes) -> None:
         from fedbus.envelope import unpack
