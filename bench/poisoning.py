@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ATTACKS", "CONFIGS", "run", "run_adaptive", "run_sparse", "simulate"]
+__all__ = ["ATTACKS", "CONFIGS", "result", "run", "run_adaptive", "run_sparse", "simulate"]
 
 ATTACKS: tuple[str, ...] = ("none", "signflip", "random", "inflate", "labelflip")
 DEVICES = 10
@@ -72,6 +72,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default, adaptive K": {"adaptive_k": True, "staleness_a": 0.5},
 }
 ADAPTIVE = "default, adaptive K"
+# the whole fleet in every step, as adaptive K makes it for equal speeds (its floor 10: K is
+# 10 whatever the simulated periods), against the default with a fixed K = 10
+CONFIGS["default, K = 10"] = {"buffer_size": DEVICES}
+CONFIGS["default, adaptive K = 10"] = {"adaptive_k": True, "staleness_a": 0.5,
+                                       "buffer_size": DEVICES}
+WHOLE_FLEET = ("default, K = 10", "default, adaptive K = 10")
 WORKERS = 2  # runs are independent and seeded: two processes give the same numbers
 
 
@@ -85,12 +91,13 @@ class Sizes:
 
 
 FULL = Sizes({"digits": 30, "mnist": 12}, (0, 1, 2),
-             tuple(label for label in CONFIGS if label != ADAPTIVE))
+             tuple(label for label in CONFIGS if label not in (ADAPTIVE, *WHOLE_FLEET)))
 # a smoke run: the shape of the results, not a measurement
 QUICK = Sizes({"digits": 1, "mnist": 1}, (0,), ("mean", "default"), ("none", "inflate"))
 # poisoning_sparse: the 100x codec (BENCHMARKS.md, bytes) under the plain mean and the default
 SPARSE_CODEC = "sparse:0.007:sign"
-SPARSE_FULL = Sizes({"digits": 30}, (0, 1, 2, 3, 4), ("mean", "default"), ATTACKS, SPARSE_CODEC)
+SPARSE_FULL = Sizes({"digits": 30, "mnist": 12}, (0, 1, 2, 3, 4), ("mean", "default"), ATTACKS,
+                    SPARSE_CODEC)
 SPARSE_QUICK = Sizes({"digits": 1}, (0,), ("mean", "default"), ("none", "inflate"),
                      SPARSE_CODEC)
 # poisoning_adaptive: the default with and without --adaptive-k --staleness-a 0.5
@@ -157,8 +164,8 @@ def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
     torch.manual_seed(seed)
     model = build_model(spec_ds.arch, args)
     store = Store(None)
-    config = AggregationConfig(mode="fedbuff", buffer_size=K, buffer_timeout=0.0,
-                               max_norm=MAX_NORM, **CONFIGS[label])
+    config = AggregationConfig(mode="fedbuff", buffer_timeout=0.0, max_norm=MAX_NORM,
+                               **{"buffer_size": K, **CONFIGS[label]})
     core = CoordinatorCore(task, get_state(model), config, ledger=store)
     store.create_run("bench", task.to_wire(), 0.0, core.state, core.counters,
                      aggregator=str(config.spec))
@@ -318,6 +325,13 @@ def _run(sizes: Sizes, ours: str = "default", base: str = "mean") -> dict[str, A
             r["rejected_norm"], r["clipped"], r["seconds"]))
     finally:
         core_log.setLevel(level)
+    return result(sizes, rows, ours, base)
+
+
+def result(sizes: Sizes, rows: list[dict[str, Any]], ours: str = "default",
+           base: str = "mean") -> dict[str, Any]:
+    """The benchmark entry of ``rows`` measured with ``sizes``: worst points lost of
+    ``ours`` against ``base``, the per-cell summary and the rows."""
     summary = summarize_rows(rows)
     worst = summary["worst_points_lost"]
     mine, theirs = worst[ours], worst[base]
@@ -348,11 +362,12 @@ _NAMES = {"default": "default defences", "mean": "plain mean",
 def _spec(label: str) -> str:
     from coordinator.core import AggregationConfig
 
-    cfg = AggregationConfig(buffer_size=K, max_norm=MAX_NORM, **CONFIGS[label])
+    cfg = AggregationConfig(max_norm=MAX_NORM, **{"buffer_size": K, **CONFIGS[label]})
     bound = ("adaptive norm bound" if cfg.norm_rule.enabled
              else f"fixed --max-norm {MAX_NORM:g}")
     adaptive = f", --adaptive-k --staleness-a {cfg.staleness_a:g}" if cfg.adaptive_k else ""
-    return f"{cfg.spec}, {bound}{adaptive}"
+    size = f", K = {cfg.buffer_size}" if cfg.buffer_size != K else ""
+    return f"{cfg.spec}, {bound}{adaptive}{size}"
 
 
 def main(argv: list[str] | None = None) -> None:
