@@ -134,9 +134,12 @@ def _attack_bound(core: Any) -> float:
 
 
 def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
-             data: _Data | None = None, codec: str = "int8") -> dict[str, Any]:
+             data: _Data | None = None, codec: str = "int8", hostile_first: bool = False
+             ) -> dict[str, Any]:
     """One run: ``versions`` versions of ``dataset`` under ``attack`` with ``CONFIGS[label]``,
-    every update encoded with ``codec``; under a sparse codec (``topk``, ``sparse``) honest
+    every update encoded with ``codec`` (``hostile_first``: the hostile devices are visited
+    first at every version, so they are in every step, as the fastest devices of a fleet
+    would be); under a sparse codec (``topk``, ``sparse``) honest
     devices keep their error-feedback residual as the agent does (``encode_with_feedback``:
     what an update does not carry is added to the next one; a refused update's content goes
     back into it), hostile ones send their attack encoded as it is."""
@@ -181,7 +184,10 @@ def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
     t0 = time.perf_counter()
     while core.version < versions:
         version = core.version
-        for dev in rng.permutation(DEVICES):
+        order = rng.permutation(DEVICES)
+        if hostile_first:  # the hostile devices send as soon as a version is out
+            order = np.concatenate([np.asarray(HOSTILE), [d for d in order if d not in HOSTILE]])
+        for dev in order:
             base = core.state
             hostile = attack != "none" and int(dev) in HOSTILE
             x, y = d.xtr[d.parts[dev]], d.ytr[d.parts[dev]]
@@ -232,6 +238,7 @@ def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
     counters = core.counters
     return {
         "dataset": dataset, "config": label, "aggregator": str(config.spec), "attack": attack,
+        **({"hostile_first": True} if hostile_first else {}),
         "seed": seed, "versions": core.version, "accuracy": round(float(accuracy), 4),
         "sent": sent, "accepted": counters["updates_accepted"],
         "rejected_norm": counters["rejected_norm"], "clipped": counters["updates_clipped"],
@@ -378,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", choices=tuple(CONFIGS), action="append")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--codec", default="int8", help="every update's codec (default int8)")
+    parser.add_argument("--hostile-first", action="store_true",
+                        help="visit the hostile devices first at every version (in every step)")
     args = parser.parse_args(argv)
     logging.getLogger("coordinator").setLevel(logging.ERROR)  # every refusal is a warning
     sizes = QUICK if args.quick else FULL
@@ -390,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
             for label in args.config or CONFIGS:
                 for attack in ATTACKS:
                     print(json.dumps(simulate(dataset, label, attack, seed, n, data,
-                                              codec=args.codec)), flush=True)
+                                              codec=args.codec,
+                                              hostile_first=args.hostile_first)), flush=True)
 
 
 if __name__ == "__main__":
