@@ -24,6 +24,7 @@ BENCHMARKS: tuple[str, ...] = (
     "decode_worst",
     "poisoning",
     "poisoning_sparse",
+    "poisoning_adaptive",
     "privacy",
     "flood",
     "fleet",

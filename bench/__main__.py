@@ -50,6 +50,10 @@ def _runner(name: str):
         from bench import poisoning
 
         return poisoning.run_sparse
+    if name == "poisoning_adaptive":
+        from bench import poisoning
+
+        return poisoning.run_adaptive
     if name not in _MODULES:
         raise ValueError(name)
     return importlib.import_module(f"bench.{_MODULES[name]}").run
@@ -58,7 +62,8 @@ def _runner(name: str):
 # Order: the fleet of agents with equal speeds serves ``bytes`` and then the first profile
 # of ``time_to_accuracy`` without being restarted.
 ORDER = ("ingest_25k", "ingest_1m", "latency", "footprint", "bytes", "time_to_accuracy",
-         "decode_worst", "poisoning", "poisoning_sparse", "privacy", "flood", "fleet")
+         "decode_worst", "poisoning", "poisoning_sparse",
+         "poisoning_adaptive", "privacy", "flood", "fleet")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -29,6 +29,15 @@ and reports held-out accuracy at the end. Under ``quorum`` (the default) a full 
 wait for more updates: the loop then visits further devices of the same version, and the
 step it makes may hold up to 2K updates. "Points lost" are percentage points against the
 clean run of the plain mean (the old default).
+
+``poisoning_adaptive`` (``python -m bench --only poisoning_adaptive``, ``run_adaptive``): the
+default side by side with the default under ``--adaptive-k --staleness-a 0.5`` (label
+``default, adaptive K``). The core is then told that all ten devices are online (a status
+each), since adaptive K is worked out from the devices online; its clock is the count of
+updates sent, so a device's measured period is its place in the random visiting order (equal
+speeds with jitter), and K moves between 5 and 10. ``quorum``'s limit is K itself there: a
+full buffer is stepped with those of its K updates that agree, never waiting for another.
+Every update is based on the newest version (staleness 0), so the exponent plays no part.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ATTACKS", "CONFIGS", "run", "run_sparse", "simulate"]
+__all__ = ["ATTACKS", "CONFIGS", "result", "run", "run_adaptive", "run_sparse", "simulate"]
 
 ATTACKS: tuple[str, ...] = ("none", "signflip", "random", "inflate", "labelflip")
 DEVICES = 10
@@ -59,7 +68,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "mean+cap:2, adaptive bound": {"aggregator": "mean+cap:2"},
     "agree, adaptive bound": {"aggregator": "agree"},  # the default before quorum
     "default": {},
+    # the default under --adaptive-k --staleness-a 0.5 (the tta bench's async side)
+    "default, adaptive K": {"adaptive_k": True, "staleness_a": 0.5},
 }
+ADAPTIVE = "default, adaptive K"
+# the whole fleet in every step, as adaptive K makes it for equal speeds (its floor 10: K is
+# 10 whatever the simulated periods), against the default with a fixed K = 10
+CONFIGS["default, K = 10"] = {"buffer_size": DEVICES}
+CONFIGS["default, adaptive K = 10"] = {"adaptive_k": True, "staleness_a": 0.5,
+                                       "buffer_size": DEVICES}
+WHOLE_FLEET = ("default, K = 10", "default, adaptive K = 10")
 WORKERS = 2  # runs are independent and seeded: two processes give the same numbers
 
 
@@ -72,14 +90,19 @@ class Sizes:
     codec: str = "int8"
 
 
-FULL = Sizes({"digits": 30, "mnist": 12}, (0, 1, 2))
+FULL = Sizes({"digits": 30, "mnist": 12}, (0, 1, 2),
+             tuple(label for label in CONFIGS if label not in (ADAPTIVE, *WHOLE_FLEET)))
 # a smoke run: the shape of the results, not a measurement
 QUICK = Sizes({"digits": 1, "mnist": 1}, (0,), ("mean", "default"), ("none", "inflate"))
 # poisoning_sparse: the 100x codec (BENCHMARKS.md, bytes) under the plain mean and the default
 SPARSE_CODEC = "sparse:0.007:sign"
-SPARSE_FULL = Sizes({"digits": 30}, (0, 1, 2, 3, 4), ("mean", "default"), ATTACKS, SPARSE_CODEC)
+SPARSE_FULL = Sizes({"digits": 30, "mnist": 12}, (0, 1, 2, 3, 4), ("mean", "default"), ATTACKS,
+                    SPARSE_CODEC)
 SPARSE_QUICK = Sizes({"digits": 1}, (0,), ("mean", "default"), ("none", "inflate"),
                      SPARSE_CODEC)
+# poisoning_adaptive: the default with and without --adaptive-k --staleness-a 0.5
+ADAPTIVE_FULL = Sizes({"digits": 30, "mnist": 12}, (0, 1, 2), ("mean", "default", ADAPTIVE))
+ADAPTIVE_QUICK = Sizes({"digits": 1}, (0,), ("mean", ADAPTIVE), ("none", "inflate"))
 
 
 @dataclass
@@ -111,9 +134,12 @@ def _attack_bound(core: Any) -> float:
 
 
 def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
-             data: _Data | None = None, codec: str = "int8") -> dict[str, Any]:
+             data: _Data | None = None, codec: str = "int8", hostile_first: bool = False
+             ) -> dict[str, Any]:
     """One run: ``versions`` versions of ``dataset`` under ``attack`` with ``CONFIGS[label]``,
-    every update encoded with ``codec``; under a sparse codec (``topk``, ``sparse``) honest
+    every update encoded with ``codec`` (``hostile_first``: the hostile devices are visited
+    first at every version, so they are in every step, as the fastest devices of a fleet
+    would be); under a sparse codec (``topk``, ``sparse``) honest
     devices keep their error-feedback residual as the agent does (``encode_with_feedback``:
     what an update does not carry is added to the next one; a refused update's content goes
     back into it), hostile ones send their attack encoded as it is."""
@@ -127,7 +153,7 @@ def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
     from fedbus.codec_spec import parse_codec
     from fedbus.datasets import get_dataset
     from fedbus.envelope import pack
-    from fedbus.messages import ModelSpec, Task, TrainSpec, Update
+    from fedbus.messages import ModelSpec, Status, Task, TrainSpec, Update
     from fedbus.update_codec import encode_delta
     from fedbus.zoo import build_model, get_state, set_state
 
@@ -141,11 +167,15 @@ def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
     torch.manual_seed(seed)
     model = build_model(spec_ds.arch, args)
     store = Store(None)
-    config = AggregationConfig(mode="fedbuff", buffer_size=K, buffer_timeout=0.0,
-                               max_norm=MAX_NORM, **CONFIGS[label])
+    config = AggregationConfig(mode="fedbuff", buffer_timeout=0.0, max_norm=MAX_NORM,
+                               **{"buffer_size": K, **CONFIGS[label]})
     core = CoordinatorCore(task, get_state(model), config, ledger=store)
     store.create_run("bench", task.to_wire(), 0.0, core.state, core.counters,
                      aggregator=str(config.spec))
+    if config.adaptive_k:  # K is worked out from the devices known online: all ten are
+        for dev in range(DEVICES):
+            core.on_status(f"d{dev}", pack(Status(f"d{dev}", "online", ts=0.0).to_wire()), 0.0)
+        store.commit(core.drain_journal(), core.counters, max_staleness=10)
     rng = np.random.default_rng(seed)
     spec_codec = parse_codec(codec)
     feedback = codec.split(":", 1)[0] in ("topk", "sparse")
@@ -154,7 +184,10 @@ def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
     t0 = time.perf_counter()
     while core.version < versions:
         version = core.version
-        for dev in rng.permutation(DEVICES):
+        order = rng.permutation(DEVICES)
+        if hostile_first:  # the hostile devices send as soon as a version is out
+            order = np.concatenate([np.asarray(HOSTILE), [d for d in order if d not in HOSTILE]])
+        for dev in order:
             base = core.state
             hostile = attack != "none" and int(dev) in HOSTILE
             x, y = d.xtr[d.parts[dev]], d.ytr[d.parts[dev]]
@@ -205,6 +238,7 @@ def simulate(dataset: str, label: str, attack: str, seed: int, versions: int,
     counters = core.counters
     return {
         "dataset": dataset, "config": label, "aggregator": str(config.spec), "attack": attack,
+        **({"hostile_first": True} if hostile_first else {}),
         "seed": seed, "versions": core.version, "accuracy": round(float(accuracy), 4),
         "sent": sent, "accepted": counters["updates_accepted"],
         "rejected_norm": counters["rejected_norm"], "clipped": counters["updates_clipped"],
@@ -271,13 +305,22 @@ def run(ctx: Any) -> dict[str, Any]:
     return _run(QUICK if ctx.quick else FULL)
 
 
+def run_adaptive(ctx: Any) -> dict[str, Any]:
+    """The harness entry of ``poisoning_adaptive``: the default with and without
+    ``--adaptive-k --staleness-a 0.5`` (and the plain mean, the reference) under every
+    attack. Every update here is based on the newest version, so the staleness exponent
+    plays no part: what differs is quorum's limit (K itself under adaptive K) and K."""
+    return _run(ADAPTIVE_QUICK if ctx.quick else ADAPTIVE_FULL, ours=ADAPTIVE,
+                base="mean" if ctx.quick else "default")
+
+
 def run_sparse(ctx: Any) -> dict[str, Any]:
     """The harness entry of ``poisoning_sparse``: the plain mean and the default under every
     attack, every update encoded with ``SPARSE_CODEC`` (honest devices with error feedback)."""
     return _run(SPARSE_QUICK if ctx.quick else SPARSE_FULL)
 
 
-def _run(sizes: Sizes) -> dict[str, Any]:
+def _run(sizes: Sizes, ours: str = "default", base: str = "mean") -> dict[str, Any]:
     log = logging.getLogger("bench")
     core_log = logging.getLogger("coordinator")
     level = core_log.level
@@ -289,18 +332,25 @@ def _run(sizes: Sizes) -> dict[str, Any]:
             r["rejected_norm"], r["clipped"], r["seconds"]))
     finally:
         core_log.setLevel(level)
+    return result(sizes, rows, ours, base)
+
+
+def result(sizes: Sizes, rows: list[dict[str, Any]], ours: str = "default",
+           base: str = "mean") -> dict[str, Any]:
+    """The benchmark entry of ``rows`` measured with ``sizes``: worst points lost of
+    ``ours`` against ``base``, the per-cell summary and the rows."""
     summary = summarize_rows(rows)
     worst = summary["worst_points_lost"]
-    ours, base = worst["default"], worst["mean"]
+    mine, theirs = worst[ours], worst[base]
     return {
         "unit": "points lost (worst attack)",
-        "ours": {"runs": [ours["attack"]], "median": ours["attack"]},
-        "baseline": {"runs": [base["attack"]], "median": base["attack"]},
-        "ratio": None if base["attack"] == 0 else round(ours["attack"] / base["attack"], 4),
-        "ratio_definition": "worst accuracy points lost under attack, default defences / "
-        "plain mean",
+        "ours": {"runs": [mine["attack"]], "median": mine["attack"]},
+        "baseline": {"runs": [theirs["attack"]], "median": theirs["attack"]},
+        "ratio": None if theirs["attack"] == 0 else round(mine["attack"] / theirs["attack"], 4),
+        "ratio_definition": f"worst accuracy points lost under attack, {_NAMES[ours]} / "
+        f"{_NAMES[base]}",
         "aim": "<= 2 points lost under each attack, <= 1 point lost on the clean run",
-        "aim_met": ours["attack"] <= 2.0 and ours["clean"] <= 1.0,
+        "aim_met": mine["attack"] <= 2.0 and mine["clean"] <= 1.0,
         "details": {
             "devices": DEVICES, "hostile": len(HOSTILE), "buffer_size": K,
             "codec": sizes.codec,
@@ -312,13 +362,19 @@ def _run(sizes: Sizes) -> dict[str, Any]:
     }
 
 
+_NAMES = {"default": "default defences", "mean": "plain mean",
+          ADAPTIVE: "default defences under --adaptive-k --staleness-a 0.5"}
+
+
 def _spec(label: str) -> str:
     from coordinator.core import AggregationConfig
 
-    cfg = AggregationConfig(buffer_size=K, max_norm=MAX_NORM, **CONFIGS[label])
+    cfg = AggregationConfig(max_norm=MAX_NORM, **{"buffer_size": K, **CONFIGS[label]})
     bound = ("adaptive norm bound" if cfg.norm_rule.enabled
              else f"fixed --max-norm {MAX_NORM:g}")
-    return f"{cfg.spec}, {bound}"
+    adaptive = f", --adaptive-k --staleness-a {cfg.staleness_a:g}" if cfg.adaptive_k else ""
+    size = f", K = {cfg.buffer_size}" if cfg.buffer_size != K else ""
+    return f"{cfg.spec}, {bound}{adaptive}{size}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -329,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", choices=tuple(CONFIGS), action="append")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--codec", default="int8", help="every update's codec (default int8)")
+    parser.add_argument("--hostile-first", action="store_true",
+                        help="visit the hostile devices first at every version (in every step)")
     args = parser.parse_args(argv)
     logging.getLogger("coordinator").setLevel(logging.ERROR)  # every refusal is a warning
     sizes = QUICK if args.quick else FULL
@@ -341,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
             for label in args.config or CONFIGS:
                 for attack in ATTACKS:
                     print(json.dumps(simulate(dataset, label, attack, seed, n, data,
-                                              codec=args.codec)), flush=True)
+                                              codec=args.codec,
+                                              hostile_first=args.hostile_first)), flush=True)
 
 
 if __name__ == "__main__":

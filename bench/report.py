@@ -534,6 +534,7 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "decode_worst": _decode_worst,
     "poisoning": _poisoning,
     "poisoning_sparse": _poisoning,
+    "poisoning_adaptive": _poisoning,
     "privacy": _privacy,
     "flood": _flood,
     "fleet": _fleet,
@@ -561,6 +562,8 @@ RATIO_MEANS = {
     "decode_worst": "ours / unpackb (lower is better)",
     "poisoning": "default defences / plain mean, worst points lost (lower is better)",
     "poisoning_sparse": "the same with sparse:0.007:sign updates (lower is better)",
+    "poisoning_adaptive": "the default under --adaptive-k --staleness-a 0.5 / without, worst "
+    "points lost (lower is better)",
     "privacy": "accuracy with DP (σ = 1) / without (higher is better)",
     "flood": "honest p99 under a flood / without (lower is better)",
     "fleet": "coordinator CPU per update, largest fleet / smallest (lower is better)",
