@@ -13,8 +13,11 @@
 
 ``fleet_snapshot`` turns the statistics and the run's own figures into a plain dict, the
 ``fleet`` message of docs/protocol.md section 7.7 (``coordinator.fleet_view`` reads and
-shows it). Everything a device says is a claim: strings are bounded by the status
-decoder, numbers are shown, never trusted for a decision.
+shows it); ``fleet_snapshot_payload`` gives the same message packed, byte for byte, packing
+again only the devices that changed since the last snapshot (the coordinator publishes one
+every 2 s, and with 5,000 devices building and packing every entry each time cost about
+1 ms of CPU per applied update). Everything a device says is a claim: strings are bounded
+by the status decoder, numbers are shown, never trusted for a decision.
 
 The statistics cover what this coordinator process has seen since it started; presence is
 rebuilt at once from the retained status messages the broker replays on subscribe.
@@ -28,8 +31,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from coordinator.core import ONLINE_STATES, STATUS_LIMITS, Judged
-from fedbus.envelope import PROTOCOL_VERSION
+from fedbus.envelope import PROTOCOL_VERSION, pack
 from fedbus.messages import Status
 from fedbus.topics import DEVICE_ID_PATTERN
 
@@ -39,6 +44,7 @@ __all__ = [
     "DeviceStats",
     "FleetStats",
     "fleet_snapshot",
+    "fleet_snapshot_payload",
 ]
 
 RATE_WINDOW = 60.0  # seconds over which updates per second are counted
@@ -77,12 +83,31 @@ class FleetStats:
         self.revision = 0
         self.status_ignored = 0
         self._accepted_at: deque[float] = deque()
+        # each device's packed snapshot entry, dropped when the device changes
+        self._packed: dict[str, bytes] = {}
+        self._order: list[str] | None = None  # the device ids sorted, until one comes or goes
 
     def _device(self, device_id: str) -> DeviceStats:
+        self._packed.pop(device_id, None)  # every caller changes it
         stats = self.devices.get(device_id)
         if stats is None:
             stats = self.devices[device_id] = DeviceStats()
+            self._order = None
         return stats
+
+    def sorted_ids(self) -> list[str]:
+        """Every device id, sorted (kept until a device comes or goes; do not change it)."""
+        if self._order is None:
+            self._order = sorted(self.devices)
+        return self._order
+
+    def packed_entry(self, device_id: str) -> bytes:
+        """The device's entry of the snapshot, packed (once per change of the device)."""
+        entry = self._packed.get(device_id)
+        if entry is None:
+            entry = self._packed[device_id] = pack(
+                _device_dict(device_id, self.devices[device_id]))
+        return entry
 
     def on_judged(self, judged: Judged, now: float) -> None:
         """The core judged one update of ``judged.device_id`` at wall time ``now``."""
@@ -116,6 +141,8 @@ class FleetStats:
             if before is None:
                 return None
             del self.devices[device_id]
+            self._packed.pop(device_id, None)
+            self._order = None
             self.revision += 1
             return "left" if was_online else None
         try:
@@ -179,19 +206,19 @@ def _device_dict(device_id: str, stats: DeviceStats) -> dict[str, Any]:
     }
 
 
-def fleet_snapshot(stats: FleetStats, run: Mapping[str, Any], *, now: float,
-                   started: float) -> dict[str, Any]:
-    """The ``fleet`` message: ``run`` (the shell's figures: ``task``, ``run``, ``mode``,
-    ``version``, ``accuracy``, ``loss``, ``evaluated_version``, ``updates_accepted``,
-    ``updates_rejected``, ``bytes_received``, ``bytes_model_published``, ``ended``) plus
-    ``updates_per_second`` and the device counts, and every device, sorted by id (at most
-    ``MAX_FLEET_DEVICES``: the most recently seen). ``now``: wall time; ``started``: when
-    this process started serving the run (wall time)."""
+def _shown(stats: FleetStats) -> list[str]:
+    """The ids a snapshot lists, sorted: every device, or the ``MAX_FLEET_DEVICES`` most
+    recently seen."""
     devices = stats.devices
-    shown = sorted(devices)
-    if len(shown) > MAX_FLEET_DEVICES:
-        recent = sorted(devices, key=lambda d: devices[d].last_seen or 0.0, reverse=True)
-        shown = sorted(recent[:MAX_FLEET_DEVICES])
+    if len(devices) <= MAX_FLEET_DEVICES:
+        return stats.sorted_ids()
+    recent = sorted(devices, key=lambda d: devices[d].last_seen or 0.0, reverse=True)
+    return sorted(recent[:MAX_FLEET_DEVICES])
+
+
+def _head(stats: FleetStats, run: Mapping[str, Any], now: float,
+          started: float) -> dict[str, Any]:
+    devices = stats.devices
     return {
         "v": PROTOCOL_VERSION,
         "kind": "fleet",
@@ -203,5 +230,33 @@ def fleet_snapshot(stats: FleetStats, run: Mapping[str, Any], *, now: float,
             "devices_online": sum(1 for s in devices.values() if s.online),
             "started_at": started,
         },
-        "devices": [_device_dict(d, devices[d]) for d in shown],
     }
+
+
+def fleet_snapshot(stats: FleetStats, run: Mapping[str, Any], *, now: float,
+                   started: float) -> dict[str, Any]:
+    """The ``fleet`` message: ``run`` (the shell's figures: ``task``, ``run``, ``mode``,
+    ``version``, ``accuracy``, ``loss``, ``evaluated_version``, ``updates_accepted``,
+    ``updates_rejected``, ``bytes_received``, ``bytes_model_published``, ``ended``) plus
+    ``updates_per_second`` and the device counts, and every device, sorted by id (at most
+    ``MAX_FLEET_DEVICES``: the most recently seen). ``now``: wall time; ``started``: when
+    this process started serving the run (wall time)."""
+    devices = stats.devices
+    return {**_head(stats, run, now, started),
+            "devices": [_device_dict(d, devices[d]) for d in _shown(stats)]}
+
+
+def fleet_snapshot_payload(stats: FleetStats, run: Mapping[str, Any], *, now: float,
+                           started: float) -> bytes:
+    """``pack(fleet_snapshot(...))``, byte for byte, from each device's packed entry
+    (``FleetStats.packed_entry``): a snapshot after a few changes packs only the devices
+    that changed. The message is a map whose last key is ``devices``: the head's map of four
+    keys becomes one of five (both msgpack fixmaps, one byte), followed by the key and an
+    array of the entries."""
+    head = pack(_head(stats, run, now, started))
+    if head[0] != 0x84:  # a fixmap of the four head keys: anything else is a bug here
+        raise AssertionError(f"unexpected fleet snapshot head 0x{head[0]:02x}")
+    shown = _shown(stats)
+    return b"".join([b"\x85", head[1:], msgpack.packb("devices", use_bin_type=True),
+                     msgpack.Packer(use_bin_type=True).pack_array_header(len(shown)),
+                     *(stats.packed_entry(d) for d in shown)])

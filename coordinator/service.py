@@ -64,7 +64,7 @@ from coordinator.control import ControlDecision, Malformed, judge_control, run_s
 from coordinator.core import Action, CoordinatorCore, NewModel, SendInvite, SendReceipt
 from coordinator.dashboard import DashboardFeed, DashboardServer, fleet_rows, serve_dashboard
 from coordinator.evaluation import Evaluator
-from coordinator.fleet import FleetStats, fleet_snapshot
+from coordinator.fleet import FleetStats, fleet_snapshot, fleet_snapshot_payload
 from coordinator.ingest_workers import IngestPool, InOrder, WorkerSettings, pipeline_depth
 from coordinator.limits import default_max_update_bytes, model_size_bound, receive_packet_limit
 from coordinator.privacy import epsilon_spent, new_noise_secret, privacy_summary
@@ -1534,8 +1534,8 @@ class CoordinatorService:
             key = (self.fleet.revision, *figures.values())
             if key == self._fleet_key:
                 return None
-            payload = pack(fleet_snapshot(self.fleet, figures, now=time.time(),
-                                          started=self._started_wall))
+            payload = fleet_snapshot_payload(self.fleet, figures, now=time.time(),
+                                             started=self._started_wall)
             self._fleet_key, self._fleet_at = key, now
             try:
                 return self._publish(self.topics.fleet, payload, retain=True)
