@@ -72,7 +72,7 @@ def quorum_ready(deltas: list[State], k: int, online: int) -> bool:
 def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
         server_lr: float = 1.0, staleness: str = "poly", staleness_a: float = 1.0,
         momentum: float = 0.0, codec: str | None = None, norm_multiple: float = 0.0,
-        jitter: float = 0.0,
+        jitter: float = 0.0, limit_k: bool = True,
         target: float = tta.TARGET, hold: float = tta.HOLD_SECONDS,
         horizon: float = 60.0) -> Outcome:
     """One run of ``profile`` (``bench.tta.PROFILES``) in ``mode`` fedbuff or fedavg; ``k``
@@ -86,7 +86,9 @@ def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
     of the median of the last 64 accepted norms, reject above 4x that, warm-up 4x the
     model's norm; the coordinator's default multiple is 2) to each decoded delta before its
     staleness weight; ``jitter`` stretches each update's period by a
-    uniform factor in ``[1, 1 + jitter]`` (late arrivals: overruns, messaging)."""
+    uniform factor in ``[1, 1 + jitter]`` (late arrivals: overruns, messaging). ``limit_k``
+    False: with ``k`` "auto", ``quorum``'s limit counts the whole fleet (before 2026-12-03
+    18:20) instead of K."""
     import torch
 
     from edge_agent.train import evaluate, train_local
@@ -177,7 +179,7 @@ def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
         if k == "auto":  # the core's _buffer_target and _step_ready
             k_now = adaptive_k(periods.view([str(d) for d in range(n)], now, newest, made, 0.0),
                                4, n)
-            online = quorum_devices(k_now, n)
+            online = quorum_devices(k_now, n) if limit_k else n
         else:
             k_now, online = int(k), n
         ready = len(buffer) == n if mode == "fedavg" else quorum_ready(buffer, k_now, online)

@@ -34,3 +34,21 @@ def test_int8_updates_and_the_norm_bound_change_the_steps_not_the_timing():
     for other in (int8, bound):
         assert [e.at for e in other.history] == [e.at for e in plain.history]
         assert [e.accuracy for e in other.history] != [e.accuracy for e in plain.history]
+
+
+def test_adaptive_k_limits_quorum_to_k_or_to_the_whole_fleet(monkeypatch):
+    import bench.tta_virtual as virtual
+
+    seen: list[tuple[int, int]] = []
+    real_ready = virtual.quorum_ready
+
+    def spy(deltas, k, online):
+        seen.append((k, online))
+        return real_ready(deltas, k, online)
+
+    monkeypatch.setattr(virtual, "quorum_ready", spy)
+    run("1:2:4", k="auto", seed=0, horizon=1.1)
+    assert seen and all(online == k for k, online in seen)
+    seen.clear()
+    run("1:2:4", k="auto", seed=0, horizon=1.1, limit_k=False)
+    assert seen and all(online == 10 for _, online in seen)
