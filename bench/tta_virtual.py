@@ -9,8 +9,9 @@ devices), the same model and local training (``edge_agent.train.train_local``, 2
 (``quorum``: ``aggregator_spec.quorum_step``, ready once K updates agree or at
 ``buffer_limit``), the server's momentum if asked (``momentum``, the coordinator's
 ``--server-momentum``: ``v = momentum·v + step``, ``θ + η·v``), and every update taking
-exactly ``speed x 0.5`` *virtual* seconds. No network, no codec (int8 in the benchmark), no
-adaptive norm bound, and every version is evaluated (the coordinator evaluates the newest
+exactly ``speed x 0.5`` *virtual* seconds. No network, and unless asked (``run``'s
+``codec``, ``norm_multiple``, ``jitter``) no codec (int8 in the benchmark), no adaptive
+norm bound and no late arrivals; every version is evaluated (the coordinator evaluates the newest
 waiting one). With ``{"k": "auto"}`` (the coordinator's ``--adaptive-k``, floor 4) K is also
 re-checked every ``TICK_SECONDS``, as the coordinator's loop does, and ``quorum``'s limit is K
 (``adaptive_k.quorum_devices``). A device trains once per version, as an agent does: when it
@@ -87,8 +88,8 @@ def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
     model's norm; the coordinator's default multiple is 2) to each decoded delta before its
     staleness weight; ``jitter`` stretches each update's period by a
     uniform factor in ``[1, 1 + jitter]`` (late arrivals: overruns, messaging). ``limit_k``
-    False: with ``k`` "auto", ``quorum``'s limit counts the whole fleet (before 2026-12-03
-    18:20) instead of K."""
+    False: with ``k`` "auto", ``quorum``'s limit is worked out from every device online
+    (``min(2K, devices)``, as before 2026-12-03 18:20) instead of being K."""
     import torch
 
     from edge_agent.train import evaluate, train_local
