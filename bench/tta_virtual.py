@@ -9,8 +9,9 @@ devices), the same model and local training (``edge_agent.train.train_local``, 2
 (``quorum``: ``aggregator_spec.quorum_step``, ready once K updates agree or at
 ``buffer_limit``), the server's momentum if asked (``momentum``, the coordinator's
 ``--server-momentum``: ``v = momentum·v + step``, ``θ + η·v``), and every update taking
-exactly ``speed x 0.5`` *virtual* seconds. No network, no codec (int8 in the benchmark), no
-adaptive norm bound, and every version is evaluated (the coordinator evaluates the newest
+exactly ``speed x 0.5`` *virtual* seconds. No network, and unless asked (``run``'s
+``codec``, ``norm_multiple``, ``jitter``) no codec (int8 in the benchmark), no adaptive
+norm bound and no late arrivals; every version is evaluated (the coordinator evaluates the newest
 waiting one). With ``{"k": "auto"}`` (the coordinator's ``--adaptive-k``, floor 4) K is also
 re-checked every ``TICK_SECONDS``, as the coordinator's loop does, and ``quorum``'s limit is K
 (``adaptive_k.quorum_devices``). A device trains once per version, as an agent does: when it
@@ -36,9 +37,13 @@ import numpy as np
 
 from bench import tta
 from coordinator.adaptive_k import DevicePeriods, adaptive_k, quorum_devices
+from coordinator.aggregation import l2_norm
 from coordinator.aggregator_spec import parse_aggregator, quorum_reached, quorum_step
+from coordinator.norm_bound import NormRule, decide_norm, pushed
+from coordinator.robust import clip_norm
 from coordinator.staleness import staleness_weight
 from coordinator.target_hold import Evaluated, first_held
+from fedbus.update_codec import decode_update_delta, encode_update_delta
 
 State = dict[str, np.ndarray]
 COMPUTE_SECONDS = 0.5  # bench.tta.COMPUTE_SECONDS
@@ -53,6 +58,8 @@ class Outcome:
     versions_to_target: int | None
     versions: int
     updates: int
+    history: tuple[Evaluated, ...] = ()  # every version's accuracy, as evaluated
+    clipped: int = 0  # updates the adaptive norm bound scaled down (``norm_multiple``)
 
 
 QUORUM = parse_aggregator("quorum")
@@ -65,12 +72,24 @@ def quorum_ready(deltas: list[State], k: int, online: int) -> bool:
 
 def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
         server_lr: float = 1.0, staleness: str = "poly", staleness_a: float = 1.0,
-        momentum: float = 0.0,
+        momentum: float = 0.0, codec: str | None = None, norm_multiple: float = 0.0,
+        jitter: float = 0.0, limit_k: bool = True,
         target: float = tta.TARGET, hold: float = tta.HOLD_SECONDS,
         horizon: float = 60.0) -> Outcome:
     """One run of ``profile`` (``bench.tta.PROFILES``) in ``mode`` fedbuff or fedavg; ``k``
     ``"auto"``: the coordinator's ``--adaptive-k`` with ``--buffer-size 4``
-    (``coordinator.adaptive_k``, from the same virtual arrival and version times)."""
+    (``coordinator.adaptive_k``, from the same virtual arrival and version times).
+
+    What the real fleet adds, each behind an option (all off by default): ``codec`` (e.g.
+    ``"int8"``, the benchmark's) sends every delta through the agent's encoder and the
+    coordinator's decoder (stochastic rounding, as an agent does); ``norm_multiple`` applies
+    the coordinator's adaptive norm bound (``coordinator.norm_bound``, clip at this multiple
+    of the median of the last 64 accepted norms, reject above 4x that, warm-up 4x the
+    model's norm; the coordinator's default multiple is 2) to each decoded delta before its
+    staleness weight; ``jitter`` stretches each update's period by a
+    uniform factor in ``[1, 1 + jitter]`` (late arrivals: overruns, messaging). ``limit_k``
+    False: with ``k`` "auto", ``quorum``'s limit is worked out from every device online
+    (``min(2K, devices)``, as before 2026-12-03 18:20) instead of being K."""
     import torch
 
     from edge_agent.train import evaluate, train_local
@@ -101,8 +120,17 @@ def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
         _, accuracy = evaluate(model, x_test, y_test)
         history.append(Evaluated(at, len(versions) - 1, accuracy))
 
+    rng = np.random.default_rng(seed)
+    rule = NormRule(multiple=norm_multiple)
+    norms: tuple[float, ...] = ()
+    clipped = 0
+
+    def period(device: int) -> float:
+        stretch = 1.0 + float(rng.uniform(0.0, jitter)) if jitter else 1.0
+        return speeds[device] * COMPUTE_SECONDS * stretch
+
     publish(0.0)
-    events = [(speeds[d] * COMPUTE_SECONDS, d, 0) for d in range(n)]  # (done at, device, base)
+    events = [(period(d), d, 0) for d in range(n)]  # (done at, device, base)
     if k == "auto":
         events.append((TICK_SECONDS, -1, -1))
     heapq.heapify(events)
@@ -128,16 +156,31 @@ def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
             trained[device] += 1
             train_local(model, *data[device], spec, seed=seed * 100_000 + trained[device])
             after = get_state(model)
+            delta = {name: after[name] - versions[base][name] for name in after}
+            if codec is not None:  # the agent's encoder, the coordinator's decoder
+                wire, compression = encode_update_delta(delta, codec, rng=rng)
+                delta = decode_update_delta(wire, compression)
+            accepted = True
+            if norm_multiple:  # the coordinator's adaptive bound (core._prepared)
+                norm = l2_norm(delta)
+                decision = decide_norm(rule, norm, norms, l2_norm(versions[newest]))
+                accepted = decision.action != "reject"  # refused: not in the window
+                if accepted:
+                    norms = pushed(norms, norm, rule.window)
+                if decision.action == "clip" and decision.clip_bound is not None:
+                    delta, scale = clip_norm(delta, decision.clip_bound)
+                    clipped += scale < 1.0
             weight = 1.0 if mode == "fedavg" else staleness_weight(
                 newest - base, staleness, a=staleness_a)
-            buffer.append({name: (after[name] - versions[base][name]) * np.float32(weight)
-                           for name in after})
+            if accepted:
+                buffer.append({name: value * np.float32(weight)
+                               for name, value in delta.items()})
             waiting.append(device)
             periods.observe(str(device), now, base, made[base])
         if k == "auto":  # the core's _buffer_target and _step_ready
             k_now = adaptive_k(periods.view([str(d) for d in range(n)], now, newest, made, 0.0),
                                4, n)
-            online = quorum_devices(k_now, n)
+            online = quorum_devices(k_now, n) if limit_k else n
         else:
             k_now, online = int(k), n
         ready = len(buffer) == n if mode == "fedavg" else quorum_ready(buffer, k_now, online)
@@ -158,7 +201,7 @@ def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
         for d in waiting:  # each device trains once per version, on the newest
             if last_base[d] < newest:
                 last_base[d] = newest
-                heapq.heappush(events, (now + speeds[d] * COMPUTE_SECONDS, d, newest))
+                heapq.heappush(events, (now + period(d), d, newest))
             else:
                 still.append(d)
         waiting = still
@@ -167,7 +210,8 @@ def run(profile: str, *, mode: str = "fedbuff", seed: int = 0, k: int | str = 6,
     return Outcome(stable=None if held is None else held.candidate.at,
                    first=None if hit is None else hit.at,
                    versions_to_target=None if hit is None else hit.version,
-                   versions=len(versions) - 1, updates=sum(trained))
+                   versions=len(versions) - 1, updates=sum(trained),
+                   history=tuple(history), clipped=clipped)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
                     for s in args.seeds]
         print(f"{name}: stable {[o.stable for o in outcomes]} first "
               f"{[o.first for o in outcomes]} versions to target "
-              f"{[o.versions_to_target for o in outcomes]}", flush=True)
+              f"{[o.versions_to_target for o in outcomes]} clipped "
+              f"{[o.clipped for o in outcomes]}", flush=True)
 
 
 if __name__ == "__main__":
