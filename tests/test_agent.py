@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -377,12 +377,12 @@ def _ledger_rows(state: Path) -> list[Any]:
         store.close()
 
 
-def test_by_invitation_the_agent_trains_once_per_invitation(
-    broker: MemoryBroker, tmp_path: Path
-) -> None:
-    """Protocol revision 2.10: in a run whose task says by_invitation the agent trains only
-    when invited, once per invitation, on a model that arrived after it."""
-    from fedbus.messages import Invite
+def _invited_agent(broker: MemoryBroker, tmp_path: Path) -> tuple[
+    Any, bytes, Callable[..., None], Any, AgentThread
+]:
+    """A by-invitation task and model 0 retained by an operator client, and an agent
+    (two updates at most) started on them: (task, fp32 model state, publish, operator
+    client, agent)."""
     from fedbus.transport import ConnectionSettings
     from fedbus.zoo import build_model, get_state
 
@@ -399,6 +399,17 @@ def test_by_invitation_the_agent_trains_once_per_invitation(
     publish(TOPICS.task, task, retain=True)
     publish(TOPICS.model, GlobalModel(task.task_id, 0, state, run_id=task.run_id), retain=True)
     agent = AgentThread(broker, tmp_path / "a", max_updates=2)
+    return task, state, publish, other, agent
+
+
+def test_by_invitation_the_agent_trains_once_per_invitation(
+    broker: MemoryBroker, tmp_path: Path
+) -> None:
+    """Protocol revision 2.10: in a run whose task says by_invitation the agent trains only
+    when invited, once per invitation, on a model that arrived after it."""
+    from fedbus.messages import Invite
+
+    task, state, publish, other, agent = _invited_agent(broker, tmp_path)
     wait_for(lambda: agent.agent._task is not None, what="the task")
     wait_for(lambda: not agent.agent._model_subscribed, what="the model topics dropped")
     assert agent.agent.stats.updates_published == 0  # not invited: no training
@@ -425,22 +436,8 @@ def test_an_invitation_id_is_acted_on_once_and_kept_with_its_update(
     agent still says which invitation it used."""
     from edge_agent.state import STATE_FILE, AgentState
     from fedbus.messages import Invite, Status
-    from fedbus.transport import ConnectionSettings
-    from fedbus.zoo import build_model, get_state
 
-    task = _task(by_invitation=True)
-    state = encode_delta(get_state(build_model(task.model.arch, task.model.args)), "fp32")
-    other = broker.factory(ConnectionSettings(host="memory", port=1, client_id="op",
-                                              username="op", password="x"),
-                           on_message=lambda _m: None)
-    other.start()
-
-    def publish(topic: str, message: Any, retain: bool = False) -> None:
-        assert other.publish(topic, pack(message.to_wire()), retain=retain).wait(5)
-
-    publish(TOPICS.task, task, retain=True)
-    publish(TOPICS.model, GlobalModel(task.task_id, 0, state, run_id=task.run_id), retain=True)
-    agent = AgentThread(broker, tmp_path / "a", max_updates=2)
+    task, state, publish, other, agent = _invited_agent(broker, tmp_path)
     wait_for(lambda: agent.agent._task is not None, what="the task")
     publish(TOPICS.receipt("dev-a"), Invite(0, 1.0, run_id=task.run_id, invite_id="inv1"))
     wait_for(lambda: agent.agent.stats.updates_published == 1, what="the invited training")
