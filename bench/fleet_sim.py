@@ -27,7 +27,7 @@ a model it can train on (revision 2.9, section 9.1), so it receives about one mo
 In a run whose task says ``by_invitation`` (revision 2.10, section 9.3) a device trains only
 once per ``invite`` on its receipt topic, on a model received after it, as the agent does; in
 ``on-demand`` mode it follows the model topic only from the invitation to the training.
-As the agent of revision 2.17 it names the newest invitation it knows in its status, says so
+As the agent of revision 2.13 it names the newest invitation it knows in its status, says so
 as soon as it gets a new one, and ignores an invitation whose id it knows (one sent again).
 """
 
@@ -124,7 +124,7 @@ class Counters:
     subscribes: int = 0
     unsubscribes: int = 0
     invitations: int = 0  # revision 2.10
-    invitations_repeated: int = 0  # revision 2.17: an invitation sent again, ignored
+    invitations_repeated: int = 0  # revision 2.13: an invitation sent again, ignored
 
 
 # -- the devices ------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ class Device:
     first_compute: float | None = None  # the compute time of its first update
     queued: float | None = None  # when it started a training still in the training queue
     invited: str | None = None  # revision 2.10: the run of the invitation it holds
-    invite_known: str | None = None  # revision 2.17: the id of the newest invitation known
+    invite_known: str | None = None  # revision 2.13: the id of the newest invitation known
 
 
 @dataclass
@@ -425,7 +425,7 @@ class FleetSim:
 
     def _on_invite(self, dev: Device, invite: Any) -> None:
         """Revision 2.10: the device may train once, on a model received from now on.
-        Revision 2.17: an id it knows is the same invitation sent again: ignored."""
+        Revision 2.13: an id it knows is the same invitation sent again: ignored."""
         if invite.invite_id is not None and invite.invite_id == dev.invite_known:
             self.counters.invitations_repeated += 1
             return

@@ -364,7 +364,7 @@ def quorum_readiness(
     step's median and agreement anyway, so a step made from the same deltas reuses it
     instead of stacking and sorting them again.
 
-    ``counts`` (revision 2.16): how many device updates each delta stands for (a regional
+    ``counts`` (revision 2.12): how many device updates each delta stands for (a regional
     aggregator's partial update: its ``parts``; None: one each). ``k`` and the buffer limit
     then count device updates: the buffer is full when its deltas stand for ``k``, and
     ``quorum`` waits until the deltas that agree stand for ``k``. Each delta is still one

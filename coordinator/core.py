@@ -37,7 +37,7 @@ Modes:
   ``aggregation.fedbuff_apply`` makes the next version. The target is re-checked when a
   device goes offline too, so a device that vanishes cannot hold the buffer back. A regional
   aggregator's partial update (protocol revision 2.11) counts as the device updates it
-  folds (its ``parts``, revision 2.16) wherever updates are counted against K; one
+  folds (its ``parts``, revision 2.12) wherever updates are counted against K; one
   region's partials on one base version fold at most ``region_quota()`` device updates,
   beyond which they are refused as ``region_quota``.
 - ``fedasync``: the same with K = 1.
@@ -515,7 +515,7 @@ class NewModel:
 @dataclass(frozen=True)
 class SendInvite:
     """Revision 2.10: publish an ``invite`` (made at ``version``) on ``device_id``'s receipt
-    topic: the device may train once. Revision 2.17: ``invite_id`` names the invitation (the
+    topic: the device may train once. Revision 2.13: ``invite_id`` names the invitation (the
     same again when it is sent again); random, so compared explicitly where it matters."""
 
     device_id: str
@@ -639,10 +639,10 @@ class CoordinatorCore:
         # quorum: (first buffered id, buffered, K, online) of the last check found not ready
         self._not_ready: tuple[str, int, int, int] | None = None
         self._buffer_ids: list[str] = []  # update ids in the buffer, in order
-        # revision 2.16: how many device updates each buffered update stands for (a
+        # revision 2.12: how many device updates each buffered update stands for (a
         # partial: its parts), in order; K and quorum's limit count these
         self._buffer_parts: list[int] = []
-        # revision 2.16: the device updates each region's accepted partials folded, by
+        # revision 2.12: the device updates each region's accepted partials folded, by
         # (aggregator, base version), for the bases within the staleness bound (durable: a
         # resumed core rebuilds it from the stored verdicts)
         self._region_parts: dict[tuple[str, int], int] = {}
@@ -783,7 +783,7 @@ class CoordinatorCore:
         return core
 
     def _counted_parts(self, parts: int | None) -> int:
-        """What an accepted update counts for against K (revision 2.16): a partial its
+        """What an accepted update counts for against K (revision 2.12): a partial its
         ``parts``, a device's update 1; under differential privacy every update 1 (its
         fixed divisor ``D`` = K counts contributions, each clipped to ``C``)."""
         return 1 if parts is None or self.config.privacy is not None else parts
@@ -966,7 +966,7 @@ class CoordinatorCore:
         return self._accept_buffered(topic_device, result, now, decision)
 
     def region_quota(self) -> int:
-        """Revision 2.16: the most device updates one region's partials may fold on one
+        """Revision 2.12: the most device updates one region's partials may fold on one
         base version: the devices counted online (each trains at most once per version),
         at least K."""
         return max(self.config.effective_buffer_size, self.contributing_count())
@@ -994,7 +994,7 @@ class CoordinatorCore:
         if not (isinstance(device_id, str) and DEVICE_ID_PATTERN.match(device_id)):
             return self._bad_status(device_id, "invalid device id")
         state: str | None
-        aware, known = False, None  # revision 2.17: the invitation its status names
+        aware, known = False, None  # revision 2.13: the invitation its status names
         if len(payload) == 0:
             state = None
         else:
@@ -1070,7 +1070,7 @@ class CoordinatorCore:
 
     def _resend(self, device_id: str, state: str | None, aware: bool, known: str | None,
                 now: float) -> list[Action]:
-        """Revision 2.17: the open invitation of a device whose status says it does not know
+        """Revision 2.13: the open invitation of a device whose status says it does not know
         it (it restarted before using it), sent again with its id (``Invitations.resend``:
         or at a later tick, if it was sent within the grace); not once the run has ended or
         while it is paused."""
@@ -1409,7 +1409,7 @@ class CoordinatorCore:
 
     def _step_ready(self, k: int) -> bool:
         """The buffer holds ``k`` updates (``quorum``: ``k`` that agree, or its limit), a
-        partial counting as the device updates it folds (revision 2.16)."""
+        partial counting as the device updates it folds (revision 2.12)."""
         if sum(self._buffer_parts) < k:
             return False
         if self._kept is None:

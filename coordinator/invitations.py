@@ -34,8 +34,8 @@ gets a whole ``timeout`` from the restart (the clock of a stopped coordinator sa
 how long its devices have been training). The waiting line is not stored: every device's
 retained status arrives again when the coordinator subscribes, and the line forms anew.
 
-Revision 2.17: every invitation has an id (``ids``, random, stored with it), sent in the
-``invite``; a device of revision 2.17 names in its status the newest invitation it knows
+Revision 2.13: every invitation has an id (``ids``, random, stored with it), sent in the
+``invite``; a device of revision 2.13 names in its status the newest invitation it knows
 (held or used). ``resend``: when a device whose invitation is open says ``online`` or
 ``idle`` and names another invitation (or none), it lost this one (a restart between
 receiving and using it): the same invitation, same id, goes to it again. Not at once if it
@@ -45,7 +45,7 @@ next invitation on the way), and the agent names a new invitation in a status as
 it gets one. So such a claim is only noted (``unknown``), a later status naming the
 invitation clears it, and ``resends_due`` (at every tick) sends it once ``grace`` has
 passed. An agent acts on an id at most once, so a status repeated or reordered makes no
-second training; a device whose status says nothing of invitations (older than 2.17) is
+second training; a device whose status says nothing of invitations (older than 2.13) is
 never sent one again. A device's claims only ever bring its own invitation back to itself,
 at most once per ``grace``: a resend opens no slot and moves no one in the line.
 """
@@ -73,14 +73,14 @@ _RESEND_STATES = ("online", "idle")
 
 
 def new_invite_id() -> str:
-    """A fresh invitation id (revision 2.17): 16 hex digits, 64 random bits, so that no
+    """A fresh invitation id (revision 2.13): 16 hex digits, 64 random bits, so that no
     two invitations of a run share one whatever the restarts."""
     return secrets.token_hex(8)
 
 
 def resend_due(open_id: str | None, state: str | None, aware: bool, known: str | None) -> bool:
     """Whether a device holding the open invitation ``open_id`` is sent it again, given its
-    status: ``state``, ``aware`` (its status has the key ``invite``: revision 2.17) and
+    status: ``state``, ``aware`` (its status has the key ``invite``: revision 2.13) and
     ``known`` (the invitation it names there). Only when it says it is ``online`` or
     ``idle`` and names another invitation, or none: it never got this one or lost it."""
     return (open_id is not None and aware and state in _RESEND_STATES
@@ -96,7 +96,7 @@ class Invitations:
     # since the last ``drain_changes``: device -> whether it now holds an invitation, in the
     # order of the last change of each
     changes: dict[str, bool] = field(default_factory=dict)
-    # revision 2.17: device -> the id of its open invitation
+    # revision 2.13: device -> the id of its open invitation
     ids: dict[str, str] = field(default_factory=dict)
     new_id: Callable[[], str] = new_invite_id
     grace: float = RESEND_GRACE
@@ -116,7 +116,7 @@ class Invitations:
                  now: float, ids: Mapping[str, str] | None = None) -> Invitations:
         """The invitations ``devices`` held when the coordinator stopped (oldest first), each
         open from ``now`` with its id in ``ids`` (a fresh one where none was stored: written
-        by a coordinator before revision 2.17); the waiting line is empty until statuses
+        by a coordinator before revision 2.13); the waiting line is empty until statuses
         arrive."""
         made = cls(concurrency, timeout)
         made.open = dict.fromkeys(devices, now)

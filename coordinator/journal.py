@@ -66,7 +66,7 @@ class Verdict:
     model_version: int  # the global version when it was judged
     staleness: int | None
     size: int | None = None  # the payload's bytes, for reports (None: not known)
-    # an accepted partial's parts (revision 2.16: the region quota is rebuilt from them on
+    # an accepted partial's parts (revision 2.12: the region quota is rebuilt from them on
     # resume); None for a device's update and a rejection
     parts: int | None = None
 
@@ -141,7 +141,7 @@ class PeriodWindow:
 @dataclass(frozen=True)
 class InvitationsChanged:
     """Invitations opened (``True``) or closed (``False``), in the order they changed; ``ids``:
-    the id of each invitation opened (revision 2.17)."""
+    the id of each invitation opened (revision 2.13)."""
 
     changes: tuple[tuple[str, bool], ...]
     ids: tuple[tuple[str, str], ...] = ()

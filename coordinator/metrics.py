@@ -92,7 +92,7 @@ class CoordinatorMetrics:
             "fedbus_invitations", "Invitations to train (protocol revision 2.10, "
             "--concurrency), by event: sent, expired (withdrawn unused after "
             "--invite-timeout), or resent (an open invitation sent again to a device that "
-            "lost it, revision 2.17); totals of the run.", ["event"], registry=r,
+            "lost it, revision 2.13); totals of the run.", ["event"], registry=r,
         )
         self.partials = Counter(
             "fedbus_partials_accepted", "Partial updates of regional aggregators accepted "

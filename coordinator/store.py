@@ -232,11 +232,11 @@ class RunSnapshot:
     paused: str | None = None  # the operator's reason while the run is paused
     # --adaptive-k: each device's last period samples (meta "period:<device>")
     periods: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    # revision 2.16: the parts of the accepted partials, by (aggregator, base version)
+    # revision 2.12: the parts of the accepted partials, by (aggregator, base version)
     region_parts: dict[tuple[str, int], int] = field(default_factory=dict)
     # the devices holding an open invitation, oldest first (coordinator.invitations)
     invitations: tuple[str, ...] = ()
-    invitation_ids: dict[str, str] = field(default_factory=dict)  # their ids (rev 2.17)
+    invitation_ids: dict[str, str] = field(default_factory=dict)  # their ids (rev 2.13)
 
 
 class Store:
@@ -276,10 +276,10 @@ class Store:
         verdict_columns = {row[1] for row in self._db.execute("PRAGMA table_info(verdicts)")}
         if "size" not in verdict_columns:
             self._db.execute("ALTER TABLE verdicts ADD COLUMN size INTEGER")
-        # an accepted partial's parts (revision 2.16), likewise NULL in older rows
+        # an accepted partial's parts (revision 2.12), likewise NULL in older rows
         if "parts" not in verdict_columns:
             self._db.execute("ALTER TABLE verdicts ADD COLUMN parts INTEGER")
-        # an open invitation's id (revision 2.17), NULL in older rows (no format change: an
+        # an open invitation's id (revision 2.13), NULL in older rows (no format change: an
         # older fedbus ignores it and a newer one gives such an invitation a new id)
         invitation_columns = {row[1] for row in self._db.execute(
             "PRAGMA table_info(invitations)")}

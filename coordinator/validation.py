@@ -116,7 +116,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "not_selected",
     "duplicate_in_round",
     "run_ended",
-    # revision 2.16: a region's partials on one base version past its quota
+    # revision 2.12: a region's partials on one base version past its quota
     "region_quota",
 )
 

@@ -215,7 +215,7 @@ class Agent:
         # revision 2.10: the run of the invitation held (None: none), model messages received
         # so far and when the invitation came, so it trains on a model received after it
         self._invited_run: str | None = None
-        # revision 2.17: the id of the newest invitation known (held, or used: then stored
+        # revision 2.13: the id of the newest invitation known (held, or used: then stored
         # with its update, so it survives a restart), named in every status
         self._invite_known: str | None = None
         self._invite_training: str | None = None  # the id of the invitation being used
@@ -559,7 +559,7 @@ class Agent:
                 work = self._next_work(task)
                 if work is None or not allowed:
                     continue  # nothing new, or paused (the outbox is still sent above)
-                # revision 2.10: the invitation is used (2.17: its id is stored with the update)
+                # revision 2.10: the invitation is used (2.13: its id is stored with the update)
                 self._invited_run = None
                 self._invite_training = self._invite_known if task.by_invitation else None
                 # revision 2.9: no model deliveries while training; subscribing again
@@ -752,7 +752,7 @@ class Agent:
         """The coordinator invites this device to train once (revision 2.10): follow the
         model topics again; the training waits for a model that arrives from now on (the
         retained one, the newest, comes with the subscription). It counts for the run it
-        names, whose task may come after it. Revision 2.17: an invitation whose id is the
+        names, whose task may come after it. Revision 2.13: an invitation whose id is the
         newest this agent knows (held, or used) is the same sent again: ignored, so that it
         never makes a second training."""
         if invite.invite_id is not None and invite.invite_id == self._invite_known:
@@ -761,7 +761,7 @@ class Agent:
             return
         self._invite_known = invite.invite_id
         if invite.invite_id is not None:  # say so: a status from before it is not read
-            self._publish_status("idle")  # as a lost invitation (revision 2.17)
+            self._publish_status("idle")  # as a lost invitation (revision 2.13)
         with self._lock:
             self._arrivals_at_invite = self._model_arrivals
         self._invited_run = invite.run_id

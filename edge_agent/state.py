@@ -16,7 +16,7 @@ together land together:
 - the **ledger** keeps the fate of the newest ``ledger_capacity`` updates (produced,
   accepted, rejected and why, dropped and why), for the operator and for tests.
 
-The id of the last invitation used (revision 2.17, meta ``invite_used``) is recorded in the
+The id of the last invitation used (revision 2.13, meta ``invite_used``) is recorded in the
 transaction that puts its update in the outbox: after a restart the agent names it in its
 status, so the coordinator does not send it again; an invitation received but not yet
 trained on is forgotten by a restart, and the coordinator sends it again.
@@ -187,7 +187,7 @@ class AgentState:
         return str(rows["run"]), float(rows["run_began"])
 
     def invite_used(self) -> str | None:
-        """The id of the last invitation an update was trained for (revision 2.17)."""
+        """The id of the last invitation an update was trained for (revision 2.13)."""
         row = self._db.execute("SELECT value FROM meta WHERE key = 'invite_used'").fetchone()
         return None if row is None else str(row[0])
 

@@ -653,7 +653,7 @@ MODEL_DELTA_FIELDS: dict[str, FieldReader] = {
 STATUS_FIELDS: dict[str, FieldReader] = {
     "device_id": _LEAF, "state": _LEAF, "run": _LEAF, "model_version": _LEAF, "ts": _LEAF,
     "agent": _LEAF, "error": _LEAF, "error_kind": _LEAF,
-    "invite": _LEAF,  # revision 2.17
+    "invite": _LEAF,  # revision 2.13
 }
 # status fields of revision 2.3: the agent's version and its last error, in UTF-8 bytes
 MAX_STATUS_AGENT = 64
@@ -782,7 +782,7 @@ class Invite:
     run whose task says ``by_invitation``; ``version`` is the global version when the
     invitation was made (the device trains on the newest model it holds or receives).
 
-    Revision 2.17: ``invite_id`` (wire ``id``, optional) names the invitation; the
+    Revision 2.13: ``invite_id`` (wire ``id``, optional) names the invitation; the
     coordinator sends the same invitation again, same id, to a device whose status says it
     does not know it, and an agent acts on an id at most once (docs/protocol.md 7.11)."""
 
@@ -826,7 +826,7 @@ class Status:
     ``error``, the last problem that kept it from contributing (``error_kind`` one of
     ``ERROR_KINDS``; a receiver reads a kind it does not know as ``other``).
 
-    Revision 2.17: ``invite_aware`` (the wire key ``invite`` is present) says the device
+    Revision 2.13: ``invite_aware`` (the wire key ``invite`` is present) says the device
     names in ``invite`` the id of the newest invitation it knows, held or used (nil: none);
     an older device writes no such key (docs/protocol.md 7.5, 10.10)."""
 

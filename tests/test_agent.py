@@ -431,7 +431,7 @@ def test_by_invitation_the_agent_trains_once_per_invitation(
 def test_an_invitation_id_is_acted_on_once_and_kept_with_its_update(
     broker: MemoryBroker, tmp_path: Path
 ) -> None:
-    """Protocol revision 2.17: the same invitation sent again (same id) makes no second
+    """Protocol revision 2.13: the same invitation sent again (same id) makes no second
     training; the id used is stored with the update and named in the status, so a restarted
     agent still says which invitation it used."""
     from edge_agent.state import STATE_FILE, AgentState

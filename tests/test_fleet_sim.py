@@ -202,7 +202,7 @@ def test_twenty_virtual_devices_by_invitation_against_the_real_broker_and_coordi
     # every device trained only when invited: none of its updates was refused for it
     assert all(u["reason"] in (None, "run_ended", "stale") for u in verdicts)
     assert counters["trainings"] <= counters["invitations"]
-    # revision 2.17: a status crossing the next invitation (the idle after every update)
+    # revision 2.13: a status crossing the next invitation (the idle after every update)
     # is no loss: invitations are not sent twice as a rule (measured: none of 19-20 was)
     assert core_counters["invitations_resent"] <= counters["invitations"] // 4
     assert counters["invitations_repeated"] <= core_counters["invitations_resent"]

@@ -206,7 +206,7 @@ def test_open_invitations_survive_reopening_the_state(tmp_path) -> None:
     again.close()
 
 
-# -- revision 2.17: an invitation lost by a restart is sent again, same id ------------------
+# -- revision 2.13: an invitation lost by a restart is sent again, same id ------------------
 
 
 def _status17(device: str, state: str, known: str | None) -> bytes:
@@ -223,7 +223,7 @@ def _status17(device: str, state: str, known: str | None) -> bytes:
     ("X", "training", True, None, False),  # trains on something: its next status decides
     ("X", "offline", True, None, False),
     ("X", None, True, None, False),        # status cleared
-    ("X", "online", False, None, False),   # older than 2.17: says nothing, never sent again
+    ("X", "online", False, None, False),   # older than 2.13: says nothing, never sent again
     (None, "online", True, "W", False),    # holds no invitation
 ])
 def test_resend_due(open_id: str | None, state: str | None, aware: bool, known: str | None,
@@ -282,7 +282,7 @@ def test_core_sends_a_lost_invitation_again_with_its_id() -> None:
     # d1 restarted before training: it names an older invitation; the same one goes again
     again = c.on_status("d1", _status17("d1", "online", "old"), now=3.0)
     assert again == [SendInvite("d1", 0)] and again[0].invite_id == invite_id
-    assert c.on_status("d1", status("d1", "online"), now=4.0) == []  # a 2.16 status: nothing
+    assert c.on_status("d1", status("d1", "online"), now=4.0) == []  # a 2.12 status: nothing
     # within the grace of that resend: at the first tick after it
     assert c.on_status("d1", _status17("d1", "online", None), now=5.0) == []
     assert c.tick(now=5.9) == []
@@ -313,7 +313,7 @@ def test_invitation_ids_survive_a_coordinator_restart(tmp_path) -> None:
         invitation_ids=snap.invitation_ids)
     resent = again.on_status("d1", _status17("d1", "online", None), now=100.0)
     assert resent == [SendInvite("d1", 0)] and resent[0].invite_id == sent[0].invite_id
-    # a state whose rows have no id (written before 2.17) gets fresh ones; a file reopened
+    # a state whose rows have no id (written before 2.13) gets fresh ones; a file reopened
     store = Store(tmp_path / "state.db")
     store.create_run("r1", TASK.to_wire(), 0.0, {"w": np.zeros(2, np.float32)}, {})
     store.commit([InvitationsChanged((("a", True), ("b", True)), (("b", "beef"),))], {})
@@ -341,7 +341,7 @@ def test_invite_id_and_status_invite_on_the_wire() -> None:
         with pytest.raises(ProtocolError):
             Invite.from_wire({**invite.to_wire(), "id": bad})
     none = Status("d1", "online", ts=0.0, invite=None, invite_aware=True)
-    assert none.to_wire()["invite"] is None  # nil, but present: the device speaks 2.17
+    assert none.to_wire()["invite"] is None  # nil, but present: the device speaks 2.13
     assert Status.read(pack(none.to_wire())) == none
     old = Status.read(pack(Status("d1", "online", ts=0.0).to_wire()))
     assert "invite" not in Status("d1", "online").to_wire() and not old.invite_aware

@@ -1,4 +1,4 @@
-"""Revision 2.17 end to end: a real ``fedbus agent`` killed while it holds an invitation
+"""Revision 2.13 end to end: a real ``fedbus agent`` killed while it holds an invitation
 (a pause file kept it from training) and started again trains within seconds: the
 coordinator sees it say ``online`` without naming its invitation and sends the same one
 again, instead of holding the slot until the invite timeout (600 s)."""

@@ -170,7 +170,7 @@ def test_the_root_takes_partials_as_contributions_of_their_weight() -> None:
 
 
 def test_k_counts_the_device_updates_a_partial_folds_and_a_resumed_core_too() -> None:
-    """Revision 2.16: a version is made of K device updates, whether they come whole or
+    """Revision 2.12: a version is made of K device updates, whether they come whole or
     folded, so the version cadence is the flat run's."""
     from coordinator.core import CoordinatorCore
     from tests.test_core import TASK, upd
@@ -224,7 +224,7 @@ def test_quorum_counts_parts_for_k_but_each_partial_is_one_vote() -> None:
 
 
 def test_a_region_folds_at_most_its_quota_of_device_updates_per_version() -> None:
-    """Revision 2.16: a region's partials on one base version fold at most the devices
+    """Revision 2.12: a region's partials on one base version fold at most the devices
     online (at least K) device updates; beyond, `region_quota` (counted, remembered), so a
     hostile region cannot fill version after version from one base."""
     c = core(buffer_size=4)  # no presence known: the quota is K = 4

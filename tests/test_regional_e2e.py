@@ -95,7 +95,7 @@ def test_two_regions_send_partial_updates_to_the_root_coordinator(tmp_path: Path
     assert counters["partials_accepted"] >= 2
     assert counters["updates_accepted"] == counters["partials_accepted"]
     assert counters["partial_parts"] >= 2 * counters["partials_accepted"] - 2
-    # K counts the device updates a partial folds (revision 2.16): 2 versions of K = 4
+    # K counts the device updates a partial folds (revision 2.12): 2 versions of K = 4
     assert counters["partial_parts"] >= 8
     assert counters["rejected_region_quota"] == 0  # honest regions stay within their quota
     output = (tmp_path / "eu.log").read_text()
