@@ -767,7 +767,15 @@ class Agent:
         self._invited_run = invite.run_id
         self.stats.invitations += 1
         log.debug("invited to train (global version %d)", invite.version)
+        with self._subscription_lock:
+            held = list(self._model_subscribed)
         self._follow_models(True)
+        # an invitation that came before the agent thread dropped the model topics (just
+        # after connecting, say) finds them subscribed: the retained model came before it,
+        # so subscribe again for the broker to send it once more (MQTT v5 3.8.4, retain
+        # handling 0) and the training it waits for can start
+        for topic in held:
+            self.client.subscribe(topic, qos=0)
 
     def _wants_models(self, task: Task) -> bool:
         """Whether the model topics are followed between trainings: always, unless the run
