@@ -15,9 +15,10 @@
 ``fleet`` message of docs/protocol.md section 7.7 (``coordinator.fleet_view`` reads and
 shows it); ``fleet_snapshot_payload`` gives the same message packed, byte for byte, packing
 again only the devices that changed since the last snapshot (the coordinator publishes one
-every 2 s, and with 5,000 devices building and packing every entry each time cost about
-1 ms of CPU per applied update). Everything a device says is a claim: strings are bounded
-by the status decoder, numbers are shown, never trusted for a decision.
+every 2 s, and with 5,000 devices building and packing every entry each time cost 0.6-0.8
+ms of CPU per applied update, measured side by side: BENCHMARKS.md, "Fleet"). Everything a
+device says is a claim: strings are bounded by the status decoder, numbers are shown, never
+trusted for a decision.
 
 The statistics cover what this coordinator process has seen since it started; presence is
 rebuilt at once from the retained status messages the broker replays on subscribe.
